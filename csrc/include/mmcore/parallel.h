@@ -1,0 +1,14 @@
+// A tiny parallel-for over task indices: OpenMP when available, std::thread otherwise.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace mmcore {
+
+// Runs fn(task, thread_id) for task in [0, n) on at most num_threads threads, with dynamic
+// scheduling (tasks may have uneven cost). Runs inline when n or num_threads is 1.
+void parallel_for(int64_t n, int num_threads, const std::function<void(int64_t, int)>& fn);
+
+bool has_openmp();
+
+}  // namespace mmcore

@@ -1,0 +1,67 @@
+// Portable SIMD vectors on GCC/Clang vector extensions. The width follows the instruction set
+// the including file is compiled for (one object per target, see CMakeLists.txt), so one kernel
+// source serves baseline, AVX2 and AVX-512.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace mmcore {
+namespace simd {
+
+#if defined(__AVX512F__)
+constexpr int kWidth = 16;
+#elif defined(__AVX2__) || defined(__AVX__)
+constexpr int kWidth = 8;
+#else
+constexpr int kWidth = 4;
+#endif
+
+typedef float vf __attribute__((vector_size(kWidth * 4)));
+typedef int32_t vi __attribute__((vector_size(kWidth * 4)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{} + x; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kWidth; ++i) s += v[i];
+  return s;
+}
+
+// 2^x for float lanes: round-to-nearest range reduction and a degree-6 polynomial on
+// [-0.5, 0.5] (relative error about 2e-7). x < -126 gives exactly 0 (so exp2(-inf) = 0);
+// x is clamped at 127.
+inline vf exp2(vf x) {
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vi underflow = x < splat(-126.0f);
+  x = vmin(vmax(x, splat(-126.0f)), splat(127.0f));
+  vf shifted = x + magic;
+  vf n = shifted - magic;
+  vf f = x - n;
+  vf p = splat(1.5403530393381606e-4f);
+  p = p * f + splat(1.3333558146428443e-3f);
+  p = p * f + splat(9.6181291076284772e-3f);
+  p = p * f + splat(5.5504108664821580e-2f);
+  p = p * f + splat(2.4022650695910071e-1f);
+  p = p * f + splat(6.9314718055994531e-1f);
+  p = p * f + splat(1.0f);
+  vi ni = (vi)shifted - 0x4B400000;
+  vi bits = (vi)p + (ni << 23);
+  bits &= ~underflow;
+  return (vf)bits;
+}
+
+}  // namespace simd
+}  // namespace mmcore

@@ -1,0 +1,16 @@
+"""mmcore: native kernels and a thin runtime for multi-modal inference.
+
+Examples
+--------
+>>> import numpy as np, mmcore
+>>> q = np.random.default_rng(0).standard_normal((1, 2, 3, 8), dtype=np.float32)
+>>> mmcore.ops.attention(q, q, q).shape
+(1, 2, 3, 8)
+"""
+
+from ._version import __version__
+from . import errors, ops
+from ._backend import backends, get_num_threads, set_num_threads, use_backend
+
+__all__ = ["__version__", "errors", "ops", "backends", "use_backend", "set_num_threads",
+           "get_num_threads"]

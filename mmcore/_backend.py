@@ -1,0 +1,249 @@
+"""Which backends exist and which one runs a call.
+
+Three backends implement the kernels:
+
+``native``
+    The C++ kernels in ``mmcore._C`` (always built). Uses AVX-512 or AVX2 code paths when the
+    CPU has them, picked at run time.
+``cuda``
+    ``mmcore._cuda``, for arrays that live on an NVIDIA GPU (CuPy arrays, or anything with
+    ``__cuda_array_interface__``). Built only when a CUDA compiler was found at build time.
+``numba``
+    Pure-Python kernels compiled by Numba: the CPU fallback and the independent second
+    implementation used in tests.
+
+Selection: arrays on a CUDA device always run on ``cuda``. For host arrays the order is the
+``backend=`` keyword of the op, then :func:`use_backend`, then the environment variable
+``MMCORE_BACKEND``, then ``native``. Host arrays are never moved to the GPU implicitly: asking
+for ``cuda`` with NumPy arrays raises :class:`~mmcore.errors.BackendError`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import os
+import threading
+from typing import Any, Dict, Optional
+
+from .errors import BackendError
+
+__all__ = ["backends", "use_backend", "set_num_threads", "get_num_threads", "resolve_backend"]
+
+BACKEND_NAMES = ("native", "cuda", "numba")
+
+_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mmcore_backend", default=None)
+_lock = threading.Lock()
+_num_threads: Optional[int] = None
+_cuda_state: Optional[Dict[str, Any]] = None
+_numba_state: Optional[Dict[str, Any]] = None
+
+
+def native_module():
+    """Return the compiled ``mmcore._C`` module (raises BackendError with a hint if missing)."""
+    try:
+        return importlib.import_module("mmcore._C")
+    except ImportError as exc:  # pragma: no cover - only in a broken install
+        raise BackendError(
+            "the native module mmcore._C is missing: install the package with `pip install .` "
+            f"(or rebuild it) instead of importing the source tree ({exc})"
+        ) from exc
+
+
+def _default_threads() -> int:
+    env = os.environ.get("MMCORE_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise BackendError(f"MMCORE_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise BackendError(f"MMCORE_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the native kernels use.
+
+    Parameters
+    ----------
+    n : int
+        A positive thread count. The default is the number of CPUs this process may run on,
+        or the environment variable ``MMCORE_NUM_THREADS``.
+
+    Examples
+    --------
+    >>> import mmcore
+    >>> mmcore.set_num_threads(2)
+    >>> mmcore.get_num_threads()
+    2
+    """
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"[set_num_threads] n must be a positive int, got {n!r}")
+    with _lock:
+        _num_threads = n
+
+
+def get_num_threads() -> int:
+    """Return the number of threads the native kernels use (see :func:`set_num_threads`)."""
+    global _num_threads
+    with _lock:
+        if _num_threads is None:
+            _num_threads = _default_threads()
+        return _num_threads
+
+
+class use_backend:
+    """Select the backend for host arrays, for the current context.
+
+    Works as a context manager (the previous choice is restored on exit) or as a plain call,
+    which keeps the choice for the rest of the current thread / context.
+
+    Parameters
+    ----------
+    name : {"native", "numba", "cuda"} or None
+        ``None`` restores the default (``MMCORE_BACKEND`` or ``native``).
+
+    Examples
+    --------
+    >>> import numpy as np, mmcore
+    >>> q = np.ones((1, 1, 2, 4), np.float32)
+    >>> with mmcore.use_backend("native"):
+    ...     out = mmcore.ops.attention(q, q, q)
+    >>> out.shape
+    (1, 1, 2, 4)
+    """
+
+    def __init__(self, name: Optional[str]):
+        if name is not None:
+            _check_name(name, "use_backend")
+        self._token = _current.set(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _current.reset(self._token)
+        return False
+
+
+def _check_name(name: str, where: str) -> None:
+    if name not in BACKEND_NAMES:
+        raise BackendError(f"[{where}] unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def is_cuda_array(x: Any) -> bool:
+    """True when ``x`` lives on a CUDA device (``__cuda_array_interface__`` or DLPack device)."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None and not hasattr(x, "__array_interface__"):
+        try:
+            kind = int(dev()[0])
+        except Exception:
+            return False
+        return kind in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+    return False
+
+
+def cuda_status() -> Dict[str, Any]:
+    """Describe the cuda backend: ``available``, ``devices`` and, when absent, ``reason``."""
+    global _cuda_state
+    if _cuda_state is not None:
+        return _cuda_state
+    state: Dict[str, Any] = {"available": False, "devices": []}
+    try:
+        mod = importlib.import_module("mmcore._cuda")
+    except ImportError as exc:
+        state["reason"] = f"mmcore._cuda was not built (no CUDA compiler at build time): {exc}"
+    else:
+        try:
+            info = mod.device_info()
+        except Exception as exc:  # pragma: no cover - driver problems
+            state["reason"] = f"CUDA runtime error: {exc}"
+        else:
+            if info.get("error"):
+                state["reason"] = str(info["error"])
+            elif not info.get("devices"):
+                state["reason"] = "no CUDA device found"
+            else:
+                state["devices"] = list(info["devices"])
+                state["available"] = True
+            state["runtime_version"] = info.get("runtime_version")
+            state["driver_version"] = info.get("driver_version")
+    _cuda_state = state
+    return state
+
+
+def numba_status() -> Dict[str, Any]:
+    """Describe the numba backend: ``available`` and ``version`` or ``reason``."""
+    global _numba_state
+    if _numba_state is None:
+        try:
+            import numba  # noqa: F401
+        except Exception as exc:
+            _numba_state = {"available": False, "reason": f"numba is not installed ({exc})"}
+        else:
+            _numba_state = {"available": True, "version": numba.__version__}
+    return _numba_state
+
+
+def backends() -> Dict[str, Dict[str, Any]]:
+    """Report the backends of this installation.
+
+    Returns
+    -------
+    dict
+        ``{"native": {...}, "cuda": {...}, "numba": {...}}``; each entry has ``available`` and
+        either details (ISA level, threads, devices, version) or the ``reason`` it is absent.
+
+    Examples
+    --------
+    >>> import mmcore
+    >>> info = mmcore.backends()
+    >>> info["native"]["available"], info["native"]["isa"] in ("avx512", "avx2", "baseline")
+    (True, True)
+    """
+    C = native_module()
+    native = {
+        "available": True,
+        "isa": C.isa_level(),
+        "compiled_isas": list(C.compiled_isas()),
+        "cpu_features": list(C.cpu_features()),
+        "threads": get_num_threads(),
+        "openmp": bool(C.has_openmp()),
+    }
+    return {"native": native, "cuda": dict(cuda_status()), "numba": dict(numba_status())}
+
+
+def resolve_backend(op: str, arrays, backend: Optional[str] = None) -> str:
+    """Pick the backend for one call of ``op`` on ``arrays`` (see module docstring)."""
+    on_cuda = [is_cuda_array(a) for a in arrays if a is not None]
+    if any(on_cuda):
+        if not all(on_cuda):
+            raise BackendError(f"[{op}] some arrays are on a CUDA device and some on the host; "
+                               "mmcore never copies between them implicitly")
+        if backend not in (None, "cuda"):
+            raise BackendError(f"[{op}] backend={backend!r} cannot take CUDA device arrays")
+        status = cuda_status()
+        if not status["available"]:
+            raise BackendError(f"[{op}] CUDA arrays given but the cuda backend is absent: {status.get('reason')}")
+        return "cuda"
+    name = backend
+    if name is None:
+        name = _current.get()
+    if name is None:
+        env = os.environ.get("MMCORE_BACKEND")
+        name = env if env else "native"
+    _check_name(name, op)
+    if name == "cuda":
+        raise BackendError(f"[{op}] backend 'cuda' needs arrays on a CUDA device (CuPy); "
+                           "host arrays are never moved to the GPU implicitly")
+    if name == "numba" and not numba_status()["available"]:
+        raise BackendError(f"[{op}] backend 'numba' is unavailable: {numba_status()['reason']}")
+    return name

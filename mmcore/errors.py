@@ -1,0 +1,60 @@
+"""The exception hierarchy of mmcore.
+
+Every error raised on purpose by mmcore derives from :class:`MMCoreError`, so a caller can catch
+them all at once. Errors about argument shapes and values also derive from :class:`ValueError`,
+so code written against NumPy or PyTorch conventions keeps working.
+
+Examples
+--------
+>>> from mmcore.errors import MMCoreError, ShapeError
+>>> issubclass(ShapeError, ValueError) and issubclass(ShapeError, MMCoreError)
+True
+"""
+
+__all__ = [
+    "MMCoreError",
+    "ConfigError",
+    "ShapeError",
+    "ModalityError",
+    "BackendError",
+    "ModelFormatError",
+    "ProtocolError",
+    "AuthError",
+    "NodeUnavailableError",
+]
+
+
+class MMCoreError(Exception):
+    """Base class of every error mmcore raises on purpose."""
+
+
+class ConfigError(MMCoreError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class ShapeError(MMCoreError, ValueError):
+    """An array argument has the wrong rank, shape, dtype or value range; the message names it."""
+
+
+class ModalityError(MMCoreError, ValueError):
+    """An unknown, disabled or inconsistent modality was used."""
+
+
+class BackendError(MMCoreError, RuntimeError):
+    """A requested backend is unknown, unavailable, or cannot take the given arrays."""
+
+
+class ModelFormatError(MMCoreError, ValueError):
+    """A model directory or weight file is malformed or incomplete."""
+
+
+class ProtocolError(MMCoreError):
+    """A frame of the shard protocol is malformed, truncated or too large."""
+
+
+class AuthError(MMCoreError):
+    """A peer failed authentication."""
+
+
+class NodeUnavailableError(MMCoreError, ConnectionError):
+    """A shard node cannot be reached or stopped answering."""

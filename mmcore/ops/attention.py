@@ -1,0 +1,183 @@
+"""Scaled dot-product attention for cross-modal inputs (``mmcore.ops.attention``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from .. import _backend
+from ..errors import ShapeError
+from ._checks import (as_host_array, broadcast_view, check_rank, finite_float, float32_contiguous,
+                      optional_seed)
+
+__all__ = ["attention", "dropout_threshold"]
+
+_OP = "attention"
+_DROPOUT_BITS = 24
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 24-bit integer threshold every backend compares its dropout bits against.
+
+    A weight is kept iff ``dropout_bits(seed, b, h, i, j) >= dropout_threshold(p)``, so the
+    drop probability is ``round(p * 2**24) / 2**24``.
+    """
+    return int(math.floor(dropout_p * (1 << _DROPOUT_BITS) + 0.5))
+
+
+def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, temperature=1.0,
+              dropout_p=0.0, seed=None, return_weights=False, return_lse=False, backend=None):
+    """Scaled dot-product attention from queries of one modality to keys/values of another.
+
+    ``scores = (q @ k^T) * scale / temperature + bias``, masked where ``mask`` is False or the
+    key index is ``>= key_lengths[b]``; ``out = softmax(scores) @ v``. Computed in float32 with
+    a tiled online softmax: unless ``return_weights`` is set, no (Lq, Lk) matrix is allocated.
+
+    Parameters
+    ----------
+    q : array (B, H, Lq, D)
+        Queries, float32 or float16 (float64 is cast to float32).
+    k : array (B, H, Lk, D)
+        Keys. ``Lk`` may differ from ``Lq``.
+    v : array (B, H, Lk, Dv)
+        Values. ``Dv`` may differ from ``D``.
+    mask : bool array broadcastable to (B, H, Lq, Lk), optional
+        True = may attend (the PyTorch SDPA convention). Use ``bias`` for additive masks.
+    key_lengths : int array (B,), optional
+        Keys at index ``>= key_lengths[b]`` are ignored: the fast path for padded keys.
+    bias : float array broadcastable to (B, H, Lq, Lk), optional
+        Added to the scores; ``-inf`` entries act as a mask. NaN and ``+inf`` are rejected.
+    scale : float, optional
+        Multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
+    temperature : float, default 1.0
+        Divides the scaled scores; must be finite and > 0.
+    dropout_p : float, default 0.0
+        Probability in ``[0, 1)`` of dropping each attention weight (kept ones are scaled by
+        ``1 / (1 - p)``). Off by default: mmcore is an inference library. The mask is a pure
+        function of ``(seed, b, h, i, j)``, identical on every backend.
+    seed : int, optional
+        Dropout seed; a random one is drawn when ``None`` and dropout is on.
+    return_weights : bool, default False
+        Also return the attention weights (B, H, Lq, Lk), after dropout, so that
+        ``out == weights @ v``.
+    return_lse : bool, default False
+        Also return the log-sum-exp of the (masked) scores per query row (B, H, Lq), before
+        dropout; ``-inf`` for rows with no key to attend to.
+    backend : {"native", "numba", "cuda"}, optional
+        Override the backend (see :mod:`mmcore._backend`).
+
+    Returns
+    -------
+    out : float32 array (B, H, Lq, Dv), or a tuple ``(out[, weights][, lse])``
+        A query row with no key to attend to gives zeros (and ``lse = -inf``), never NaN.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.ops import attention
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((1, 8, 77, 64), dtype=np.float32)    # text tokens
+    >>> k = rng.standard_normal((1, 8, 577, 64), dtype=np.float32)   # image patches
+    >>> v = rng.standard_normal((1, 8, 577, 32), dtype=np.float32)
+    >>> out, w = attention(q, k, v, key_lengths=np.array([500]), return_weights=True)
+    >>> out.shape, w.shape, bool(np.allclose(w.sum(-1), 1, atol=1e-5)), float(w[..., 500:].max())
+    ((1, 8, 77, 32), (1, 8, 77, 577), True, 0.0)
+    """
+    name = _backend.resolve_backend(_OP, (q, k, v), backend)
+    if name == "cuda":
+        from ._cuda_impl import attention_cuda
+        return attention_cuda(q, k, v, mask=mask, key_lengths=key_lengths, bias=bias, scale=scale,
+                              temperature=temperature, dropout_p=dropout_p, seed=seed,
+                              return_weights=return_weights, return_lse=return_lse)
+
+    q = as_host_array(_OP, "q", q)
+    k = as_host_array(_OP, "k", k)
+    v = as_host_array(_OP, "v", v)
+    check_rank(_OP, "q", q, 4, "(B, H, Lq, D)")
+    check_rank(_OP, "k", k, 4, "(B, H, Lk, D)")
+    check_rank(_OP, "v", v, 4, "(B, H, Lk, Dv)")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H:
+        raise ShapeError(f"[{_OP}] k has (B, H) = {k.shape[:2]}, expected {(B, H)} from q")
+    if k.shape[3] != D:
+        raise ShapeError(f"[{_OP}] k has D = {k.shape[3]}, expected {D} from q")
+    Lk = k.shape[2]
+    if v.shape[:3] != (B, H, Lk):
+        raise ShapeError(f"[{_OP}] v has (B, H, Lk) = {v.shape[:3]}, expected {(B, H, Lk)} from k")
+    Dv = v.shape[3]
+    if D < 1:
+        raise ShapeError(f"[{_OP}] q has D = 0, expected at least 1")
+    q = float32_contiguous(_OP, "q", q)
+    k = float32_contiguous(_OP, "k", k)
+    v = float32_contiguous(_OP, "v", v)
+
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(D)
+    else:
+        scale_f = finite_float(_OP, "scale", scale)
+    temp_f = finite_float(_OP, "temperature", temperature, positive=True)
+    eff_scale = scale_f / temp_f
+    if not math.isfinite(eff_scale):
+        raise ShapeError(f"[{_OP}] scale / temperature overflows: {scale_f} / {temp_f}")
+
+    full = (B, H, Lq, Lk)
+    dims = "(B, H, Lq, Lk)"
+    mask_v = None
+    if mask is not None:
+        m = as_host_array(_OP, "mask", mask)
+        if m.dtype != np.bool_:
+            raise ShapeError(f"[{_OP}] mask has dtype {m.dtype}, expected bool (True = may attend); "
+                             "pass additive masks as bias")
+        mask_v = broadcast_view(_OP, "mask", m, full, dims)
+    bias_v = None
+    if bias is not None:
+        bb = as_host_array(_OP, "bias", bias)
+        if bb.dtype not in (np.float16, np.float32, np.float64):
+            raise ShapeError(f"[{_OP}] bias has dtype {bb.dtype}, expected a float dtype")
+        bb = bb.astype(np.float32, copy=False)
+        if np.isnan(bb).any() or np.isposinf(bb).any():
+            raise ShapeError(f"[{_OP}] bias contains NaN or +inf; use -inf (or mask) to exclude keys")
+        bias_v = broadcast_view(_OP, "bias", bb, full, dims)
+    kl = None
+    if key_lengths is not None:
+        kl = as_host_array(_OP, "key_lengths", key_lengths)
+        if kl.dtype.kind not in "iu":
+            raise ShapeError(f"[{_OP}] key_lengths has dtype {kl.dtype}, expected an integer dtype")
+        if kl.shape != (B,):
+            raise ShapeError(f"[{_OP}] key_lengths has shape {kl.shape}, expected ({B},) = (B,)")
+        kl = np.ascontiguousarray(kl, dtype=np.int64)
+        if kl.size and (kl.min() < 0 or kl.max() > Lk):
+            raise ShapeError(f"[{_OP}] key_lengths must lie in [0, Lk = {Lk}], got values in "
+                             f"[{int(kl.min())}, {int(kl.max())}]")
+
+    p = finite_float(_OP, "dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ShapeError(f"[{_OP}] dropout_p must lie in [0, 1), got {p}")
+    threshold = dropout_threshold(p)
+    use_dropout = threshold > 0
+    seed_i = optional_seed(_OP, seed) if use_dropout else 0
+    drop_scale = 1.0 / (1.0 - p) if use_dropout else 1.0
+
+    out = np.empty((B, H, Lq, Dv), np.float32)
+    weights = np.empty(full, np.float32) if return_weights else None
+    lse = np.empty((B, H, Lq), np.float32) if return_lse else None
+
+    if name == "native":
+        C = _backend.native_module()
+        C.attention(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
+                    use_dropout, seed_i, threshold, drop_scale, _backend.get_num_threads())
+    else:  # numba
+        from .._numba.attention import attention_numba
+        attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
+                        use_dropout, seed_i, threshold, drop_scale)
+
+    if not return_weights and not return_lse:
+        return out
+    res = [out]
+    if return_weights:
+        res.append(weights)
+    if return_lse:
+        res.append(lse)
+    return tuple(res)

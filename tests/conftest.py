@@ -1,0 +1,43 @@
+"""Shared test configuration: the ``cuda`` marker and hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    settings = None
+else:
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                         HealthCheck.data_too_large])
+    settings.register_profile("default", **_common)
+    settings.register_profile("ci", derandomize=True, **_common)
+    settings.register_profile("thorough", max_examples=500, **_common)
+    settings.load_profile(os.environ.get("MMCORE_HYPOTHESIS_PROFILE", "default"))
+
+
+def _cuda_reason():
+    """None when the cuda backend can run, else why it cannot."""
+    try:
+        import mmcore
+        status = mmcore.backends()["cuda"]
+    except Exception as exc:  # a missing native module also means no cuda
+        return f"mmcore backends unavailable: {exc}"
+    if not status.get("available"):
+        return f"cuda backend unavailable: {status.get('reason')}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    reason = _cuda_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in cuda_items:
+        item.add_marker(skip)
