@@ -53,6 +53,7 @@ constexpr int NV = 2;
 constexpr int kPanel = kWidth * NV;  // keys per score micro-panel
 constexpr int kKeyBlock = 128;       // keys per block; a multiple of every kPanel
 constexpr int64_t kQueryChunk = 96;  // query rows per task at most
+constexpr int64_t kDotRows = 3;    // chunks of at most this many rows skip the K packing
 static_assert(kKeyBlock % kPanel == 0, "key block must hold whole panels");
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -83,6 +84,23 @@ void score_tile(const float* __restrict q, int64_t D, const float* __restrict kt
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) simd::store(s + r * kKeyBlock + pn * kPanel + c * kWidth, acc[r][c]);
+  }
+}
+
+// Few query rows (decode-like): direct dot products over D beat packing K transposed.
+void score_rows_dot(const float* __restrict q, int R, int64_t D, const float* __restrict kblk, int nvalid,
+                    float* __restrict s) {
+  const int64_t Dm = D / kWidth * kWidth;
+  for (int j = 0; j < nvalid; ++j) {
+    const float* kr = kblk + j * D;
+    for (int r = 0; r < R; ++r) {
+      const float* qr = q + r * D;
+      vf acc = vf{};
+      for (int64_t d = 0; d < Dm; d += kWidth) acc += simd::load(qr + d) * simd::load(kr + d);
+      float t = simd::hsum(acc);
+      for (int64_t d = Dm; d < D; ++d) t += qr[d] * kr[d];
+      s[r * kKeyBlock + j] = t;
+    }
   }
 }
 
@@ -224,7 +242,8 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
 
   Scratch& sc = Scratch::get();
   float* qp = grow(sc.qp, static_cast<size_t>(rows * D));
-  float* kt = grow(sc.kt, static_cast<size_t>(D * kKeyBlock));
+  const bool dot_path = rows <= kDotRows;
+  float* kt = dot_path ? nullptr : grow(sc.kt, static_cast<size_t>(D * kKeyBlock));
   float* vp = direct_v ? nullptr : grow(sc.vp, static_cast<size_t>(kKeyBlock * Dvp));
   float* s = grow(sc.s, static_cast<size_t>(MR * kKeyBlock));
   float* o = grow(sc.o, static_cast<size_t>(rows * Dvp));
@@ -244,13 +263,15 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
     const int nvalid = static_cast<int>(std::min<int64_t>(kKeyBlock, Lkb - j0));
     const int npanels = static_cast<int>((nvalid + kPanel - 1) / kPanel);
     const int ncols = npanels * kPanel;
-    // Pack K block transposed; columns past nvalid are zero.
-    for (int j = 0; j < nvalid; ++j) {
-      const float* kr = kb + (j0 + j) * D;
-      for (int64_t d = 0; d < D; ++d) kt[d * kKeyBlock + j] = kr[d];
+    if (!dot_path) {
+      // Pack K block transposed; columns past nvalid are zero.
+      for (int j = 0; j < nvalid; ++j) {
+        const float* kr = kb + (j0 + j) * D;
+        for (int64_t d = 0; d < D; ++d) kt[d * kKeyBlock + j] = kr[d];
+      }
+      if (nvalid < ncols)
+        for (int64_t d = 0; d < D; ++d) std::fill(kt + d * kKeyBlock + nvalid, kt + d * kKeyBlock + ncols, 0.0f);
     }
-    if (nvalid < ncols)
-      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * kKeyBlock + nvalid, kt + d * kKeyBlock + ncols, 0.0f);
     const float* vblk;
     int64_t vstride;
     if (direct_v) {
@@ -270,7 +291,10 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
     const int nround = static_cast<int>(round_up(nvalid, kWidth));
     for (int64_t r0 = 0; r0 < rows; r0 += MR) {
       const int R = static_cast<int>(std::min<int64_t>(MR, rows - r0));
-      score_dispatch(R, qp + r0 * D, D, kt, npanels, s);
+      if (dot_path)
+        score_rows_dot(qp + r0 * D, R, D, kb + j0 * D, nvalid, s);
+      else
+        score_dispatch(R, qp + r0 * D, D, kt, npanels, s);
       for (int r = 0; r < R; ++r) {
         const int64_t ri = r0 + r, i = i0 + ri;
         float* sr = s + r * kKeyBlock;

@@ -25,19 +25,48 @@ inline vf load(const float* p) {
   return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
+inline vf splat(float x) { return x - vf{}; }  // x - 0 is exact, so this folds to a broadcast
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+typedef float v4f __attribute__((vector_size(16)));
+
+// Folds the lanes of v down to 4 with op (halving with whole-register shuffles).
+template <class Op>
+inline v4f fold4(vf v, Op op) {
+#if defined(__AVX512F__)
+  typedef float v8f __attribute__((vector_size(32)));
+  v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  v8f b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v8f c = op(a, b);
+  return op(__builtin_shufflevector(c, c, 0, 1, 2, 3), __builtin_shufflevector(c, c, 4, 5, 6, 7));
+#elif defined(__AVX2__) || defined(__AVX__)
+  return op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
+#else
+  (void)op;
+  return v;
+#endif
 }
+
+struct AddOp {
+  template <class V> V operator()(V a, V b) const { return a + b; }
+};
+struct MaxOp {
+  template <class V> V operator()(V a, V b) const { return a > b ? a : b; }
+};
+
 inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < kWidth; ++i) s += v[i];
-  return s;
+  v4f x = fold4(v, AddOp{});
+  x = x + __builtin_shufflevector(x, x, 2, 3, 0, 1);
+  x = x + __builtin_shufflevector(x, x, 1, 0, 3, 2);
+  return x[0];
+}
+inline float hmax(vf v) {
+  MaxOp op;
+  v4f x = fold4(v, op);
+  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1));
+  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2));
+  return x[0];
 }
 
 // 2^x for float lanes: round-to-nearest range reduction and a degree-6 polynomial on
