@@ -1,0 +1,187 @@
+// pybind11 bindings of the CUDA kernels: mmcore._cuda.
+//
+// Thin by design: arguments arrive as raw device pointers (Python ints, 0 = null), shapes and
+// element strides; all checking of user input happens in mmcore/ops/_cuda_impl.py. Importing
+// this module never needs a GPU or a driver: device_info() reports why CUDA is unusable instead
+// of raising.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../cuda/attention_cuda.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// 12080 -> "12.8"
+std::string version_string(int v) {
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+
+std::string describe(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+py::dict device_info() {
+  py::dict info;
+  py::list devices;
+  py::object error = py::none();
+
+  int runtime = 0;
+  int driver = 0;
+  if (cudaRuntimeGetVersion(&runtime) != cudaSuccess) runtime = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;  // 0 also means "no driver"
+
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    count = 0;
+    std::string msg;
+    if (driver == 0) {
+      msg = "no CUDA driver found: " + describe(err);
+    } else if (err == cudaErrorInsufficientDriver) {
+      msg = "the CUDA driver (" + version_string(driver) + ") is older than the CUDA runtime (" +
+            version_string(runtime) + ") mmcore._cuda was built with: " + describe(err);
+    } else if (err == cudaErrorNoDevice) {
+      msg = "no CUDA device found: " + describe(err);
+    } else {
+      msg = "CUDA runtime error while counting devices: " + describe(err);
+    }
+    error = py::str(msg);
+  }
+
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp prop{};
+    const cudaError_t perr = cudaGetDeviceProperties(&prop, i);
+    if (perr != cudaSuccess) {
+      (void)cudaGetLastError();
+      error = py::str("cannot query CUDA device " + std::to_string(i) + ": " + describe(perr));
+      continue;
+    }
+    py::dict d;
+    d["index"] = i;
+    d["name"] = std::string(prop.name);
+    d["compute_capability"] = std::to_string(prop.major) + "." + std::to_string(prop.minor);
+    d["total_memory"] = static_cast<uint64_t>(prop.totalGlobalMem);
+    d["multiprocessors"] = prop.multiProcessorCount;
+    devices.append(d);
+  }
+
+  info["devices"] = devices;
+  info["runtime_version"] = version_string(runtime);
+  info["driver_version"] = driver > 0 ? py::object(py::str(version_string(driver))) : py::none();
+  info["error"] = error;
+  return info;
+}
+
+// Makes `device` current for the lifetime of the guard (no-op for device < 0).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess) {
+      (void)cudaGetLastError();
+      current = -1;
+    }
+    if (current == device) return;
+    const cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      error_ = "CUDA error: " + describe(err) + " (selecting device " + std::to_string(device) + ")";
+      return;
+    }
+    previous_ = current;
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) (void)cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  const std::string& error() const { return error_; }
+
+ private:
+  int previous_ = -1;
+  std::string error_;
+};
+
+template <typename T>
+T* as_ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t weights,
+               uintptr_t lse, uintptr_t mask, const std::array<int64_t, 4>& mask_strides,
+               uintptr_t bias, const std::array<int64_t, 4>& bias_strides,
+               uintptr_t key_lengths, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D,
+               int64_t Dv, double scale, bool dropout, uint64_t seed, uint32_t threshold,
+               double dropout_scale, int dtype, uintptr_t stream, int device) {
+  mmcore::AttentionParams p;
+  p.q = as_ptr<const float>(q);
+  p.k = as_ptr<const float>(k);
+  p.v = as_ptr<const float>(v);
+  p.out = as_ptr<float>(out);
+  p.weights = as_ptr<float>(weights);
+  p.lse = as_ptr<float>(lse);
+  p.mask = as_ptr<const uint8_t>(mask);
+  p.bias = as_ptr<const float>(bias);
+  for (int d = 0; d < 4; ++d) {
+    p.mask_strides[d] = mask_strides[d];
+    p.bias_strides[d] = bias_strides[d];
+  }
+  p.key_lengths = as_ptr<const int64_t>(key_lengths);
+  p.B = B;
+  p.H = H;
+  p.Lq = Lq;
+  p.Lk = Lk;
+  p.D = D;
+  p.Dv = Dv;
+  p.scale = static_cast<float>(scale);
+  p.dropout = dropout;
+  p.seed = seed;
+  p.dropout_threshold = threshold;
+  p.dropout_scale = static_cast<float>(dropout_scale);
+
+  std::string message;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device);
+    if (!guard.error().empty()) {
+      message = guard.error();
+    } else {
+      const char* err = mmcore::cuda::attention(p, dtype, reinterpret_cast<cudaStream_t>(stream));
+      if (err != nullptr) message = err;
+    }
+  }
+  if (!message.empty()) throw std::runtime_error("[attention] " + message);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "mmcore CUDA kernels (internal; use mmcore.ops)";
+
+  m.def("device_info", &device_info,
+        "CUDA runtime/driver versions and devices: {'devices': [{'index', 'name', "
+        "'compute_capability', 'total_memory', 'multiprocessors'}], 'runtime_version', "
+        "'driver_version', 'error'}. Never raises; 'error' says why CUDA is unusable (or None).");
+
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("weights"), py::arg("lse"), py::arg("mask"), py::arg("mask_strides"),
+        py::arg("bias"), py::arg("bias_strides"), py::arg("key_lengths"), py::arg("B"),
+        py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"), py::arg("Dv"),
+        py::arg("scale"), py::arg("dropout"), py::arg("seed"), py::arg("threshold"),
+        py::arg("dropout_scale"), py::arg("dtype"), py::arg("stream"), py::arg("device") = -1,
+        "Queue attention on `stream` (a cudaStream_t as int, 0 = legacy default stream) of "
+        "`device` (-1 = the current device). Pointers are device addresses as ints (0 = null); "
+        "strides are in elements over (B, H, Lq, Lk); dtype 0 = float32, 1 = float16 q/k/v. "
+        "Raises RuntimeError('[attention] ...') on invalid arguments or CUDA errors.");
+}

@@ -1,0 +1,385 @@
+// Scaled dot-product attention on CUDA with a tiled online softmax (flash-attention style).
+//
+// Work decomposition
+//   One thread block (4 warps) handles a tile of 16 query rows of one (b, h) and one chunk of at
+//   most 32 * NC output columns (Dv > 256 is split over several blocks, each recomputing the
+//   scores). Each warp owns 4 query rows. Keys are processed in tiles of 32, one key per lane:
+//     1. scores: the key tile and the query tile are staged in shared memory 32 head dims at a
+//        time (any D works), each lane accumulates the 4 dot products of its key;
+//     2. online softmax in the log2 domain (scores pre-multiplied by scale * log2(e), exp2f);
+//        the running row maximum is a warp reduction, the running sum stays per lane and is
+//        reduced once at the end;
+//     3. out += p @ V: each lane owns NC output columns per row, the value tile is staged in
+//        shared memory and the 4 probabilities of a key are read back as one float4.
+//   When weights are requested the block makes a second pass over the keys with the final row
+//   maximum and sum and writes the normalized weights; nothing else materializes (Lq, Lk).
+//
+// Semantics (see mmcore/attention.h): mask (1 = may attend) and bias are read through element
+// strides (0 = broadcast), keys at index >= key_lengths[b] are ignored, a row without any key to
+// attend to gives out = 0, lse = -inf and weights = 0 (never NaN). Dropout keeps (b, h, i, j)
+// iff dropout_bits(seed, b, h, i, j) >= threshold and scales kept weights by dropout_scale; lse
+// is computed before dropout.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "attention_cuda.h"
+#include "common.cuh"
+#include "mmcore/dropout.h"
+
+namespace mmcore {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = 4;
+constexpr int kBlockRows = kWarps * kRowsPerWarp;  // query rows per block
+constexpr int kKeyTile = 32;                       // keys per tile, one per lane
+constexpr int kDimChunk = 32;                      // head dims staged per step
+constexpr int kQStride = kBlockRows + 4;           // keeps float4 alignment, fewer bank conflicts
+constexpr int kKStride = kDimChunk + 1;            // conflict-free column reads
+
+// Everything the kernel needs, with the derived launch geometry.
+struct KernelArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  float* out;
+  float* weights;
+  float* lse;
+  const uint8_t* mask;
+  int64_t mask_strides[4];
+  const float* bias;
+  int64_t bias_strides[4];
+  const int64_t* key_lengths;
+  int64_t B, H, Lq, Lk, D, Dv;
+  float scale_log2;  // scale * log2(e)
+  bool dropout;
+  uint64_t seed;
+  uint32_t dropout_threshold;
+  float dropout_scale;
+  int64_t q_tiles;    // ceil(Lq / kBlockRows)
+  int64_t dv_chunks;  // ceil(Dv / (32 * NC)), at least 1
+  int64_t total_blocks;
+};
+
+template <int NC>
+struct SharedTiles {
+  alignas(16) float q[kDimChunk][kQStride];  // [dim][row]: a warp's 4 rows are one float4
+  float k[kKeyTile][kKStride];               // [key][dim]
+  float v[kKeyTile][32 * NC];                // [key][output column of this chunk]
+  float4 p[kWarps][kKeyTile];                // per warp: the 4 row probabilities of each key
+};
+
+// Raw (unscaled) dot products q_i . k_j for the warp's 4 rows and the lane's key j0 + lane.
+// Also stages the value tile when load_v is set. Contains __syncthreads: call block-uniformly.
+template <typename T, int NC>
+__device__ __forceinline__ void tile_dots(const KernelArgs& a, SharedTiles<NC>& sm, const T* qb,
+                                          const T* kb, const T* vb, int64_t row0, int64_t j0,
+                                          int jn, bool load_v, int64_t dv0, int dvn,
+                                          float (&s)[kRowsPerWarp]) {
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) s[r] = 0.0f;
+
+  const int64_t n_chunks = a.D > 0 ? (a.D + kDimChunk - 1) / kDimChunk : 1;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t d0 = c * kDimChunk;
+    __syncthreads();  // the previous users of the shared tiles are done
+    if (load_v && c == 0) {
+      constexpr int kVCols = 32 * NC;
+      for (int e = tid; e < kKeyTile * kVCols; e += kThreads) {
+        const int key = e / kVCols;
+        const int col = e % kVCols;
+        float x = 0.0f;
+        if (key < jn && col < dvn) x = load_float(vb + (j0 + key) * a.Dv + dv0 + col);
+        sm.v[key][col] = x;
+      }
+    }
+    for (int e = tid; e < kBlockRows * kDimChunk; e += kThreads) {
+      const int row = e / kDimChunk;
+      const int dd = e % kDimChunk;
+      float x = 0.0f;
+      if (row0 + row < a.Lq && d0 + dd < a.D) x = load_float(qb + (row0 + row) * a.D + d0 + dd);
+      sm.q[dd][row] = x;
+    }
+    for (int e = tid; e < kKeyTile * kDimChunk; e += kThreads) {
+      const int key = e / kDimChunk;
+      const int dd = e % kDimChunk;
+      float x = 0.0f;
+      if (key < jn && d0 + dd < a.D) x = load_float(kb + (j0 + key) * a.D + d0 + dd);
+      sm.k[key][dd] = x;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int dd = 0; dd < kDimChunk; ++dd) {
+      const float kx = sm.k[lane][dd];
+      const float4 qx = *reinterpret_cast<const float4*>(&sm.q[dd][warp * kRowsPerWarp]);
+      s[0] = fmaf(qx.x, kx, s[0]);
+      s[1] = fmaf(qx.y, kx, s[1]);
+      s[2] = fmaf(qx.z, kx, s[2]);
+      s[3] = fmaf(qx.w, kx, s[3]);
+    }
+  }
+}
+
+// Turns raw dot products into log2-domain scores: scale, bias, mask; -inf for keys outside the
+// tile (lane >= jn) and rows outside the query range.
+__device__ __forceinline__ void finish_scores(const KernelArgs& a, int64_t b, int64_t h,
+                                              int64_t row0, int64_t j0, int jn,
+                                              float (&s)[kRowsPerWarp]) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t j = j0 + lane;
+  const float neg_inf = -INFINITY;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t i = row0 + warp * kRowsPerWarp + r;
+    float x = s[r] * a.scale_log2;
+    if (lane >= jn || i >= a.Lq) {
+      x = neg_inf;
+    } else {
+      if (a.bias != nullptr) {
+        const int64_t* st = a.bias_strides;
+        x = fmaf(__ldg(a.bias + b * st[0] + h * st[1] + i * st[2] + j * st[3]), kLog2e, x);
+      }
+      if (a.mask != nullptr) {
+        const int64_t* st = a.mask_strides;
+        if (__ldg(a.mask + b * st[0] + h * st[1] + i * st[2] + j * st[3]) == 0) x = neg_inf;
+      }
+    }
+    s[r] = x;
+  }
+}
+
+__device__ __forceinline__ bool dropout_keep(const KernelArgs& a, int64_t b, int64_t h, int64_t i,
+                                             int64_t j) {
+  return dropout_bits(a.seed, static_cast<uint64_t>(b), static_cast<uint64_t>(h),
+                      static_cast<uint64_t>(i), static_cast<uint64_t>(j)) >= a.dropout_threshold;
+}
+
+template <typename T, int NC>
+__device__ void attention_block(const KernelArgs& a, SharedTiles<NC>& sm, int64_t blk) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+
+  const int64_t q_tile = blk % a.q_tiles;
+  int64_t rest = blk / a.q_tiles;
+  const int64_t chunk = rest % a.dv_chunks;
+  rest /= a.dv_chunks;
+  const int64_t h = rest % a.H;
+  const int64_t b = rest / a.H;
+
+  const int64_t row0 = q_tile * kBlockRows;
+  const int64_t dv0 = chunk * (32 * NC);
+  const int64_t dv_left = a.Dv - dv0;
+  const int dvn = dv_left <= 0 ? 0 : (dv_left < 32 * NC ? static_cast<int>(dv_left) : 32 * NC);
+
+  int64_t klen = a.Lk;
+  if (a.key_lengths != nullptr) {
+    klen = a.key_lengths[b];
+    klen = klen < 0 ? 0 : (klen > a.Lk ? a.Lk : klen);
+  }
+
+  const int64_t bh = b * a.H + h;
+  const T* qb = static_cast<const T*>(a.q) + bh * a.Lq * a.D;
+  const T* kb = static_cast<const T*>(a.k) + bh * a.Lk * a.D;
+  const T* vb = static_cast<const T*>(a.v) + bh * a.Lk * a.Dv;
+
+  float m[kRowsPerWarp];  // running row maximum (log2 domain), uniform over the warp
+  float l[kRowsPerWarp];  // this lane's share of the running row sum
+  float acc[kRowsPerWarp][NC];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < NC; ++c) acc[r][c] = 0.0f;
+  }
+
+  const int64_t key_tiles = (klen + kKeyTile - 1) / kKeyTile;
+  for (int64_t kt = 0; kt < key_tiles; ++kt) {
+    const int64_t j0 = kt * kKeyTile;
+    const int jn = static_cast<int>(klen - j0 < kKeyTile ? klen - j0 : kKeyTile);
+    float s[kRowsPerWarp];
+    tile_dots<T, NC>(a, sm, qb, kb, vb, row0, j0, jn, dvn > 0, dv0, dvn, s);
+    finish_scores(a, b, h, row0, j0, jn, s);
+
+    float pd[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const float m_new = fmaxf(m[r], warp_max(s[r]));
+      // A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
+      // every exponent at exp2(-inf) = 0 rather than NaN.
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = exp2f(m[r] - m_use);
+      float p = exp2f(s[r] - m_use);
+      l[r] = fmaf(l[r], alpha, p);
+#pragma unroll
+      for (int c = 0; c < NC; ++c) acc[r][c] *= alpha;
+      m[r] = m_new;
+      if (a.dropout && p > 0.0f) {
+        const int64_t i = row0 + warp * kRowsPerWarp + r;
+        p = dropout_keep(a, b, h, i, j0 + lane) ? p * a.dropout_scale : 0.0f;
+      }
+      pd[r] = p;
+    }
+
+    if (dvn > 0) {
+      sm.p[warp][lane] = make_float4(pd[0], pd[1], pd[2], pd[3]);
+      __syncwarp();
+      for (int j = 0; j < jn; ++j) {
+        const float4 pj = sm.p[warp][j];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          const float vx = sm.v[j][lane + 32 * c];
+          acc[0][c] = fmaf(pj.x, vx, acc[0][c]);
+          acc[1][c] = fmaf(pj.y, vx, acc[1][c]);
+          acc[2][c] = fmaf(pj.z, vx, acc[2][c]);
+          acc[3][c] = fmaf(pj.w, vx, acc[3][c]);
+        }
+      }
+      __syncwarp();
+    }
+  }
+
+  float inv_l[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const float l_row = warp_sum(l[r]);
+    // A row with any attendable key has m finite and l >= 1 (its maximum contributes exp2(0)).
+    const bool live = m[r] != -INFINITY && l_row > 0.0f;
+    inv_l[r] = live ? 1.0f / l_row : 0.0f;
+    const int64_t i = row0 + warp * kRowsPerWarp + r;
+    if (i < a.Lq) {
+      float* o = a.out + (bh * a.Lq + i) * a.Dv + dv0;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const int col = lane + 32 * c;
+        // Explicit zero for dead rows: p = 0 times a non-finite value would still be NaN.
+        if (col < dvn) o[col] = live ? acc[r][c] * inv_l[r] : 0.0f;
+      }
+      if (chunk == 0 && a.lse != nullptr && lane == 0) {
+        a.lse[bh * a.Lq + i] = live ? fmaf(m[r], kLn2, logf(l_row)) : -INFINITY;
+      }
+    }
+  }
+
+  if (chunk != 0 || a.weights == nullptr) return;
+
+  // Second pass: normalized, post-dropout weights for every key (zeros past key_lengths).
+  const int64_t all_tiles = (a.Lk + kKeyTile - 1) / kKeyTile;
+  for (int64_t kt = 0; kt < all_tiles; ++kt) {
+    const int64_t j0 = kt * kKeyTile;
+    float s[kRowsPerWarp];
+    if (kt < key_tiles) {
+      const int jn = static_cast<int>(klen - j0 < kKeyTile ? klen - j0 : kKeyTile);
+      tile_dots<T, NC>(a, sm, qb, kb, vb, row0, j0, jn, false, dv0, dvn, s);
+      finish_scores(a, b, h, row0, j0, jn, s);
+    } else {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) s[r] = -INFINITY;
+    }
+    const int64_t j = j0 + lane;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t i = row0 + warp * kRowsPerWarp + r;
+      if (i < a.Lq && j < a.Lk) {
+        float w = 0.0f;
+        if (inv_l[r] > 0.0f && s[r] != -INFINITY) {
+          w = exp2f(s[r] - m[r]) * inv_l[r];
+          if (a.dropout) w = dropout_keep(a, b, h, i, j) ? w * a.dropout_scale : 0.0f;
+        }
+        a.weights[(bh * a.Lq + i) * a.Lk + j] = w;
+      }
+    }
+  }
+}
+
+template <typename T, int NC>
+__global__ void __launch_bounds__(kThreads, 4) attention_kernel(const KernelArgs a) {
+  __shared__ SharedTiles<NC> sm;
+  // The loop is uniform over the block, so the barriers inside stay legal.
+  for (int64_t blk = blockIdx.x; blk < a.total_blocks; blk += gridDim.x) {
+    attention_block<T, NC>(a, sm, blk);
+  }
+}
+
+template <typename T, int NC>
+const char* launch(KernelArgs a, cudaStream_t stream) {
+  a.dv_chunks = a.Dv > 0 ? (a.Dv + 32 * NC - 1) / (32 * NC) : 1;
+  a.total_blocks = a.B * a.H * a.dv_chunks * a.q_tiles;
+  const int64_t max_grid = std::numeric_limits<int32_t>::max();
+  const unsigned grid = static_cast<unsigned>(a.total_blocks < max_grid ? a.total_blocks : max_grid);
+  attention_kernel<T, NC><<<grid, kThreads, 0, stream>>>(a);
+  MMCORE_CUDA_TRY(cudaGetLastError(), "launching the attention kernel");
+  return nullptr;
+}
+
+template <typename T>
+const char* dispatch_columns(const KernelArgs& a, cudaStream_t stream) {
+  if (a.Dv <= 64) return launch<T, 2>(a, stream);
+  if (a.Dv <= 128) return launch<T, 4>(a, stream);
+  return launch<T, 8>(a, stream);  // wider values are split into chunks of 256 columns
+}
+
+const char* invalid(const std::string& what) { return set_error_message("invalid argument: " + what); }
+
+}  // namespace
+
+const char* attention(const AttentionParams& p, int dtype, cudaStream_t stream) {
+  if (dtype != kAttentionFloat32 && dtype != kAttentionFloat16) {
+    return invalid("dtype must be 0 (float32) or 1 (float16), got " + std::to_string(dtype));
+  }
+  if (p.B < 0 || p.H < 0 || p.Lq < 0 || p.Lk < 0 || p.D < 0 || p.Dv < 0) {
+    return invalid("negative size (B=" + std::to_string(p.B) + ", H=" + std::to_string(p.H) +
+                   ", Lq=" + std::to_string(p.Lq) + ", Lk=" + std::to_string(p.Lk) +
+                   ", D=" + std::to_string(p.D) + ", Dv=" + std::to_string(p.Dv) + ")");
+  }
+  if (p.B == 0 || p.H == 0 || p.Lq == 0) return nullptr;  // nothing to compute
+  if (p.D > 0 && p.q == nullptr) return invalid("q is null");
+  if (p.Lk > 0 && p.D > 0 && p.k == nullptr) return invalid("k is null");
+  if (p.Lk > 0 && p.Dv > 0 && p.v == nullptr) return invalid("v is null");
+  if (p.Dv > 0 && p.out == nullptr) return invalid("out is null");
+
+  KernelArgs a{};
+  a.q = p.q;
+  a.k = p.k;
+  a.v = p.v;
+  a.out = p.out;
+  a.weights = p.Lk > 0 ? p.weights : nullptr;
+  a.lse = p.lse;
+  a.mask = p.mask;
+  a.bias = p.bias;
+  for (int d = 0; d < 4; ++d) {
+    a.mask_strides[d] = p.mask_strides[d];
+    a.bias_strides[d] = p.bias_strides[d];
+  }
+  a.key_lengths = p.key_lengths;
+  a.B = p.B;
+  a.H = p.H;
+  a.Lq = p.Lq;
+  a.Lk = p.Lk;
+  a.D = p.D;
+  a.Dv = p.Dv;
+  a.scale_log2 = p.scale * kLog2e;
+  a.dropout = p.dropout;
+  a.seed = p.seed;
+  a.dropout_threshold = p.dropout_threshold;
+  a.dropout_scale = p.dropout_scale;
+  a.q_tiles = (p.Lq + kBlockRows - 1) / kBlockRows;
+
+  (void)cudaGetLastError();  // do not report an earlier, unrelated failure as ours
+  if (dtype == kAttentionFloat16) return dispatch_columns<__half>(a, stream);
+  return dispatch_columns<float>(a, stream);
+}
+
+}  // namespace cuda
+}  // namespace mmcore

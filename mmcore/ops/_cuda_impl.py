@@ -1,0 +1,241 @@
+"""CUDA paths of the public ops: argument checks for device arrays, then ``mmcore._cuda``.
+
+The public ops (:mod:`mmcore.ops`) call into this module when their inputs live on a CUDA
+device. Arguments are validated here with the same rules and messages as the host path, device
+arrays are handled through CuPy, and the kernels run asynchronously on CuPy's current stream of
+the inputs' device. Results are CuPy arrays on that device.
+
+Data never moves between host and device implicitly. The one exception is ``key_lengths``: a
+host integer sequence of ``B`` entries is copied to the device because it is a tiny argument
+(a CuPy array avoids that copy).
+
+Some checks read a single flag back from the device and therefore wait for the current stream:
+the NaN/+inf check of ``bias`` and the range check of a device ``key_lengths``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+
+from .._backend import is_cuda_array
+from ..errors import BackendError, ShapeError
+from ._checks import as_host_array, check_rank, finite_float, optional_seed
+
+__all__ = ["attention_cuda"]
+
+_FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
+def _cupy(op: str):
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
+                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
+    return cupy
+
+
+def _cuda_module(op: str):
+    try:
+        return importlib.import_module("mmcore._cuda")
+    except ImportError as exc:
+        raise BackendError(f"[{op}] the CUDA module mmcore._cuda is missing: rebuild mmcore with "
+                           f"a CUDA compiler available ({exc})") from exc
+
+
+def _device_array(cp, op: str, name: str, x):
+    """``x`` as a CuPy array without copying; raises for host arrays."""
+    if x is None:
+        raise ShapeError(f"[{op}] {name} is required")
+    if isinstance(x, cp.ndarray):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        try:
+            return cp.asarray(x)
+        except Exception as exc:
+            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
+    if is_cuda_array(x):
+        try:
+            return cp.from_dlpack(x)
+        except Exception as exc:
+            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
+    raise BackendError(f"[{op}] {name} is a host object ({type(x).__name__}) while q is on a CUDA "
+                       "device; mmcore never copies between host and device implicitly: pass a "
+                       "CuPy array on the same device")
+
+
+def _same_device(op: str, name: str, x, device: int) -> None:
+    dev = x.device.id
+    if dev != device:
+        raise BackendError(f"[{op}] {name} is on CUDA device {dev} but q is on device {device}")
+
+
+def _broadcast(cp, op: str, name: str, x, shape, dims: str):
+    """A broadcast view of ``x`` with ``shape`` (zero strides, no copy)."""
+    if x.ndim > len(shape):
+        raise ShapeError(f"[{op}] {name} has {x.ndim} dims, expected at most {len(shape)} {dims}")
+    try:
+        return cp.broadcast_to(x, tuple(shape))
+    except ValueError:
+        raise ShapeError(f"[{op}] {name} of shape {tuple(x.shape)} is not broadcastable to "
+                         f"{dims} = {tuple(shape)}") from None
+
+
+def _element_strides(x):
+    """Strides in elements (the kernels index with element strides; 0 = broadcast)."""
+    item = x.dtype.itemsize
+    return tuple(int(s) // item for s in x.strides)
+
+
+def _check_float(op: str, name: str, x) -> None:
+    if x.dtype.name not in _FLOAT_DTYPES:
+        raise ShapeError(f"[{op}] {name} has dtype {x.dtype}, expected float32 or float16 "
+                         "(float64 is cast)")
+
+
+def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, dropout_p, seed,
+                   return_weights, return_lse):
+    """Attention on CUDA device arrays; the semantics of :func:`mmcore.ops.attention`.
+
+    q, k and v must be CuPy arrays (or expose ``__cuda_array_interface__`` / CUDA DLPack) on one
+    device. If all three are float16 they are read as float16 and computed in float32;
+    otherwise they are cast to float32 on the device (float64 included). ``mask`` (bool) and
+    ``bias`` (float) must be device arrays on the same device and are read through broadcast
+    strides without copies (bias is cast to float32 first when needed). ``key_lengths`` may be a
+    device integer array or a host sequence (copied, it is only ``B`` integers). Outputs are
+    new float32 CuPy arrays on the same device, written asynchronously on CuPy's current stream.
+    """
+    from .attention import dropout_threshold  # imported here: attention.py imports this module
+
+    op = "attention"
+    cp = _cupy(op)
+    mod = _cuda_module(op)
+
+    q = _device_array(cp, op, "q", q)
+    k = _device_array(cp, op, "k", k)
+    v = _device_array(cp, op, "v", v)
+    device = q.device.id
+    _same_device(op, "k", k, device)
+    _same_device(op, "v", v, device)
+
+    check_rank(op, "q", q, 4, "(B, H, Lq, D)")
+    check_rank(op, "k", k, 4, "(B, H, Lk, D)")
+    check_rank(op, "v", v, 4, "(B, H, Lk, Dv)")
+    B, H, Lq, D = (int(n) for n in q.shape)
+    if k.shape[0] != B or k.shape[1] != H:
+        raise ShapeError(f"[{op}] k has (B, H) = {tuple(k.shape[:2])}, expected {(B, H)} from q")
+    if k.shape[3] != D:
+        raise ShapeError(f"[{op}] k has D = {k.shape[3]}, expected {D} from q")
+    Lk = int(k.shape[2])
+    if tuple(v.shape[:3]) != (B, H, Lk):
+        raise ShapeError(f"[{op}] v has (B, H, Lk) = {tuple(v.shape[:3])}, expected "
+                         f"{(B, H, Lk)} from k")
+    Dv = int(v.shape[3])
+    if D < 1:
+        raise ShapeError(f"[{op}] q has D = 0, expected at least 1")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_float(op, name, x)
+
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(D)
+    else:
+        scale_f = finite_float(op, "scale", scale)
+    temp_f = finite_float(op, "temperature", temperature, positive=True)
+    eff_scale = scale_f / temp_f
+    if not math.isfinite(eff_scale):
+        raise ShapeError(f"[{op}] scale / temperature overflows: {scale_f} / {temp_f}")
+
+    p = finite_float(op, "dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ShapeError(f"[{op}] dropout_p must lie in [0, 1), got {p}")
+    threshold = dropout_threshold(p)
+    use_dropout = threshold > 0
+    seed_i = optional_seed(op, seed) if use_dropout else 0
+    drop_scale = 1.0 / (1.0 - p) if use_dropout else 1.0
+
+    full = (B, H, Lq, Lk)
+    dims = "(B, H, Lq, Lk)"
+    with cp.cuda.Device(device):
+        if q.dtype == k.dtype == v.dtype == cp.float16:
+            dtype_flag = 1
+            q = cp.ascontiguousarray(q)
+            k = cp.ascontiguousarray(k)
+            v = cp.ascontiguousarray(v)
+        else:
+            dtype_flag = 0
+            q = cp.ascontiguousarray(q, dtype=cp.float32)
+            k = cp.ascontiguousarray(k, dtype=cp.float32)
+            v = cp.ascontiguousarray(v, dtype=cp.float32)
+
+        mask_v = None
+        if mask is not None:
+            m = _device_array(cp, op, "mask", mask)
+            _same_device(op, "mask", m, device)
+            if m.dtype != cp.bool_:
+                raise ShapeError(f"[{op}] mask has dtype {m.dtype}, expected bool (True = may "
+                                 "attend); pass additive masks as bias")
+            mask_v = _broadcast(cp, op, "mask", m, full, dims)
+
+        bias_v = None
+        if bias is not None:
+            bb = _device_array(cp, op, "bias", bias)
+            _same_device(op, "bias", bb, device)
+            if bb.dtype.name not in _FLOAT_DTYPES:
+                raise ShapeError(f"[{op}] bias has dtype {bb.dtype}, expected a float dtype")
+            bb = bb.astype(cp.float32, copy=False)
+            # NaN and +inf both fail `x < inf`: one reduction, one flag read back.
+            if bb.size and bool((~(bb < cp.inf)).any()):
+                raise ShapeError(f"[{op}] bias contains NaN or +inf; use -inf (or mask) to "
+                                 "exclude keys")
+            bias_v = _broadcast(cp, op, "bias", bb, full, dims)
+
+        kl = None
+        if key_lengths is not None:
+            if is_cuda_array(key_lengths):
+                kl = _device_array(cp, op, "key_lengths", key_lengths)
+                _same_device(op, "key_lengths", kl, device)
+            else:
+                kl = as_host_array(op, "key_lengths", key_lengths)
+            if kl.dtype.kind not in "iu":
+                raise ShapeError(f"[{op}] key_lengths has dtype {kl.dtype}, expected an integer "
+                                 "dtype")
+            if tuple(kl.shape) != (B,):
+                raise ShapeError(f"[{op}] key_lengths has shape {tuple(kl.shape)}, expected "
+                                 f"({B},) = (B,)")
+            if isinstance(kl, np.ndarray):
+                if kl.size and (kl.min() < 0 or kl.max() > Lk):
+                    raise ShapeError(f"[{op}] key_lengths must lie in [0, Lk = {Lk}], got values "
+                                     f"in [{int(kl.min())}, {int(kl.max())}]")
+                kl = cp.asarray(np.ascontiguousarray(kl, dtype=np.int64))
+            else:
+                if kl.size and bool(((kl < 0) | (kl > Lk)).any()):
+                    raise ShapeError(f"[{op}] key_lengths must lie in [0, Lk = {Lk}], got values "
+                                     f"in [{int(kl.min())}, {int(kl.max())}]")
+                kl = cp.ascontiguousarray(kl, dtype=cp.int64)
+
+        out = cp.empty((B, H, Lq, Dv), dtype=cp.float32)
+        weights = cp.empty(full, dtype=cp.float32) if return_weights else None
+        lse = cp.empty((B, H, Lq), dtype=cp.float32) if return_lse else None
+
+        def ptr(x):
+            return 0 if x is None or x.size == 0 else int(x.data.ptr)
+
+        zero = (0, 0, 0, 0)
+        stream = cp.cuda.get_current_stream()
+        mod.attention(ptr(q), ptr(k), ptr(v), ptr(out), ptr(weights), ptr(lse),
+                      ptr(mask_v), _element_strides(mask_v) if mask_v is not None else zero,
+                      ptr(bias_v), _element_strides(bias_v) if bias_v is not None else zero,
+                      ptr(kl), B, H, Lq, Lk, D, Dv, eff_scale, use_dropout, seed_i, threshold,
+                      drop_scale, dtype_flag, int(stream.ptr), device)
+
+    if not return_weights and not return_lse:
+        return out
+    res = [out]
+    if return_weights:
+        res.append(weights)
+    if return_lse:
+        res.append(lse)
+    return tuple(res)
