@@ -216,7 +216,6 @@ def backends() -> Dict[str, Dict[str, Any]]:
         "compiled_isas": list(C.compiled_isas()),
         "cpu_features": list(C.cpu_features()),
         "threads": get_num_threads(),
-        "openmp": bool(C.has_openmp()),
     }
     return {"native": native, "cuda": dict(cuda_status()), "numba": dict(numba_status())}
 

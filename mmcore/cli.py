@@ -59,8 +59,7 @@ def _info(args) -> int:
     nat, cuda, nb = info["backends"]["native"], info["backends"]["cuda"], info["backends"]["numba"]
     print(f"mmcore {__version__} (Python {info['python']}, NumPy {info['numpy']}, {info['machine']})")
     print(f"  native : ISA {nat['isa']} (compiled: {', '.join(nat['compiled_isas'])}; "
-          f"CPU: {', '.join(nat['cpu_features']) or 'no AVX'}), threads {nat['threads']}, "
-          f"OpenMP {'yes' if nat['openmp'] else 'no'}")
+          f"CPU: {', '.join(nat['cpu_features']) or 'no AVX'}), threads {nat['threads']}")
     if cuda["available"]:
         devs = "; ".join(f"{d.get('index')}: {d.get('name')} (sm {d.get('compute_capability')})" for d in cuda["devices"])
         print(f"  cuda   : available, devices {devs}")

@@ -104,7 +104,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_features", &mmcore::cpu_feature_list);
   m.def("set_isa_cap", &mmcore::set_isa_cap, py::arg("name"),
         "Cap the instruction-set level (tests, benchmarks); returns False if not available.");
-  m.def("has_openmp", &mmcore::has_openmp);
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("weights"),
         py::arg("lse"), py::arg("mask"), py::arg("bias"), py::arg("key_lengths"), py::arg("scale"),
         py::arg("dropout"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_scale"),
