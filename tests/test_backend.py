@@ -189,3 +189,35 @@ def test_cli_info_text():
     out = subprocess.run([sys.executable, "-m", "mmcore", "info", "--threads", "1"],
                          capture_output=True, text=True, timeout=300, check=True)
     assert "native" in out.stdout and "cuda" in out.stdout and "threads 1" in out.stdout
+
+
+def test_concurrent_callers_get_correct_results():
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [_inputs(10 + i, B=2, H=2, Lq=20 + i, Lk=100 + 7 * i) for i in range(8)]
+    expected = [attention(*c) for c in cases]
+    with ThreadPoolExecutor(max_workers=6) as ex:
+        for _ in range(3):
+            got = list(ex.map(lambda c: attention(*c), cases))
+            for g, e in zip(got, expected):
+                np.testing.assert_array_equal(g, e)
+
+
+def test_pool_works_in_forked_child():
+    code = r"""
+import os, sys, numpy as np, mmcore
+from mmcore.ops import attention
+mmcore.set_num_threads(2)
+rng = np.random.default_rng(0)
+q = rng.standard_normal((4, 4, 64, 32), dtype=np.float32)
+a = attention(q, q, q)
+pid = os.fork()
+if pid == 0:
+    b = attention(q, q, q)
+    os._exit(0 if np.array_equal(a, b) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
