@@ -150,10 +150,11 @@ def machine_ceilings(*, gemm_n: int = 2048, copy_mb: int = 256, repeat: int = 5,
 
     if verbose:
         print(f"machine ceilings: float32 GEMM {gemm:8.1f} GFLOP/s   "
-              f"(np.matmul {gemm_n}x{gemm_n}, median of {t.runs})")
+              f"(np.matmul {gemm_n}x{gemm_n}, median of {t.runs}; best "
+              f"{2.0 * gemm_n ** 3 / t.min / 1e9:.1f})")
         print(f"                  memory copy  {copy:8.1f} GB/s      "
               f"(np.copyto {nbytes >> 20} MB float32, read+write bytes = 2 x nbytes, "
-              f"median of {tc.runs})")
+              f"median of {tc.runs}; best {2.0 * nbytes / tc.min / 1e9:.1f})")
     return Ceilings(gemm, copy, gemm_n, nbytes)
 
 
@@ -322,9 +323,10 @@ def print_header(title: str, *, threads_info: Optional[Dict[str, str]] = None, t
         print(f"mmcore  : {mmcore.__version__}; backends() failed: {type(exc).__name__}: {exc}")
     else:
         nat = info["native"]
+        omp = f"openmp {nat['openmp']}, " if "openmp" in nat else ""
         print(f"mmcore  : {mmcore.__version__}; native ISA {nat.get('isa')} "
               f"(compiled: {', '.join(nat.get('compiled_isas', []))}), "
-              f"openmp {nat.get('openmp')}, threads {nat.get('threads')}")
+              f"{omp}threads {nat.get('threads')}")
         cu = info["cuda"]
         cu_s = (f"{len(cu.get('devices', []))} device(s)" if cu.get("available")
                 else f"absent ({cu.get('reason')})")

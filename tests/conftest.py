@@ -15,7 +15,6 @@ else:
                                                          HealthCheck.data_too_large])
     settings.register_profile("default", **_common)
     settings.register_profile("ci", derandomize=True, **_common)
-    settings.register_profile("thorough", max_examples=500, **_common)
     settings.load_profile(os.environ.get("MMCORE_HYPOTHESIS_PROFILE", "default"))
 
 

@@ -53,6 +53,10 @@ def attention_ref(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None
     Returns ``(out (B, H, Lq, Dv), weights (B, H, Lq, Lk), lse (B, H, Lq))``; ``weights`` are
     after dropout (``out == weights @ v``), ``lse`` is the natural log-sum-exp of the masked
     scores before dropout, ``-inf`` for rows with no attendable key (those rows give zeros).
+    Keys past ``key_lengths`` never matter, whatever they hold, nor does ``k`` of a masked key;
+    a NaN score of an attendable key makes its whole row NaN; ``out`` is ``weights @ v`` in IEEE
+    arithmetic over the keys before ``key_lengths`` (NaN in ``v`` reaches non-empty rows even at
+    weight 0, as in PyTorch's SDPA).
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -73,7 +77,7 @@ def attention_ref(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None
     if key_lengths is not None:
         kl = np.asarray(key_lengths).astype(np.int64).reshape(B, 1, 1, 1)
         allowed &= np.arange(Lk).reshape(1, 1, 1, Lk) < kl
-    allowed &= scores > -np.inf
+    allowed &= ~np.isneginf(scores)                         # NaN scores stay and propagate
     s = np.where(allowed, scores, -np.inf)
 
     if Lk > 0:
@@ -95,6 +99,16 @@ def attention_ref(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None
                                          indexing="ij", sparse=True)
             keep = dropout_bits_np(seed, bb, hh, ii, jj) >= thr
             w = np.where(keep, w * (1.0 / (1.0 - dropout_p)), 0.0)
+    # a NaN score poisons its whole row (weights, lse, out)
+    w = np.where(np.isnan(row_max), np.nan, w)
 
-    out = np.matmul(w, v)
+    # out = weights @ v in IEEE arithmetic over the keys before key_lengths (a NaN in v there
+    # reaches every non-empty row, even at weight 0); keys past key_lengths are never read.
+    v_used = v
+    if key_lengths is not None:
+        kl_v = np.asarray(key_lengths).astype(np.int64).reshape(B, 1, 1, 1)
+        v_used = np.where(np.arange(Lk).reshape(1, 1, Lk, 1) < kl_v, v, 0.0)
+    with np.errstate(invalid="ignore"):
+        out = np.matmul(w, v_used)
+    out = np.where(empty, 0.0, out)
     return out, w, lse

@@ -195,10 +195,15 @@ void apply_mask_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, 
     const float* br = p.bias + b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2] +
                       j0 * p.bias_strides[3];
     const int64_t bs = p.bias_strides[3];
+    // A finite bias stays finite in the base-2 domain (no overflow to -inf near -FLT_MAX).
+    const float lo = -std::numeric_limits<float>::max();
     if (bs == 1) {
-      for (int j = 0; j < nvalid; ++j) s[j] += br[j] * kLog2e;
+      for (int j = 0; j < nvalid; ++j) s[j] += br[j] == kNegInf ? kNegInf : std::max(br[j] * kLog2e, lo);
     } else {
-      for (int j = 0; j < nvalid; ++j) s[j] += br[j * bs] * kLog2e;
+      for (int j = 0; j < nvalid; ++j) {
+        const float bj = br[j * bs];
+        s[j] += bj == kNegInf ? kNegInf : std::max(bj * kLog2e, lo);
+      }
     }
   }
   if (p.mask) {
@@ -302,8 +307,11 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
         for (int j = nvalid; j < nround; ++j) sr[j] = kNegInf;
         if (wrow0) std::copy(sr, sr + nvalid, wrow0 + ri * Lk + j0);
         vf vmx = simd::splat(kNegInf);
-        for (int j = 0; j < nround; j += kWidth) vmx = simd::vmax(vmx, simd::load(sr + j));
-        const float mnew = std::max(m[ri], simd::hmax(vmx));
+        for (int j = 0; j < nround; j += kWidth) vmx = simd::vmax_nan(vmx, simd::load(sr + j));
+        // NaN is never hidden: a NaN score makes the running max, and so the row, NaN.
+        const float bmax = simd::hmax(vmx);
+        const float mnew = (bmax != bmax || m[ri] != m[ri]) ? std::numeric_limits<float>::quiet_NaN()
+                                                              : std::max(m[ri], bmax);
         if (mnew == kNegInf) {  // nothing to attend to yet in this row
           alpha[r] = 1.0f;
           std::fill(sr, sr + nround, 0.0f);
@@ -333,14 +341,20 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
   // Normalize and write out, lse and (optionally) the weights.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    const float inv = 1.0f / l[r];
     float* outr = p.out + (bh * Lq + i) * Dv;
     const float* orow = o + r * Dvp;
-    for (int64_t c = 0; c < Dv; ++c) outr[c] = orow[c] * inv;
-    if (p.lse) p.lse[bh * Lq + i] = l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+    if (l[r] > 0.0f || l[r] != l[r]) {
+      for (int64_t c = 0; c < Dv; ++c) outr[c] = orow[c] * inv;
+    } else {  // no key to attend to: zeros, whatever v holds
+      std::fill(outr, outr + Dv, 0.0f);
+    }
+    if (p.lse) p.lse[bh * Lq + i] = (l[r] > 0.0f || l[r] != l[r]) ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
     if (wrow0) {
       float* w = wrow0 + r * Lk;
-      if (l[r] > 0.0f) {
+      if (l[r] != l[r]) {  // a NaN score poisons the whole row, dropped entries included
+        std::fill(w, w + Lkb, std::numeric_limits<float>::quiet_NaN());
+      } else if (l[r] > 0.0f) {
         exp2_shift_scale(w, Lkb, m[r], inv);
         if (p.dropout) {
           for (int64_t j = 0; j < Lkb; ++j) {

@@ -14,11 +14,17 @@ Semantics, per query row ``(b, h, i)``:
   weights by ``drop_scale``; dropped weights are 0.
 * ``out_i = sum_j w_j v_j`` with the weights after dropout, so ``out == weights @ v``.
 * A row without attendable keys gives ``out = 0``, ``weights = 0`` and ``lse = -inf``.
+* NaN is never hidden: a NaN score of an attendable key (NaN in ``q`` or in an attended ``k``)
+  makes the whole row NaN. ``out`` is ``weights @ v`` in IEEE arithmetic over the keys
+  ``j < key_lengths[b]``: a NaN or Inf in ``v`` there reaches every non-empty row of that
+  ``(b, h)``, even where its weight is 0 (masked or dropped), as in PyTorch's SDPA. Keys past
+  ``key_lengths`` are never read, and a masked key's ``k`` never matters.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 from numba import njit, prange, types
@@ -73,6 +79,7 @@ def _attention_kernel(q, k, v, out, weights, has_weights, lse, has_lse, mask, ha
 
         s = np.empty(Lk, np.float64)
         row_max = neg_inf
+        has_nan = False
         for j in range(n):
             if has_mask and not mask[b, h, i, j]:
                 s[j] = neg_inf
@@ -86,8 +93,22 @@ def _attention_kernel(q, k, v, out, weights, has_weights, lse, has_lse, mask, ha
             s[j] = sc
             if sc > row_max:
                 row_max = sc
+            elif sc != sc:
+                has_nan = True
         for j in range(n, Lk):
             s[j] = neg_inf
+
+        if has_nan:
+            # A NaN score (NaN in q or an attended key) poisons the whole row, as in
+            # any softmax; it is never hidden as a masked key.
+            for d in range(Dv):
+                out[b, h, i, d] = np.nan
+            if has_weights:
+                for j in range(Lk):
+                    weights[b, h, i, j] = np.nan
+            if has_lse:
+                lse[b, h, i] = np.nan
+            continue
 
         if row_max == neg_inf:
             # No key to attend to: zeros, -inf, never NaN.
@@ -129,12 +150,15 @@ def _attention_kernel(q, k, v, out, weights, has_weights, lse, has_lse, mask, ha
         acc_v = np.zeros(Dv, np.float64)
         for j in range(n):
             w = s[j]
-            if w != 0.0:
-                for d in range(Dv):
-                    acc_v[d] += w * np.float64(v[b, h, j, d])
+            for d in range(Dv):
+                acc_v[d] += w * np.float64(v[b, h, j, d])
         for d in range(Dv):
             out[b, h, i, d] = np.float32(acc_v[d])
 
+
+# Numba's fallback "workqueue" threading layer aborts the process when two threads launch
+# parallel kernels at once, so launches are serialized (each launch already uses every core).
+_launch_lock = threading.Lock()
 
 _DUMMY_F32_4 = np.zeros((1, 1, 1, 1), np.float32)
 _DUMMY_F32_3 = np.zeros((1, 1, 1), np.float32)
@@ -174,7 +198,7 @@ def attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
         bias_v = bias_v.astype(np.float32)
     if has_kl and (kl.dtype != np.int64 or not kl.flags.c_contiguous):
         kl = np.ascontiguousarray(kl, dtype=np.int64)
-    _attention_kernel(
+    args = (
         q, k, v, out,
         weights if has_weights else _DUMMY_F32_4, has_weights,
         lse if has_lse else _DUMMY_F32_3, has_lse,
@@ -184,3 +208,5 @@ def attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
         float(eff_scale),
         bool(use_dropout), np.uint64(int(seed_i) % (1 << 64)), int(threshold), float(drop_scale),
     )
+    with _launch_lock:
+        _attention_kernel(*args)

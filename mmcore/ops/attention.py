@@ -73,6 +73,14 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     out : float32 array (B, H, Lq, Dv), or a tuple ``(out[, weights][, lse])``
         A query row with no key to attend to gives zeros (and ``lse = -inf``), never NaN.
 
+    Notes
+    -----
+    Non-finite inputs are never hidden: a NaN score of an attendable key (NaN in ``q`` or in an
+    unmasked ``k``) makes its whole row NaN (out, weights and lse). ``out`` is ``weights @ v``
+    in IEEE arithmetic over the keys before ``key_lengths``, so NaN or Inf in ``v`` there reaches
+    every non-empty row of that (b, h), even where the weight is 0 (masked or dropped), as with
+    PyTorch's SDPA. Keys at or past ``key_lengths[b]`` are never read: padding may hold anything.
+
     Examples
     --------
     >>> import numpy as np

@@ -54,6 +54,11 @@ struct AddOp {
 struct MaxOp {
   template <class V> V operator()(V a, V b) const { return a > b ? a : b; }
 };
+// Maximum that lets NaN win, so that a NaN lane is never hidden.
+struct MaxNanOp {
+  template <class V> V operator()(V a, V b) const { return ((b > a) | (b != b)) ? b : a; }
+};
+inline vf vmax_nan(vf a, vf b) { return MaxNanOp{}(a, b); }
 
 inline float hsum(vf v) {
   v4f x = fold4(v, AddOp{});
@@ -61,8 +66,9 @@ inline float hsum(vf v) {
   x = x + __builtin_shufflevector(x, x, 1, 0, 3, 2);
   return x[0];
 }
+// Horizontal maximum; NaN if any lane is NaN.
 inline float hmax(vf v) {
-  MaxOp op;
+  MaxNanOp op;
   v4f x = fold4(v, op);
   x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1));
   x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2));
@@ -71,11 +77,14 @@ inline float hmax(vf v) {
 
 // 2^x for float lanes: round-to-nearest range reduction and a degree-6 polynomial on
 // [-0.5, 0.5] (relative error about 2e-7). x < -126 gives exactly 0 (so exp2(-inf) = 0);
-// x is clamped at 127.
+// x is clamped at 127; NaN stays NaN.
 inline vf exp2(vf x) {
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vi underflow = x < splat(-126.0f);
+  const vf x_in = x;
+  const vi is_nan = x != x;
+  const vi underflow = x < splat(-126.0f);
   x = vmin(vmax(x, splat(-126.0f)), splat(127.0f));
+  x = is_nan ? splat(0.0f) : x;
   vf shifted = x + magic;
   vf n = shifted - magic;
   vf f = x - n;
@@ -89,7 +98,7 @@ inline vf exp2(vf x) {
   vi ni = (vi)shifted - 0x4B400000;
   vi bits = (vi)p + (ni << 23);
   bits &= ~underflow;
-  return (vf)bits;
+  return is_nan ? x_in : (vf)bits;
 }
 
 }  // namespace simd
