@@ -3,15 +3,17 @@
 // This file is compiled once per instruction-set target (baseline, AVX2, AVX-512) with
 // MMCORE_TARGET naming the namespace; dispatch.cpp picks one at run time.
 //
-// Work decomposition: one task = (batch b, head h, chunk of up to kQueryChunk query rows).
-// Inside a task the keys are walked in blocks of kKeyBlock. Each block of K is packed
-// transposed (D x kKeyBlock) once and then reused by every query micro-tile of the chunk:
-//   S  = Q_tile . K_block^T         register tile MR rows x (NV vectors of keys)
-//   online softmax on S (running max m and sum l per row, base-2 exponentials)
-//   O  = alpha * O + P . V_block    register tile MR rows x (NV vectors of value columns)
-// Extra memory per thread: the packed query chunk, one K block, one V block (only when Dv is
-// not a multiple of the vector width), one S tile and the chunk's O accumulator. No (Lq x Lk)
-// matrix exists unless the caller asked for the weights, which are then written in place.
+// Work decomposition: one task = (batch b, head h, chunk of query rows). The chunk's queries are
+// packed once, transposed and pre-scaled (Q^T: D x rows), so that queries lie along the vector
+// lanes. Keys are walked in blocks of kKeyBlock straight from the input (no packing of K):
+//   S^T = K_block . Q^T              register tile: MR keys x NQ vectors of queries
+//   online softmax down the key axis (vertical vector ops: one running max / sum per lane)
+//   O  = alpha * O + P . V_block    register tile: MR queries x NV vectors of value columns
+// Extra memory per thread: the packed query chunk, one S^T tile (kKeyBlock x one query group),
+// one V block (only when Dv is not a multiple of the vector width) and the chunk's O
+// accumulator. No (Lq x Lk) matrix exists unless the caller asked for the weights, which are
+// then written in place. Chunks of at most kDotRows queries (decode-like calls) compute their
+// scores as direct dot products instead.
 
 #include <algorithm>
 #include <cmath>
@@ -41,8 +43,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 #if defined(__AVX512F__)
-constexpr int MR = 6;  // query rows per register tile
-constexpr int NV = 4;  // vectors per register tile row (64 keys / 64 value columns)
+constexpr int MR = 6;  // rows of a register tile (keys in S^T, queries in P.V)
+constexpr int NV = 4;  // vectors per register tile row
 #elif defined(__AVX2__)
 constexpr int MR = 6;
 constexpr int NV = 2;
@@ -50,64 +52,94 @@ constexpr int NV = 2;
 constexpr int MR = 4;
 constexpr int NV = 2;
 #endif
-constexpr int kPanel = kWidth * NV;  // keys per score micro-panel
-constexpr int kKeyBlock = 128;       // keys per block; a multiple of every kPanel
-constexpr int64_t kQueryChunk = 96;  // query rows per task at most
-constexpr int64_t kDotRows = 3;    // chunks of at most this many rows skip the K packing
-static_assert(kKeyBlock % kPanel == 0, "key block must hold whole panels");
+constexpr int kGroup = kWidth * NV;    // queries per S^T tile (one query group)
+constexpr int kKeyBlock = 128;         // keys per block
+constexpr int64_t kQueryChunk = 256;   // query rows per task at most
+constexpr int64_t kDotRows = 3;        // chunks of at most this many rows use dot products
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// S[r, panel] = sum_d q[r, d] * kt[d, panel] for R rows and npanels panels of kPanel keys.
-template <int R>
-void score_tile(const float* __restrict q, int64_t D, const float* __restrict kt, int npanels,
-                float* __restrict s) {
-  for (int pn = 0; pn < npanels; ++pn) {
-    const float* kp = kt + pn * kPanel;
-    vf acc[R][NV];
+// st[r, :] = sum_d k[r, d] * qt[d, :] for R keys and NQ vectors of queries.
+template <int R, int NQ>
+void score_tile(const float* __restrict k, int64_t D, const float* __restrict qt, int64_t ldq,
+                float* __restrict st) {
+  vf acc[R][NQ];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[r][c] = vf{};
-    for (int64_t d = 0; d < D; ++d) {
-      vf kv[NV];
+    for (int c = 0; c < NQ; ++c) acc[r][c] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    vf qv[NQ];
 #pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) kv[c] = simd::load(kp + d * kKeyBlock + c * kWidth);
+    for (int c = 0; c < NQ; ++c) qv[c] = simd::load(qt + d * ldq + c * kWidth);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const vf qb = simd::splat(q[r * D + d]);
+    for (int r = 0; r < R; ++r) {
+      const vf kb = simd::splat(k[r * D + d]);
 #pragma GCC unroll 8
-        for (int c = 0; c < NV; ++c) acc[r][c] += qb * kv[c];
-      }
+      for (int c = 0; c < NQ; ++c) acc[r][c] += kb * qv[c];
     }
+  }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) simd::store(s + r * kKeyBlock + pn * kPanel + c * kWidth, acc[r][c]);
+    for (int c = 0; c < NQ; ++c) simd::store(st + r * kGroup + c * kWidth, acc[r][c]);
+}
+
+template <int NQ>
+void score_rows(int R, const float* k, int64_t D, const float* qt, int64_t ldq, float* st) {
+  switch (R) {
+    case 1: score_tile<1, NQ>(k, D, qt, ldq, st); break;
+    case 2: score_tile<2, NQ>(k, D, qt, ldq, st); break;
+    case 3: score_tile<3, NQ>(k, D, qt, ldq, st); break;
+    case 4: score_tile<4, NQ>(k, D, qt, ldq, st); break;
+    case 5: score_tile<5, NQ>(k, D, qt, ldq, st); break;
+    case 6: score_tile<6, NQ>(k, D, qt, ldq, st); break;
+    default: break;
   }
 }
 
-// Few query rows (decode-like): direct dot products over D beat packing K transposed.
-void score_rows_dot(const float* __restrict q, int R, int64_t D, const float* __restrict kblk, int nvalid,
-                    float* __restrict s) {
+// S^T for keys [0, nkeys) of a block and nq query vectors.
+void score_block(const float* k, int64_t D, int nkeys, const float* qt, int64_t ldq, int nq, float* st) {
+  for (int j = 0; j < nkeys; j += MR) {
+    const int R = std::min(MR, nkeys - j);
+    const float* kj = k + j * D;
+    float* sj = st + j * kGroup;
+    switch (nq) {
+      case 1: score_rows<1>(R, kj, D, qt, ldq, sj); break;
+      case 2: score_rows<2>(R, kj, D, qt, ldq, sj); break;
+#if defined(__AVX512F__)
+      case 3: score_rows<3>(R, kj, D, qt, ldq, sj); break;
+      case 4: score_rows<4>(R, kj, D, qt, ldq, sj); break;
+#endif
+      default: break;
+    }
+  }
+}
+
+// Few query rows (decode-like): direct dot products over D; lanes past R are zero.
+void score_block_dot(const float* __restrict q, int R, int64_t D, const float* __restrict k, int nkeys,
+                     float* __restrict st) {
   const int64_t Dm = D / kWidth * kWidth;
-  for (int j = 0; j < nvalid; ++j) {
-    const float* kr = kblk + j * D;
+  for (int j = 0; j < nkeys; ++j) {
+    const float* kr = k + j * D;
+    float* sj = st + j * kGroup;
+    simd::store(sj, vf{});
     for (int r = 0; r < R; ++r) {
       const float* qr = q + r * D;
       vf acc = vf{};
       for (int64_t d = 0; d < Dm; d += kWidth) acc += simd::load(qr + d) * simd::load(kr + d);
       float t = simd::hsum(acc);
       for (int64_t d = Dm; d < D; ++d) t += qr[d] * kr[d];
-      s[r * kKeyBlock + j] = t;
+      sj[r] = t;
     }
   }
 }
 
-// o[r, cols] = alpha[r] * o[r, cols] + sum_j p[r, j] * v[j, cols] for NC vectors of columns.
+// o[r, cols] = alpha[r] * o[r, cols] + sum_j p[j, r] * v[j, cols] for NC vectors of columns;
+// p is the S^T tile (row stride kGroup) after the softmax.
 template <int R, int NC>
 void pv_block(const float* __restrict p, const float* __restrict alpha, const float* __restrict v,
-              int64_t vstride, int nvalid, float* __restrict o, int64_t ostride) {
+              int64_t vstride, int nkeys, float* __restrict o, int64_t ostride) {
   vf acc[R][NC];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -115,13 +147,13 @@ void pv_block(const float* __restrict p, const float* __restrict alpha, const fl
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) acc[r][c] = simd::load(o + r * ostride + c * kWidth) * a;
   }
-  for (int j = 0; j < nvalid; ++j) {
+  for (int j = 0; j < nkeys; ++j) {
     vf vv[NC];
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) vv[c] = simd::load(v + j * vstride + c * kWidth);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vf pb = simd::splat(p[r * kKeyBlock + j]);
+      const vf pb = simd::splat(p[j * kGroup + r]);
 #pragma GCC unroll 8
       for (int c = 0; c < NC; ++c) acc[r][c] += pb * vv[c];
     }
@@ -133,49 +165,34 @@ void pv_block(const float* __restrict p, const float* __restrict alpha, const fl
 }
 
 template <int R>
-void pv_tile(const float* p, const float* alpha, const float* v, int64_t vstride, int nvalid,
-             float* o, int64_t Dvp) {
+void pv_tile(const float* p, const float* alpha, const float* v, int64_t vstride, int nkeys, float* o,
+             int64_t Dvp) {
   int64_t c0 = 0;
-  for (; c0 + kPanel <= Dvp; c0 += kPanel)
-    pv_block<R, NV>(p, alpha, v + c0, vstride, nvalid, o + c0, Dvp);
-  const int rest = static_cast<int>((Dvp - c0) / kWidth);
-  switch (rest) {
-    case 0: break;
-    case 1: pv_block<R, 1>(p, alpha, v + c0, vstride, nvalid, o + c0, Dvp); break;
-    case 2: pv_block<R, 2>(p, alpha, v + c0, vstride, nvalid, o + c0, Dvp); break;
-    case 3: pv_block<R, 3>(p, alpha, v + c0, vstride, nvalid, o + c0, Dvp); break;
+  for (; c0 + kGroup <= Dvp; c0 += kGroup) pv_block<R, NV>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp);
+  switch (static_cast<int>((Dvp - c0) / kWidth)) {
+    case 1: pv_block<R, 1>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp); break;
+    case 2: pv_block<R, 2>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp); break;
+    case 3: pv_block<R, 3>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp); break;
     default: break;
   }
 }
 
-void score_dispatch(int R, const float* qp, int64_t D, const float* kt, int npanels, float* s) {
+void pv_rows(int R, const float* p, const float* alpha, const float* v, int64_t vstride, int nkeys, float* o,
+             int64_t Dvp) {
   switch (R) {
-    case 1: score_tile<1>(qp, D, kt, npanels, s); break;
-    case 2: score_tile<2>(qp, D, kt, npanels, s); break;
-    case 3: score_tile<3>(qp, D, kt, npanels, s); break;
-    case 4: score_tile<4>(qp, D, kt, npanels, s); break;
-    case 5: score_tile<5>(qp, D, kt, npanels, s); break;
-    case 6: score_tile<6>(qp, D, kt, npanels, s); break;
-    default: break;
-  }
-}
-
-void pv_dispatch(int R, const float* p, const float* alpha, const float* v, int64_t vstride,
-                 int nvalid, float* o, int64_t Dvp) {
-  switch (R) {
-    case 1: pv_tile<1>(p, alpha, v, vstride, nvalid, o, Dvp); break;
-    case 2: pv_tile<2>(p, alpha, v, vstride, nvalid, o, Dvp); break;
-    case 3: pv_tile<3>(p, alpha, v, vstride, nvalid, o, Dvp); break;
-    case 4: pv_tile<4>(p, alpha, v, vstride, nvalid, o, Dvp); break;
-    case 5: pv_tile<5>(p, alpha, v, vstride, nvalid, o, Dvp); break;
-    case 6: pv_tile<6>(p, alpha, v, vstride, nvalid, o, Dvp); break;
+    case 1: pv_tile<1>(p, alpha, v, vstride, nkeys, o, Dvp); break;
+    case 2: pv_tile<2>(p, alpha, v, vstride, nkeys, o, Dvp); break;
+    case 3: pv_tile<3>(p, alpha, v, vstride, nkeys, o, Dvp); break;
+    case 4: pv_tile<4>(p, alpha, v, vstride, nkeys, o, Dvp); break;
+    case 5: pv_tile<5>(p, alpha, v, vstride, nkeys, o, Dvp); break;
+    case 6: pv_tile<6>(p, alpha, v, vstride, nkeys, o, Dvp); break;
     default: break;
   }
 }
 
 // Per-thread scratch, grown on demand and kept for the thread's lifetime.
 struct Scratch {
-  std::vector<float> qp, kt, vp, s, o, m, l, alpha;
+  std::vector<float> qt, vp, st, o, m, l, alpha;
   static Scratch& get() {
     thread_local Scratch sc;
     return sc;
@@ -188,33 +205,26 @@ T* grow(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
-// Applies mask and bias (both indexed through element strides) to one score row in place.
-void apply_mask_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j0,
-                     int nvalid, float* s) {
+// Adds the bias and applies the mask of query row i to column c of an S^T tile.
+void apply_mask_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j0, int nkeys,
+                     float* col) {
   if (p.bias) {
     const float* br = p.bias + b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2] +
                       j0 * p.bias_strides[3];
     const int64_t bs = p.bias_strides[3];
     // A finite bias stays finite in the base-2 domain (no overflow to -inf near -FLT_MAX).
     const float lo = -std::numeric_limits<float>::max();
-    if (bs == 1) {
-      for (int j = 0; j < nvalid; ++j) s[j] += br[j] == kNegInf ? kNegInf : std::max(br[j] * kLog2e, lo);
-    } else {
-      for (int j = 0; j < nvalid; ++j) {
-        const float bj = br[j * bs];
-        s[j] += bj == kNegInf ? kNegInf : std::max(bj * kLog2e, lo);
-      }
+    for (int j = 0; j < nkeys; ++j) {
+      const float bj = br[j * bs];
+      col[j * kGroup] += bj == kNegInf ? kNegInf : std::max(bj * kLog2e, lo);
     }
   }
   if (p.mask) {
     const uint8_t* mr = p.mask + b * p.mask_strides[0] + h * p.mask_strides[1] + i * p.mask_strides[2] +
                         j0 * p.mask_strides[3];
     const int64_t ms = p.mask_strides[3];
-    if (ms == 1) {
-      for (int j = 0; j < nvalid; ++j) s[j] = mr[j] ? s[j] : kNegInf;
-    } else {
-      for (int j = 0; j < nvalid; ++j) s[j] = mr[j * ms] ? s[j] : kNegInf;
-    }
+    for (int j = 0; j < nkeys; ++j)
+      if (!mr[j * ms]) col[j * kGroup] = kNegInf;
   }
 }
 
@@ -231,6 +241,27 @@ void exp2_shift_scale(float* x, int64_t n, float m, float scale) {
   }
 }
 
+// Online-softmax update of one query vector (kWidth queries, lanes) over nkeys rows of an S^T
+// tile column: running max m, sum l, rescale factor alpha; the tile becomes exp2(s - m).
+void softmax_update(float* col, int nkeys, float* m, float* l, float* alpha) {
+  vf vmx = simd::splat(kNegInf);
+  for (int j = 0; j < nkeys; ++j) vmx = simd::vmax_nan(vmx, simd::load(col + j * kGroup));
+  const vf mold = simd::load(m);
+  const vf mnew = simd::vmax_nan(mold, vmx);  // NaN wins: a NaN score poisons its row
+  const simd::vi empty = mnew == simd::splat(kNegInf);
+  const vf msafe = empty ? simd::splat(0.0f) : mnew;
+  const vf a = simd::exp2(mold - msafe);  // mold = -inf gives 0; both -inf: 0 (O and l are 0)
+  vf sum = vf{};
+  for (int j = 0; j < nkeys; ++j) {
+    const vf e = simd::exp2(simd::load(col + j * kGroup) - msafe);
+    simd::store(col + j * kGroup, e);
+    sum += e;
+  }
+  simd::store(l, simd::load(l) * a + sum);
+  simd::store(m, mnew);
+  simd::store(alpha, a);
+}
+
 void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t chunk_rows) {
   const int64_t bh = task / nchunks, chunk = task % nchunks;
   const int64_t b = bh / p.H, h = bh % p.H;
@@ -240,50 +271,48 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
   const int64_t Lkb = p.key_lengths ? p.key_lengths[b] : Lk;
   const int64_t Dvp = round_up(Dv, kWidth);
   const bool direct_v = (Dv == Dvp);
+  const bool dot_path = rows <= kDotRows;
+  const int64_t rows_pad = round_up(rows, kWidth);
 
   const float* qb = p.q + (bh * Lq + i0) * D;
   const float* kb = p.k + bh * Lk * D;
   const float* vb = p.v + bh * Lk * Dv;
 
   Scratch& sc = Scratch::get();
-  float* qp = grow(sc.qp, static_cast<size_t>(rows * D));
-  const bool dot_path = rows <= kDotRows;
-  float* kt = dot_path ? nullptr : grow(sc.kt, static_cast<size_t>(D * kKeyBlock));
+  float* qt = grow(sc.qt, static_cast<size_t>(rows_pad * D));
   float* vp = direct_v ? nullptr : grow(sc.vp, static_cast<size_t>(kKeyBlock * Dvp));
-  float* s = grow(sc.s, static_cast<size_t>(MR * kKeyBlock));
+  float* st = grow(sc.st, static_cast<size_t>(kKeyBlock * kGroup));
   float* o = grow(sc.o, static_cast<size_t>(rows * Dvp));
-  float* m = grow(sc.m, static_cast<size_t>(rows));
-  float* l = grow(sc.l, static_cast<size_t>(rows));
-  float* alpha = grow(sc.alpha, static_cast<size_t>(MR));
+  float* m = grow(sc.m, static_cast<size_t>(rows_pad));
+  float* l = grow(sc.l, static_cast<size_t>(rows_pad));
+  float* alpha = grow(sc.alpha, static_cast<size_t>(kGroup));
 
-  const float qscale = p.scale * kLog2e;  // scores live in the base-2 domain
-  for (int64_t t = 0; t < rows * D; ++t) qp[t] = qb[t] * qscale;
+  // Queries scaled into the base-2 domain: row-major for the dot path, else transposed.
+  const float qscale = p.scale * kLog2e;
+  if (dot_path) {
+    for (int64_t t = 0; t < rows * D; ++t) qt[t] = qb[t] * qscale;
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) qt[d * rows_pad + r] = qb[r * D + d] * qscale;
+    for (int64_t d = 0; d < D; ++d) std::fill(qt + d * rows_pad + rows, qt + (d + 1) * rows_pad, 0.0f);
+  }
   std::fill(o, o + rows * Dvp, 0.0f);
-  std::fill(m, m + rows, kNegInf);
-  std::fill(l, l + rows, 0.0f);
+  std::fill(m, m + rows_pad, kNegInf);
+  std::fill(l, l + rows_pad, 0.0f);
 
   float* wrow0 = p.weights ? p.weights + (bh * Lq + i0) * Lk : nullptr;
+  const bool masked = p.mask || p.bias;
 
   for (int64_t j0 = 0; j0 < Lkb; j0 += kKeyBlock) {
-    const int nvalid = static_cast<int>(std::min<int64_t>(kKeyBlock, Lkb - j0));
-    const int npanels = static_cast<int>((nvalid + kPanel - 1) / kPanel);
-    const int ncols = npanels * kPanel;
-    if (!dot_path) {
-      // Pack K block transposed; columns past nvalid are zero.
-      for (int j = 0; j < nvalid; ++j) {
-        const float* kr = kb + (j0 + j) * D;
-        for (int64_t d = 0; d < D; ++d) kt[d * kKeyBlock + j] = kr[d];
-      }
-      if (nvalid < ncols)
-        for (int64_t d = 0; d < D; ++d) std::fill(kt + d * kKeyBlock + nvalid, kt + d * kKeyBlock + ncols, 0.0f);
-    }
+    const int nkeys = static_cast<int>(std::min<int64_t>(kKeyBlock, Lkb - j0));
+    const float* kblk = kb + j0 * D;
     const float* vblk;
     int64_t vstride;
     if (direct_v) {
       vblk = vb + j0 * Dv;
       vstride = Dv;
     } else {
-      for (int j = 0; j < nvalid; ++j) {
+      for (int j = 0; j < nkeys; ++j) {
         const float* vr = vb + (j0 + j) * Dv;
         float* dst = vp + j * Dvp;
         std::copy(vr, vr + Dv, dst);
@@ -293,68 +322,57 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
       vstride = Dvp;
     }
 
-    const int nround = static_cast<int>(round_up(nvalid, kWidth));
-    for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-      const int R = static_cast<int>(std::min<int64_t>(MR, rows - r0));
+    for (int64_t g0 = 0; g0 < rows; g0 += kGroup) {
+      const int nq = static_cast<int>(std::min<int64_t>(kGroup, rows_pad - g0) / kWidth);  // vectors
+      const int nreal = static_cast<int>(std::min<int64_t>(kGroup, rows - g0));           // queries
       if (dot_path)
-        score_rows_dot(qp + r0 * D, R, D, kb + j0 * D, nvalid, s);
+        score_block_dot(qt, nreal, D, kblk, nkeys, st);
       else
-        score_dispatch(R, qp + r0 * D, D, kt, npanels, s);
-      for (int r = 0; r < R; ++r) {
-        const int64_t ri = r0 + r, i = i0 + ri;
-        float* sr = s + r * kKeyBlock;
-        if (p.mask || p.bias) apply_mask_bias(p, b, h, i, j0, nvalid, sr);
-        for (int j = nvalid; j < nround; ++j) sr[j] = kNegInf;
-        if (wrow0) std::copy(sr, sr + nvalid, wrow0 + ri * Lk + j0);
-        vf vmx = simd::splat(kNegInf);
-        for (int j = 0; j < nround; j += kWidth) vmx = simd::vmax_nan(vmx, simd::load(sr + j));
-        // NaN is never hidden: a NaN score makes the running max, and so the row, NaN.
-        const float bmax = simd::hmax(vmx);
-        const float mnew = (bmax != bmax || m[ri] != m[ri]) ? std::numeric_limits<float>::quiet_NaN()
-                                                              : std::max(m[ri], bmax);
-        if (mnew == kNegInf) {  // nothing to attend to yet in this row
-          alpha[r] = 1.0f;
-          std::fill(sr, sr + nround, 0.0f);
-          continue;
-        }
-        alpha[r] = std::exp2(m[ri] - mnew);
-        const vf vm = simd::splat(mnew);
-        vf vsum = vf{};
-        for (int j = 0; j < nround; j += kWidth) {
-          const vf e = simd::exp2(simd::load(sr + j) - vm);
-          simd::store(sr + j, e);
-          vsum += e;
-        }
-        l[ri] = l[ri] * alpha[r] + simd::hsum(vsum);
-        m[ri] = mnew;
-        if (p.dropout) {
-          for (int j = 0; j < nvalid; ++j) {
-            const bool keep = dropout_bits(p.seed, b, h, i, j0 + j) >= p.dropout_threshold;
-            sr[j] = keep ? sr[j] * p.dropout_scale : 0.0f;
-          }
+        score_block(kblk, D, nkeys, qt + g0, rows_pad, nq, st);
+      for (int r = 0; r < nreal; ++r) {
+        const int64_t i = i0 + g0 + r;
+        if (masked) apply_mask_bias(p, b, h, i, j0, nkeys, st + r);
+        if (wrow0) {
+          float* w = wrow0 + (g0 + r) * Lk + j0;
+          for (int j = 0; j < nkeys; ++j) w[j] = st[j * kGroup + r];
         }
       }
-      pv_dispatch(R, s, alpha, vblk, vstride, nvalid, o + r0 * Dvp, Dvp);
+      for (int c = 0; c < nq; ++c)
+        softmax_update(st + c * kWidth, nkeys, m + g0 + c * kWidth, l + g0 + c * kWidth, alpha + c * kWidth);
+      if (p.dropout) {
+        for (int j = 0; j < nkeys; ++j)
+          for (int r = 0; r < nreal; ++r) {
+            const bool keep = dropout_bits(p.seed, b, h, i0 + g0 + r, j0 + j) >= p.dropout_threshold;
+            float& x = st[j * kGroup + r];
+            x = keep ? x * p.dropout_scale : 0.0f;
+          }
+      }
+      for (int r0 = 0; r0 < nreal; r0 += MR) {
+        const int R = std::min(MR, nreal - r0);
+        pv_rows(R, st + r0, alpha + r0, vblk, vstride, nkeys, o + (g0 + r0) * Dvp, Dvp);
+      }
     }
   }
 
   // Normalize and write out, lse and (optionally) the weights.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
+    const bool nan_row = l[r] != l[r];
+    const bool live = nan_row || l[r] > 0.0f;
     const float inv = 1.0f / l[r];
     float* outr = p.out + (bh * Lq + i) * Dv;
     const float* orow = o + r * Dvp;
-    if (l[r] > 0.0f || l[r] != l[r]) {
+    if (live) {
       for (int64_t c = 0; c < Dv; ++c) outr[c] = orow[c] * inv;
     } else {  // no key to attend to: zeros, whatever v holds
       std::fill(outr, outr + Dv, 0.0f);
     }
-    if (p.lse) p.lse[bh * Lq + i] = (l[r] > 0.0f || l[r] != l[r]) ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+    if (p.lse) p.lse[bh * Lq + i] = live ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
     if (wrow0) {
       float* w = wrow0 + r * Lk;
-      if (l[r] != l[r]) {  // a NaN score poisons the whole row, dropped entries included
+      if (nan_row) {  // a NaN score poisons the whole row, dropped entries included
         std::fill(w, w + Lkb, std::numeric_limits<float>::quiet_NaN());
-      } else if (l[r] > 0.0f) {
+      } else if (live) {
         exp2_shift_scale(w, Lkb, m[r], inv);
         if (p.dropout) {
           for (int64_t j = 0; j < Lkb; ++j) {
@@ -375,12 +393,12 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
 void attention_f32(const AttentionParams& p) {
   if (p.B == 0 || p.H == 0 || p.Lq == 0) return;
   // Split the query rows of each head into chunks so that there are enough tasks for the
-  // threads, but keep chunks long enough to amortize the packing of each key block.
+  // threads, but keep chunks long enough to fill whole query groups.
   int64_t nchunks = (p.Lq + kQueryChunk - 1) / kQueryChunk;
   const int64_t bh = p.B * p.H;
-  while (bh * nchunks < 2 * p.num_threads && p.Lq / (nchunks + 1) >= 2 * MR) ++nchunks;
+  while (bh * nchunks < 2 * p.num_threads && p.Lq / (nchunks + 1) >= kGroup) ++nchunks;
   int64_t chunk_rows = (p.Lq + nchunks - 1) / nchunks;
-  if (chunk_rows > MR) chunk_rows = round_up(chunk_rows, MR);
+  if (chunk_rows > kWidth) chunk_rows = round_up(chunk_rows, kWidth);
   nchunks = (p.Lq + chunk_rows - 1) / chunk_rows;
   parallel_for(bh * nchunks, p.num_threads,
                [&](int64_t task, int) { run_task(p, task, nchunks, chunk_rows); });
