@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -33,6 +34,10 @@ D_CHOICES = [1, 3, 16, 31, 64, 65, 80, 128]
 # MMCORE_TEST_EXAMPLES multiplies the number of hypothesis examples (e.g. 20 for a long soak).
 _EXAMPLES_FACTOR = float(os.environ.get("MMCORE_TEST_EXAMPLES", "1"))
 
+
+# Subprocesses run outside the source tree so that they import the installed package
+# (with its compiled modules), not the mmcore/ folder of a checkout.
+_OUTSIDE_SOURCE = tempfile.gettempdir()
 
 def examples(n):
     return max(1, int(n * _EXAMPLES_FACTOR))
@@ -847,7 +852,7 @@ def test_import_does_not_import_numba():
             "assert 'numba' not in sys.modules, 'numba was imported'\n")
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("MMCORE_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    proc = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -16,6 +17,10 @@ from mmcore.ops import attention
 
 from reference import attention_ref
 
+
+# Subprocesses run outside the source tree so that they import the installed package
+# (with its compiled modules), not the mmcore/ folder of a checkout.
+_OUTSIDE_SOURCE = tempfile.gettempdir()
 
 def _inputs(seed=0, B=2, H=3, Lq=37, Lk=131, D=40, Dv=24):
     rng = np.random.default_rng(seed)
@@ -81,7 +86,7 @@ def test_every_compiled_isa_matches_reference(isa):
 def test_isa_env_cap_in_subprocess():
     code = "import mmcore; print(mmcore.backends()['native']['isa'])"
     env = dict(os.environ, MMCORE_ISA="baseline")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "baseline"
 
@@ -106,7 +111,7 @@ def test_set_num_threads_and_results_independent_of_threads():
 def test_num_threads_env_in_subprocess():
     code = "import mmcore; print(mmcore.get_num_threads())"
     env = dict(os.environ, MMCORE_NUM_THREADS="3")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "3"
 
@@ -177,7 +182,7 @@ def test_kernel_releases_gil():
 
 
 def test_cli_info_json():
-    out = subprocess.run([sys.executable, "-m", "mmcore", "info", "--json"], capture_output=True,
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-m", "mmcore", "info", "--json"], capture_output=True,
                          text=True, timeout=300, check=True)
     info = json.loads(out.stdout)
     assert info["version"] == mmcore.__version__
@@ -186,7 +191,7 @@ def test_cli_info_json():
 
 
 def test_cli_info_text():
-    out = subprocess.run([sys.executable, "-m", "mmcore", "info", "--threads", "1"],
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-m", "mmcore", "info", "--threads", "1"],
                          capture_output=True, text=True, timeout=300, check=True)
     assert "native" in out.stdout and "cuda" in out.stdout and "threads 1" in out.stdout
 
@@ -219,5 +224,5 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
     if not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
