@@ -16,13 +16,12 @@ the NaN/+inf check of ``bias`` and the range check of a device ``key_lengths``.
 from __future__ import annotations
 
 import importlib
-import math
 
 import numpy as np
 
 from .._backend import is_cuda_array
 from ..errors import BackendError, ShapeError
-from ._checks import as_host_array, check_rank, finite_float, optional_seed
+from ._checks import as_host_array, attention_results, attention_scalars, check_qkv_shapes
 
 __all__ = ["attention_cuda"]
 
@@ -108,8 +107,6 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
     device integer array or a host sequence (copied, it is only ``B`` integers). Outputs are
     new float32 CuPy arrays on the same device, written asynchronously on CuPy's current stream.
     """
-    from .attention import dropout_threshold  # imported here: attention.py imports this module
-
     op = "attention"
     cp = _cupy(op)
     mod = _cuda_module(op)
@@ -121,40 +118,11 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
     _same_device(op, "k", k, device)
     _same_device(op, "v", v, device)
 
-    check_rank(op, "q", q, 4, "(B, H, Lq, D)")
-    check_rank(op, "k", k, 4, "(B, H, Lk, D)")
-    check_rank(op, "v", v, 4, "(B, H, Lk, Dv)")
-    B, H, Lq, D = (int(n) for n in q.shape)
-    if k.shape[0] != B or k.shape[1] != H:
-        raise ShapeError(f"[{op}] k has (B, H) = {tuple(k.shape[:2])}, expected {(B, H)} from q")
-    if k.shape[3] != D:
-        raise ShapeError(f"[{op}] k has D = {k.shape[3]}, expected {D} from q")
-    Lk = int(k.shape[2])
-    if tuple(v.shape[:3]) != (B, H, Lk):
-        raise ShapeError(f"[{op}] v has (B, H, Lk) = {tuple(v.shape[:3])}, expected "
-                         f"{(B, H, Lk)} from k")
-    Dv = int(v.shape[3])
-    if D < 1:
-        raise ShapeError(f"[{op}] q has D = 0, expected at least 1")
+    B, H, Lq, Lk, D, Dv = check_qkv_shapes(op, q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_float(op, name, x)
 
-    if scale is None:
-        scale_f = 1.0 / math.sqrt(D)
-    else:
-        scale_f = finite_float(op, "scale", scale)
-    temp_f = finite_float(op, "temperature", temperature, positive=True)
-    eff_scale = scale_f / temp_f
-    if not math.isfinite(eff_scale):
-        raise ShapeError(f"[{op}] scale / temperature overflows: {scale_f} / {temp_f}")
-
-    p = finite_float(op, "dropout_p", dropout_p)
-    if not 0.0 <= p < 1.0:
-        raise ShapeError(f"[{op}] dropout_p must lie in [0, 1), got {p}")
-    threshold = dropout_threshold(p)
-    use_dropout = threshold > 0
-    seed_i = optional_seed(op, seed) if use_dropout else 0
-    drop_scale = 1.0 / (1.0 - p) if use_dropout else 1.0
+    sc = attention_scalars(op, D, scale, temperature, dropout_p, seed)
 
     full = (B, H, Lq, Lk)
     dims = "(B, H, Lq, Lk)"
@@ -228,14 +196,7 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
         mod.attention(ptr(q), ptr(k), ptr(v), ptr(out), ptr(weights), ptr(lse),
                       ptr(mask_v), _element_strides(mask_v) if mask_v is not None else zero,
                       ptr(bias_v), _element_strides(bias_v) if bias_v is not None else zero,
-                      ptr(kl), B, H, Lq, Lk, D, Dv, eff_scale, use_dropout, seed_i, threshold,
-                      drop_scale, dtype_flag, int(stream.ptr), device)
+                      ptr(kl), B, H, Lq, Lk, D, Dv, sc.eff_scale, sc.use_dropout, sc.seed, sc.threshold,
+                      sc.drop_scale, dtype_flag, int(stream.ptr), device)
 
-    if not return_weights and not return_lse:
-        return out
-    res = [out]
-    if return_weights:
-        res.append(weights)
-    if return_lse:
-        res.append(lse)
-    return tuple(res)
+    return attention_results(out, weights, lse)

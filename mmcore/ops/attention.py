@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import numpy as np
 
 from .. import _backend
 from ..errors import ShapeError
-from ._checks import (as_host_array, broadcast_view, check_rank, finite_float, float32_contiguous,
-                      optional_seed)
+from ._checks import (as_host_array, attention_scalars, broadcast_view, attention_results,
+                      check_qkv_shapes, dropout_threshold, float32_contiguous)
 
 __all__ = ["attention", "dropout_threshold"]
 
 _OP = "attention"
-_DROPOUT_BITS = 24
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """The 24-bit integer threshold every backend compares its dropout bits against.
-
-    A weight is kept iff ``dropout_bits(seed, b, h, i, j) >= dropout_threshold(p)``, so the
-    drop probability is ``round(p * 2**24) / 2**24``.
-    """
-    return int(math.floor(dropout_p * (1 << _DROPOUT_BITS) + 0.5))
 
 
 def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, temperature=1.0,
@@ -103,32 +90,12 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     q = as_host_array(_OP, "q", q)
     k = as_host_array(_OP, "k", k)
     v = as_host_array(_OP, "v", v)
-    check_rank(_OP, "q", q, 4, "(B, H, Lq, D)")
-    check_rank(_OP, "k", k, 4, "(B, H, Lk, D)")
-    check_rank(_OP, "v", v, 4, "(B, H, Lk, Dv)")
-    B, H, Lq, D = q.shape
-    if k.shape[0] != B or k.shape[1] != H:
-        raise ShapeError(f"[{_OP}] k has (B, H) = {k.shape[:2]}, expected {(B, H)} from q")
-    if k.shape[3] != D:
-        raise ShapeError(f"[{_OP}] k has D = {k.shape[3]}, expected {D} from q")
-    Lk = k.shape[2]
-    if v.shape[:3] != (B, H, Lk):
-        raise ShapeError(f"[{_OP}] v has (B, H, Lk) = {v.shape[:3]}, expected {(B, H, Lk)} from k")
-    Dv = v.shape[3]
-    if D < 1:
-        raise ShapeError(f"[{_OP}] q has D = 0, expected at least 1")
+    B, H, Lq, Lk, D, Dv = check_qkv_shapes(_OP, q, k, v)
     q = float32_contiguous(_OP, "q", q)
     k = float32_contiguous(_OP, "k", k)
     v = float32_contiguous(_OP, "v", v)
 
-    if scale is None:
-        scale_f = 1.0 / math.sqrt(D)
-    else:
-        scale_f = finite_float(_OP, "scale", scale)
-    temp_f = finite_float(_OP, "temperature", temperature, positive=True)
-    eff_scale = scale_f / temp_f
-    if not math.isfinite(eff_scale):
-        raise ShapeError(f"[{_OP}] scale / temperature overflows: {scale_f} / {temp_f}")
+    sc = attention_scalars(_OP, D, scale, temperature, dropout_p, seed)
 
     full = (B, H, Lq, Lk)
     dims = "(B, H, Lq, Lk)"
@@ -160,32 +127,17 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
             raise ShapeError(f"[{_OP}] key_lengths must lie in [0, Lk = {Lk}], got values in "
                              f"[{int(kl.min())}, {int(kl.max())}]")
 
-    p = finite_float(_OP, "dropout_p", dropout_p)
-    if not 0.0 <= p < 1.0:
-        raise ShapeError(f"[{_OP}] dropout_p must lie in [0, 1), got {p}")
-    threshold = dropout_threshold(p)
-    use_dropout = threshold > 0
-    seed_i = optional_seed(_OP, seed) if use_dropout else 0
-    drop_scale = 1.0 / (1.0 - p) if use_dropout else 1.0
-
     out = np.empty((B, H, Lq, Dv), np.float32)
     weights = np.empty(full, np.float32) if return_weights else None
     lse = np.empty((B, H, Lq), np.float32) if return_lse else None
 
     if name == "native":
         C = _backend.native_module()
-        C.attention(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
-                    use_dropout, seed_i, threshold, drop_scale, _backend.get_num_threads())
+        C.attention(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale,
+                    sc.use_dropout, sc.seed, sc.threshold, sc.drop_scale, _backend.get_num_threads())
     else:  # numba
         from .._numba.attention import attention_numba
-        attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
-                        use_dropout, seed_i, threshold, drop_scale)
+        attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale,
+                        sc.use_dropout, sc.seed, sc.threshold, sc.drop_scale)
 
-    if not return_weights and not return_lse:
-        return out
-    res = [out]
-    if return_weights:
-        res.append(weights)
-    if return_lse:
-        res.append(lse)
-    return tuple(res)
+    return attention_results(out, weights, lse)
