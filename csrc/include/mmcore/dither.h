@@ -1,0 +1,20 @@
+// Counter-based Gaussian noise for dithering: a pure function of (seed, signal, frame, t), so
+// every backend adds the same noise. Keep in sync with mmcore/_numba/spectral.py and
+// tests/reference.py.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "mmcore/dropout.h"
+
+namespace mmcore {
+
+// Standard normal sample: Box-Muller on two 24-bit uniforms u = (bits + 0.5) / 2^24, with the
+// bits dropout_bits(seed, signal, frame, 2 t) and dropout_bits(seed, signal, frame, 2 t + 1).
+MMCORE_HD double dither_normal(uint64_t seed, uint64_t signal, uint64_t frame, uint64_t t) {
+  const double u1 = (static_cast<double>(dropout_bits(seed, signal, frame, 2 * t)) + 0.5) * (1.0 / 16777216.0);
+  const double u2 = (static_cast<double>(dropout_bits(seed, signal, frame, 2 * t + 1)) + 0.5) * (1.0 / 16777216.0);
+  return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+}  // namespace mmcore
