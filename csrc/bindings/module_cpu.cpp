@@ -4,7 +4,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pybind11/complex.h>
 
+#include <complex>
 #include <stdexcept>
 #include <string>
 
@@ -91,6 +93,86 @@ void attention(py::object q, py::object k, py::object v, py::object out, py::obj
   mmcore::attention_cpu(p);
 }
 
+
+void spectral(py::object x, py::object out, py::object window, py::object mel_start, py::object mel_len,
+              py::object mel_offset, py::object mel_weights, int64_t n_fft, int64_t hop, int64_t frame_length,
+              int64_t frame_offset, int64_t pad_left, const std::string& pad_mode, int64_t n_frames, double dither,
+              uint64_t seed, bool remove_dc, double preemph, const std::string& kind, double power,
+              const std::string& log_mode, double log_floor, bool whisper_norm, int num_threads) {
+  const char* op = "spectral";
+  if (!py::isinstance<py::array>(x)) throw py::type_error("[spectral] x must be a numpy array");
+  py::array xa = x.cast<py::array>();
+  if (xa.ndim() != 2) throw py::value_error("[spectral] x must have 2 dims (signals, T)");
+  mmcore::SpectralParams p;
+  p.n_signals = xa.shape(0);
+  p.T = xa.shape(1);
+  p.x = checked<float>(op, "x", x, {p.n_signals, p.T}, false);
+  if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
+  if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
+  if (frame_length < 1 || frame_offset < 0 || frame_offset + frame_length > n_fft)
+    throw py::value_error("[spectral] the frame must lie inside the FFT buffer");
+  if (n_frames < 0) throw py::value_error("[spectral] n_frames must be >= 0");
+  p.n_fft = n_fft;
+  p.hop = hop;
+  p.frame_length = frame_length;
+  p.frame_offset = frame_offset;
+  p.pad_left = pad_left;
+  p.n_frames = n_frames;
+  if (pad_mode == "reflect") p.pad_mode = mmcore::PadMode::reflect;
+  else if (pad_mode == "constant") p.pad_mode = mmcore::PadMode::constant;
+  else throw py::value_error("[spectral] pad_mode must be 'reflect' or 'constant'");
+  p.window = checked<float>(op, "window", window, {frame_length}, false);
+  if (!p.window) throw py::value_error("[spectral] window is required");
+  p.dither = static_cast<float>(dither);
+  p.seed = seed;
+  p.remove_dc = remove_dc;
+  p.preemph = static_cast<float>(preemph);
+  p.power = static_cast<float>(power);
+  if (!(p.power > 0.0f)) throw py::value_error("[spectral] power must be > 0");
+  if (log_mode == "none") p.log_mode = mmcore::LogMode::none;
+  else if (log_mode == "log10") p.log_mode = mmcore::LogMode::log10;
+  else if (log_mode == "ln") p.log_mode = mmcore::LogMode::ln;
+  else throw py::value_error("[spectral] log_mode must be 'none', 'log10' or 'ln'");
+  p.log_floor = static_cast<float>(log_floor);
+  if (p.log_mode != mmcore::LogMode::none && !(p.log_floor > 0.0f))
+    throw py::value_error("[spectral] log_floor must be > 0");
+  p.whisper_norm = whisper_norm;
+  const int64_t n_bins = n_fft / 2 + 1;
+  if (kind == "complex") {
+    p.kind = mmcore::SpectralKind::complex_stft;
+    p.out = reinterpret_cast<float*>(
+        checked<std::complex<float>>(op, "out", out, {p.n_signals, n_bins, n_frames}, true));
+  } else if (kind == "power") {
+    p.kind = mmcore::SpectralKind::power;
+    p.out = checked<float>(op, "out", out, {p.n_signals, n_bins, n_frames}, true);
+  } else if (kind == "mel") {
+    p.kind = mmcore::SpectralKind::mel;
+    if (mel_start.is_none()) throw py::value_error("[spectral] kind 'mel' needs the mel filters");
+    p.n_mels = mel_start.cast<py::array>().shape(0);
+    p.mel_start = checked<int32_t>(op, "mel_start", mel_start, {p.n_mels}, false);
+    p.mel_len = checked<int32_t>(op, "mel_len", mel_len, {p.n_mels}, false);
+    p.mel_offset = checked<int64_t>(op, "mel_offset", mel_offset, {p.n_mels}, false);
+    if (!py::isinstance<py::array>(mel_weights)) throw py::type_error("[spectral] mel_weights must be an array");
+    const int64_t nw = mel_weights.cast<py::array>().size();
+    p.mel_weights = checked<float>(op, "mel_weights", mel_weights, {nw}, false);
+    for (int64_t m = 0; m < p.n_mels; ++m) {
+      if (!p.mel_start || !p.mel_len || !p.mel_offset) throw py::value_error("[spectral] mel filters are incomplete");
+      if (p.mel_start[m] < 0 || p.mel_len[m] < 0 || p.mel_start[m] + p.mel_len[m] > n_bins || p.mel_offset[m] < 0 ||
+          p.mel_offset[m] + p.mel_len[m] > nw)
+        throw py::value_error("[spectral] mel filter " + std::to_string(m) + " is out of bounds");
+    }
+    p.out = checked<float>(op, "out", out, {p.n_signals, p.n_mels, n_frames}, true);
+  } else {
+    throw py::value_error("[spectral] kind must be 'complex', 'power' or 'mel'");
+  }
+  if (!p.out && p.n_signals * n_frames > 0) throw py::value_error("[spectral] out is required");
+  if (whisper_norm && (p.kind != mmcore::SpectralKind::mel || p.log_mode != mmcore::LogMode::log10))
+    throw py::value_error("[spectral] whisper_norm needs kind 'mel' and log_mode 'log10'");
+  p.num_threads = num_threads < 1 ? 1 : num_threads;
+  py::gil_scoped_release release;
+  mmcore::spectral_cpu(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -107,5 +189,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("weights"),
         py::arg("lse"), py::arg("mask"), py::arg("bias"), py::arg("key_lengths"), py::arg("scale"),
         py::arg("dropout"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_scale"),
+        py::arg("num_threads"));
+  m.def("spectral", &spectral, py::arg("x"), py::arg("out"), py::arg("window"), py::arg("mel_start"),
+        py::arg("mel_len"), py::arg("mel_offset"), py::arg("mel_weights"), py::kw_only(), py::arg("n_fft"),
+        py::arg("hop"), py::arg("frame_length"), py::arg("frame_offset"), py::arg("pad_left"), py::arg("pad_mode"),
+        py::arg("n_frames"), py::arg("dither"), py::arg("seed"), py::arg("remove_dc"), py::arg("preemph"),
+        py::arg("kind"), py::arg("power"), py::arg("log_mode"), py::arg("log_floor"), py::arg("whisper_norm"),
         py::arg("num_threads"));
 }

@@ -7,6 +7,7 @@ namespace mmcore {
 #define MMCORE_DECLARE_TARGET(target) \
   namespace target {                  \
   void attention_f32(const AttentionParams& p); \
+  void spectral_f32(const SpectralParams& p);   \
   }
 MMCORE_DECLARE_TARGET(baseline)
 #if defined(MMCORE_HAVE_TARGET_AVX2)
@@ -26,6 +27,18 @@ void attention_cpu(const AttentionParams& p) {
     case Isa::avx2: return avx2::attention_f32(p);
 #endif
     default: return baseline::attention_f32(p);
+  }
+}
+
+void spectral_cpu(const SpectralParams& p) {
+  switch (active_isa()) {
+#if defined(MMCORE_HAVE_TARGET_AVX512)
+    case Isa::avx512: return avx512::spectral_f32(p);
+#endif
+#if defined(MMCORE_HAVE_TARGET_AVX2)
+    case Isa::avx2: return avx2::spectral_f32(p);
+#endif
+    default: return baseline::spectral_f32(p);
   }
 }
 

@@ -1,11 +1,17 @@
 // Portable SIMD vectors on GCC/Clang vector extensions. The width follows the instruction set
 // the including file is compiled for (one object per target, see CMakeLists.txt), so one kernel
-// source serves baseline, AVX2 and AVX-512.
+// source serves baseline, AVX2 and AVX-512. Everything lives in namespace
+// mmcore::<target>::simd so that the per-target definitions never meet at link time.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
+#ifndef MMCORE_TARGET
+#error "simd.h is for the per-target kernel files (MMCORE_TARGET must be defined)"
+#endif
+
 namespace mmcore {
+namespace MMCORE_TARGET {
 namespace simd {
 
 #if defined(__AVX512F__)
@@ -101,5 +107,31 @@ inline vf exp2(vf x) {
   return is_nan ? x_in : (vf)bits;
 }
 
+// log2(x) for positive, finite, normal lanes: exponent plus ln of the mantissa in
+// [sqrt(1/2), sqrt(2)) from the atanh series (relative error about 1e-7).
+inline vf log2(vf x) {
+  const vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 127;
+  vf m = (vf)((bits & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
+  const vi big = m > splat(1.41421356237f);
+  m = big ? m * splat(0.5f) : m;
+  e -= big;  // big lanes are -1
+  const vf t = (m - splat(1.0f)) / (m + splat(1.0f));
+  const vf t2 = t * t;
+  vf p = splat(2.0f / 9.0f);
+  p = p * t2 + splat(2.0f / 7.0f);
+  p = p * t2 + splat(2.0f / 5.0f);
+  p = p * t2 + splat(2.0f / 3.0f);
+  p = p * t2 + splat(2.0f);
+  return __builtin_convertvector(e, vf) + (p * t) * splat(1.4426950408889634f);
+}
+
+inline vf sqrt(vf x) {
+  vf r;
+  for (int i = 0; i < kWidth; ++i) r[i] = __builtin_sqrtf(x[i]);
+  return r;
+}
+
 }  // namespace simd
+}  // namespace MMCORE_TARGET
 }  // namespace mmcore
