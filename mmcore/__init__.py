@@ -11,6 +11,8 @@ Examples
 from ._version import __version__
 from . import errors, ops
 from ._backend import backends, get_num_threads, set_num_threads, use_backend
+from . import config, preprocess
+from .config import PreprocessingConfig
 
-__all__ = ["__version__", "errors", "ops", "backends", "use_backend", "set_num_threads",
-           "get_num_threads"]
+__all__ = ["__version__", "errors", "ops", "config", "preprocess", "backends", "use_backend",
+           "set_num_threads", "get_num_threads", "PreprocessingConfig"]

@@ -21,6 +21,7 @@ __all__ = [
     "ProtocolError",
     "AuthError",
     "NodeUnavailableError",
+    "AudioDecodeError",
 ]
 
 
@@ -58,3 +59,10 @@ class AuthError(MMCoreError):
 
 class NodeUnavailableError(MMCoreError, ConnectionError):
     """A shard node cannot be reached or stopped answering."""
+
+
+class AudioDecodeError(MMCoreError, ValueError):
+    """An audio file is missing, unreadable, corrupt, truncated or in an unsupported format.
+
+    The message names the file.
+    """

@@ -1,9 +1,9 @@
 // pybind11 bindings of the CUDA kernels: mmcore._cuda.
 //
 // Thin by design: arguments arrive as raw device pointers (Python ints, 0 = null), shapes and
-// element strides; all checking of user input happens in mmcore/ops/_cuda_impl.py. Importing
-// this module never needs a GPU or a driver: device_info() reports why CUDA is unusable instead
-// of raising.
+// element strides; all checking of user input happens in mmcore/ops/_cuda_impl.py and
+// mmcore/ops/_cuda_spectral.py. Importing this module never needs a GPU or a driver:
+// device_info() reports why CUDA is unusable instead of raising.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,6 +15,7 @@
 #include <string>
 
 #include "../cuda/attention_cuda.h"
+#include "../cuda/spectral_cuda.h"
 
 namespace py = pybind11;
 
@@ -164,6 +165,54 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t w
   if (!message.empty()) throw std::runtime_error("[attention] " + message);
 }
 
+void spectral(uintptr_t x, uintptr_t out, uintptr_t window, uintptr_t mel_start, uintptr_t mel_len,
+              uintptr_t mel_offset, uintptr_t mel_weights, int64_t n_signals, int64_t T,
+              int64_t n_fft, int64_t hop, int64_t frame_length, int64_t frame_offset,
+              int64_t pad_left, int pad_mode, int64_t n_frames, double dither, uint64_t seed,
+              bool remove_dc, double preemph, int kind, double power, int64_t n_mels,
+              int log_mode, double log_floor, bool whisper_norm, uintptr_t stream, int device) {
+  mmcore::SpectralParams p;
+  p.x = as_ptr<const float>(x);
+  p.out = as_ptr<float>(out);
+  p.window = as_ptr<const float>(window);
+  p.mel_start = as_ptr<const int32_t>(mel_start);
+  p.mel_len = as_ptr<const int32_t>(mel_len);
+  p.mel_offset = as_ptr<const int64_t>(mel_offset);
+  p.mel_weights = as_ptr<const float>(mel_weights);
+  p.n_signals = n_signals;
+  p.T = T;
+  p.n_fft = n_fft;
+  p.hop = hop;
+  p.frame_length = frame_length;
+  p.frame_offset = frame_offset;
+  p.pad_left = pad_left;
+  p.pad_mode = static_cast<mmcore::PadMode>(pad_mode);
+  p.n_frames = n_frames;
+  p.dither = static_cast<float>(dither);
+  p.seed = seed;
+  p.remove_dc = remove_dc;
+  p.preemph = static_cast<float>(preemph);
+  p.kind = static_cast<mmcore::SpectralKind>(kind);
+  p.power = static_cast<float>(power);
+  p.n_mels = n_mels;
+  p.log_mode = static_cast<mmcore::LogMode>(log_mode);
+  p.log_floor = static_cast<float>(log_floor);
+  p.whisper_norm = whisper_norm;
+
+  std::string message;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device);
+    if (!guard.error().empty()) {
+      message = guard.error();
+    } else {
+      const char* err = mmcore::cuda::spectral(p, reinterpret_cast<cudaStream_t>(stream));
+      if (err != nullptr) message = err;
+    }
+  }
+  if (!message.empty()) throw std::runtime_error("[spectral] " + message);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -184,4 +233,21 @@ PYBIND11_MODULE(_cuda, m) {
         "`device` (-1 = the current device). Pointers are device addresses as ints (0 = null); "
         "strides are in elements over (B, H, Lq, Lk); dtype 0 = float32, 1 = float16 q/k/v. "
         "Raises RuntimeError('[attention] ...') on invalid arguments or CUDA errors.");
+
+  m.def("spectral", &spectral, py::arg("x"), py::arg("out"), py::arg("window"),
+        py::arg("mel_start"), py::arg("mel_len"), py::arg("mel_offset"), py::arg("mel_weights"),
+        py::arg("n_signals"), py::arg("T"), py::arg("n_fft"), py::arg("hop"),
+        py::arg("frame_length"), py::arg("frame_offset"), py::arg("pad_left"),
+        py::arg("pad_mode"), py::arg("n_frames"), py::arg("dither"), py::arg("seed"),
+        py::arg("remove_dc"), py::arg("preemph"), py::arg("kind"), py::arg("power"),
+        py::arg("n_mels"), py::arg("log_mode"), py::arg("log_floor"), py::arg("whisper_norm"),
+        py::arg("stream"), py::arg("device") = -1,
+        "Queue a short-time spectral call (see mmcore/spectral.h) on `stream` (a cudaStream_t "
+        "as int, 0 = legacy default stream) of `device` (-1 = the current device). Pointers are "
+        "device addresses as ints (0 = null; a null window is rectangular): x float32 (n_signals, "
+        "T), out float32 (n_signals, rows, n_frames[, 2]), window float32 (frame_length,), "
+        "mel_start/mel_len int32 and mel_offset int64 (n_mels,), mel_weights float32. "
+        "pad_mode 0 = constant, 1 = reflect; kind 0 = complex (interleaved pairs), 1 = power, "
+        "2 = mel; log_mode 0 = none, 1 = log10, 2 = ln. Raises RuntimeError('[spectral] ...') "
+        "on invalid arguments or CUDA errors.");
 }

@@ -1,5 +1,7 @@
 """Public kernels. Each op validates its arguments, picks a backend and calls it."""
 
 from .attention import attention
+from .audio import fbank, log_mel_spectrogram, mel_filterbank, mel_spectrogram, stft
 
-__all__ = ["attention"]
+__all__ = ["attention", "stft", "mel_filterbank", "mel_spectrogram", "log_mel_spectrogram",
+           "fbank"]

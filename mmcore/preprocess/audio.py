@@ -1,0 +1,516 @@
+"""Audio decoding, resampling and batched feature extraction.
+
+``load_audio`` / ``load_audio_with_rate``
+    Decode a file with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, MP3, ... whatever the
+    installed libsndfile supports), mix to mono, resample with soxr.
+``resample``
+    soxr resampling of float32 audio, (T,) or (channels, T).
+``AudioPreprocessor``
+    Waveforms or files -> padded batch -> one call of the feature op chosen by a
+    :class:`~mmcore.config.PreprocessingConfig` -> ``{"input_features", "attention_mask"}``.
+
+soundfile and soxr are imported on first use, so ``import mmcore`` does not need them.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .. import ops
+from ..config import PreprocessingConfig
+from ..errors import AudioDecodeError, ConfigError, ShapeError
+
+__all__ = ["load_audio", "load_audio_with_rate", "resample", "AudioPreprocessor"]
+
+PathLike = Union[str, bytes, "os.PathLike[str]"]
+
+#: soxr quality used by :func:`resample` and :func:`load_audio` ("HQ": 20-bit precision,
+#: 91% passband; the quality librosa and torchaudio use for their soxr paths).
+RESAMPLE_QUALITY = "HQ"
+
+# Kaldi scales features of int16 PCM: the fbank preset multiplies float audio by this first.
+KALDI_INT16_SCALE = 32768.0
+# data-chunk sizes from this one up are placeholders of streaming writers (sox: 0x7FFFF000,
+# ffmpeg: 0xFFFFFFFF), not a length.
+_WAV_UNKNOWN_SIZE = 0x7FFFF000
+# Formats whose frame count libsndfile may only estimate.
+_ESTIMATED_LENGTH_FORMATS = ("MP3", "MPEG")
+# Natural-log floor of the plain log-mel (preset None).
+LOG_MEL_FLOOR = 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+def _import_soundfile():
+    try:
+        import soundfile
+    except ImportError as exc:  # pragma: no cover - soundfile is a core dependency
+        raise ImportError("mmcore.preprocess.load_audio needs the 'soundfile' package "
+                          f"(pip install soundfile): {exc}") from exc
+    except OSError as exc:  # pragma: no cover - the wheel's libsndfile failed to load
+        raise ImportError(f"soundfile is installed but libsndfile cannot be loaded: {exc}") from exc
+    return soundfile
+
+
+def _import_soxr():
+    try:
+        import soxr
+    except ImportError as exc:  # pragma: no cover - soxr is a core dependency
+        raise ImportError("mmcore.preprocess needs the 'soxr' package to resample "
+                          f"(pip install soxr): {exc}") from exc
+    return soxr
+
+
+def _check_rate(op: str, name: str, value: Any, *, optional: bool) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        expected = "a positive int" + (" or None" if optional else "")
+        raise ShapeError(f"[{op}] {name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def _wav_truncation(path: str) -> Optional[str]:
+    """For a RIFF/WAVE file, say how it is truncated (None: complete or not a RIFF file).
+
+    libsndfile reads a WAV file whose ``data`` chunk is shorter than its header declares
+    without complaint, returning the samples that are there; this reads the chunk headers to
+    catch that. Streaming writers that leave the size unset (0, or a placeholder near 2**31 or
+    2**32) are not flagged.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, csize = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"data":
+                    if csize == 0 or csize >= _WAV_UNKNOWN_SIZE:
+                        return None
+                    have = size - (pos + 8)
+                    if have < csize:
+                        return (f"truncated: the header declares {csize} bytes of audio data but "
+                                f"the file holds {have}")
+                    return None
+                pos += 8 + csize + (csize & 1)
+            return None  # no data chunk: libsndfile reports that itself
+    except OSError:
+        return None
+
+
+def _decode(path: Any, op: str) -> Tuple[np.ndarray, int]:
+    """Decode ``path`` to float32 (frames, channels) and its sample rate."""
+    sf = _import_soundfile()
+    if isinstance(path, (str, bytes, os.PathLike)):
+        fname = os.fsdecode(path)
+        shown = repr(fname)
+        if not os.path.exists(fname):
+            raise AudioDecodeError(f"[{op}] audio file {shown} does not exist")
+        if os.path.isdir(fname):
+            raise AudioDecodeError(f"[{op}] audio file {shown} is a directory")
+        problem = _wav_truncation(fname)
+        if problem is not None:
+            raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: {problem}")
+        source: Any = fname
+    elif hasattr(path, "read"):
+        source = path
+        shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
+    else:
+        raise ShapeError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
+                         f"got {type(path).__name__}")
+    try:
+        with sf.SoundFile(source) as f:
+            rate = int(f.samplerate)
+            # MP3 frame counts can be estimates (VBR without a seek table): not checked
+            exact = f.seekable() and f.format not in _ESTIMATED_LENGTH_FORMATS
+            declared = int(f.frames) if exact else -1
+            data = f.read(dtype="float32", always_2d=True)
+    except (RuntimeError, TypeError, ValueError, OSError, EOFError) as exc:
+        # soundfile.LibsndfileError (a RuntimeError) for unknown formats and decoder errors
+        msg = str(exc).replace(f"Error opening {source!r}: ", "").strip().rstrip(".")
+        msg = msg.replace("Error : ", "")
+        hint = ""
+        if "not recognised" in msg.lower() or "unsupported" in msg.lower():
+            hint = ("; the installed libsndfile reads: "
+                    + ", ".join(sorted(sf.available_formats())))
+        raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: {msg}{hint}") from exc
+    if declared >= 0 and data.shape[0] < declared:
+        raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: truncated, "
+                               f"{data.shape[0]} of the {declared} frames it declares are present")
+    if data.size and not np.isfinite(data).all():
+        raise AudioDecodeError(f"[{op}] audio file {shown} holds NaN or infinite samples")
+    return data, rate
+
+
+def resample(x: np.ndarray, orig_sr: int, target_sr: int, *,
+             quality: str = RESAMPLE_QUALITY) -> np.ndarray:
+    """Resample float audio along its last axis with soxr.
+
+    Parameters
+    ----------
+    x : array (T,) or (channels, T)
+        Float audio; computed in float32.
+    orig_sr, target_sr : int
+        Rates in Hz.
+    quality : str, default "HQ"
+        soxr quality: "QQ", "LQ", "MQ", "HQ" or "VHQ".
+
+    Returns
+    -------
+    float32 array of the same rank, ``round(T * target_sr / orig_sr)`` (+-1) samples long.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.preprocess import resample
+    >>> resample(np.zeros(44100, np.float32), 44100, 16000).shape
+    (16000,)
+    """
+    orig_sr = _check_rate("resample", "orig_sr", orig_sr, optional=False)
+    target_sr = _check_rate("resample", "target_sr", target_sr, optional=False)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim not in (1, 2):
+        raise ShapeError(f"[resample] x has {x.ndim} dims, expected 1 (T,) or 2 (channels, T)")
+    if orig_sr == target_sr:
+        return np.ascontiguousarray(x)
+    if x.shape[-1] == 0:
+        return np.zeros(x.shape[:-1] + (0,), np.float32)
+    soxr = _import_soxr()
+    if x.ndim == 1:
+        y = soxr.resample(np.ascontiguousarray(x), orig_sr, target_sr, quality=quality)
+    else:
+        # soxr takes (frames, channels)
+        y = soxr.resample(np.ascontiguousarray(x.T), orig_sr, target_sr, quality=quality).T
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True
+                         ) -> Tuple[np.ndarray, int]:
+    """Like :func:`load_audio`, but also return the sample rate of the result.
+
+    With ``sr=None`` the file is not resampled and the rate returned is the file's own; with an
+    int, the rate returned is ``sr``.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, soundfile
+    >>> from mmcore.preprocess import load_audio_with_rate
+    >>> path = os.path.join(tempfile.mkdtemp(), "tone.wav")
+    >>> soundfile.write(path, np.zeros(22050, np.float32), 22050)
+    >>> audio, rate = load_audio_with_rate(path, sr=None)
+    >>> audio.shape, rate
+    ((22050,), 22050)
+    """
+    sr = _check_rate("load_audio", "sr", sr, optional=True)
+    if not isinstance(mono, (bool, np.bool_)):
+        raise ShapeError(f"[load_audio] mono must be True or False, got {mono!r}")
+    data, rate = _decode(path, "load_audio")          # (frames, channels)
+    if mono:
+        audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    else:
+        audio = data.T                                  # (channels, frames)
+    if sr is not None and sr != rate:
+        audio = resample(audio, rate, sr)
+        rate = sr
+    return np.ascontiguousarray(audio, dtype=np.float32), rate
+
+
+def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True) -> np.ndarray:
+    """Decode an audio file to float32 samples in [-1, 1], resampled to ``sr``.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file object
+        Any format the installed libsndfile decodes (``soundfile.available_formats()``: WAV,
+        FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1, ...).
+    sr : int or None, default 16000
+        Target sample rate in Hz; the audio is resampled with soxr (quality "HQ") when the
+        file's rate differs. None keeps the file's rate (use :func:`load_audio_with_rate` to
+        get it).
+    mono : bool, default True
+        Average the channels (``(T,)`` result); False keeps them (``(channels, T)``).
+
+    Returns
+    -------
+    float32 ndarray, (T,) or (channels, T)
+
+    Raises
+    ------
+    AudioDecodeError
+        If the file is missing, a directory, unreadable, corrupt, truncated (detected exactly
+        for WAV from its header; for compressed formats when the decoder notices), in a format
+        libsndfile does not support, or holds NaN/inf samples. The message names the file.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, soundfile
+    >>> from mmcore.preprocess import load_audio
+    >>> path = os.path.join(tempfile.mkdtemp(), "stereo.wav")
+    >>> soundfile.write(path, np.zeros((44100, 2), np.float32), 44100)
+    >>> load_audio(path).shape                 # mono, resampled to 16 kHz
+    (16000,)
+    >>> load_audio(path, sr=None, mono=False).shape
+    (2, 44100)
+    """
+    return load_audio_with_rate(path, sr=sr, mono=mono)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# batched features
+
+class AudioPreprocessor:
+    """Turn waveforms or audio files into a padded batch of features in one op call.
+
+    Parameters
+    ----------
+    config : PreprocessingConfig, mapping or None
+        The audio settings (a mapping is passed to :meth:`PreprocessingConfig.from_dict`;
+        None uses the defaults, Whisper). ``config.modality`` must be ``"audio"``.
+
+    Call
+    ----
+    ``preprocessor(audio, *, sampling_rate=None)`` where ``audio`` is one of
+
+    * a 1-D float array (one waveform) or a list of numbers;
+    * a 2-D float array ``(B, T)`` (a batch of equal-length waveforms);
+    * a list/tuple of 1-D arrays of different lengths and/or file paths;
+    * a file path (str or os.PathLike).
+
+    Files are decoded with :func:`load_audio` at ``config.sample_rate`` (mixed to mono when
+    ``config.mono``). Arrays are taken to be at ``sampling_rate`` Hz (default
+    ``config.sample_rate``) and resampled with soxr when that differs. Arrays must be floating
+    point (float16/32/64, computed in float32) and finite; integer PCM must be scaled first
+    (int16: divide by 32768).
+
+    Lengths: an item longer than ``config.max_length_s`` is cut to it (raises ShapeError with
+    ``truncation=False``). Then ``padding="max_length"`` zero-pads or cuts every item to
+    ``config.target_length`` samples (``chunk_length_s``, 30 s = 480000 samples for Whisper,
+    like ``whisper.pad_or_trim``); ``"longest"`` zero-pads to the longest item; ``"none"``
+    requires equal lengths. The padded batch goes through ONE call of
+
+    * ``preset="whisper"``: ``mmcore.ops.log_mel_spectrogram(x, n_mels=..., preset="whisper")``
+      -> ``(B, n_mels, T // hop_length)`` (3000 frames for 30 s);
+    * ``preset="fbank"``: ``mmcore.ops.fbank(x * 32768, sr=..., n_mels=..., frame_length_ms=
+      n_fft / sr, frame_shift_ms=hop_length / sr)`` (Kaldi defaults otherwise: no dither,
+      snip_edges) -> ``(B, frames, n_mels)``; the audio is scaled to the int16 range first, as
+      Kaldi expects;
+    * ``preset=None``: ``log(max(mmcore.ops.mel_spectrogram(x, sr, n_fft, hop_length,
+      n_mels), 1e-10))`` (natural log of the power mel spectrogram) -> ``(B, n_mels, frames)``.
+
+    Returns
+    -------
+    dict
+        ``"input_features"``: float32, ``(B, n_mels, frames)`` (fbank: ``(B, frames, n_mels)``).
+        ``"attention_mask"``: bool ``(B, frames)``, True = real frame. A frame is real when its
+        analysis window overlaps at least one real (not padded) sample: with ``center=True``
+        framing (whisper, None) frame ``i`` starts at sample ``i * hop - n_fft // 2``, with
+        Kaldi framing (fbank, snip_edges) at ``i * hop``, so an item of ``L > 0`` samples has
+        ``min(frames, ceil((L + n_fft // 2) / hop))`` (resp. ``ceil(L / hop)``) real frames, all
+        at the start; an empty item has none. (Hugging Face's Whisper extractor counts a frame
+        real when its *centre* sample is real, ``ceil(L / hop)`` frames, which leaves out the
+        one or two last frames that still see some real audio.)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.config import PreprocessingConfig
+    >>> from mmcore.preprocess import AudioPreprocessor
+    >>> pre = AudioPreprocessor(PreprocessingConfig())          # Whisper, 80 mels, 30 s
+    >>> out = pre([np.zeros(16000, np.float32), np.zeros(8000, np.float32)])
+    >>> out["input_features"].shape, out["attention_mask"].sum(axis=1).tolist()
+    ((2, 80, 3000), [102, 52])
+    """
+
+    def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None):
+        if config is None:
+            config = PreprocessingConfig()
+        elif isinstance(config, Mapping):
+            config = PreprocessingConfig.from_dict(config)
+        elif not isinstance(config, PreprocessingConfig):
+            raise ConfigError(f"AudioPreprocessor.config must be a PreprocessingConfig, a mapping "
+                              f"or None, got {type(config).__name__}")
+        if config.modality != "audio":
+            raise ConfigError(f"AudioPreprocessor.config.modality must be 'audio', "
+                              f"got {config.modality!r}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"AudioPreprocessor({self.config!r})"
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _items(self, audio: Any, sampling_rate: Optional[int]) -> List[np.ndarray]:
+        cfg = self.config
+        if isinstance(audio, (str, bytes, os.PathLike)):
+            return [self._load(audio, 0)]
+        if isinstance(audio, (list, tuple)):
+            if len(audio) == 0:
+                raise ShapeError("[AudioPreprocessor] audio is an empty batch")
+            if all(isinstance(a, (int, float, np.integer, np.floating))
+                   and not isinstance(a, bool) for a in audio):
+                return [self._array(audio, 0, sampling_rate)]  # one waveform as a list
+            return [self._load(a, i) if isinstance(a, (str, bytes, os.PathLike))
+                    else self._array(a, i, sampling_rate)
+                    for i, a in enumerate(audio)]
+        arr = self._as_float(audio, "audio")
+        if arr.ndim == 1:
+            return [self._resampled(arr, sampling_rate)]
+        if arr.ndim == 2:
+            if arr.shape[0] == 0:
+                raise ShapeError("[AudioPreprocessor] audio is an empty batch (B = 0)")
+            if sampling_rate is not None and sampling_rate != cfg.sample_rate:
+                arr = resample(arr, sampling_rate, cfg.sample_rate)
+            return list(arr)
+        raise ShapeError(f"[AudioPreprocessor] audio has {arr.ndim} dims, expected 1 (T,) or "
+                         "2 (B, T), a list of waveforms or file paths")
+
+    def _load(self, path: Any, i: int) -> np.ndarray:
+        cfg = self.config
+        x = load_audio(path, sr=cfg.sample_rate, mono=cfg.mono)
+        if x.ndim != 1:
+            if x.shape[0] == 1:
+                return x[0]
+            raise ShapeError(f"[AudioPreprocessor] item {i} ({os.fsdecode(path)!r}) has "
+                             f"{x.shape[0]} channels; features are computed per 1-D waveform: "
+                             "use mono=True to average them")
+        return x
+
+    @staticmethod
+    def _as_float(a: Any, name: str) -> np.ndarray:
+        try:
+            arr = np.asarray(a)
+        except Exception as exc:
+            raise ShapeError(f"[AudioPreprocessor] {name} cannot be converted to an array: "
+                             f"{exc}") from None
+        if arr.dtype == object:
+            raise ShapeError(f"[AudioPreprocessor] {name} is not a numeric array (ragged or "
+                             "mixed items?); pass a list of 1-D arrays")
+        if not np.issubdtype(arr.dtype, np.floating):
+            hint = (" (integer PCM: divide int16 by 32768)"
+                    if np.issubdtype(arr.dtype, np.integer) else "")
+            raise ShapeError(f"[AudioPreprocessor] {name} has dtype {arr.dtype}, expected float "
+                             f"audio in [-1, 1]{hint}")
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.size and not np.isfinite(arr).all():
+            raise ShapeError(f"[AudioPreprocessor] {name} holds NaN or infinite samples")
+        return arr
+
+    def _array(self, a: Any, i: int, sampling_rate: Optional[int]) -> np.ndarray:
+        arr = self._as_float(a, f"item {i}")
+        if arr.ndim != 1:
+            raise ShapeError(f"[AudioPreprocessor] item {i} has shape {arr.shape}, expected a "
+                             "1-D waveform (T,)")
+        return self._resampled(arr, sampling_rate)
+
+    def _resampled(self, x: np.ndarray, sampling_rate: Optional[int]) -> np.ndarray:
+        if sampling_rate is not None and sampling_rate != self.config.sample_rate:
+            return resample(x, sampling_rate, self.config.sample_rate)
+        return x
+
+    # -- lengths --------------------------------------------------------------------------------
+    def _fit_lengths(self, items: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """Cut/pad to the batch layout; returns the (B, T) float32 batch and real lengths."""
+        cfg = self.config
+        sr = cfg.sample_rate
+        max_n = cfg.max_samples
+        if max_n is not None:
+            for i, x in enumerate(items):
+                if x.shape[0] > max_n:
+                    if not cfg.truncation:
+                        raise ShapeError(
+                            f"[AudioPreprocessor] item {i} lasts {x.shape[0] / sr:.3f} s "
+                            f"({x.shape[0]} samples), longer than max_length_s={cfg.max_length_s} "
+                            f"({max_n} samples), and truncation=False")
+                    items[i] = x[:max_n]
+        lengths = np.array([x.shape[0] for x in items], dtype=np.int64)
+        if cfg.padding == "max_length":
+            T = cfg.target_length
+            over = np.flatnonzero(lengths > T)
+            if over.size and not cfg.truncation:
+                i = int(over[0])
+                raise ShapeError(f"[AudioPreprocessor] item {i} lasts {lengths[i] / sr:.3f} s "
+                                 f"({lengths[i]} samples), longer than the {T} samples it is "
+                                 "padded to, and truncation=False")
+            lengths = np.minimum(lengths, T)
+        elif cfg.padding == "longest":
+            T = int(lengths.max())
+        else:  # "none"
+            T = int(lengths[0])
+            if (lengths != T).any():
+                raise ShapeError(f"[AudioPreprocessor] padding='none' needs items of equal length, "
+                                 f"got lengths {lengths.tolist()} (use padding='longest')")
+        if T == 0:
+            raise ShapeError("[AudioPreprocessor] every item is empty (0 samples)")
+        if len(items) == 1 and lengths[0] == T and items[0].flags.c_contiguous:
+            batch = items[0][None, :T]
+        else:
+            batch = np.zeros((len(items), T), np.float32)
+            for row, x, n in zip(batch, items, lengths):
+                row[:n] = x[:n]
+        return batch, lengths
+
+    # -- features -------------------------------------------------------------------------------
+    @staticmethod
+    def _op(name: str):
+        fn = getattr(ops, name, None)
+        if fn is None:
+            raise ConfigError(f"AudioPreprocessor: this mmcore build has no mmcore.ops.{name}")
+        return fn
+
+    def _features(self, batch: np.ndarray) -> np.ndarray:
+        """Features of the padded (B, T) batch: one op call."""
+        cfg = self.config
+        if cfg.preset == "whisper":
+            feats = self._op("log_mel_spectrogram")(batch, n_mels=cfg.n_mels, preset="whisper")
+            return feats
+        if cfg.preset == "fbank":
+            sr = cfg.sample_rate
+            feats = self._op("fbank")(batch * np.float32(KALDI_INT16_SCALE), sr=sr,
+                                      n_mels=cfg.n_mels,
+                                      frame_length_ms=cfg.n_fft * 1000.0 / sr,
+                                      frame_shift_ms=cfg.hop_length * 1000.0 / sr)
+            return feats
+        mel = self._op("mel_spectrogram")(batch, sr=cfg.sample_rate, n_fft=cfg.n_fft,
+                                          hop_length=cfg.hop_length, n_mels=cfg.n_mels)
+        mel = np.asarray(mel, dtype=np.float32)
+        if not mel.flags.writeable:
+            mel = mel.copy()
+        np.maximum(mel, np.float32(LOG_MEL_FLOOR), out=mel)
+        np.log(mel, out=mel)
+        return mel
+
+    def frame_mask(self, lengths: Sequence[int], n_frames: int) -> np.ndarray:
+        """The ``attention_mask`` for items of ``lengths`` real samples and ``n_frames`` frames.
+
+        See the class docstring for the rule (a frame is real when its window overlaps a real
+        sample).
+        """
+        cfg = self.config
+        offset = 0 if cfg.preset == "fbank" else cfg.n_fft // 2
+        L = np.asarray(lengths, dtype=np.int64)
+        real = -(-(L + offset) // cfg.hop_length)          # ceil((L + offset) / hop)
+        real = np.where(L > 0, np.minimum(real, n_frames), 0)
+        return np.arange(n_frames)[None, :] < real[:, None]
+
+    def __call__(self, audio: Any, *, sampling_rate: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Features and frame mask of ``audio`` (see the class docstring)."""
+        sampling_rate = _check_rate("AudioPreprocessor", "sampling_rate", sampling_rate,
+                                    optional=True)
+        items = self._items(audio, sampling_rate)
+        batch, lengths = self._fit_lengths(items)
+        feats = self._features(batch)
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        frame_axis = 1 if self.config.preset == "fbank" else 2
+        mask = self.frame_mask(lengths, feats.shape[frame_axis])
+        return {"input_features": feats, "attention_mask": mask}
