@@ -54,13 +54,12 @@ std::unique_ptr<FftPlan> build(int64_t size) {
       }
     if (p != 2 && p != 3 && p != 4 && p != 5) {
       st.gen = static_cast<int64_t>(plan->gen_re.size());
-      for (int j = 0; j < p; ++j)
-        for (int k = 0; k < p; ++k) {
-          float re, im;
-          unit_root(static_cast<int64_t>(j) * k, p, &re, &im);
-          plan->gen_re.push_back(re);
-          plan->gen_im.push_back(im);
-        }
+      for (int r = 0; r < p; ++r) {  // w_p^r; the stage reads w_p^(j k mod p)
+        float re, im;
+        unit_root(r, p, &re, &im);
+        plan->gen_re.push_back(re);
+        plan->gen_im.push_back(im);
+      }
     }
     plan->stages.push_back(st);
     n = st.m;

@@ -13,7 +13,7 @@ struct FftStage {
   int radix = 0;
   int64_t n = 0, m = 0, s = 0;
   int64_t tw = 0;   // offset of w_n^(P*k), P < m, 1 <= k < p, in FftPlan::tw_re/tw_im
-  int64_t gen = 0;  // radices other than 2, 3, 4, 5: offset of w_p^(j*k) in gen_re/gen_im
+  int64_t gen = 0;  // radices other than 2, 3, 4, 5: offset of w_p^r, r < p, in gen_re/gen_im
 };
 
 struct FftPlan {

@@ -104,9 +104,12 @@ inline void stage_generic(const FftPlan& plan, const FftStage& st, const vf* xr,
       const int64_t out0 = q + s * p * Pp;
       for (int k = 0; k < p; ++k) {
         Cx acc = {vf{}, vf{}};
+        int r = 0;  // j * k mod p
         for (int j = 0; j < p; ++j) {
           const int64_t idx = q + s * (Pp + m * j);
-          acc = add(acc, mul(Cx{xr[idx], xi[idx]}, gr[j * p + k], gi[j * p + k]));
+          acc = add(acc, mul(Cx{xr[idx], xi[idx]}, gr[r], gi[r]));
+          r += k;
+          if (r >= p) r -= p;
         }
         if (k > 0) acc = mul(acc, wr[k - 1], wi[k - 1]);
         yr[out0 + s * k] = acc.re;
