@@ -113,18 +113,28 @@ bool gather_frames_fast(const SpectralParams& p, int64_t sig, int64_t frame0, in
   for (int64_t b = 0; b < p.frame_offset; ++b) zero_pos(b);
   for (int64_t b = p.frame_offset + L; b < cover; ++b) zero_pos(b);
   if (!real_split) std::memset(im, 0, sizeof(float) * csize * kWidth);
-  simd::vi lanes;
-  for (int i = 0; i < kWidth; ++i) lanes[i] = static_cast<int32_t>(i * p.hop);
   const float* x = p.x + sig * p.T + base0;
-  for (int64_t t = 0; t < L; ++t) {
-    const vf v = gather(x + t, lanes) * simd::splat(p.window[t]);
+  auto put = [&](int64_t t, vf v) {
+    v *= simd::splat(p.window[t]);
     const int64_t b = p.frame_offset + t;
     if (real_split) {
       simd::store((b & 1 ? im : re) + (b >> 1) * kWidth, v);
     } else {
       simd::store(re + b * kWidth, v);
     }
+  };
+  // Whole tiles: kWidth consecutive samples of each of the kWidth frames, transposed in
+  // registers so that each vector holds one frame position across the frames.
+  int64_t t = 0;
+  for (; t + kWidth <= L; t += kWidth) {
+    vf tile[kWidth];
+    for (int l = 0; l < kWidth; ++l) tile[l] = simd::load(x + l * p.hop + t);
+    simd::transpose(tile);
+    for (int i = 0; i < kWidth; ++i) put(t + i, tile[i]);
   }
+  simd::vi lanes;
+  for (int i = 0; i < kWidth; ++i) lanes[i] = static_cast<int32_t>(i * p.hop);
+  for (; t < L; ++t) put(t, gather(x + t, lanes));
   return true;
 }
 
@@ -197,7 +207,9 @@ inline void store_lanes(float* dst, vf v, int n) {
   }
 }
 
-void run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes) {
+// Returns the maximum of the block's outputs when they are log-mel values (for whisper_norm;
+// lanes past nlanes hold silence, whose log is the floor, so they never raise the maximum).
+float run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes) {
   const int64_t n_fft = p.n_fft;
   const bool real_split = n_fft % 2 == 0;
   const int64_t csize = real_split ? n_fft / 2 : n_fft;
@@ -250,7 +262,7 @@ void run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes)
         dst[2 * i + 1] = im[i];
       }
     }
-    return;
+    return 0.0f;
   }
   if (p.kind == SpectralKind::power) {
     float* out = p.out + sig * n_bins * F;
@@ -261,7 +273,7 @@ void run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes)
       if (p.log_mode != LogMode::none) y = apply_log(y, p.log_mode, p.log_floor);
       store_lanes(out + k * F + frame0, y, nlanes);
     }
-    return;
+    return 0.0f;
   }
   // Mel: the power spectrum of the block, then each filter over its own bins.
   vf* pw = grow(sc.pw, static_cast<size_t>(n_bins));
@@ -271,6 +283,7 @@ void run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes)
     pw[k] = power_of(re, im, p.power);
   }
   float* out = p.out + sig * p.n_mels * F;
+  vf vmx = simd::splat(-std::numeric_limits<float>::infinity());
   for (int64_t m = 0; m < p.n_mels; ++m) {
     const float* w = p.mel_weights + p.mel_offset[m];
     const vf* src = pw + p.mel_start[m];
@@ -284,19 +297,18 @@ void run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes)
     if (i < len) acc0 += simd::splat(w[i]) * src[i];
     vf y = acc0 + acc1;
     if (p.log_mode != LogMode::none) y = apply_log(y, p.log_mode, p.log_floor);
+    vmx = simd::vmax(vmx, y);
     store_lanes(out + m * F + frame0, y, nlanes);
   }
+  return simd::hmax(vmx);
 }
 
-// Whisper's per-signal normalization of a log10 mel output: (max(y, max(y) - 8) + 4) / 4.
-void whisper_normalize(const SpectralParams& p, int64_t sig) {
-  const int64_t n = p.n_mels * p.n_frames;
-  float* y = p.out + sig * n;
+// Whisper's normalization of rows [m0, m1) of a signal's log10 mel output, given the maximum
+// mx over the whole signal: (max(y, mx - 8) + 4) / 4.
+void whisper_normalize(const SpectralParams& p, int64_t sig, int64_t m0, int64_t m1, float mx) {
+  float* y = p.out + (sig * p.n_mels + m0) * p.n_frames;
+  const int64_t n = (m1 - m0) * p.n_frames;
   const int64_t nv = n / kWidth * kWidth;
-  vf vmx = simd::splat(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < nv; i += kWidth) vmx = simd::vmax(vmx, simd::load(y + i));
-  float mx = simd::hmax(vmx);
-  for (int64_t i = nv; i < n; ++i) mx = std::max(mx, y[i]);
   const float lo = mx - 8.0f;
   const vf vlo = simd::splat(lo), four = simd::splat(4.0f), quarter = simd::splat(0.25f);
   for (int64_t i = 0; i < nv; i += kWidth) simd::store(y + i, (simd::vmax(simd::load(y + i), vlo) + four) * quarter);
@@ -309,20 +321,33 @@ void spectral_f32(const SpectralParams& p) {
   if (p.n_signals == 0 || p.n_frames == 0) return;
   const int64_t blocks = (p.n_frames + kWidth - 1) / kWidth;
   const int64_t tasks_per_signal = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
+  const bool whisper = p.whisper_norm && p.kind == SpectralKind::mel;
+  std::vector<float> task_max(whisper ? p.n_signals * tasks_per_signal : 0);
   // Plan once before the threads start (the cache is thread-safe either way).
   fft_plan(p.n_fft % 2 == 0 ? p.n_fft / 2 : p.n_fft);
   parallel_for(p.n_signals * tasks_per_signal, p.num_threads, [&](int64_t task, int) {
     const int64_t sig = task / tasks_per_signal;
     const int64_t b0 = (task % tasks_per_signal) * kBlocksPerTask;
     const int64_t b1 = std::min(blocks, b0 + kBlocksPerTask);
+    float mx = -std::numeric_limits<float>::infinity();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t frame0 = blk * kWidth;
       const int nlanes = static_cast<int>(std::min<int64_t>(kWidth, p.n_frames - frame0));
-      run_block(p, sig, frame0, nlanes);
+      mx = std::max(mx, run_block(p, sig, frame0, nlanes));
     }
+    if (whisper) task_max[task] = mx;
   });
-  if (p.whisper_norm && p.kind == SpectralKind::mel)
-    parallel_for(p.n_signals, p.num_threads, [&](int64_t sig, int) { whisper_normalize(p, sig); });
+  if (whisper) {
+    // Second pass, parallel over (signal, group of mel rows), once every maximum is known.
+    constexpr int64_t kRows = 16;
+    const int64_t groups = (p.n_mels + kRows - 1) / kRows;
+    parallel_for(p.n_signals * groups, p.num_threads, [&](int64_t task, int) {
+      const int64_t sig = task / groups, g = task % groups;
+      const float* tm = task_max.data() + sig * tasks_per_signal;
+      const float mx = *std::max_element(tm, tm + tasks_per_signal);
+      whisper_normalize(p, sig, g * kRows, std::min(p.n_mels, (g + 1) * kRows), mx);
+    });
+  }
 }
 
 }  // namespace MMCORE_TARGET

@@ -3,8 +3,10 @@
 // source serves baseline, AVX2 and AVX-512. Everything lives in namespace
 // mmcore::<target>::simd so that the per-target definitions never meet at link time.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #ifndef MMCORE_TARGET
 #error "simd.h is for the per-target kernel files (MMCORE_TARGET must be defined)"
@@ -130,6 +132,32 @@ inline vf sqrt(vf x) {
   vf r;
   for (int i = 0; i < kWidth; ++i) r[i] = __builtin_sqrtf(x[i]);
   return r;
+}
+
+// In-register transpose of kWidth vectors (a kWidth x kWidth tile): one round per bit swaps
+// that bit of the row index with the same bit of the lane index.
+template <int D, size_t... L>
+inline vf transpose_lo(vf a, vf b, std::index_sequence<L...>) {
+  return __builtin_shufflevector(a, b, ((L & D) == 0 ? static_cast<int>(L) : static_cast<int>(kWidth + L - D))...);
+}
+template <int D, size_t... L>
+inline vf transpose_hi(vf a, vf b, std::index_sequence<L...>) {
+  return __builtin_shufflevector(a, b, ((L & D) == 0 ? static_cast<int>(L + D) : static_cast<int>(kWidth + L))...);
+}
+template <int D>
+inline void transpose_round(vf* r) {
+  for (int i = 0; i < kWidth; ++i) {
+    if ((i & D) != 0) continue;
+    const vf a = r[i], b = r[i + D];
+    r[i] = transpose_lo<D>(a, b, std::make_index_sequence<kWidth>{});
+    r[i + D] = transpose_hi<D>(a, b, std::make_index_sequence<kWidth>{});
+  }
+}
+inline void transpose(vf* r) {
+  if constexpr (kWidth >= 16) transpose_round<8>(r);
+  if constexpr (kWidth >= 8) transpose_round<4>(r);
+  transpose_round<2>(r);
+  transpose_round<1>(r);
 }
 
 }  // namespace simd
