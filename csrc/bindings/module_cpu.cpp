@@ -6,7 +6,9 @@
 #include <pybind11/stl.h>
 #include <pybind11/complex.h>
 
+#include <algorithm>
 #include <complex>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -173,6 +175,139 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   mmcore::spectral_cpu(p);
 }
 
+mmcore::ResizeFilter parse_filter(const char* op, const std::string& f) {
+  if (f == "nearest") return mmcore::ResizeFilter::nearest;
+  if (f == "bilinear") return mmcore::ResizeFilter::bilinear;
+  if (f == "bicubic") return mmcore::ResizeFilter::bicubic;
+  if (f == "lanczos") return mmcore::ResizeFilter::lanczos;
+  throw py::value_error(std::string("[") + op + "] filter must be nearest, bilinear, bicubic or lanczos");
+}
+
+// An (H, W, C) image whose rows may be strided but whose (W, C) part is contiguous.
+template <class T>
+mmcore::ImageView<T> image_view(const char* op, const char* name, py::handle obj, bool writable) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string("[") + op + "] " + name + " must hold numpy arrays");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<std::remove_const_t<T>>()))
+    throw py::type_error(std::string("[") + op + "] " + name + " has dtype " + std::string(py::str(a.dtype())) +
+                         ", expected " + std::string(py::str(py::dtype::of<std::remove_const_t<T>>())));
+  if (a.ndim() != 3) throw py::value_error(std::string("[") + op + "] " + name + " images must have 3 dims (H, W, C)");
+  const auto item = static_cast<py::ssize_t>(sizeof(T));
+  mmcore::ImageView<T> v;
+  v.H = a.shape(0);
+  v.W = a.shape(1);
+  v.C = a.shape(2);
+  const bool inner_ok = (a.strides(2) == item || v.C == 1) && (a.strides(1) == item * v.C || v.W == 1);
+  if (!inner_ok || a.strides(0) < 0 || a.strides(0) % item != 0 || (v.H > 1 && a.strides(0) < item * v.W * v.C))
+    throw py::value_error(std::string("[") + op + "] " + name + " images need contiguous rows");
+  if (writable && !a.writeable()) throw py::value_error(std::string("[") + op + "] " + name + " must be writable");
+  v.stride = v.H > 1 ? a.strides(0) / item : v.W * v.C;
+  v.data = static_cast<T*>(const_cast<void*>(a.data()));
+  return v;
+}
+
+void resize(py::list srcs, py::list dsts, const std::string& filter, bool antialias, int num_threads) {
+  const char* op = "resize";
+  const auto f = parse_filter(op, filter);
+  if (srcs.size() != dsts.size()) throw py::value_error("[resize] srcs and dsts differ in length");
+  const size_t n = srcs.size();
+  if (n == 0) return;
+  const bool is_u8 = py::reinterpret_borrow<py::array>(srcs[0]).dtype().is(py::dtype::of<uint8_t>());
+  auto check_pair = [&](int64_t C, int64_t dC, int64_t H, int64_t W) {
+    if (C != dC) throw py::value_error("[resize] source and destination channels differ");
+    if (H == 0 || W == 0) throw py::value_error("[resize] empty source image");
+  };
+  if (is_u8) {
+    std::vector<mmcore::ImageView<const uint8_t>> s(n);
+    std::vector<mmcore::ImageView<uint8_t>> d(n);
+    for (size_t i = 0; i < n; ++i) {
+      s[i] = image_view<const uint8_t>(op, "srcs", srcs[i], false);
+      d[i] = image_view<uint8_t>(op, "dsts", dsts[i], true);
+      check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
+    }
+    py::gil_scoped_release release;
+    mmcore::resize_u8(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
+  } else {
+    std::vector<mmcore::ImageView<const float>> s(n);
+    std::vector<mmcore::ImageView<float>> d(n);
+    for (size_t i = 0; i < n; ++i) {
+      s[i] = image_view<const float>(op, "srcs", srcs[i], false);
+      d[i] = image_view<float>(op, "dsts", dsts[i], true);
+      check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
+    }
+    py::gil_scoped_release release;
+    mmcore::resize_f32(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
+  }
+}
+
+void normalize(py::array src, py::object dst, py::object mean, py::object stdv, double scale,
+               const std::string& layout, int num_threads) {
+  const char* op = "normalize";
+  if (src.ndim() != 4) throw py::value_error("[normalize] src must have 4 dims (N, H, W, C)");
+  const int64_t N = src.shape(0), H = src.shape(1), W = src.shape(2), C = src.shape(3);
+  const bool chw = layout == "chw";
+  if (!chw && layout != "hwc") throw py::value_error("[normalize] layout must be 'chw' or 'hwc'");
+  float* d = checked<float>(op, "dst", dst, chw ? Shape{N, C, H, W} : Shape{N, H, W, C}, true);
+  const float* m = checked<float>(op, "mean", mean, {C}, false);
+  const float* sd = checked<float>(op, "std", stdv, {C}, false);
+  if (!d || !m || !sd) throw py::value_error("[normalize] dst, mean and std are required");
+  const int nt = std::max(num_threads, 1);
+  if (src.dtype().is(py::dtype::of<uint8_t>())) {
+    const uint8_t* s = checked<uint8_t>(op, "src", src, {N, H, W, C}, false);
+    py::gil_scoped_release release;
+    mmcore::normalize_u8(s, d, N, H, W, C, m, sd, static_cast<float>(scale), chw, nt);
+  } else {
+    const float* s = checked<float>(op, "src", src, {N, H, W, C}, false);
+    py::gil_scoped_release release;
+    mmcore::normalize_f32(s, d, N, H, W, C, m, sd, static_cast<float>(scale), chw, nt);
+  }
+}
+
+void patchify(py::array src, py::object dst, int64_t patch, int64_t temporal_patch, int num_threads) {
+  const char* op = "patchify";
+  if (src.ndim() != 5) throw py::value_error("[patchify] src must have 5 dims (B, T, C, H, W)");
+  const int64_t B = src.shape(0), T = src.shape(1), C = src.shape(2), H = src.shape(3), W = src.shape(4);
+  if (patch < 1 || temporal_patch < 1 || H % patch || W % patch || T % temporal_patch)
+    throw py::value_error("[patchify] sizes must be multiples of the patch sizes");
+  const float* s = checked<float>(op, "src", src, {B, T, C, H, W}, false);
+  const int64_t np_ = (T / temporal_patch) * (H / patch) * (W / patch);
+  float* d = checked<float>(op, "dst", dst, {B, np_, C * temporal_patch * patch * patch}, true);
+  py::gil_scoped_release release;
+  mmcore::patchify_f32(s, d, B, T, C, H, W, patch, temporal_patch, std::max(num_threads, 1));
+}
+
+void preprocess_image(py::list srcs, py::object out, py::object geoms, py::object mean, py::object stdv,
+                      int64_t crop_h, int64_t crop_w, const std::string& filter, bool antialias, double scale,
+                      int64_t patch, int num_threads) {
+  const char* op = "preprocess_image";
+  const auto f = parse_filter(op, filter);
+  const int64_t n = static_cast<int64_t>(srcs.size());
+  if (n == 0) return;
+  std::vector<mmcore::ImageView<const uint8_t>> s(n);
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = image_view<const uint8_t>(op, "srcs", srcs[i], false);
+    if (s[i].C != s[0].C) throw py::value_error("[preprocess_image] images differ in channels");
+    if (s[i].H == 0 || s[i].W == 0) throw py::value_error("[preprocess_image] empty image");
+  }
+  const int64_t C = s[0].C;
+  if (crop_h < 1 || crop_w < 1) throw py::value_error("[preprocess_image] crop sizes must be >= 1");
+  if (patch < 0 || (patch > 0 && (crop_h % patch || crop_w % patch)))
+    throw py::value_error("[preprocess_image] the crop must be a multiple of the patch size");
+  const int64_t* g = checked<int64_t>(op, "geoms", geoms, {n, 4}, false);
+  for (int64_t i = 0; i < n; ++i)
+    if (g[4 * i] < 1 || g[4 * i + 1] < 1) throw py::value_error("[preprocess_image] resize sizes must be >= 1");
+  mmcore::NormalizeSpec norm;
+  norm.mean = checked<float>(op, "mean", mean, {C}, false);
+  norm.std = checked<float>(op, "std", stdv, {C}, false);
+  norm.scale = static_cast<float>(scale);
+  norm.patch = patch;
+  float* o = patch == 0 ? checked<float>(op, "out", out, {n, C, crop_h, crop_w}, true)
+                        : checked<float>(op, "out", out, {n, (crop_h / patch) * (crop_w / patch), C * patch * patch}, true);
+  if (!o || !g || !norm.mean || !norm.std) throw py::value_error("[preprocess_image] out, geoms, mean, std are required");
+  py::gil_scoped_release release;
+  mmcore::preprocess_u8(s.data(), n, g, crop_h, crop_w, f, antialias, norm, o, std::max(num_threads, 1));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -196,4 +331,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_frames"), py::arg("dither"), py::arg("seed"), py::arg("remove_dc"), py::arg("preemph"),
         py::arg("kind"), py::arg("power"), py::arg("log_mode"), py::arg("log_floor"), py::arg("whisper_norm"),
         py::arg("num_threads"));
+  m.def("resize", &resize, py::arg("srcs"), py::arg("dsts"), py::kw_only(), py::arg("filter"), py::arg("antialias"),
+        py::arg("num_threads"));
+  m.def("normalize", &normalize, py::arg("src"), py::arg("dst"), py::arg("mean"), py::arg("std"), py::kw_only(),
+        py::arg("scale"), py::arg("layout"), py::arg("num_threads"));
+  m.def("patchify", &patchify, py::arg("src"), py::arg("dst"), py::kw_only(), py::arg("patch"),
+        py::arg("temporal_patch"), py::arg("num_threads"));
+  m.def("preprocess_image", &preprocess_image, py::arg("srcs"), py::arg("out"), py::arg("geoms"), py::arg("mean"),
+        py::arg("std"), py::kw_only(), py::arg("crop_h"), py::arg("crop_w"), py::arg("filter"), py::arg("antialias"),
+        py::arg("scale"), py::arg("patch"), py::arg("num_threads"));
 }

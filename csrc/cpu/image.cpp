@@ -1,0 +1,517 @@
+// Image kernels on the CPU: Pillow-convention resize, normalize, patchify and the fused
+// preprocess (resize + center crop + rescale + normalize [+ patchify] in one pass).
+//
+// Compiled once per instruction-set target (see attention.cpp); the inner loops are written so
+// that the compiler vectorizes them for the target (the vertical pass runs along a whole row).
+//
+// Resize follows Pillow's two-pass scheme: weights per output pixel from the filter, widened by
+// the scale when downscaling with antialiasing and normalized to sum 1; uint8 images go through
+// a horizontal pass into a uint8 intermediate and then a vertical pass, both in 22-bit fixed
+// point with rounding and clamping. Only the rows and columns a crop needs are computed.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "mmcore/image.h"
+#include "mmcore/parallel.h"
+
+#ifndef MMCORE_TARGET
+#error "MMCORE_TARGET must name the instruction-set target of this translation unit"
+#endif
+
+namespace mmcore {
+namespace MMCORE_TARGET {
+
+namespace {
+
+constexpr int kPrecisionBits = 32 - 8 - 2;
+constexpr double kPi = 3.14159265358979323846;
+
+double filter_support(ResizeFilter f) {
+  switch (f) {
+    case ResizeFilter::bilinear: return 1.0;
+    case ResizeFilter::bicubic: return 2.0;
+    case ResizeFilter::lanczos: return 3.0;
+    default: return 0.0;
+  }
+}
+
+double sinc(double x) {
+  if (x == 0.0) return 1.0;
+  x *= kPi;
+  return std::sin(x) / x;
+}
+
+double filter_value(ResizeFilter f, double x) {
+  switch (f) {
+    case ResizeFilter::bilinear:
+      x = std::fabs(x);
+      return x < 1.0 ? 1.0 - x : 0.0;
+    case ResizeFilter::bicubic: {
+      const double a = -0.5;
+      x = std::fabs(x);
+      if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+      if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
+      return 0.0;
+    }
+    case ResizeFilter::lanczos:
+      return (x > -3.0 && x < 3.0) ? sinc(x) * sinc(x / 3.0) : 0.0;
+    default:
+      return 0.0;
+  }
+}
+
+// Taps of output indices [o0, o0 + n) of a resize from in_size to out_size along one axis.
+struct Taps {
+  int64_t ksize = 0;
+  std::vector<int32_t> start, count;  // per output index
+  std::vector<int32_t> wi;            // fixed point, n * ksize
+  std::vector<float> wf;              // float, n * ksize
+};
+
+Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeFilter f, bool antialias) {
+  Taps t;
+  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
+  t.start.resize(n);
+  t.count.resize(n);
+  if (f == ResizeFilter::nearest) {
+    t.ksize = 1;
+    t.wi.assign(n, 1 << kPrecisionBits);
+    t.wf.assign(n, 1.0f);
+    // Pillow's nearest resize walks the source coordinate by repeated addition from 0.5 * scale
+    // (not (i + 0.5) * scale), which decides the ties; do the same.
+    double xo = 0.5 * scale;
+    for (int64_t i = 0; i < o0 + n; ++i, xo += scale) {
+      if (i < o0) continue;
+      const int64_t src = xo < 0.0 ? 0 : static_cast<int64_t>(xo);
+      t.start[i - o0] = static_cast<int32_t>(std::min<int64_t>(src, in_size - 1));
+      t.count[i - o0] = 1;
+    }
+    return t;
+  }
+  double filterscale = scale;
+  if (filterscale < 1.0 || !antialias) filterscale = 1.0;
+  const double support = filter_support(f) * filterscale;
+  t.ksize = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
+  t.wi.assign(n * t.ksize, 0);
+  t.wf.assign(n * t.ksize, 0.0f);
+  std::vector<double> k(t.ksize);
+  const double ss = 1.0 / filterscale;
+  for (int64_t i = 0; i < n; ++i) {
+    const double center = (static_cast<double>(o0 + i) + 0.5) * scale;
+    int64_t xmin = static_cast<int64_t>(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int64_t xmax = static_cast<int64_t>(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    if (xmax > t.ksize) xmax = t.ksize;
+    double ww = 0.0;
+    for (int64_t x = 0; x < xmax; ++x) {
+      const double w = filter_value(f, (static_cast<double>(x + xmin) - center + 0.5) * ss);
+      k[x] = w;
+      ww += w;
+    }
+    for (int64_t x = 0; x < xmax; ++x) {
+      const double w = ww != 0.0 ? k[x] / ww : 0.0;
+      t.wf[i * t.ksize + x] = static_cast<float>(w);
+      const double fx = w * static_cast<double>(1 << kPrecisionBits);
+      t.wi[i * t.ksize + x] = static_cast<int32_t>(w < 0 ? -0.5 + fx : 0.5 + fx);
+    }
+    t.start[i] = static_cast<int32_t>(xmin);
+    t.count[i] = static_cast<int32_t>(xmax);
+  }
+  return t;
+}
+
+inline uint8_t clip8(int32_t acc) {
+  const int32_t v = acc >> kPrecisionBits;
+  return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// Horizontal pass of one row: out[j, c] for the taps' n outputs.
+template <int C>
+void hpass_row_u8(const uint8_t* in, const Taps& t, int64_t n, int64_t cdyn, uint8_t* out) {
+  const int64_t ch = C > 0 ? C : cdyn;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* src = in + static_cast<int64_t>(t.start[j]) * ch;
+    const int32_t* w = t.wi.data() + j * t.ksize;
+    const int cnt = t.count[j];
+    if constexpr (C > 0) {
+      int32_t acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = 1 << (kPrecisionBits - 1);
+      for (int x = 0; x < cnt; ++x)
+        for (int c = 0; c < C; ++c) acc[c] += static_cast<int32_t>(src[x * C + c]) * w[x];
+      for (int c = 0; c < C; ++c) out[j * C + c] = clip8(acc[c]);
+    } else {
+      for (int64_t c = 0; c < ch; ++c) {
+        int32_t acc = 1 << (kPrecisionBits - 1);
+        for (int x = 0; x < cnt; ++x) acc += static_cast<int32_t>(src[x * ch + c]) * w[x];
+        out[j * ch + c] = clip8(acc);
+      }
+    }
+  }
+}
+
+void hpass_row_u8_any(const uint8_t* in, const Taps& t, int64_t n, int64_t C, uint8_t* out) {
+  switch (C) {
+    case 1: hpass_row_u8<1>(in, t, n, C, out); break;
+    case 3: hpass_row_u8<3>(in, t, n, C, out); break;
+    case 4: hpass_row_u8<4>(in, t, n, C, out); break;
+    default: hpass_row_u8<0>(in, t, n, C, out); break;
+  }
+}
+
+void hpass_row_f32(const float* in, const Taps& t, int64_t n, int64_t C, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* src = in + static_cast<int64_t>(t.start[j]) * C;
+    const float* w = t.wf.data() + j * t.ksize;
+    const int cnt = t.count[j];
+    for (int64_t c = 0; c < C; ++c) {
+      float acc = 0.0f;
+      for (int x = 0; x < cnt; ++x) acc += src[x * C + c] * w[x];
+      out[j * C + c] = acc;
+    }
+  }
+}
+
+// Vertical pass of one output row over a row of `len` interleaved values: rows[k] points at
+// the k-th input row of the taps.
+void vpass_row_u8(const uint8_t* const* rows, const int32_t* w, int cnt, int64_t len, int32_t* acc, uint8_t* out) {
+  for (int64_t i = 0; i < len; ++i) acc[i] = 1 << (kPrecisionBits - 1);
+  for (int k = 0; k < cnt; ++k) {
+    const uint8_t* r = rows[k];
+    const int32_t wk = w[k];
+    for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<int32_t>(r[i]) * wk;
+  }
+  for (int64_t i = 0; i < len; ++i) out[i] = clip8(acc[i]);
+}
+
+void vpass_row_f32(const float* const* rows, const float* w, int cnt, int64_t len, float* out) {
+  for (int64_t i = 0; i < len; ++i) out[i] = 0.0f;
+  for (int k = 0; k < cnt; ++k) {
+    const float* r = rows[k];
+    const float wk = w[k];
+    for (int64_t i = 0; i < len; ++i) out[i] += r[i] * wk;
+  }
+}
+
+// Rows [r0, r1) of the intermediate the vertical taps need.
+void needed_rows(const Taps& v, int64_t* r0, int64_t* r1) {
+  int64_t lo = INT64_MAX, hi = 0;
+  for (size_t i = 0; i < v.start.size(); ++i) {
+    if (v.count[i] == 0) continue;
+    lo = std::min<int64_t>(lo, v.start[i]);
+    hi = std::max<int64_t>(hi, v.start[i] + v.count[i]);
+  }
+  if (lo > hi) lo = hi = 0;
+  *r0 = lo;
+  *r1 = hi;
+}
+
+template <class T>
+T* grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+struct Scratch {
+  std::vector<uint8_t> tmp8;
+  std::vector<float> tmpf, rowf;
+  std::vector<int32_t> acc;
+  std::vector<uint8_t> row8;
+  static Scratch& get() {
+    thread_local Scratch sc;
+    return sc;
+  }
+};
+
+// One resize, split in row bands over the pool when `threads` > 1.
+template <class T>
+void resize_one(const ImageView<const T>& src, const ImageView<T>& dst, ResizeFilter f, bool aa, int threads) {
+  const int64_t C = src.C;
+  const int64_t OH = dst.H, OW = dst.W;
+  if (OH == 0 || OW == 0) return;
+  const bool need_h = OW != src.W || f == ResizeFilter::nearest;
+  const bool need_v = OH != src.H || f == ResizeFilter::nearest;
+  const Taps th = need_h ? make_taps(src.W, OW, 0, OW, f, aa) : Taps{};
+  const Taps tv = need_v ? make_taps(src.H, OH, 0, OH, f, aa) : Taps{};
+  int64_t r0 = 0, r1 = src.H;
+  if (need_v) needed_rows(tv, &r0, &r1);
+  const int64_t rowlen = OW * C;
+  // Horizontal pass into an intermediate (or a view of the source when not needed).
+  std::vector<T> inter;
+  const T* mid = nullptr;  // row r of the intermediate is mid + (r - mid_r0) * mid_stride
+  int64_t mid_stride = 0, mid_r0 = 0;
+  if (need_h) {
+    inter.resize(static_cast<size_t>((r1 - r0) * rowlen));
+    const int64_t rows = r1 - r0;
+    const int64_t band = std::max<int64_t>(8, rows / (4 * std::max(threads, 1)) + 1);
+    parallel_for((rows + band - 1) / band, threads, [&](int64_t b, int) {
+      for (int64_t y = b * band; y < std::min(rows, (b + 1) * band); ++y) {
+        const T* in = src.data + (r0 + y) * src.stride;
+        T* out = inter.data() + y * rowlen;
+        if constexpr (std::is_same<T, uint8_t>::value) hpass_row_u8_any(in, th, OW, C, out);
+        else hpass_row_f32(in, th, OW, C, out);
+      }
+    });
+    mid = inter.data();
+    mid_stride = rowlen;
+    mid_r0 = r0;
+  } else {
+    mid = src.data;
+    mid_stride = src.stride;
+  }
+  const int64_t band = std::max<int64_t>(4, OH / (4 * std::max(threads, 1)) + 1);
+  parallel_for((OH + band - 1) / band, threads, [&](int64_t b, int) {
+    Scratch& sc = Scratch::get();
+    std::vector<const T*> rows(need_v ? tv.ksize : 1);
+    for (int64_t y = b * band; y < std::min(OH, (b + 1) * band); ++y) {
+      T* out = dst.data + y * dst.stride;
+      if (!need_v) {
+        std::memcpy(out, mid + (y - mid_r0) * mid_stride, sizeof(T) * rowlen);
+        continue;
+      }
+      const int cnt = tv.count[y];
+      for (int k = 0; k < cnt; ++k) rows[k] = mid + (tv.start[y] + k - mid_r0) * mid_stride;
+      if constexpr (std::is_same<T, uint8_t>::value) {
+        int32_t* acc = grow(sc.acc, static_cast<size_t>(rowlen));
+        vpass_row_u8(rows.data(), tv.wi.data() + y * tv.ksize, cnt, rowlen, acc, out);
+      } else {
+        vpass_row_f32(rows.data(), tv.wf.data() + y * tv.ksize, cnt, rowlen, out);
+      }
+    }
+  });
+}
+
+// The fused preprocess of one image into out (C, crop_h, crop_w) or patches.
+void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, int64_t crop_h, int64_t crop_w,
+                    ResizeFilter f, bool aa, const float* lut, int64_t patch, float* out, int threads) {
+  const int64_t C = src.C;
+  const int64_t RH = geom[0], RW = geom[1], top = geom[2], left = geom[3];
+  // The part of the crop window that lies inside the resized image.
+  const int64_t ya = std::max<int64_t>(top, 0), yb = std::min<int64_t>(top + crop_h, RH);
+  const int64_t xa = std::max<int64_t>(left, 0), xb = std::min<int64_t>(left + crop_w, RW);
+  const int64_t plane = crop_h * crop_w;
+  auto index = [&](int64_t y, int64_t x, int64_t c) -> int64_t {  // y, x within the crop
+    if (patch == 0) return c * plane + y * crop_w + x;
+    const int64_t gw = crop_w / patch;
+    const int64_t pi = (y / patch) * gw + x / patch;
+    return pi * (C * patch * patch) + c * patch * patch + (y % patch) * patch + (x % patch);
+  };
+  // Zero pixels (normalized) wherever the crop falls outside the resized image.
+  if (ya > top || yb < top + crop_h || xa > left || xb < left + crop_w) {
+    for (int64_t y = 0; y < crop_h; ++y)
+      for (int64_t x = 0; x < crop_w; ++x) {
+        const int64_t ry = top + y, rx = left + x;
+        if (ry >= ya && ry < yb && rx >= xa && rx < xb) continue;
+        for (int64_t c = 0; c < C; ++c) out[index(y, x, c)] = lut[c * 256];
+      }
+  }
+  if (ya >= yb || xa >= xb) return;
+  const int64_t nx = xb - xa, ny = yb - ya;
+  const bool need_h = RW != src.W || f == ResizeFilter::nearest;
+  const bool need_v = RH != src.H || f == ResizeFilter::nearest;
+  const Taps th = need_h ? make_taps(src.W, RW, xa, nx, f, aa) : Taps{};
+  const Taps tv = need_v ? make_taps(src.H, RH, ya, ny, f, aa) : Taps{};
+  int64_t r0 = ya, r1 = yb;
+  if (need_v) needed_rows(tv, &r0, &r1);
+  const int64_t rowlen = nx * C;
+  std::vector<uint8_t> inter(static_cast<size_t>((r1 - r0) * rowlen));
+  const int64_t hrows = r1 - r0;
+  const int64_t hband = std::max<int64_t>(8, hrows / (4 * std::max(threads, 1)) + 1);
+  parallel_for((hrows + hband - 1) / hband, threads, [&](int64_t b, int) {
+    for (int64_t y = b * hband; y < std::min(hrows, (b + 1) * hband); ++y) {
+      const uint8_t* in = src.data + (r0 + y) * src.stride;
+      uint8_t* o = inter.data() + y * rowlen;
+      if (need_h) hpass_row_u8_any(in, th, nx, C, o);
+      else std::memcpy(o, in + xa * C, static_cast<size_t>(rowlen));
+    }
+  });
+  const int64_t vband = std::max<int64_t>(4, ny / (4 * std::max(threads, 1)) + 1);
+  parallel_for((ny + vband - 1) / vband, threads, [&](int64_t b, int) {
+    Scratch& sc = Scratch::get();
+    std::vector<const uint8_t*> rows(need_v ? tv.ksize : 1);
+    int32_t* acc = grow(sc.acc, static_cast<size_t>(rowlen));
+    uint8_t* row = grow(sc.row8, static_cast<size_t>(rowlen));
+    for (int64_t yy = b * vband; yy < std::min(ny, (b + 1) * vband); ++yy) {
+      const uint8_t* px;
+      if (need_v) {
+        const int cnt = tv.count[yy];
+        for (int k = 0; k < cnt; ++k) rows[k] = inter.data() + (tv.start[yy] + k - r0) * rowlen;
+        vpass_row_u8(rows.data(), tv.wi.data() + yy * tv.ksize, cnt, rowlen, acc, row);
+        px = row;
+      } else {
+        px = inter.data() + (ya + yy - r0) * rowlen;
+      }
+      const int64_t y = ya + yy - top;
+      if (patch == 0) {
+        for (int64_t c = 0; c < C; ++c) {
+          float* dstrow = out + c * plane + y * crop_w + (xa - left);
+          const float* l = lut + c * 256;
+          for (int64_t x = 0; x < nx; ++x) dstrow[x] = l[px[x * C + c]];
+        }
+      } else {
+        for (int64_t x = 0; x < nx; ++x)
+          for (int64_t c = 0; c < C; ++c) out[index(y, xa + x - left, c)] = lut[c * 256 + px[x * C + c]];
+      }
+    }
+  });
+}
+
+// Pillow filters RGBA images with premultiplied alpha ("RGBa"): premultiply with rounding
+// (v * a + 128 + ((v * a + 128) >> 8)) >> 8, resize, then divide by alpha again
+// (v * 255 / a, truncated and clamped; alpha 0 or 255 leaves v as it is).
+void premultiply(const ImageView<const uint8_t>& src, std::vector<uint8_t>& buf, ImageView<const uint8_t>* view) {
+  buf.resize(static_cast<size_t>(src.H * src.W * 4));
+  for (int64_t y = 0; y < src.H; ++y) {
+    const uint8_t* in = src.data + y * src.stride;
+    uint8_t* out = buf.data() + y * src.W * 4;
+    for (int64_t x = 0; x < src.W; ++x) {
+      const uint32_t a = in[4 * x + 3];
+      for (int c = 0; c < 3; ++c) {
+        const uint32_t t = in[4 * x + c] * a + 128;
+        out[4 * x + c] = static_cast<uint8_t>((t + (t >> 8)) >> 8);
+      }
+      out[4 * x + 3] = static_cast<uint8_t>(a);
+    }
+  }
+  *view = src;
+  view->data = buf.data();
+  view->stride = src.W * 4;
+}
+
+void unpremultiply(const ImageView<uint8_t>& img) {
+  for (int64_t y = 0; y < img.H; ++y) {
+    uint8_t* p = img.data + y * img.stride;
+    for (int64_t x = 0; x < img.W; ++x) {
+      const uint32_t a = p[4 * x + 3];
+      if (a == 0 || a == 255) continue;
+      for (int c = 0; c < 3; ++c) {
+        const uint32_t v = (255u * p[4 * x + c]) / a;
+        p[4 * x + c] = static_cast<uint8_t>(v > 255 ? 255 : v);
+      }
+    }
+  }
+}
+
+void resize_rgba_aware(const ImageView<const uint8_t>& src, const ImageView<uint8_t>& dst, ResizeFilter f, bool aa,
+                       int threads) {
+  // Same size: Pillow returns a copy, without the (lossy) premultiplication round trip.
+  const bool same = src.H == dst.H && src.W == dst.W;
+  if (src.C != 4 || f == ResizeFilter::nearest || same) return resize_one(src, dst, f, aa, threads);
+  std::vector<uint8_t> buf;
+  ImageView<const uint8_t> pre;
+  premultiply(src, buf, &pre);
+  resize_one(pre, dst, f, aa, threads);
+  unpremultiply(dst);
+}
+
+}  // namespace
+
+void resize_u8(const ImageView<const uint8_t>* srcs, const ImageView<uint8_t>* dsts, int64_t n, ResizeFilter f,
+               bool antialias, int num_threads) {
+  if (n >= num_threads && n > 1) {
+    parallel_for(n, num_threads, [&](int64_t i, int) { resize_rgba_aware(srcs[i], dsts[i], f, antialias, 1); });
+  } else {
+    for (int64_t i = 0; i < n; ++i) resize_rgba_aware(srcs[i], dsts[i], f, antialias, num_threads);
+  }
+}
+
+void resize_f32(const ImageView<const float>* srcs, const ImageView<float>* dsts, int64_t n, ResizeFilter f,
+                bool antialias, int num_threads) {
+  if (n >= num_threads && n > 1) {
+    parallel_for(n, num_threads, [&](int64_t i, int) { resize_one(srcs[i], dsts[i], f, antialias, 1); });
+  } else {
+    for (int64_t i = 0; i < n; ++i) resize_one(srcs[i], dsts[i], f, antialias, num_threads);
+  }
+}
+
+void preprocess_u8(const ImageView<const uint8_t>* srcs, int64_t n, const int64_t* geoms, int64_t crop_h,
+                   int64_t crop_w, ResizeFilter f, bool antialias, const NormalizeSpec& norm, float* out,
+                   int num_threads) {
+  if (n == 0) return;
+  const int64_t C = srcs[0].C;
+  // value(c, v) = (v * scale - mean[c]) / std[c], one float32 rounding as a table.
+  std::vector<float> lut(static_cast<size_t>(C * 256));
+  for (int64_t c = 0; c < C; ++c)
+    for (int v = 0; v < 256; ++v)
+      lut[c * 256 + v] = (static_cast<float>(v) * norm.scale - norm.mean[c]) / norm.std[c];
+  const int64_t per_image = C * crop_h * crop_w;
+  if (n >= num_threads && n > 1) {
+    parallel_for(n, num_threads, [&](int64_t i, int) {
+      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch,
+                     out + i * per_image, 1);
+    });
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch,
+                     out + i * per_image, num_threads);
+  }
+}
+
+template <class T>
+void normalize_impl(const T* src, float* dst, int64_t N, int64_t H, int64_t W, int64_t C, const float* mean,
+                    const float* stdv, float scale, bool chw, int num_threads) {
+  const int64_t rows = N * H;
+  std::vector<float> mul(C), add(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mul[c] = scale / stdv[c];
+    add[c] = -mean[c] / stdv[c];
+  }
+  parallel_for((rows + 15) / 16, num_threads, [&](int64_t b, int) {
+    for (int64_t r = b * 16; r < std::min(rows, (b + 1) * 16); ++r) {
+      const int64_t n = r / H, y = r % H;
+      const T* in = src + r * W * C;
+      if (chw) {
+        for (int64_t c = 0; c < C; ++c) {
+          float* o = dst + ((n * C + c) * H + y) * W;
+          for (int64_t x = 0; x < W; ++x)
+            o[x] = (static_cast<float>(in[x * C + c]) * scale - mean[c]) / stdv[c];
+        }
+      } else {
+        float* o = dst + r * W * C;
+        for (int64_t x = 0; x < W; ++x)
+          for (int64_t c = 0; c < C; ++c) o[x * C + c] = (static_cast<float>(in[x * C + c]) * scale - mean[c]) / stdv[c];
+      }
+    }
+  });
+}
+
+void normalize_u8(const uint8_t* src, float* dst, int64_t N, int64_t H, int64_t W, int64_t C, const float* mean,
+                  const float* stdv, float scale, bool chw, int num_threads) {
+  normalize_impl(src, dst, N, H, W, C, mean, stdv, scale, chw, num_threads);
+}
+
+void normalize_f32(const float* src, float* dst, int64_t N, int64_t H, int64_t W, int64_t C, const float* mean,
+                   const float* stdv, float scale, bool chw, int num_threads) {
+  normalize_impl(src, dst, N, H, W, C, mean, stdv, scale, chw, num_threads);
+}
+
+void patchify_f32(const float* src, float* dst, int64_t B, int64_t T, int64_t C, int64_t H, int64_t W, int64_t p,
+                  int64_t tp, int num_threads) {
+  const int64_t gt = T / tp, gh = H / p, gw = W / p;
+  const int64_t psize = C * tp * p * p;
+  const int64_t npatch = gt * gh * gw;
+  // One task per (batch, temporal group, patch row): copies rows of p contiguous values.
+  parallel_for(B * gt * gh, num_threads, [&](int64_t task, int) {
+    const int64_t b = task / (gt * gh), rem = task % (gt * gh);
+    const int64_t t0 = rem / gh, py = rem % gh;
+    for (int64_t px = 0; px < gw; ++px) {
+      float* o = dst + (b * npatch + (t0 * gh + py) * gw + px) * psize;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < tp; ++t)
+          for (int64_t y = 0; y < p; ++y) {
+            const float* in = src + (((b * T + t0 * tp + t) * C + c) * H + py * p + y) * W + px * p;
+            std::memcpy(o, in, sizeof(float) * p);
+            o += p;
+          }
+    }
+  });
+}
+
+}  // namespace MMCORE_TARGET
+}  // namespace mmcore
