@@ -18,6 +18,7 @@
 
 #include "mmcore/image.h"
 #include "mmcore/parallel.h"
+#include "mmcore/simd.h"
 
 #ifndef MMCORE_TARGET
 #error "MMCORE_TARGET must name the instruction-set target of this translation unit"
@@ -127,42 +128,81 @@ Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeF
   return t;
 }
 
+template <class T>
+T* grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 inline uint8_t clip8(int32_t acc) {
   const int32_t v = acc >> kPrecisionBits;
   return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-// Horizontal pass of one row: out[j, c] for the taps' n outputs.
-template <int C>
-void hpass_row_u8(const uint8_t* in, const Taps& t, int64_t n, int64_t cdyn, uint8_t* out) {
-  const int64_t ch = C > 0 ? C : cdyn;
+using simd::kWidth;
+using simd::vf;
+using simd::vi;
+typedef uint8_t vu8 __attribute__((vector_size(kWidth)));
+
+inline vi load_u8(const uint8_t* p) {
+  vu8 b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, vi);
+}
+inline void store_u8(uint8_t* p, vi v) {
+  const vu8 b = __builtin_convertvector(v, vu8);
+  std::memcpy(p, &b, sizeof(b));
+}
+inline void transpose_i32(vi* r) { simd::transpose(reinterpret_cast<vf*>(r)); }
+
+// Horizontal pass of kWidth rows at once (rows on the SIMD lanes): the band is transposed so
+// that one value of every row sits in one vector, the taps become broadcast multiply-adds with
+// exactly Pillow's fixed-point arithmetic, and the result is transposed back.
+// Rows y0 .. y0 + nr - 1 of src (nr <= kWidth) -> out rows 0 .. nr - 1 (out_stride apart).
+void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, const Taps& t, int64_t n,
+                   uint8_t* out, int64_t out_stride, std::vector<vi>& bbuf, std::vector<vi>& obuf) {
+  const int64_t C = src.C;
+  const int64_t xlo = t.start[0];
+  const int64_t xhi = t.start[n - 1] + t.count[n - 1];
+  const int64_t seg = (xhi - xlo) * C;  // values per row the taps read
+  vi* B = grow(bbuf, static_cast<size_t>(seg));
+  vi* O = grow(obuf, static_cast<size_t>(n * C));
+  const uint8_t* rowp[kWidth];
+  for (int l = 0; l < kWidth; ++l) rowp[l] = src.data + (y0 + std::min(l, nr - 1)) * src.stride + xlo * C;
+  int64_t i = 0;
+  for (; i + kWidth <= seg; i += kWidth) {
+    vi tile[kWidth];
+    for (int l = 0; l < kWidth; ++l) tile[l] = load_u8(rowp[l] + i);
+    transpose_i32(tile);
+    for (int l = 0; l < kWidth; ++l) B[i + l] = tile[l];
+  }
+  for (; i < seg; ++i)
+    for (int l = 0; l < kWidth; ++l) B[i][l] = rowp[l][i];
+  const vi half = vi{} + (1 << (kPrecisionBits - 1));
+  const vi zero = vi{}, top = vi{} + 255;
   for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* src = in + static_cast<int64_t>(t.start[j]) * ch;
+    const vi* src_j = B + (t.start[j] - xlo) * C;
     const int32_t* w = t.wi.data() + j * t.ksize;
     const int cnt = t.count[j];
-    if constexpr (C > 0) {
-      int32_t acc[C];
-      for (int c = 0; c < C; ++c) acc[c] = 1 << (kPrecisionBits - 1);
-      for (int x = 0; x < cnt; ++x)
-        for (int c = 0; c < C; ++c) acc[c] += static_cast<int32_t>(src[x * C + c]) * w[x];
-      for (int c = 0; c < C; ++c) out[j * C + c] = clip8(acc[c]);
-    } else {
-      for (int64_t c = 0; c < ch; ++c) {
-        int32_t acc = 1 << (kPrecisionBits - 1);
-        for (int x = 0; x < cnt; ++x) acc += static_cast<int32_t>(src[x * ch + c]) * w[x];
-        out[j * ch + c] = clip8(acc);
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      vi acc = half;
+      for (int k = 0; k < cnt; ++k) acc += src_j[k * C + c] * w[k];
+      acc >>= kPrecisionBits;
+      acc = acc < zero ? zero : acc;
+      acc = acc > top ? top : acc;
+      O[j * C + c] = acc;
     }
   }
-}
-
-void hpass_row_u8_any(const uint8_t* in, const Taps& t, int64_t n, int64_t C, uint8_t* out) {
-  switch (C) {
-    case 1: hpass_row_u8<1>(in, t, n, C, out); break;
-    case 3: hpass_row_u8<3>(in, t, n, C, out); break;
-    case 4: hpass_row_u8<4>(in, t, n, C, out); break;
-    default: hpass_row_u8<0>(in, t, n, C, out); break;
+  const int64_t olen = n * C;
+  int64_t o = 0;
+  for (; o + kWidth <= olen; o += kWidth) {
+    vi tile[kWidth];
+    for (int l = 0; l < kWidth; ++l) tile[l] = O[o + l];
+    transpose_i32(tile);
+    for (int l = 0; l < nr; ++l) store_u8(out + l * out_stride + o, tile[l]);
   }
+  for (; o < olen; ++o)
+    for (int l = 0; l < nr; ++l) out[l * out_stride + o] = static_cast<uint8_t>(O[o][l]);
 }
 
 void hpass_row_f32(const float* in, const Taps& t, int64_t n, int64_t C, float* out) {
@@ -212,17 +252,12 @@ void needed_rows(const Taps& v, int64_t* r0, int64_t* r1) {
   *r1 = hi;
 }
 
-template <class T>
-T* grow(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
-
 struct Scratch {
   std::vector<uint8_t> tmp8;
   std::vector<float> tmpf, rowf;
   std::vector<int32_t> acc;
   std::vector<uint8_t> row8;
+  std::vector<vi> band_in, band_out;
   static Scratch& get() {
     thread_local Scratch sc;
     return sc;
@@ -250,14 +285,20 @@ void resize_one(const ImageView<const T>& src, const ImageView<T>& dst, ResizeFi
     inter.resize(static_cast<size_t>((r1 - r0) * rowlen));
     const int64_t rows = r1 - r0;
     const int64_t band = std::max<int64_t>(8, rows / (4 * std::max(threads, 1)) + 1);
-    parallel_for((rows + band - 1) / band, threads, [&](int64_t b, int) {
-      for (int64_t y = b * band; y < std::min(rows, (b + 1) * band); ++y) {
-        const T* in = src.data + (r0 + y) * src.stride;
-        T* out = inter.data() + y * rowlen;
-        if constexpr (std::is_same<T, uint8_t>::value) hpass_row_u8_any(in, th, OW, C, out);
-        else hpass_row_f32(in, th, OW, C, out);
-      }
-    });
+    if constexpr (std::is_same<T, uint8_t>::value) {
+      const int64_t nb = (rows + kWidth - 1) / kWidth;
+      parallel_for(nb, threads, [&](int64_t b, int) {
+        Scratch& sc = Scratch::get();
+        const int nr = static_cast<int>(std::min<int64_t>(kWidth, rows - b * kWidth));
+        hpass_band_u8(src, r0 + b * kWidth, nr, th, OW, inter.data() + b * kWidth * rowlen, rowlen, sc.band_in,
+                      sc.band_out);
+      });
+    } else {
+      parallel_for((rows + band - 1) / band, threads, [&](int64_t b, int) {
+        for (int64_t y = b * band; y < std::min(rows, (b + 1) * band); ++y)
+          hpass_row_f32(src.data + (r0 + y) * src.stride, th, OW, C, inter.data() + y * rowlen);
+      });
+    }
     mid = inter.data();
     mid_stride = rowlen;
     mid_r0 = r0;
@@ -323,14 +364,19 @@ void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, in
   std::vector<uint8_t> inter(static_cast<size_t>((r1 - r0) * rowlen));
   const int64_t hrows = r1 - r0;
   const int64_t hband = std::max<int64_t>(8, hrows / (4 * std::max(threads, 1)) + 1);
-  parallel_for((hrows + hband - 1) / hband, threads, [&](int64_t b, int) {
-    for (int64_t y = b * hband; y < std::min(hrows, (b + 1) * hband); ++y) {
-      const uint8_t* in = src.data + (r0 + y) * src.stride;
-      uint8_t* o = inter.data() + y * rowlen;
-      if (need_h) hpass_row_u8_any(in, th, nx, C, o);
-      else std::memcpy(o, in + xa * C, static_cast<size_t>(rowlen));
-    }
-  });
+  if (need_h) {
+    parallel_for((hrows + kWidth - 1) / kWidth, threads, [&](int64_t b, int) {
+      Scratch& sc = Scratch::get();
+      const int nr = static_cast<int>(std::min<int64_t>(kWidth, hrows - b * kWidth));
+      hpass_band_u8(src, r0 + b * kWidth, nr, th, nx, inter.data() + b * kWidth * rowlen, rowlen, sc.band_in,
+                    sc.band_out);
+    });
+  } else {
+    parallel_for((hrows + hband - 1) / hband, threads, [&](int64_t b, int) {
+      for (int64_t y = b * hband; y < std::min(hrows, (b + 1) * hband); ++y)
+        std::memcpy(inter.data() + y * rowlen, src.data + (r0 + y) * src.stride + xa * C, static_cast<size_t>(rowlen));
+    });
+  }
   const int64_t vband = std::max<int64_t>(4, ny / (4 * std::max(threads, 1)) + 1);
   parallel_for((ny + vband - 1) / vband, threads, [&](int64_t b, int) {
     Scratch& sc = Scratch::get();
