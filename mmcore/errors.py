@@ -22,6 +22,8 @@ __all__ = [
     "AuthError",
     "NodeUnavailableError",
     "AudioDecodeError",
+    "ImageDecodeError",
+    "VideoDecodeError",
 ]
 
 
@@ -63,6 +65,20 @@ class NodeUnavailableError(MMCoreError, ConnectionError):
 
 class AudioDecodeError(MMCoreError, ValueError):
     """An audio file is missing, unreadable, corrupt, truncated or in an unsupported format.
+
+    The message names the file.
+    """
+
+
+class ImageDecodeError(MMCoreError, ValueError):
+    """An image file is missing, unreadable, corrupt, truncated, not an image, or too large.
+
+    The message names the file.
+    """
+
+
+class VideoDecodeError(MMCoreError, ValueError):
+    """A video file is missing, unreadable, corrupt, has no video stream or no frames.
 
     The message names the file.
     """

@@ -376,3 +376,210 @@ def fbank_ref(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10
             feats[f] = np.log(np.maximum(e, np.finfo(np.float32).eps)) if use_log else e
         out.append(feats)
     return np.stack(out).reshape(batch + out[0].shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image: resize with Pillow's conventions, normalize, patchify, the fused preprocess.
+#
+# Separable resampling. For an axis of ``n_in`` samples resized to ``n_out``: scale = n_in / n_out;
+# the filter is stretched by fs = max(scale, 1) when antialiasing (fs = 1 otherwise), so its
+# support is ``support * fs``; output sample i is centred at (i + 0.5) * scale and takes the input
+# samples [xmin, xmax) with xmin = trunc(center - support + 0.5) >= 0, xmax = trunc(center +
+# support + 0.5) <= n_in, weighted by filter((j - center + 0.5) / fs), normalized to sum 1.
+# uint8 images: the weights are rounded to 22-bit fixed point (half away from zero), each pass
+# adds 2**21 and shifts right by 22, clamping to [0, 255]; the horizontal pass runs first and
+# is stored as uint8. Nearest takes sample trunc(x_i) with x_0 = scale / 2, x_{i+1} = x_i + scale,
+# accumulated in double precision (Pillow's affine scaler).
+
+__all__ += ["image_filter_ref", "resize_coeffs_ref", "fixed_point_ref", "nearest_indices_ref",
+            "resize_ref", "normalize_ref", "patchify_ref", "shortest_edge_size_ref",
+            "center_crop_ref", "preprocess_image_ref", "IMAGE_FILTER_SUPPORT",
+            "IMAGE_PRESETS_REF"]
+
+IMAGE_FILTER_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+_PRECISION_BITS = 22
+
+
+def image_filter_ref(name, x):
+    """The resampling kernels in float64: triangle, Keys cubic with a = -0.5, Lanczos-3."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = np.abs(x)
+    if name == "bilinear":
+        return np.where(ax < 1.0, 1.0 - ax, 0.0)
+    if name == "bicubic":
+        a = -0.5
+        inner = ((a + 2.0) * ax - (a + 3.0)) * ax * ax + 1.0
+        outer = ((a * ax - 5.0 * a) * ax + 8.0 * a) * ax - 4.0 * a
+        return np.where(ax < 1.0, inner, np.where(ax < 2.0, outer, 0.0))
+    if name == "lanczos":
+        return np.where((x >= -3.0) & (x < 3.0), np.sinc(x) * np.sinc(x / 3.0), 0.0)
+    raise ValueError(name)
+
+
+def resize_coeffs_ref(n_in, n_out, filter, antialias=True):
+    """(xmin (n_out,) int64, weights (n_out, K) float64) of one axis; weights past each row's
+    own span are 0 and every row sums to 1."""
+    scale = n_in / n_out
+    fs = max(scale, 1.0) if antialias else 1.0
+    support = IMAGE_FILTER_SUPPORT[filter] * fs
+    center = (np.arange(n_out) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), n_in)
+    K = int((xmax - xmin).max())
+    k = np.arange(K)
+    valid = k[None, :] < (xmax - xmin)[:, None]
+    w = image_filter_ref(filter, (xmin[:, None] + k[None, :] - center[:, None] + 0.5) * (1.0 / fs))
+    w = np.where(valid, w, 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total != 0.0, w / np.where(total != 0.0, total, 1.0), w)
+    return xmin, w
+
+
+def fixed_point_ref(w):
+    """Weights as int64 in 22-bit fixed point, rounded half away from zero."""
+    scaled = np.asarray(w, np.float64) * float(1 << _PRECISION_BITS)
+    return np.trunc(np.where(scaled < 0, scaled - 0.5, scaled + 0.5)).astype(np.int64)
+
+
+def nearest_indices_ref(n_in, n_out):
+    """Source index of every output sample of a nearest-neighbour resize."""
+    scale = n_in / n_out
+    x = scale * 0.5
+    idx = np.empty(n_out, np.int64)
+    for i in range(n_out):
+        idx[i] = min(int(x), n_in - 1)
+        x += scale
+    return idx
+
+
+def _resample_axis_ref(img, axis, n_out, filter, antialias, fixed):
+    """Resample ``axis`` of ``img`` (int64 for uint8 images, float64 otherwise)."""
+    n_in = img.shape[axis]
+    if n_out == n_in:
+        return img
+    a = np.moveaxis(img, axis, 0)
+    if filter == "nearest":
+        out = a[nearest_indices_ref(n_in, n_out)]
+    else:
+        xmin, w = resize_coeffs_ref(n_in, n_out, filter, antialias)
+        idx = np.minimum(xmin[:, None] + np.arange(w.shape[1])[None, :], n_in - 1)
+        g = a[idx]                                               # (n_out, K, ...)
+        if fixed:
+            wf = fixed_point_ref(w).reshape(w.shape + (1,) * (a.ndim - 1))
+            acc = (g * wf).sum(axis=1) + (1 << (_PRECISION_BITS - 1))
+            out = np.clip(acc >> _PRECISION_BITS, 0, 255)
+        else:
+            out = (g * w.reshape(w.shape + (1,) * (a.ndim - 1))).sum(axis=1)
+    return np.moveaxis(out, 0, axis)
+
+
+def pillow13_vertical_first(H, W, oh, ow):
+    """Pillow >= 13 filters vertically first when the height shrinks by more than twice as many
+    pixels as the width."""
+    return oh < H and (H - oh) > 2 * (W - ow)
+
+
+def resize_ref(img, size, filter="bicubic", antialias=True, vertical_first=None):
+    """Resize (H, W[, C]) to ``size = (h, w)``: horizontal pass, then vertical, or the other
+    way round with ``vertical_first`` (default: Pillow 13's rule,
+    :func:`pillow13_vertical_first`).
+
+    uint8 images go through the fixed-point passes with a uint8 intermediate and give uint8;
+    anything else is resampled in float64 and returned as float64. uint8 (H, W, 4) images are
+    RGBA: unless the filter is nearest or the size is unchanged, the colour channels are
+    premultiplied by alpha, rounded as ``(t + (t >> 8)) >> 8`` with ``t = v * a + 128``, and
+    divided again afterwards (``min(255 * v // a, 255)``; alpha 0 and 255 leave ``v``).
+    """
+    img = np.asarray(img)
+    fixed = img.dtype == np.uint8
+    x = img.astype(np.int64 if fixed else np.float64)
+    rgba = (fixed and img.ndim == 3 and img.shape[2] == 4 and filter != "nearest"
+            and tuple(img.shape[:2]) != (int(size[0]), int(size[1])))
+    if rgba:
+        t = x[..., :3] * x[..., 3:] + 128
+        x = np.concatenate([(t + (t >> 8)) >> 8, x[..., 3:]], axis=-1)
+    if vertical_first is None:
+        vertical_first = pillow13_vertical_first(img.shape[0], img.shape[1], int(size[0]), int(size[1]))
+    for axis in ((0, 1) if vertical_first else (1, 0)):
+        x = _resample_axis_ref(x, axis, int(size[axis]), filter, antialias, fixed)
+    if rgba:
+        a = x[..., 3:]
+        keep = (a == 0) | (a == 255)
+        divided = np.minimum(255 * x[..., :3] // np.maximum(a, 1), 255)
+        x[..., :3] = np.where(keep, x[..., :3], divided)
+    return x.astype(np.uint8) if fixed else x
+
+
+def normalize_ref(img, mean, std, scale=1.0 / 255.0, layout="chw"):
+    """(img * scale - mean) / std over the last (channel) axis in float32 arithmetic, as the
+    kernels compute it; ``layout="chw"`` moves channels before the spatial axes."""
+    x = np.asarray(img).astype(np.float32)
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    y = (x * np.float32(scale) - mean) / std
+    if layout == "chw":
+        y = np.moveaxis(y, -1, -3)
+    return y
+
+
+def patchify_ref(x, p, temporal_patch=1):
+    """Patches of x (..., C, H, W) -> (..., (H/p)(W/p), C p p), or with temporal_patch tp
+    x (..., T, C, H, W) -> (..., (T/tp)(H/p)(W/p), C tp p p), each patch flattened (c, t, y, x),
+    patches t-major then row-major."""
+    x = np.asarray(x)
+    tp = temporal_patch
+    if tp == 1:
+        *lead, C, H, W = x.shape
+        y = x.reshape(*lead, C, H // p, p, W // p, p)
+        n = len(lead)
+        y = y.transpose(*range(n), n + 1, n + 3, n, n + 2, n + 4)
+        return y.reshape(*lead, (H // p) * (W // p), C * p * p)
+    *lead, T, C, H, W = x.shape
+    y = x.reshape(*lead, T // tp, tp, C, H // p, p, W // p, p)
+    n = len(lead)
+    # axes: gt=n, t=n+1, c=n+2, gy=n+3, py=n+4, gx=n+5, px=n+6
+    y = y.transpose(*range(n), n, n + 3, n + 5, n + 2, n + 1, n + 4, n + 6)
+    return y.reshape(*lead, (T // tp) * (H // p) * (W // p), C * tp * p * p)
+
+
+def shortest_edge_size_ref(h, w, size):
+    """The short side becomes ``size``, the long side int(size * long / short)."""
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def center_crop_ref(img, crop_h, crop_w):
+    """Crop (H, W, C) at top = (H - crop_h) // 2, left = (W - crop_w) // 2; parts outside the
+    image are zeros."""
+    H, W = img.shape[:2]
+    top, left = (H - crop_h) // 2, (W - crop_w) // 2
+    out = np.zeros((crop_h, crop_w) + img.shape[2:], img.dtype)
+    y0, y1 = max(top, 0), min(top + crop_h, H)
+    x0, x1 = max(left, 0), min(left + crop_w, W)
+    if y1 > y0 and x1 > x0:
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = img[y0:y1, x0:x1]
+    return out
+
+
+IMAGE_PRESETS_REF = {
+    "clip": dict(size=224, crop=224, mode="shortest_edge", filter="bicubic",
+                 mean=(0.48145466, 0.4578275, 0.40821073),
+                 std=(0.26862954, 0.26130258, 0.27577711)),
+    "siglip": dict(size=224, crop=224, mode="squash", filter="bicubic",
+                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "imagenet": dict(size=256, crop=224, mode="shortest_edge", filter="bilinear",
+                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+}
+
+
+def preprocess_image_ref(img, *, size, crop, mode, filter, mean, std, scale=1.0 / 255.0,
+                         patch=None):
+    """resize (shortest edge or squash) -> center crop -> normalize (CHW float32) [-> patches]
+    of one uint8 (H, W, 3) image, with :func:`resize_ref`."""
+    H, W = img.shape[:2]
+    rh, rw = shortest_edge_size_ref(H, W, size) if mode == "shortest_edge" else (size, size)
+    r = resize_ref(img, (rh, rw), filter)
+    c = center_crop_ref(r, crop, crop)
+    y = normalize_ref(c, mean, std, scale, "chw")
+    return y if patch is None else patchify_ref(y, patch)

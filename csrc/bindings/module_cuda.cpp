@@ -1,20 +1,23 @@
 // pybind11 bindings of the CUDA kernels: mmcore._cuda.
 //
 // Thin by design: arguments arrive as raw device pointers (Python ints, 0 = null), shapes and
-// element strides; all checking of user input happens in mmcore/ops/_cuda_impl.py and
-// mmcore/ops/_cuda_spectral.py. Importing this module never needs a GPU or a driver:
-// device_info() reports why CUDA is unusable instead of raising.
+// element strides; all checking of user input happens in mmcore/ops/_cuda_impl.py,
+// mmcore/ops/_cuda_spectral.py and mmcore/ops/_cuda_image.py. Importing this module never needs
+// a GPU or a driver: device_info() reports why CUDA is unusable instead of raising.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cuda_runtime_api.h>
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "../cuda/attention_cuda.h"
+#include "../cuda/image_cuda.h"
 #include "../cuda/spectral_cuda.h"
 
 namespace py = pybind11;
@@ -213,6 +216,190 @@ void spectral(uintptr_t x, uintptr_t out, uintptr_t window, uintptr_t mel_start,
   if (!message.empty()) throw std::runtime_error("[spectral] " + message);
 }
 
+// ---- image ops ----------------------------------------------------------------------------------
+
+mmcore::ResizeFilter to_filter(const char* op, int filter) {
+  if (filter < 0 || filter > 3) {
+    throw std::invalid_argument(std::string("[") + op + "] filter must be 0 (nearest), " +
+                                "1 (bilinear), 2 (bicubic) or 3 (lanczos), got " +
+                                std::to_string(filter));
+  }
+  return static_cast<mmcore::ResizeFilter>(filter);
+}
+
+// Resize shapes (H, W, src_stride, OH, OW, dst_stride) with the image pointers (may be empty
+// for a workspace query).
+std::vector<mmcore::cuda::ImageDesc> resize_descs(
+    const std::vector<uintptr_t>& srcs, const std::vector<uintptr_t>& dsts,
+    const std::vector<std::array<int64_t, 6>>& shapes) {
+  if ((!srcs.empty() && srcs.size() != shapes.size()) ||
+      (!dsts.empty() && dsts.size() != shapes.size())) {
+    throw std::invalid_argument("[resize] srcs, dsts and shapes differ in length");
+  }
+  std::vector<mmcore::cuda::ImageDesc> d(shapes.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    if (!srcs.empty()) d[i].src = as_ptr<const void>(srcs[i]);
+    if (!dsts.empty()) d[i].dst = as_ptr<void>(dsts[i]);
+    d[i].H = shapes[i][0];
+    d[i].W = shapes[i][1];
+    d[i].src_stride = shapes[i][2];
+    d[i].OH = shapes[i][3];
+    d[i].OW = shapes[i][4];
+    d[i].dst_stride = shapes[i][5];
+  }
+  return d;
+}
+
+// Preprocess shapes (H, W, src_stride, resize_h, resize_w, top, left).
+std::vector<mmcore::cuda::ImageDesc> preprocess_descs(
+    const std::vector<uintptr_t>& srcs, const std::vector<std::array<int64_t, 7>>& shapes) {
+  if (!srcs.empty() && srcs.size() != shapes.size()) {
+    throw std::invalid_argument("[preprocess_image] srcs and shapes differ in length");
+  }
+  std::vector<mmcore::cuda::ImageDesc> d(shapes.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    if (!srcs.empty()) d[i].src = as_ptr<const void>(srcs[i]);
+    d[i].H = shapes[i][0];
+    d[i].W = shapes[i][1];
+    d[i].src_stride = shapes[i][2];
+    d[i].OH = shapes[i][3];
+    d[i].OW = shapes[i][4];
+    d[i].top = shapes[i][5];
+    d[i].left = shapes[i][6];
+  }
+  return d;
+}
+
+template <typename Fn>
+void run_on_device(const char* op, int device, Fn&& fn) {
+  std::string message;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device);
+    if (!guard.error().empty()) {
+      message = guard.error();
+    } else {
+      const char* err = fn();
+      if (err != nullptr) message = err;
+    }
+  }
+  if (!message.empty()) throw std::runtime_error(std::string("[") + op + "] " + message);
+}
+
+mmcore::cuda::ResizeBatch resize_batch(const std::vector<mmcore::cuda::ImageDesc>& d, int64_t C,
+                                       int dtype, int filter, bool antialias) {
+  mmcore::cuda::ResizeBatch p;
+  p.images = d.data();
+  p.count = static_cast<int64_t>(d.size());
+  p.C = C;
+  p.dtype = dtype;
+  p.filter = to_filter("resize", filter);
+  p.antialias = antialias;
+  return p;
+}
+
+size_t resize_workspace(const std::vector<std::array<int64_t, 6>>& shapes, int64_t C, int dtype,
+                        int filter, bool antialias) {
+  const auto d = resize_descs({}, {}, shapes);
+  const auto p = resize_batch(d, C, dtype, filter, antialias);
+  size_t bytes = 0;
+  const char* err = mmcore::cuda::resize_workspace(p, &bytes);
+  if (err != nullptr) throw std::runtime_error(std::string("[resize] ") + err);
+  return bytes;
+}
+
+void resize(const std::vector<uintptr_t>& srcs, const std::vector<uintptr_t>& dsts,
+            const std::vector<std::array<int64_t, 6>>& shapes, int64_t C, int dtype, int filter,
+            bool antialias, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+            int device) {
+  const auto d = resize_descs(srcs, dsts, shapes);
+  const auto p = resize_batch(d, C, dtype, filter, antialias);
+  run_on_device("resize", device, [&] {
+    return mmcore::cuda::resize(p, as_ptr<void>(workspace), workspace_bytes,
+                                reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+mmcore::cuda::PreprocessBatch preprocess_batch(const std::vector<mmcore::cuda::ImageDesc>& d,
+                                               int64_t C, int64_t crop_h, int64_t crop_w,
+                                               int filter, bool antialias, int64_t patch) {
+  mmcore::cuda::PreprocessBatch p;
+  p.images = d.data();
+  p.count = static_cast<int64_t>(d.size());
+  p.C = C;
+  p.crop_h = crop_h;
+  p.crop_w = crop_w;
+  p.filter = to_filter("preprocess_image", filter);
+  p.antialias = antialias;
+  p.norm.patch = patch;
+  return p;
+}
+
+size_t preprocess_image_workspace(const std::vector<std::array<int64_t, 7>>& shapes, int64_t C,
+                                  int64_t crop_h, int64_t crop_w, int filter, bool antialias,
+                                  int64_t patch) {
+  const auto d = preprocess_descs({}, shapes);
+  const auto p = preprocess_batch(d, C, crop_h, crop_w, filter, antialias, patch);
+  size_t bytes = 0;
+  const char* err = mmcore::cuda::preprocess_image_workspace(p, &bytes);
+  if (err != nullptr) throw std::runtime_error(std::string("[preprocess_image] ") + err);
+  return bytes;
+}
+
+void preprocess_image(const std::vector<uintptr_t>& srcs,
+                      const std::vector<std::array<int64_t, 7>>& shapes, int64_t C, uintptr_t out,
+                      int64_t crop_h, int64_t crop_w, int filter, bool antialias, uintptr_t mean,
+                      uintptr_t stdv, double scale, int64_t patch, uintptr_t workspace,
+                      size_t workspace_bytes, uintptr_t stream, int device) {
+  const auto d = preprocess_descs(srcs, shapes);
+  auto p = preprocess_batch(d, C, crop_h, crop_w, filter, antialias, patch);
+  p.out = as_ptr<float>(out);
+  p.norm.mean = as_ptr<const float>(mean);
+  p.norm.std = as_ptr<const float>(stdv);
+  p.norm.scale = static_cast<float>(scale);
+  run_on_device("preprocess_image", device, [&] {
+    return mmcore::cuda::preprocess_image(p, as_ptr<void>(workspace), workspace_bytes,
+                                          reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+void normalize(uintptr_t src, uintptr_t dst, int64_t N, int64_t H, int64_t W, int64_t C, int dtype,
+               uintptr_t mean, uintptr_t stdv, double scale, int layout, uintptr_t stream,
+               int device) {
+  mmcore::cuda::NormalizeCall p;
+  p.src = as_ptr<const void>(src);
+  p.dtype = dtype;
+  p.dst = as_ptr<float>(dst);
+  p.N = N;
+  p.H = H;
+  p.W = W;
+  p.C = C;
+  p.mean = as_ptr<const float>(mean);
+  p.std = as_ptr<const float>(stdv);
+  p.scale = static_cast<float>(scale);
+  p.layout = layout;
+  run_on_device("normalize", device, [&] {
+    return mmcore::cuda::normalize(p, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+void patchify(uintptr_t src, uintptr_t dst, int64_t B, int64_t T, int64_t C, int64_t H, int64_t W,
+              int64_t patch, int64_t temporal_patch, uintptr_t stream, int device) {
+  mmcore::cuda::PatchifyCall p;
+  p.src = as_ptr<const float>(src);
+  p.dst = as_ptr<float>(dst);
+  p.B = B;
+  p.T = T;
+  p.C = C;
+  p.H = H;
+  p.W = W;
+  p.patch = patch;
+  p.temporal_patch = temporal_patch;
+  run_on_device("patchify", device, [&] {
+    return mmcore::cuda::patchify(p, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -250,4 +437,53 @@ PYBIND11_MODULE(_cuda, m) {
         "pad_mode 0 = constant, 1 = reflect; kind 0 = complex (interleaved pairs), 1 = power, "
         "2 = mel; log_mode 0 = none, 1 = log10, 2 = ln. Raises RuntimeError('[spectral] ...') "
         "on invalid arguments or CUDA errors.");
+
+  m.def("resize_workspace", &resize_workspace, py::arg("shapes"), py::arg("C"), py::arg("dtype"),
+        py::arg("filter"), py::arg("antialias"),
+        "Bytes of device workspace that resize needs for images with `shapes`, a list of "
+        "(H, W, src_stride, OH, OW, dst_stride) (strides in elements). dtype 0 = uint8, "
+        "1 = float32; filter 0 = nearest, 1 = bilinear, 2 = bicubic, 3 = lanczos.");
+
+  m.def("resize", &resize, py::arg("srcs"), py::arg("dsts"), py::arg("shapes"), py::arg("C"),
+        py::arg("dtype"), py::arg("filter"), py::arg("antialias"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"), py::arg("device") = -1,
+        "Queue a Pillow-convention resize of each srcs[i] (H, W, C) into dsts[i] (OH, OW, C) on "
+        "`stream` of `device` (-1 = the current device). Pointers are device addresses as ints; "
+        "shapes as for resize_workspace; the workspace (16-byte aligned, at least "
+        "resize_workspace(...) bytes) must stay allocated until the stream has run the call. "
+        "Raises RuntimeError('[resize] ...') on invalid arguments or CUDA errors.");
+
+  m.def("preprocess_image_workspace", &preprocess_image_workspace, py::arg("shapes"), py::arg("C"),
+        py::arg("crop_h"), py::arg("crop_w"), py::arg("filter"), py::arg("antialias"),
+        py::arg("patch"),
+        "Bytes of device workspace that preprocess_image needs for images with `shapes`, a list "
+        "of (H, W, src_stride, resize_h, resize_w, top, left).");
+
+  m.def("preprocess_image", &preprocess_image, py::arg("srcs"), py::arg("shapes"), py::arg("C"),
+        py::arg("out"), py::arg("crop_h"), py::arg("crop_w"), py::arg("filter"),
+        py::arg("antialias"), py::arg("mean"), py::arg("std"), py::arg("scale"), py::arg("patch"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+        py::arg("device") = -1,
+        "Queue the fused preprocess of uint8 images srcs[i] (H, W, C): Pillow-convention resize "
+        "to (resize_h, resize_w), the crop window [top, top + crop_h) x [left, left + crop_w) "
+        "(0 outside the resized image), then (v * scale - mean[c]) / std[c] into out float32 "
+        "(N, C, crop_h, crop_w), or (N, crop_h/p * crop_w/p, C * p * p) patches when patch > 0. "
+        "mean and std are device float32 arrays of C values. Raises "
+        "RuntimeError('[preprocess_image] ...') on invalid arguments or CUDA errors.");
+
+  m.def("normalize", &normalize, py::arg("src"), py::arg("dst"), py::arg("N"), py::arg("H"),
+        py::arg("W"), py::arg("C"), py::arg("dtype"), py::arg("mean"), py::arg("std"),
+        py::arg("scale"), py::arg("layout"), py::arg("stream"), py::arg("device") = -1,
+        "Queue (x * scale - mean[c]) / std[c] of a contiguous (N, H, W, C) uint8 (dtype 0) or "
+        "float32 (dtype 1) batch into float32 dst laid out (N, C, H, W) (layout 0) or "
+        "(N, H, W, C) (layout 1). Raises RuntimeError('[normalize] ...') on invalid arguments "
+        "or CUDA errors.");
+
+  m.def("patchify", &patchify, py::arg("src"), py::arg("dst"), py::arg("B"), py::arg("T"),
+        py::arg("C"), py::arg("H"), py::arg("W"), py::arg("patch"), py::arg("temporal_patch"),
+        py::arg("stream"), py::arg("device") = -1,
+        "Queue the patch split of a contiguous float32 (B, T, C, H, W) array into dst "
+        "(B, T/tp * H/p * W/p, C * tp * p * p): patches t-major then row-major, each flattened "
+        "(c, t, py, px). Raises RuntimeError('[patchify] ...') on invalid arguments or CUDA "
+        "errors.");
 }

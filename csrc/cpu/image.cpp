@@ -264,68 +264,113 @@ struct Scratch {
   }
 };
 
-// One resize, split in row bands over the pool when `threads` > 1.
+// Horizontal pass of rows [row0, row0 + nrows) of `in` with taps th (columns relative to in),
+// n outputs per row, into out (rows out_stride apart).
 template <class T>
-void resize_one(const ImageView<const T>& src, const ImageView<T>& dst, ResizeFilter f, bool aa, int threads) {
-  const int64_t C = src.C;
-  const int64_t OH = dst.H, OW = dst.W;
-  if (OH == 0 || OW == 0) return;
-  const bool need_h = OW != src.W || f == ResizeFilter::nearest;
-  const bool need_v = OH != src.H || f == ResizeFilter::nearest;
-  const Taps th = need_h ? make_taps(src.W, OW, 0, OW, f, aa) : Taps{};
-  const Taps tv = need_v ? make_taps(src.H, OH, 0, OH, f, aa) : Taps{};
-  int64_t r0 = 0, r1 = src.H;
-  if (need_v) needed_rows(tv, &r0, &r1);
-  const int64_t rowlen = OW * C;
-  // Horizontal pass into an intermediate (or a view of the source when not needed).
-  std::vector<T> inter;
-  const T* mid = nullptr;  // row r of the intermediate is mid + (r - mid_r0) * mid_stride
-  int64_t mid_stride = 0, mid_r0 = 0;
-  if (need_h) {
-    inter.resize(static_cast<size_t>((r1 - r0) * rowlen));
-    const int64_t rows = r1 - r0;
-    const int64_t band = std::max<int64_t>(8, rows / (4 * std::max(threads, 1)) + 1);
-    if constexpr (std::is_same<T, uint8_t>::value) {
-      const int64_t nb = (rows + kWidth - 1) / kWidth;
-      parallel_for(nb, threads, [&](int64_t b, int) {
-        Scratch& sc = Scratch::get();
-        const int nr = static_cast<int>(std::min<int64_t>(kWidth, rows - b * kWidth));
-        hpass_band_u8(src, r0 + b * kWidth, nr, th, OW, inter.data() + b * kWidth * rowlen, rowlen, sc.band_in,
-                      sc.band_out);
-      });
-    } else {
-      parallel_for((rows + band - 1) / band, threads, [&](int64_t b, int) {
-        for (int64_t y = b * band; y < std::min(rows, (b + 1) * band); ++y)
-          hpass_row_f32(src.data + (r0 + y) * src.stride, th, OW, C, inter.data() + y * rowlen);
-      });
-    }
-    mid = inter.data();
-    mid_stride = rowlen;
-    mid_r0 = r0;
+void hpass_rows(const ImageView<const T>& in, int64_t row0, int64_t nrows, const Taps& th, int64_t n, T* out,
+                int64_t out_stride, int threads) {
+  if (nrows <= 0) return;
+  if constexpr (std::is_same<T, uint8_t>::value) {
+    parallel_for((nrows + kWidth - 1) / kWidth, threads, [&](int64_t b, int) {
+      Scratch& sc = Scratch::get();
+      const int nr = static_cast<int>(std::min<int64_t>(kWidth, nrows - b * kWidth));
+      hpass_band_u8(in, row0 + b * kWidth, nr, th, n, out + b * kWidth * out_stride, out_stride, sc.band_in,
+                    sc.band_out);
+    });
   } else {
-    mid = src.data;
-    mid_stride = src.stride;
+    const int64_t band = std::max<int64_t>(8, nrows / (4 * std::max(threads, 1)) + 1);
+    parallel_for((nrows + band - 1) / band, threads, [&](int64_t b, int) {
+      for (int64_t y = b * band; y < std::min(nrows, (b + 1) * band); ++y)
+        hpass_row_f32(in.data + (row0 + y) * in.stride, th, n, in.C, out + y * out_stride);
+    });
   }
-  const int64_t band = std::max<int64_t>(4, OH / (4 * std::max(threads, 1)) + 1);
-  parallel_for((OH + band - 1) / band, threads, [&](int64_t b, int) {
+}
+
+// Vertical pass: output row i (< ny) = taps tv[i] over rows of `in` (tap rows are shifted by
+// -in_row0), values [v0, v0 + len) of each row, into out (rows out_stride apart).
+template <class T>
+void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv, int64_t ny, int64_t v0,
+                int64_t len, T* out, int64_t out_stride, int threads) {
+  if (ny <= 0) return;
+  const int64_t band = std::max<int64_t>(4, ny / (4 * std::max(threads, 1)) + 1);
+  parallel_for((ny + band - 1) / band, threads, [&](int64_t b, int) {
     Scratch& sc = Scratch::get();
-    std::vector<const T*> rows(need_v ? tv.ksize : 1);
-    for (int64_t y = b * band; y < std::min(OH, (b + 1) * band); ++y) {
-      T* out = dst.data + y * dst.stride;
-      if (!need_v) {
-        std::memcpy(out, mid + (y - mid_r0) * mid_stride, sizeof(T) * rowlen);
-        continue;
-      }
+    std::vector<const T*> rows(static_cast<size_t>(tv.ksize));
+    for (int64_t y = b * band; y < std::min(ny, (b + 1) * band); ++y) {
       const int cnt = tv.count[y];
-      for (int k = 0; k < cnt; ++k) rows[k] = mid + (tv.start[y] + k - mid_r0) * mid_stride;
+      for (int k = 0; k < cnt; ++k) rows[k] = in + (tv.start[y] + k - in_row0) * in_stride + v0;
       if constexpr (std::is_same<T, uint8_t>::value) {
-        int32_t* acc = grow(sc.acc, static_cast<size_t>(rowlen));
-        vpass_row_u8(rows.data(), tv.wi.data() + y * tv.ksize, cnt, rowlen, acc, out);
+        int32_t* acc = grow(sc.acc, static_cast<size_t>(len));
+        vpass_row_u8(rows.data(), tv.wi.data() + y * tv.ksize, cnt, len, acc, out + y * out_stride);
       } else {
-        vpass_row_f32(rows.data(), tv.wf.data() + y * tv.ksize, cnt, rowlen, out);
+        vpass_row_f32(rows.data(), tv.wf.data() + y * tv.ksize, cnt, len, out + y * out_stride);
       }
     }
   });
+}
+
+// Columns [lo, hi) of the input that taps t read.
+void tap_span(const Taps& t, int64_t* lo, int64_t* hi) { needed_rows(t, lo, hi); }
+
+Taps shifted(Taps t, int64_t by) {
+  for (auto& s0 : t.start) s0 = static_cast<int32_t>(s0 - by);
+  return t;
+}
+
+// Rows [ya, ya + ny) x columns [xa, xa + nx) of src resized to (RH, RW) with Pillow's passes,
+// into out (rows out_stride elements apart). Pillow 13 and later run the vertical pass first
+// when the height shrinks much more than the width (RH < H and H - RH > 2 (W - RW)); earlier
+// versions always start with the horizontal pass. This follows the newer order.
+template <class T>
+void resize_region(const ImageView<const T>& src, int64_t RH, int64_t RW, int64_t ya, int64_t ny, int64_t xa,
+                   int64_t nx, ResizeFilter f, bool aa, T* out, int64_t out_stride, int threads) {
+  const int64_t C = src.C;
+  if (ny <= 0 || nx <= 0) return;
+  const bool need_h = RW != src.W || f == ResizeFilter::nearest;
+  const bool need_v = RH != src.H || f == ResizeFilter::nearest;
+  const Taps th = need_h ? make_taps(src.W, RW, xa, nx, f, aa) : Taps{};
+  const Taps tv = need_v ? make_taps(src.H, RH, ya, ny, f, aa) : Taps{};
+  if (!need_h && !need_v) {
+    for (int64_t y = 0; y < ny; ++y)
+      std::memcpy(out + y * out_stride, src.data + (ya + y) * src.stride + xa * C, sizeof(T) * nx * C);
+    return;
+  }
+  if (!need_v) {
+    hpass_rows(src, ya, ny, th, nx, out, out_stride, threads);
+    return;
+  }
+  if (!need_h) {
+    vpass_rows(src.data, src.stride, 0, tv, ny, xa * C, nx * C, out, out_stride, threads);
+    return;
+  }
+  const bool vertical_first = RH < src.H && (src.H - RH) > 2 * (src.W - RW);
+  std::vector<T> inter;
+  if (!vertical_first) {
+    int64_t r0, r1;
+    needed_rows(tv, &r0, &r1);
+    const int64_t rowlen = nx * C;
+    inter.resize(static_cast<size_t>((r1 - r0) * rowlen));
+    hpass_rows(src, r0, r1 - r0, th, nx, inter.data(), rowlen, threads);
+    vpass_rows(inter.data(), rowlen, r0, tv, ny, 0, rowlen, out, out_stride, threads);
+  } else {
+    int64_t c0, c1;
+    tap_span(th, &c0, &c1);
+    const int64_t rowlen = (c1 - c0) * C;
+    inter.resize(static_cast<size_t>(ny * rowlen));
+    vpass_rows(src.data, src.stride, 0, tv, ny, c0 * C, rowlen, inter.data(), rowlen, threads);
+    ImageView<const T> mid;
+    mid.data = inter.data();
+    mid.H = ny;
+    mid.W = c1 - c0;
+    mid.C = C;
+    mid.stride = rowlen;
+    hpass_rows(mid, 0, ny, shifted(th, c0), nx, out, out_stride, threads);
+  }
+}
+
+template <class T>
+void resize_one(const ImageView<const T>& src, const ImageView<T>& dst, ResizeFilter f, bool aa, int threads) {
+  resize_region(src, dst.H, dst.W, 0, dst.H, 0, dst.W, f, aa, dst.data, dst.stride, threads);
 }
 
 // The fused preprocess of one image into out (C, crop_h, crop_w) or patches.
@@ -353,56 +398,24 @@ void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, in
       }
   }
   if (ya >= yb || xa >= xb) return;
-  const int64_t nx = xb - xa, ny = yb - ya;
-  const bool need_h = RW != src.W || f == ResizeFilter::nearest;
-  const bool need_v = RH != src.H || f == ResizeFilter::nearest;
-  const Taps th = need_h ? make_taps(src.W, RW, xa, nx, f, aa) : Taps{};
-  const Taps tv = need_v ? make_taps(src.H, RH, ya, ny, f, aa) : Taps{};
-  int64_t r0 = ya, r1 = yb;
-  if (need_v) needed_rows(tv, &r0, &r1);
-  const int64_t rowlen = nx * C;
-  std::vector<uint8_t> inter(static_cast<size_t>((r1 - r0) * rowlen));
-  const int64_t hrows = r1 - r0;
-  const int64_t hband = std::max<int64_t>(8, hrows / (4 * std::max(threads, 1)) + 1);
-  if (need_h) {
-    parallel_for((hrows + kWidth - 1) / kWidth, threads, [&](int64_t b, int) {
-      Scratch& sc = Scratch::get();
-      const int nr = static_cast<int>(std::min<int64_t>(kWidth, hrows - b * kWidth));
-      hpass_band_u8(src, r0 + b * kWidth, nr, th, nx, inter.data() + b * kWidth * rowlen, rowlen, sc.band_in,
-                    sc.band_out);
-    });
-  } else {
-    parallel_for((hrows + hband - 1) / hband, threads, [&](int64_t b, int) {
-      for (int64_t y = b * hband; y < std::min(hrows, (b + 1) * hband); ++y)
-        std::memcpy(inter.data() + y * rowlen, src.data + (r0 + y) * src.stride + xa * C, static_cast<size_t>(rowlen));
-    });
-  }
-  const int64_t vband = std::max<int64_t>(4, ny / (4 * std::max(threads, 1)) + 1);
-  parallel_for((ny + vband - 1) / vband, threads, [&](int64_t b, int) {
-    Scratch& sc = Scratch::get();
-    std::vector<const uint8_t*> rows(need_v ? tv.ksize : 1);
-    int32_t* acc = grow(sc.acc, static_cast<size_t>(rowlen));
-    uint8_t* row = grow(sc.row8, static_cast<size_t>(rowlen));
-    for (int64_t yy = b * vband; yy < std::min(ny, (b + 1) * vband); ++yy) {
-      const uint8_t* px;
-      if (need_v) {
-        const int cnt = tv.count[yy];
-        for (int k = 0; k < cnt; ++k) rows[k] = inter.data() + (tv.start[yy] + k - r0) * rowlen;
-        vpass_row_u8(rows.data(), tv.wi.data() + yy * tv.ksize, cnt, rowlen, acc, row);
-        px = row;
-      } else {
-        px = inter.data() + (ya + yy - r0) * rowlen;
-      }
+  const int64_t nx = xb - xa, ny = yb - ya, rowlen = nx * C;
+  std::vector<uint8_t> px(static_cast<size_t>(ny * rowlen));
+  resize_region(src, RH, RW, ya, ny, xa, nx, f, aa, px.data(), rowlen, threads);
+  // Rescale + normalize through the per-channel table, written CHW or as patches.
+  const int64_t band = std::max<int64_t>(8, ny / (4 * std::max(threads, 1)) + 1);
+  parallel_for((ny + band - 1) / band, threads, [&](int64_t b, int) {
+    for (int64_t yy = b * band; yy < std::min(ny, (b + 1) * band); ++yy) {
+      const uint8_t* row = px.data() + yy * rowlen;
       const int64_t y = ya + yy - top;
       if (patch == 0) {
         for (int64_t c = 0; c < C; ++c) {
           float* dstrow = out + c * plane + y * crop_w + (xa - left);
           const float* l = lut + c * 256;
-          for (int64_t x = 0; x < nx; ++x) dstrow[x] = l[px[x * C + c]];
+          for (int64_t x = 0; x < nx; ++x) dstrow[x] = l[row[x * C + c]];
         }
       } else {
         for (int64_t x = 0; x < nx; ++x)
-          for (int64_t c = 0; c < C; ++c) out[index(y, xa + x - left, c)] = lut[c * 256 + px[x * C + c]];
+          for (int64_t c = 0; c < C; ++c) out[index(y, xa + x - left, c)] = lut[c * 256 + row[x * C + c]];
       }
     }
   });

@@ -2,6 +2,7 @@
 
 from .attention import attention
 from .audio import fbank, log_mel_spectrogram, mel_filterbank, mel_spectrogram, stft
+from .image import normalize, patchify, preprocess_image, resize
 
 __all__ = ["attention", "stft", "mel_filterbank", "mel_spectrogram", "log_mel_spectrogram",
-           "fbank"]
+           "fbank", "resize", "normalize", "patchify", "preprocess_image"]

@@ -1,0 +1,390 @@
+"""Image decoding and batched preprocessing.
+
+``load_image``
+    Decode a file with Pillow into a uint8 ``(H, W, 3)`` RGB array: EXIF orientation applied,
+    every Pillow mode converted to RGB, oversized images refused before they are decoded.
+``ImagePreprocessor``
+    Files and/or arrays -> one call of ``mmcore.ops.preprocess_image`` configured by a
+    :class:`~mmcore.config.PreprocessingConfig` (``modality="image"``) ->
+    ``{"pixel_values"}``.
+
+Pillow is imported on first use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .. import ops
+from ..config import PreprocessingConfig
+from ..errors import ConfigError, ImageDecodeError, ShapeError
+
+__all__ = ["load_image", "ImagePreprocessor"]
+
+PathLike = Union[str, bytes, "os.PathLike[str]"]
+
+# modes whose alpha band is dropped or composited
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# 16-bit grayscale modes (Pillow keeps their samples as uint16)
+_I16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _import_pil():
+    try:
+        from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    except ImportError as exc:  # pragma: no cover - Pillow is a core dependency
+        raise ImportError("mmcore.preprocess.load_image needs Pillow (pip install pillow): "
+                          f"{exc}") from exc
+    return Image, ImageFile, ImageOps, UnidentifiedImageError
+
+
+def _check_max_pixels(value: Any, Image) -> float:
+    if value is None:
+        limit = Image.MAX_IMAGE_PIXELS
+        return math.inf if limit is None else float(limit)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ShapeError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
+                         f"got {value!r}")
+    v = float(value)
+    if math.isnan(v) or v < 1:
+        raise ShapeError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
+                         f"got {value!r}")
+    return v
+
+
+def _check_background(value: Any) -> Optional[Tuple[int, int, int]]:
+    if value is None:
+        return None
+    try:
+        vals = tuple(int(v) for v in value)
+        ok = len(vals) == 3 and all(0 <= v <= 255 for v in vals) and all(
+            float(v) == int(v) for v in value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ShapeError(f"[load_image] background must be None or an (r, g, b) triple of "
+                         f"ints in [0, 255], got {value!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16/32-bit integer or float grayscale band to uint8 (see :func:`load_image`)."""
+    if mode in _I16_MODES:
+        # full 16-bit range: 0 -> 0, 65535 -> 255 (v / 257, rounded)
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if mode == "I":
+        # 32-bit ints hold 16-bit data in practice (16-bit PNG/TIFF); clip to that range
+        v = np.clip(a.astype(np.int64), 0, 65535)
+        return ((v + 128) // 257).astype(np.uint8)
+    # "F": float32
+    f = a.astype(np.float64)
+    finite = np.isfinite(f)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(f[finite].min()), float(f[finite].max())
+    if lo >= 0.0 and hi <= 1.0:
+        scaled = f * 255.0
+    elif hi > lo:
+        scaled = (f - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(f)
+    scaled = np.where(finite, scaled, 0.0)
+    return np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(im, background: Optional[Tuple[int, int, int]], Image) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of a loaded Pillow image of any mode."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.array(im, dtype=np.uint8)
+    if mode in _I16_MODES or mode in ("I", "F"):
+        g = _gray_to_uint8(np.asarray(im), mode)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")     # palette transparency becomes a real alpha band
+        mode = "RGBA"
+    if mode in _ALPHA_MODES:
+        if mode == "RGBa":
+            im = im.convert("RGBA")
+        elif mode == "La":
+            im = im.convert("LA")
+        elif mode == "PA":
+            im = im.convert("RGBA")
+        if background is None:
+            return np.array(im.convert("RGB"), dtype=np.uint8)
+        rgba = np.asarray(im.convert("RGBA"))
+        alpha = rgba[:, :, 3:4].astype(np.uint32)
+        bg = np.asarray(background, np.uint32)
+        out = (rgba[:, :, :3].astype(np.uint32) * alpha + bg * (255 - alpha) + 127) // 255
+        return out.astype(np.uint8)
+    # "1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV", ...: Pillow's own conversion
+    try:
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+    except ValueError:
+        # modes without a direct RGB conversion go through RGBA or L
+        for via in ("RGBA", "L"):
+            try:
+                return np.array(im.convert(via).convert("RGB"), dtype=np.uint8)
+            except ValueError:
+                continue
+        raise
+
+
+def load_image(path: Any, *, max_pixels: Optional[float] = None,
+               background: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Decode an image file to a uint8 ``(H, W, 3)`` RGB array.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file object
+        Any format the installed Pillow decodes (JPEG, PNG, WebP, GIF, BMP, TIFF, ...).
+        Multi-frame files (GIF, TIFF, ...) give their first frame.
+    max_pixels : int, math.inf or None, default None
+        Largest accepted ``width * height``, checked from the header before any pixel is
+        decoded. None uses Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89.5 M pixels by
+        default); ``math.inf`` disables the check. Pillow's own guard still refuses images
+        above ``2 * Image.MAX_IMAGE_PIXELS`` while opening, so a limit above that also needs
+        ``Image.MAX_IMAGE_PIXELS`` raised (or set to None).
+    background : (r, g, b) or None, default None
+        What to do with transparency. None drops the alpha band and keeps the color values
+        underneath, which is Pillow's ``.convert("RGB")`` and so what Hugging Face image
+        processors feed their models. A color composites the image over that background
+        (``rgb * a + bg * (255 - a)``, rounded), e.g. ``(255, 255, 255)`` for white.
+
+    Returns
+    -------
+    uint8 ndarray (H, W, 3), C-contiguous, writeable
+
+    Notes
+    -----
+    * The EXIF orientation tag is applied (``ImageOps.exif_transpose``), so the array is
+      upright as a viewer shows it; ``H, W`` are the displayed height and width.
+    * Mode conversion: RGB as is; L, 1, P, CMYK, YCbCr and the other 8-bit modes through
+      Pillow's ``convert("RGB")`` (gray replicated to three channels; CMYK with Pillow's
+      conversion, without ICC color management); palette images with a transparent index
+      are expanded to RGBA first, then handled like RGBA; RGBA, LA, PA, RGBa and La per
+      ``background``.
+    * Higher bit depths are scaled, not clipped: 16-bit grayscale (``I;16`` modes) maps
+      ``0..65535`` to ``0..255`` (``round(v / 257)``); 32-bit integer grayscale (``I``, how
+      Pillow opens some 16-bit PNG and TIFF files) is clipped to ``0..65535`` and scaled the
+      same way; 32-bit float grayscale (``F``) is taken as intensities in ``[0, 1]`` when all
+      its finite values lie there (times 255, rounded), otherwise min-max scaled to
+      ``0..255``; NaN and infinite pixels become 0.
+
+    Raises
+    ------
+    ImageDecodeError
+        If the file does not exist, is a directory, is not an image Pillow recognizes, is
+        truncated or corrupt, or has more than ``max_pixels`` pixels (a decompression bomb).
+        The message names the file. (When other code in the process sets Pillow's
+        ``ImageFile.LOAD_TRUNCATED_IMAGES = True``, Pillow fills truncated images in gray
+        instead of failing; that setting is respected.)
+    ShapeError
+        For a bad ``path`` type, ``max_pixels`` or ``background``.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np
+    >>> from PIL import Image
+    >>> from mmcore.preprocess import load_image
+    >>> path = os.path.join(tempfile.mkdtemp(), "gray.png")
+    >>> Image.fromarray(np.full((4, 6), 200, np.uint8)).save(path)     # mode "L"
+    >>> img = load_image(path)
+    >>> img.shape, img.dtype, int(img[0, 0, 2])
+    ((4, 6, 3), dtype('uint8'), 200)
+    """
+    Image, ImageFile, ImageOps, UnidentifiedImageError = _import_pil()
+    limit = _check_max_pixels(max_pixels, Image)
+    bg = _check_background(background)
+    if isinstance(path, (str, bytes, os.PathLike)):
+        fname = os.fsdecode(path)
+        shown = repr(fname)
+        if not os.path.exists(fname):
+            raise ImageDecodeError(f"[load_image] image file {shown} does not exist")
+        if os.path.isdir(fname):
+            raise ImageDecodeError(f"[load_image] image file {shown} is a directory")
+        source: Any = fname
+    elif hasattr(path, "read"):
+        source = path
+        shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
+    else:
+        raise ShapeError(f"[load_image] path must be a str, os.PathLike or a binary file object, "
+                         f"got {type(path).__name__}")
+
+    def fail(msg: str, exc: Optional[BaseException] = None) -> ImageDecodeError:
+        err = ImageDecodeError(f"[load_image] cannot decode image file {shown}: {msg}")
+        if exc is not None:
+            err.__cause__ = exc
+        return err
+
+    try:
+        with warnings.catch_warnings():
+            # the size is checked below against max_pixels; Pillow's warning adds nothing
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+    except Image.DecompressionBombError as exc:
+        raise fail(f"too large, a possible decompression bomb ({exc})", exc) from None
+    except UnidentifiedImageError as exc:
+        raise fail("not an image file Pillow recognizes (unknown format or corrupt header)",
+                   exc) from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError) as exc:
+        raise fail(f"{type(exc).__name__}: {exc}", exc) from None
+    try:
+        with im:
+            w, h = im.size
+            if w * h > limit:
+                raise fail(f"{w} x {h} = {w * h} pixels is more than max_pixels="
+                           f"{limit:.0f}, a possible decompression bomb (pass a larger "
+                           "max_pixels to load it anyway)")
+            if w < 1 or h < 1:
+                raise fail(f"the image is empty ({w} x {h})")
+            try:
+                im.load()
+                upright = ImageOps.exif_transpose(im)
+                if upright is None:  # pragma: no cover - only with in_place=True
+                    upright = im
+                out = _to_rgb(upright, bg, Image)
+            except ImageDecodeError:
+                raise
+            except MemoryError as exc:
+                raise fail(f"out of memory decoding a {w} x {h} image", exc) from None
+            except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError,
+                    KeyError, ZeroDivisionError) as exc:
+                text = str(exc)
+                if "truncated" in text.lower():
+                    raise fail(f"truncated ({text})", exc) from None
+                raise fail(f"{type(exc).__name__}: {text}", exc) from None
+    except ImageDecodeError:
+        raise
+    except OSError as exc:  # closing the file
+        raise fail(f"{type(exc).__name__}: {exc}", exc) from None
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# batched preprocessing
+
+def config_image_kwargs(config: PreprocessingConfig) -> Dict[str, Any]:
+    """The keyword arguments of ``mmcore.ops.preprocess_image`` that ``config`` sets.
+
+    ``preset`` is always passed; the other fields only when they are not None, so that the
+    preset's own choices apply to the rest.
+    """
+    kw: Dict[str, Any] = {"preset": config.preset}
+    for name in ("size", "crop_size", "resize_mode", "filter", "mean", "std", "patch_size"):
+        v = getattr(config, name)
+        if v is not None:
+            kw[name] = v
+    return kw
+
+
+def preprocess_image_op():
+    """``mmcore.ops.preprocess_image``, or a ConfigError when this build lacks it."""
+    fn = getattr(ops, "preprocess_image", None)
+    if fn is None:
+        raise ConfigError("this mmcore build has no mmcore.ops.preprocess_image")
+    return fn
+
+
+def _as_config(config: Any, modality: str, owner: str) -> PreprocessingConfig:
+    if config is None:
+        config = PreprocessingConfig(modality=modality)
+    elif isinstance(config, Mapping):
+        data = dict(config)
+        data.setdefault("modality", modality)
+        config = PreprocessingConfig.from_dict(data)
+    elif not isinstance(config, PreprocessingConfig):
+        raise ConfigError(f"{owner}.config must be a PreprocessingConfig, a mapping or None, "
+                          f"got {type(config).__name__}")
+    if config.modality != modality:
+        raise ConfigError(f"{owner}.config.modality must be {modality!r}, "
+                          f"got {config.modality!r}")
+    return config
+
+
+class ImagePreprocessor:
+    """Turn image files and/or arrays into ``pixel_values`` with one op call.
+
+    Parameters
+    ----------
+    config : PreprocessingConfig, mapping or None
+        The image settings (``modality="image"``; a mapping is passed to
+        :meth:`PreprocessingConfig.from_dict` with that modality filled in; None: the CLIP
+        defaults, 224 x 224).
+    max_pixels : int, math.inf or None, default None
+        Passed to :func:`load_image` for files.
+
+    Call
+    ----
+    ``preprocessor(images)`` where ``images`` is one of
+
+    * a file path (str or os.PathLike) or a uint8 ``(H, W, 3)`` array: one image;
+    * a uint8 ``(N, H, W, 3)`` array: a batch of equally sized images;
+    * a list/tuple of paths and/or ``(H, W, 3)`` arrays, possibly of different sizes.
+
+    Files are decoded with :func:`load_image`. The images then go through ONE call of
+    ``mmcore.ops.preprocess_image(images, preset=..., size=..., ...)`` with the fields the
+    config sets (None fields are left to the preset).
+
+    Returns
+    -------
+    dict
+        ``"pixel_values"``: float32 ``(N, 3, S, S)`` (``(N, num_patches, 3 * p * p)`` with
+        ``patch_size``), always batched (N = 1 for one image).
+
+    Examples
+    --------
+    >>> import numpy as np, mmcore
+    >>> from mmcore.preprocess import ImagePreprocessor
+    >>> if hasattr(mmcore.ops, "preprocess_image"):
+    ...     out = ImagePreprocessor()(np.zeros((48, 64, 3), np.uint8))
+    ...     assert out["pixel_values"].shape == (1, 3, 224, 224)
+    """
+
+    def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None, *,
+                 max_pixels: Optional[float] = None):
+        self.config = _as_config(config, "image", "ImagePreprocessor")
+        self.max_pixels = max_pixels
+
+    def __repr__(self) -> str:
+        return f"ImagePreprocessor({self.config!r})"
+
+    def _item(self, x: Any, i: Optional[int]) -> np.ndarray:
+        if isinstance(x, (str, bytes, os.PathLike)) or hasattr(x, "read"):
+            return load_image(x, max_pixels=self.max_pixels)
+        where = "images" if i is None else f"images[{i}]"
+        arr = np.asarray(x)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ShapeError(f"[ImagePreprocessor] {where} has shape {arr.shape} and dtype "
+                             f"{arr.dtype}, expected a uint8 (H, W, 3) RGB image or a path")
+        return arr
+
+    def _inputs(self, images: Any) -> Any:
+        if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "read"):
+            return self._item(images, None)[None]
+        if isinstance(images, (list, tuple)):
+            if len(images) == 0:
+                raise ShapeError("[ImagePreprocessor] images is an empty batch")
+            return [self._item(x, i) for i, x in enumerate(images)]
+        arr = np.asarray(images)
+        if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+            return arr[None]
+        if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[3] == 3:
+            if arr.shape[0] == 0:
+                raise ShapeError("[ImagePreprocessor] images is an empty batch (N = 0)")
+            return arr
+        raise ShapeError(f"[ImagePreprocessor] images has shape {arr.shape} and dtype "
+                         f"{arr.dtype}, expected uint8 (H, W, 3), (N, H, W, 3), a path or a "
+                         "list of them")
+
+    def __call__(self, images: Any) -> Dict[str, np.ndarray]:
+        """``{"pixel_values": ...}`` of ``images`` (see the class docstring)."""
+        batch = self._inputs(images)
+        fn = preprocess_image_op()
+        out = fn(batch, **config_image_kwargs(self.config))
+        return {"pixel_values": np.asarray(out, dtype=np.float32)}

@@ -1,0 +1,840 @@
+"""Video frame sampling, decoding and batched preprocessing.
+
+``sample_frame_indices``
+    Which frames of a video to take: ``"uniform"`` (segment centres) or ``"fps"`` (a target
+    frame rate with Qwen2-VL's limits). Pure integer arithmetic, no decoding.
+``temporal_windows``
+    Overlapping or strided clips of a fixed length, for clip-based video models.
+``load_video`` / ``sample_video_array``
+    Decode the sampled frames of a file with PyAV, seeking to the key frame before each needed
+    frame instead of decoding the whole file; or sample an already decoded ``(T, H, W, 3)``
+    array.
+``VideoPreprocessor``
+    Sampling + one batched ``mmcore.ops.preprocess_image`` call over the frames (+ optional
+    temporal patchify), configured by a :class:`~mmcore.config.PreprocessingConfig`
+    (``modality="video"``).
+
+PyAV (``pip install "mmcore[video]"``) is imported on first use; only decoding files needs it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from fractions import Fraction
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .. import ops
+from ..config import PreprocessingConfig
+from ..errors import ConfigError, ShapeError, VideoDecodeError
+from .image import _as_config, config_image_kwargs, preprocess_image_op
+
+__all__ = ["sample_frame_indices", "temporal_windows", "load_video", "sample_video_array",
+           "video_info", "VideoPreprocessor"]
+
+PathLike = Union[str, bytes, "os.PathLike[str]"]
+
+STRATEGIES = ("uniform", "fps")
+
+#: Cost of a seek in decoded frames (the seek, the flush and refilling the decoder's
+#: pipeline): :func:`load_video` seeks only when that skips more frames than this.
+SEEK_COST = 4
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+def _int_arg(op: str, name: str, value: Any, *, minimum: int = 1, optional: bool = False
+             ) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        extra = " or None" if optional else ""
+        raise ShapeError(f"[{op}] {name} must be an integer >= {minimum}{extra}, got {value!r}")
+    return int(value)
+
+
+def _rate_arg(op: str, name: str, value: Any, *, optional: bool = False) -> Optional[float]:
+    if value is None and optional:
+        return None
+    ok = not isinstance(value, bool) and isinstance(
+        value, (int, float, np.integer, np.floating, Fraction))
+    f = float(value) if ok else float("nan")
+    if not ok or not math.isfinite(f) or f <= 0:
+        extra = " or None" if optional else ""
+        raise ShapeError(f"[{op}] {name} must be a finite number > 0{extra}, got {value!r}")
+    return f
+
+
+def _strategy_arg(op: str, strategy: Any, n: Optional[int], fps: Optional[float]) -> str:
+    if strategy is None:
+        return "fps" if fps is not None else "uniform"
+    if not isinstance(strategy, str) or strategy.lower() not in STRATEGIES:
+        raise ShapeError(f"[{op}] strategy must be 'uniform', 'fps' or None, got {strategy!r}")
+    return strategy.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# frame indices
+
+def sample_frame_indices(num_frames: int, *, n: Optional[int] = None,
+                         fps: Optional[float] = None, video_fps: Optional[float] = None,
+                         strategy: Optional[str] = None, min_frames: int = 4,
+                         max_frames: int = 768, temporal_patch: int = 2) -> np.ndarray:
+    """Indices of the frames to sample from a video of ``num_frames`` frames.
+
+    Parameters
+    ----------
+    num_frames : int
+        Frames in the video (>= 1).
+    n : int, optional
+        Frames to take with ``strategy="uniform"``.
+    fps : float, optional
+        Target frame rate of ``strategy="fps"``.
+    video_fps : float, optional
+        The video's frame rate; required by ``strategy="fps"``.
+    strategy : {"uniform", "fps", None}, default None
+        None picks ``"fps"`` when ``fps`` is given, else ``"uniform"``.
+    min_frames, max_frames : int, default 4 and 768
+        Limits on the count of ``"fps"`` (Qwen2-VL's ``FPS_MIN_FRAMES`` / ``FPS_MAX_FRAMES``).
+    temporal_patch : int, default 2
+        ``"fps"`` rounds its count to a multiple of this (Qwen2-VL's ``FRAME_FACTOR``).
+
+    Returns
+    -------
+    int64 ndarray (count,), non-decreasing, every value in ``[0, num_frames - 1]``
+
+    Notes
+    -----
+    ``"uniform"``: the video is cut into ``n`` equal segments and the centre frame of each is
+    taken, ``index_i = floor((i + 0.5) * num_frames / n)`` for ``i = 0 .. n - 1`` (computed
+    exactly in integers as ``(2 i + 1) * num_frames // (2 n)``). ``n > num_frames`` is allowed
+    and repeats frames. ``min_frames``, ``max_frames`` and ``temporal_patch`` do not apply.
+
+    ``"fps"``, step by step:
+
+    1. ``count = round_half_up(num_frames / video_fps * fps)``, the frames at ``fps``;
+    2. clamped: ``count = min(max(count, min_frames), max_frames, num_frames)``;
+    3. rounded to a multiple of ``temporal_patch``: ``round_half_up(count / tp) * tp``, or the
+       multiple below when that exceeds ``min(max_frames, num_frames)``, and at least ``tp``
+       (a video shorter than ``tp`` frames then repeats frames);
+    4. spread evenly: ``np.round(np.linspace(0, num_frames - 1, count))`` (NumPy's
+       round-half-to-even, the same as Qwen2-VL's ``torch.linspace(...).round()``), so the
+       first and the last frame are always included.
+
+    With the defaults this is Qwen2-VL's ``smart_nframes`` + ``linspace`` sampling, except that
+    step 1 rounds where Qwen2-VL floors (the floor is applied at step 3 there), and short
+    videos repeat frames where Qwen2-VL raises.
+
+    Raises
+    ------
+    ShapeError
+        Naming the argument: ``num_frames``, ``n``, ``fps``, ``video_fps``, ``min_frames``,
+        ``max_frames`` or ``temporal_patch`` out of range, or missing for the strategy;
+        ``n`` with ``strategy="fps"`` or ``fps`` with ``"uniform"``.
+
+    Examples
+    --------
+    >>> from mmcore.preprocess import sample_frame_indices
+    >>> sample_frame_indices(100, n=4).tolist()                  # segment centres
+    [12, 37, 62, 87]
+    >>> sample_frame_indices(300, fps=1.0, video_fps=30.0).tolist()   # 10 s at 1 fps
+    [0, 33, 66, 100, 133, 166, 199, 233, 266, 299]
+    """
+    op = "sample_frame_indices"
+    num_frames = _int_arg(op, "num_frames", num_frames)
+    n = _int_arg(op, "n", n, optional=True)
+    fps = _rate_arg(op, "fps", fps, optional=True)
+    video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
+    strategy = _strategy_arg(op, strategy, n, fps)
+    min_frames = _int_arg(op, "min_frames", min_frames)
+    max_frames = _int_arg(op, "max_frames", max_frames)
+    tp = _int_arg(op, "temporal_patch", temporal_patch)
+    if max_frames < min_frames:
+        raise ShapeError(f"[{op}] max_frames must be >= min_frames={min_frames}, "
+                         f"got {max_frames}")
+
+    if strategy == "uniform":
+        if fps is not None:
+            raise ShapeError(f"[{op}] fps is used by strategy='fps' only; with "
+                             "strategy='uniform' give n")
+        if n is None:
+            raise ShapeError(f"[{op}] n is required for strategy='uniform' (or give fps and "
+                             "video_fps for strategy='fps')")
+        i = np.arange(n, dtype=np.int64)
+        return (2 * i + 1) * num_frames // (2 * n)
+
+    if n is not None:
+        raise ShapeError(f"[{op}] n is used by strategy='uniform' only; with strategy='fps' the "
+                         "count follows from fps, video_fps and the limits")
+    if fps is None:
+        raise ShapeError(f"[{op}] fps is required for strategy='fps'")
+    if video_fps is None:
+        raise ShapeError(f"[{op}] video_fps is required for strategy='fps'")
+    count = math.floor(num_frames / video_fps * fps + 0.5)
+    count = min(max(count, min_frames), max_frames, num_frames)
+    cap = min(max_frames, num_frames)
+    rounded = math.floor(count / tp + 0.5) * tp
+    if rounded > cap:
+        rounded = (cap // tp) * tp
+    count = max(rounded, tp)
+    idx = np.round(np.linspace(0, num_frames - 1, count))
+    return idx.astype(np.int64)
+
+
+def temporal_windows(num_frames: int, *, window: int, stride: int) -> np.ndarray:
+    """Frame indices of fixed-length clips for clip-based video models.
+
+    Windows start at frame 0 and every ``stride`` frames after it, as long as they fit. When
+    the last of them does not end on the last frame (``(num_frames - window) % stride != 0``),
+    one more window is added that ends exactly on it (starting at ``num_frames - window``), so
+    every frame is covered (with ``stride <= window``) and no window runs past the end. A video
+    shorter than ``window`` gives one window: all its frames, then the last index repeated.
+
+    Parameters
+    ----------
+    num_frames : int
+        Frames in the video (>= 1).
+    window : int
+        Frames per window (>= 1).
+    stride : int
+        Frames between the starts of consecutive windows (>= 1; ``stride > window`` skips
+        frames between windows).
+
+    Returns
+    -------
+    int64 ndarray (num_windows, window)
+
+    Raises
+    ------
+    ShapeError
+        Naming ``num_frames``, ``window`` or ``stride`` when it is not an integer >= 1.
+
+    Examples
+    --------
+    >>> from mmcore.preprocess import temporal_windows
+    >>> temporal_windows(10, window=4, stride=4).tolist()
+    [[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]]
+    >>> temporal_windows(3, window=5, stride=2).tolist()
+    [[0, 1, 2, 2, 2]]
+    """
+    op = "temporal_windows"
+    num_frames = _int_arg(op, "num_frames", num_frames)
+    window = _int_arg(op, "window", window)
+    stride = _int_arg(op, "stride", stride)
+    if num_frames < window:
+        row = np.minimum(np.arange(window, dtype=np.int64), num_frames - 1)
+        return row[None, :]
+    last = num_frames - window
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    s = np.asarray(starts, dtype=np.int64)
+    return s[:, None] + np.arange(window, dtype=np.int64)[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# arrays
+
+def _check_frames(frames: Any, op: str) -> np.ndarray:
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+        raise ShapeError(f"[{op}] frames has shape {arr.shape} and dtype {arr.dtype}, expected "
+                         "uint8 (T, H, W, 3) RGB frames")
+    if arr.shape[0] == 0:
+        raise ShapeError(f"[{op}] frames holds no frames (T = 0)")
+    return arr
+
+
+def _indices_for(op: str, num_frames: int, n, fps, video_fps, strategy, min_frames, max_frames,
+                 temporal_patch) -> np.ndarray:
+    if n is None and fps is None:
+        return np.arange(num_frames, dtype=np.int64)
+    return sample_frame_indices(num_frames, n=n, fps=fps, video_fps=video_fps,
+                                strategy=strategy, min_frames=min_frames,
+                                max_frames=max_frames, temporal_patch=temporal_patch)
+
+
+def sample_video_array(frames: Any, *, n: Optional[int] = None, fps: Optional[float] = None,
+                       video_fps: Optional[float] = None, strategy: Optional[str] = None,
+                       min_frames: int = 4, max_frames: int = 768, temporal_patch: int = 2
+                       ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Sample the frames of an already decoded video, like :func:`load_video` does a file.
+
+    Parameters
+    ----------
+    frames : uint8 array (T, H, W, 3)
+    n, fps, video_fps, strategy, min_frames, max_frames, temporal_patch
+        As in :func:`sample_frame_indices` with ``num_frames = T``. With neither ``n`` nor
+        ``fps`` every frame is kept.
+
+    Returns
+    -------
+    frames : uint8 ndarray (count, H, W, 3)
+        A new C-contiguous array (``frames[indices]``).
+    timestamps : float64 ndarray (count,) or None
+        ``indices / video_fps`` in seconds; None when ``video_fps`` is not given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.preprocess import sample_video_array
+    >>> video = np.zeros((90, 4, 4, 3), np.uint8)
+    >>> clip, ts = sample_video_array(video, n=3, video_fps=30.0)
+    >>> clip.shape, ts.tolist()
+    ((3, 4, 4, 3), [0.5, 1.5, 2.5])
+    """
+    op = "sample_video_array"
+    arr = _check_frames(frames, op)
+    video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
+    idx = _indices_for(op, arr.shape[0], n, fps, video_fps, strategy, min_frames, max_frames,
+                       temporal_patch)
+    out = np.ascontiguousarray(arr[idx])
+    ts = None if video_fps is None else idx.astype(np.float64) / video_fps
+    return out, ts
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+def _import_av():
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError("mmcore.preprocess.load_video needs PyAV: pip install av "
+                          f"(or pip install \"mmcore[video]\"): {exc}") from exc
+    return av
+
+
+class _VideoReader:
+    """One open video stream: metadata, and frames by index with seeking.
+
+    Frame ``i`` is the frame presented at time ``i / average_rate`` after the stream's start:
+    decoded frames are matched to indices by their presentation timestamps,
+    ``round((pts - start_time) * time_base * fps)``.
+    """
+
+    def __init__(self, path: Any, *, max_threads: int, op: str):
+        av = _import_av()
+        self.av = av
+        self.op = op
+        if isinstance(path, (str, bytes, os.PathLike)):
+            fname = os.fsdecode(path)
+            self.shown = repr(fname)
+            if not os.path.exists(fname):
+                raise VideoDecodeError(f"[{op}] video file {self.shown} does not exist")
+            if os.path.isdir(fname):
+                raise VideoDecodeError(f"[{op}] video file {self.shown} is a directory")
+            source: Any = fname
+        elif hasattr(path, "read"):
+            source = path
+            self.shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
+        else:
+            raise ShapeError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
+                             f"got {type(path).__name__}")
+        try:
+            self.container = av.open(source, mode="r")
+        except Exception as exc:  # av.FFmpegError subclasses, OSError, ValueError ...
+            raise self._error(f"not a video file FFmpeg can open ({_describe(exc)})",
+                              exc) from None
+        try:
+            self._setup(max_threads)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _error(self, msg: str, exc: Optional[BaseException] = None) -> VideoDecodeError:
+        err = VideoDecodeError(f"[{self.op}] cannot decode video file {self.shown}: {msg}")
+        if exc is not None:
+            err.__cause__ = exc
+        return err
+
+    def close(self) -> None:
+        c = getattr(self, "container", None)
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # pragma: no cover - closing a broken container
+                pass
+            self.container = None
+
+    def __enter__(self) -> "_VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _setup(self, max_threads: int) -> None:
+        streams = self.container.streams.video
+        if len(streams) == 0:
+            raise self._error("it has no video stream")
+        st = streams[0]
+        self.stream = st
+        try:
+            st.thread_type = "AUTO"
+            st.codec_context.thread_count = max_threads
+        except Exception:  # pragma: no cover - codecs without threading support
+            pass
+        tb = st.time_base
+        self.time_base = Fraction(tb) if tb else None
+        rate = st.average_rate or st.guessed_rate or st.base_rate
+        self.rate = Fraction(rate) if rate else None
+        self.start = int(st.start_time) if st.start_time is not None else 0
+
+        frames = int(st.frames or 0)
+        self.exact_count = frames > 0
+        if frames <= 0:
+            frames = self._estimate_count()
+        if frames <= 0:
+            raise self._error("the video stream has no frames")
+        self.num_frames = frames
+        if self.rate is None or self.rate <= 0:
+            dur = self._duration()
+            if dur:
+                self.rate = Fraction(frames) / Fraction(dur).limit_denominator(1 << 30)
+        if self.rate is None or self.rate <= 0 or self.time_base is None:
+            raise self._error("the video stream has no frame rate or time base")
+        self.fps = float(self.rate)
+        pos = self._keyframe_positions()
+        self.index_complete = pos is not None
+        self.known_keyframes: List[int] = list(pos or [])
+        # key-frame spacing assumed until a wider one is seen (without a complete index)
+        self.gop = max(12, int(round(self.fps)))
+        self.frames_decoded = 0   # statistics of read(): frames decoded and seeks made
+        self.seeks = 0
+
+    def _duration(self) -> Optional[float]:
+        st = self.stream
+        if st.duration and self.time_base:
+            return float(st.duration * self.time_base)
+        if self.container.duration:
+            return self.container.duration / 1_000_000
+        return None
+
+    def _estimate_count(self) -> int:
+        """Frames from duration * rate, else by counting the stream's packets."""
+        dur = self._duration()
+        if dur and self.rate:
+            return int(math.floor(dur * float(self.rate) + 0.5))
+        count = 0
+        try:
+            for packet in self.container.demux(self.stream):
+                if packet.size:
+                    count += 1
+            # (reading always starts with a seek, so the position is not restored here)
+        except Exception as exc:
+            raise self._error(f"reading its packets failed ({_describe(exc)})", exc) from None
+        return count
+
+    def _keyframe_positions(self) -> Optional[List[int]]:
+        """Frame indices of the key frames from the container's index, or None if unknown.
+
+        A complete index (one entry per frame: MP4/MOV, AVI) gives exact positions in decode
+        order; a sparse one (Matroska cues) is mapped through its timestamps.
+        """
+        entries = getattr(self.stream, "index_entries", None)
+        if entries is None:
+            return None
+        try:
+            n = len(entries)
+            if n == 0:
+                return None
+            if n == self.num_frames:
+                pos = [i for i, e in enumerate(entries) if e.is_keyframe]
+            elif n > 1:
+                pos = sorted({self._index_of_pts(e.timestamp) for e in entries if e.is_keyframe})
+            else:
+                return None
+        except Exception:  # pragma: no cover - an index PyAV cannot read
+            return None
+        return pos or None
+
+    def _index_of_pts(self, pts: int) -> int:
+        return int(math.floor(float((pts - self.start) * self.time_base * self.rate) + 0.5))
+
+    def _pts_of_index(self, i: int) -> int:
+        return self.start + int(math.floor(Fraction(i) / self.rate / self.time_base))
+
+    def _should_seek(self, last: Optional[int], t: int) -> bool:
+        """Whether to seek for frame ``t`` when frame ``last`` was decoded last.
+
+        Going on costs ``t - last`` decoded frames; seeking costs ``t - kf`` (``kf``: the key
+        frame at or before ``t``) plus about :data:`SEEK_COST` frames for the seek and the
+        decoder's pipeline, so seeking pays off when ``kf > last + SEEK_COST``.
+        """
+        if last is None:
+            return True
+        if t - last <= SEEK_COST:
+            return False
+        known = self.known_keyframes
+        k = bisect.bisect_right(known, t) - 1
+        if k >= 0 and known[k] > last + SEEK_COST:
+            return True
+        if self.index_complete:
+            return False
+        # no complete index: past the widest key-frame spacing there must be a key frame
+        return t - last > self.gop
+
+    def _note_keyframe(self, i: int, continuous: bool) -> None:
+        known = self.known_keyframes
+        k = bisect.bisect_left(known, i)
+        if k < len(known) and known[k] == i:
+            return
+        if continuous and k > 0:
+            self.gop = max(self.gop, i - known[k - 1])
+        known.insert(k, i)
+
+    def _seek(self, i: int) -> None:
+        pts = self._pts_of_index(max(i, 0))
+        self.container.seek(pts, backward=True, any_frame=False, stream=self.stream)
+        self.seeks += 1
+        if not self.index_complete and self.seeks == 1:
+            # some demuxers (Matroska cues) load their index on the first seek
+            pos = self._keyframe_positions()
+            if pos:
+                for kf in pos:
+                    self._note_keyframe(kf, False)
+                self.index_complete = True
+
+    def _decode(self):
+        """Frames from the current position, as (index, frame), noting key frames."""
+        first = True
+        for frame in self.container.decode(self.stream):
+            i = self._frame_index(frame)
+            if frame.key_frame:
+                self._note_keyframe(i, not first)
+            first = False
+            yield i, frame
+
+    # -- reading --------------------------------------------------------------------------------
+    def read(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """uint8 (len(indices), H, W, 3) RGB frames and their timestamps in seconds."""
+        uniq, inverse = np.unique(indices, return_inverse=True)
+        try:
+            frames, times = self._read_sorted([int(i) for i in uniq])
+        except VideoDecodeError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:  # av.FFmpegError (InvalidDataError, ...), OSError, ValueError
+            raise self._error(f"decoding failed ({_describe(exc)})", exc) from None
+        if len(uniq) == len(indices) and np.array_equal(uniq, indices):
+            return frames, times
+        return np.ascontiguousarray(frames[inverse.ravel()]), times[inverse.ravel()]
+
+    def _seek_before(self, t: int, last: Optional[Tuple[int, Any]]):
+        """Seek so that decoding starts at or before frame ``t``; returns the iterator and
+        its first (index, frame), or None at the end of the stream."""
+        back = 0
+        while True:
+            self._seek(t - back)
+            it = self._decode()
+            first = next(it, None)
+            if first is None or first[0] <= t or t - back <= 0:
+                break
+            # landed after the target (some indexes time key frames by decode time, which
+            # leads presentation): seek further back
+            back = max(2 * back, self.gop)
+        if first is not None and last is not None and first[0] <= last[0]:
+            # the seek went back to a key frame already passed: key frames are at least
+            # this far apart
+            self.gop = max(self.gop, t - first[0])
+        return it, first
+
+    def _read_sorted(self, targets: List[int]) -> Tuple[np.ndarray, np.ndarray]:
+        out: Optional[np.ndarray] = None
+        times = np.zeros(len(targets), np.float64)
+        shape: Optional[Tuple[int, int]] = None
+        it = iter(())           # (index, frame) iterator since the last seek
+        last = None             # (index, frame) decoded last
+        # frames that may be missing at the end before the stream counts as truncated
+        tol = max(2, self.num_frames // 50) if self.exact_count else self.num_frames
+
+        def store(k: int, frame) -> None:
+            nonlocal out, shape
+            if shape is None:
+                shape = (frame.height, frame.width)
+            if (frame.height, frame.width) != shape:
+                img = frame.to_ndarray(format="rgb24", width=shape[1], height=shape[0])
+            else:
+                img = frame.to_ndarray(format="rgb24")
+            if out is None:
+                out = np.empty((len(targets),) + img.shape, np.uint8)
+            out[k] = img
+            pts = frame.pts if frame.pts is not None else self._pts_of_index(targets[k])
+            times[k] = float((pts - self.start) * self.time_base)
+
+        for k, t in enumerate(targets):
+            if last is not None and last[0] >= t:
+                store(k, last[1])     # irregular timestamps: the frame already decoded
+                continue
+            found = None
+            if self._should_seek(last[0] if last else None, t):
+                it, first = self._seek_before(t, last)
+                if first is not None:
+                    last = first
+                    if first[0] >= t:
+                        found = first
+            if found is None:
+                for item in it:
+                    last = item
+                    if item[0] >= t:
+                        found = item
+                        break
+            if found is None:
+                # end of the stream before frame t
+                if last is None:
+                    raise self._error(f"no frame could be decoded (frame {t} requested)")
+                if t - last[0] > tol:
+                    raise self._error(
+                        f"truncated or corrupt: the stream declares {self.num_frames} frames "
+                        f"but decoding ended at frame {last[0]} (frame {t} requested)")
+                found = last
+            store(k, found[1])
+        assert out is not None
+        return out, times
+
+    def _frame_index(self, frame) -> int:
+        self.frames_decoded += 1
+        pts = frame.pts
+        if pts is None:
+            pts = frame.dts
+        if pts is None:
+            raise self._error("its frames carry no timestamps")
+        return self._index_of_pts(pts)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _video_indices(reader: _VideoReader, n, fps, strategy, min_frames, max_frames,
+                   temporal_patch, indices) -> np.ndarray:
+    op = reader.op
+    if indices is not None:
+        if n is not None or fps is not None:
+            raise ShapeError(f"[{op}] give indices or n/fps, not both")
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+            raise ShapeError(f"[{op}] indices must be a non-empty 1-D integer array, got shape "
+                             f"{idx.shape} and dtype {idx.dtype}")
+        if idx.min() < 0 or idx.max() >= reader.num_frames:
+            raise ShapeError(f"[{op}] indices must lie in [0, {reader.num_frames - 1}] (the "
+                             f"video has {reader.num_frames} frames), got {int(idx.min())}.."
+                             f"{int(idx.max())}")
+        return idx.astype(np.int64)
+    return _indices_for(op, reader.num_frames, n, fps, reader.fps, strategy, min_frames,
+                        max_frames, temporal_patch)
+
+
+def video_info(path: Any) -> Dict[str, Any]:
+    """Stream metadata of a video file, without decoding frames.
+
+    Returns
+    -------
+    dict
+        ``num_frames`` (from the container, else estimated from duration * fps, else counted
+        from packets), ``num_frames_exact`` (whether the container declared it), ``fps``
+        (average frame rate), ``width``, ``height``, ``duration`` (seconds, or None),
+        ``codec``, ``keyframes`` (frame indices of key frames from the container's index, or
+        None when it has none).
+
+    Raises
+    ------
+    VideoDecodeError
+        As :func:`load_video`.
+    """
+    with _VideoReader(path, max_threads=1, op="video_info") as r:
+        return {"num_frames": r.num_frames, "num_frames_exact": r.exact_count, "fps": r.fps,
+                "width": r.stream.codec_context.width, "height": r.stream.codec_context.height,
+                "duration": r._duration(), "codec": r.stream.codec_context.name,
+                "keyframes": list(r.known_keyframes) if r.index_complete else None}
+
+
+def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = None,
+               strategy: Optional[str] = None, min_frames: int = 4, max_frames: int = 768,
+               temporal_patch: int = 2, indices: Optional[Sequence[int]] = None,
+               max_threads: int = 2, return_indices: bool = False):
+    """Decode the sampled frames of a video file with PyAV.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or binary file object
+        Any container/codec the FFmpeg inside PyAV reads (MP4, MKV, WebM, AVI, ...). The first
+        video stream is used.
+    n, fps, strategy, min_frames, max_frames, temporal_patch
+        Frame sampling, as in :func:`sample_frame_indices` with the stream's frame count and
+        average frame rate. With neither ``n`` nor ``fps`` (nor ``indices``) every frame is
+        decoded.
+    indices : sequence of int, optional
+        Explicit frame indices instead (any order, repeats allowed).
+    max_threads : int, default 2
+        Decoder threads (``codec_context.thread_count``, ``thread_type="AUTO"``).
+    return_indices : bool, default False
+        Also return the frame indices.
+
+    Returns
+    -------
+    frames : uint8 ndarray (T, H, W, 3)
+        RGB frames (converted by FFmpeg's swscale), in the order of the indices.
+    timestamps : float64 ndarray (T,)
+        Presentation time of each returned frame in seconds from the stream's start (for a
+        constant frame rate, ``index / fps``).
+    indices : int64 ndarray (T,)
+        Only with ``return_indices=True``.
+
+    Notes
+    -----
+    Frame ``i`` is the frame shown at ``i / average_rate`` seconds: decoded frames are
+    matched to indices through their timestamps, so seeking returns the same frames a full
+    decode would. The frame count comes from the container; when it does not declare one, it
+    is estimated as ``duration * fps`` (rounded), or counted from the stream's packets.
+
+    Seeking: the needed frames are read in increasing order. For each, when the decoder can
+    get there without passing a key frame (per the container's index, e.g. MP4/AVI; without
+    an index, when the gap is at most the widest key-frame spacing seen so far and at least
+    ``max(12, fps)`` frames) it keeps decoding forward; otherwise it seeks
+    (``container.seek(pts, backward=True, any_frame=False, stream=stream)``) to the key frame
+    before the target and decodes forward from there. Sparse samples of a long video therefore
+    decode about one GOP per frame, dense ones decode sequentially without re-seeking.
+
+    Raises
+    ------
+    VideoDecodeError
+        If the file does not exist, is not a video FFmpeg can open, has no video stream, has
+        no frames, or decoding fails (corrupt data, or a stream that ends well before the
+        frame count it declares). The message names the file.
+    ShapeError
+        For bad sampling arguments (naming them).
+    ImportError
+        When PyAV is not installed.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, av
+    >>> from mmcore.preprocess import load_video
+    >>> path = os.path.join(tempfile.mkdtemp(), "clip.mp4")
+    >>> with av.open(path, "w") as c:
+    ...     s = c.add_stream("mpeg4", rate=30)
+    ...     s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    ...     for i in range(60):
+    ...         f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), "rgb24")
+    ...         c.mux(s.encode(f))
+    ...     c.mux(s.encode())
+    >>> frames, ts = load_video(path, n=4)
+    >>> frames.shape, ts.round(3).tolist()
+    ((4, 48, 64, 3), [0.233, 0.733, 1.233, 1.733])
+    """
+    op = "load_video"
+    max_threads = _int_arg(op, "max_threads", max_threads)
+    with _VideoReader(path, max_threads=max_threads, op=op) as reader:
+        idx = _video_indices(reader, n, fps, strategy, min_frames, max_frames, temporal_patch,
+                             indices)
+        frames, times = reader.read(idx)
+    if return_indices:
+        return frames, times, idx
+    return frames, times
+
+
+# --------------------------------------------------------------------------------------------
+# batched preprocessing
+
+class VideoPreprocessor:
+    """Sample a video's frames and preprocess them in one batched op call.
+
+    Parameters
+    ----------
+    config : PreprocessingConfig, mapping or None
+        The video settings (``modality="video"``; a mapping is passed to
+        :meth:`PreprocessingConfig.from_dict` with that modality filled in; None: 8 uniformly
+        sampled frames, CLIP preprocessing at 224).
+    max_threads : int, default 2
+        Decoder threads for files.
+
+    Call
+    ----
+    ``preprocessor(video, *, video_fps=None)`` where ``video`` is a file path (decoded with
+    :func:`load_video`, seeking to the sampled frames) or a uint8 ``(T, H, W, 3)`` array of
+    decoded frames (sampled with :func:`sample_frame_indices`; ``video_fps`` is then the
+    array's frame rate, required by ``sampling="fps"`` and for timestamps).
+
+    Frames are sampled per the config (``num_frames`` uniform, or ``fps`` with ``min_frames``
+    / ``max_frames`` / ``temporal_patch``), then ``mmcore.ops.preprocess_image`` runs ONCE on
+    the ``(T, H, W, 3)`` stack of sampled frames with the config's image fields, giving
+    ``(T, 3, S, S)``. With ``patch_size`` set, the frame count is first made a multiple of
+    ``temporal_patch`` by repeating the last sampled frame (as Qwen2-VL does), and the result
+    is patchified with ``mmcore.ops.patchify(x, patch_size, temporal_patch=temporal_patch)``.
+
+    Returns
+    -------
+    dict
+        ``"pixel_values"``: float32 ``(T, 3, S, S)``, or the patches;
+        ``"frame_indices"``: int64 ``(T,)``, the source frame of each row (repeats included);
+        ``"timestamps"``: float64 ``(T,)`` seconds, or None for an array without
+        ``video_fps``.
+
+    Examples
+    --------
+    >>> import numpy as np, mmcore
+    >>> from mmcore.preprocess import VideoPreprocessor
+    >>> video = np.zeros((90, 48, 64, 3), np.uint8)
+    >>> if hasattr(mmcore.ops, "preprocess_image"):
+    ...     out = VideoPreprocessor({"num_frames": 4})(video, video_fps=30.0)
+    ...     assert out["pixel_values"].shape == (4, 3, 224, 224)
+    ...     assert out["frame_indices"].tolist() == [11, 33, 56, 78]
+    """
+
+    def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None, *,
+                 max_threads: int = 2):
+        self.config = _as_config(config, "video", "VideoPreprocessor")
+        self.max_threads = _int_arg("VideoPreprocessor", "max_threads", max_threads)
+
+    def __repr__(self) -> str:
+        return f"VideoPreprocessor({self.config!r})"
+
+    def _sample(self, num_frames: int, video_fps: Optional[float]) -> np.ndarray:
+        cfg = self.config
+        op = "VideoPreprocessor"
+        if cfg.sampling == "fps" and video_fps is None:
+            raise ShapeError(f"[{op}] sampling='fps' needs the video's frame rate: pass "
+                             "video_fps= with an array of frames")
+        idx = sample_frame_indices(num_frames, n=cfg.num_frames, fps=cfg.fps,
+                                   video_fps=video_fps, strategy=cfg.sampling,
+                                   min_frames=cfg.min_frames, max_frames=cfg.max_frames,
+                                   temporal_patch=cfg.temporal_patch)
+        tp = cfg.temporal_patch
+        if cfg.patch_size is not None and tp > 1 and len(idx) % tp:
+            pad = tp - len(idx) % tp
+            idx = np.concatenate([idx, np.full(pad, idx[-1], np.int64)])
+        return idx
+
+    def __call__(self, video: Any, *, video_fps: Optional[float] = None) -> Dict[str, Any]:
+        """``{"pixel_values", "frame_indices", "timestamps"}`` (see the class docstring)."""
+        op = "VideoPreprocessor"
+        video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
+        fn = preprocess_image_op()
+        if isinstance(video, (str, bytes, os.PathLike)) or hasattr(video, "read"):
+            with _VideoReader(video, max_threads=self.max_threads, op=op) as reader:
+                idx = self._sample(reader.num_frames, reader.fps)
+                frames, times = reader.read(idx)
+        else:
+            arr = _check_frames(video, op)
+            idx = self._sample(arr.shape[0], video_fps)
+            frames = np.ascontiguousarray(arr[idx])
+            times = None if video_fps is None else idx.astype(np.float64) / video_fps
+        cfg = self.config
+        kw = config_image_kwargs(cfg)
+        patch = kw.pop("patch_size", None)
+        pixels = fn(frames, **kw)
+        if patch is not None:
+            patchify = getattr(ops, "patchify", None)
+            if patchify is None:
+                raise ConfigError("VideoPreprocessor: this mmcore build has no mmcore.ops.patchify")
+            pixels = patchify(pixels, patch, temporal_patch=cfg.temporal_patch)
+        return {"pixel_values": np.asarray(pixels, dtype=np.float32), "frame_indices": idx,
+                "timestamps": times}
