@@ -46,7 +46,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -187,13 +187,6 @@ def load_anchors() -> Dict[str, Optional[Callable[[np.ndarray], np.ndarray]]]:
 
 # --------------------------------------------------------------------------------------------
 # image runs
-
-class ImageRow(NamedTuple):
-    label: str
-    mm: T.Timing
-    times: Dict[str, Optional[T.Timing]]
-    per: int                           # images per call
-
 
 def diffs_vs(ref: Optional[np.ndarray], out: np.ndarray):
     """(max abs diff normalized, max abs diff in uint8 levels) of out vs ref, both (.., 3, h, w)."""

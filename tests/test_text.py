@@ -310,6 +310,15 @@ def test_hf_truncation_keeps_special_tokens(tok_file):
     assert ids[-1] == hf.eos_id and len(ids) == 5                 # [SEP] survives
 
 
+def test_hf_max_length_shorter_than_special_tokens(tok_file):
+    hf = HFTokenizer(tok_file)
+    with pytest.raises(ShapeError, match="max_length=1"):
+        hf.encode("the cat sat", max_length=1)
+    with pytest.raises(ShapeError, match="max_length=1"):
+        TextPreprocessor(hf, max_length=1)(["the cat sat"])
+    assert hf.encode("the cat sat", max_length=2).tolist() == [hf.encode("x")[0], hf.eos_id]
+
+
 def test_hf_preprocessor_matches_library_padding(tok_file):
     texts = ["the cat sat on the mat", "hello", "a dog and a cat and the fox"]
     for side in ("right", "left"):

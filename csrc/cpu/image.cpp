@@ -409,9 +409,10 @@ void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, in
       const int64_t y = ya + yy - top;
       if (patch == 0) {
         for (int64_t c = 0; c < C; ++c) {
-          float* dstrow = out + c * plane + y * crop_w + (xa - left);
-          const float* l = lut + c * 256;
-          for (int64_t x = 0; x < nx; ++x) dstrow[x] = l[row[x * C + c]];
+          float* __restrict dstrow = out + c * plane + y * crop_w + (xa - left);
+          const float* __restrict l = lut + c * 256;
+          const uint8_t* __restrict src = row + c;
+          for (int64_t x = 0; x < nx; ++x) dstrow[x] = l[src[x * C]];
         }
       } else {
         for (int64_t x = 0; x < nx; ++x)

@@ -147,6 +147,8 @@ def _image_list(cp, op: str, name: str, xs) -> list:
 
 def _row_contiguous(a) -> bool:
     """True when each row's (W, C) part is contiguous and rows are a non-negative stride apart."""
+    if a.size == 0:
+        return True  # nothing is read or written; the strides of an empty array are arbitrary
     item = a.dtype.itemsize
     H, W, C = (int(n) for n in a.shape)
     s0, s1, s2 = (int(s) for s in a.strides)
@@ -162,7 +164,7 @@ def _row_contiguous(a) -> bool:
 def _row_stride(a) -> int:
     """Elements between rows of an (H, W, C) image that passed :func:`_row_contiguous`."""
     H, W, C = (int(n) for n in a.shape)
-    return int(a.strides[0]) // a.dtype.itemsize if H > 1 else W * C
+    return int(a.strides[0]) // a.dtype.itemsize if H > 1 and a.size else W * C
 
 
 def _source_image(cp, op: str, name: str, a):

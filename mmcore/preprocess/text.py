@@ -299,6 +299,15 @@ class HFTokenizer:
             tok = self._tok if limit is None else self._truncating_copy(limit)
             encs = tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
             base = [np.asarray(e.ids, dtype=np.int64) for e in encs]
+            if limit is not None:
+                for i, ids in enumerate(base):
+                    if ids.shape[0] > limit:
+                        # the library leaves a sequence whole when the limit cannot even
+                        # hold the post-processor's special tokens
+                        raise ShapeError(
+                            f"[HFTokenizer.encode] max_length={max_length} is too short: the "
+                            f"tokenizer could not cut texts[{i}] to {limit} tokens (its "
+                            "special tokens alone do not fit)")
         if eos is None:
             return base
         return [_fit(ids, eos, max_length) for ids in base]
@@ -468,12 +477,16 @@ class TextPreprocessor:
         else:
             seqs = [tok.encode(t, add_eos=self.add_eos, max_length=limit) for t in items]
         seqs = [np.asarray(s, dtype=np.int64) for s in seqs]
-        if self.max_length is not None and not self.truncation:
+        if self.max_length is not None:
             for i, s in enumerate(seqs):
+                if s.ndim != 1:
+                    raise ShapeError(f"[TextPreprocessor] the tokenizer returned shape "
+                                     f"{s.shape} for texts[{i}], expected 1-D ids")
                 if s.shape[0] > self.max_length:
+                    why = ("and truncation=False" if not self.truncation
+                           else "after truncation by the tokenizer")
                     raise ShapeError(f"[TextPreprocessor] texts[{i}] has {s.shape[0]} tokens, "
-                                     f"more than max_length={self.max_length}, and "
-                                     "truncation=False")
+                                     f"more than max_length={self.max_length}, {why}")
         return seqs
 
     def __call__(self, texts: Any) -> Dict[str, np.ndarray]:
