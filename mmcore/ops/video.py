@@ -1,0 +1,211 @@
+"""Frame sampling for video models (``mmcore.ops.sample_frame_indices``, ``temporal_windows``).
+
+Pure index arithmetic on NumPy: which frames of a video a model sees. Decoding lives in
+:mod:`mmcore.preprocess.video`.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ShapeError
+
+__all__ = ["sample_frame_indices", "temporal_windows"]
+
+STRATEGIES = ("uniform", "fps")
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+def _int_arg(op: str, name: str, value: Any, *, minimum: int = 1, optional: bool = False
+             ) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        extra = " or None" if optional else ""
+        raise ShapeError(f"[{op}] {name} must be an integer >= {minimum}{extra}, got {value!r}")
+    return int(value)
+
+
+def _rate_arg(op: str, name: str, value: Any, *, optional: bool = False) -> Optional[float]:
+    if value is None and optional:
+        return None
+    ok = not isinstance(value, bool) and isinstance(
+        value, (int, float, np.integer, np.floating, Fraction))
+    f = float(value) if ok else float("nan")
+    if not ok or not math.isfinite(f) or f <= 0:
+        extra = " or None" if optional else ""
+        raise ShapeError(f"[{op}] {name} must be a finite number > 0{extra}, got {value!r}")
+    return f
+
+
+def _strategy_arg(op: str, strategy: Any, n: Optional[int], fps: Optional[float]) -> str:
+    if strategy is None:
+        return "fps" if fps is not None else "uniform"
+    if not isinstance(strategy, str) or strategy.lower() not in STRATEGIES:
+        raise ShapeError(f"[{op}] strategy must be 'uniform', 'fps' or None, got {strategy!r}")
+    return strategy.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# frame indices
+
+def sample_frame_indices(num_frames: int, *, n: Optional[int] = None,
+                         fps: Optional[float] = None, video_fps: Optional[float] = None,
+                         strategy: Optional[str] = None, min_frames: int = 4,
+                         max_frames: int = 768, temporal_patch: int = 2) -> np.ndarray:
+    """Indices of the frames to sample from a video of ``num_frames`` frames.
+
+    Parameters
+    ----------
+    num_frames : int
+        Frames in the video (>= 1).
+    n : int, optional
+        Frames to take with ``strategy="uniform"``.
+    fps : float, optional
+        Target frame rate of ``strategy="fps"``.
+    video_fps : float, optional
+        The video's frame rate; required by ``strategy="fps"``.
+    strategy : {"uniform", "fps", None}, default None
+        None picks ``"fps"`` when ``fps`` is given, else ``"uniform"``.
+    min_frames, max_frames : int, default 4 and 768
+        Limits on the count of ``"fps"`` (Qwen2-VL's ``FPS_MIN_FRAMES`` / ``FPS_MAX_FRAMES``).
+    temporal_patch : int, default 2
+        ``"fps"`` rounds its count to a multiple of this (Qwen2-VL's ``FRAME_FACTOR``).
+
+    Returns
+    -------
+    int64 ndarray (count,), non-decreasing, every value in ``[0, num_frames - 1]``
+
+    Notes
+    -----
+    ``"uniform"``: the video is cut into ``n`` equal segments and the centre frame of each is
+    taken, ``index_i = floor((i + 0.5) * num_frames / n)`` for ``i = 0 .. n - 1`` (computed
+    exactly in integers as ``(2 i + 1) * num_frames // (2 n)``). ``n > num_frames`` is allowed
+    and repeats frames. ``min_frames``, ``max_frames`` and ``temporal_patch`` do not apply.
+
+    ``"fps"``, step by step:
+
+    1. ``count = round_half_up(num_frames / video_fps * fps)``, the frames at ``fps``;
+    2. clamped: ``count = min(max(count, min_frames), max_frames, num_frames)``;
+    3. rounded to a multiple of ``temporal_patch``: ``round_half_up(count / tp) * tp``, or the
+       multiple below when that exceeds ``min(max_frames, num_frames)``, and at least ``tp``
+       (a video shorter than ``tp`` frames then repeats frames);
+    4. spread evenly: ``np.round(np.linspace(0, num_frames - 1, count))`` (NumPy's
+       round-half-to-even, the same as Qwen2-VL's ``torch.linspace(...).round()``), so the
+       first and the last frame are always included.
+
+    With the defaults this is Qwen2-VL's ``smart_nframes`` + ``linspace`` sampling, except that
+    step 1 rounds where Qwen2-VL floors (the floor is applied at step 3 there), and short
+    videos repeat frames where Qwen2-VL raises.
+
+    Raises
+    ------
+    ShapeError
+        Naming the argument: ``num_frames``, ``n``, ``fps``, ``video_fps``, ``min_frames``,
+        ``max_frames`` or ``temporal_patch`` out of range, or missing for the strategy;
+        ``n`` with ``strategy="fps"`` or ``fps`` with ``"uniform"``.
+
+    Examples
+    --------
+    >>> from mmcore.preprocess import sample_frame_indices
+    >>> sample_frame_indices(100, n=4).tolist()                  # segment centres
+    [12, 37, 62, 87]
+    >>> sample_frame_indices(300, fps=1.0, video_fps=30.0).tolist()   # 10 s at 1 fps
+    [0, 33, 66, 100, 133, 166, 199, 233, 266, 299]
+    """
+    op = "sample_frame_indices"
+    num_frames = _int_arg(op, "num_frames", num_frames)
+    n = _int_arg(op, "n", n, optional=True)
+    fps = _rate_arg(op, "fps", fps, optional=True)
+    video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
+    strategy = _strategy_arg(op, strategy, n, fps)
+    min_frames = _int_arg(op, "min_frames", min_frames)
+    max_frames = _int_arg(op, "max_frames", max_frames)
+    tp = _int_arg(op, "temporal_patch", temporal_patch)
+    if max_frames < min_frames:
+        raise ShapeError(f"[{op}] max_frames must be >= min_frames={min_frames}, "
+                         f"got {max_frames}")
+
+    if strategy == "uniform":
+        if fps is not None:
+            raise ShapeError(f"[{op}] fps is used by strategy='fps' only; with "
+                             "strategy='uniform' give n")
+        if n is None:
+            raise ShapeError(f"[{op}] n is required for strategy='uniform' (or give fps and "
+                             "video_fps for strategy='fps')")
+        i = np.arange(n, dtype=np.int64)
+        return (2 * i + 1) * num_frames // (2 * n)
+
+    if n is not None:
+        raise ShapeError(f"[{op}] n is used by strategy='uniform' only; with strategy='fps' the "
+                         "count follows from fps, video_fps and the limits")
+    if fps is None:
+        raise ShapeError(f"[{op}] fps is required for strategy='fps'")
+    if video_fps is None:
+        raise ShapeError(f"[{op}] video_fps is required for strategy='fps'")
+    count = math.floor(num_frames / video_fps * fps + 0.5)
+    count = min(max(count, min_frames), max_frames, num_frames)
+    cap = min(max_frames, num_frames)
+    rounded = math.floor(count / tp + 0.5) * tp
+    if rounded > cap:
+        rounded = (cap // tp) * tp
+    count = max(rounded, tp)
+    idx = np.round(np.linspace(0, num_frames - 1, count))
+    return idx.astype(np.int64)
+
+
+def temporal_windows(num_frames: int, *, window: int, stride: int) -> np.ndarray:
+    """Frame indices of fixed-length clips for clip-based video models.
+
+    Windows start at frame 0 and every ``stride`` frames after it, as long as they fit. When
+    the last of them does not end on the last frame (``(num_frames - window) % stride != 0``),
+    one more window is added that ends exactly on it (starting at ``num_frames - window``), so
+    every frame is covered (with ``stride <= window``) and no window runs past the end. A video
+    shorter than ``window`` gives one window: all its frames, then the last index repeated.
+
+    Parameters
+    ----------
+    num_frames : int
+        Frames in the video (>= 1).
+    window : int
+        Frames per window (>= 1).
+    stride : int
+        Frames between the starts of consecutive windows (>= 1; ``stride > window`` skips
+        frames between windows).
+
+    Returns
+    -------
+    int64 ndarray (num_windows, window)
+
+    Raises
+    ------
+    ShapeError
+        Naming ``num_frames``, ``window`` or ``stride`` when it is not an integer >= 1.
+
+    Examples
+    --------
+    >>> from mmcore.preprocess import temporal_windows
+    >>> temporal_windows(10, window=4, stride=4).tolist()
+    [[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]]
+    >>> temporal_windows(3, window=5, stride=2).tolist()
+    [[0, 1, 2, 2, 2]]
+    """
+    op = "temporal_windows"
+    num_frames = _int_arg(op, "num_frames", num_frames)
+    window = _int_arg(op, "window", window)
+    stride = _int_arg(op, "stride", stride)
+    if num_frames < window:
+        row = np.minimum(np.arange(window, dtype=np.int64), num_frames - 1)
+        return row[None, :]
+    last = num_frames - window
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    s = np.asarray(starts, dtype=np.int64)
+    return s[:, None] + np.arange(window, dtype=np.int64)[None, :]
