@@ -308,6 +308,64 @@ void preprocess_image(py::list srcs, py::object out, py::object geoms, py::objec
   mmcore::preprocess_u8(s.data(), n, g, crop_h, crop_w, f, antialias, norm, o, std::max(num_threads, 1));
 }
 
+void masked_reduce(const char* op, py::object x, py::object mask, py::object out, int num_threads, bool is_max) {
+  if (!py::isinstance<py::array>(x)) throw py::type_error(std::string("[") + op + "] x must be a numpy array");
+  py::array xa = x.cast<py::array>();
+  if (xa.ndim() != 3) throw py::value_error(std::string("[") + op + "] x must have 3 dims (B, L, D)");
+  mmcore::MaskedReduceParams p;
+  p.B = xa.shape(0);
+  p.L = xa.shape(1);
+  p.D = xa.shape(2);
+  p.x = checked<float>(op, "x", x, {p.B, p.L, p.D}, false);
+  p.mask = reinterpret_cast<const uint8_t*>(checked<bool>(op, "mask", mask, {p.B, p.L}, false));
+  p.out = checked<float>(op, "out", out, {p.B, p.D}, true);
+  if (!p.out && p.B * p.D > 0) throw py::value_error(std::string("[") + op + "] out is required");
+  p.num_threads = std::max(num_threads, 1);
+  py::gil_scoped_release release;
+  if (is_max) mmcore::masked_max_cpu(p);
+  else mmcore::masked_mean_cpu(p);
+}
+
+void fuse(py::object emb, py::object present, py::object weights, py::object query, py::object out,
+          py::object out_weights, const std::string& strategy, int num_threads) {
+  const char* op = "fuse";
+  if (!py::isinstance<py::array>(emb)) throw py::type_error("[fuse] emb must be a numpy array");
+  py::array ea = emb.cast<py::array>();
+  if (ea.ndim() != 3) throw py::value_error("[fuse] emb must have 3 dims (B, M, D)");
+  mmcore::FuseParams p;
+  p.B = ea.shape(0);
+  p.M = ea.shape(1);
+  p.D = ea.shape(2);
+  p.emb = checked<float>(op, "emb", emb, {p.B, p.M, p.D}, false);
+  p.present = reinterpret_cast<const uint8_t*>(checked<bool>(op, "present", present, {p.B, p.M}, false));
+  if (strategy == "concat") p.strategy = mmcore::FuseStrategy::concat;
+  else if (strategy == "mean") p.strategy = mmcore::FuseStrategy::mean;
+  else if (strategy == "sum") p.strategy = mmcore::FuseStrategy::sum;
+  else if (strategy == "max") p.strategy = mmcore::FuseStrategy::max;
+  else if (strategy == "weighted") p.strategy = mmcore::FuseStrategy::weighted;
+  else if (strategy == "attention") p.strategy = mmcore::FuseStrategy::attention;
+  else throw py::value_error("[fuse] strategy must be concat, mean, sum, max, weighted or attention");
+  if (p.strategy == mmcore::FuseStrategy::weighted) {
+    if (weights.is_none()) throw py::value_error("[fuse] strategy 'weighted' needs weights");
+    py::array wa = weights.cast<py::array>();
+    p.weights_per_batch = wa.ndim() == 2;
+    p.weights = checked<float>(op, "weights", weights, p.weights_per_batch ? Shape{p.B, p.M} : Shape{p.M}, false);
+  }
+  if (p.strategy == mmcore::FuseStrategy::attention) {
+    if (query.is_none()) throw py::value_error("[fuse] strategy 'attention' needs a query");
+    py::array qa = query.cast<py::array>();
+    p.query_per_batch = qa.ndim() == 2;
+    p.query = checked<float>(op, "query", query, p.query_per_batch ? Shape{p.B, p.D} : Shape{p.D}, false);
+  }
+  p.out = checked<float>(op, "out", out,
+                         p.strategy == mmcore::FuseStrategy::concat ? Shape{p.B, p.M * p.D} : Shape{p.B, p.D}, true);
+  if (!p.out) throw py::value_error("[fuse] out is required");
+  p.out_weights = checked<float>(op, "out_weights", out_weights, {p.B, p.M}, true);
+  p.num_threads = std::max(num_threads, 1);
+  py::gil_scoped_release release;
+  mmcore::fuse_cpu(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -331,6 +389,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_frames"), py::arg("dither"), py::arg("seed"), py::arg("remove_dc"), py::arg("preemph"),
         py::arg("kind"), py::arg("power"), py::arg("log_mode"), py::arg("log_floor"), py::arg("whisper_norm"),
         py::arg("num_threads"));
+  m.def(
+      "masked_mean",
+      [](py::object x, py::object mask, py::object out, int num_threads) {
+        masked_reduce("masked_mean", x, mask, out, num_threads, false);
+      },
+      py::arg("x"), py::arg("mask"), py::arg("out"), py::kw_only(), py::arg("num_threads"));
+  m.def(
+      "masked_max",
+      [](py::object x, py::object mask, py::object out, int num_threads) {
+        masked_reduce("masked_max", x, mask, out, num_threads, true);
+      },
+      py::arg("x"), py::arg("mask"), py::arg("out"), py::kw_only(), py::arg("num_threads"));
+  m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"), py::arg("query"), py::arg("out"),
+        py::arg("out_weights"), py::kw_only(), py::arg("strategy"), py::arg("num_threads"));
   m.def("resize", &resize, py::arg("srcs"), py::arg("dsts"), py::kw_only(), py::arg("filter"), py::arg("antialias"),
         py::arg("num_threads"));
   m.def("normalize", &normalize, py::arg("src"), py::arg("dst"), py::arg("mean"), py::arg("std"), py::kw_only(),

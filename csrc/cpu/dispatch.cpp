@@ -17,6 +17,9 @@ namespace mmcore {
   void normalize_f32(const float*, float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,    \
                      float, bool, int);                                                                        \
   void patchify_f32(const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int); \
+  void masked_mean_f32(const MaskedReduceParams&);                                                          \
+  void masked_max_f32(const MaskedReduceParams&);                                                           \
+  void fuse_f32(const FuseParams&);                                                                         \
   }
 MMCORE_DECLARE_TARGET(baseline)
 #if defined(MMCORE_HAVE_TARGET_AVX2)
@@ -88,6 +91,9 @@ void patchify_f32(const float* src, float* dst, int64_t B, int64_t T, int64_t C,
                   int64_t tp, int num_threads) {
   MMCORE_DISPATCH(patchify_f32, src, dst, B, T, C, H, W, p, tp, num_threads)
 }
+void masked_mean_cpu(const MaskedReduceParams& p) { MMCORE_DISPATCH(masked_mean_f32, p) }
+void masked_max_cpu(const MaskedReduceParams& p) { MMCORE_DISPATCH(masked_max_f32, p) }
+void fuse_cpu(const FuseParams& p) { MMCORE_DISPATCH(fuse_f32, p) }
 #undef MMCORE_DISPATCH
 
 }  // namespace mmcore

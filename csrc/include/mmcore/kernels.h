@@ -1,6 +1,7 @@
 // Entry points of the CPU kernels; each picks the instruction-set variant at run time.
 #pragma once
 #include "mmcore/attention.h"
+#include "mmcore/fusion.h"
 #include "mmcore/image.h"
 #include "mmcore/spectral.h"
 
@@ -27,5 +28,10 @@ void normalize_f32(const float* src, float* dst, int64_t N, int64_t H, int64_t W
                    const float* stdv, float scale, bool chw, int num_threads);
 void patchify_f32(const float* src, float* dst, int64_t B, int64_t T, int64_t C, int64_t H, int64_t W, int64_t p,
                   int64_t tp, int num_threads);
+
+// Fusion reductions (see fusion.h).
+void masked_mean_cpu(const MaskedReduceParams& p);
+void masked_max_cpu(const MaskedReduceParams& p);
+void fuse_cpu(const FuseParams& p);
 
 }  // namespace mmcore
