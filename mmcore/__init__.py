@@ -12,7 +12,14 @@ from ._version import __version__
 from . import errors, ops
 from ._backend import backends, get_num_threads, set_num_threads, use_backend
 from . import config, preprocess
-from .config import PreprocessingConfig
+from .modality import Modality
+from .config import (AttentionFusion, CacheConfig, CachePolicy, CrossModalAttentionConfig,
+                     CustomFusion, EarlyFusion, EncoderConfig, FusionStrategy, LateFusion,
+                     MiddleFusion, ModalityConfig, MultiModalConfig, PreprocessingConfig,
+                     register_fusion)
 
 __all__ = ["__version__", "errors", "ops", "config", "preprocess", "backends", "use_backend",
-           "set_num_threads", "get_num_threads", "PreprocessingConfig"]
+           "set_num_threads", "get_num_threads", "Modality", "MultiModalConfig",
+           "ModalityConfig", "PreprocessingConfig", "EncoderConfig", "CrossModalAttentionConfig",
+           "CacheConfig", "CachePolicy", "FusionStrategy", "EarlyFusion", "MiddleFusion",
+           "LateFusion", "AttentionFusion", "CustomFusion", "register_fusion"]

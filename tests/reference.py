@@ -583,3 +583,108 @@ def preprocess_image_ref(img, *, size, crop, mode, filter, mean, std, scale=1.0 
     c = center_crop_ref(r, crop, crop)
     y = normalize_ref(c, mean, std, scale, "chw")
     return y if patch is None else patchify_ref(y, patch)
+
+
+# ----------------------------------------------------------------------------------------------
+# fusion reductions: masked mean / max over tokens, fusion over modalities
+#
+# Everything in float64, materialized; padding tokens and absent modalities are replaced before
+# any arithmetic so that whatever they hold (NaN included) never matters.
+
+__all__ += ["masked_mean_ref", "masked_max_ref", "fuse_ref", "FUSE_STRATEGIES_REF"]
+
+FUSE_STRATEGIES_REF = ("concat", "mean", "sum", "max", "weighted", "attention")
+
+
+def _real_tokens(mask, B, L):
+    if mask is None:
+        return np.ones((B, L), bool)
+    return np.broadcast_to(np.asarray(mask) != 0, (B, L))
+
+
+def masked_mean_ref(x, mask=None):
+    """Mean over the real tokens (``mask`` True / 1) of ``x`` (B, L, D); zeros for rows without
+    real tokens. Returns float64 (B, D)."""
+    x = np.asarray(x, dtype=np.float64)
+    B, L, D = x.shape
+    real = _real_tokens(mask, B, L)
+    count = real.sum(axis=1)
+    total = np.where(real[..., None], x, 0.0).sum(axis=1)
+    return np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], 0.0)
+
+
+def masked_max_ref(x, mask=None):
+    """Elementwise max over the real tokens of ``x`` (B, L, D); zeros for rows without real
+    tokens; a NaN in a real token propagates. Returns float64 (B, D)."""
+    x = np.asarray(x, dtype=np.float64)
+    B, L, D = x.shape
+    real = _real_tokens(mask, B, L)
+    if L == 0:
+        return np.zeros((B, D))
+    best = np.where(real[..., None], x, -np.inf).max(axis=1)
+    return np.where(real.any(axis=1)[:, None], best, 0.0)
+
+
+def fuse_ref(embeddings, strategy, *, weights=None, query=None, present=None):
+    """Fusion of M modality embeddings, float64.
+
+    ``embeddings``: a list of M arrays (B, D_m) or one (B, M, D) array. ``present``: (B, M) or
+    (M,), True / 1 = the modality is there (default: all). Returns ``(out, w)`` where ``w`` is the
+    (B, M) weight matrix for "weighted" and "attention" and None otherwise.
+
+    * concat: ``[e_0 | e_1 | ...]`` (B, sum D_m) with absent modalities as zeros.
+    * mean / sum / max: over the present modalities; a row with none present gives zeros.
+    * weighted: ``w = weights`` ((M,) or (B, M), >= 0) zeroed where absent and divided by its
+      row sum (a zero sum gives zero weights); ``out = sum_m w_m e_m``.
+    * attention: ``s_m = (query . e_m) / sqrt(D)`` over the present modalities, ``w = softmax(s)``
+      (0 where absent, all 0 with none present); ``out = sum_m w_m e_m``. A NaN score makes the
+      row's out and present weights NaN.
+
+    Modalities of weight exactly 0 (weighted, attention) take no part in the sum, so a NaN or
+    inf they hold never matters.
+    """
+    if isinstance(embeddings, (list, tuple)):
+        embs = [np.asarray(e, dtype=np.float64) for e in embeddings]
+    else:
+        arr = np.asarray(embeddings, dtype=np.float64)
+        embs = [arr[:, m] for m in range(arr.shape[1])]
+    M = len(embs)
+    B = embs[0].shape[0]
+    pres = (np.ones((B, M), bool) if present is None
+            else np.broadcast_to(np.asarray(present) != 0, (B, M)))
+    # absent modalities never matter, whatever they hold
+    embs = [np.where(pres[:, m:m + 1], e, 0.0) for m, e in enumerate(embs)]
+    if strategy == "concat":
+        return np.concatenate(embs, axis=1) if M else np.zeros((B, 0)), None
+    E = np.stack(embs, axis=1)                               # (B, M, D)
+    D = E.shape[2]
+    count = pres.sum(axis=1)
+    some = (count > 0)[:, None]
+    if strategy == "sum":
+        return E.sum(axis=1), None
+    if strategy == "mean":
+        return np.where(some, E.sum(axis=1) / np.maximum(count, 1)[:, None], 0.0), None
+    if strategy == "max":
+        best = np.where(pres[..., None], E, -np.inf).max(axis=1)
+        return np.where(some, best, 0.0), None
+    if strategy == "weighted":
+        w = np.broadcast_to(np.asarray(weights, dtype=np.float64), (B, M))
+        w = np.where(pres, w, 0.0)
+        total = w.sum(axis=1, keepdims=True)
+        w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    elif strategy == "attention":
+        q = np.broadcast_to(np.asarray(query, dtype=np.float64), (B, D))
+        s = np.einsum("bmd,bd->bm", E, q) / math.sqrt(D)
+        s = np.where(pres, s, -np.inf)
+        smax = s.max(axis=1, keepdims=True)
+        safe = np.where(np.isneginf(smax), 0.0, smax)
+        e = np.where(pres, np.exp(s - safe), 0.0)
+        total = e.sum(axis=1, keepdims=True)
+        # a NaN score makes the present weights NaN; no present modality gives zeros
+        w = np.where(pres & (total != 0), e / np.where(total == 0, 1.0, total), 0.0)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    # a modality of weight exactly 0 takes no part (whatever its embedding holds)
+    terms = np.where((w != 0)[..., None], w[..., None] * np.where((w != 0)[..., None], E, 0.0),
+                     0.0)
+    return terms.sum(axis=1), w

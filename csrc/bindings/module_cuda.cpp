@@ -2,8 +2,9 @@
 //
 // Thin by design: arguments arrive as raw device pointers (Python ints, 0 = null), shapes and
 // element strides; all checking of user input happens in mmcore/ops/_cuda_impl.py,
-// mmcore/ops/_cuda_spectral.py and mmcore/ops/_cuda_image.py. Importing this module never needs
-// a GPU or a driver: device_info() reports why CUDA is unusable instead of raising.
+// mmcore/ops/_cuda_spectral.py, mmcore/ops/_cuda_image.py and mmcore/ops/_cuda_fusion.py.
+// Importing this module never needs a GPU or a driver: device_info() reports why CUDA is
+// unusable instead of raising.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "../cuda/attention_cuda.h"
+#include "../cuda/fusion_cuda.h"
 #include "../cuda/image_cuda.h"
 #include "../cuda/spectral_cuda.h"
 
@@ -400,6 +402,57 @@ void patchify(uintptr_t src, uintptr_t dst, int64_t B, int64_t T, int64_t C, int
   });
 }
 
+// ---- fusion reductions --------------------------------------------------------------------------
+
+mmcore::MaskedReduceParams masked_params(uintptr_t x, uintptr_t mask, uintptr_t out, int64_t B,
+                                         int64_t L, int64_t D) {
+  mmcore::MaskedReduceParams p;
+  p.x = as_ptr<const float>(x);
+  p.mask = as_ptr<const uint8_t>(mask);
+  p.out = as_ptr<float>(out);
+  p.B = B;
+  p.L = L;
+  p.D = D;
+  return p;
+}
+
+void masked_mean(uintptr_t x, uintptr_t mask, uintptr_t out, int64_t B, int64_t L, int64_t D,
+                 uintptr_t stream, int device) {
+  const auto p = masked_params(x, mask, out, B, L, D);
+  run_on_device("masked_mean", device, [&] {
+    return mmcore::cuda::masked_mean(p, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+void masked_max(uintptr_t x, uintptr_t mask, uintptr_t out, int64_t B, int64_t L, int64_t D,
+                uintptr_t stream, int device) {
+  const auto p = masked_params(x, mask, out, B, L, D);
+  run_on_device("masked_max", device, [&] {
+    return mmcore::cuda::masked_max(p, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+void fuse(uintptr_t emb, uintptr_t present, uintptr_t weights, bool weights_per_batch,
+          uintptr_t query, bool query_per_batch, uintptr_t out, uintptr_t out_weights, int64_t B,
+          int64_t M, int64_t D, int strategy, uintptr_t stream, int device) {
+  mmcore::FuseParams p;
+  p.emb = as_ptr<const float>(emb);
+  p.present = as_ptr<const uint8_t>(present);
+  p.weights = as_ptr<const float>(weights);
+  p.weights_per_batch = weights_per_batch;
+  p.query = as_ptr<const float>(query);
+  p.query_per_batch = query_per_batch;
+  p.out = as_ptr<float>(out);
+  p.out_weights = as_ptr<float>(out_weights);
+  p.B = B;
+  p.M = M;
+  p.D = D;
+  p.strategy = static_cast<mmcore::FuseStrategy>(strategy);  // range-checked by the kernel
+  run_on_device("fuse", device, [&] {
+    return mmcore::cuda::fuse(p, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -486,4 +539,30 @@ PYBIND11_MODULE(_cuda, m) {
         "(B, T/tp * H/p * W/p, C * tp * p * p): patches t-major then row-major, each flattened "
         "(c, t, py, px). Raises RuntimeError('[patchify] ...') on invalid arguments or CUDA "
         "errors.");
+
+  m.def("masked_mean", &masked_mean, py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("B"),
+        py::arg("L"), py::arg("D"), py::arg("stream"), py::arg("device") = -1,
+        "Queue the masked mean over tokens on `stream` (a cudaStream_t as int, 0 = legacy "
+        "default stream) of `device` (-1 = the current device): x float32 (B, L, D) and mask "
+        "uint8 / bool (B, L) (0 = null: every token is real) contiguous, out float32 (B, D); a "
+        "row without real tokens gives zeros. Pointers are device addresses as ints. Raises "
+        "RuntimeError('[masked_mean] ...') on invalid arguments or CUDA errors.");
+
+  m.def("masked_max", &masked_max, py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("B"),
+        py::arg("L"), py::arg("D"), py::arg("stream"), py::arg("device") = -1,
+        "Queue the masked elementwise maximum over tokens (NaN propagates; a row without real "
+        "tokens gives zeros); arguments as for masked_mean. Raises "
+        "RuntimeError('[masked_max] ...') on invalid arguments or CUDA errors.");
+
+  m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"),
+        py::arg("weights_per_batch"), py::arg("query"), py::arg("query_per_batch"), py::arg("out"),
+        py::arg("out_weights"), py::arg("B"), py::arg("M"), py::arg("D"), py::arg("strategy"),
+        py::arg("stream"), py::arg("device") = -1,
+        "Queue a fusion over modalities (see mmcore/fusion.h) on `stream` of `device` (-1 = the "
+        "current device). emb float32 (B, M, D), present uint8 / bool (B, M) (0 = all present), "
+        "weights float32 (B, M) or (M,) (weights_per_batch false), query float32 (B, D) or (D,) "
+        "(query_per_batch false), out float32 (B, M * D) for concat else (B, D), out_weights "
+        "float32 (B, M) or 0 (written by weighted and attention only), all contiguous device "
+        "addresses as ints. strategy 0 = concat, 1 = mean, 2 = sum, 3 = max, 4 = weighted, "
+        "5 = attention. Raises RuntimeError('[fuse] ...') on invalid arguments or CUDA errors.");
 }

@@ -1,0 +1,21 @@
+"""Model runtime: NumPy layers on top of :mod:`mmcore.ops`.
+
+Layers keep float32 weights in the PyTorch layout and key names, so a PyTorch ``state_dict``
+converted to NumPy arrays loads with ``from_state_dict``. They run in inference mode only.
+
+Examples
+--------
+>>> import numpy as np
+>>> from mmcore.model import CrossModalAttention
+>>> layer = CrossModalAttention(32, 4, kdim=16, vdim=16, rng=0)
+>>> layer(np.zeros((1, 2, 32), np.float32), np.zeros((1, 9, 16), np.float32)).shape
+(1, 2, 32)
+"""
+
+from .nn import LayerNorm, Linear, Module, gelu, get_activation, quick_gelu, relu
+from .layers import (CrossModalAttention, MultiHeadSelfAttention, TransformerEncoderLayer,
+                     padding_mask_to_attention)
+
+__all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
+           "CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
+           "padding_mask_to_attention"]

@@ -1,0 +1,481 @@
+"""Fusion reductions: pooling over tokens and fusion over modalities (``mmcore.ops.fusion``).
+
+* :func:`masked_mean` / :func:`masked_max` -- pool a padded sequence of token embeddings
+  (B, L, D) into one vector per row, over the real tokens only.
+* :func:`fuse` -- combine the embeddings of M modalities into one (concat, mean, sum, max,
+  weighted or attention), skipping the modalities a row does not have.
+
+Masks follow the Hugging Face convention: True / 1 = real token (or present modality), False / 0
+= padding (or missing). Integer masks such as a tokenizer's int64 ``attention_mask`` are accepted
+when they hold only 0 and 1. Padding tokens and absent modalities are never read: they may hold
+anything, NaN included. Computation is float32 (float16 and float64 inputs are cast; non-contiguous
+inputs are copied). Host arrays run on the ``native`` (default) or ``numba`` backend; CuPy / CUDA
+arrays run on ``cuda`` and give CuPy results on the same device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from .. import _backend
+from ..errors import BackendError, ShapeError
+from ._checks import FLOAT_INPUT_DTYPES, check_rank
+
+__all__ = ["masked_mean", "masked_max", "fuse", "FUSE_STRATEGIES"]
+
+FUSE_STRATEGIES = ("concat", "mean", "sum", "max", "weighted", "attention")
+
+
+# ----------------------------------------------------------------------------------------------
+# arrays on either side: NumPy for host backends, CuPy for cuda
+
+
+def _dispatch_candidates(objs) -> list:
+    """The arguments that decide the backend: arrays (host or device). Plain Python sequences
+    and numbers are small constants that follow the data to its side."""
+    return [a for a in objs if a is not None and (_backend.is_cuda_array(a)
+                                                 or hasattr(a, "__array__")
+                                                 or hasattr(a, "__array_interface__"))]
+
+
+def _xp(op: str, name: str):
+    if name != "cuda":
+        return np
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
+                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
+    return cupy
+
+
+def _array(op: str, name: str, x, xp, *, constant: bool = False):
+    """``x`` as an array of ``xp``. On the device, data arrays must already be there; small
+    constants (``constant=True``: masks, weights, query) given as Python sequences are copied."""
+    if x is None:
+        raise ShapeError(f"[{op}] {name} is required")
+    if xp is np or (constant and not _backend.is_cuda_array(x)
+                    and not hasattr(x, "__array__") and not hasattr(x, "__array_interface__")):
+        try:
+            a = np.asarray(x)
+        except Exception as exc:
+            raise ShapeError(f"[{op}] {name} cannot be converted to an array: {exc}") from None
+        if a.dtype == object:
+            raise ShapeError(f"[{op}] {name} cannot be converted to a numeric array "
+                             f"(got dtype object)")
+        return a if xp is np else xp.asarray(a)
+    if isinstance(x, xp.ndarray):
+        return x
+    if not _backend.is_cuda_array(x):
+        raise BackendError(f"[{op}] {name} is a host array ({type(x).__name__}) while the other "
+                           "arrays are on a CUDA device; mmcore never copies between host and "
+                           "device implicitly")
+    try:
+        return xp.asarray(x) if hasattr(x, "__cuda_array_interface__") else xp.from_dlpack(x)
+    except Exception as exc:
+        raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
+
+
+def _float32(op: str, name: str, a, xp):
+    """float16/float32/float64 -> C-contiguous float32 (copies only when needed)."""
+    if np.dtype(a.dtype) not in FLOAT_INPUT_DTYPES:
+        raise ShapeError(f"[{op}] {name} has dtype {a.dtype}, expected float32 or float16 "
+                         "(float64 is cast)")
+    return xp.ascontiguousarray(a, dtype=xp.float32)
+
+
+def _bool_mask(op: str, name: str, m, xp, meaning: str):
+    """A bool or 0/1 integer mask as C-contiguous bool."""
+    dt = np.dtype(m.dtype)
+    if dt == np.bool_:
+        return xp.ascontiguousarray(m)
+    if dt.kind not in "iu":
+        raise ShapeError(f"[{op}] {name} has dtype {dt}, expected bool or integer 0/1 "
+                         f"({meaning})")
+    if m.size and (int(m.min()) < 0 or int(m.max()) > 1):
+        raise ShapeError(f"[{op}] {name} holds values other than 0 and 1 (in "
+                         f"[{int(m.min())}, {int(m.max())}]); expected bool or integer 0/1 "
+                         f"({meaning})")
+    return xp.ascontiguousarray(m != 0)
+
+
+def _native(op: str):
+    C = _backend.native_module()
+    if not hasattr(C, op):
+        raise BackendError(f"[{op}] this build of mmcore._C has no {op} kernel: rebuild mmcore "
+                           "(`pip install .`) or use backend='numba'")
+    return C
+
+
+def _cuda_fusion(op: str):
+    try:
+        from . import _cuda_fusion
+    except ImportError as exc:
+        raise BackendError(f"[{op}] this build of mmcore has no CUDA fusion kernels "
+                           f"(mmcore.ops._cuda_fusion): {exc}") from exc
+    return _cuda_fusion
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_mean / masked_max
+
+
+def _masked_reduce(op: str, x, mask, backend):
+    name = _backend.resolve_backend(op, _dispatch_candidates((x, mask)), backend)
+    xp = _xp(op, name)
+    a = _array(op, "x", x, xp)
+    check_rank(op, "x", a, 3, "(B, L, D)")
+    a = _float32(op, "x", a, xp)
+    B, L, D = (int(n) for n in a.shape)
+    m = None
+    if mask is not None:
+        m = _array(op, "mask", mask, xp, constant=True)
+        check_rank(op, "mask", m, 2, "(B, L)")
+        if tuple(m.shape) != (B, L):
+            raise ShapeError(f"[{op}] mask has shape {tuple(m.shape)}, expected {(B, L)} = (B, L) "
+                             "from x")
+        m = _bool_mask(op, "mask", m, xp, "True / 1 = real token")
+    if a.size == 0:                     # no rows, no features, or no tokens (all padding)
+        return xp.zeros((B, D), xp.float32)
+    out = xp.empty((B, D), xp.float32)
+    if name == "native":
+        getattr(_native(op), op)(a, m, out, num_threads=_backend.get_num_threads())
+    elif name == "numba":
+        from .._numba import fusion as nb
+        getattr(nb, op + "_numba")(a, m, out)
+    else:
+        getattr(_cuda_fusion(op), op + "_cuda")(a, m, out)
+    return out
+
+
+def masked_mean(x, mask=None, *, backend=None):
+    """Mean of token embeddings over the real tokens of each row (masked mean pooling).
+
+    ``out[b] = sum_l mask[b, l] * x[b, l] / sum_l mask[b, l]``, computed in float32 without ever
+    reading padding tokens. A row without real tokens gives zeros, never NaN.
+
+    Parameters
+    ----------
+    x : array (B, L, D)
+        Token embeddings, float32 or float16 (float64 is cast to float32).
+    mask : array (B, L), optional
+        True / 1 = real token, False / 0 = padding: a bool mask or a Hugging Face integer
+        ``attention_mask`` holding only 0 and 1. ``None``: every token is real.
+    backend : {"native", "numba", "cuda"}, optional
+        Override the backend (see :mod:`mmcore._backend`).
+
+    Returns
+    -------
+    out : float32 array (B, D)
+
+    Notes
+    -----
+    Padding tokens may hold anything (NaN included); a NaN in a real token propagates to its
+    column of the row. Equivalent to PyTorch's ``(x * mask[..., None]).sum(1) /
+    mask.sum(1, keepdim=True)`` for rows with at least one real token and finite padding.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.ops import masked_mean
+    >>> x = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    >>> attention_mask = np.array([[1, 1, 0], [0, 0, 0]])      # row 1 is all padding
+    >>> masked_mean(x, attention_mask)
+    array([[1., 2.],
+           [0., 0.]], dtype=float32)
+    """
+    return _masked_reduce("masked_mean", x, mask, backend)
+
+
+def masked_max(x, mask=None, *, backend=None):
+    """Elementwise max of token embeddings over the real tokens of each row (max pooling).
+
+    ``out[b, d] = max over l with mask[b, l] of x[b, l, d]``, never reading padding tokens. A
+    row without real tokens gives zeros (not ``-inf``), never NaN.
+
+    Parameters
+    ----------
+    x : array (B, L, D)
+        Token embeddings, float32 or float16 (float64 is cast to float32).
+    mask : array (B, L), optional
+        True / 1 = real token, False / 0 = padding: a bool mask or a Hugging Face integer
+        ``attention_mask`` holding only 0 and 1. ``None``: every token is real.
+    backend : {"native", "numba", "cuda"}, optional
+        Override the backend (see :mod:`mmcore._backend`).
+
+    Returns
+    -------
+    out : float32 array (B, D)
+
+    Notes
+    -----
+    Padding tokens may hold anything (NaN included). A NaN in a real token makes its column of
+    the row NaN, as :func:`numpy.max` and :func:`torch.amax` do; ``-inf`` values are ordinary
+    values (a row whose real tokens are all ``-inf`` in a column gives ``-inf`` there).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.ops import masked_max
+    >>> x = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    >>> masked_max(x, np.array([[True, True, False], [False, False, False]]))
+    array([[2., 3.],
+           [0., 0.]], dtype=float32)
+    """
+    return _masked_reduce("masked_max", x, mask, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# fuse
+
+
+class _Embeddings(NamedTuple):
+    items: Optional[List]      # a sequence input: (B, D_m) arrays (not yet cast)
+    stacked: object            # a (B, M, D) input (not yet cast), or None
+    B: int
+    M: int
+    widths: List[int]
+
+
+def _embeddings(op: str, embeddings, xp) -> _Embeddings:
+    if isinstance(embeddings, (list, tuple)):
+        if len(embeddings) == 0:
+            raise ShapeError(f"[{op}] embeddings is empty, expected at least one modality "
+                             "(M >= 1)")
+        items = []
+        for i, e in enumerate(embeddings):
+            where = f"embeddings[{i}]"
+            a = _array(op, where, e, xp)
+            check_rank(op, where, a, 2, "(B, D_m)")
+            if np.dtype(a.dtype) not in FLOAT_INPUT_DTYPES:
+                raise ShapeError(f"[{op}] {where} has dtype {a.dtype}, expected float32 or "
+                                 "float16 (float64 is cast)")
+            if items and a.shape[0] != items[0].shape[0]:
+                raise ShapeError(f"[{op}] {where} has B = {a.shape[0]}, expected "
+                                 f"{items[0].shape[0]} from embeddings[0]")
+            items.append(a)
+        return _Embeddings(items, None, int(items[0].shape[0]), len(items),
+                           [int(a.shape[1]) for a in items])
+    a = _array(op, "embeddings", embeddings, xp)
+    if a.ndim != 3:
+        raise ShapeError(f"[{op}] embeddings has {a.ndim} dims, expected 3 (B, M, D) or a "
+                         "sequence of M arrays (B, D_m)")
+    if np.dtype(a.dtype) not in FLOAT_INPUT_DTYPES:
+        raise ShapeError(f"[{op}] embeddings has dtype {a.dtype}, expected float32 or float16 "
+                         "(float64 is cast)")
+    B, M, D = (int(n) for n in a.shape)
+    if M == 0:
+        raise ShapeError(f"[{op}] embeddings has M = 0 modalities, expected at least one")
+    return _Embeddings(None, a, B, M, [D] * M)
+
+
+def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str, *, constant=True):
+    """``value`` of shape (n,) or (B, n), float32 C-contiguous, finite."""
+    a = _array(op, name, value, xp, constant=constant)
+    if np.dtype(a.dtype).kind not in "fiu" or a.dtype == np.bool_:
+        raise ShapeError(f"[{op}] {name} has dtype {a.dtype}, expected real numbers")
+    if tuple(a.shape) not in ((n,), (B, n)):
+        raise ShapeError(f"[{op}] {name} has shape {tuple(a.shape)}, expected ({n},) or "
+                         f"{(B, n)} = {dims}")
+    with np.errstate(over="ignore"):          # float64 beyond float32 becomes inf: rejected
+        a = xp.ascontiguousarray(a, dtype=xp.float32)
+    if not bool(xp.isfinite(a).all()):
+        raise ShapeError(f"[{op}] {name} must be finite (in float32), got NaN or inf")
+    return a
+
+
+def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return_weights=False,
+         backend=None):
+    """Fuse the embeddings of M modalities into one vector per row.
+
+    Each strategy runs over the modalities a row has (``present``); absent modalities are never
+    read, so their embeddings may hold anything (NaN included).
+
+    ===========  ==============================================================================
+    strategy     result per row ``b``
+    ===========  ==============================================================================
+    "concat"     ``[e_0 | e_1 | ... | e_{M-1}]`` (B, sum D_m); absent modalities as zeros.
+                 The widths ``D_m`` may differ.
+    "mean"       mean of the present ``e_m`` (B, D)
+    "sum"        sum of the present ``e_m`` (B, D)
+    "max"        elementwise max of the present ``e_m`` (B, D)
+    "weighted"   ``sum_m w_m e_m`` (B, D) with ``w = weights`` renormalized over the present
+                 modalities: ``w_m = weights[b, m] / sum_{present k} weights[b, k]``
+    "attention"  ``sum_m w_m e_m`` (B, D) with ``w = softmax_m((query . e_m) / sqrt(D))`` over
+                 the present modalities (a one-query attention pooling over modalities)
+    ===========  ==============================================================================
+
+    A row without any present modality gives zeros (and zero weights), never NaN.
+
+    Parameters
+    ----------
+    embeddings : sequence of M arrays (B, D_m), or array (B, M, D)
+        float32 or float16 (float64 is cast to float32). Every strategy but "concat" needs
+        equal widths ``D``.
+    strategy : {"concat", "mean", "sum", "max", "weighted", "attention"}
+        Keyword-only and required.
+    weights : array (M,) or (B, M)
+        Required by (and only allowed with) "weighted": finite, non-negative modality weights,
+        shared by all rows (M,) or per row (B, M). They need not sum to 1: they are divided by
+        their sum over the present modalities of each row; a row whose present weights sum to 0
+        gives zeros.
+    query : array (D,) or (B, D)
+        Required by (and only allowed with) "attention": finite, shared (D,) or per row (B, D).
+    present : array (B, M) or (M,), optional
+        True / 1 = the row has this modality, False / 0 = missing; bool or integer 0/1.
+        ``None``: every modality is present.
+    return_weights : bool, default False
+        With "weighted", also return the renormalized weights. "attention" always returns its
+        weights; other strategies have none and reject ``True``.
+    backend : {"native", "numba", "cuda"}, optional
+        Override the backend (see :mod:`mmcore._backend`).
+
+    Returns
+    -------
+    fused : float32 array (B, sum D_m) for "concat", else (B, D)
+        Returned alone for "concat", "mean", "sum", "max", and "weighted" without
+        ``return_weights``.
+    (fused, weights) : tuple
+        For "attention" always and for "weighted" with ``return_weights=True``: ``weights`` is
+        float32 (B, M), 0 for absent modalities; each row sums to 1, or is all 0 when the row
+        has no present modality (or, for "weighted", only zero weights).
+
+    Notes
+    -----
+    A NaN in a present embedding propagates: to its column (concat, mean, sum, max, weighted)
+    or, through the score, to the whole row and its present weights (attention). The one
+    exception: a modality whose weight is exactly 0 ("weighted" with a zero weight, or an
+    attention weight that underflows to 0) takes no part in the sum and is not read, like an
+    absent one. Sums run in float32, so values near the float32 limit may overflow to inf.
+
+    A sequence input with "concat" is concatenated directly (one pass); the other strategies
+    stack it into a (B, M, D) float32 array first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.ops import fuse
+    >>> text = np.ones((2, 4), np.float32)
+    >>> image = np.full((2, 4), 3.0, np.float32)
+    >>> present = np.array([[True, True], [True, False]])    # row 1 has no image
+    >>> fuse([text, image], strategy="mean", present=present)
+    array([[2., 2., 2., 2.],
+           [1., 1., 1., 1.]], dtype=float32)
+    >>> fuse([text, np.zeros((2, 2), np.float32)], strategy="concat").shape
+    (2, 6)
+    >>> fused, w = fuse([text, image], strategy="weighted", weights=[1.0, 3.0],
+    ...                 present=present, return_weights=True)
+    >>> w
+    array([[0.25, 0.75],
+           [1.  , 0.  ]], dtype=float32)
+    >>> fused, w = fuse([text, image], strategy="attention", query=np.ones(4, np.float32))
+    >>> w.round(4)                          # scores (4 / 2, 12 / 2)
+    array([[0.018, 0.982],
+           [0.018, 0.982]], dtype=float32)
+    """
+    op = "fuse"
+    if not isinstance(strategy, str) or strategy not in FUSE_STRATEGIES:
+        raise ShapeError(f"[{op}] strategy must be one of {', '.join(map(repr, FUSE_STRATEGIES))}, "
+                         f"got {strategy!r}")
+    if not isinstance(return_weights, (bool, np.bool_)):
+        raise ShapeError(f"[{op}] return_weights must be True or False, got {return_weights!r}")
+    if return_weights and strategy not in ("weighted", "attention"):
+        raise ShapeError(f"[{op}] return_weights=True needs strategy 'weighted' or 'attention' "
+                         f"(strategy {strategy!r} has no weights)")
+    if weights is not None and strategy != "weighted":
+        raise ShapeError(f"[{op}] weights is only used with strategy='weighted', got "
+                         f"strategy={strategy!r}")
+    if weights is None and strategy == "weighted":
+        raise ShapeError(f"[{op}] weights is required with strategy='weighted': (M,) or (B, M)")
+    if query is not None and strategy != "attention":
+        raise ShapeError(f"[{op}] query is only used with strategy='attention', got "
+                         f"strategy={strategy!r}")
+    if query is None and strategy == "attention":
+        raise ShapeError(f"[{op}] query is required with strategy='attention': (D,) or (B, D)")
+
+    parts = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
+    name = _backend.resolve_backend(op, _dispatch_candidates(parts + [weights, query, present]),
+                                    backend)
+    xp = _xp(op, name)
+    emb = _embeddings(op, embeddings, xp)
+    B, M = emb.B, emb.M
+
+    pres = None
+    if present is not None:
+        p = _array(op, "present", present, xp, constant=True)
+        if tuple(p.shape) not in ((M,), (B, M)):
+            raise ShapeError(f"[{op}] present has shape {tuple(p.shape)}, expected ({M},) or "
+                             f"{(B, M)} = (B, M) from embeddings")
+        p = _bool_mask(op, "present", p, xp, "True / 1 = modality present")
+        pres = xp.ascontiguousarray(xp.broadcast_to(p, (B, M)))
+
+    if strategy == "concat" and emb.items is not None:
+        return _concat_sequence(emb, pres, xp)
+
+    D = emb.widths[0]
+    if emb.items is not None:
+        for i, w in enumerate(emb.widths):
+            if w != D:
+                raise ShapeError(f"[{op}] embeddings[{i}] has D = {w}, expected {D} from "
+                                 f"embeddings[0]: strategy {strategy!r} needs equal widths "
+                                 "(only 'concat' accepts different ones)")
+    if D == 0 and strategy in ("weighted", "attention"):
+        raise ShapeError(f"[{op}] embeddings have D = 0, expected at least 1 for strategy "
+                         f"{strategy!r}")
+
+    w_arr = q_arr = None
+    if strategy == "weighted":
+        w_arr = _per_row(op, "weights", weights, xp, B, M, "(M,) or (B, M)")
+        if bool((w_arr < 0).any()):
+            raise ShapeError(f"[{op}] weights must be >= 0 (they are renormalized over the "
+                             "present modalities), got a negative value")
+    if strategy == "attention":
+        q_arr = _per_row(op, "query", query, xp, B, D, "(D,) or (B, D)")
+
+    width = M * D if strategy == "concat" else D
+    has_weights = strategy in ("weighted", "attention")
+    if B == 0 or D == 0:
+        out = xp.zeros((B, width), xp.float32)
+        w_out = xp.zeros((B, M), xp.float32) if has_weights else None
+        return _fuse_results(strategy, out, w_out, return_weights)
+
+    if emb.items is not None:
+        stacked = xp.empty((B, M, D), xp.float32)
+        for m, a in enumerate(emb.items):
+            stacked[:, m] = a
+    else:
+        stacked = xp.ascontiguousarray(emb.stacked, dtype=xp.float32)
+
+    out = xp.empty((B, width), xp.float32)
+    w_out = xp.empty((B, M), xp.float32) if has_weights else None
+    if name == "native":
+        _native(op).fuse(stacked, pres, w_arr, q_arr, out, w_out, strategy=strategy,
+                         num_threads=_backend.get_num_threads())
+    elif name == "numba":
+        from .._numba.fusion import fuse_numba
+        fuse_numba(stacked, pres, w_arr, q_arr, out, w_out, strategy=strategy)
+    else:
+        _cuda_fusion(op).fuse_cuda(stacked, pres, w_arr, q_arr, out, w_out, strategy=strategy)
+    return _fuse_results(strategy, out, w_out, return_weights)
+
+
+def _fuse_results(strategy: str, out, w_out, return_weights: bool):
+    if strategy == "attention" or (strategy == "weighted" and return_weights):
+        return out, w_out
+    return out
+
+
+def _concat_sequence(emb: _Embeddings, pres, xp):
+    """concat of a sequence of (B, D_m) arrays: one concatenation, absent slices zeroed."""
+    items = [a.astype(xp.float32, copy=False) for a in emb.items]
+    out = xp.concatenate(items, axis=1)      # always a new C-contiguous array
+    if pres is not None and emb.B:
+        offset = 0
+        for m, w in enumerate(emb.widths):
+            if w:
+                out[~pres[:, m], offset:offset + w] = 0
+            offset += w
+    return out
