@@ -22,7 +22,8 @@
 //   shared memory, then the weighted sum over the columns.
 //
 // Semantics: mmcore/fusion.h, with the choices listed in fusion_cuda.h. Everything is
-// accumulated in float32; exp and the divisions are the IEEE-rounded ones (no fast math).
+// accumulated in float32; divisions and sqrtf are IEEE-rounded and expf is the accurate library
+// function (no fast-math intrinsics).
 
 #include <cuda_runtime.h>
 
