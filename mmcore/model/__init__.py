@@ -15,7 +15,12 @@ Examples
 from .nn import LayerNorm, Linear, Module, gelu, get_activation, quick_gelu, relu
 from .layers import (CrossModalAttention, MultiHeadSelfAttention, TransformerEncoderLayer,
                      padding_mask_to_attention)
+from .encoders import (FeatureEmbedder, MelFrameEmbedder, ModalityEncoder, ModuleList,
+                       PatchEmbedder, TokenEmbedder, TransformerEncoder, VideoEmbedder)
+from .fusion import FusionLayer
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
-           "padding_mask_to_attention"]
+           "padding_mask_to_attention", "ModuleList", "TokenEmbedder", "PatchEmbedder",
+           "MelFrameEmbedder", "VideoEmbedder", "FeatureEmbedder", "TransformerEncoder",
+           "ModalityEncoder", "FusionLayer"]
