@@ -442,7 +442,7 @@ def test_fuse_nan_in_present_embedding(backend):
     emb[1, 2, 4] = np.nan
     for s in ("mean", "sum", "max", "weighted"):
         kw = _fuse_kwargs(s, None, np.ones(3, np.float32), query)
-        out = fuse(emb, strategy=s, backend=backend, **{k: v for k, v in kw.items() if k != "present"})
+        out = fuse(emb, strategy=s, backend=backend, **kw)
         expected = np.zeros(out.shape, bool)
         expected[1, 4] = True
         np.testing.assert_array_equal(np.isnan(out), expected, err_msg=s)

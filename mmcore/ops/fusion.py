@@ -15,8 +15,7 @@ arrays run on ``cuda`` and give CuPy results on the same device.
 
 from __future__ import annotations
 
-import math
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 
@@ -174,7 +173,8 @@ def masked_mean(x, mask=None, *, backend=None):
     Notes
     -----
     Padding tokens may hold anything (NaN included); a NaN in a real token propagates to its
-    column of the row. Equivalent to PyTorch's ``(x * mask[..., None]).sum(1) /
+    column of the row. The sum runs in float32 on the native backend, so real tokens near the
+    float32 limit (~3.4e38) may overflow to inf. Equivalent to PyTorch's ``(x * mask[..., None]).sum(1) /
     mask.sum(1, keepdim=True)`` for rows with at least one real token and finite padding.
 
     Examples
@@ -272,9 +272,9 @@ def _embeddings(op: str, embeddings, xp) -> _Embeddings:
     return _Embeddings(None, a, B, M, [D] * M)
 
 
-def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str, *, constant=True):
+def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str):
     """``value`` of shape (n,) or (B, n), float32 C-contiguous, finite."""
-    a = _array(op, name, value, xp, constant=constant)
+    a = _array(op, name, value, xp, constant=True)
     if np.dtype(a.dtype).kind not in "fiu" or a.dtype == np.bool_:
         raise ShapeError(f"[{op}] {name} has dtype {a.dtype}, expected real numbers")
     if tuple(a.shape) not in ((n,), (B, n)):
@@ -476,6 +476,10 @@ def _concat_sequence(emb: _Embeddings, pres, xp):
         offset = 0
         for m, w in enumerate(emb.widths):
             if w:
-                out[~pres[:, m], offset:offset + w] = 0
+                seg = out[:, offset:offset + w]
+                if xp is np:
+                    seg[~pres[:, m]] = 0
+                else:
+                    seg[...] = xp.where(pres[:, m, None], seg, xp.float32(0))
             offset += w
     return out
