@@ -27,65 +27,18 @@ Outputs must not overlap the inputs.
 
 from __future__ import annotations
 
-import importlib
 
-from .._backend import is_cuda_array
 from ..errors import BackendError, ShapeError
+from ._cuda_common import cuda_module as _cuda_module
+from ._cuda_common import cupy_module as _cupy
+from ._cuda_common import device_array as _device_array
+from ._cuda_common import same_device as _same_device
 
 __all__ = ["masked_mean_cuda", "masked_max_cuda", "fuse_cuda"]
 
 _STRATEGIES = {"concat": 0, "mean": 1, "sum": 2, "max": 3, "weighted": 4, "attention": 5}
 _MASK_DTYPES = ("bool", "uint8")
 ATTENTION_MAX_MODALITIES = 8192  # kFuseAttentionMaxModalities in csrc/cuda/fusion_cuda.h
-
-
-def _cupy(op: str):
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
-                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
-    return cupy
-
-
-def _cuda_module(op: str, kernel: str):
-    try:
-        mod = importlib.import_module("mmcore._cuda")
-    except ImportError as exc:
-        raise BackendError(f"[{op}] the CUDA module mmcore._cuda is missing: rebuild mmcore with "
-                           f"a CUDA compiler available ({exc})") from exc
-    if not hasattr(mod, kernel):
-        raise BackendError(f"[{op}] this build of mmcore._cuda has no {kernel} kernel: rebuild "
-                           "mmcore (`pip install .`)")
-    return mod
-
-
-def _device_array(cp, op: str, name: str, x):
-    """``x`` as a CuPy array without copying; raises for host arrays."""
-    if x is None:
-        raise ShapeError(f"[{op}] {name} is required")
-    if isinstance(x, cp.ndarray):
-        return x
-    if hasattr(x, "__cuda_array_interface__"):
-        try:
-            return cp.asarray(x)
-        except Exception as exc:
-            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
-    if is_cuda_array(x):
-        try:
-            return cp.from_dlpack(x)
-        except Exception as exc:
-            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
-    raise BackendError(f"[{op}] {name} is a host object ({type(x).__name__}) while the cuda "
-                       "backend runs; mmcore never copies between host and device implicitly: "
-                       "pass CuPy arrays on one device")
-
-
-def _same_device(op: str, name: str, x, device: int, first: str) -> None:
-    dev = x.device.id
-    if dev != device:
-        raise BackendError(f"[{op}] {name} is on CUDA device {dev} but {first} is on device "
-                           f"{device}")
 
 
 def _shape(a) -> tuple:

@@ -34,7 +34,6 @@ float32 rounding after each operation.
 
 from __future__ import annotations
 
-import importlib
 import math
 import operator
 
@@ -42,61 +41,16 @@ import numpy as np
 
 from .._backend import is_cuda_array
 from ..errors import BackendError, ShapeError
+from ._cuda_common import cuda_module as _cuda_module
+from ._cuda_common import cupy_module as _cupy
+from ._cuda_common import device_array as _device_array
+from ._cuda_common import same_device as _same_device
 
 __all__ = ["resize_cuda", "normalize_cuda", "patchify_cuda", "preprocess_image_cuda"]
 
 _FILTERS = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos": 3}
 _LAYOUTS = {"chw": 0, "hwc": 1}
 _DTYPES = {"uint8": 0, "float32": 1}
-
-
-def _cupy(op: str):
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
-                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
-    return cupy
-
-
-def _cuda_module(op: str, kernel: str):
-    try:
-        mod = importlib.import_module("mmcore._cuda")
-    except ImportError as exc:
-        raise BackendError(f"[{op}] the CUDA module mmcore._cuda is missing: rebuild mmcore with "
-                           f"a CUDA compiler available ({exc})") from exc
-    if not hasattr(mod, kernel):
-        raise BackendError(f"[{op}] this build of mmcore._cuda has no {kernel} kernel: rebuild "
-                           "mmcore (`pip install .`)")
-    return mod
-
-
-def _device_array(cp, op: str, name: str, x):
-    """``x`` as a CuPy array without copying; raises for host arrays."""
-    if x is None:
-        raise ShapeError(f"[{op}] {name} is required")
-    if isinstance(x, cp.ndarray):
-        return x
-    if hasattr(x, "__cuda_array_interface__"):
-        try:
-            return cp.asarray(x)
-        except Exception as exc:
-            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
-    if is_cuda_array(x):
-        try:
-            return cp.from_dlpack(x)
-        except Exception as exc:
-            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
-    raise BackendError(f"[{op}] {name} is a host object ({type(x).__name__}) while the cuda "
-                       "backend runs; mmcore never copies images between host and device "
-                       "implicitly: pass CuPy arrays on one device")
-
-
-def _same_device(op: str, name: str, x, device: int) -> None:
-    dev = x.device.id
-    if dev != device:
-        raise BackendError(f"[{op}] {name} is on CUDA device {dev} but the first input is on "
-                           f"device {device}")
 
 
 def _int(op: str, name: str, value, lo=None) -> int:

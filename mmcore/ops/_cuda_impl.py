@@ -15,61 +15,20 @@ the NaN/+inf check of ``bias`` and the range check of a device ``key_lengths``.
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 
 from .._backend import is_cuda_array
-from ..errors import BackendError, ShapeError
+from ..errors import ShapeError
+from ._cuda_common import cuda_module as _cuda_module
+from ._cuda_common import cupy_module as _cupy
+from ._cuda_common import device_array as _device_array
+from ._cuda_common import same_device as _same_device
 from ._checks import as_host_array, attention_results, attention_scalars, check_qkv_shapes
 
 __all__ = ["attention_cuda"]
 
 _FLOAT_DTYPES = ("float16", "float32", "float64")
-
-
-def _cupy(op: str):
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
-                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
-    return cupy
-
-
-def _cuda_module(op: str):
-    try:
-        return importlib.import_module("mmcore._cuda")
-    except ImportError as exc:
-        raise BackendError(f"[{op}] the CUDA module mmcore._cuda is missing: rebuild mmcore with "
-                           f"a CUDA compiler available ({exc})") from exc
-
-
-def _device_array(cp, op: str, name: str, x):
-    """``x`` as a CuPy array without copying; raises for host arrays."""
-    if x is None:
-        raise ShapeError(f"[{op}] {name} is required")
-    if isinstance(x, cp.ndarray):
-        return x
-    if hasattr(x, "__cuda_array_interface__"):
-        try:
-            return cp.asarray(x)
-        except Exception as exc:
-            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
-    if is_cuda_array(x):
-        try:
-            return cp.from_dlpack(x)
-        except Exception as exc:
-            raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
-    raise BackendError(f"[{op}] {name} is a host object ({type(x).__name__}) while q is on a CUDA "
-                       "device; mmcore never copies between host and device implicitly: pass a "
-                       "CuPy array on the same device")
-
-
-def _same_device(op: str, name: str, x, device: int) -> None:
-    dev = x.device.id
-    if dev != device:
-        raise BackendError(f"[{op}] {name} is on CUDA device {dev} but q is on device {device}")
 
 
 def _broadcast(cp, op: str, name: str, x, shape, dims: str):
@@ -115,8 +74,8 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
     k = _device_array(cp, op, "k", k)
     v = _device_array(cp, op, "v", v)
     device = q.device.id
-    _same_device(op, "k", k, device)
-    _same_device(op, "v", v, device)
+    _same_device(op, "k", k, device, "q")
+    _same_device(op, "v", v, device, "q")
 
     B, H, Lq, Lk, D, Dv = check_qkv_shapes(op, q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -141,7 +100,7 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
         mask_v = None
         if mask is not None:
             m = _device_array(cp, op, "mask", mask)
-            _same_device(op, "mask", m, device)
+            _same_device(op, "mask", m, device, "q")
             if m.dtype != cp.bool_:
                 raise ShapeError(f"[{op}] mask has dtype {m.dtype}, expected bool (True = may "
                                  "attend); pass additive masks as bias")
@@ -150,7 +109,7 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
         bias_v = None
         if bias is not None:
             bb = _device_array(cp, op, "bias", bias)
-            _same_device(op, "bias", bb, device)
+            _same_device(op, "bias", bb, device, "q")
             if bb.dtype.name not in _FLOAT_DTYPES:
                 raise ShapeError(f"[{op}] bias has dtype {bb.dtype}, expected a float dtype")
             bb = bb.astype(cp.float32, copy=False)
@@ -164,7 +123,7 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
         if key_lengths is not None:
             if is_cuda_array(key_lengths):
                 kl = _device_array(cp, op, "key_lengths", key_lengths)
-                _same_device(op, "key_lengths", kl, device)
+                _same_device(op, "key_lengths", kl, device, "q")
             else:
                 kl = as_host_array(op, "key_lengths", key_lengths)
             if kl.dtype.kind not in "iu":

@@ -1,0 +1,80 @@
+"""The host-side glue of the CUDA paths, without a GPU: CuPy and mmcore._cuda lookup errors and
+the device-array helpers, with a minimal stand-in for CuPy."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from mmcore.errors import BackendError, ShapeError
+from mmcore.ops import _cuda_common as cc
+
+
+class _Device:
+    def __init__(self, i):
+        self.id = i
+
+
+class _FakeArray:
+    def __init__(self, data, device=0):
+        self.data = np.asarray(data)
+        self.device = _Device(device)
+
+
+class _Interface:
+    """Exposes __cuda_array_interface__ only (like a foreign CUDA array)."""
+    __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+def _fake_cupy():
+    cp = types.SimpleNamespace()
+    cp.ndarray = _FakeArray
+    cp.asarray = lambda x: _FakeArray([1.0, 2.0])
+    return cp
+
+
+def test_cupy_missing_gives_backend_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)   # import cupy -> ImportError
+    with pytest.raises(BackendError, match=r"\[resize\] CUDA arrays need CuPy"):
+        cc.cupy_module("resize")
+
+
+def test_cuda_module_missing_or_without_kernel(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mmcore._cuda", None)
+    with pytest.raises(BackendError, match=r"\[fuse\] the CUDA module mmcore._cuda is missing"):
+        cc.cuda_module("fuse", "fuse")
+    fake = types.ModuleType("mmcore._cuda")
+    monkeypatch.setitem(sys.modules, "mmcore._cuda", fake)
+    assert cc.cuda_module("fuse") is fake
+    with pytest.raises(BackendError, match="no fuse kernel"):
+        cc.cuda_module("fuse", "fuse")
+    fake.fuse = lambda *a: None
+    assert cc.cuda_module("fuse", "fuse") is fake
+
+
+def test_device_array_rules():
+    cp = _fake_cupy()
+    a = _FakeArray([1.0])
+    assert cc.device_array(cp, "op", "x", a) is a
+    assert isinstance(cc.device_array(cp, "op", "x", _Interface()), _FakeArray)
+    with pytest.raises(ShapeError, match=r"\[op\] x is required"):
+        cc.device_array(cp, "op", "x", None)
+    with pytest.raises(BackendError, match=r"\[op\] mask is a host object \(ndarray\)"):
+        cc.device_array(cp, "op", "mask", np.zeros(3))
+
+
+def test_same_device():
+    cc.same_device("op", "k", _FakeArray([1], device=1), 1)
+    with pytest.raises(BackendError, match=r"\[op\] k is on CUDA device 1 but q is on device 0"):
+        cc.same_device("op", "k", _FakeArray([1], device=1), 0, "q")
+
+
+@pytest.mark.parametrize("module,fn", [("_cuda_impl", "attention_cuda"), ("_cuda_image", "resize_cuda"),
+                                       ("_cuda_fusion", "fuse_cuda"), ("_cuda_spectral", "spectral_cuda")])
+def test_cuda_paths_import_without_a_gpu(module, fn):
+    import importlib
+    mod = importlib.import_module(f"mmcore.ops.{module}")
+    assert callable(getattr(mod, fn))
