@@ -19,7 +19,6 @@ a missing CuPy or CUDA module.
 
 from __future__ import annotations
 
-import importlib
 import math
 import operator
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from .._backend import is_cuda_array
 from ..errors import BackendError, ShapeError
+from ._cuda_common import cuda_module, cupy_module, device_array, same_device
 
 __all__ = ["spectral_cuda", "MAX_N_FFT"]
 
@@ -39,49 +39,19 @@ _PAD_MODES = {"constant": 0, "reflect": 1}
 
 
 def _cupy():
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendError(f"[{_OP}] CUDA arrays need CuPy for the cuda backend: install it with "
-                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
-    return cupy
+    return cupy_module(_OP)
 
 
 def _cuda_module():
-    try:
-        mod = importlib.import_module("mmcore._cuda")
-    except ImportError as exc:
-        raise BackendError(f"[{_OP}] the CUDA module mmcore._cuda is missing: rebuild mmcore with "
-                           f"a CUDA compiler available ({exc})") from exc
-    if not hasattr(mod, "spectral"):
-        raise BackendError(f"[{_OP}] this build of mmcore._cuda has no spectral kernel: rebuild "
-                           "mmcore (`pip install .`)")
-    return mod
+    return cuda_module(_OP, "spectral")
 
 
 def _device_array(cp, name: str, x):
-    """``x`` as a CuPy array without copying; raises for host arrays."""
-    if isinstance(x, cp.ndarray):
-        return x
-    if hasattr(x, "__cuda_array_interface__"):
-        try:
-            return cp.asarray(x)
-        except Exception as exc:
-            raise ShapeError(f"[{_OP}] {name} cannot be read as a CUDA array: {exc}") from None
-    if is_cuda_array(x):
-        try:
-            return cp.from_dlpack(x)
-        except Exception as exc:
-            raise ShapeError(f"[{_OP}] {name} cannot be read as a CUDA array: {exc}") from None
-    raise BackendError(f"[{_OP}] {name} is a host object ({type(x).__name__}) while the cuda "
-                       "backend runs; mmcore never copies signals between host and device "
-                       "implicitly: pass a CuPy array on the device of x")
+    return device_array(cp, _OP, name, x)
 
 
 def _same_device(name: str, a, device: int) -> None:
-    dev = a.device.id
-    if dev != device:
-        raise BackendError(f"[{_OP}] {name} is on CUDA device {dev} but x is on device {device}")
+    same_device(_OP, name, a, device, "x")
 
 
 def _int(name: str, value, lo=None, hi=None) -> int:
