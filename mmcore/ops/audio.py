@@ -35,6 +35,7 @@ from ._audio_filters import (KALDI_WINDOWS, STFT_WINDOWS, SparseMel, kaldi_mel_f
                              kaldi_mel_filters_sparse, kaldi_window, mel_filters,
                              mel_filters_sparse, window_function)
 from ._checks import as_host_array, finite_float, optional_seed
+from ._cuda_common import cupy_module
 
 __all__ = ["stft", "mel_filterbank", "mel_spectrogram", "log_mel_spectrogram", "fbank"]
 
@@ -116,18 +117,11 @@ class _Signal(NamedTuple):
     xp: object           # numpy or cupy
 
 
-def _cupy(op: str):
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
-                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
-    return cupy
 
 
 def _device_array(op: str, x):
     """A CUDA array ``x`` as a CuPy array, without copying."""
-    cp = _cupy(op)
+    cp = cupy_module(op)
     if isinstance(x, cp.ndarray):
         return x
     try:
@@ -147,7 +141,7 @@ def _on_device_of_x(fn):
     def wrapper(x, *args, **kwargs):
         if x is not None and _backend.is_cuda_array(x):
             xd = _device_array(op, x)
-            with _cupy(op).cuda.Device(xd.device.id):
+            with cupy_module(op).cuda.Device(xd.device.id):
                 return fn(xd, *args, **kwargs)
         return fn(x, *args, **kwargs)
 
@@ -157,7 +151,7 @@ def _on_device_of_x(fn):
 def _signal(op: str, x, backend_name: str, *, scale_int16: bool = True) -> _Signal:
     """Check ``x`` (..., T) and lay it out as float32 (N, T) on its own device."""
     if backend_name == "cuda":
-        xp = _cupy(op)
+        xp = cupy_module(op)
         if x is None:
             raise ShapeError(f"[{op}] x is required")
         x = _device_array(op, x)

@@ -22,6 +22,7 @@ import numpy as np
 from .. import _backend
 from ..errors import BackendError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES, check_rank
+from ._cuda_common import cupy_module, device_array
 
 __all__ = ["masked_mean", "masked_max", "fuse", "FUSE_STRATEGIES"]
 
@@ -41,14 +42,7 @@ def _dispatch_candidates(objs) -> list:
 
 
 def _xp(op: str, name: str):
-    if name != "cuda":
-        return np
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
-                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
-    return cupy
+    return cupy_module(op) if name == "cuda" else np
 
 
 def _array(op: str, name: str, x, xp, *, constant: bool = False):
@@ -66,16 +60,7 @@ def _array(op: str, name: str, x, xp, *, constant: bool = False):
             raise ShapeError(f"[{op}] {name} cannot be converted to a numeric array "
                              f"(got dtype object)")
         return a if xp is np else xp.asarray(a)
-    if isinstance(x, xp.ndarray):
-        return x
-    if not _backend.is_cuda_array(x):
-        raise BackendError(f"[{op}] {name} is a host array ({type(x).__name__}) while the other "
-                           "arrays are on a CUDA device; mmcore never copies between host and "
-                           "device implicitly")
-    try:
-        return xp.asarray(x) if hasattr(x, "__cuda_array_interface__") else xp.from_dlpack(x)
-    except Exception as exc:
-        raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
+    return device_array(xp, op, name, x)
 
 
 def _float32(op: str, name: str, a, xp):

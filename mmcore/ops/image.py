@@ -26,6 +26,7 @@ import numpy as np
 from .. import _backend
 from ..errors import BackendError, ShapeError
 from ._checks import as_host_array, finite_float
+from ._cuda_common import cupy_module, device_array
 
 __all__ = ["resize", "normalize", "patchify", "preprocess_image", "FILTERS", "RESIZE_MODES",
            "PRESETS", "ImagePreset"]
@@ -126,31 +127,13 @@ def _channel_values(op: str, name: str, value, C: int) -> np.ndarray:
     return v
 
 
-def _cupy(op: str):
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendError(f"[{op}] CUDA arrays need CuPy for the cuda backend: install it with "
-                           f"`pip install \"mmcore[cuda]\"` (cupy-cuda12x) ({exc})") from exc
-    return cupy
 
 
 def _array(op: str, name: str, x, xp):
     """``x`` as an array of the backend's array module, without copies between devices."""
     if xp is np:
         return as_host_array(op, name, x)
-    if x is None:
-        raise ShapeError(f"[{op}] {name} is required")
-    if isinstance(x, xp.ndarray):
-        return x
-    if not _backend.is_cuda_array(x):
-        raise BackendError(f"[{op}] {name} is a host object ({type(x).__name__}) while the other "
-                           "images are on a CUDA device; mmcore never copies between host and "
-                           "device implicitly")
-    try:
-        return xp.asarray(x) if hasattr(x, "__cuda_array_interface__") else xp.from_dlpack(x)
-    except Exception as exc:
-        raise ShapeError(f"[{op}] {name} cannot be read as a CUDA array: {exc}") from None
+    return device_array(xp, op, name, x)
 
 
 def _rows_readable(a) -> bool:
@@ -204,7 +187,7 @@ def _images(op: str, img, backend, *, floats: bool) -> _Images:
     """Classify ``img`` and check every image: rank, size, dtype and layout."""
     if isinstance(img, (list, tuple)):
         name = _backend.resolve_backend(op, list(img), backend)
-        xp = _cupy(op) if name == "cuda" else np
+        xp = cupy_module(op) if name == "cuda" else np
         items = []
         for i, x in enumerate(img):
             where = f"img[{i}]"
@@ -222,7 +205,7 @@ def _images(op: str, img, backend, *, floats: bool) -> _Images:
             items.append(_readable(a, xp))
         return _Images(items, "list", xp, name)
     name = _backend.resolve_backend(op, (img,), backend)
-    xp = _cupy(op) if name == "cuda" else np
+    xp = cupy_module(op) if name == "cuda" else np
     a = _array(op, "img", img, xp)
     if a.ndim not in (2, 3, 4):
         raise ShapeError(f"[{op}] img has {a.ndim} dims, expected (H, W), (H, W, C) or "
@@ -396,7 +379,7 @@ def normalize(img, *, mean, std, scale=1.0 / 255.0, layout="chw", backend=None):
     """
     op = "normalize"
     name = _backend.resolve_backend(op, (img,), backend)
-    xp = _cupy(op) if name == "cuda" else np
+    xp = cupy_module(op) if name == "cuda" else np
     a = _array(op, "img", img, xp)
     if a.ndim not in (3, 4):
         raise ShapeError(f"[{op}] img has {a.ndim} dims, expected 3 (H, W, C) or 4 (N, H, W, C)")
@@ -469,7 +452,7 @@ def patchify(x, patch_size, *, temporal_patch=1, backend=None):
     """
     op = "patchify"
     name = _backend.resolve_backend(op, (x,), backend)
-    xp = _cupy(op) if name == "cuda" else np
+    xp = cupy_module(op) if name == "cuda" else np
     a = _array(op, "x", x, xp)
     p = _int_arg(op, "patch_size", patch_size)
     tp = _int_arg(op, "temporal_patch", temporal_patch)
