@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mmcore/image.h"
+#include "mmcore/resample_filters.h"
 #include "mmcore/parallel.h"
 #include "mmcore/simd.h"
 
@@ -30,41 +31,6 @@ namespace MMCORE_TARGET {
 namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;
-constexpr double kPi = 3.14159265358979323846;
-
-double filter_support(ResizeFilter f) {
-  switch (f) {
-    case ResizeFilter::bilinear: return 1.0;
-    case ResizeFilter::bicubic: return 2.0;
-    case ResizeFilter::lanczos: return 3.0;
-    default: return 0.0;
-  }
-}
-
-double sinc(double x) {
-  if (x == 0.0) return 1.0;
-  x *= kPi;
-  return std::sin(x) / x;
-}
-
-double filter_value(ResizeFilter f, double x) {
-  switch (f) {
-    case ResizeFilter::bilinear:
-      x = std::fabs(x);
-      return x < 1.0 ? 1.0 - x : 0.0;
-    case ResizeFilter::bicubic: {
-      const double a = -0.5;
-      x = std::fabs(x);
-      if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
-      if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
-      return 0.0;
-    }
-    case ResizeFilter::lanczos:
-      return (x > -3.0 && x < 3.0) ? sinc(x) * sinc(x / 3.0) : 0.0;
-    default:
-      return 0.0;
-  }
-}
 
 // Taps of output indices [o0, o0 + n) of a resize from in_size to out_size along one axis.
 struct Taps {
@@ -96,7 +62,7 @@ Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeF
   }
   double filterscale = scale;
   if (filterscale < 1.0 || !antialias) filterscale = 1.0;
-  const double support = filter_support(f) * filterscale;
+  const double support = resample::support(f) * filterscale;
   t.ksize = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
   t.wi.assign(n * t.ksize, 0);
   t.wf.assign(n * t.ksize, 0.0f);
@@ -112,7 +78,7 @@ Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeF
     if (xmax > t.ksize) xmax = t.ksize;
     double ww = 0.0;
     for (int64_t x = 0; x < xmax; ++x) {
-      const double w = filter_value(f, (static_cast<double>(x + xmin) - center + 0.5) * ss);
+      const double w = resample::weight(f, (static_cast<double>(x + xmin) - center + 0.5) * ss);
       k[x] = w;
       ww += w;
     }

@@ -45,6 +45,7 @@
 
 #include "common.cuh"
 #include "image_cuda.h"
+#include "mmcore/resample_filters.h"
 
 namespace mmcore {
 namespace cuda {
@@ -55,7 +56,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxGridX = int64_t{1} << 16;  // larger problems loop inside the kernels
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-constexpr double kPi = 3.14159265358979323846;
 
 // How the second pass stores a pixel.
 enum OutMode : int {
@@ -351,40 +351,6 @@ const char* invalid(const std::string& what) {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-double filter_support(ResizeFilter f) {
-  switch (f) {
-    case ResizeFilter::bilinear: return 1.0;
-    case ResizeFilter::bicubic: return 2.0;
-    case ResizeFilter::lanczos: return 3.0;
-    default: return 0.0;
-  }
-}
-
-double sinc(double x) {
-  if (x == 0.0) return 1.0;
-  x *= kPi;
-  return std::sin(x) / x;
-}
-
-double filter_value(ResizeFilter f, double x) {
-  switch (f) {
-    case ResizeFilter::bilinear:
-      x = std::fabs(x);
-      return x < 1.0 ? 1.0 - x : 0.0;
-    case ResizeFilter::bicubic: {
-      constexpr double a = -0.5;
-      x = std::fabs(x);
-      if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
-      if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
-      return 0.0;
-    }
-    case ResizeFilter::lanczos:
-      return (x > -3.0 && x < 3.0) ? sinc(x) * sinc(x / 3.0) : 0.0;
-    default:
-      return 0.0;
-  }
-}
-
 struct AxisEntry {
   int32_t offset = 0;  // int32 index of the table
   int32_t ks = 0;      // weights per output index
@@ -413,7 +379,7 @@ class TableSet {
     double support = 0.0;
     if (!identity && f_ != ResizeFilter::nearest) {
       filterscale = (antialias_ && scale > 1.0) ? scale : 1.0;
-      support = filter_support(f_) * filterscale;
+      support = resample::support(f_) * filterscale;
       ks = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
     }
     if (data_.size() % 2 != 0) data_.push_back(0);  // int2 alignment of the (start, taps) pairs
@@ -473,7 +439,7 @@ class TableSet {
         if (!with_weights_) continue;
         double ww = 0.0;
         for (int64_t x = 0; x < xmax; ++x) {
-          const double w = filter_value(f_, (static_cast<double>(x + xmin) - center + 0.5) * ss);
+          const double w = resample::weight(f_, (static_cast<double>(x + xmin) - center + 0.5) * ss);
           k[static_cast<size_t>(x)] = w;
           ww += w;
         }
