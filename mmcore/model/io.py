@@ -1,0 +1,649 @@
+"""The on-disk model directory: ``mmcore.json`` + ``model.safetensors`` [+ extra files].
+
+A model directory holds
+
+* ``mmcore.json`` -- the config and the metadata: format version, name, version, the mmcore
+  version that wrote it, the configured modalities and their widths, the creation time (UTC,
+  ISO 8601), the size and SHA-256 of every other file, and one entry per tensor (the dtype it
+  is stored in, its shape, its quantization);
+* ``model.safetensors`` -- the tensors, written with the ``safetensors`` library (its
+  ``__metadata__`` repeats the name and version);
+* any extra files given to :func:`save_model_dir` (``tokenizer.json``, say), copied verbatim.
+
+This module knows nothing about the model class: :func:`save_model_dir` takes a config
+dictionary and a state dictionary of NumPy arrays, :func:`load_model_dir` gives them back.
+
+Writing is atomic. Everything is written into a temporary directory next to the target (on the
+same file system), each file is flushed to disk, and the directory is then renamed into place.
+An existing model directory is renamed aside first, the new one renamed in, and the old one
+removed, so a failure at any point leaves either the previous directory or the new one at the
+target, never a half-written one. (Should the process die in the instant between the two
+renames, the previous directory survives under ``.<name>.old-*`` next to the target.)
+
+Quantization (weight-only)
+--------------------------
+``quantization`` maps key prefixes (``"encoders.text."``; ``""`` matches every key) to None,
+``"float16"``, ``"bfloat16"`` or ``"int8"``; the longest matching prefix wins, so a None for a
+longer prefix exempts part of a quantized subtree. Only tensors with two or more dimensions
+(weight matrices, convolution kernels, embedding tables) are quantized; biases, norm scales
+and other 1-D or 0-D tensors always stay float32. Loading dequantizes to float32.
+
+============  =====================================  ==============================================
+mode          stored as                              error per element after a round trip
+============  =====================================  ==============================================
+None          float32                                exact
+"float16"     IEEE half precision (round to          <= 2**-11 ~ 4.9e-4 relative (documented as
+              nearest even)                          ~1e-3), plus 3e-8 absolute for |w| < 6.1e-5
+"bfloat16"    uint16 bit patterns of bfloat16        <= 2**-8 ~ 3.9e-3 relative (~4e-3)
+              (round to nearest even)
+"int8"        ``<key>.__q8`` int8 (out, ...) and     <= max|w[o]| / 254 for every weight of output
+              ``<key>.__scale`` float32 (out,)       channel o (half a quantization step)
+============  =====================================  ==============================================
+
+int8 uses one symmetric scale per output channel (axis 0, the PyTorch layout):
+``scale[o] = max|w[o]| / 127`` and ``q = round(w / scale)`` in [-127, 127]; an all-zero
+channel gets scale 0. On disk float16 and bfloat16 halve the weights, int8 quarters them (plus
+4 bytes per output channel).
+
+Examples
+--------
+>>> import numpy as np, tempfile, os
+>>> from mmcore.model.io import save_model_dir, load_model_dir
+>>> state = {"proj.weight": np.ones((4, 3), np.float32), "proj.bias": np.zeros(4, np.float32)}
+>>> d = os.path.join(tempfile.mkdtemp(), "m")
+>>> meta = save_model_dir(d, config={"fused_dim": 4}, state=state, name="demo", version="1",
+...                       quantization={"": "int8"})
+>>> meta["tensors"]["proj.weight"]["dtype"], meta["tensors"]["proj.bias"]["dtype"]
+('int8', 'float32')
+>>> config, loaded, meta = load_model_dir(d)
+>>> float(abs(loaded["proj.weight"] - 1).max()), loaded["proj.bias"].dtype
+(0.0, dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from .._version import __version__ as _MMCORE_VERSION
+from ..errors import ConfigError, ModelFormatError, ShapeError
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "QUANTIZATIONS",
+           "save_model_dir", "load_model_dir", "state_nbytes", "dir_nbytes"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+FORMAT_NAME = "mmcore-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "mmcore.json"
+WEIGHTS_FILE = "model.safetensors"
+QUANTIZATIONS = (None, "float16", "bfloat16", "int8")
+
+_Q8_SUFFIX = ".__q8"
+_SCALE_SUFFIX = ".__scale"
+_RESERVED_SUFFIXES = (_Q8_SUFFIX, _SCALE_SUFFIX)
+_LOGICAL_DTYPES = ("float32", "float16", "bfloat16", "int8")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a directory entry (the renames in it); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_plain_name(name: Any, what: str) -> str:
+    """A bare file name (no directory part, no '..'), as kept inside a model directory."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\x00" in name or os.path.basename(name) != name):
+        raise ModelFormatError(f"{what} must be a plain file name inside the model directory, "
+                               f"got {name!r}")
+    return name
+
+
+def state_nbytes(state: Mapping[str, Any]) -> int:
+    """Total bytes of the arrays in ``state`` (their in-memory size, dtype as held)."""
+    return int(sum(np.asarray(v).nbytes for v in state.values()))
+
+
+def dir_nbytes(path: PathLike) -> int:
+    """Total size in bytes of the regular files under ``path`` (recursively)."""
+    total = 0
+    for root, _dirs, files in os.walk(os.fspath(path)):
+        for fn in files:
+            p = os.path.join(root, fn)
+            if os.path.isfile(p) and not os.path.islink(p):
+                total += os.path.getsize(p)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+
+def _normalize_quantization(quantization: Any) -> Dict[str, Optional[str]]:
+    if quantization is None:
+        return {}
+    if isinstance(quantization, str):
+        quantization = {"": quantization}
+    if not isinstance(quantization, Mapping):
+        raise ConfigError("quantization must be None, a mode string or a dict of key prefix -> "
+                          f"None | 'float16' | 'bfloat16' | 'int8', got {quantization!r}")
+    out: Dict[str, Optional[str]] = {}
+    for prefix, mode in quantization.items():
+        if not isinstance(prefix, str):
+            raise ConfigError(f"quantization keys must be key prefixes (str), got {prefix!r}")
+        if isinstance(mode, str):
+            mode = mode.lower()
+        if mode not in QUANTIZATIONS:
+            raise ConfigError(f"quantization[{prefix!r}] must be one of None | 'float16' | "
+                              f"'bfloat16' | 'int8', got {mode!r}")
+        out[prefix] = mode
+    return out
+
+
+def _mode_for(key: str, rules: Mapping[str, Optional[str]]) -> Optional[str]:
+    best: Optional[str] = None
+    best_len = -1
+    for prefix, mode in rules.items():
+        if key.startswith(prefix) and len(prefix) > best_len:
+            best, best_len = mode, len(prefix)
+    return best
+
+
+def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of float32 values, rounded to nearest even.
+
+    Finite inputs only (the caller checks); a value that rounds past the bfloat16 range
+    becomes infinity, which the caller also checks.
+    """
+    bits = np.asarray(x, dtype=np.float32, order="C").view(np.uint32).astype(np.uint64)
+    rounding = ((bits >> np.uint64(16)) & np.uint64(1)) + np.uint64(0x7FFF)
+    return ((bits + rounding) >> np.uint64(16)).astype(np.uint16)
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (uint16); exact."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def quantize_int8(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: ``(q int8 like w, scale float32 (w.shape[0],))``.
+
+    ``scale[o] = max|w[o]| / 127``; ``w ~= q * scale[o]`` within ``scale[o] / 2``.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    rows = w.reshape(w.shape[0], -1)
+    amax = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(rows.shape[0], np.float32)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(rows / safe[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(w.shape), scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 ``q * scale`` with ``scale`` broadcast along axis 0."""
+    q = np.asarray(q)
+    s = np.asarray(scale, dtype=np.float32).reshape((q.shape[0],) + (1,) * (q.ndim - 1))
+    return (q.astype(np.float32) * s).astype(np.float32, copy=False)
+
+
+def _encode_tensor(key: str, arr: np.ndarray, mode: Optional[str]
+                   ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """The arrays stored for one tensor and its metadata entry."""
+    shape = list(arr.shape)
+    if mode is not None and arr.ndim < 2:
+        mode = None  # weight-only: biases, norms and scalars stay float32
+    if mode is not None and not np.isfinite(arr).all():
+        raise ShapeError(f"state[{key!r}] holds NaN or infinite values and cannot be quantized "
+                         f"to {mode}")
+    if mode is None:
+        stored = {key: arr}
+        dtype = "float32"
+    elif mode == "float16":
+        with np.errstate(over="ignore"):
+            h = arr.astype(np.float16)
+        if not np.isfinite(h).all():
+            raise ShapeError(f"state[{key!r}] has values outside the float16 range "
+                             f"(|w| > 65504); quantize it to bfloat16 or int8 instead")
+        stored = {key: h}
+        dtype = "float16"
+    elif mode == "bfloat16":
+        b = float32_to_bfloat16_bits(arr)
+        if ((b & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():
+            raise ShapeError(f"state[{key!r}] has values that round past the bfloat16 range")
+        stored = {key: b}
+        dtype = "bfloat16"
+    else:  # int8
+        q, scale = quantize_int8(arr)
+        stored = {key + _Q8_SUFFIX: q, key + _SCALE_SUFFIX: scale}
+        dtype = "int8"
+    entry = {"dtype": dtype, "shape": shape, "quantization": mode,
+             "stored": sorted(stored), "nbytes": int(sum(a.nbytes for a in stored.values()))}
+    return stored, entry
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+
+def _summarize_config(config: Mapping[str, Any]) -> Tuple[List[str], Dict[str, Any]]:
+    """(modality names, widths) from a MultiModalConfig-style dictionary (best effort)."""
+    mods = config.get("modalities") if isinstance(config, Mapping) else None
+    names: List[str] = []
+    dims: Dict[str, Any] = {}
+    if isinstance(mods, Mapping):
+        for k, v in mods.items():
+            names.append(str(k))
+            if isinstance(v, Mapping) and "embed_dim" in v:
+                dims[str(k)] = v["embed_dim"]
+    elif isinstance(mods, (list, tuple)):
+        for v in mods:
+            if isinstance(v, Mapping) and "modality" in v:
+                names.append(str(v["modality"]))
+                if "embed_dim" in v:
+                    dims[str(v["modality"])] = v["embed_dim"]
+    if isinstance(config, Mapping) and "fused_dim" in config:
+        dims["fused_dim"] = config.get("fused_dim")
+    try:  # the fused width, when the dictionary is a valid MultiModalConfig
+        from ..config import MultiModalConfig
+        dims["output_dim"] = MultiModalConfig.from_dict(config).output_dim
+    except Exception:
+        pass
+    return names, dims
+
+
+def _check_state(state: Any) -> Dict[str, np.ndarray]:
+    if not isinstance(state, Mapping):
+        raise ShapeError(f"state must be a dict of str -> numpy array, got {type(state).__name__}")
+    out: Dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key:
+            raise ShapeError(f"state keys must be non-empty strings, got {key!r}")
+        if key.endswith(_RESERVED_SUFFIXES):
+            raise ShapeError(f"state key {key!r} ends with a reserved suffix "
+                             f"({', '.join(_RESERVED_SUFFIXES)})")
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fiub":
+            raise ShapeError(f"state[{key!r}] must be a real numeric array, got dtype {arr.dtype}")
+        out[key] = np.asarray(arr, dtype=np.float32, order="C")  # keeps 0-d
+    for key in out:  # a stored name of one tensor must not collide with another key
+        for suffix in _RESERVED_SUFFIXES:
+            if key + suffix in out:  # pragma: no cover - excluded by the suffix check above
+                raise ShapeError(f"state keys {key!r} and {key + suffix!r} collide")
+    return out
+
+
+def _jsonable_config(config: Any) -> Dict[str, Any]:
+    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config must be a dict (e.g. MultiModalConfig.to_dict()), got "
+                          f"{type(config).__name__}")
+    try:
+        return json.loads(json.dumps(dict(config)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config must hold only JSON values: {exc}") from None
+
+
+def save_model_dir(path: PathLike, *, config: Any, state: Mapping[str, Any], name: str,
+                   version: str, quantization: Optional[Mapping[str, Optional[str]]] = None,
+                   extra_files: Optional[Mapping[str, PathLike]] = None) -> Dict[str, Any]:
+    """Write a model directory atomically and return the metadata written to ``mmcore.json``.
+
+    Parameters
+    ----------
+    path : path-like
+        The model directory. Its parent is created if needed. An existing directory is replaced
+        only if it is empty or is a model directory (holds ``mmcore.json``).
+    config : dict
+        A JSON-serializable config, typically ``MultiModalConfig.to_dict()`` (a config object
+        with ``to_dict`` is accepted too).
+    state : dict of str -> numpy array
+        The tensors; every array is stored as float32 unless quantized.
+    name, version : str
+        Recorded in ``mmcore.json`` and in the safetensors ``__metadata__``.
+    quantization : dict of key prefix -> None | "float16" | "bfloat16" | "int8", optional
+        Weight-only quantization by key prefix (longest prefix wins; ``""`` matches all);
+        a mode string applies to every key. See the module notes for the tolerances.
+    extra_files : dict of file name -> source path, optional
+        Files copied into the directory (``{"tokenizer.json": "path/to/tokenizer.json"}``),
+        listed with their checksum.
+
+    Raises
+    ------
+    ShapeError
+        A bad state (non-string key, non-numeric array, a value that cannot be quantized).
+    ConfigError
+        A bad config, quantization or name.
+    ModelFormatError
+        The target is a file or an unrelated non-empty directory, or an extra file is missing.
+    OSError
+        The write itself failed (the previous directory, if any, is left as it was).
+    """
+    target = os.path.abspath(os.fspath(path))
+    for what, value in (("name", name), ("version", version)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
+    cfg = _jsonable_config(config)
+    tensors_in = _check_state(state)
+    rules = _normalize_quantization(quantization)
+    extras: Dict[str, str] = {}
+    for fname, src in (extra_files or {}).items():
+        _check_plain_name(fname, "extra_files key")
+        if fname in (CONFIG_FILE, WEIGHTS_FILE):
+            raise ModelFormatError(f"extra_files cannot replace {fname!r}")
+        src = os.fspath(src)
+        if not os.path.isfile(src):
+            raise ModelFormatError(f"extra file {fname!r}: source {src!r} does not exist or is "
+                                   "not a file")
+        extras[fname] = src
+
+    if os.path.lexists(target):
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise ModelFormatError(f"{target}: exists and is not a directory; refusing to "
+                                   "replace it")
+        if os.listdir(target) and not os.path.isfile(os.path.join(target, CONFIG_FILE)):
+            raise ModelFormatError(f"{target}: is a non-empty directory without "
+                                   f"{CONFIG_FILE}; refusing to replace it")
+
+    stored: Dict[str, np.ndarray] = {}
+    entries: Dict[str, Any] = {}
+    for key in sorted(tensors_in):
+        arrays, entry = _encode_tensor(key, tensors_in[key], _mode_for(key, rules))
+        stored.update(arrays)
+        entries[key] = entry
+
+    modalities, dims = _summarize_config(cfg)
+    created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.basename(target)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        from safetensors.numpy import save_file
+
+        weights = os.path.join(tmp, WEIGHTS_FILE)
+        save_file(stored, weights, metadata={"format": FORMAT_NAME, "name": name,
+                                             "version": version,
+                                             "mmcore_version": _MMCORE_VERSION})
+        _fsync_file(weights)
+        files = {WEIGHTS_FILE: {"sha256": _file_sha256(weights),
+                                "size": os.path.getsize(weights)}}
+        for fname, src in extras.items():
+            dst = os.path.join(tmp, fname)
+            shutil.copyfile(src, dst)
+            _fsync_file(dst)
+            files[fname] = {"sha256": _file_sha256(dst), "size": os.path.getsize(dst)}
+
+        metadata: Dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "version": version,
+            "mmcore_version": _MMCORE_VERSION,
+            "created": created,
+            "modalities": modalities,
+            "dims": dims,
+            "quantization": rules,
+            "files": files,
+            "tensors": entries,
+            "config": cfg,
+        }
+        meta_path = os.path.join(tmp, CONFIG_FILE)
+        with open(meta_path, "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metadata
+
+
+def _move_into_place(tmp: str, target: str) -> None:
+    """Rename the finished ``tmp`` directory to ``target``, replacing an existing one safely."""
+    parent = os.path.dirname(target)
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        _fsync_dir(parent)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+    os.rmdir(old)  # only the unique name is wanted
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # put the previous directory back
+        raise
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+def _read_safetensors_header(data: bytes, where: str) -> Dict[str, Any]:
+    if len(data) < 8:
+        raise ModelFormatError(f"{where}: truncated safetensors file ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ModelFormatError(f"{where}: truncated safetensors file (header of {n} bytes, "
+                               f"file of {len(data)})")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ModelFormatError(f"{where}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{where}: corrupt safetensors header")
+    return header
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ModelFormatError(msg)
+
+
+def _check_metadata(meta: Any, where: str) -> None:
+    _expect(isinstance(meta, dict), f"{where}: must hold a JSON object")
+    _expect(meta.get("format") == FORMAT_NAME,
+            f"{where}: 'format' must be {FORMAT_NAME!r}, got {meta.get('format')!r}")
+    fv = meta.get("format_version")
+    _expect(isinstance(fv, int) and not isinstance(fv, bool) and fv >= 1,
+            f"{where}: 'format_version' must be an integer >= 1, got {fv!r}")
+    _expect(fv <= FORMAT_VERSION, f"{where}: format_version {fv} is newer than this mmcore "
+            f"({_MMCORE_VERSION}) reads (<= {FORMAT_VERSION}); upgrade mmcore")
+    for k in ("name", "version"):
+        _expect(isinstance(meta.get(k), str), f"{where}: {k!r} must be a string")
+    _expect(isinstance(meta.get("config"), dict), f"{where}: 'config' must be a JSON object")
+    files = meta.get("files")
+    _expect(isinstance(files, dict) and WEIGHTS_FILE in files,
+            f"{where}: 'files' must be an object listing {WEIGHTS_FILE!r}")
+    for fname, info in files.items():
+        _check_plain_name(fname, f"{where}: 'files' entry")
+        _expect(fname != CONFIG_FILE, f"{where}: 'files' cannot list {CONFIG_FILE}")
+        _expect(isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                and bool(_SHA256_RE.match(info["sha256"]))
+                and isinstance(info.get("size"), int) and not isinstance(info["size"], bool)
+                and info["size"] >= 0,
+                f"{where}: files[{fname!r}] must hold a sha256 (64 hex digits) and a size")
+    tensors = meta.get("tensors")
+    _expect(isinstance(tensors, dict), f"{where}: 'tensors' must be a JSON object")
+    for key, e in tensors.items():
+        label = f"{where}: tensor {key!r}"
+        _expect(isinstance(e, dict), f"{label}: entry must be an object")
+        q = e.get("quantization")
+        _expect(q in QUANTIZATIONS, f"{label}: unknown quantization {q!r} (known: None, "
+                "'float16', 'bfloat16', 'int8')")
+        d = e.get("dtype")
+        _expect(d in _LOGICAL_DTYPES, f"{label}: unknown dtype {d!r}")
+        _expect(d == (q or "float32"), f"{label}: dtype {d!r} does not match quantization {q!r}")
+        shape = e.get("shape")
+        _expect(isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool)
+                                                and s >= 0 for s in shape),
+                f"{label}: shape must be a list of non-negative integers, got {shape!r}")
+        _expect(q is None or len(shape) >= 2,
+                f"{label}: quantization {q!r} needs a tensor of rank >= 2, shape is {shape}")
+
+
+def _decode_tensor(key: str, e: Mapping[str, Any], raw: Mapping[str, np.ndarray],
+                   used: set, where: str) -> np.ndarray:
+    shape = tuple(e["shape"])
+    q = e["quantization"]
+
+    def take(name: str, dtype: Any, want_shape: Tuple[int, ...]) -> np.ndarray:
+        if name not in raw:
+            raise ModelFormatError(f"{where}: tensor {key!r} is missing (no {name!r} in the file)")
+        a = raw[name]
+        if a.dtype != np.dtype(dtype):
+            raise ModelFormatError(f"{where}: tensor {name!r} is stored as {a.dtype}, expected "
+                                   f"{np.dtype(dtype)}")
+        if tuple(a.shape) != want_shape:
+            raise ModelFormatError(f"{where}: tensor {name!r} has shape {tuple(a.shape)}, "
+                                   f"metadata records {want_shape}")
+        used.add(name)
+        return a
+
+    if q is None:
+        return np.array(take(key, np.float32, shape), dtype=np.float32, copy=True)
+    if q == "float16":
+        return take(key, np.float16, shape).astype(np.float32)
+    if q == "bfloat16":
+        return bfloat16_bits_to_float32(take(key, np.uint16, shape)).copy()
+    qa = take(key + _Q8_SUFFIX, np.int8, shape)
+    sc = take(key + _SCALE_SUFFIX, np.float32, (shape[0],))
+    if not np.isfinite(sc).all() or (sc < 0).any():
+        raise ModelFormatError(f"{where}: tensor {key + _SCALE_SUFFIX!r} holds negative or "
+                               "non-finite scales")
+    return dequantize_int8(qa, sc)
+
+
+def load_model_dir(path: PathLike, *, verify: bool = True
+                   ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
+    """Read a model directory: ``(config, state, metadata)``.
+
+    ``state`` maps every tensor recorded in ``mmcore.json`` to a float32 array (quantized
+    tensors are dequantized); ``metadata`` is the whole ``mmcore.json`` (``config`` is its
+    ``"config"`` entry).
+
+    With ``verify`` (the default) the SHA-256 of every file listed in ``mmcore.json`` is
+    checked; sizes are always checked. Every tensor listed must be present with the recorded
+    shape and storage dtype, and the weights file may hold no tensor that is not listed.
+
+    Raises
+    ------
+    ModelFormatError
+        Naming the file or tensor at fault: a missing directory or file, unreadable or invalid
+        ``mmcore.json``, an unsupported format version, a size or checksum mismatch, a truncated
+        or corrupt safetensors file, a missing, extra or misshapen tensor, an unknown
+        quantization. Nothing is returned in that case (no partly loaded state).
+    """
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise ModelFormatError(f"{root}: model directory does not exist or is not a directory")
+    meta_path = os.path.join(root, CONFIG_FILE)
+    try:
+        with open(meta_path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ModelFormatError(f"{meta_path}: missing ({CONFIG_FILE} describes the model)"
+                               ) from None
+    except OSError as exc:
+        raise ModelFormatError(f"{meta_path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        meta = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelFormatError(f"{meta_path}: is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{meta_path}: is not valid JSON (line {exc.lineno}, column "
+                               f"{exc.colno}: {exc.msg})") from None
+    _check_metadata(meta, meta_path)
+
+    weights_path = os.path.join(root, WEIGHTS_FILE)
+    weights: Optional[bytes] = None
+    for fname, info in meta["files"].items():
+        fpath = os.path.join(root, fname)
+        if not os.path.isfile(fpath):
+            raise ModelFormatError(f"{fpath}: missing (listed in {CONFIG_FILE})")
+        size = os.path.getsize(fpath)
+        if size != info["size"]:
+            raise ModelFormatError(f"{fpath}: size {size} bytes does not match {info['size']} "
+                                   f"recorded in {CONFIG_FILE} (truncated or replaced)")
+        try:
+            if fname == WEIGHTS_FILE:  # read once: the bytes checked are the bytes parsed
+                with open(fpath, "rb") as f:
+                    weights = f.read()
+                digest = hashlib.sha256(weights).hexdigest() if verify else None
+            else:
+                digest = _file_sha256(fpath) if verify else None
+        except OSError as exc:
+            raise ModelFormatError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
+        if verify and digest != info["sha256"]:
+            raise ModelFormatError(f"{fpath}: checksum mismatch (sha256 {digest}, "
+                                   f"{CONFIG_FILE} records {info['sha256']}); the file is "
+                                   "corrupt or was modified")
+    assert weights is not None
+
+    header = _read_safetensors_header(weights, weights_path)
+    st_meta = header.get("__metadata__") or {}
+    for k in ("name", "version"):
+        if isinstance(st_meta, dict) and k in st_meta and st_meta[k] != meta[k]:
+            raise ModelFormatError(f"{weights_path}: __metadata__ {k} {st_meta[k]!r} does not "
+                                   f"match {CONFIG_FILE} ({meta[k]!r})")
+    try:
+        from safetensors.numpy import load as _st_load
+        raw = _st_load(weights)
+    except Exception as exc:  # safetensors raises its own error type for corrupt data
+        raise ModelFormatError(f"{weights_path}: corrupt or truncated safetensors file "
+                               f"({exc})") from None
+    del weights
+
+    used: set = set()
+    state: Dict[str, np.ndarray] = {}
+    for key, e in meta["tensors"].items():
+        state[key] = _decode_tensor(key, e, raw, used, weights_path)
+    extra = sorted(set(raw) - used)
+    if extra:
+        shown = ", ".join(repr(k) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise ModelFormatError(f"{weights_path}: holds tensor(s) not listed in {CONFIG_FILE}: "
+                               f"{shown}")
+    return meta["config"], state, meta
