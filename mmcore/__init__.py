@@ -22,4 +22,25 @@ __all__ = ["__version__", "errors", "ops", "config", "preprocess", "backends", "
            "set_num_threads", "get_num_threads", "Modality", "MultiModalConfig",
            "ModalityConfig", "PreprocessingConfig", "EncoderConfig", "CrossModalAttentionConfig",
            "CacheConfig", "CachePolicy", "FusionStrategy", "EarlyFusion", "MiddleFusion",
-           "LateFusion", "AttentionFusion", "CustomFusion", "register_fusion"]
+           "LateFusion", "AttentionFusion", "CustomFusion", "register_fusion", "MultiModalModel",
+           "MultiModalInput", "MultiModalOutput", "default_model"]
+
+# The model runtime is imported on first use, so that ``import mmcore`` stays light.
+_LAZY = {"MultiModalModel": "model", "MultiModalInput": "model", "MultiModalOutput": "model",
+         "default_model": "model"}
+
+
+def __getattr__(name):
+    if name in _LAZY or name == "model":
+        import importlib
+        mod = importlib.import_module(".model", __name__)
+        if name == "model":
+            return mod
+        value = getattr(mod, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | {"model"})

@@ -18,9 +18,12 @@ from .layers import (CrossModalAttention, MultiHeadSelfAttention, TransformerEnc
 from .encoders import (FeatureEmbedder, MelFrameEmbedder, ModalityEncoder, ModuleList,
                        PatchEmbedder, TokenEmbedder, TransformerEncoder, VideoEmbedder)
 from .fusion import FusionLayer
+from .model import (LatencyStats, MultiModalInput, MultiModalModel, MultiModalOutput,
+                    default_config, default_model)
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
            "padding_mask_to_attention", "ModuleList", "TokenEmbedder", "PatchEmbedder",
            "MelFrameEmbedder", "VideoEmbedder", "FeatureEmbedder", "TransformerEncoder",
-           "ModalityEncoder", "FusionLayer"]
+           "ModalityEncoder", "FusionLayer", "MultiModalInput", "MultiModalOutput",
+           "MultiModalModel", "LatencyStats", "default_config", "default_model"]
