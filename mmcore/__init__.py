@@ -23,11 +23,11 @@ __all__ = ["__version__", "errors", "ops", "config", "preprocess", "backends", "
            "ModalityConfig", "PreprocessingConfig", "EncoderConfig", "CrossModalAttentionConfig",
            "CacheConfig", "CachePolicy", "FusionStrategy", "EarlyFusion", "MiddleFusion",
            "LateFusion", "AttentionFusion", "CustomFusion", "register_fusion", "MultiModalModel",
-           "MultiModalInput", "MultiModalOutput", "default_model"]
+           "MultiModalInput", "MultiModalOutput", "MultiModalLoader", "default_model"]
 
 # The model runtime is imported on first use, so that ``import mmcore`` stays light.
 _LAZY = {"MultiModalModel": "model", "MultiModalInput": "model", "MultiModalOutput": "model",
-         "default_model": "model"}
+         "MultiModalLoader": "model", "default_model": "model"}
 
 
 def __getattr__(name):

@@ -20,10 +20,12 @@ from .encoders import (FeatureEmbedder, MelFrameEmbedder, ModalityEncoder, Modul
 from .fusion import FusionLayer
 from .model import (LatencyStats, MultiModalInput, MultiModalModel, MultiModalOutput,
                     default_config, default_model)
+from .loader import DistributedUnavailableError, MultiModalLoader
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
            "padding_mask_to_attention", "ModuleList", "TokenEmbedder", "PatchEmbedder",
            "MelFrameEmbedder", "VideoEmbedder", "FeatureEmbedder", "TransformerEncoder",
            "ModalityEncoder", "FusionLayer", "MultiModalInput", "MultiModalOutput",
-           "MultiModalModel", "LatencyStats", "default_config", "default_model"]
+           "MultiModalModel", "LatencyStats", "default_config", "default_model",
+           "MultiModalLoader", "DistributedUnavailableError"]

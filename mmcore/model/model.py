@@ -57,7 +57,7 @@ import numpy as np
 
 from ..config import (AttentionFusion, CrossModalAttentionConfig, EarlyFusion, EncoderConfig,
                       MiddleFusion, ModalityConfig, MultiModalConfig, PreprocessingConfig)
-from ..errors import ConfigError, ModalityError, ShapeError
+from ..errors import ConfigError, ModalityError, ModelFormatError, ShapeError
 from ..modality import Modality
 from ..ops import masked_mean
 from .encoders import ModalityEncoder
@@ -729,10 +729,140 @@ class MultiModalModel(Module):
 
     __call__ = infer
 
+    # -- files ----------------------------------------------------------------------------------
+
+    def save(self, path, *, name: Optional[str] = None, version: Optional[str] = None,
+             tokenizer=None) -> Dict[str, Any]:
+        """Write this model to a model directory (see :mod:`mmcore.model.io`).
+
+        Each modality's :attr:`ModalityConfig.quantization` applies (weight-only) to its
+        encoder's tensors (keys ``encoders.<m>.``); the fusion layer stays float32. The write
+        is atomic: on failure the previous directory at ``path`` (if any) is left as it was.
+
+        Parameters
+        ----------
+        path : path-like
+            The model directory (created, or replaced if it is a model directory).
+        name, version : str, optional
+            Recorded in the metadata; default: the config's ``name`` and ``version``.
+        tokenizer : path-like, optional
+            A ``tokenizer.json`` copied into the directory; text preprocessing that uses a
+            tokenizer file then refers to the copy, so the directory is self-contained.
+
+        Returns
+        -------
+        dict
+            The metadata written to ``mmcore.json``.
+        """
+        from .io import save_model_dir
+        config = self._config
+        cfg = config.to_dict()
+        rules: Dict[str, Optional[str]] = {}
+        for m, mc in config.modalities.items():
+            if mc.quantization is not None:
+                rules[f"encoders.{m}."] = mc.quantization
+        extra = None
+        if tokenizer is not None:
+            tok = os.fspath(tokenizer)
+            if os.path.isdir(tok):
+                tok = os.path.join(tok, _TOKENIZER_FILE)
+            extra = {_TOKENIZER_FILE: tok}
+            for mcfg in cfg.get("modalities", {}).values():
+                pre = mcfg.get("preprocessing") if isinstance(mcfg, dict) else None
+                if (isinstance(pre, dict) and pre.get("modality") == "text"
+                        and pre.get("tokenizer") not in (None, "byte")):
+                    pre["tokenizer"] = _TOKENIZER_FILE
+        return save_model_dir(path, config=cfg, state=self.state_dict(),
+                              name=name if name is not None else config.name,
+                              version=version if version is not None else config.version,
+                              quantization=rules or None, extra_files=extra)
+
+    @classmethod
+    def from_pretrained(cls, path, *, verify: bool = True,
+                        encoders: Optional[Mapping[Any, Any]] = None) -> "MultiModalModel":
+        """Load a model directory written by :meth:`save` (or :func:`~mmcore.model.io.save_model_dir`).
+
+        Parameters
+        ----------
+        path : path-like
+            The model directory.
+        verify : bool, default True
+            Check the SHA-256 of every file (sizes are always checked).
+        encoders : dict of Modality or str -> callable, optional
+            As for the constructor (needed for ``encoder="external"`` modalities).
+
+        Raises
+        ------
+        ModelFormatError
+            The directory is missing or corrupt, its config is invalid (the message names the
+            field), or its tensors do not fit the config: a missing tensor, a tensor of an
+            unknown modality, a wrong shape (the message names the tensor). No model is
+            returned in that case.
+        """
+        from .io import load_model_dir
+        cfg_dict, state, meta = load_model_dir(path, verify=verify)
+        config = _config_from_dir(cfg_dict, path, meta)
+        _check_state_modalities(state, config, os.fspath(path))
+        model = cls(config, seed=0, encoders=encoders)
+        state = {k: v for k, v in state.items()
+                 if not _served_externally(k, model._external)}
+        try:
+            model.load_state_dict(state, strict=True)
+        except ModelFormatError as exc:
+            raise ModelFormatError(f"{os.fspath(path)}: {exc}") from None
+        return model
+
     def extra_repr(self) -> str:
         return (f"modalities={[str(m) for m in self.modalities]}, "
                 f"enabled={[str(m) for m in self.enabled_modalities]}, "
                 f"fusion={self.fusion.kind!r}, output_dim={self.output_dim}")
+
+
+# ----------------------------------------------------------------------------------------------
+# model directories
+
+_TOKENIZER_FILE = "tokenizer.json"
+
+
+def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any]
+                     ) -> MultiModalConfig:
+    """The :class:`MultiModalConfig` stored in a model directory (ModelFormatError if invalid)."""
+    root = os.fspath(path)
+    data = dict(cfg_dict)
+    files = meta.get("files") or {}
+    if _TOKENIZER_FILE in files and isinstance(data.get("modalities"), Mapping):
+        mods = {}
+        for key, mcfg in data["modalities"].items():
+            if isinstance(mcfg, Mapping):
+                mcfg = dict(mcfg)
+                pre = mcfg.get("preprocessing")
+                if isinstance(pre, Mapping) and pre.get("tokenizer") == _TOKENIZER_FILE:
+                    mcfg["preprocessing"] = dict(pre, tokenizer=os.path.join(root,
+                                                                             _TOKENIZER_FILE))
+            mods[key] = mcfg
+        data["modalities"] = mods
+    try:
+        return MultiModalConfig.from_dict(data)
+    except (ConfigError, ModalityError, ShapeError, TypeError, KeyError) as exc:
+        raise ModelFormatError(f"{root}: the config in mmcore.json is invalid: {exc}") from None
+
+
+def _check_state_modalities(state: Mapping[str, Any], config: MultiModalConfig,
+                            where: str) -> None:
+    """ModelFormatError for encoder tensors of a modality the config does not have."""
+    known = {str(m) for m in config.modalities}
+    for key in state:
+        if key.startswith("encoders."):
+            rest = key[len("encoders."):]
+            m = next((k for k in known if rest.startswith(k + ".")), None)
+            if m is None:
+                raise ModelFormatError(f"{where}: tensor {key!r} belongs to a modality that the "
+                                       f"config does not have (configured: "
+                                       f"{', '.join(sorted(known))})")
+
+
+def _served_externally(key: str, external: Mapping[Modality, Any]) -> bool:
+    return any(key.startswith(f"encoders.{m}.") for m in external)
 
 
 # ----------------------------------------------------------------------------------------------

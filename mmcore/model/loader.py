@@ -1,0 +1,372 @@
+"""Assemble a :class:`~mmcore.model.MultiModalModel` from a config, model directories and callables.
+
+:class:`MultiModalLoader` is a builder: every ``with_*`` method checks its arguments at once
+(an unknown modality raises :class:`~mmcore.errors.ModalityError`, a missing directory
+:class:`~mmcore.errors.ModelFormatError`) and returns the loader, so calls chain;
+:meth:`MultiModalLoader.load` reads the files and builds the model, all or nothing.
+
+Weights are resolved in this order, later sources replacing earlier ones:
+
+1. the built-in initialisation (``load_options["seed"]``, default 0);
+2. :meth:`~MultiModalLoader.with_weights` -- a whole model directory (every tensor of the
+   model must be in it);
+3. :meth:`~MultiModalLoader.with_modality_path` -- one modality's encoder tensors
+   (``encoders.<m>.*``) from a model directory whose config has that modality with the same
+   widths.
+
+Modalities given an encoder with :meth:`~MultiModalLoader.with_encoder` use it instead of a
+built-in one; tensors of such a modality in a model directory are ignored.
+
+Distributed encoders (:meth:`~MultiModalLoader.with_distributed`) come in a later release:
+the configuration is accepted and kept, and :meth:`~MultiModalLoader.load` raises
+:class:`DistributedUnavailableError` while :mod:`mmcore.distributed` is not installed.
+
+Examples
+--------
+>>> import os, tempfile
+>>> import numpy as np
+>>> from mmcore.model import MultiModalLoader, default_model
+>>> d = os.path.join(tempfile.mkdtemp(), "m")
+>>> _ = default_model(seed=1).save(d)
+>>> model = MultiModalLoader().with_weights(d).load()
+>>> model.infer({"text": ["hi"]}).fused.shape
+(1, 64)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import numpy as np
+
+from ..config import MultiModalConfig
+from ..errors import ConfigError, MMCoreError, ModelFormatError, ShapeError
+from ..modality import Modality
+from ..ops import masked_mean
+from .io import CONFIG_FILE, load_model_dir
+from .model import (MultiModalModel, _check_state_modalities, _config_from_dir,
+                    _served_externally)
+from .nn import Module
+
+__all__ = ["MultiModalLoader", "DistributedUnavailableError"]
+
+_LOAD_OPTIONS = ("verify", "seed")
+# ModalityConfig fields that decide the shapes of an encoder's tensors
+_SHAPE_FIELDS = ("embed_dim", "encoder_config")
+
+
+class DistributedUnavailableError(MMCoreError, NotImplementedError):
+    """Distributed encoders were requested, but :mod:`mmcore.distributed` is not installed."""
+
+
+def _check_dir(path: Any, what: str) -> str:
+    try:
+        root = os.fspath(path)
+    except TypeError:
+        raise ModelFormatError(f"{what} must be a path to a model directory, got "
+                               f"{type(path).__name__}") from None
+    if not os.path.isdir(root):
+        raise ModelFormatError(f"{what}: {root!r} does not exist or is not a directory")
+    if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
+        raise ModelFormatError(f"{what}: {root!r} has no {CONFIG_FILE}; it is not a model "
+                               "directory")
+    return root
+
+
+def _takes_mask(fn: Callable) -> bool:
+    """Whether ``fn`` accepts ``attention_mask=`` (or two positional arguments)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params) or "attention_mask" in sig.parameters:
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+class _ExternalEncoder:
+    """Adapts a user callable to the encoder protocol of :class:`MultiModalModel`.
+
+    The callable gets the preprocessed batch (and the mask, when it accepts one) and returns
+    token embeddings ``(B, L, D)``, ``(tokens, mask)``, ``(tokens, mask, pooled)`` or a pooled
+    embedding ``(B, D)`` (taken as one token).
+    """
+
+    def __init__(self, modality: Modality, fn: Callable, embed_dim: int):
+        self.modality = modality
+        self.fn = fn
+        self.embed_dim = int(embed_dim)
+        self._mask_arg = _takes_mask(fn)
+        self._by_keyword = False
+        if self._mask_arg:
+            try:
+                self._by_keyword = "attention_mask" in inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                self._by_keyword = False
+
+    def _fail(self, msg: str) -> ShapeError:
+        return ShapeError(f"[MultiModalLoader] encoder of modality {str(self.modality)!r} "
+                          f"{msg}")
+
+    def __call__(self, x, attention_mask=None):
+        if not self._mask_arg:
+            out = self.fn(x)
+        elif self._by_keyword:
+            out = self.fn(x, attention_mask=attention_mask)
+        else:
+            out = self.fn(x, attention_mask)
+        pooled = None
+        if isinstance(out, tuple):
+            if len(out) == 3:
+                tokens, mask, pooled = out
+            elif len(out) == 2:
+                tokens, mask = out
+            else:
+                raise self._fail(f"returned a tuple of {len(out)} items, expected (tokens, "
+                                 "mask) or (tokens, mask, pooled)")
+        else:
+            tokens, mask = out, None
+        tokens = np.asarray(tokens, dtype=np.float32)
+        D = self.embed_dim
+        if tokens.ndim == 2:  # pooled (B, D): one token per row
+            if mask is not None:
+                raise self._fail("returned a 2-D embedding with a mask; return (B, L, D) tokens "
+                                 "with a (B, L) mask, or a pooled (B, D) array alone")
+            tokens = tokens[:, None, :]
+        if tokens.ndim != 3 or tokens.shape[-1] != D:
+            raise self._fail(f"returned embeddings of shape {tokens.shape}, expected (B, L, {D}) "
+                             f"or (B, {D})")
+        B, L = tokens.shape[:2]
+        if mask is None:
+            mask = np.ones((B, L), np.bool_)
+        mask = np.asarray(mask)
+        if mask.shape != (B, L):
+            raise self._fail(f"returned a mask of shape {mask.shape}, expected {(B, L)}")
+        mask = mask.astype(np.bool_)
+        if not np.isfinite(tokens).all():
+            raise self._fail("returned NaN or infinite embeddings")
+        if pooled is None:
+            pooled = masked_mean(tokens, mask)
+        pooled = np.asarray(pooled, dtype=np.float32)
+        if pooled.shape != (B, D):
+            raise self._fail(f"returned pooled embeddings of shape {pooled.shape}, expected "
+                             f"{(B, D)}")
+        return tokens, mask, pooled
+
+    def __repr__(self) -> str:
+        return f"ExternalEncoder({self.fn!r}, embed_dim={self.embed_dim})"
+
+
+class MultiModalLoader:
+    """Builds a :class:`MultiModalModel` from a config, model directories and encoders.
+
+    Parameters
+    ----------
+    config : MultiModalConfig, mapping or None
+        The model's config. None: taken from the directory given to :meth:`with_weights`.
+    load_options : dict, optional
+        ``"verify"`` (bool, default True): check the SHA-256 of every file read;
+        ``"seed"`` (int, default 0): initialisation of weights that no directory provides.
+
+    Raises
+    ------
+    ConfigError
+        A bad config or load option.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.model import MultiModalLoader, default_config
+    >>> enc = lambda x: np.ones((len(x), 64), np.float32)      # pooled (B, D)
+    >>> model = (MultiModalLoader(default_config(), {"seed": 3})
+    ...          .with_encoder("audio", enc).load())
+    >>> model.infer({"audio": np.zeros((2, 16000), np.float32)}).fused.shape
+    (2, 64)
+    """
+
+    def __init__(self, config: Any = None, load_options: Optional[Mapping[str, Any]] = None):
+        if config is not None and not isinstance(config, MultiModalConfig):
+            if isinstance(config, Mapping):
+                config = MultiModalConfig.from_dict(config)
+            else:
+                raise ConfigError("[MultiModalLoader] config must be a MultiModalConfig, a "
+                                  f"mapping or None, got {type(config).__name__}")
+        opts = dict(load_options or {})
+        if load_options is not None and not isinstance(load_options, Mapping):
+            raise ConfigError("[MultiModalLoader] load_options must be a dict, got "
+                              f"{type(load_options).__name__}")
+        for key in opts:
+            if key not in _LOAD_OPTIONS:
+                raise ConfigError(f"[MultiModalLoader] unknown load option {key!r} (known: "
+                                  f"{', '.join(_LOAD_OPTIONS)})")
+        verify = opts.get("verify", True)
+        if not isinstance(verify, bool):
+            raise ConfigError(f"[MultiModalLoader] load_options['verify'] must be a bool, got "
+                              f"{verify!r}")
+        seed = opts.get("seed", 0)
+        if seed is not None and (isinstance(seed, bool)
+                                 or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ConfigError(f"[MultiModalLoader] load_options['seed'] must be an integer >= 0 "
+                              f"or None, got {seed!r}")
+        self._config: Optional[MultiModalConfig] = config
+        self._verify = verify
+        self._seed = seed
+        self._weights: Optional[str] = None
+        self._modality_paths: Dict[Modality, str] = {}
+        self._encoders: Dict[Modality, Callable] = {}
+        self._distributed: Any = None
+
+    # -- builder --------------------------------------------------------------------------------
+
+    def _modality(self, modality: Any) -> Modality:
+        m = Modality(modality)  # ModalityError for names that are not modalities
+        if self._config is not None:
+            self._config.modality_config(m)  # ModalityError if not configured
+        return m
+
+    def with_weights(self, path: Any) -> "MultiModalLoader":
+        """Load every tensor from the model directory ``path`` (and its config, when the loader
+        has none)."""
+        self._weights = _check_dir(path, "with_weights")
+        return self
+
+    def with_modality_path(self, modality: Any, path: Any) -> "MultiModalLoader":
+        """Take ``modality``'s encoder weights (``encoders.<m>.*``) from the model directory
+        ``path``; its config must have the modality with the same ``embed_dim`` and
+        ``encoder_config``."""
+        m = self._modality(modality)
+        self._modality_paths[m] = _check_dir(path, f"with_modality_path({str(m)!r})")
+        return self
+
+    def with_encoder(self, modality: Any, encoder: Callable) -> "MultiModalLoader":
+        """Encode ``modality`` with ``encoder`` instead of a built-in encoder.
+
+        ``encoder(batch)`` or ``encoder(batch, attention_mask)`` gets the preprocessed batch
+        (and its (B, L) mask, True = real, or None) and returns token embeddings ``(B, L, D)``,
+        ``(tokens, mask)``, ``(tokens, mask, pooled)`` or a pooled ``(B, D)`` embedding, with
+        ``D`` the modality's ``embed_dim``. A :class:`~mmcore.model.Module` is used as it is
+        (it must follow the built-in encoder protocol) and its weights join the state dict.
+        """
+        m = self._modality(modality)
+        if not callable(encoder):
+            raise ConfigError(f"[MultiModalLoader] encoder for modality {str(m)!r} must be "
+                              f"callable, got {type(encoder).__name__}")
+        self._encoders[m] = encoder
+        return self
+
+    def with_distributed(self, distributed_config: Any) -> "MultiModalLoader":
+        """Keep a distributed configuration (for :mod:`mmcore.distributed`).
+
+        Distributed encoders come in a later release: :meth:`load` raises
+        :class:`DistributedUnavailableError` while :mod:`mmcore.distributed` is not installed.
+        """
+        if distributed_config is None:
+            raise ConfigError("[MultiModalLoader] with_distributed needs a distributed config, "
+                              "got None")
+        self._distributed = distributed_config
+        return self
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def load(self) -> MultiModalModel:
+        """Read the directories and build the model (nothing is returned on any error).
+
+        Raises
+        ------
+        ConfigError
+            No config (neither given nor from :meth:`with_weights`); an ``external`` modality
+            without an encoder.
+        ModalityError
+            A modality given to the builder is not in the config.
+        ModelFormatError
+            A directory is missing or corrupt, a modality directory lacks the modality or has
+            other widths, or a tensor is missing, unknown or misshapen (the message names it).
+        DistributedUnavailableError
+            :meth:`with_distributed` was used and :mod:`mmcore.distributed` is not installed.
+        """
+        if self._distributed is not None and importlib.util.find_spec("mmcore.distributed") is None:
+            raise DistributedUnavailableError(
+                "[MultiModalLoader] with_distributed needs mmcore.distributed, which is not "
+                "installed; distributed encoders come in a later release (load without "
+                "with_distributed to run every encoder in this process)")
+        state: Optional[Dict[str, np.ndarray]] = None
+        config = self._config
+        if self._weights is not None:
+            cfg_dict, state, meta = load_model_dir(self._weights, verify=self._verify)
+            if config is None:
+                config = _config_from_dir(cfg_dict, self._weights, meta)
+            _check_state_modalities(state, config, self._weights)
+        if config is None:
+            raise ConfigError("[MultiModalLoader] no config: pass one to MultiModalLoader or "
+                              "give a model directory with with_weights")
+        for m in list(self._modality_paths) + list(self._encoders):
+            config.modality_config(m)  # ModalityError when the config lacks it
+
+        pieces: Dict[Modality, Dict[str, np.ndarray]] = {}
+        for m, path in self._modality_paths.items():
+            pieces[m] = self._modality_state(config, m, path)
+
+        encoders = {}
+        for m, fn in self._encoders.items():
+            if isinstance(fn, Module):
+                encoders[m] = fn
+            else:
+                encoders[m] = _ExternalEncoder(m, fn, config.modalities[m].embed_dim)
+        model = MultiModalModel(config, seed=self._seed, encoders=encoders)
+
+        full = model.state_dict() if state is None else {
+            k: v for k, v in state.items() if not _served_externally(k, model._external)}
+        for m, piece in pieces.items():
+            prefix = f"encoders.{m}."
+            want = {k for k in model.state_dict() if k.startswith(prefix)}
+            have = set(piece)
+            missing = sorted(want - have)
+            if missing:
+                raise ModelFormatError(f"{self._modality_paths[m]}: tensor {missing[0]!r} of "
+                                       f"modality {str(m)!r} is missing")
+            extra = sorted(have - want)
+            if extra:
+                raise ModelFormatError(f"{self._modality_paths[m]}: tensor {extra[0]!r} does not "
+                                       f"belong to the encoder of modality {str(m)!r}")
+            full = {k: v for k, v in full.items() if not k.startswith(prefix)}
+            full.update(piece)
+        try:
+            model.load_state_dict(full, strict=True)
+        except ModelFormatError as exc:
+            where = self._weights or "MultiModalLoader"
+            raise ModelFormatError(f"{where}: {exc}") from None
+        if self._distributed is not None:
+            model.distributed_config = self._distributed
+        return model
+
+    def _modality_state(self, config: MultiModalConfig, m: Modality, path: str
+                        ) -> Dict[str, np.ndarray]:
+        """The ``encoders.<m>.*`` tensors of the model directory ``path``, checked."""
+        mc = config.modalities[m]
+        if m in self._encoders and not isinstance(self._encoders[m], Module):
+            raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} has both an encoder "
+                              "callable and a weights directory; give one")
+        if mc.encoder != "builtin" and m not in self._encoders:
+            raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} uses encoder="
+                              f"{mc.encoder!r}; with_modality_path loads built-in encoder "
+                              "weights only (other encoder kinds come in a later release)")
+        cfg_dict, state, meta = load_model_dir(path, verify=self._verify)
+        other = _config_from_dir(cfg_dict, path, meta)
+        if m not in other.modalities:
+            raise ModelFormatError(f"{path}: has no modality {str(m)!r} (it has "
+                                   f"{', '.join(str(k) for k in other.modalities)})")
+        theirs = other.modalities[m]
+        for fname in _SHAPE_FIELDS:
+            a, b = getattr(mc, fname), getattr(theirs, fname)
+            if hasattr(a, "to_dict"):
+                a, b = a.to_dict(), b.to_dict()
+            if a != b:
+                raise ModelFormatError(f"{path}: modality {str(m)!r} has {fname}={b!r}, but the "
+                                       f"config being loaded has {fname}={a!r}")
+        prefix = f"encoders.{m}."
+        return {k: v for k, v in state.items() if k.startswith(prefix)}
