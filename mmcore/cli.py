@@ -3,6 +3,13 @@
 ``mmcore info`` prints the version, the backends (ISA level of the native kernels, threads,
 CUDA devices or why there are none, numba) and runs a small attention self-check against NumPy.
 
+``mmcore demo`` runs the default model end to end on generated text, image, audio and video,
+prints per-stage latencies and output shapes, and writes attention heatmaps and a mel
+spectrogram as PNG files (see :mod:`mmcore.demo`).
+
+``mmcore run`` runs a saved model (``--model DIR``) or the default model on files given on the
+command line; ``mmcore init-model DIR`` saves the default model to a directory.
+
 Examples
 --------
 >>> from mmcore.cli import main
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -73,6 +81,125 @@ def _info(args) -> int:
     return 0 if ok else 1
 
 
+def _fail(message: str, code: int = 1) -> int:
+    print(f"mmcore: error: {message}", file=sys.stderr)
+    return code
+
+
+def _demo(args) -> int:
+    from .demo import format_report, run_demo
+
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    rep = run_demo(args.out, batch=args.batch, seed=args.seed, warmup=args.warmup,
+                   repeat=args.repeat)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+    else:
+        print(format_report(rep))
+    return 0
+
+
+def _load_model(model_dir: Optional[str], seed: int):
+    """``MultiModalModel.from_pretrained(model_dir)`` or ``default_model(seed)``."""
+    from .model import MultiModalModel, default_model
+
+    if model_dir is None:
+        return default_model(seed=seed)
+    loader = getattr(MultiModalModel, "from_pretrained", None)
+    if loader is None:
+        raise _CliError("this mmcore version cannot load saved models "
+                        "(MultiModalModel.from_pretrained is not available); omit --model to "
+                        "run the built-in default model")
+    if not os.path.isdir(model_dir):
+        raise _CliError(f"--model {model_dir!r} is not a directory")
+    return loader(model_dir)
+
+
+class _CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 1."""
+
+
+def _vector_stats(x: np.ndarray) -> dict:
+    x64 = np.asarray(x, np.float64)
+    return {"shape": list(x.shape), "mean": float(x64.mean()), "std": float(x64.std()),
+            "min": float(x64.min()), "max": float(x64.max()),
+            "l2_norm_per_row": [float(v) for v in np.linalg.norm(x64.reshape(x.shape[0], -1),
+                                                                  axis=1)],
+            "finite": bool(np.isfinite(x64).all())}
+
+
+def _run(args) -> int:
+    from .errors import MMCoreError
+
+    inputs = {}
+    if args.text is not None:
+        inputs["text"] = args.text
+    for name in ("image", "audio", "video"):
+        path = getattr(args, name)
+        if path is not None:
+            if not os.path.isfile(path):
+                return _fail(f"--{name} {path!r}: no such file")
+            inputs[name] = os.fspath(path)
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    try:
+        model = _load_model(args.model, args.seed)
+        out = model.infer(inputs)
+    except _CliError as exc:
+        return _fail(str(exc))
+    except (MMCoreError, OSError, ImportError) as exc:
+        return _fail(f"{type(exc).__name__}: {exc}")
+    stats = _vector_stats(out.fused)
+    print(f"mmcore run: {'model ' + args.model if args.model else 'default_model(seed=%d)' % args.seed}"
+          f", inputs: {', '.join(inputs)}")
+    print(f"  fused  {tuple(out.fused.shape)}  mean {stats['mean']:+.4f}  std {stats['std']:.4f}  "
+          f"min {stats['min']:+.4f}  max {stats['max']:+.4f}  "
+          f"L2 {', '.join(f'{v:.4f}' for v in stats['l2_norm_per_row'])}")
+    head = ", ".join(f"{v:+.4f}" for v in out.fused[0, :6])
+    print(f"  fused[0, :6] = [{head}{', ...' if out.fused.shape[1] > 6 else ''}]")
+    for m, v in out.pooled.items():
+        emb = out.embeddings.get(m)
+        toks = f"  tokens {tuple(emb.shape)}" if emb is not None else ""
+        print(f"  pooled:{str(m):<8} {tuple(v.shape)}{toks}")
+    print("  stages (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in out.stats.items()))
+    if args.json:
+        doc = {"fused": out.fused.tolist(),
+               "pooled": {str(m): v.tolist() for m, v in out.pooled.items()},
+               "stats": dict(out.stats),
+               "fused_stats": stats}
+        with open(args.json, "w") as f:
+            json.dump(doc, f)
+        print(f"  wrote {args.json}")
+    return 0
+
+
+def _init_model(args) -> int:
+    from .model import default_model
+
+    model = default_model(seed=args.seed)
+    save = getattr(model, "save", None)
+    if save is None:
+        return _fail("this mmcore version cannot save models (MultiModalModel.save is not "
+                     "available)")
+    try:
+        save(args.dir)
+    except Exception as exc:
+        return _fail(f"saving to {args.dir!r} failed: {type(exc).__name__}: {exc}")
+    print(f"wrote default_model(seed={args.seed}) to {args.dir}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``mmcore`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="mmcore", description="mmcore command line")
@@ -80,9 +207,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_info = sub.add_parser("info", help="version, backends, ISA, threads, CUDA devices")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p_info.add_argument("--threads", type=int, default=None, help="thread count for the native kernels")
+
+    p_demo = sub.add_parser("demo", help="run the default model on generated inputs, print "
+                                         "timings and write pictures")
+    p_demo.add_argument("--out", default="mmcore-demo",
+                        help="folder for the PNG files (default: %(default)s)")
+    p_demo.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: 1)")
+    p_demo.add_argument("--seed", type=int, default=0, help="model seed (default: 0)")
+    p_demo.add_argument("--repeat", type=_positive_int, default=10,
+                        help="timed calls after the warm-up (default: %(default)s)")
+    p_demo.add_argument("--warmup", type=int, default=2, help="warm-up calls (default: 2)")
+    p_demo.add_argument("--threads", type=_positive_int, default=None,
+                        help="thread count for the native kernels")
+    p_demo.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p_run = sub.add_parser("run", help="run a model on a text, image, audio and/or video file")
+    p_run.add_argument("--model", default=None, metavar="DIR",
+                       help="a saved model directory (default: the built-in default model)")
+    p_run.add_argument("--text", default=None, help="input text")
+    p_run.add_argument("--image", default=None, metavar="PATH", help="image file")
+    p_run.add_argument("--audio", default=None, metavar="PATH", help="audio file")
+    p_run.add_argument("--video", default=None, metavar="PATH",
+                       help="video file (needs the 'video' extra)")
+    p_run.add_argument("--seed", type=int, default=0, help="seed of the default model")
+    p_run.add_argument("--threads", type=_positive_int, default=None,
+                       help="thread count for the native kernels")
+    p_run.add_argument("--json", default=None, metavar="OUT.json",
+                       help="also write fused, pooled and stats as JSON")
+
+    p_init = sub.add_parser("init-model", help="save the default model to a directory")
+    p_init.add_argument("dir", metavar="DIR")
+    p_init.add_argument("--seed", type=int, default=0, help="model seed (default: 0)")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "run":
+        if args.text is None and args.image is None and args.audio is None and args.video is None:
+            p_run.error("give at least one input: --text, --image, --audio or --video")
+        return _run(args)
+    if args.command == "init-model":
+        return _init_model(args)
     parser.print_help()
     return 2
 
