@@ -13,13 +13,14 @@ from . import errors, ops
 from ._backend import backends, get_num_threads, set_num_threads, use_backend
 from . import config, preprocess
 from .modality import Modality
+from .cache import TensorCache
 from .config import (AttentionFusion, CacheConfig, CachePolicy, CrossModalAttentionConfig,
                      CustomFusion, EarlyFusion, EncoderConfig, FusionStrategy, LateFusion,
                      MiddleFusion, ModalityConfig, MultiModalConfig, PreprocessingConfig,
                      register_fusion)
 
 __all__ = ["__version__", "errors", "ops", "config", "preprocess", "backends", "use_backend",
-           "set_num_threads", "get_num_threads", "Modality", "MultiModalConfig",
+           "set_num_threads", "get_num_threads", "Modality", "TensorCache", "MultiModalConfig",
            "ModalityConfig", "PreprocessingConfig", "EncoderConfig", "CrossModalAttentionConfig",
            "CacheConfig", "CachePolicy", "FusionStrategy", "EarlyFusion", "MiddleFusion",
            "LateFusion", "AttentionFusion", "CustomFusion", "register_fusion", "MultiModalModel",

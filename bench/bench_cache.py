@@ -1,0 +1,122 @@
+"""Benchmark of mmcore.cache: content hashing throughput and the cost of a cache hit.
+
+1. Hashing: ``content_key`` of 1 MB and 16 MB float32 arrays with BLAKE2b (and BLAKE3 when the
+   ``blake3`` package is installed), in GB/s on one core (one call at a time; hashlib releases
+   the GIL but a single digest is sequential). The raw ``hashlib`` / ``blake3`` digest of the
+   same bytes is shown as the ceiling. Target: >= 1 GB/s per core.
+2. Hit path: ``TensorCache.get_or_compute(content_key(x), preprocess)`` when the entry is
+   present -- hashing the input plus the lookup -- against recomputing the preprocessing:
+   ``mmcore.ops.preprocess_image(preset="clip")`` of a 640x480 RGB uint8 image and
+   ``mmcore.ops.log_mel_spectrogram`` of 30 s of 16 kHz audio. Also the lookup alone (a key
+   the caller already has). Target: a hit costs < 5 % of recomputing.
+
+Run: ``python bench/bench_cache.py [--quick] [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing as T  # noqa: E402
+
+try:
+    import mmcore  # noqa: E402
+    from mmcore import cache as mc  # noqa: E402
+    from mmcore.ops import log_mel_spectrogram, preprocess_image  # noqa: E402
+except ImportError as _exc:  # pragma: no cover
+    raise SystemExit(f"mmcore is not importable ({_exc}); build and install it first: "
+                     "pip install -e .")
+
+HASH_TARGET_GBPS = 1.0
+HIT_TARGET_FRACTION = 0.05
+
+
+def bench_hashing(quick: bool):
+    rng = np.random.default_rng(0)
+    algos = ["blake2b"] + (["blake3"] if mc._blake3_mod is not None else [])
+    if mc._blake3_mod is None:
+        print("[skip] blake3 is not installed; content_key uses blake2b")
+    rows = []
+    best = {}
+    for mb in (1, 16):
+        x = rng.standard_normal(mb * (1 << 20) // 4, dtype=np.float32)
+        for algo in algos:
+            t = T.timeit(lambda: mc.content_key(x, modality="image", model="m", algorithm=algo),
+                         warmup=1, repeat=3 if quick else 9, min_time=0 if quick else 0.5)
+            if algo == "blake2b":
+                raw = T.timeit(lambda: hashlib.blake2b(x, digest_size=32).digest(), warmup=1,
+                               repeat=3 if quick else 9)
+            else:
+                raw = T.timeit(lambda: mc._blake3_mod.blake3(x).digest(), warmup=1,
+                               repeat=3 if quick else 9)
+            gbps = x.nbytes / t.median / 1e9
+            best[(algo, mb)] = gbps
+            rows.append([f"{mb} MB float32", algo, T.fmt(gbps), T.fmt(x.nbytes / raw.median / 1e9),
+                         T.fmt(t.median * 1e3, ".3f")])
+    T.print_table(["input", "algorithm", "content_key GB/s", "raw digest GB/s", "ms/call"], rows)
+    default = mc.HASH_ALGORITHM
+    worst = min(v for (a, _), v in best.items() if a == default)
+    ok = worst >= HASH_TARGET_GBPS
+    print(f"hashing target (>= {HASH_TARGET_GBPS} GB/s per core with {default}): "
+          f"{'MET' if ok else 'NOT MET'} (slowest size: {worst:.2f} GB/s)\n")
+    return ok
+
+
+def bench_hits(quick: bool):
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    audio = (0.1 * rng.standard_normal(30 * 16000)).astype(np.float32)
+    cases = [
+        ("image 640x480 clip", img, lambda: preprocess_image(img, preset="clip"),
+         {"preset": "clip", "size": 224}),
+        ("audio 30 s log-mel", audio, lambda: log_mel_spectrogram(audio), {"preset": "whisper"}),
+    ]
+    rep = dict(warmup=1 if quick else 3, repeat=5 if quick else 15,
+               min_time=0 if quick else 0.5)
+    rows = []
+    ok_all = True
+    cache = mc.TensorCache(256 << 20)
+    for name, x, fn, cfg in cases:
+        key = mc.content_key(x, modality="m", config=cfg, model="bench")
+        cache.put(key, fn())
+        t_compute = T.timeit(fn, **rep)
+        t_hit = T.timeit(lambda: cache.get_or_compute(
+            mc.content_key(x, modality="m", config=cfg, model="bench"), fn), **rep)
+        t_lookup = T.timeit(lambda: cache.get(key), warmup=10, repeat=200, number=100)
+        frac = t_hit.median / t_compute.median
+        ok = frac < HIT_TARGET_FRACTION
+        ok_all &= ok
+        rows.append([name, f"{x.nbytes / 1e6:.2f}", T.fmt(t_compute.median * 1e3, ".3f"),
+                     T.fmt(t_hit.median * 1e3, ".4f"), T.fmt(t_lookup.median * 1e6, ".2f"),
+                     f"{100 * frac:.2f} %", f"{100 * t_lookup.median / t_compute.median:.3f} %",
+                     "MET" if ok else "NOT MET"])
+    T.print_table(["input", "MB", "recompute ms", "hit (hash+get) ms", "get only us",
+                   "hit / recompute", "get / recompute", f"hit < {100 * HIT_TARGET_FRACTION:.0f} %"], rows)
+    st = cache.stats()
+    print(f"cache after the run: hits {st.hits}, misses {st.misses}, items {st.items}, "
+          f"{st.bytes / 1e6:.2f} MB\n")
+    return ok_all
+
+
+def main(argv=None) -> int:
+    parser = T.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    info = T.configure_threads(args.threads)
+    with mmcore.use_backend(args.backend):
+        T.print_header("mmcore.cache: content hashing and hit-path overhead", threads_info=info,
+                       backend=args.backend, extra={"hash": mc.HASH_ALGORITHM})
+        hash_ok = bench_hashing(args.quick)
+        hit_ok = bench_hits(args.quick)
+    print(f"targets: hashing >= {HASH_TARGET_GBPS} GB/s/core: {'MET' if hash_ok else 'NOT MET'}; "
+          f"hit < {100 * HIT_TARGET_FRACTION:.0f} % of recompute: {'MET' if hit_ok else 'NOT MET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
