@@ -387,6 +387,84 @@ def _stack_clips(clips, owner: str):
     return x, (None if mask.all() else mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# per-item caching
+
+
+def _make_cache_manager(config: MultiModalConfig, cache: Any, owner: str):
+    """The CacheManager of a model (None when caching is off)."""
+    from ..cache import CacheManager
+    from ..config import CacheConfig
+    if cache is False:
+        return None
+    if isinstance(cache, CacheManager):
+        mgr = cache
+    elif cache is None or cache is True:
+        mgr = CacheManager.from_multimodal_config(config)
+    elif isinstance(cache, CacheConfig):
+        policies = {m: (mc.cache if mc.cache is not None else cache.policy_for(m))
+                    for m, mc in config.modalities.items()}
+        mgr = CacheManager(cache, policies=policies)
+    else:
+        raise ConfigError(f"[{owner}] cache must be None, a bool, a CacheConfig or a "
+                          f"CacheManager, got {type(cache).__name__}")
+    return mgr if mgr.config.enabled else None
+
+
+_ITEM_NDIM = {"image": 3, "audio": 1, "video": 4}
+
+
+def _raw_items(kind: Optional[str], value: Any, batch: int) -> Optional[list]:
+    """The ``batch`` items of a raw input (None when it cannot be split)."""
+    if isinstance(value, (list, tuple)):
+        return list(value) if len(value) == batch else (
+            [value] if batch == 1 else None)
+    if isinstance(value, np.ndarray) and kind in _ITEM_NDIM:
+        nd = _ITEM_NDIM[kind]
+        if value.ndim == nd and batch == 1:
+            return [value]
+        if value.ndim == nd + 1 and value.shape[0] == batch:
+            return [value[i] for i in range(batch)]
+        return None
+    return [value] if batch == 1 else None
+
+
+def _raw_subset(value: Any, batch: int, idx: list) -> Any:
+    """The raw input restricted to the items ``idx``, in the form of the original."""
+    if len(idx) == batch:
+        return value
+    if isinstance(value, np.ndarray):
+        return value[np.asarray(idx, np.intp)]
+    return [value[i] for i in idx]
+
+
+def _item_data(kind: Optional[str], item: Any) -> Any:
+    """What a raw item's key is made of (the file's bytes for a path)."""
+    if isinstance(item, _PATH_TYPES) and not (kind == "text" and isinstance(item, (str, bytes))):
+        with open(os.fspath(item), "rb") as fh:
+            return ("file", fh.read())
+    if isinstance(item, str):
+        return ("str", item)
+    if isinstance(item, bytes):
+        return ("bytes", item)
+    return ("array", np.asarray(item))
+
+
+def _zero_padding(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Token embeddings with the padding positions set to zero."""
+    if mask.ndim == 2 and mask.shape == tokens.shape[:2] and not mask.all():
+        tokens = np.where(mask[..., None], tokens, np.float32(0)).astype(np.float32, copy=False)
+    return tokens
+
+
+def _real_length(row: np.ndarray) -> Optional[int]:
+    """Length of the True prefix of a mask row (None if the row is not right-padded)."""
+    n = int(row.sum())
+    if not row[:n].all():
+        return None
+    return n
+
+
 class MultiModalModel(Module):
     """Preprocessors, encoders and a fusion layer for a :class:`~mmcore.config.MultiModalConfig`.
 
@@ -406,14 +484,35 @@ class MultiModalModel(Module):
         the state dict.
     stats_window : int, default 1024
         Recent latencies kept per stage for the percentiles of :meth:`stats`.
+    cache : None, bool, CacheConfig or CacheManager, default None
+        The per-item cache of encoder outputs. None or True: built from ``config.cache``
+        (on by default, within ``config.cache.global_budget_bytes``; ``config.cache.enabled``
+        False switches it off); False: no cache; a :class:`~mmcore.config.CacheConfig` or a
+        :class:`~mmcore.cache.CacheManager`: used instead of ``config.cache``.
+
+    Caching: with late, attention or custom fusion, :meth:`infer` keys every batch item of
+    every modality by :func:`~mmcore.cache.content_key` of its data (raw input bytes -- file
+    bytes for paths -- or its preprocessed row and mask), the modality's config and the model
+    identity (a digest of the weights, recomputed by :meth:`load_state_dict`), and stores
+    the item's encoder outputs (tokens trimmed to its real length, mask, pooled). Only the
+    items not found are preprocessed and encoded, as one sub-batch; the batch is then put
+    back together with the padding the uncached path gives. Token embeddings at padding
+    positions are zero (with or without cache). The encoders treat batch items
+    independently (padding is masked), so results with and without cache agree; they are
+    bit-identical when the floating-point kernels do not depend on the batch shape, else
+    equal to within float32 rounding (~1e-6 relative). A lossy storage ``dtype`` in a cache
+    policy (float16, bfloat16) trades that for memory. Early and middle fusion (joint
+    encoders) are not cached. Inputs whose masks are not right-padded (e.g. text with
+    ``padding_side="left"``) are not cached either.
 
     Every configured modality gets a preprocessor and an encoder, enabled or not, so that
     :meth:`enable` / :meth:`disable` switch modalities at run time without rebuilding.
     Weights: the modality encoders were drawn at random unless loaded with
     :meth:`load_state_dict` (keys ``encoders.<m>.*`` and ``fusion.*``).
 
-    Thread safety: :meth:`infer` keeps no shared mutable state besides the statistics (behind
-    a lock) and can be called from many threads at once; :meth:`enable` / :meth:`disable`
+    Thread safety: :meth:`infer` keeps no shared mutable state besides the statistics and
+    the cache (both thread-safe; concurrent calls with overlapping items may both compute an
+    item that neither found, and store equal results) and can be called from many threads at once; :meth:`enable` / :meth:`disable`
     swap the config atomically (a call in flight finishes with the config it started with).
     Do not call :meth:`load_state_dict` while other threads infer.
 
@@ -431,7 +530,7 @@ class MultiModalModel(Module):
 
     def __init__(self, config: MultiModalConfig, *, rng: RngLike = None,
                  seed: Optional[int] = None, encoders: Optional[Mapping[Any, Any]] = None,
-                 stats_window: int = 1024):
+                 stats_window: int = 1024, cache: Any = None):
         super().__init__()
         owner = type(self).__name__
         if not isinstance(config, MultiModalConfig):
@@ -477,6 +576,8 @@ class MultiModalModel(Module):
         self.add_module("encoders", encs)
         self.add_module("fusion", FusionLayer.from_config(config, rng=gen))
         self._stats = LatencyStats(stats_window)
+        self._cache = _make_cache_manager(config, cache, owner)
+        self._identity = self._compute_identity()
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -572,6 +673,51 @@ class MultiModalModel(Module):
 
         return _Collector()
 
+    # -- cache ----------------------------------------------------------------------------------
+
+    @property
+    def cache(self):
+        """The :class:`~mmcore.cache.CacheManager` of encoder outputs (None when off)."""
+        return self._cache
+
+    @property
+    def identity(self) -> str:
+        """Digest of the weights (and of the given non-module encoders) used in cache keys."""
+        return self._identity
+
+    def _compute_identity(self) -> str:
+        from ..cache import _new_hasher, _field
+        h = _new_hasher()
+        _field(h, b"class", type(self).__name__.encode())
+        for name, arr in sorted(self.named_parameters()):
+            a = np.ascontiguousarray(arr)
+            _field(h, b"name", name.encode())
+            _field(h, b"meta", f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.reshape(-1).view(np.uint8))
+        for m, fn in sorted(self._external.items(), key=lambda kv: str(kv[0])):
+            _field(h, b"external", f"{m}:{type(fn).__qualname__}:{id(fn)}".encode())
+        return h.hexdigest()
+
+    def load_state_dict(self, state_dict, *, prefix: str = "", strict: bool = True):
+        out = super().load_state_dict(state_dict, prefix=prefix, strict=strict)
+        self._identity = self._compute_identity()
+        return out
+
+    def cache_stats(self) -> Dict[str, Any]:
+        """:meth:`CacheManager.stats` of the cache, plus ``"enabled"`` (False when off)."""
+        if self._cache is None:
+            return {"enabled": False, "caches": {},
+                    "total": {k: 0 for k in ("hits", "misses", "evictions", "expired",
+                                             "rejected", "bytes", "items")}}
+        st = self._cache.stats()
+        st["enabled"] = bool(self._cache.config.enabled)
+        return st
+
+    def clear_cache(self) -> None:
+        """Drop every cached entry (the counters are kept)."""
+        if self._cache is not None:
+            self._cache.clear()
+
     # -- inference ------------------------------------------------------------------------------
 
     def _prepare(self, m: Modality, mc: ModalityConfig, value: Any, is_raw: bool,
@@ -621,6 +767,103 @@ class MultiModalModel(Module):
                 clips = [arr] if arr.ndim == 4 else list(arr)
             return _stack_clips([pre(c)["pixel_values"] for c in clips], owner)
         raise ShapeError(f"[{owner}] cannot preprocess modality {str(m)!r}")  # pragma: no cover
+
+    def _encode_cached(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
+                       timings: Dict[str, float]):
+        """``(tokens, mask, pooled)`` of one modality through the per-item cache, or None when
+        the input cannot be cached item by item (the caller then takes the uncached path)."""
+        from ..cache import content_key
+        owner = type(self).__name__
+        value = inputs.modality_inputs[m]
+        is_raw = inputs.raw[m] and not isinstance(value, Mapping)
+        n_items = int(inputs.batch_size)
+        pre = mc.preprocessing
+        pkind = _kind_of(m, pre)
+        if pre is not None and pkind == "text" and pre.padding_side == "left":
+            return None
+        t_pre = 0.0
+        t0 = time.perf_counter()
+        if is_raw:
+            items = _raw_items(pkind, value, n_items)
+            if items is None:
+                return None
+            datas = [("raw", _item_data(pkind, it)) for it in items]
+            fixed = pre is not None and pre.padding == "max_length"
+            x = mask = None
+        else:
+            x, mask = self._prepare(m, mc, value, False, inputs.attention_masks.get(m))
+            x = np.asarray(x)
+            if x.ndim < 1 or x.shape[0] != n_items:
+                return None
+            if mask is not None:
+                mask = np.asarray(mask)
+            datas = [("pre", x[i], None if mask is None else mask[i].astype(np.bool_))
+                     for i in range(n_items)]
+            fixed = True
+        identity = self._identity
+        keys = [content_key(d, modality=m, config=mc, model=identity) for d in datas]
+        t_pre += time.perf_counter() - t0
+
+        entries: Dict[str, Any] = {}
+        for k in keys:
+            if k not in entries:
+                hit = self._cache.get(m, k)
+                if hit is not None:
+                    entries[k] = hit
+        missing = []
+        seen = set()
+        for i, k in enumerate(keys):
+            if k not in entries and k not in seen:
+                seen.add(k)
+                missing.append(i)
+
+        t_enc = 0.0
+        if missing:
+            t0 = time.perf_counter()
+            if is_raw:
+                xs, ms = self._prepare(m, mc, _raw_subset(value, n_items, missing), True, None)
+            else:
+                idx = np.asarray(missing, np.intp)
+                xs = x[idx]
+                ms = None if mask is None else mask[idx]
+            t_pre += time.perf_counter() - t0
+            if int(np.shape(xs)[0]) != len(missing):
+                raise ShapeError(f"[{owner}] modality {str(m)!r} has batch size "
+                                 f"{int(np.shape(xs)[0])} after preprocessing, expected "
+                                 f"{len(missing)}")
+            t0 = time.perf_counter()
+            tokens, tmask, pool = self.encoder(m)(xs, attention_mask=ms)
+            tokens = np.asarray(tokens, np.float32)
+            tmask = np.asarray(tmask).astype(np.bool_)
+            pool = np.asarray(pool, np.float32)
+            L_sub = int(tokens.shape[1])
+            fresh = {}
+            for j, i in enumerate(missing):
+                n = _real_length(tmask[j])
+                if n is None:
+                    return None
+                fresh[keys[i]] = (np.ascontiguousarray(tokens[j, :n]), pool[j],
+                                  np.int64(L_sub if fixed else n))
+            for k, e in fresh.items():
+                self._cache.put(m, k, e)
+            entries.update(fresh)
+            t_enc = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rows = [entries[k] for k in keys]
+        L = max(int(e[2]) for e in rows)
+        D = int(rows[0][1].shape[-1])
+        out_tokens = np.zeros((n_items, L, D), np.float32)
+        out_mask = np.zeros((n_items, L), np.bool_)
+        for i, e in enumerate(rows):
+            n = int(e[0].shape[0])
+            out_tokens[i, :n] = e[0]
+            out_mask[i, :n] = True
+        out_pool = np.stack([np.asarray(e[1], np.float32) for e in rows])
+        t_enc += time.perf_counter() - t0
+        timings[f"preprocess:{m}"] = t_pre
+        timings[f"encode:{m}"] = t_enc
+        return out_tokens, out_mask, out_pool
 
     def infer(self, inputs, *, return_weights: bool = False) -> MultiModalOutput:
         """Preprocess, encode and fuse one request.
@@ -673,8 +916,21 @@ class MultiModalModel(Module):
         kind = self.fusion.kind
         timings: Dict[str, float] = {}
         staged = {}
+        done = {}
         B = None
+        use_cache = self._cache is not None and kind not in ("early", "middle")
         for m in present:
+            if use_cache and self._cache.enabled_for(m):
+                res = self._encode_cached(m, mods[m], inputs, timings)
+                if res is not None:
+                    b = int(res[0].shape[0])
+                    if B is None:
+                        B = b
+                    elif b != B:
+                        raise ShapeError(f"[{owner}] modality {str(m)!r} has batch size {b} "
+                                         f"after preprocessing, expected {B}")
+                    done[m] = res
+                    continue
             t0 = time.perf_counter()
             x, mask = self._prepare(m, mods[m], inputs.modality_inputs[m], inputs.raw[m],
                                     inputs.attention_masks.get(m))
@@ -690,6 +946,11 @@ class MultiModalModel(Module):
         embeddings, masks, pooled = {}, {}, {}
         fusion_in = {}
         for m in present:
+            if m in done:
+                tokens, tmask, pool = done[m]
+                embeddings[m], masks[m], pooled[m] = tokens, tmask, pool
+                fusion_in[m] = (tokens, tmask, pool)
+                continue
             x, mask = staged[m]
             t0 = time.perf_counter()
             enc = self.encoder(m)
@@ -704,6 +965,7 @@ class MultiModalModel(Module):
                 tokens, tmask, pool = enc(x, attention_mask=mask)
                 tokens = np.asarray(tokens, np.float32)
                 tmask = np.asarray(tmask).astype(np.bool_)
+                tokens = _zero_padding(tokens, tmask)
                 embeddings[m], masks[m], pooled[m] = tokens, tmask, np.asarray(pool, np.float32)
                 fusion_in[m] = (tokens, tmask, pooled[m])
             timings[f"encode:{m}"] = time.perf_counter() - t0
@@ -896,7 +1158,7 @@ def default_config(*, embed_dim: int = 64, num_layers: int = 2, num_heads: int =
     return MultiModalConfig(mods, fusion=fusion, cross_attention=cross, name="mmcore-default")
 
 
-def default_model(seed: int = 0, **kwargs) -> MultiModalModel:
+def default_model(seed: int = 0, *, cache: Any = None, **kwargs) -> MultiModalModel:
     """A small, deterministic, **untrained** model with all four built-in modalities.
 
     Its weights are random (drawn from ``seed``): the outputs have the right shapes and are
@@ -911,7 +1173,8 @@ def default_model(seed: int = 0, **kwargs) -> MultiModalModel:
       :class:`~mmcore.config.AttentionFusion` to a 64-wide fused vector.
 
     Keyword arguments go to :func:`default_config` (``embed_dim``, ``num_layers``,
-    ``num_heads``, ``fusion``).
+    ``num_heads``, ``fusion``); ``cache`` goes to :class:`MultiModalModel` (False: no
+    per-item cache).
 
     Examples
     --------
@@ -921,4 +1184,4 @@ def default_model(seed: int = 0, **kwargs) -> MultiModalModel:
     >>> m.infer({"audio": np.zeros(16000, np.float32)}).fused.shape
     (1, 64)
     """
-    return MultiModalModel(default_config(**kwargs), seed=seed)
+    return MultiModalModel(default_config(**kwargs), seed=seed, cache=cache)
