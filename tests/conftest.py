@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from _helpers import HOST_BACKENDS, need_backend
+
 try:
     from hypothesis import HealthCheck, settings
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
@@ -40,3 +42,10 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=reason)
     for item in cuda_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(params=HOST_BACKENDS)
+def backend(request):
+    """Each host backend in turn (numba skipped when it is not installed)."""
+    need_backend(request.param)
+    return request.param

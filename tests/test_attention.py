@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
@@ -18,9 +18,10 @@ from mmcore.errors import BackendError, MMCoreError, ShapeError
 from mmcore.ops import attention
 from mmcore.ops.attention import dropout_threshold
 
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
+from _helpers import need_backend as _need_backend
 from reference import attention_ref, dropout_bits_np, dropout_threshold_ref
 
-HOST_BACKENDS = ["native", "numba"]
 
 # float32 tolerances on unit-scale data; float16 inputs are compared against the reference on
 # the float16-rounded inputs, so only the float32 compute error remains, with extra slack.
@@ -32,30 +33,11 @@ SMALL_SIZES = [1, 2, 3, 7, 31, 37, 61, 64, 65]
 D_CHOICES = [1, 3, 16, 31, 64, 65, 80, 128]
 
 # MMCORE_TEST_EXAMPLES multiplies the number of hypothesis examples (e.g. 20 for a long soak).
-_EXAMPLES_FACTOR = float(os.environ.get("MMCORE_TEST_EXAMPLES", "1"))
 
 
 # Subprocesses run outside the source tree so that they import the installed package
 # (with its compiled modules), not the mmcore/ folder of a checkout.
 _OUTSIDE_SOURCE = tempfile.gettempdir()
-
-def examples(n):
-    return max(1, int(n * _EXAMPLES_FACTOR))
-
-
-PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.data_too_large])
-
-
-def _need_backend(name):
-    if name == "numba":
-        pytest.importorskip("numba")
-
-
-@pytest.fixture(params=HOST_BACKENDS)
-def backend(request):
-    _need_backend(request.param)
-    return request.param
 
 
 def run(q, k, v, backend, **kw):

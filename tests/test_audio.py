@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import doctest
 import math
-import os
 import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
 from mmcore.errors import BackendError, ShapeError
 from mmcore.ops import fbank, log_mel_spectrogram, mel_filterbank, mel_spectrogram, stft
 
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
+from _helpers import need_backend as _need_backend
 from reference import (fbank_ref, kaldi_mel_banks_ref, mel_filterbank_ref, mel_spectrogram_ref,
                        spectral_ref, stft_ref, whisper_log_mel_ref, window_ref)
 
-HOST_BACKENDS = ["native", "numba"]
 
 # float32 FFTs: errors relative to the largest magnitude of the result.
 REL_SPEC = 1e-4
@@ -34,27 +34,6 @@ LENGTHS = [1, 2, 3, 7, 17, 64, 97, 101, 256, 401, 1009, 2003]
 HOPS = [1, 2, 3, 7, 16, 64, 160, 401, 1100]
 BATCHES = [(), (3,), (2, 2)]
 STFT_WINDOWS = ["hann", "hamming", "blackman", "povey", "rectangular"]
-
-_EXAMPLES_FACTOR = float(os.environ.get("MMCORE_TEST_EXAMPLES", "1"))
-
-
-def examples(n):
-    return max(1, int(n * _EXAMPLES_FACTOR))
-
-
-PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.data_too_large])
-
-
-def _need_backend(name):
-    if name == "numba":
-        pytest.importorskip("numba")
-
-
-@pytest.fixture(params=HOST_BACKENDS)
-def backend(request):
-    _need_backend(request.param)
-    return request.param
 
 
 def make_signal(rng, shape, dtype=np.float32, amp=0.5, tone=True):

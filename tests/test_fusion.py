@@ -4,20 +4,20 @@ reference and each other, and against PyTorch where it is installed."""
 from __future__ import annotations
 
 import doctest
-import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
 from mmcore.errors import BackendError, MMCoreError, ShapeError
 from mmcore.ops import fuse, masked_max, masked_mean
 
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
+from _helpers import need_backend as _need_backend
 from reference import FUSE_STRATEGIES_REF, fuse_ref, masked_max_ref, masked_mean_ref
 
-HOST_BACKENDS = ["native", "numba"]
 STRATEGIES = list(FUSE_STRATEGIES_REF)
 REDUCTIONS = {"masked_mean": (masked_mean, masked_mean_ref),
               "masked_max": (masked_max, masked_max_ref)}
@@ -31,34 +31,6 @@ L_SIZES = [1, 2, 3, 7, 13, 31, 64, 65, 127]
 D_SIZES = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129]
 M_SIZES = [1, 2, 3, 5, 7]
 MASK_DTYPES = [np.bool_, np.bool_, np.int64, np.int32, np.uint8]
-
-_EXAMPLES_FACTOR = float(os.environ.get("MMCORE_TEST_EXAMPLES", "1"))
-
-
-def examples(n):
-    return max(1, int(n * _EXAMPLES_FACTOR))
-
-
-PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.data_too_large])
-
-
-def _has_native_fusion():
-    import mmcore._C as C
-    return all(hasattr(C, n) for n in ("masked_mean", "masked_max", "fuse"))
-
-
-def _need_backend(name):
-    if name == "numba":
-        pytest.importorskip("numba")
-    elif name == "native" and not _has_native_fusion():
-        pytest.skip("this build of mmcore._C has no fusion kernels (rebuild mmcore)")
-
-
-@pytest.fixture(params=HOST_BACKENDS)
-def backend(request):
-    _need_backend(request.param)
-    return request.param
 
 
 def assert_close(actual, expected, scale=1.0, atol=ATOL, rtol=RTOL, what=""):

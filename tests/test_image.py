@@ -5,47 +5,26 @@ photographs and Hugging Face's image processors where those are installed."""
 from __future__ import annotations
 
 import doctest
-import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
 from mmcore.errors import BackendError, ShapeError
 from mmcore.ops import normalize, patchify, preprocess_image, resize
 
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
+from _helpers import need_backend as _need_backend
 from reference import (IMAGE_PRESETS_REF, center_crop_ref, nearest_indices_ref, normalize_ref,
                        patchify_ref, pillow13_vertical_first, preprocess_image_ref,
                        resize_coeffs_ref, resize_ref, shortest_edge_size_ref)
 
-HOST_BACKENDS = ["native", "numba"]
 FILTERS = ["nearest", "bilinear", "bicubic", "lanczos"]
 
 # float32 resize: error relative to the largest magnitude of the input
 REL_F32 = 1e-4
-
-_EXAMPLES_FACTOR = float(os.environ.get("MMCORE_TEST_EXAMPLES", "1"))
-
-
-def examples(n):
-    return max(1, int(n * _EXAMPLES_FACTOR))
-
-
-PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.data_too_large])
-
-
-def _need_backend(name):
-    if name == "numba":
-        pytest.importorskip("numba")
-
-
-@pytest.fixture(params=HOST_BACKENDS)
-def backend(request):
-    _need_backend(request.param)
-    return request.param
 
 
 # ----------------------------------------------------------------------------------------------
