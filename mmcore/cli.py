@@ -10,6 +10,10 @@ spectrogram as PNG files (see :mod:`mmcore.demo`).
 ``mmcore run`` runs a saved model (``--model DIR``) or the default model on files given on the
 command line; ``mmcore init-model DIR`` saves the default model to a directory.
 
+``mmcore features {audio,image,video} INPUTS... -o OUT.safetensors`` preprocesses many files
+into one safetensors file, skipping and listing the files it cannot read (exit status 1 when
+there are any; see :mod:`mmcore.features`).
+
 Examples
 --------
 >>> from mmcore.cli import main
@@ -190,6 +194,38 @@ def _init_model(args) -> int:
     return 0
 
 
+def _features(args) -> int:
+    from .errors import ConfigError, ModalityError, ModelFormatError
+    from .features import extract_features
+
+    changes = {}
+    if args.preset is not None:
+        changes["preset"] = None if args.preset.lower() == "none" else args.preset
+    for opt, field in (("size", "size"), ("num_frames", "num_frames"), ("n_mels", "n_mels")):
+        value = getattr(args, opt)
+        if value is not None:
+            changes[field] = value
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    try:
+        rep = extract_features(args.modality, args.inputs, args.output, model=args.model,
+                               preprocessing=changes or None, batch_size=args.batch_size,
+                               progress=not args.quiet)
+    except (ConfigError, ModalityError, ModelFormatError) as exc:
+        return _fail(str(exc), 2)
+    except (OSError, ImportError) as exc:
+        return _fail(f"{type(exc).__name__}: {exc}")
+    print(f"mmcore features: wrote {rep.num_ok} {args.modality} tensor(s) to {rep.output} "
+          f"({rep.seconds:.2f} s)")
+    if rep.failed:
+        print(f"mmcore features: {rep.num_failed} of {len(args.inputs)} file(s) failed:",
+              file=sys.stderr)
+        for path, reason in rep.failed:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -239,6 +275,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_init.add_argument("dir", metavar="DIR")
     p_init.add_argument("--seed", type=int, default=0, help="model seed (default: 0)")
 
+    p_feat = sub.add_parser("features", help="preprocess many audio, image or video files into "
+                                             "one safetensors file")
+    p_feat.add_argument("modality", choices=["audio", "image", "video"])
+    p_feat.add_argument("inputs", nargs="+", metavar="INPUT", help="input files")
+    p_feat.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
+                        help="the safetensors file to write")
+    p_feat.add_argument("--model", default=None, metavar="DIR",
+                        help="use the preprocessing of a saved model (default: the default "
+                             "model's)")
+    p_feat.add_argument("--preset", default=None,
+                        help="preprocessing preset (audio: whisper, fbank, none; image/video: "
+                             "clip, siglip, imagenet, none)")
+    p_feat.add_argument("--size", type=_positive_int, default=None,
+                        help="image/video output resolution")
+    p_feat.add_argument("--num-frames", type=_positive_int, default=None,
+                        help="video frames sampled per file")
+    p_feat.add_argument("--n-mels", type=_positive_int, default=None, help="audio mel bands")
+    p_feat.add_argument("--batch-size", type=_positive_int, default=16,
+                        help="files per batch (default: %(default)s)")
+    p_feat.add_argument("--threads", type=_positive_int, default=None,
+                        help="thread count for the native kernels")
+    p_feat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
@@ -250,6 +309,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(args)
     if args.command == "init-model":
         return _init_model(args)
+    if args.command == "features":
+        return _features(args)
     parser.print_help()
     return 2
 
