@@ -2,6 +2,7 @@
 // No pybind11 here; the kernels stay framework-free.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -69,6 +70,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Element loads that widen the storage type to float32.
 __device__ __forceinline__ float load_float(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
 }  // namespace cuda
 }  // namespace mmcore
