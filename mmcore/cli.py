@@ -226,6 +226,24 @@ def _features(args) -> int:
     return 0
 
 
+def _node(args) -> int:
+    import logging
+    from .distributed.node import run_node
+    from .errors import ConfigError, ModalityError, ModelFormatError
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if args.threads is not None:
+        set_num_threads(args.threads)
+    try:
+        return run_node(args.model, args.modality, host=args.host, port=args.port,
+                        token_file=args.token_file, certfile=args.certfile,
+                        keyfile=args.keyfile, drain_timeout_s=args.drain_timeout)
+    except (ConfigError, ModalityError, ModelFormatError, OSError) as exc:
+        print(f"mmcore node: {exc}", file=sys.stderr)
+        return 2
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -298,7 +316,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="thread count for the native kernels")
     p_feat.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    p_node = sub.add_parser("node", help="serve some modalities of a model directory to a "
+                                         "coordinator (see mmcore.distributed)")
+    p_node.add_argument("--model", required=True, metavar="DIR", help="the model directory")
+    p_node.add_argument("--modality", action="append", required=True,
+                        help="a modality to serve (repeat for several)")
+    p_node.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: %(default)s)")
+    p_node.add_argument("--port", type=int, default=0, help="port (default: 0, a free one)")
+    p_node.add_argument("--token-file", default=None, metavar="F",
+                        help="file holding the cluster token (default: $MMCORE_CLUSTER_TOKEN)")
+    p_node.add_argument("--certfile", default=None, help="TLS certificate chain (PEM)")
+    p_node.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
+    p_node.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds to finish requests in flight on SIGTERM")
+    p_node.add_argument("--threads", type=_positive_int, default=None,
+                        help="thread count for the native kernels")
+    p_node.add_argument("--log-level", default="WARNING", help="logging level")
+
     args = parser.parse_args(argv)
+    if args.command == "node":
+        return _node(args)
     if args.command == "info":
         return _info(args)
     if args.command == "demo":

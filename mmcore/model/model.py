@@ -465,6 +465,14 @@ def _real_length(row: np.ndarray) -> Optional[int]:
     return n
 
 
+def _check_batch(owner: str, m: Modality, b: int, B: Optional[int]) -> int:
+    """The request's batch size after modality ``m`` (ShapeError when they disagree)."""
+    if B is not None and b != B:
+        raise ShapeError(f"[{owner}] modality {str(m)!r} has batch size {b} after "
+                         f"preprocessing, expected {B}")
+    return b
+
+
 class MultiModalModel(Module):
     """Preprocessors, encoders and a fusion layer for a :class:`~mmcore.config.MultiModalConfig`.
 
@@ -477,8 +485,9 @@ class MultiModalModel(Module):
     seed : int, optional, keyword-only
         Same as an int ``rng`` (give one of the two).
     encoders : dict of Modality or str -> callable, optional, keyword-only
-        Encoders that replace the built-in ones (needed for ``encoder="external"``, ``"onnx"``
-        or ``"remote"`` modalities): ``fn(inputs, attention_mask=mask) -> (tokens (B, L, D),
+        Encoders that replace the built-in ones (needed for ``encoder="external"`` and
+        ``"remote"`` modalities, and for ``"onnx"`` ones whose config has no ``onnx_path``, see
+        :mod:`mmcore.model.onnx_encoder`): ``fn(inputs, attention_mask=mask) -> (tokens (B, L, D),
         mask (B, L), pooled (B, D))`` with ``D`` the modality's ``embed_dim``. Early and
         middle fusion need built-in encoders. Callables that are :class:`Module` take part in
         the state dict.
@@ -555,6 +564,7 @@ class MultiModalModel(Module):
         self._config = config
         self.preprocessors: Dict[Modality, Any] = {}
         self._external: Dict[Modality, Callable] = {}
+        self._remote: Dict[Modality, Any] = {}
         encs = _ModuleDict()
         for m, mc in config.modalities.items():
             self.preprocessors[m] = _make_preprocessor(mc.preprocessing)
@@ -569,6 +579,12 @@ class MultiModalModel(Module):
                     self._external[m] = fn
             elif mc.encoder == "builtin":
                 encs.add_module(str(m), ModalityEncoder.from_config(mc, rng=gen))
+            elif mc.encoder == "onnx":
+                if joint:
+                    raise ConfigError(f"[{owner}] {config.fusion.TYPE} fusion needs the built-in "
+                                      f"encoder of modality {str(m)!r}, not encoder='onnx'")
+                from .onnx_encoder import OnnxEncoder
+                self._external[m] = OnnxEncoder.from_modality_config(mc)
             else:
                 raise ConfigError(f"[{owner}] modality {str(m)!r} uses encoder={mc.encoder!r}; "
                                   "pass its encoder in encoders= (or load it with "
@@ -628,6 +644,57 @@ class MultiModalModel(Module):
         self.set_enabled(modality, False)
 
     # -- stats ----------------------------------------------------------------------------------
+
+    def set_remote_encoders(self, remote: Optional[Mapping[Any, Any]]) -> None:
+        """Serve modalities through remote encoders (or, with None / {}, locally again).
+
+        A remote encoder is an object with ``submit(value, *, is_raw, attention_mask)``
+        returning a :class:`concurrent.futures.Future` of ``(tokens, mask, pooled)`` (or of
+        None: the modality is dropped from the request); it preprocesses and encodes
+        elsewhere. :mod:`mmcore.distributed` provides them (``MultiModalLoader.with_distributed``
+        and ``from_pretrained(..., distributed=...)`` call this). :meth:`infer` submits every
+        remote modality first, encodes the local ones meanwhile, then fuses locally; the
+        per-item cache of this model is not used for remote modalities (nodes keep their own).
+
+        Raises
+        ------
+        ModalityError
+            A key is not a configured modality.
+        ConfigError
+            Early or middle fusion (joint encoders cannot run remotely), or an object without
+            ``submit``.
+        """
+        owner = type(self).__name__
+        table: Dict[Modality, Any] = {}
+        for key, enc in (remote or {}).items():
+            m = Modality(key)
+            if m not in self._config.modalities:
+                raise ModalityError(f"[{owner}] remote encoder for modality {str(m)!r}, which "
+                                    "is not configured")
+            if not callable(getattr(enc, "submit", None)):
+                raise ConfigError(f"[{owner}] remote encoder for modality {str(m)!r} has no "
+                                  "submit method")
+            table[m] = enc
+        if table and self.fusion.kind in ("early", "middle"):
+            raise ConfigError(f"[{owner}] {self.fusion.kind} fusion runs its encoders jointly; "
+                              "remote encoders need late, attention or custom fusion")
+        self._remote = table
+
+    #: The distributed backend serving :attr:`remote_modalities` (set by mmcore.distributed).
+    distributed = None
+
+    def close(self) -> None:
+        """Release the distributed backend (connections, threads, actors), if any; the
+        modalities it served are encoded locally again."""
+        backend, self.distributed = self.distributed, None
+        self._remote = {}
+        if backend is not None:
+            backend.close()
+
+    @property
+    def remote_modalities(self) -> Tuple[Modality, ...]:
+        """The modalities served by remote encoders."""
+        return tuple(self._remote)
 
     def stats(self) -> Dict[str, Dict[str, float]]:
         """Per stage (``preprocess:<m>``, ``encode:<m>``, ``fusion``, ``total``): ``count``,
@@ -865,6 +932,76 @@ class MultiModalModel(Module):
         timings[f"encode:{m}"] = t_enc
         return out_tokens, out_mask, out_pool
 
+    def _encode_one(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
+                    timings: Dict[str, float], use_cache: bool):
+        """``(tokens, mask, pooled)`` of one modality (late, attention and custom fusion)."""
+        if use_cache and self._cache.enabled_for(m):
+            res = self._encode_cached(m, mc, inputs, timings)
+            if res is not None:
+                return res
+        t0 = time.perf_counter()
+        x, mask = self._prepare(m, mc, inputs.modality_inputs[m], inputs.raw[m],
+                                inputs.attention_masks.get(m))
+        timings[f"preprocess:{m}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens, tmask, pool = self.encoder(m)(x, attention_mask=mask)
+        tokens = np.asarray(tokens, np.float32)
+        tmask = np.asarray(tmask).astype(np.bool_)
+        tokens = _zero_padding(tokens, tmask)
+        timings[f"encode:{m}"] = time.perf_counter() - t0
+        return tokens, tmask, np.asarray(pool, np.float32)
+
+    def encode_modality(self, modality, value, *, attention_mask=None,
+                        timings: Optional[Dict[str, float]] = None):
+        """Preprocess (when raw) and encode the input of one modality, without fusion.
+
+        This is what a shard node runs for the modalities it serves (see
+        :mod:`mmcore.distributed`); it goes through the per-item cache like :meth:`infer`.
+
+        Parameters
+        ----------
+        modality : Modality or str
+            A configured modality (enabled or not).
+        value : any
+            Its input, raw or preprocessed (see :class:`MultiModalInput`).
+        attention_mask : (B, L) array, optional, keyword-only
+            Mask of a preprocessed input.
+        timings : dict, optional, keyword-only
+            Receives the seconds spent per stage.
+
+        Returns
+        -------
+        (tokens float32 (B, L, D), mask bool (B, L), pooled float32 (B, D))
+
+        Raises
+        ------
+        ModalityError
+            The modality is not configured.
+        ConfigError
+            The model uses early or middle fusion (its encoders run jointly).
+
+        Examples
+        --------
+        >>> from mmcore.model import default_model
+        >>> tokens, mask, pooled = default_model().encode_modality("text", ["hi"])
+        >>> tokens.shape[0], pooled.shape
+        (1, (1, 64))
+        """
+        owner = type(self).__name__
+        m = Modality(modality)
+        config = self._config
+        if m not in config.modalities:
+            raise ModalityError(f"[{owner}] modality {str(m)!r} is not configured "
+                                f"(configured: {', '.join(map(str, config.modalities))})")
+        if self.fusion.kind in ("early", "middle"):
+            raise ConfigError(f"[{owner}] encode_modality needs late, attention or custom "
+                              f"fusion; this model uses {self.fusion.kind} fusion")
+        masks = None if attention_mask is None else {m: attention_mask}
+        inputs = MultiModalInput({m: value}, attention_masks=masks)
+        t = {} if timings is None else timings
+        return self._encode_one(m, config.modalities[m], inputs, t,
+                                self._cache is not None)
+
     def infer(self, inputs, *, return_weights: bool = False) -> MultiModalOutput:
         """Preprocess, encode and fuse one request.
 
@@ -915,33 +1052,42 @@ class MultiModalModel(Module):
                                 f"{', '.join(map(str, config.enabled_modalities()))})")
         kind = self.fusion.kind
         timings: Dict[str, float] = {}
+        remote = self._remote
+        futures = {}
+        if remote:
+            for m in present:
+                if m in remote:
+                    futures[m] = (time.perf_counter(), remote[m].submit(
+                        inputs.modality_inputs[m], is_raw=inputs.raw[m],
+                        attention_mask=inputs.attention_masks.get(m)))
         staged = {}
         done = {}
         B = None
         use_cache = self._cache is not None and kind not in ("early", "middle")
         for m in present:
-            if use_cache and self._cache.enabled_for(m):
-                res = self._encode_cached(m, mods[m], inputs, timings)
-                if res is not None:
-                    b = int(res[0].shape[0])
-                    if B is None:
-                        B = b
-                    elif b != B:
-                        raise ShapeError(f"[{owner}] modality {str(m)!r} has batch size {b} "
-                                         f"after preprocessing, expected {B}")
-                    done[m] = res
-                    continue
+            if m in futures:
+                continue
+            if kind not in ("early", "middle"):
+                res = self._encode_one(m, mods[m], inputs, timings, use_cache)
+                B = _check_batch(owner, m, int(res[0].shape[0]), B)
+                done[m] = res
+                continue
             t0 = time.perf_counter()
             x, mask = self._prepare(m, mods[m], inputs.modality_inputs[m], inputs.raw[m],
                                     inputs.attention_masks.get(m))
             timings[f"preprocess:{m}"] = time.perf_counter() - t0
-            b = int(np.shape(x)[0])
-            if B is None:
-                B = b
-            elif b != B:
-                raise ShapeError(f"[{owner}] modality {str(m)!r} has batch size {b} after "
-                                 f"preprocessing, expected {B}")
+            B = _check_batch(owner, m, int(np.shape(x)[0]), B)
             staged[m] = (x, mask)
+        for m, (t0, fut) in futures.items():
+            res = fut.result()
+            timings[f"remote:{m}"] = time.perf_counter() - t0
+            if res is None:                 # the modality was dropped (no node left)
+                continue
+            B = _check_batch(owner, m, int(res[0].shape[0]), B)
+            done[m] = res
+        present = [m for m in present if m in done or m in staged]
+        if not present:
+            raise ModalityError(f"[{owner}] no modality of this request could be encoded")
 
         embeddings, masks, pooled = {}, {}, {}
         fusion_in = {}
@@ -954,20 +1100,10 @@ class MultiModalModel(Module):
             x, mask = staged[m]
             t0 = time.perf_counter()
             enc = self.encoder(m)
-            if kind == "early":
-                h, hm = enc.embed(x, attention_mask=mask)
-                fusion_in[m] = (h, hm)
-            elif kind == "middle":
-                h, hm = enc.embed(x, attention_mask=mask)
+            h, hm = enc.embed(x, attention_mask=mask)
+            if kind == "middle":
                 h = enc.encode(h, hm, end_layer=self.fusion.strategy.fusion_layer)
-                fusion_in[m] = (h, hm)
-            else:
-                tokens, tmask, pool = enc(x, attention_mask=mask)
-                tokens = np.asarray(tokens, np.float32)
-                tmask = np.asarray(tmask).astype(np.bool_)
-                tokens = _zero_padding(tokens, tmask)
-                embeddings[m], masks[m], pooled[m] = tokens, tmask, np.asarray(pool, np.float32)
-                fusion_in[m] = (tokens, tmask, pooled[m])
+            fusion_in[m] = (h, hm)
             timings[f"encode:{m}"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -1041,7 +1177,9 @@ class MultiModalModel(Module):
 
     @classmethod
     def from_pretrained(cls, path, *, verify: bool = True,
-                        encoders: Optional[Mapping[Any, Any]] = None) -> "MultiModalModel":
+                        encoders: Optional[Mapping[Any, Any]] = None,
+                        modalities: Optional[Any] = None,
+                        distributed: Any = None) -> "MultiModalModel":
         """Load a model directory written by :meth:`save` (or :func:`~mmcore.model.io.save_model_dir`).
 
         Parameters
@@ -1052,6 +1190,14 @@ class MultiModalModel(Module):
             Check the SHA-256 of every file (sizes are always checked).
         encoders : dict of Modality or str -> callable, optional
             As for the constructor (needed for ``encoder="external"`` modalities).
+        modalities : iterable of Modality or str, optional
+            Load only these modalities' preprocessors and encoders (what a shard node
+            needs): the model gets a config restricted to them, with
+            ``LateFusion("concat")`` in place of the stored fusion, and serves
+            :meth:`encode_modality`; the other tensors are not kept.
+        distributed : DistributedConfig, optional
+            Serve the modalities it names through :mod:`mmcore.distributed` (remote nodes or
+            Ray actors); cross-modal attention and fusion stay local.
 
         Raises
         ------
@@ -1060,18 +1206,32 @@ class MultiModalModel(Module):
             field), or its tensors do not fit the config: a missing tensor, a tensor of an
             unknown modality, a wrong shape (the message names the tensor). No model is
             returned in that case.
+        ModalityError
+            ``modalities`` names a modality the directory does not have.
         """
         from .io import load_model_dir
         cfg_dict, state, meta = load_model_dir(path, verify=verify)
         config = _config_from_dir(cfg_dict, path, meta)
         _check_state_modalities(state, config, os.fspath(path))
+        keep = None
+        if modalities is not None:
+            config, keep = _restrict_config(config, modalities, os.fspath(path))
+            state = {k: v for k, v in state.items()
+                     if any(k.startswith(f"encoders.{m}.") for m in keep)}
         model = cls(config, seed=0, encoders=encoders)
         state = {k: v for k, v in state.items()
                  if not _served_externally(k, model._external)}
+        if keep is not None:       # the substitute fusion layer keeps its own parameters
+            state = dict(state, **{k: v for k, v in model.state_dict().items()
+                                   if k.startswith("fusion.")})
         try:
             model.load_state_dict(state, strict=True)
         except ModelFormatError as exc:
             raise ModelFormatError(f"{os.fspath(path)}: {exc}") from None
+        if distributed is not None:
+            import importlib
+            importlib.import_module("mmcore.distributed").attach(model, distributed,
+                                                                 model_dir=os.fspath(path))
         return model
 
     def extra_repr(self) -> str:
@@ -1121,6 +1281,30 @@ def _check_state_modalities(state: Mapping[str, Any], config: MultiModalConfig,
                 raise ModelFormatError(f"{where}: tensor {key!r} belongs to a modality that the "
                                        f"config does not have (configured: "
                                        f"{', '.join(sorted(known))})")
+
+
+def _restrict_config(config: MultiModalConfig, modalities: Any, where: str):
+    """``(config, kept modalities)``: ``config`` cut down to ``modalities`` (late concat fusion)."""
+    from ..config import LateFusion
+    if isinstance(modalities, (str, Modality)):
+        modalities = [modalities]
+    keep = []
+    for key in modalities:
+        m = Modality(key)
+        if m not in config.modalities:
+            raise ModalityError(f"[MultiModalModel] {where} has no modality {str(m)!r} "
+                                f"(it has {', '.join(map(str, config.modalities))})")
+        if m not in keep:
+            keep.append(m)
+    if not keep:
+        raise ModalityError("[MultiModalModel] modalities is empty; name at least one")
+    mcs = []
+    for m in keep:
+        mc = config.modalities[m]
+        mcs.append(mc if mc.enabled else type(mc).from_dict(dict(mc.to_dict(), enabled=True)))
+    sub = MultiModalConfig(mcs, fusion=LateFusion("concat"), cache=config.cache,
+                           name=config.name, version=config.version)
+    return sub, keep
 
 
 def _served_externally(key: str, external: Mapping[Modality, Any]) -> bool:

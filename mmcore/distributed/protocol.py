@@ -1,0 +1,309 @@
+"""The framed binary protocol between the coordinator and shard nodes.
+
+A frame is a fixed 20-byte header, a small JSON header and the raw bytes of zero or more
+arrays::
+
+    offset  size  field
+    0       4     magic b"MMCF"
+    4       1     protocol version (1)
+    5       1     message type (:class:`MsgType`)
+    6       2     flags (reserved, 0)
+    8       4     length of the JSON header in bytes (little endian)
+    12      8     length of the array payload in bytes (little endian)
+
+The JSON header is a UTF-8 object. Its ``"arrays"`` entry lists the arrays of the payload as
+``{"dtype": "<f4", "shape": [2, 3], "offset": 0}``; dtypes come from an allow-list (booleans,
+integers, floats; never objects), offsets are 64-byte aligned, ascending and do not overlap.
+Every length, count and shape is checked against :class:`FrameLimits` *before* anything is
+allocated, so a hostile or broken peer cannot make the receiver allocate more than the limits.
+Nothing is ever unpickled or evaluated.
+
+Arrays are sent without copies (``socket.sendmsg`` of the header and the arrays' own buffers)
+and received into one buffer that the returned arrays view.
+
+Examples
+--------
+>>> import numpy as np
+>>> from mmcore.distributed.protocol import encode_frame, decode_frame, MsgType
+>>> data = b"".join(bytes(b) for b in encode_frame(MsgType.HEALTH, {"id": "x"},
+...                                                  [np.arange(3, dtype=np.float32)]))
+>>> f = decode_frame(data)
+>>> f.type.name, f.header["id"], f.arrays[0].tolist()
+('HEALTH', 'x', [0.0, 1.0, 2.0])
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ProtocolError
+
+__all__ = ["MAGIC", "VERSION", "HEADER", "MsgType", "FrameLimits", "Frame", "ConnectionClosed",
+           "encode_frame", "decode_frame", "send_frame", "recv_frame", "ALLOWED_DTYPES"]
+
+MAGIC = b"MMCF"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHIQ")
+_ALIGN = 64
+
+#: dtypes that may travel (little endian); anything else is refused on both sides.
+ALLOWED_DTYPES = frozenset(["|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8",
+                            "<f2", "<f4", "<f8"])
+
+
+class MsgType(enum.IntEnum):
+    """Message types of the protocol."""
+
+    CHALLENGE = 1     # node -> client: a nonce to authenticate against
+    AUTH = 2          # client -> node: the client's nonce and HMAC
+    AUTH_OK = 3       # node -> client: the node's HMAC (mutual authentication)
+    AUTH_FAIL = 4     # node -> client: wrong token; the connection closes
+    ENCODE = 5        # client -> node: preprocess + encode one modality's inputs
+    RESULT = 6        # node -> client: tokens, mask, pooled
+    ERROR = 7         # node -> client: the request failed (error class and message)
+    HEALTH = 8        # client -> node: health check
+    HEALTH_OK = 9     # node -> client: modalities, load, hardware
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection (at a frame boundary or inside a frame)."""
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Upper bounds checked before a frame is allocated.
+
+    Parameters
+    ----------
+    max_frame_bytes : int, default 1 GiB
+        JSON header plus payload.
+    max_json_bytes : int, default 1 MiB
+    max_arrays : int, default 4096
+    max_ndim : int, default 8
+    """
+
+    max_frame_bytes: int = 1 << 30
+    max_json_bytes: int = 1 << 20
+    max_arrays: int = 4096
+    max_ndim: int = 8
+
+
+DEFAULT_LIMITS = FrameLimits()
+
+
+@dataclass
+class Frame:
+    """A decoded frame: its type, flags, JSON header and arrays (views of one buffer)."""
+
+    type: MsgType
+    header: Dict[str, Any]
+    arrays: List[np.ndarray] = field(default_factory=list)
+    flags: int = 0
+
+
+def _wire_dtype(a: np.ndarray) -> np.dtype:
+    dt = a.dtype
+    if dt.byteorder == ">" or (dt.byteorder == "=" and not np.little_endian):
+        dt = dt.newbyteorder("<")
+    return dt
+
+
+def encode_frame(msg_type: int, header: Optional[Dict[str, Any]] = None,
+                 arrays: Sequence[np.ndarray] = (), *, flags: int = 0) -> List[memoryview]:
+    """The buffers of one frame, ready for ``sendmsg`` (the arrays are not copied when they
+    are C-contiguous little-endian).
+
+    Raises
+    ------
+    ProtocolError
+        A dtype outside :data:`ALLOWED_DTYPES`, a header that is not a JSON object, or a
+        header that already has an ``"arrays"`` entry.
+    """
+    hdr = dict(header or {})
+    if "arrays" in hdr:
+        raise ProtocolError("[protocol] header must not have an 'arrays' entry (it is written "
+                            "by encode_frame)")
+    bufs: List[memoryview] = []
+    descs = []
+    offset = 0
+    for i, a in enumerate(arrays):
+        a = np.asarray(a)
+        dt = _wire_dtype(a)
+        if dt.str not in ALLOWED_DTYPES:
+            raise ProtocolError(f"[protocol] arrays[{i}] has dtype {a.dtype}, which the "
+                                "protocol does not carry")
+        a = np.ascontiguousarray(a, dtype=dt)
+        pad = (-offset) % _ALIGN
+        if pad:
+            bufs.append(memoryview(bytes(pad)))
+            offset += pad
+        descs.append({"dtype": dt.str, "shape": list(a.shape), "offset": offset})
+        if a.nbytes:
+            bufs.append(memoryview(a.reshape(-1)).cast("B"))
+        offset += a.nbytes
+    hdr["arrays"] = descs
+    try:
+        js = json.dumps(hdr, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"[protocol] header is not plain JSON: {exc}") from None
+    head = HEADER.pack(MAGIC, VERSION, int(msg_type), int(flags), len(js), offset)
+    return [memoryview(head + js)] + bufs
+
+
+def _parse_fixed(head: bytes, limits: FrameLimits):
+    magic, version, mtype, flags, jlen, plen = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"[protocol] bad magic {magic!r} (expected {MAGIC!r})")
+    if version != VERSION:
+        raise ProtocolError(f"[protocol] unsupported protocol version {version} (this side "
+                            f"speaks {VERSION})")
+    try:
+        mtype = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"[protocol] unknown message type {mtype}") from None
+    if jlen > limits.max_json_bytes:
+        raise ProtocolError(f"[protocol] JSON header of {jlen} bytes exceeds the limit of "
+                            f"{limits.max_json_bytes}")
+    if jlen + plen > limits.max_frame_bytes:
+        raise ProtocolError(f"[protocol] frame of {jlen + plen} bytes exceeds the limit of "
+                            f"{limits.max_frame_bytes}")
+    return mtype, flags, jlen, plen
+
+
+def _parse_json(raw: bytes) -> Dict[str, Any]:
+    try:
+        hdr = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"[protocol] JSON header does not parse: {exc}") from None
+    if not isinstance(hdr, dict):
+        raise ProtocolError("[protocol] JSON header is not an object")
+    return hdr
+
+
+def _check_arrays(hdr: Dict[str, Any], plen: int, limits: FrameLimits) -> List[tuple]:
+    """``[(dtype, shape, offset, nbytes)]`` of the header's array list, all bounds checked."""
+    descs = hdr.pop("arrays", [])
+    if not isinstance(descs, list):
+        raise ProtocolError("[protocol] 'arrays' is not a list")
+    if len(descs) > limits.max_arrays:
+        raise ProtocolError(f"[protocol] {len(descs)} arrays exceed the limit of "
+                            f"{limits.max_arrays}")
+    out = []
+    end = 0
+    for i, d in enumerate(descs):
+        if not isinstance(d, dict):
+            raise ProtocolError(f"[protocol] arrays[{i}] is not an object")
+        dts, shape, off = d.get("dtype"), d.get("shape"), d.get("offset")
+        if not isinstance(dts, str) or dts not in ALLOWED_DTYPES:
+            raise ProtocolError(f"[protocol] arrays[{i}] has dtype {dts!r}, which is not "
+                                "allowed")
+        if (not isinstance(shape, list) or len(shape) > limits.max_ndim
+                or not all(type(n) is int and n >= 0 for n in shape)):
+            raise ProtocolError(f"[protocol] arrays[{i}] has a bad shape {shape!r}")
+        if type(off) is not int or off < end or off % _ALIGN:
+            raise ProtocolError(f"[protocol] arrays[{i}] has a bad offset {off!r}")
+        dt = np.dtype(dts)
+        count = math.prod(shape)
+        nbytes = count * dt.itemsize
+        if off + nbytes > plen:
+            raise ProtocolError(f"[protocol] arrays[{i}] ({nbytes} bytes at {off}) runs past "
+                                f"the payload of {plen} bytes")
+        out.append((dt, tuple(shape), off, count))
+        end = off + nbytes
+    return out
+
+
+def _views(payload, specs) -> List[np.ndarray]:
+    return [np.frombuffer(payload, dtype=dt, count=count, offset=off).reshape(shape)
+            for dt, shape, off, count in specs]
+
+
+def decode_frame(data: bytes, *, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
+    """Decode one whole frame from bytes (the inverse of :func:`encode_frame`).
+
+    Raises
+    ------
+    ProtocolError
+        Anything malformed: bad magic or version, unknown type, limits exceeded, a JSON
+        header that does not parse, bad array descriptions, or a length that does not match.
+    """
+    data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"[protocol] frame of {len(data)} bytes is shorter than the "
+                            f"{HEADER.size}-byte header")
+    mtype, flags, jlen, plen = _parse_fixed(bytes(data[:HEADER.size]), limits)
+    if len(data) != HEADER.size + jlen + plen:
+        raise ProtocolError(f"[protocol] frame has {len(data)} bytes, its header says "
+                            f"{HEADER.size + jlen + plen}")
+    hdr = _parse_json(bytes(data[HEADER.size:HEADER.size + jlen]))
+    specs = _check_arrays(hdr, plen, limits)
+    payload = bytearray(data[HEADER.size + jlen:])
+    return Frame(mtype, hdr, _views(payload, specs), flags)
+
+
+def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionClosed(f"[protocol] connection closed "
+                                   f"{'before a frame' if got == 0 and what == 'header' else 'inside a frame'}"
+                                   f" ({got} of {n} bytes of the {what})")
+        got += k
+
+
+def recv_frame(sock: socket.socket, *, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
+    """Read one frame from a socket (the socket's timeout applies to every read).
+
+    Raises
+    ------
+    ConnectionClosed
+        The peer closed the connection.
+    ProtocolError
+        A malformed frame (see :func:`decode_frame`); nothing beyond the limits is allocated.
+    socket.timeout, OSError
+        From the socket.
+    """
+    head = bytearray(HEADER.size)
+    _recv_exact(sock, memoryview(head), "header")
+    mtype, flags, jlen, plen = _parse_fixed(bytes(head), limits)
+    js = bytearray(jlen)
+    _recv_exact(sock, memoryview(js), "JSON header")
+    hdr = _parse_json(bytes(js))
+    specs = _check_arrays(hdr, plen, limits)
+    payload = bytearray(plen)
+    if plen:
+        _recv_exact(sock, memoryview(payload), "payload")
+    return Frame(mtype, hdr, _views(payload, specs), flags)
+
+
+def _send_buffers(sock: socket.socket, bufs: List[memoryview]) -> None:
+    if not hasattr(sock, "sendmsg") or type(sock).__name__ == "SSLSocket":
+        for b in bufs:
+            sock.sendall(b)
+        return
+    pending = [b for b in bufs if len(b)]
+    while pending:
+        sent = sock.sendmsg(pending[:512])
+        while sent:
+            if sent >= len(pending[0]):
+                sent -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][sent:]
+                sent = 0
+
+
+def send_frame(sock: socket.socket, msg_type: int, header: Optional[Dict[str, Any]] = None,
+               arrays: Sequence[np.ndarray] = (), *, flags: int = 0) -> None:
+    """Encode and send one frame (scatter-gather, no copy of contiguous arrays)."""
+    _send_buffers(sock, encode_frame(msg_type, header, arrays, flags=flags))
