@@ -352,14 +352,12 @@ def test_verify_option(small_dir, tmp_path):
                       MultiModalModel)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mmcore.distributed") is not None,
-                    reason="mmcore.distributed is installed")
-def test_with_distributed_needs_the_package(base):
+def test_with_distributed_checks_the_config(base):
     loader = MultiModalLoader(base.config).with_distributed({"nodes": 2})
-    with pytest.raises(DistributedUnavailableError, match="later release") as info:
+    with pytest.raises(ConfigError, match="DistributedConfig"):
         loader.load()
-    assert isinstance(info.value, NotImplementedError)
-    assert isinstance(info.value, mmcore.errors.MMCoreError)
+    with pytest.raises(ConfigError, match="None"):
+        MultiModalLoader(base.config).with_distributed(None)
 
 
 def test_lazy_top_level_export():

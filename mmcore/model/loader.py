@@ -12,7 +12,8 @@ Weights are resolved in this order, later sources replacing earlier ones:
    model must be in it);
 3. :meth:`~MultiModalLoader.with_modality_path` -- one modality's encoder tensors
    (``encoders.<m>.*``) from a model directory whose config has that modality with the same
-   widths.
+   widths; for a modality with ``encoder="onnx"``, a directory holding ``model.onnx``
+   (:class:`~mmcore.model.onnx_encoder.OnnxEncoder`).
 
 Modalities given an encoder with :meth:`~MultiModalLoader.with_encoder` use it instead of a
 built-in one; tensors of such a modality in a model directory are ignored.
@@ -71,8 +72,11 @@ def _check_dir(path: Any, what: str) -> str:
     if not os.path.isdir(root):
         raise ModelFormatError(f"{what}: {root!r} does not exist or is not a directory")
     if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
+        hint = (" (it holds model.onnx: for a modality with encoder='onnx', give the config "
+                "to MultiModalLoader(config) first)"
+                if os.path.isfile(os.path.join(root, "model.onnx")) else "")
         raise ModelFormatError(f"{what}: {root!r} has no {CONFIG_FILE}; it is not a model "
-                               "directory")
+                               f"directory{hint}")
     return root
 
 
@@ -238,9 +242,29 @@ class MultiModalLoader:
     def with_modality_path(self, modality: Any, path: Any) -> "MultiModalLoader":
         """Take ``modality``'s encoder weights (``encoders.<m>.*``) from the model directory
         ``path``; its config must have the modality with the same ``embed_dim`` and
-        ``encoder_config``."""
+        ``encoder_config``.
+
+        For a modality with ``encoder="onnx"`` (the config must be given to the loader),
+        ``path`` is a directory holding ``model.onnx`` (or the ONNX file itself): it is
+        recorded as the modality's ``encoder_config.extra["onnx_path"]`` (absolute) and
+        :meth:`load` runs it with :class:`~mmcore.model.onnx_encoder.OnnxEncoder`.
+        """
         m = self._modality(modality)
-        self._modality_paths[m] = _check_dir(path, f"with_modality_path({str(m)!r})")
+        what = f"with_modality_path({str(m)!r})"
+        if self._config is not None and self._config.modalities[m].encoder == "onnx":
+            from .onnx_encoder import onnx_file
+            if m in self._encoders:
+                raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} has both an encoder "
+                                  "callable and an ONNX directory; give one")
+            file = os.path.abspath(onnx_file(path, f"MultiModalLoader.{what}"))
+            mc = self._config.modalities[m]
+            ec = mc.encoder_config
+            mods = dict(self._config.modalities)
+            mods[m] = mc.replace(encoder_config=ec.replace(extra=dict(ec.extra, onnx_path=file)))
+            self._config = self._config.replace(modalities=mods)
+            self._modality_paths.pop(m, None)
+            return self
+        self._modality_paths[m] = _check_dir(path, what)
         return self
 
     def with_encoder(self, modality: Any, encoder: Callable) -> "MultiModalLoader":
@@ -260,10 +284,10 @@ class MultiModalLoader:
         return self
 
     def with_distributed(self, distributed_config: Any) -> "MultiModalLoader":
-        """Keep a distributed configuration (for :mod:`mmcore.distributed`).
-
-        Distributed encoders come in a later release: :meth:`load` raises
-        :class:`DistributedUnavailableError` while :mod:`mmcore.distributed` is not installed.
+        """Serve the modalities named by a :class:`mmcore.distributed.DistributedConfig`
+        remotely: :meth:`load` attaches the model to shard nodes (or Ray actors), which
+        preprocess and encode those modalities; cross-modal attention and fusion stay local.
+        The Ray backend also needs :meth:`with_weights` (its actors load that directory).
         """
         if distributed_config is None:
             raise ConfigError("[MultiModalLoader] with_distributed needs a distributed config, "
@@ -290,10 +314,9 @@ class MultiModalLoader:
             :meth:`with_distributed` was used and :mod:`mmcore.distributed` is not installed.
         """
         if self._distributed is not None and importlib.util.find_spec("mmcore.distributed") is None:
-            raise DistributedUnavailableError(
+            raise DistributedUnavailableError(  # pragma: no cover - part of the package
                 "[MultiModalLoader] with_distributed needs mmcore.distributed, which is not "
-                "installed; distributed encoders come in a later release (load without "
-                "with_distributed to run every encoder in this process)")
+                "installed")
         state: Optional[Dict[str, np.ndarray]] = None
         config = self._config
         if self._weights is not None:
@@ -341,7 +364,8 @@ class MultiModalLoader:
             where = self._weights or "MultiModalLoader"
             raise ModelFormatError(f"{where}: {exc}") from None
         if self._distributed is not None:
-            model.distributed_config = self._distributed
+            importlib.import_module("mmcore.distributed").attach(
+                model, self._distributed, model_dir=self._weights)
         return model
 
     def _modality_state(self, config: MultiModalConfig, m: Modality, path: str
@@ -351,10 +375,15 @@ class MultiModalLoader:
         if m in self._encoders and not isinstance(self._encoders[m], Module):
             raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} has both an encoder "
                               "callable and a weights directory; give one")
+        if mc.encoder == "onnx" and m not in self._encoders:
+            raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} uses encoder='onnx'; "
+                              "give the config to MultiModalLoader(config) before "
+                              "with_modality_path, so that the directory is read as an ONNX "
+                              "encoder (or set encoder_config.extra['onnx_path'])")
         if mc.encoder != "builtin" and m not in self._encoders:
             raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} uses encoder="
                               f"{mc.encoder!r}; with_modality_path loads built-in encoder "
-                              "weights only (other encoder kinds come in a later release)")
+                              "weights, or an ONNX encoder for encoder='onnx'")
         cfg_dict, state, meta = load_model_dir(path, verify=self._verify)
         other = _config_from_dir(cfg_dict, path, meta)
         if m not in other.modalities:
