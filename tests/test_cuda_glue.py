@@ -21,6 +21,7 @@ class _Device:
 class _FakeArray:
     def __init__(self, data, device=0):
         self.data = np.asarray(data)
+        self.dtype = self.data.dtype
         self.device = _Device(device)
 
 
@@ -78,3 +79,59 @@ def test_cuda_paths_import_without_a_gpu(module, fn):
     import importlib
     mod = importlib.import_module(f"mmcore.ops.{module}")
     assert callable(getattr(mod, fn))
+
+
+class _DLPackOnly:
+    """Exposes DLPack on a CUDA device only (like a JAX array)."""
+
+    def __dlpack_device__(self):
+        return (2, 0)   # kDLCUDA, device 0
+
+    def __dlpack__(self, stream=None):  # pragma: no cover - never called by the fake cupy
+        raise AssertionError
+
+
+def test_device_array_accepts_cuda_dlpack():
+    cp = _fake_cupy()
+    seen = []
+    cp.from_dlpack = lambda x: seen.append(x) or _FakeArray([3.0])
+    obj = _DLPackOnly()
+    assert isinstance(cc.device_array(cp, "op", "x", obj), _FakeArray)
+    assert seen == [obj]
+
+
+class _Bf16Tensor:
+    """A foreign CUDA bfloat16 array: PyTorch writes typestr "<V2" for bfloat16."""
+
+    def __init__(self):
+        self.__cuda_array_interface__ = {"shape": (2, 3), "typestr": "<V2", "data": (4096, False),
+                                         "strides": None, "version": 2,
+                                         "descr": [("", "<V2")]}
+
+
+def test_attention_reads_foreign_bfloat16_as_uint16_view():
+    from mmcore.ops import _cuda_impl
+
+    cp = _fake_cupy()
+    seen = []
+
+    def asarray(x):
+        seen.append(x)
+        return _FakeArray(np.zeros((2, 3), np.uint16))
+
+    cp.asarray = asarray
+    cp.uint16 = np.uint16
+    src = _Bf16Tensor()
+    arr, is_bf16 = _cuda_impl._float_input(cp, "attention", "q", src)
+    assert is_bf16 and isinstance(arr, _FakeArray)
+    (wrapper,) = seen
+    iface = wrapper.__cuda_array_interface__
+    assert iface["typestr"] == "<u2" and "descr" not in iface
+    assert iface["shape"] == (2, 3) and iface["data"] == (4096, False)
+    assert wrapper._owner is src                        # the memory's owner stays alive
+    assert src.__cuda_array_interface__["typestr"] == "<V2"   # the source is left as it was
+
+    # other dtypes pass through unchanged
+    seen.clear()
+    arr, is_bf16 = _cuda_impl._float_input(cp, "attention", "q", _Interface())
+    assert not is_bf16 and seen and not hasattr(seen[0], "_owner")

@@ -471,7 +471,8 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("dropout_scale"), py::arg("dtype"), py::arg("stream"), py::arg("device") = -1,
         "Queue attention on `stream` (a cudaStream_t as int, 0 = legacy default stream) of "
         "`device` (-1 = the current device). Pointers are device addresses as ints (0 = null); "
-        "strides are in elements over (B, H, Lq, Lk); dtype 0 = float32, 1 = float16 q/k/v. "
+        "strides are in elements over (B, H, Lq, Lk); dtype 0 = float32, 1 = float16, "
+        "2 = bfloat16 q/k/v. "
         "Raises RuntimeError('[attention] ...') on invalid arguments or CUDA errors.");
 
   m.def("spectral", &spectral, py::arg("x"), py::arg("out"), py::arg("window"),

@@ -50,8 +50,52 @@ def _element_strides(x):
 
 def _check_float(op: str, name: str, x) -> None:
     if x.dtype.name not in _FLOAT_DTYPES:
-        raise ShapeError(f"[{op}] {name} has dtype {x.dtype}, expected float32 or float16 "
-                         "(float64 is cast)")
+        raise ShapeError(f"[{op}] {name} has dtype {x.dtype}, expected float32, float16 or "
+                         "bfloat16 (float64 is cast)")
+
+
+# The __cuda_array_interface__ typestr of bfloat16 data (PyTorch and ml_dtypes write "<V2").
+_BF16_TYPESTRS = ("<V2",)
+
+
+class _Reinterpreted:
+    """The memory of a foreign CUDA array seen through another ``__cuda_array_interface__``
+    (same pointer, shape and strides); keeps the original object alive."""
+
+    def __init__(self, owner, interface):
+        self._owner = owner
+        self.__cuda_array_interface__ = interface
+
+
+def _cuda_interface(x):
+    try:
+        iface = getattr(x, "__cuda_array_interface__", None)
+    except Exception:  # e.g. a tensor that requires grad: device_array reports it
+        return None
+    return iface if isinstance(iface, dict) else None
+
+
+def _float_input(cp, op: str, name: str, x):
+    """``(array, is_bfloat16)`` for a device input; bfloat16 data (a CuPy bfloat16 array, or a
+    foreign array whose interface says "<V2", or a DLPack bfloat16 tensor that CuPy reads) comes
+    back as a ``uint16`` view of the same memory, never copied."""
+    if not isinstance(x, cp.ndarray):
+        iface = _cuda_interface(x)
+        if iface is not None and iface.get("typestr") in _BF16_TYPESTRS:
+            view = dict(iface)
+            view["typestr"] = "<u2"
+            view.pop("descr", None)
+            x = _device_array(cp, op, name, _Reinterpreted(x, view))
+            return x, True
+        x = _device_array(cp, op, name, x)
+    if x.dtype.name == "bfloat16":
+        return x.view(cp.uint16), True
+    return x, False
+
+
+def _bf16_to_float32(cp, u):
+    """float32 values of bfloat16 bits held as uint16 (exact: bfloat16 is truncated float32)."""
+    return (cp.ascontiguousarray(u).astype(cp.uint32) << 16).view(cp.float32)
 
 
 def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, dropout_p, seed,
@@ -59,8 +103,10 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
     """Attention on CUDA device arrays; the semantics of :func:`mmcore.ops.attention`.
 
     q, k and v must be CuPy arrays (or expose ``__cuda_array_interface__`` / CUDA DLPack) on one
-    device. If all three are float16 they are read as float16 and computed in float32;
-    otherwise they are cast to float32 on the device (float64 included). ``mask`` (bool) and
+    device. If all three are float16 (or all bfloat16: CuPy bfloat16 arrays, or foreign arrays
+    such as PyTorch tensors whose ``__cuda_array_interface__`` typestr is ``"<V2"``) they are read
+    as such and computed with float32 accumulation (tensor cores on compute capability 8.0 and
+    newer); otherwise they are cast to float32 on the device (float64 included). ``mask`` (bool) and
     ``bias`` (float) must be device arrays on the same device and are read through broadcast
     strides without copies (bias is cast to float32 first when needed). ``key_lengths`` may be a
     device integer array or a host sequence (copied, it is only ``B`` integers). Outputs are
@@ -70,32 +116,38 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
     cp = _cupy(op)
     mod = _cuda_module(op)
 
-    q = _device_array(cp, op, "q", q)
-    k = _device_array(cp, op, "k", k)
-    v = _device_array(cp, op, "v", v)
+    q, q_bf = _float_input(cp, op, "q", q)
+    k, k_bf = _float_input(cp, op, "k", k)
+    v, v_bf = _float_input(cp, op, "v", v)
     device = q.device.id
     _same_device(op, "k", k, device, "q")
     _same_device(op, "v", v, device, "q")
 
     B, H, Lq, Lk, D, Dv = check_qkv_shapes(op, q, k, v)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_float(op, name, x)
+    for name, x, bf in (("q", q, q_bf), ("k", k, k_bf), ("v", v, v_bf)):
+        if not bf:
+            _check_float(op, name, x)
 
     sc = attention_scalars(op, D, scale, temperature, dropout_p, seed)
 
     full = (B, H, Lq, Lk)
     dims = "(B, H, Lq, Lk)"
     with cp.cuda.Device(device):
-        if q.dtype == k.dtype == v.dtype == cp.float16:
+        if q_bf and k_bf and v_bf:
+            dtype_flag = 2
+            q = cp.ascontiguousarray(q)
+            k = cp.ascontiguousarray(k)
+            v = cp.ascontiguousarray(v)
+        elif not (q_bf or k_bf or v_bf) and q.dtype == k.dtype == v.dtype == cp.float16:
             dtype_flag = 1
             q = cp.ascontiguousarray(q)
             k = cp.ascontiguousarray(k)
             v = cp.ascontiguousarray(v)
         else:
             dtype_flag = 0
-            q = cp.ascontiguousarray(q, dtype=cp.float32)
-            k = cp.ascontiguousarray(k, dtype=cp.float32)
-            v = cp.ascontiguousarray(v, dtype=cp.float32)
+            q = _bf16_to_float32(cp, q) if q_bf else cp.ascontiguousarray(q, dtype=cp.float32)
+            k = _bf16_to_float32(cp, k) if k_bf else cp.ascontiguousarray(k, dtype=cp.float32)
+            v = _bf16_to_float32(cp, v) if v_bf else cp.ascontiguousarray(v, dtype=cp.float32)
 
         mask_v = None
         if mask is not None:
@@ -108,9 +160,11 @@ def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, drop
 
         bias_v = None
         if bias is not None:
-            bb = _device_array(cp, op, "bias", bias)
+            bb, bb_bf = _float_input(cp, op, "bias", bias)
             _same_device(op, "bias", bb, device, "q")
-            if bb.dtype.name not in _FLOAT_DTYPES:
+            if bb_bf:
+                bb = _bf16_to_float32(cp, bb)
+            elif bb.dtype.name not in _FLOAT_DTYPES:
                 raise ShapeError(f"[{op}] bias has dtype {bb.dtype}, expected a float dtype")
             bb = bb.astype(cp.float32, copy=False)
             # NaN and +inf both fail `x < inf`: one reduction, one flag read back.
