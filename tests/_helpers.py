@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck
+
+try:
+    from hypothesis import HealthCheck
+except ImportError:  # the GPU-only test runs (pytest -m cuda) need no hypothesis
+    HealthCheck = None
 
 #: The backends that run on host arrays.
 HOST_BACKENDS = ["native", "numba"]
@@ -13,8 +17,9 @@ HOST_BACKENDS = ["native", "numba"]
 #: MMCORE_TEST_EXAMPLES=N multiplies every hypothesis example count (longer soak runs).
 _EXAMPLES_FACTOR = float(os.environ.get("MMCORE_TEST_EXAMPLES", "1"))
 
-PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.data_too_large])
+PROPERTY_SETTINGS = (dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.data_too_large])
+                     if HealthCheck is not None else dict(deadline=None))
 
 
 def examples(n):
