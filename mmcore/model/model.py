@@ -708,35 +708,50 @@ class MultiModalModel(Module):
         """A ``prometheus_client`` collector exposing :meth:`stats` (needs prometheus_client).
 
         Register it with ``prometheus_client.REGISTRY.register(model.prometheus_collector())``.
-        Exposes ``<prefix>_stage_seconds`` (a summary: count, sum and the p50/p95 quantiles)
-        and ``<prefix>_stage_items_total``, labelled by ``stage``.
+        Exposes ``<prefix>_stage_seconds`` (a summary: ``_count``, ``_sum`` and the recent-window
+        quantiles ``quantile="0.5"`` / ``"0.95"``) and ``<prefix>_stage_items_total`` (rows
+        processed), labelled by ``stage``. The collector describes its metric names, so a
+        registry refuses a second collector with the same ``prefix`` (give each model its own).
+
+        Raises
+        ------
+        ConfigError
+            ``prefix`` is not a valid Prometheus metric name.
+        ImportError
+            prometheus_client is not installed.
         """
+        import re
+
+        op = f"{type(self).__name__}.prometheus_collector"
+        if not isinstance(prefix, str) or not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", prefix):
+            raise ConfigError(f"[{op}] prefix must be a Prometheus metric name "
+                              f"([a-zA-Z_:][a-zA-Z0-9_:]*), got {prefix!r}")
         try:
             from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
+            from prometheus_client.samples import Sample
         except ImportError as exc:
-            raise ImportError("prometheus_collector needs the prometheus_client package") from exc
+            raise ImportError(f"[{op}] needs the prometheus_client package "
+                              "(pip install prometheus-client)") from exc
         model = self
+        name = f"{prefix}_stage_seconds"
+
+        def families(snap):
+            lat = SummaryMetricFamily(name, "Latency of model stages", labels=["stage"])
+            items = CounterMetricFamily(f"{prefix}_stage_items",
+                                        "Rows processed by model stages", labels=["stage"])
+            for stage, s in snap.items():
+                lat.add_metric([stage], s["count"], s["total_s"])
+                for q, key in (("0.5", "p50_s"), ("0.95", "p95_s")):
+                    lat.samples.append(Sample(name, {"stage": stage, "quantile": q}, s[key]))
+                items.add_metric([stage], s["items"])
+            return [lat, items]
 
         class _Collector:
+            def describe(self):
+                return families({})
+
             def collect(self):
-                snap = model.stats()
-                lat = SummaryMetricFamily(f"{prefix}_stage_seconds",
-                                          "Latency of model stages", labels=["stage"])
-                items = CounterMetricFamily(f"{prefix}_stage_items",
-                                            "Rows processed by model stages", labels=["stage"])
-                for stage, s in snap.items():
-                    lat.add_metric([stage], s["count"], s["total_s"])
-                    items.add_metric([stage], s["items"])
-                yield lat
-                yield items
-                from prometheus_client.core import GaugeMetricFamily
-                q = GaugeMetricFamily(f"{prefix}_stage_seconds_quantile",
-                                      "Recent latency quantiles of model stages",
-                                      labels=["stage", "quantile"])
-                for stage, s in snap.items():
-                    q.add_metric([stage, "0.5"], s["p50_s"])
-                    q.add_metric([stage, "0.95"], s["p95_s"])
-                yield q
+                return families(model.stats())
 
         return _Collector()
 
