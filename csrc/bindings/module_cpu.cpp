@@ -28,13 +28,17 @@ std::string shape_str(const Shape& s) {
   return out + (s.size() == 1 ? ",)" : ")");
 }
 
+// Equal dtypes need not be the same object (arrays rebuilt by pickle, Ray or DLPack carry
+// their own descriptor instances).
+inline bool same_dtype(const py::dtype& a, const py::dtype& b) { return a.is(b) || a.equal(b); }
+
 template <class T>
 T* checked(const char* op, const char* name, py::object obj, const Shape& shape, bool writable,
            bool contiguous = true, int64_t* strides = nullptr) {
   if (obj.is_none()) return nullptr;
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string("[") + op + "] " + name + " must be a numpy array");
   py::array a = obj.cast<py::array>();
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!same_dtype(a.dtype(), py::dtype::of<T>()))
     throw py::type_error(std::string("[") + op + "] " + name + " has dtype " + std::string(py::str(a.dtype())) +
                          ", expected " + std::string(py::str(py::dtype::of<T>())));
   Shape got(a.shape(), a.shape() + a.ndim());
@@ -188,7 +192,7 @@ template <class T>
 mmcore::ImageView<T> image_view(const char* op, const char* name, py::handle obj, bool writable) {
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string("[") + op + "] " + name + " must hold numpy arrays");
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<std::remove_const_t<T>>()))
+  if (!same_dtype(a.dtype(), py::dtype::of<std::remove_const_t<T>>()))
     throw py::type_error(std::string("[") + op + "] " + name + " has dtype " + std::string(py::str(a.dtype())) +
                          ", expected " + std::string(py::str(py::dtype::of<std::remove_const_t<T>>())));
   if (a.ndim() != 3) throw py::value_error(std::string("[") + op + "] " + name + " images must have 3 dims (H, W, C)");
@@ -212,7 +216,7 @@ void resize(py::list srcs, py::list dsts, const std::string& filter, bool antial
   if (srcs.size() != dsts.size()) throw py::value_error("[resize] srcs and dsts differ in length");
   const size_t n = srcs.size();
   if (n == 0) return;
-  const bool is_u8 = py::reinterpret_borrow<py::array>(srcs[0]).dtype().is(py::dtype::of<uint8_t>());
+  const bool is_u8 = same_dtype(py::reinterpret_borrow<py::array>(srcs[0]).dtype(), py::dtype::of<uint8_t>());
   auto check_pair = [&](int64_t C, int64_t dC, int64_t H, int64_t W) {
     if (C != dC) throw py::value_error("[resize] source and destination channels differ");
     if (H == 0 || W == 0) throw py::value_error("[resize] empty source image");
@@ -252,7 +256,7 @@ void normalize(py::array src, py::object dst, py::object mean, py::object stdv, 
   const float* sd = checked<float>(op, "std", stdv, {C}, false);
   if (!d || !m || !sd) throw py::value_error("[normalize] dst, mean and std are required");
   const int nt = std::max(num_threads, 1);
-  if (src.dtype().is(py::dtype::of<uint8_t>())) {
+  if (same_dtype(src.dtype(), py::dtype::of<uint8_t>())) {
     const uint8_t* s = checked<uint8_t>(op, "src", src, {N, H, W, C}, false);
     py::gil_scoped_release release;
     mmcore::normalize_u8(s, d, N, H, W, C, m, sd, static_cast<float>(scale), chw, nt);
