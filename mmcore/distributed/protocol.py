@@ -74,7 +74,12 @@ class MsgType(enum.IntEnum):
 
 
 class ConnectionClosed(ProtocolError):
-    """The peer closed the connection (at a frame boundary or inside a frame)."""
+    """The peer closed the connection (at a frame boundary or inside a frame:
+    :attr:`at_boundary` tells which)."""
+
+    def __init__(self, message: str = "", *, at_boundary: bool = True):
+        super().__init__(message)
+        self.at_boundary = at_boundary
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ def encode_frame(msg_type: int, header: Optional[Dict[str, Any]] = None,
         if dt.str not in ALLOWED_DTYPES:
             raise ProtocolError(f"[protocol] arrays[{i}] has dtype {a.dtype}, which the "
                                 "protocol does not carry")
-        a = np.ascontiguousarray(a, dtype=dt)
+        a = np.asarray(a, dtype=dt, order="C")     # keeps 0-d arrays 0-d
         pad = (-offset) % _ALIGN
         if pad:
             bufs.append(memoryview(bytes(pad)))
@@ -255,9 +260,11 @@ def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
+            boundary = got == 0 and what == "header"
             raise ConnectionClosed(f"[protocol] connection closed "
-                                   f"{'before a frame' if got == 0 and what == 'header' else 'inside a frame'}"
-                                   f" ({got} of {n} bytes of the {what})")
+                                   f"{'before a frame' if boundary else 'inside a frame'}"
+                                   f" ({got} of {n} bytes of the {what})",
+                                   at_boundary=boundary)
         got += k
 
 
@@ -280,7 +287,7 @@ def recv_frame(sock: socket.socket, *, limits: FrameLimits = DEFAULT_LIMITS) -> 
     _recv_exact(sock, memoryview(js), "JSON header")
     hdr = _parse_json(bytes(js))
     specs = _check_arrays(hdr, plen, limits)
-    payload = bytearray(plen)
+    payload = np.empty(plen, np.uint8)        # not zero-filled: every byte is received
     if plen:
         _recv_exact(sock, memoryview(payload), "payload")
     return Frame(mtype, hdr, _views(payload, specs), flags)
