@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import secrets
-import selectors
 import signal
 import subprocess
 import sys
@@ -109,11 +109,16 @@ class LocalCluster:
         procs = [(m, self._spawn(m)) for m, n in self._counts.items() for _ in range(n)]
         deadline = time.monotonic() + self._start_timeout
         try:
+            lines = {}
+            for _, p in procs:
+                # one reader per node from the start: its lines reach _wait_ready through a
+                # queue (select() on the pipe misses lines already in the reader's buffer)
+                lines[p.pid] = queue.Queue()
+                threading.Thread(target=self._drain_output, args=(p, lines[p.pid]),
+                                 daemon=True, name="mmcore-cluster-output").start()
             for m, p in procs:
-                addr = self._wait_ready(p, deadline)
+                addr = self._wait_ready(p, lines[p.pid], deadline)
                 self.processes.setdefault(m, []).append(p)
-                threading.Thread(target=self._drain_output, args=(p,), daemon=True,
-                                 name="mmcore-cluster-output").start()
                 self.addresses.setdefault(str(m), []).append(addr)
         except BaseException:
             for _, p in procs:
@@ -124,43 +129,49 @@ class LocalCluster:
             self.addresses = {}
             raise
 
-    def _drain_output(self, p: subprocess.Popen) -> None:
-        """Keep reading a node's output (its last lines stay in :attr:`output`)."""
+    def _drain_output(self, p: subprocess.Popen, lines: "queue.Queue") -> None:
+        """Keep reading a node's output (its last lines stay in :attr:`output`); the lines up
+        to the ready line also go to ``lines``, then None at the end of the output."""
         log = self.output.setdefault(p.pid, collections.deque(maxlen=200))
         try:
             for line in p.stdout:
                 log.append(line)
+                if lines is not None:
+                    lines.put(line)
+                    if line.startswith(READY_PREFIX):
+                        lines = None
         except (OSError, ValueError):
             pass
-
-    def _wait_ready(self, p: subprocess.Popen, deadline: float) -> str:
-        seen = []
-        sel = selectors.DefaultSelector()
-        sel.register(p.stdout, selectors.EVENT_READ)
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise NodeUnavailableError(
-                        f"[LocalCluster] a node did not become ready in "
-                        f"{self._start_timeout:.0f} s; its output: {''.join(seen)[-2000:]!r}")
-                if not sel.select(timeout=min(left, 1.0)):
-                    if p.poll() is not None:
-                        raise NodeUnavailableError(
-                            f"[LocalCluster] a node exited with status {p.returncode}; its "
-                            f"output: {''.join(seen)[-2000:]!r}")
-                    continue
-                line = p.stdout.readline()
-                if not line:
-                    p.wait(timeout=10)
-                    raise NodeUnavailableError(
-                        f"[LocalCluster] a node exited with status {p.returncode}; its "
-                        f"output: {''.join(seen)[-2000:]!r}")
-                if line.startswith(READY_PREFIX):
-                    return line[len(READY_PREFIX):].strip()
-                seen.append(line)
         finally:
-            sel.close()
+            if lines is not None:
+                lines.put(None)
+
+    def _wait_ready(self, p: subprocess.Popen, lines: "queue.Queue", deadline: float) -> str:
+        seen = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NodeUnavailableError(
+                    f"[LocalCluster] a node did not become ready in "
+                    f"{self._start_timeout:.0f} s; its output: {''.join(seen)[-2000:]!r}")
+            try:
+                line = lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                if p.poll() is not None and lines.empty():
+                    line = None        # exited, its output held open by another process
+                else:
+                    continue
+            if line is None:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+                raise NodeUnavailableError(
+                    f"[LocalCluster] a node exited with status {p.returncode}; its "
+                    f"output: {''.join(seen)[-2000:]!r}")
+            if line.startswith(READY_PREFIX):
+                return line[len(READY_PREFIX):].strip()
+            seen.append(line)
 
     def config(self, **kwargs) -> DistributedConfig:
         """A :class:`DistributedConfig` for these nodes (keyword arguments override fields)."""

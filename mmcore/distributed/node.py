@@ -213,7 +213,9 @@ class NodeServer:
             while True:
                 try:
                     frame = recv_frame(conn, limits=self._limits)
-                except ConnectionClosed:
+                except ConnectionClosed as exc:
+                    if not exc.at_boundary:         # a truncated frame
+                        log.warning("closing %s: %s", peer, exc)
                     return
                 if not self._handle(conn, frame):
                     return

@@ -1,6 +1,6 @@
 """Model inputs as protocol payloads: a JSON description plus arrays.
 
-Raw inputs are carried as they are: strings as JSON, arrays as arrays, files by their bytes
+Raw inputs are carried as they are: strings as JSON (encoded text as bytes), arrays as arrays, files by their bytes
 (read by the sender; the node writes them to a private temporary directory, keeping the file
 name's suffix so decoders can sniff it, and removes them after the request). Lists of these
 and preprocessed dicts of arrays are carried one level deep.
@@ -32,6 +32,9 @@ _PATH_TYPES = (str, bytes, os.PathLike)
 def _pack_one(kind: Optional[str], value: Any, arrays: List[np.ndarray], depth: int) -> dict:
     if isinstance(value, str) and kind == "text":
         return {"form": "str", "value": value}
+    if isinstance(value, bytes) and kind == "text":     # encoded text, not a file name
+        arrays.append(np.frombuffer(value, np.uint8))
+        return {"form": "bytes", "index": len(arrays) - 1}
     if isinstance(value, _PATH_TYPES):
         path = os.fsdecode(value)
         try:
@@ -102,6 +105,8 @@ def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: 
         return d["value"]
     if form == "array":
         return _array(arrays, d.get("index"))
+    if form == "bytes":
+        return _array(arrays, d.get("index")).tobytes()
     if form == "file":
         data = _array(arrays, d.get("index"))
         if tmpdir is None:
