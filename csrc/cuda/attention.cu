@@ -352,6 +352,8 @@ constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kMmaRows = kMmaWarps * 16;  // query rows per block
 constexpr int kMmaKeys = 32;              // keys per tile
 
+// Defined only where the tensor-core kernel has a body (device code for sm_80 and newer).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 template <typename T>
 struct MmaTraits;
 
@@ -378,6 +380,7 @@ struct MmaTraits<__nv_bfloat16> {
     return *reinterpret_cast<const uint32_t*>(&h);
   }
 };
+#endif
 
 // c += a (16 x 16, row) * b (16 x 8, col), float32 accumulators.
 template <typename T>
