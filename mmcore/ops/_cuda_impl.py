@@ -82,6 +82,9 @@ def _float_input(cp, op: str, name: str, x):
     if not isinstance(x, cp.ndarray):
         iface = _cuda_interface(x)
         if iface is not None and iface.get("typestr") in _BF16_TYPESTRS:
+            shape = tuple(int(n) for n in iface.get("shape", ()))
+            if 0 in shape:  # no memory to view (the data pointer may be 0)
+                return cp.empty(shape, dtype=cp.uint16), True
             view = dict(iface)
             view["typestr"] = "<u2"
             view.pop("descr", None)
