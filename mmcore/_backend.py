@@ -26,6 +26,8 @@ import os
 import threading
 from typing import Any, Dict, Optional
 
+import numpy as np
+
 from .errors import BackendError
 
 __all__ = ["backends", "use_backend", "set_num_threads", "get_num_threads", "resolve_backend"]
@@ -139,6 +141,8 @@ def _check_name(name: str, where: str) -> None:
 
 def is_cuda_array(x: Any) -> bool:
     """True when ``x`` lives on a CUDA device (``__cuda_array_interface__`` or DLPack device)."""
+    if type(x) is np.ndarray:
+        return False
     if hasattr(x, "__cuda_array_interface__"):
         return True
     dev = getattr(x, "__dlpack_device__", None)

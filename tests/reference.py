@@ -688,3 +688,15 @@ def fuse_ref(embeddings, strategy, *, weights=None, query=None, present=None):
     terms = np.where((w != 0)[..., None], w[..., None] * np.where((w != 0)[..., None], E, 0.0),
                      0.0)
     return terms.sum(axis=1), w
+
+
+# ----------------------------------------------------------------------------------------------
+# linear
+
+
+def linear_ref(x, w, b=None):
+    """``x @ w.T + b`` over the last axis, in float64."""
+    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    if b is not None:
+        y = y + np.asarray(b, np.float64)
+    return y

@@ -78,7 +78,8 @@ def test_identical_with_and_without_cache_all_modalities(pair):
         inp = _subset(full, idx)
         ref = plain.infer(inp)
         got = cached.infer(inp)
-        _assert_same(got, ref)
+        # every kernel treats batch rows independently and in a fixed order: bit-identical
+        _assert_same(got, ref, exact=True)
         again = cached.infer(inp)
         _assert_same(again, got, exact=True)
     assert cached.cache_stats()["total"]["hits"] > 0

@@ -370,6 +370,32 @@ void fuse(py::object emb, py::object present, py::object weights, py::object que
   mmcore::fuse_cpu(p);
 }
 
+void linear(py::object x, py::object w, py::object bias, py::object y, int num_threads) {
+  const char* op = "linear";
+  if (!py::isinstance<py::array>(x) || !py::isinstance<py::array>(w))
+    throw py::type_error("[linear] x and weight must be numpy arrays");
+  py::array xa = x.cast<py::array>(), wa = w.cast<py::array>();
+  if (xa.ndim() != 2 || wa.ndim() != 2) throw py::value_error("[linear] x and weight must have 2 dims");
+  mmcore::LinearParams p;
+  p.M = xa.shape(0);
+  p.K = xa.shape(1);
+  p.N = wa.shape(0);
+  int64_t xs[2], ws[2];
+  p.x = checked<float>(op, "x", x, {p.M, p.K}, false, false, xs);
+  p.w = checked<float>(op, "weight", w, {p.N, p.K}, false, false, ws);
+  if ((p.K > 1 && (xs[1] != 1 || ws[1] != 1)) || (p.M > 1 && xs[0] < p.K) || (p.N > 1 && ws[0] < p.K))
+    throw py::value_error("[linear] x and weight need unit stride along the last axis and non-overlapping rows");
+  p.ldx = p.M > 1 ? xs[0] : p.K;
+  p.ldw = p.N > 1 ? ws[0] : p.K;
+  p.bias = checked<float>(op, "bias", bias, {p.N}, false);
+  p.y = checked<float>(op, "out", y, {p.M, p.N}, true);
+  if (!p.y) throw py::value_error("[linear] out is required");
+  p.ldy = p.N;
+  p.num_threads = std::max(num_threads, 1);
+  py::gil_scoped_release release;
+  mmcore::linear_cpu(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -405,6 +431,8 @@ PYBIND11_MODULE(_C, m) {
         masked_reduce("masked_max", x, mask, out, num_threads, true);
       },
       py::arg("x"), py::arg("mask"), py::arg("out"), py::kw_only(), py::arg("num_threads"));
+  m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
+        py::arg("num_threads"));
   m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"), py::arg("query"), py::arg("out"),
         py::arg("out_weights"), py::kw_only(), py::arg("strategy"), py::arg("num_threads"));
   m.def("resize", &resize, py::arg("srcs"), py::arg("dsts"), py::kw_only(), py::arg("filter"), py::arg("antialias"),

@@ -20,6 +20,7 @@ namespace mmcore {
   void masked_mean_f32(const MaskedReduceParams&);                                                          \
   void masked_max_f32(const MaskedReduceParams&);                                                           \
   void fuse_f32(const FuseParams&);                                                                         \
+  void linear_f32(const LinearParams&);                                                                     \
   }
 MMCORE_DECLARE_TARGET(baseline)
 #if defined(MMCORE_HAVE_TARGET_AVX2)
@@ -94,6 +95,7 @@ void patchify_f32(const float* src, float* dst, int64_t B, int64_t T, int64_t C,
 void masked_mean_cpu(const MaskedReduceParams& p) { MMCORE_DISPATCH(masked_mean_f32, p) }
 void masked_max_cpu(const MaskedReduceParams& p) { MMCORE_DISPATCH(masked_max_f32, p) }
 void fuse_cpu(const FuseParams& p) { MMCORE_DISPATCH(fuse_f32, p) }
+void linear_cpu(const LinearParams& p) { MMCORE_DISPATCH(linear_f32, p) }
 #undef MMCORE_DISPATCH
 
 }  // namespace mmcore

@@ -507,9 +507,11 @@ class MultiModalModel(Module):
     items not found are preprocessed and encoded, as one sub-batch; the batch is then put
     back together with the padding the uncached path gives. Token embeddings at padding
     positions are zero (with or without cache). The encoders treat batch items
-    independently (padding is masked), so results with and without cache agree; they are
-    bit-identical when the floating-point kernels do not depend on the batch shape, else
-    equal to within float32 rounding (~1e-6 relative). A lossy storage ``dtype`` in a cache
+    independently (padding is masked), so results with and without cache agree: with the
+    built-in encoders on the native backend they are bit-identical (:func:`mmcore.ops.linear`,
+    the attention kernel and the layer norms compute a row the same way whatever the batch
+    around it); an external encoder whose arithmetic depends on the batch shape (e.g. a BLAS
+    GEMM) agrees to within float32 rounding (~1e-6 relative). A lossy storage ``dtype`` in a cache
     policy (float16, bfloat16) trades that for memory. Early and middle fusion (joint
     encoders) are not cached. Inputs whose masks are not right-padded (e.g. text with
     ``padding_side="left"``) are not cached either.

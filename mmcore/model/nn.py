@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import ConfigError, ModelFormatError, ShapeError
+from ..ops.linear import linear as _ops_linear
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "ACTIVATIONS", "as_generator", "xavier_uniform", "check_features"]
@@ -371,13 +372,9 @@ def _state_entry(owner: str, state_dict: Mapping, key: str, ndim: int, dims: str
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
-    """``x @ weight.T + bias`` over the last axis of float32 ``x`` (one BLAS GEMM)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = x2 @ weight.T
-    if bias is not None:
-        y += bias
-    return y.reshape(*lead, weight.shape[0])
+    """``x @ weight.T + bias`` over the last axis of float32 ``x`` (:func:`mmcore.ops.linear`:
+    the library's kernel on its own thread pool, not NumPy's BLAS)."""
+    return _ops_linear(x, weight, bias)
 
 
 class Linear(Module):

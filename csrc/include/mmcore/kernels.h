@@ -3,6 +3,7 @@
 #include "mmcore/attention.h"
 #include "mmcore/fusion.h"
 #include "mmcore/image.h"
+#include "mmcore/linear.h"
 #include "mmcore/spectral.h"
 
 namespace mmcore {
@@ -33,5 +34,8 @@ void patchify_f32(const float* src, float* dst, int64_t B, int64_t T, int64_t C,
 void masked_mean_cpu(const MaskedReduceParams& p);
 void masked_max_cpu(const MaskedReduceParams& p);
 void fuse_cpu(const FuseParams& p);
+
+// y = x . W^T + b (see linear.h), on the library's thread pool.
+void linear_cpu(const LinearParams& p);
 
 }  // namespace mmcore

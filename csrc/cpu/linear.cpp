@@ -1,0 +1,169 @@
+// y = x . W^T + b on the CPU, without BLAS (so that no second thread pool competes with the
+// library's own).
+//
+// This file is compiled once per instruction-set target (baseline, AVX2, AVX-512) with
+// MMCORE_TARGET naming the namespace; dispatch.cpp picks one at run time.
+//
+// One task = (a chunk of at most kRowChunk rows, a block of kCols output columns). The task
+// packs its block of W transposed (K x kCols, columns along the vector lanes) into thread-local
+// scratch, then walks its rows in register tiles of MR rows x NV vectors:
+//   acc[r][c] = b[cols] + sum_k x[r, k] * Wt[k, cols]
+// Each output element is one sum over k in increasing order, accumulated in float32 (with
+// fused multiply-adds where the target has them).
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "mmcore/linear.h"
+#include "mmcore/parallel.h"
+#include "mmcore/simd.h"
+
+#ifndef MMCORE_TARGET
+#error "MMCORE_TARGET must name the instruction-set target of this translation unit"
+#endif
+
+namespace mmcore {
+namespace MMCORE_TARGET {
+
+using simd::kWidth;
+using simd::vf;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int MR = 6;
+constexpr int NV = 4;
+#elif defined(__AVX2__)
+constexpr int MR = 6;
+constexpr int NV = 2;
+#else
+constexpr int MR = 4;
+constexpr int NV = 2;
+#endif
+constexpr int kCols = kWidth * NV;      // output columns per task block
+constexpr int64_t kRowChunk = 192;      // rows per task at most
+constexpr int64_t kSerialWork = 1 << 18;  // multiply-adds below which one thread does it all
+
+// R rows x NC vectors of columns: y[r, c] = bias[c] + sum_k x[r, k] * wt[k, c].
+template <int R, int NC>
+void tile(const float* __restrict x, int64_t ldx, const float* __restrict wt, const float* __restrict bias,
+          int64_t K, float* __restrict out, int64_t ldo) {
+  vf acc[R][NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    const vf b = bias ? simd::load(bias + c * kWidth) : vf{};
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][c] = b;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    vf w[NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) w[c] = simd::load(wt + k * kCols + c * kWidth);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf xb = simd::splat(x[r * ldx + k]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] += xb * w[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) simd::store(out + r * ldo + c * kWidth, acc[r][c]);
+}
+
+template <int NC>
+void rows_tile(int R, const float* x, int64_t ldx, const float* wt, const float* bias, int64_t K, float* out,
+               int64_t ldo) {
+  switch (R) {
+    case 1: tile<1, NC>(x, ldx, wt, bias, K, out, ldo); break;
+    case 2: tile<2, NC>(x, ldx, wt, bias, K, out, ldo); break;
+    case 3: tile<3, NC>(x, ldx, wt, bias, K, out, ldo); break;
+    case 4: tile<4, NC>(x, ldx, wt, bias, K, out, ldo); break;
+    case 5: tile<5, NC>(x, ldx, wt, bias, K, out, ldo); break;
+    case 6: tile<6, NC>(x, ldx, wt, bias, K, out, ldo); break;
+    default: break;
+  }
+}
+
+void rows_block(int R, int nvec, const float* x, int64_t ldx, const float* wt, const float* bias, int64_t K,
+                float* out, int64_t ldo) {
+  switch (nvec) {
+    case 1: rows_tile<1>(R, x, ldx, wt, bias, K, out, ldo); break;
+    case 2: rows_tile<2>(R, x, ldx, wt, bias, K, out, ldo); break;
+    case 3: rows_tile<3>(R, x, ldx, wt, bias, K, out, ldo); break;
+    case 4: rows_tile<4>(R, x, ldx, wt, bias, K, out, ldo); break;
+    default: break;
+  }
+}
+
+struct Scratch {
+  std::vector<float> wt, bias, out;
+  static Scratch& get() {
+    thread_local Scratch sc;
+    return sc;
+  }
+};
+
+void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
+  const int64_t ncols = std::min<int64_t>(kCols, p.N - col0);
+  const int nvec = static_cast<int>((ncols + kWidth - 1) / kWidth);
+  const int64_t padded = static_cast<int64_t>(nvec) * kWidth;
+  Scratch& sc = Scratch::get();
+  if (sc.wt.size() < static_cast<size_t>(p.K * kCols)) sc.wt.resize(static_cast<size_t>(p.K * kCols));
+  float* wt = sc.wt.data();
+  // pack W[col0 : col0 + ncols, :] transposed; padding columns are zero
+  for (int64_t k = 0; k < p.K; ++k) {
+    float* dst = wt + k * kCols;
+    for (int64_t j = 0; j < ncols; ++j) dst[j] = p.w[(col0 + j) * p.ldw + k];
+    for (int64_t j = ncols; j < padded; ++j) dst[j] = 0.0f;
+  }
+  const float* bias = nullptr;
+  if (p.bias) {
+    sc.bias.assign(static_cast<size_t>(padded), 0.0f);
+    std::memcpy(sc.bias.data(), p.bias + col0, static_cast<size_t>(ncols) * sizeof(float));
+    bias = sc.bias.data();
+  }
+  const bool direct = ncols == padded;  // whole vectors: store straight into y
+  if (!direct && sc.out.size() < static_cast<size_t>(MR * padded)) sc.out.resize(static_cast<size_t>(MR * padded));
+  for (int64_t r = 0; r < rows; r += MR) {
+    const int R = static_cast<int>(std::min<int64_t>(MR, rows - r));
+    const float* xr = p.x + (row0 + r) * p.ldx;
+    float* yr = p.y + (row0 + r) * p.ldy + col0;
+    if (direct) {
+      rows_block(R, nvec, xr, p.ldx, wt, bias, p.K, yr, p.ldy);
+    } else {
+      rows_block(R, nvec, xr, p.ldx, wt, bias, p.K, sc.out.data(), padded);
+      for (int i = 0; i < R; ++i)
+        std::memcpy(yr + i * p.ldy, sc.out.data() + i * padded, static_cast<size_t>(ncols) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
+void linear_f32(const LinearParams& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  const int64_t col_blocks = (p.N + kCols - 1) / kCols;
+  const int64_t row_chunks = (p.M + kRowChunk - 1) / kRowChunk;
+  const int64_t work = p.M * p.N * std::max<int64_t>(p.K, 1);
+  // split rows finer when there are few tasks, so that every thread gets some
+  int64_t chunk = kRowChunk;
+  if (p.num_threads > 1 && row_chunks * col_blocks < 2 * p.num_threads) {
+    const int64_t want = (2 * p.num_threads + col_blocks - 1) / col_blocks;
+    chunk = std::max<int64_t>(MR, (p.M + want - 1) / want);
+    chunk = (chunk + MR - 1) / MR * MR;
+  }
+  const int64_t nchunks = (p.M + chunk - 1) / chunk;
+  const int threads = work < kSerialWork ? 1 : p.num_threads;
+  parallel_for(nchunks * col_blocks, threads, [&](int64_t t, int) {
+    const int64_t ci = t / col_blocks, bi = t % col_blocks;
+    const int64_t row0 = ci * chunk;
+    run_task(p, row0, std::min(chunk, p.M - row0), bi * kCols);
+  });
+}
+
+}  // namespace MMCORE_TARGET
+}  // namespace mmcore

@@ -1,0 +1,180 @@
+"""Tests of mmcore.ops.linear: native and Numba against the float64 reference and each other,
+every compiled ISA level, awkward shapes, layouts, dtypes, bad inputs, threads and torch."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mmcore
+from mmcore import _C
+from mmcore.errors import ShapeError
+from mmcore.ops import linear
+
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
+from _helpers import need_backend
+from reference import linear_ref
+
+# sizes around the register tiles (4/6 rows; 4/8/16-lane vectors, 2-4 vectors per block)
+SIZES = [1, 2, 3, 5, 6, 7, 8, 13, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 97, 128, 129]
+
+
+def _case(rng, lead, K, N, bias=True):
+    x = rng.standard_normal((*lead, K)).astype(np.float32)
+    w = (rng.standard_normal((N, K)) / max(1.0, np.sqrt(K))).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32) if bias else None
+    return x, w, b
+
+
+def _check(y, x, w, b):
+    ref = linear_ref(x, w, b)
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    # each output is a float32 sum of K products: error ~ K * eps * sum |x_k w_k|
+    bound = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)).T
+    if b is not None:
+        bound = bound + np.abs(b)
+    K = x.shape[-1]
+    tol = (K + 2) * 1.2e-7 * bound + 1e-30
+    assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref) - tol))
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@settings(max_examples=examples(60), **PROPERTY_SETTINGS)
+@given(M=st.sampled_from([0, 1, 2, 5, 6, 7, 12, 13, 193, 200]),
+       K=st.sampled_from([0] + SIZES), N=st.sampled_from(SIZES),
+       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_matches_reference(backend, M, K, N, bias, seed):
+    need_backend(backend)
+    x, w, b = _case(np.random.default_rng(seed), (M,), K, N, bias)
+    _check(linear(x, w, b, backend=backend), x, w, b)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_isa_level(isa):
+    before = _C.isa_level()
+    if isa not in _C.compiled_isas() or not _C.set_isa_cap(isa):
+        _C.set_isa_cap(before)
+        pytest.skip(f"{isa} not available here")
+    try:
+        rng = np.random.default_rng(1)
+        for M, K, N in [(1, 1, 1), (7, 13, 17), (64, 64, 64), (13, 129, 200), (300, 48, 65)]:
+            x, w, b = _case(rng, (M,), K, N)
+            _check(linear(x, w, b), x, w, b)
+    finally:
+        _C.set_isa_cap(before)
+
+
+def test_native_and_numba_agree_and_leading_axes():
+    need_backend("numba")
+    rng = np.random.default_rng(2)
+    x, w, b = _case(rng, (3, 4, 5), 33, 65)
+    a = linear(x, w, b, backend="native")
+    c = linear(x, w, b, backend="numba")
+    assert a.shape == (3, 4, 5, 65)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    _check(a, x, w, b)
+
+
+def test_rows_do_not_depend_on_the_batch():
+    """Each output is one sum in a fixed order: a row gives the same bits alone or in a batch."""
+    rng = np.random.default_rng(3)
+    x, w, b = _case(rng, (37,), 70, 90)
+    full = linear(x, w, b)
+    for i in (0, 5, 36):
+        np.testing.assert_array_equal(linear(x[i:i + 1], w, b), full[i:i + 1])
+    np.testing.assert_array_equal(linear(x[6:19], w, b), full[6:19])
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_layouts_and_dtypes(backend):
+    need_backend(backend)
+    rng = np.random.default_rng(4)
+    x, w, b = _case(rng, (20,), 24, 40)
+    # strided rows, a transposed (non-contiguous) weight, a broadcast x, float16 / float64
+    xs = np.repeat(x, 2, axis=0)[::2]
+    wt = np.asfortranarray(w)
+    xb = np.broadcast_to(x[:1], (5, 24))
+    for xx, ww, bb in [(xs, w, b), (x, wt, b), (xb, w, None), (x[:, ::-1], w[:, ::-1], b),
+                       (x.astype(np.float64), w.astype(np.float16), b.astype(np.float64))]:
+        y = linear(xx, ww, bb, backend=backend)
+        _check(y, np.asarray(xx, np.float32), np.asarray(ww, np.float32),
+               None if bb is None else np.asarray(bb, np.float32))
+    np.testing.assert_array_equal(linear(xs, w, b, backend=backend),
+                                  linear(np.ascontiguousarray(xs), w, b, backend=backend))
+
+
+def test_k_zero_gives_the_bias_and_empty_batches():
+    w = np.zeros((4, 0), np.float32)
+    b = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(linear(np.zeros((3, 0), np.float32), w, b), np.tile(b, (3, 1)))
+    assert linear(np.zeros((0, 5), np.float32), np.ones((2, 5), np.float32)).shape == (0, 2)
+
+
+def test_nan_and_inf_propagate():
+    x = np.ones((2, 3), np.float32)
+    x[0, 1] = np.nan
+    w = np.ones((4, 3), np.float32)
+    y = linear(x, w)
+    assert np.isnan(y[0]).all() and np.all(y[1] == 3)
+
+
+def test_bad_inputs_name_the_argument():
+    x = np.ones((2, 3), np.float32)
+    w = np.ones((4, 3), np.float32)
+    with pytest.raises(ShapeError, match=r"\[linear\] x has 5 features"):
+        linear(np.ones((2, 5), np.float32), w)
+    with pytest.raises(ShapeError, match=r"\[linear\] weight has 3 dims"):
+        linear(x, np.ones((4, 3, 1), np.float32))
+    with pytest.raises(ShapeError, match=r"\[linear\] bias has shape"):
+        linear(x, w, np.ones(5, np.float32))
+    with pytest.raises(ShapeError, match=r"\[linear\] x has dtype int64"):
+        linear(np.ones((2, 3), np.int64), w)
+    with pytest.raises(ShapeError, match=r"\[linear\] x must have at least 1 dim"):
+        linear(np.float32(1), w)
+    with pytest.raises(ValueError, match=r"\[linear\] out must be writable"):
+        _readonly_out_call(x, w)
+
+
+def _readonly_out_call(x, w):
+    out = np.zeros((2, 4), np.float32)
+    out.setflags(write=False)
+    _C.linear(x, w, None, out, num_threads=1)
+
+
+def test_threads_and_concurrency_give_the_same_bits():
+    rng = np.random.default_rng(5)
+    x, w, b = _case(rng, (257,), 96, 160)
+    before = mmcore.get_num_threads()
+    try:
+        mmcore.set_num_threads(1)
+        one = linear(x, w, b)
+        mmcore.set_num_threads(max(2, before))
+        many = linear(x, w, b)
+    finally:
+        mmcore.set_num_threads(before)
+    np.testing.assert_array_equal(one, many)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = linear(x, w, b)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    for r in results:
+        np.testing.assert_array_equal(r, one)
+
+
+def test_matches_torch_linear():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    x, w, b = _case(rng, (4, 9), 64, 192)
+    want = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w),
+                                      torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(linear(x, w, b), want, rtol=1e-5, atol=1e-5)
