@@ -49,22 +49,28 @@ cd "$RUN_DIR" || exit 1
 "$PY" -c "import mmcore, json; print(json.dumps(mmcore.backends()['cuda'], default=str))" \
     > "$LOG/cuda_backend.json" 2>&1
 say "cuda backend: $(cat "$LOG/cuda_backend.json")"
+if ! grep -q '"available": true' "$LOG/cuda_backend.json"; then
+    say "FAILED: the cuda backend is unavailable after the build; the cuda tests would only skip"
+    exit 1
+fi
 
 # ---- tests -------------------------------------------------------------------------------------
-# The cuda-marked tests of the other test files import hypothesis (and more) at module level; they
-# join only where those imports work.
-TESTS=("$REPO/tests/test_cuda_gpu.py")
-if "$PY" -c "import hypothesis" > /dev/null 2>&1; then
-    for f in test_attention test_audio test_fusion test_image; do
-        TESTS+=("$REPO/tests/$f.py")
-    done
-fi
-say "pytest -m cuda: ${TESTS[*]##*/}"
+say "pytest -m cuda test_cuda_gpu.py"
 timeout 120 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --rootdir "$REPO" \
-    -c "$REPO/pyproject.toml" --junitxml "$LOG/pytest_cuda.xml" "${TESTS[@]}" \
+    -c "$REPO/pyproject.toml" --junitxml "$LOG/pytest_cuda.xml" "$REPO/tests/test_cuda_gpu.py" \
     > "$LOG/pytest_cuda.log" 2>&1
 rc_cuda=$?
 say "pytest -m cuda rc=$rc_cuda: $(tail -1 "$LOG/pytest_cuda.log")"
+# The cuda-marked tests of the other test files import hypothesis (and more) at module level; they
+# run, without gating the result, where those imports work.
+if "$PY" -c "import hypothesis" > /dev/null 2>&1 && [ "$(left)" -gt 240 ]; then
+    timeout 90 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --rootdir "$REPO" \
+        -c "$REPO/pyproject.toml" --continue-on-collection-errors \
+        "$REPO/tests/test_attention.py" "$REPO/tests/test_audio.py" \
+        "$REPO/tests/test_fusion.py" "$REPO/tests/test_image.py" \
+        > "$LOG/pytest_cuda_other.log" 2>&1
+    say "pytest -m cuda (other files, informative) rc=$?: $(tail -1 "$LOG/pytest_cuda_other.log")"
+fi
 timeout 30 "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
     "$REPO/tests/test_cuda_glue.py" > "$LOG/pytest_glue.log" 2>&1
 rc_glue=$?

@@ -1,5 +1,9 @@
 // Scaled dot-product attention on CUDA with a tiled online softmax (flash-attention style).
 //
+// Two kernels: the float32 kernel below (any D and Dv; float16 and bfloat16 inputs are widened
+// when loaded), and, for float16 / bfloat16 on sm_80 and newer with D, Dv <= 128 and neither
+// weights nor dropout requested, a tensor-core kernel (mma.sync, see further down).
+//
 // Work decomposition
 //   One thread block (4 warps) handles a tile of 16 query rows of one (b, h) and one chunk of at
 //   most 32 * NC output columns (Dv > 256 is split over several blocks, each recomputing the
