@@ -275,7 +275,11 @@ class NodeServer:
                                                                    attention_mask=mask,
                                                                    timings=timings)
                 timings["node"] = time.perf_counter() - t0
-            except (MMCoreError, ValueError, TypeError, OSError) as exc:
+            except Exception as exc:
+                # the request failed, not the connection: answer ERROR and keep serving (an
+                # unexpected error is logged with its traceback and reported as RemoteError)
+                if not isinstance(exc, (MMCoreError, ValueError, TypeError, OSError)):
+                    log.exception("request %s failed", rid)
                 name = type(exc).__name__
                 with self._lock:
                     self._failed += 1
