@@ -397,11 +397,23 @@ class FusionLayer(Module):
             lens.append(t.shape[1])
         x = np.concatenate(xs, axis=1)
         mask = np.concatenate(ms, axis=1)
+        # Real tokens first in every row (in their order), padding after: a row's result
+        # then depends on its own tokens only, not on how much padding the batch around it
+        # put between its modalities.
+        perm = None
+        if not mask.all():
+            perm = np.argsort(~mask, axis=1, kind="stable")
+            x = np.take_along_axis(x, perm[:, :, None], axis=1)
+            mask = np.take_along_axis(mask, perm, axis=1)
         B = x.shape[0]
         A = self.strategy.attention_dim
         q = np.broadcast_to(self.query, (B, 1, A))
         res = self.pool_attn(q, x, context_mask=mask, return_weights=return_weights)
         pooled, w = res if return_weights else (res, None)
+        if w is not None and perm is not None:
+            unpacked = np.empty_like(w)
+            np.put_along_axis(unpacked, perm[:, None, :], w, axis=2)
+            w = unpacked
         empty = ~mask.any(axis=1)
         fused = self.out_proj(pooled[:, 0])
         if empty.any():

@@ -25,7 +25,9 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     Parameters
     ----------
     q : array (B, H, Lq, D)
-        Queries, float32 or float16 (float64 is cast to float32).
+        Queries, float32 or float16 (float64 is cast to float32); on the cuda backend also
+        bfloat16 (CuPy, or a DLPack / ``__cuda_array_interface__`` array such as a torch
+        tensor), read in place; float16 / bfloat16 use tensor cores on sm_80 and newer.
     k : array (B, H, Lk, D)
         Keys. ``Lk`` may differ from ``Lq``.
     v : array (B, H, Lk, Dv)
