@@ -797,6 +797,10 @@ class CacheManager:
         return self._overrides.get(m) or self.config.policy_for(m)
 
     def enabled_for(self, modality: Any) -> bool:
+        """Whether values of ``modality`` (or of ``CacheManager.ATTENTION`` /
+        ``CacheManager.FUSION``) are cached."""
+        if modality in (self.ATTENTION, self.FUSION):
+            return bool(self.config.enabled and self._policies[modality].enabled)
         return bool(self.config.enabled and self.policy_for(modality).enabled)
 
     def cache_for(self, modality: Any) -> TensorCache:

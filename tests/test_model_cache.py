@@ -220,3 +220,63 @@ def test_concurrent_overlapping_items():
         t.join()
     assert not errors, errors[0]
     assert model.cache_stats()["total"]["hits"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-item fusion result cache
+
+
+@pytest.mark.parametrize("fusion", [None, LateFusion("mean"), LateFusion("attention")])
+def test_fusion_results_are_cached_per_item_and_exact(fusion):
+    kw = {} if fusion is None else {"fusion": fusion}
+    cached, plain = default_model(seed=4, **kw), default_model(seed=4, cache=False, **kw)
+    full = _items(4, seed=11)
+    cached.infer(_subset(full, [0, 2]))
+    before = cached.cache_stats()["caches"]["fusion"]
+    got = cached.infer(full)
+    after = cached.cache_stats()["caches"]["fusion"]
+    assert after["hits"] - before["hits"] == 2          # items 0 and 2
+    assert after["misses"] - before["misses"] == 2      # items 1 and 3
+    want = plain.infer(full)
+    np.testing.assert_array_equal(got.fused, want.fused)
+    # a row fuses to the same bits whatever batch (and padding) it came with
+    for idx in ([3, 1], [2], [1, 0, 3]):
+        np.testing.assert_array_equal(cached.infer(_subset(full, idx)).fused, want.fused[idx])
+        np.testing.assert_array_equal(plain.infer(_subset(full, idx)).fused, want.fused[idx])
+
+
+def test_fusion_cache_can_be_switched_off_and_weights_bypass_it():
+    from mmcore.cache import CacheManager
+    from mmcore.config import CachePolicy
+    cfg = default_config()
+    mgr = CacheManager(cfg.cache, fusion_policy=CachePolicy(enabled=False))
+    model = MultiModalModel(cfg, seed=0, cache=mgr)
+    full = _items(2, seed=12)
+    model.infer(full)
+    model.infer(full)
+    st = model.cache_stats()["caches"]
+    assert st["fusion"]["items"] == 0 and st["fusion"]["hits"] == 0
+    assert st["text"]["hits"] == 2                       # the encoder outputs still hit
+    on = default_model(seed=0)
+    on.infer(full)
+    hits = on.cache_stats()["caches"]["fusion"]["hits"]
+    out = on.infer(full, return_weights=True)            # weights need the fusion itself
+    assert on.cache_stats()["caches"]["fusion"]["hits"] == hits
+    assert out.attention_weights
+    np.testing.assert_array_equal(out.fused, on.infer(full).fused)
+
+
+def test_fusion_cache_key_follows_the_weights():
+    model = default_model(seed=5)
+    full = _items(2, seed=13)
+    first = model.infer(full).fused
+    sd = model.state_dict()
+    key = next(k for k in sd if k.startswith("fusion.") and sd[k].ndim == 2)
+    sd = dict(sd)
+    sd[key] = sd[key] * np.float32(1.5)
+    model.load_state_dict(sd)
+    second = model.infer(full).fused
+    fresh = default_model(seed=5, cache=False)
+    fresh.load_state_dict(sd)
+    np.testing.assert_array_equal(second, fresh.infer(full).fused)
+    assert not np.array_equal(first, second)

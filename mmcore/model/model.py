@@ -514,7 +514,11 @@ class MultiModalModel(Module):
     GEMM) agrees to within float32 rounding (~1e-6 relative). A lossy storage ``dtype`` in a cache
     policy (float16, bfloat16) trades that for memory. Early and middle fusion (joint
     encoders) are not cached. Inputs whose masks are not right-padded (e.g. text with
-    ``padding_side="left"``) are not cached either.
+    ``padding_side="left"``) are not cached either. With late and attention fusion the fused
+    vector of every batch item is cached too (the cache manager's ``fusion`` cache), keyed by
+    the item keys of its modalities, the fusion config and the model identity, so a request
+    whose items were all seen runs neither encoders nor fusion; ``return_weights=True``
+    always runs the fusion.
 
     Every configured modality gets a preprocessor and an encoder, enabled or not, so that
     :meth:`enable` / :meth:`disable` switch modalities at run time without rebuilding.
@@ -853,7 +857,7 @@ class MultiModalModel(Module):
         raise ShapeError(f"[{owner}] cannot preprocess modality {str(m)!r}")  # pragma: no cover
 
     def _encode_cached(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
-                       timings: Dict[str, float]):
+                       timings: Dict[str, float], item_keys: Optional[Dict] = None):
         """``(tokens, mask, pooled)`` of one modality through the per-item cache, or None when
         the input cannot be cached item by item (the caller then takes the uncached path)."""
         from ..cache import content_key
@@ -947,13 +951,16 @@ class MultiModalModel(Module):
         t_enc += time.perf_counter() - t0
         timings[f"preprocess:{m}"] = t_pre
         timings[f"encode:{m}"] = t_enc
+        if item_keys is not None:
+            item_keys[m] = keys
         return out_tokens, out_mask, out_pool
 
     def _encode_one(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
-                    timings: Dict[str, float], use_cache: bool):
+                    timings: Dict[str, float], use_cache: bool,
+                    item_keys: Optional[Dict] = None):
         """``(tokens, mask, pooled)`` of one modality (late, attention and custom fusion)."""
         if use_cache and self._cache.enabled_for(m):
-            res = self._encode_cached(m, mc, inputs, timings)
+            res = self._encode_cached(m, mc, inputs, timings, item_keys)
             if res is not None:
                 return res
         t0 = time.perf_counter()
@@ -1019,6 +1026,36 @@ class MultiModalModel(Module):
         return self._encode_one(m, config.modalities[m], inputs, t,
                                 self._cache is not None)
 
+    def _fuse_cached(self, config: MultiModalConfig, present, fusion_in, item_keys, B: int):
+        """``{"fused": ...}`` through the per-item fusion result cache (late and attention
+        fusion: every row is fused on its own). Only the rows not found are fused, with the
+        batch's padding; None when the fusion cache is off."""
+        from ..cache import CacheManager
+        cache = self._cache
+        if not cache.enabled_for(CacheManager.FUSION):
+            return None
+        strategy = {"fusion": config.fusion.to_dict(), "fused_dim": config.fused_dim,
+                    "cross_attention": (None if config.cross_attention is None
+                                        else config.cross_attention.to_dict())}
+        keys = [CacheManager.fusion_key({m: item_keys[m][i] for m in present},
+                                        strategy=strategy, model=self._identity)
+                for i in range(B)]
+        rows: Dict[int, np.ndarray] = {}
+        for i, k in enumerate(keys):
+            hit = cache.get(CacheManager.FUSION, k)
+            if hit is not None:
+                rows[i] = hit
+        missing = [i for i in range(B) if i not in rows]
+        if missing:
+            idx = np.asarray(missing, np.intp)
+            sub = {m: tuple(np.ascontiguousarray(a[idx]) for a in fusion_in[m])
+                   for m in fusion_in}
+            fused = np.asarray(self.fusion(sub)["fused"], np.float32)
+            for j, i in enumerate(missing):
+                rows[i] = fused[j]
+                cache.put(CacheManager.FUSION, keys[i], np.ascontiguousarray(fused[j]))
+        return {"fused": np.stack([np.asarray(rows[i], np.float32) for i in range(B)])}
+
     def infer(self, inputs, *, return_weights: bool = False) -> MultiModalOutput:
         """Preprocess, encode and fuse one request.
 
@@ -1079,13 +1116,14 @@ class MultiModalModel(Module):
                         attention_mask=inputs.attention_masks.get(m)))
         staged = {}
         done = {}
+        item_keys: Dict[Modality, list] = {}
         B = None
         use_cache = self._cache is not None and kind not in ("early", "middle")
         for m in present:
             if m in futures:
                 continue
             if kind not in ("early", "middle"):
-                res = self._encode_one(m, mods[m], inputs, timings, use_cache)
+                res = self._encode_one(m, mods[m], inputs, timings, use_cache, item_keys)
                 B = _check_batch(owner, m, int(res[0].shape[0]), B)
                 done[m] = res
                 continue
@@ -1124,7 +1162,12 @@ class MultiModalModel(Module):
             timings[f"encode:{m}"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        res = self.fusion(fusion_in, return_weights=return_weights)
+        res = None
+        if (use_cache and not return_weights and kind in ("late", "attention")
+                and all(m in item_keys for m in present)):
+            res = self._fuse_cached(config, present, fusion_in, item_keys, B)
+        if res is None:
+            res = self.fusion(fusion_in, return_weights=return_weights)
         if kind in ("early", "middle"):
             joint, jmask = res["tokens"], res["mask"]
             off = 0
