@@ -283,9 +283,10 @@ class NodeServer:
                 name = type(exc).__name__
                 with self._lock:
                     self._failed += 1
+                reported = name in REPORTED_ERRORS
                 send_frame(conn, MsgType.ERROR, {
-                    "id": rid, "error": name if name in REPORTED_ERRORS else "RemoteError",
-                    "message": str(exc)[:2000]})
+                    "id": rid, "error": name if reported else "RemoteError",
+                    "message": (str(exc) if reported else f"{name}: {exc}")[:2000]})
                 return True
             send_frame(conn, MsgType.RESULT, {"id": rid, "stats": timings},
                        [np.ascontiguousarray(tokens, np.float32),
