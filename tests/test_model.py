@@ -117,8 +117,13 @@ def test_unknown_and_disabled_modalities():
     with pytest.raises(ModalityError, match="does not have"):
         m.infer({"text": ["a"], "custom:3": np.zeros((1, 2, 4), np.float32)})
     m.disable("image")
-    with pytest.raises(ModalityError, match="disabled"):
-        m.infer({"text": ["a"], "image": np.zeros((32, 32, 3), np.uint8)})
+    # inputs of a disabled modality are ignored: the fusion runs over the enabled ones
+    img = np.zeros((32, 32, 3), np.uint8)
+    out = m.infer({"text": ["a"], "image": img})
+    assert set(out.embeddings) == {T}
+    np.testing.assert_array_equal(out.fused, m.infer({"text": ["a"]}).fused)
+    with pytest.raises(ModalityError, match="no input for any enabled modality"):
+        m.infer({"image": img})
     with pytest.raises(ModalityError):
         m.infer({})
 

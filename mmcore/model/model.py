@@ -1073,8 +1073,9 @@ class MultiModalModel(Module):
         Raises
         ------
         ModalityError
-            An input names a modality that is not configured or is disabled; a required
-            modality has no input; no enabled modality has input.
+            An input names a modality that is not configured; a required modality has no
+            input; no enabled modality has input (inputs of disabled modalities are ignored,
+            and the fusion runs over the enabled modalities that have input).
         ShapeError
             Inputs of the wrong shape, dtype or batch size.
         """
@@ -1093,14 +1094,12 @@ class MultiModalModel(Module):
                 raise ModalityError(f"[{owner}] input for modality {str(m)!r}, which this model "
                                     f"does not have (configured: "
                                     f"{', '.join(map(str, mods))})")
-            if not mods[m].enabled:
-                raise ModalityError(f"[{owner}] input for modality {str(m)!r}, which is "
-                                    "disabled (enable it with model.enable)")
         for m, mc in mods.items():
             if mc.required and mc.enabled and m not in inputs.modality_inputs:
                 raise ModalityError(f"[{owner}] modality {str(m)!r} is required but has no "
                                     "input")
-        present = [m for m in mods if m in inputs.modality_inputs]
+        # inputs of disabled modalities are ignored (ModalityConfig.enabled)
+        present = [m for m in mods if m in inputs.modality_inputs and mods[m].enabled]
         if not present:
             raise ModalityError(f"[{owner}] no input for any enabled modality (enabled: "
                                 f"{', '.join(map(str, config.enabled_modalities()))})")
