@@ -46,6 +46,18 @@ class RemoteError(MMCoreError, RuntimeError):
     """A node failed a request with an error of a class the client does not re-raise as is."""
 
 
+def pick_least_outstanding(lock, workers, tried: set):
+    """The worker with the fewest outstanding requests among those not yet ``tried``
+    (healthy ones first); its count is raised by one. None when every worker was tried."""
+    with lock:
+        cands = [w for w in workers if w not in tried]
+        if not cands:
+            return None
+        w = min([c for c in cands if c.healthy] or cands, key=lambda c: c.outstanding)
+        w.outstanding += 1
+        return w
+
+
 class _NodeFailure(Exception):
     """The node (not the request) failed: retry elsewhere."""
 
@@ -214,14 +226,7 @@ class Coordinator:
     # -- requests -------------------------------------------------------------------------------
 
     def _pick(self, m: Modality, tried: set) -> Optional[NodeClient]:
-        with self._lock:
-            cands = [n for n in self.nodes[m] if n not in tried]
-            if not cands:
-                return None
-            healthy = [n for n in cands if n.healthy]
-            node = min(healthy or cands, key=lambda n: n.outstanding)
-            node.outstanding += 1
-            return node
+        return pick_least_outstanding(self._lock, self.nodes[m], tried)
 
     def encode(self, m: Modality, header: Dict[str, Any], arrays: List[np.ndarray]):
         """Run one ENCODE request on a node of ``m`` with retries (see the module docstring)."""

@@ -118,13 +118,8 @@ class RayBackend:
             max_workers=config.max_workers, thread_name_prefix="mmcore-ray")
 
     def _pick(self, m: Modality, tried: set):
-        with self._lock:
-            cands = [a for a in self.actors.get(m, []) if a not in tried]
-            if not cands:
-                return None
-            a = min([c for c in cands if c.healthy] or cands, key=lambda c: c.outstanding)
-            a.outstanding += 1
-            return a
+        from .coordinator import pick_least_outstanding
+        return pick_least_outstanding(self._lock, self.actors.get(m, []), tried)
 
     def encode(self, m: Modality, header: Dict[str, Any], arrays: List[Any]):
         """Encode one request on an actor of ``m`` (retried on another actor on failure)."""
