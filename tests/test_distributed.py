@@ -720,3 +720,19 @@ def test_unexpected_node_error_is_a_remote_error_not_a_dead_node(model_dir, capl
             assert model.infer({"text": "fine"}).fused.shape[0] == 1
         assert any("internal failure" in (r.exc_text or "") or r.exc_info
                    for r in caplog.records)
+
+
+def test_stale_pooled_connection_is_replaced_not_a_node_failure(model_dir, local):
+    """A pooled connection the node closed while idle is retried once on a fresh one."""
+    with serving(model_dir, ["text"], idle_timeout_s=0.3) as node:
+        cfg = _config({"text": [_addr(node)]}, heartbeat_s=60.0)   # no heartbeat in between
+        with Coordinator(cfg) as coord:
+            client = coord.nodes[Modality.TEXT][0]
+            req = {"input": {"value": {"form": "str", "value": "stale"}}}
+            first = coord.encode("text", req, [])
+            assert len(client._idle) == 1
+            _deadline_wait(lambda: node._info()["load"]["connections"] == 0, 10,
+                           "the node closing the idle connection")
+            second = coord.encode("text", req, [])
+            assert client.healthy
+            np.testing.assert_array_equal(first[2], second[2])

@@ -641,3 +641,13 @@ def test_attach_and_coordinator_reject_bad_configs(monkeypatch):
         Coordinator(DistributedConfig(sharding_strategy=_S))
     with pytest.raises(ConfigError, match="DistributedConfig"):
         Coordinator({"text": ["127.0.0.1:1"]})
+
+
+def test_payload_keeps_0d_arrays_and_refuses_paths_as_text():
+    import pathlib
+    from mmcore.distributed.payload import pack_input, unpack_input
+    desc, arrays = pack_input("audio", np.float32(3.5), attention_mask=np.bool_(True))
+    value, mask = unpack_input(desc, arrays, tmpdir=None, with_mask=True)
+    assert value.shape == () and float(value) == 3.5 and mask.shape == ()
+    with pytest.raises(ShapeError, match="text input must be str or bytes"):
+        pack_input("text", pathlib.Path("caption.txt"))

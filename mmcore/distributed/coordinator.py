@@ -35,7 +35,7 @@ from .auth import client_handshake, client_ssl_context, resolve_token
 from .config import DistributedConfig, parse_address
 from .node import REPORTED_ERRORS
 from .payload import pack_input
-from .protocol import FrameLimits, MsgType, recv_frame, send_frame
+from .protocol import ConnectionClosed, FrameLimits, MsgType, recv_frame, send_frame
 
 __all__ = ["Coordinator", "RemoteEncoder", "NodeClient", "RemoteError"]
 
@@ -105,23 +105,36 @@ class NodeClient:
 
     def request(self, msg_type: MsgType, header: Dict[str, Any], arrays=(),
                 *, timeout: Optional[float] = None):
-        """Send one request and return the answer frame (_NodeFailure when the node fails)."""
+        """Send one request and return the answer frame (_NodeFailure when the node fails).
+
+        A pooled connection that turns out to be closed (the node's idle timeout, a restart)
+        before any byte of the answer arrived is replaced by a fresh one, once."""
         with self._lock:
             sock = self._idle.pop() if self._idle else None
-        if sock is None:
-            sock = self._connect()
-        try:
-            sock.settimeout(self._request_timeout if timeout is None else timeout)
-            send_frame(sock, msg_type, header, arrays)
-            frame = recv_frame(sock, limits=self._limits)
-            if frame.header.get("id") != header.get("id"):
-                raise ProtocolError("[coordinator] answer for another request id")
-        except (OSError, ProtocolError) as exc:
-            sock.close()
-            raise _NodeFailure(f"{self.address}: {exc or type(exc).__name__}") from None
-        except BaseException:
-            sock.close()
-            raise
+        reused = sock is not None
+        while True:
+            if sock is None:
+                sock = self._connect()
+            try:
+                sock.settimeout(self._request_timeout if timeout is None else timeout)
+                send_frame(sock, msg_type, header, arrays)
+                frame = recv_frame(sock, limits=self._limits)
+                if frame.header.get("id") != header.get("id"):
+                    raise ProtocolError("[coordinator] answer for another request id")
+                break
+            except (ConnectionClosed, BrokenPipeError, ConnectionResetError) as exc:
+                sock.close()
+                sock = None
+                stale = reused and getattr(exc, "at_boundary", True)
+                if not stale:
+                    raise _NodeFailure(f"{self.address}: {exc or type(exc).__name__}") from None
+                reused = False                    # retry once on a fresh connection
+            except (OSError, ProtocolError) as exc:
+                sock.close()
+                raise _NodeFailure(f"{self.address}: {exc or type(exc).__name__}") from None
+            except BaseException:
+                sock.close()
+                raise
         with self._lock:
             if self.closed or len(self._idle) >= 32:
                 sock.close()

@@ -35,6 +35,9 @@ def _pack_one(kind: Optional[str], value: Any, arrays: List[np.ndarray], depth: 
     if isinstance(value, bytes) and kind == "text":     # encoded text, not a file name
         arrays.append(np.frombuffer(value, np.uint8))
         return {"form": "bytes", "index": len(arrays) - 1}
+    if isinstance(value, os.PathLike) and kind == "text":
+        raise ShapeError("[distributed] text input must be str or bytes, got a path "
+                         f"({type(value).__name__})")
     if isinstance(value, _PATH_TYPES):
         path = os.fsdecode(value)
         try:
@@ -53,7 +56,7 @@ def _pack_one(kind: Optional[str], value: Any, arrays: List[np.ndarray], depth: 
         for k, v in value.items():
             if v is None:
                 continue
-            arrays.append(np.ascontiguousarray(v))
+            arrays.append(np.asarray(v, order="C"))
             items[str(k)] = len(arrays) - 1
         return {"form": "dict", "items": items}
     if isinstance(value, (list, tuple)):
@@ -72,7 +75,7 @@ def _pack_one(kind: Optional[str], value: Any, arrays: List[np.ndarray], depth: 
     if a.dtype == object:
         raise ShapeError(f"[distributed] input of type {type(value).__name__} cannot be sent "
                          "to a node")
-    arrays.append(np.ascontiguousarray(a))
+    arrays.append(np.asarray(a, order="C"))
     return {"form": "array", "index": len(arrays) - 1}
 
 
@@ -82,7 +85,7 @@ def pack_input(kind: Optional[str], value: Any, *, attention_mask: Any = None
     arrays: List[np.ndarray] = []
     desc = {"value": _pack_one(kind, value, arrays, 0)}
     if attention_mask is not None:
-        arrays.append(np.ascontiguousarray(attention_mask))
+        arrays.append(np.asarray(attention_mask, order="C"))
         desc["mask"] = len(arrays) - 1
     return desc, arrays
 
