@@ -700,3 +700,31 @@ def linear_ref(x, w, b=None):
     if b is not None:
         y = y + np.asarray(b, np.float64)
     return y
+
+
+def activation_ref(y, name):
+    """The activations :func:`mmcore.ops.linear` fuses, in float64."""
+    import math
+    y = np.asarray(y, np.float64)
+    if name == "gelu":
+        return 0.5 * y * (1.0 + np.vectorize(math.erf)(y / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * y * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y ** 3)))
+    if name == "quick_gelu":
+        return y / (1.0 + np.exp(-1.702 * y))
+    if name == "relu":
+        return np.maximum(y, 0.0)
+    return y
+
+
+def layer_norm_ref(x, weight=None, bias=None, eps=1e-5):
+    """Layer normalisation over the last axis, in float64."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y

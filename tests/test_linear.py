@@ -1,4 +1,4 @@
-"""Tests of mmcore.ops.linear: native and Numba against the float64 reference and each other,
+"""Tests of mmcore.ops.linear (with fused activations) and mmcore.ops.layer_norm: native and Numba against the float64 reference and each other,
 every compiled ISA level, awkward shapes, layouts, dtypes, bad inputs, threads and torch."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 import mmcore
 from mmcore import _C
 from mmcore.errors import ShapeError
-from mmcore.ops import linear
+from mmcore.ops import layer_norm, linear
 
 from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
 from _helpers import need_backend
-from reference import linear_ref
+from reference import activation_ref, layer_norm_ref, linear_ref
 
 # sizes around the register tiles (4/6 rows; 4/8/16-lane vectors, 2-4 vectors per block)
 SIZES = [1, 2, 3, 5, 6, 7, 8, 13, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 97, 128, 129]
@@ -64,6 +64,12 @@ def test_every_isa_level(isa):
         for M, K, N in [(1, 1, 1), (7, 13, 17), (64, 64, 64), (13, 129, 200), (300, 48, 65)]:
             x, w, b = _case(rng, (M,), K, N)
             _check(linear(x, w, b), x, w, b)
+            y = linear(x, w, b, activation="gelu")
+            np.testing.assert_allclose(y, activation_ref(linear_ref(x, w, b), "gelu"),
+                                       rtol=1e-5, atol=1e-5)
+            g = rng.standard_normal(N).astype(np.float32)
+            np.testing.assert_allclose(layer_norm(y, g, b), layer_norm_ref(y, g, b),
+                                       rtol=1e-5, atol=1e-5)
     finally:
         _C.set_isa_cap(before)
 
@@ -178,3 +184,89 @@ def test_matches_torch_linear():
     want = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w),
                                       torch.from_numpy(b)).numpy()
     np.testing.assert_allclose(linear(x, w, b), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused activations
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu", "relu"])
+@settings(max_examples=examples(15), **PROPERTY_SETTINGS)
+@given(M=st.sampled_from([1, 5, 6, 7, 64]), K=st.sampled_from([0, 1, 17, 64]),
+       N=st.sampled_from([1, 15, 16, 17, 65]), seed=st.integers(0, 2**31 - 1))
+def test_fused_activation_matches_reference(backend, act, M, K, N, seed):
+    need_backend(backend)
+    x, w, b = _case(np.random.default_rng(seed), (M,), K, N)
+    x *= 3                                        # reach the curved parts of the activations
+    y = linear(x, w, b, activation=act, backend=backend)
+    pre = linear_ref(x, w, b)
+    ref = activation_ref(pre, act)
+    # the product's rounding (bounded as in _check), through an activation of slope <= 1.13
+    bound = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T + np.abs(b)
+    tol = 1.2 * ((K + 2) * 1.2e-7 * bound) + 2.4e-7 * np.abs(ref) + 1e-6
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref) - tol))
+
+
+def test_fused_activation_matches_torch_and_bad_names():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(7)
+    x, w, b = _case(rng, (3, 11), 48, 96)
+    y = F.linear(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b))
+    for act, ref in [("gelu", F.gelu(y)), ("gelu_tanh", F.gelu(y, approximate="tanh")),
+                     ("quick_gelu", y * torch.sigmoid(1.702 * y)), ("relu", F.relu(y))]:
+        np.testing.assert_allclose(linear(x, w, b, activation=act), ref.numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ShapeError, match=r"\[linear\] activation must be one of"):
+        linear(x, w, b, activation="swish")
+
+
+# ----------------------------------------------------------------------------------------------
+# layer norm
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@settings(max_examples=examples(40), **PROPERTY_SETTINGS)
+@given(rows=st.sampled_from([0, 1, 2, 7, 64, 300]), D=st.sampled_from([1, 2, 3, 15, 16, 17, 64,
+                                                                       127, 768]),
+       affine=st.sampled_from(["none", "weight", "both"]), offset=st.sampled_from([0.0, 1e3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_layer_norm_matches_reference(backend, rows, D, affine, offset, seed):
+    need_backend(backend)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, D)) * 2 + offset).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32) if affine != "none" else None
+    b = rng.standard_normal(D).astype(np.float32) if affine == "both" else None
+    y = layer_norm(x, w, b, eps=1e-5, backend=backend)
+    ref = layer_norm_ref(x, w, b, 1e-5)
+    scale = 1.0 if w is None else np.abs(w).astype(np.float64)
+    # mean subtracted in float32 (an error of ~|x| ulp), then a few float32 roundings
+    tol = (6e-7 * (np.abs(x).astype(np.float64) + 1) / np.sqrt(
+        np.var(x.astype(np.float64), axis=-1, keepdims=True) + 1e-5)) * scale + 1e-6 + (
+        0 if b is None else 1.2e-7 * np.abs(b))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref) - tol))
+
+
+def test_layer_norm_layouts_torch_and_errors():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 6, 40)).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    y = layer_norm(x, w, b)
+    np.testing.assert_array_equal(layer_norm(x[:, ::2], w, b), y[:, ::2])     # strided rows
+    np.testing.assert_allclose(layer_norm(x.astype(np.float64), w, b), y, rtol=0, atol=0)
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (40,), torch.from_numpy(w),
+                                         torch.from_numpy(b), 1e-5).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ShapeError, match=r"\[layer_norm\] weight has shape"):
+        layer_norm(x, np.ones(3, np.float32))
+    with pytest.raises(ShapeError, match=r"\[layer_norm\] bias needs a weight"):
+        layer_norm(x, None, b)
+    with pytest.raises(ShapeError, match=r"\[layer_norm\] eps must be"):
+        layer_norm(x, eps=0.0)
+    with pytest.raises(ShapeError, match=r"\[layer_norm\] x has dtype int32"):
+        layer_norm(np.ones((2, 3), np.int32))

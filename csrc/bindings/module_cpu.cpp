@@ -370,7 +370,7 @@ void fuse(py::object emb, py::object present, py::object weights, py::object que
   mmcore::fuse_cpu(p);
 }
 
-void linear(py::object x, py::object w, py::object bias, py::object y, int num_threads) {
+void linear(py::object x, py::object w, py::object bias, py::object y, int activation, int num_threads) {
   const char* op = "linear";
   if (!py::isinstance<py::array>(x) || !py::isinstance<py::array>(w))
     throw py::type_error("[linear] x and weight must be numpy arrays");
@@ -391,9 +391,36 @@ void linear(py::object x, py::object w, py::object bias, py::object y, int num_t
   p.y = checked<float>(op, "out", y, {p.M, p.N}, true);
   if (!p.y) throw py::value_error("[linear] out is required");
   p.ldy = p.N;
+  if (activation < 0 || activation > 4) throw py::value_error("[linear] unknown activation code");
+  p.activation = static_cast<mmcore::Activation>(activation);
   p.num_threads = std::max(num_threads, 1);
   py::gil_scoped_release release;
   mmcore::linear_cpu(p);
+}
+
+void layer_norm(py::object x, py::object weight, py::object bias, py::object y, double eps, int num_threads) {
+  const char* op = "layer_norm";
+  if (!py::isinstance<py::array>(x)) throw py::type_error("[layer_norm] x must be a numpy array");
+  py::array xa = x.cast<py::array>();
+  if (xa.ndim() != 2) throw py::value_error("[layer_norm] x must have 2 dims (rows, D)");
+  mmcore::LayerNormParams p;
+  p.rows = xa.shape(0);
+  p.D = xa.shape(1);
+  int64_t xs[2];
+  p.x = checked<float>(op, "x", x, {p.rows, p.D}, false, false, xs);
+  if ((p.D > 1 && xs[1] != 1) || (p.rows > 1 && xs[0] < p.D))
+    throw py::value_error("[layer_norm] x needs unit stride along the last axis and non-overlapping rows");
+  p.ldx = p.rows > 1 ? xs[0] : p.D;
+  p.weight = checked<float>(op, "weight", weight, {p.D}, false);
+  p.bias = checked<float>(op, "bias", bias, {p.D}, false);
+  if (p.bias && !p.weight) throw py::value_error("[layer_norm] bias needs a weight");
+  p.y = checked<float>(op, "out", y, {p.rows, p.D}, true);
+  if (!p.y) throw py::value_error("[layer_norm] out is required");
+  if (!(eps > 0.0)) throw py::value_error("[layer_norm] eps must be > 0");
+  p.eps = eps;
+  p.num_threads = std::max(num_threads, 1);
+  py::gil_scoped_release release;
+  mmcore::layer_norm_cpu(p);
 }
 
 }  // namespace
@@ -432,7 +459,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("mask"), py::arg("out"), py::kw_only(), py::arg("num_threads"));
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
-        py::arg("num_threads"));
+        py::arg("activation") = 0, py::arg("num_threads"));
+  m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
+        py::arg("eps"), py::arg("num_threads"));
   m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"), py::arg("query"), py::arg("out"),
         py::arg("out_weights"), py::kw_only(), py::arg("strategy"), py::arg("num_threads"));
   m.def("resize", &resize, py::arg("srcs"), py::arg("dsts"), py::kw_only(), py::arg("filter"), py::arg("antialias"),

@@ -21,6 +21,7 @@ namespace mmcore {
   void masked_max_f32(const MaskedReduceParams&);                                                           \
   void fuse_f32(const FuseParams&);                                                                         \
   void linear_f32(const LinearParams&);                                                                     \
+  void layer_norm_f32(const LayerNormParams&);                                                              \
   }
 MMCORE_DECLARE_TARGET(baseline)
 #if defined(MMCORE_HAVE_TARGET_AVX2)
@@ -96,6 +97,7 @@ void masked_mean_cpu(const MaskedReduceParams& p) { MMCORE_DISPATCH(masked_mean_
 void masked_max_cpu(const MaskedReduceParams& p) { MMCORE_DISPATCH(masked_max_f32, p) }
 void fuse_cpu(const FuseParams& p) { MMCORE_DISPATCH(fuse_f32, p) }
 void linear_cpu(const LinearParams& p) { MMCORE_DISPATCH(linear_f32, p) }
+void layer_norm_cpu(const LayerNormParams& p) { MMCORE_DISPATCH(layer_norm_f32, p) }
 #undef MMCORE_DISPATCH
 
 }  // namespace mmcore

@@ -9,9 +9,12 @@
 // scratch, then walks its rows in register tiles of MR rows x NV vectors:
 //   acc[r][c] = b[cols] + sum_k x[r, k] * Wt[k, cols]
 // Each output element is one sum over k in increasing order, accumulated in float32 (with
-// fused multiply-adds where the target has them).
+// fused multiply-adds where the target has them), then the optional activation.
+//
+// Also here: layer normalisation over rows (the other per-token step of a transformer block).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -99,6 +102,29 @@ void rows_block(int R, int nvec, const float* x, int64_t ldx, const float* wt, c
   }
 }
 
+// The activation on n floats in place (scalar libm: exact to float rounding, as PyTorch's
+// CPU kernels; the GEMM before it dominates).
+void activate(float* y, int64_t n, Activation act) {
+  switch (act) {
+    case Activation::gelu:
+      for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * y[i] * (1.0f + std::erf(y[i] * 0.70710678118654752f));
+      break;
+    case Activation::gelu_tanh:
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = y[i];
+        y[i] = 0.5f * v * (1.0f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+      }
+      break;
+    case Activation::quick_gelu:
+      for (int64_t i = 0; i < n; ++i) y[i] = y[i] / (1.0f + std::exp(-1.702f * y[i]));
+      break;
+    case Activation::relu:
+      for (int64_t i = 0; i < n; ++i) y[i] = y[i] < 0.0f ? 0.0f : y[i];
+      break;
+    default: break;
+  }
+}
+
 struct Scratch {
   std::vector<float> wt, bias, out;
   static Scratch& get() {
@@ -139,6 +165,8 @@ void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
       for (int i = 0; i < R; ++i)
         std::memcpy(yr + i * p.ldy, sc.out.data() + i * padded, static_cast<size_t>(ncols) * sizeof(float));
     }
+    if (p.activation != Activation::none)
+      for (int i = 0; i < R; ++i) activate(yr + i * p.ldy, ncols, p.activation);
   }
 }
 
@@ -162,6 +190,38 @@ void linear_f32(const LinearParams& p) {
     const int64_t ci = t / col_blocks, bi = t % col_blocks;
     const int64_t row0 = ci * chunk;
     run_task(p, row0, std::min(chunk, p.M - row0), bi * kCols);
+  });
+}
+
+void layer_norm_f32(const LayerNormParams& p) {
+  if (p.rows <= 0 || p.D <= 0) return;
+  const int64_t D = p.D;
+  const int64_t per_task = std::max<int64_t>(1, (1 << 15) / D);
+  const int64_t ntasks = (p.rows + per_task - 1) / per_task;
+  const int threads = p.rows * D < (1 << 16) ? 1 : p.num_threads;
+  parallel_for(ntasks, threads, [&](int64_t t, int) {
+    const int64_t r1 = std::min(p.rows, (t + 1) * per_task);
+    for (int64_t r = t * per_task; r < r1; ++r) {
+      const float* x = p.x + r * p.ldx;
+      float* y = p.y + r * D;
+      double sum = 0.0;
+      for (int64_t i = 0; i < D; ++i) sum += x[i];
+      const double mean = sum / static_cast<double>(D);
+      double ss = 0.0;
+      for (int64_t i = 0; i < D; ++i) {
+        const double c = x[i] - mean;
+        ss += c * c;
+      }
+      const double inv = 1.0 / std::sqrt(ss / static_cast<double>(D) + p.eps);
+      const float m = static_cast<float>(mean), s = static_cast<float>(inv);
+      if (p.weight && p.bias) {
+        for (int64_t i = 0; i < D; ++i) y[i] = (x[i] - m) * s * p.weight[i] + p.bias[i];
+      } else if (p.weight) {
+        for (int64_t i = 0; i < D; ++i) y[i] = (x[i] - m) * s * p.weight[i];
+      } else {
+        for (int64_t i = 0; i < D; ++i) y[i] = (x[i] - m) * s;
+      }
+    }
   });
 }
 

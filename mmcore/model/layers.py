@@ -37,9 +37,10 @@ import numpy as np
 
 from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..ops import attention
+from ..ops import linear as _ops_linear
 from .nn import (_NO_INIT, LayerNorm, Linear, Module, RngLike, _check_positive, _check_prob,
                  _state_entry, _to_numpy, as_float_input, as_generator, check_features,
-                 get_activation, linear, xavier_uniform)
+                 fused_activation, get_activation, linear, xavier_uniform)
 
 __all__ = ["CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
            "padding_mask_to_attention"]
@@ -662,8 +663,12 @@ class TransformerEncoderLayer(Module):
         return mod.load_state_dict(sd, strict=strict)
 
     def _mlp(self, x: np.ndarray) -> np.ndarray:
-        h = linear(x, self.linear1.weight, self.linear1.bias)
-        h = np.asarray(self._act(h), dtype=np.float32)
+        fused = fused_activation(self._act)
+        if fused is not None:           # the activation runs inside the first product
+            h = _ops_linear(x, self.linear1.weight, self.linear1.bias, activation=fused)
+        else:
+            h = linear(x, self.linear1.weight, self.linear1.bias)
+            h = np.asarray(self._act(h), dtype=np.float32)
         return linear(h, self.linear2.weight, self.linear2.bias)
 
     def __call__(self, x, *, attention_mask=None, is_causal: bool = False, attn_bias=None,

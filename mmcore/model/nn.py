@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import ConfigError, ModelFormatError, ShapeError
+from ..ops.linear import layer_norm as _ops_layer_norm
 from ..ops.linear import linear as _ops_linear
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
@@ -481,15 +482,7 @@ class LayerNorm(Module):
 
     def __call__(self, x) -> np.ndarray:
         x = as_float_input("LayerNorm", "x", x, last=self.normalized_shape, last_name="normalized_shape")
-        mean = x.mean(axis=-1, keepdims=True)
-        xc = x - mean
-        var = np.mean(xc * xc, axis=-1, keepdims=True)
-        y = xc * (np.float32(1.0) / np.sqrt(var + np.float32(self.eps)))
-        if self.weight is not None:
-            y *= self.weight
-        if self.bias is not None:
-            y += self.bias
-        return y
+        return _ops_layer_norm(x, self.weight, self.bias, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
@@ -625,6 +618,15 @@ ACTIVATIONS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "quick_gelu": quick_gelu,
     "relu": relu,
 }
+
+
+def fused_activation(fn: Callable) -> Optional[str]:
+    """The name :func:`mmcore.ops.linear` fuses for the activation function ``fn``, or None."""
+    for name, known in (("gelu", gelu), ("gelu_tanh", _gelu_tanh), ("quick_gelu", quick_gelu),
+                        ("relu", relu)):
+        if fn is known:
+            return name
+    return None
 
 
 def get_activation(activation) -> Callable[[np.ndarray], np.ndarray]:

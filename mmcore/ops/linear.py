@@ -1,4 +1,6 @@
-"""The affine map of a fully connected layer: ``y = x @ weight.T + bias`` (``mmcore.ops.linear``).
+"""The per-token maps of a transformer block (``mmcore.ops.linear``, ``mmcore.ops.layer_norm``).
+
+:func:`linear` is the affine map of a fully connected layer, ``y = act(x @ weight.T + bias)``.
 
 It is what ``torch.nn.functional.linear`` computes, over the last axis of ``x``, with the
 weight in the PyTorch layout ``(out_features, in_features)``. The native kernel runs on the
@@ -18,20 +20,37 @@ from .. import _backend
 from ..errors import BackendError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES
 
-__all__ = ["linear"]
+__all__ = ["linear", "layer_norm", "ACTIVATIONS"]
+
+#: Activations :func:`linear` can apply to its output, and their kernel codes.
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4}
 
 
-def _float32(name: str, a) -> np.ndarray:
+def _float32(name: str, a, op: str = "linear") -> np.ndarray:
     if type(a) is np.ndarray and a.dtype == np.float32:
         return a
     try:
         a = np.asarray(a)
     except Exception as exc:
-        raise ShapeError(f"[linear] {name} cannot be converted to an array: {exc}") from None
+        raise ShapeError(f"[{op}] {name} cannot be converted to an array: {exc}") from None
     if a.dtype not in FLOAT_INPUT_DTYPES:
-        raise ShapeError(f"[linear] {name} has dtype {a.dtype}, expected float32 or float16 "
+        raise ShapeError(f"[{op}] {name} has dtype {a.dtype}, expected float32 or float16 "
                          "(float64 is cast)")
     return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def _activate_numpy(y: np.ndarray, code: int) -> np.ndarray:
+    """The activation of ``code`` in float64 NumPy (for outputs that need no product)."""
+    v = y.astype(np.float64)
+    if code == 1:
+        v = 0.5 * v * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(v / math.sqrt(2.0)))
+    elif code == 2:
+        v = 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    elif code == 3:
+        v = v / (1.0 + np.exp(-1.702 * v))
+    elif code == 4:
+        v = np.where(v < 0.0, 0.0, v)
+    return v.astype(np.float32)
 
 
 def _rows(a: np.ndarray, K: int) -> np.ndarray:
@@ -41,8 +60,8 @@ def _rows(a: np.ndarray, K: int) -> np.ndarray:
     return a
 
 
-def linear(x, weight, bias=None, *, backend=None) -> np.ndarray:
-    """``x @ weight.T + bias`` over the last axis of ``x``.
+def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray:
+    """``act(x @ weight.T + bias)`` over the last axis of ``x``.
 
     Parameters
     ----------
@@ -50,6 +69,9 @@ def linear(x, weight, bias=None, *, backend=None) -> np.ndarray:
         float32 (float16 / float64 are cast); any number of leading axes.
     weight : array (out_features, in_features)
     bias : array (out_features,), optional
+    activation : {None, "gelu", "gelu_tanh", "quick_gelu", "relu"}, optional, keyword-only
+        Applied to the result in the same pass: exact GELU (erf, PyTorch's default), its tanh
+        approximation, CLIP's ``x * sigmoid(1.702 x)``, or ReLU.
     backend : {"native", "numba"}, optional, keyword-only
         Default: the active backend (:func:`mmcore.use_backend`).
 
@@ -74,6 +96,10 @@ def linear(x, weight, bias=None, *, backend=None) -> np.ndarray:
            [ 4., 13., 22., 31.]], dtype=float32)
     """
     op = "linear"
+    if activation not in ACTIVATIONS:
+        raise ShapeError(f"[linear] activation must be one of "
+                         f"{', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
+    act = ACTIVATIONS[activation]
     name = _backend.resolve_backend(op, [a for a in (x, weight, bias) if a is not None],
                                     backend)
     if name not in ("native", "numba"):
@@ -101,6 +127,8 @@ def linear(x, weight, bias=None, *, backend=None) -> np.ndarray:
         y = np.zeros((x2.shape[0], N), np.float32)
         if b is not None:
             y += b
+        if act and y.size:
+            y = _activate_numpy(y, act)
         return y.reshape(*lead, N)
     x2 = _rows(x2, K)
     w = _rows(w, K)
@@ -110,9 +138,80 @@ def linear(x, weight, bias=None, *, backend=None) -> np.ndarray:
         if not hasattr(C, "linear"):
             raise BackendError("[linear] this build of mmcore._C has no linear kernel: rebuild "
                                "mmcore (`pip install .`) or use backend='numba'")
-        C.linear(x2, w, b, out, num_threads=_backend.get_num_threads())
+        C.linear(x2, w, b, out, activation=act, num_threads=_backend.get_num_threads())
     else:
         from .._numba.linear import linear_numba
         linear_numba(np.ascontiguousarray(x2), np.ascontiguousarray(w),
-                     np.zeros(N, np.float32) if b is None else b, out)
+                     np.zeros(N, np.float32) if b is None else b, out, act)
     return out.reshape(*lead, N)
+
+
+def layer_norm(x, weight=None, bias=None, *, eps: float = 1e-5, backend=None) -> np.ndarray:
+    """Layer normalisation over the last axis, as ``torch.nn.functional.layer_norm(x, (D,),
+    weight, bias, eps)``.
+
+    The mean and the biased variance of every row are accumulated in float64; the result is
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` in float32.
+
+    Parameters
+    ----------
+    x : array (..., D)
+        float32 (float16 / float64 are cast).
+    weight, bias : array (D,), optional
+        ``bias`` needs ``weight``.
+    eps : float, default 1e-5, keyword-only
+    backend : {"native", "numba"}, optional, keyword-only
+
+    Returns
+    -------
+    float32 array of the shape of ``x``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.ops import layer_norm
+    >>> np.round(layer_norm(np.array([[1., 2., 3., 4.]], np.float32)), 4)
+    array([[-1.3416, -0.4472,  0.4472,  1.3416]], dtype=float32)
+    """
+    op = "layer_norm"
+    name = _backend.resolve_backend(op, [a for a in (x, weight, bias) if a is not None],
+                                    backend)
+    if name not in ("native", "numba"):
+        raise BackendError(f"[layer_norm] backend {name!r} is not available for layer_norm "
+                           "(native or numba)")
+    xa = _float32("x", x, op)
+    if xa.ndim < 1:
+        raise ShapeError("[layer_norm] x must have at least 1 dim (..., D)")
+    D = int(xa.shape[-1])
+    params = []
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            p = np.ascontiguousarray(_float32(pname, p, op))
+            if p.shape != (D,):
+                raise ShapeError(f"[layer_norm] {pname} has shape {p.shape}, expected ({D},)")
+        params.append(p)
+    w, b = params
+    if b is not None and w is None:
+        raise ShapeError("[layer_norm] bias needs a weight")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not (
+            math.isfinite(eps) and eps > 0):
+        raise ShapeError(f"[layer_norm] eps must be a finite number > 0, got {eps!r}")
+    lead = xa.shape[:-1]
+    rows = math.prod(lead)
+    out = np.empty((rows, D), np.float32)
+    if rows == 0 or D == 0:
+        return out.reshape(xa.shape)
+    x2 = _rows(xa.reshape(rows, D), D)
+    if name == "native":
+        C = _backend.native_module()
+        if not hasattr(C, "layer_norm"):
+            raise BackendError("[layer_norm] this build of mmcore._C has no layer_norm kernel: "
+                               "rebuild mmcore (`pip install .`) or use backend='numba'")
+        C.layer_norm(x2, w, b, out, eps=float(eps), num_threads=_backend.get_num_threads())
+    else:
+        from .._numba.linear import layer_norm_numba
+        empty = np.zeros(D, np.float32)
+        layer_norm_numba(np.ascontiguousarray(x2), empty if w is None else w,
+                         empty if b is None else b, w is not None, b is not None, float(eps),
+                         out)
+    return out.reshape(xa.shape)

@@ -38,4 +38,7 @@ void fuse_cpu(const FuseParams& p);
 // y = x . W^T + b (see linear.h), on the library's thread pool.
 void linear_cpu(const LinearParams& p);
 
+// Layer normalisation over the last axis (see linear.h).
+void layer_norm_cpu(const LayerNormParams& p);
+
 }  // namespace mmcore
