@@ -120,7 +120,9 @@ class Result(NamedTuple):
 
 
 def run_case(batch: int, variant: str, args, tkw, profile_calls: int) -> Result:
-    model = default_model(seed=SEED, cache=False)   # every call computes (see bench_cache.py)
+    # every call computes (the cache is measured by bench_cache.py)
+    model = default_model(seed=SEED, cache=False, embed_dim=args.embed_dim,
+                          num_layers=args.layers, num_heads=args.heads)
     raw = demo_inputs(batch, seed=SEED)
     inputs = raw if variant == "raw" else preprocess_inputs(model, raw)
     with mmcore.use_backend(args.backend):
@@ -153,13 +155,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     T.add_common_args(parser)
+    parser.add_argument("--embed-dim", type=int, default=64,
+                        help="encoder width of the default model (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="encoder layers per modality (default: %(default)s)")
+    parser.add_argument("--heads", type=int, default=4,
+                        help="attention heads (default: %(default)s)")
     args = parser.parse_args(argv)
 
     threads = T.configure_threads(args.threads)
     tkw = (dict(warmup=2, repeat=5, min_time=0.0) if args.quick
            else dict(warmup=5, repeat=30, min_time=0.5, max_repeat=500))
     profile_calls = 3 if args.quick else 20
-    T.print_header("MultiModalModel.infer on default_model: per-stage latency (float32, CPU)",
+    T.print_header(f"MultiModalModel.infer on default_model (embed_dim {args.embed_dim}, "
+                   f"{args.layers} layers, {args.heads} heads): per-stage latency (float32, CPU)",
                    threads_info=threads, backend=args.backend,
                    extra={"timing": f"p50 of >= {tkw['repeat']} calls after {tkw['warmup']} "
                                     f"warm-up(s), >= {tkw['min_time']} s per measurement; "

@@ -41,10 +41,17 @@ _cuda_state: Optional[Dict[str, Any]] = None
 _numba_state: Optional[Dict[str, Any]] = None
 
 
+_native = None
+
+
 def native_module():
     """Return the compiled ``mmcore._C`` module (raises BackendError with a hint if missing)."""
+    global _native
+    if _native is not None:
+        return _native
     try:
-        return importlib.import_module("mmcore._C")
+        _native = importlib.import_module("mmcore._C")
+        return _native
     except ImportError as exc:  # pragma: no cover - only in a broken install
         raise BackendError(
             "the native module mmcore._C is missing: install the package with `pip install .` "
