@@ -280,3 +280,14 @@ def test_fusion_cache_key_follows_the_weights():
     fresh.load_state_dict(sd)
     np.testing.assert_array_equal(second, fresh.infer(full).fused)
     assert not np.array_equal(first, second)
+
+
+def test_switching_other_modalities_keeps_the_cache_warm():
+    model = default_model(seed=6)
+    full = _items(2, seed=14)
+    model.infer(full)
+    hits = model.cache_stats()["caches"]["text"]["hits"]
+    model.disable("audio")
+    model.enable("audio")
+    model.infer(full)
+    assert model.cache_stats()["caches"]["text"]["hits"] == hits + 2

@@ -571,6 +571,7 @@ class MultiModalModel(Module):
         self.preprocessors: Dict[Modality, Any] = {}
         self._external: Dict[Modality, Callable] = {}
         self._remote: Dict[Modality, Any] = {}
+        self._config_keys: Dict[int, Tuple[Any, str]] = {}
         encs = _ModuleDict()
         for m, mc in config.modalities.items():
             self.preprocessors[m] = _make_preprocessor(mc.preprocessing)
@@ -889,7 +890,8 @@ class MultiModalModel(Module):
                      for i in range(n_items)]
             fixed = True
         identity = self._identity
-        keys = [content_key(d, modality=m, config=mc, model=identity) for d in datas]
+        cfg = self._config_key(mc)
+        keys = [content_key(d, modality=m, config=cfg, model=identity) for d in datas]
         t_pre += time.perf_counter() - t0
 
         entries: Dict[str, Any] = {}
@@ -1026,6 +1028,34 @@ class MultiModalModel(Module):
         return self._encode_one(m, config.modalities[m], inputs, t,
                                 self._cache is not None)
 
+    def _config_key(self, cfg) -> str:
+        """A digest of what, in a ModalityConfig (preprocessing and encoder) or a
+        MultiModalConfig (fusion and cross-attention), decides the cached values; computed
+        once per config object (configs are replaced, never changed, by enable / disable)."""
+        memo = self._config_keys
+        hit = memo.get(id(cfg))
+        if hit is not None and hit[0] is cfg:
+            return hit[1]
+        from ..cache import digest_bytes
+        if isinstance(cfg, ModalityConfig):
+            fields = {"modality": str(cfg.modality),
+                      "preprocessing": (None if cfg.preprocessing is None
+                                        else cfg.preprocessing.to_dict()),
+                      "encoder": cfg.encoder, "embed_dim": cfg.embed_dim,
+                      "encoder_config": cfg.encoder_config.to_dict(),
+                      "quantization": cfg.quantization, "extra": cfg.extra}
+        else:
+            fields = {"fusion": cfg.fusion.to_dict(), "fused_dim": cfg.fused_dim,
+                      "cross_attention": (None if cfg.cross_attention is None
+                                          else cfg.cross_attention.to_dict())}
+        import json
+        key = "config:" + digest_bytes(json.dumps(fields, sort_keys=True, default=str)
+                                       .encode("utf-8"))
+        if len(memo) > 64:
+            memo.clear()
+        memo[id(cfg)] = (cfg, key)
+        return key
+
     def _fuse_cached(self, config: MultiModalConfig, present, fusion_in, item_keys, B: int):
         """``{"fused": ...}`` through the per-item fusion result cache (late and attention
         fusion: every row is fused on its own). Only the rows not found are fused, with the
@@ -1034,9 +1064,7 @@ class MultiModalModel(Module):
         cache = self._cache
         if not cache.enabled_for(CacheManager.FUSION):
             return None
-        strategy = {"fusion": config.fusion.to_dict(), "fused_dim": config.fused_dim,
-                    "cross_attention": (None if config.cross_attention is None
-                                        else config.cross_attention.to_dict())}
+        strategy = self._config_key(config)
         keys = [CacheManager.fusion_key({m: item_keys[m][i] for m in present},
                                         strategy=strategy, model=self._identity)
                 for i in range(B)]
