@@ -946,3 +946,50 @@ def test_cuda_rejects_mixed_and_bad_inputs(cp):
         masked_max(cp.asarray(x), cp.full((2, 5), 2))
     with pytest.raises(ShapeError, match=r"^\[fuse\] weights\b"):
         fuse(cp.asarray(emb), strategy="weighted", weights=cp.asarray([1.0, cp.nan, 1.0]))
+
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_out_is_written_and_returned(backend):
+    _need_backend(backend)
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    mask = rng.random((3, 5)) < 0.7
+    for op in (masked_mean, masked_max):
+        out = np.full((3, 7), np.nan, np.float32)
+        res = op(x, mask, out=out, backend=backend)
+        assert res is out
+        np.testing.assert_array_equal(out, op(x, mask, backend=backend))
+    emb = rng.standard_normal((3, 4, 7)).astype(np.float32)
+    present = rng.random((3, 4)) < 0.8
+    for strategy, width in (("mean", 7), ("concat", 28), ("max", 7)):
+        out = np.full((3, width), np.nan, np.float32)
+        res = fuse(emb, strategy=strategy, present=present, out=out, backend=backend)
+        assert res is out
+        np.testing.assert_array_equal(out, fuse(emb, strategy=strategy, present=present,
+                                                backend=backend))
+    parts = [emb[:, 0], emb[:, 1, :3]]
+    out = np.empty((3, 10), np.float32)
+    assert fuse(parts, strategy="concat", out=out, backend=backend) is out
+    np.testing.assert_array_equal(out, fuse(parts, strategy="concat", backend=backend))
+    fused, w = fuse(emb, strategy="attention", query=np.ones(7, np.float32),
+                    out=np.empty((3, 7), np.float32), backend=backend)
+    assert fused.shape == (3, 7) and w.shape == (3, 4)
+    empty = np.full((0, 7), np.nan, np.float32)
+    assert masked_mean(np.zeros((0, 5, 7), np.float32), out=empty) is empty
+
+
+def test_bad_out_names_the_argument():
+    x = np.ones((2, 3, 4), np.float32)
+    with pytest.raises(ShapeError, match=r"\[masked_mean\] out has shape"):
+        masked_mean(x, out=np.empty((2, 5), np.float32))
+    with pytest.raises(ShapeError, match=r"\[masked_max\] out has dtype float64"):
+        masked_max(x, out=np.empty((2, 4), np.float64))
+    with pytest.raises(ShapeError, match=r"\[fuse\] out must be C-contiguous"):
+        fuse(x, strategy="mean", out=np.empty((4, 2), np.float32).T)
+    ro = np.empty((2, 4), np.float32)
+    ro.setflags(write=False)
+    with pytest.raises(ShapeError, match=r"\[fuse\] out must be writable"):
+        fuse(x, strategy="sum", out=ro)
+    with pytest.raises(ShapeError, match=r"\[fuse\] out must be an array"):
+        fuse(x, strategy="sum", out=[[0.0] * 4] * 2)

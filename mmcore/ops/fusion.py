@@ -86,6 +86,30 @@ def _bool_mask(op: str, name: str, m, xp, meaning: str):
     return xp.ascontiguousarray(m != 0)
 
 
+def _out_array(op: str, out, shape, xp, name_side: str):
+    """The caller's ``out``: float32, C-contiguous, writable, of ``shape``, on the data's side
+    (``name_side``: "cuda" or host); None: a new array."""
+    if out is None:
+        return xp.empty(shape, xp.float32)
+    if name_side == "cuda":
+        ok_type = _backend.is_cuda_array(out)
+    else:
+        ok_type = isinstance(out, np.ndarray)
+    if not ok_type:
+        raise ShapeError(f"[{op}] out must be an array on the same side as the inputs "
+                         f"({'a CUDA array' if name_side == 'cuda' else 'a NumPy array'}), got "
+                         f"{type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ShapeError(f"[{op}] out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if np.dtype(out.dtype) != np.float32:
+        raise ShapeError(f"[{op}] out has dtype {out.dtype}, expected float32")
+    if not out.flags.c_contiguous:
+        raise ShapeError(f"[{op}] out must be C-contiguous")
+    if name_side != "cuda" and not out.flags.writeable:
+        raise ShapeError(f"[{op}] out must be writable")
+    return out
+
+
 def _native(op: str):
     C = _backend.native_module()
     if not hasattr(C, op):
@@ -107,7 +131,7 @@ def _cuda_fusion(op: str):
 # masked_mean / masked_max
 
 
-def _masked_reduce(op: str, x, mask, backend):
+def _masked_reduce(op: str, x, mask, backend, out=None):
     name = _backend.resolve_backend(op, _dispatch_candidates((x, mask)), backend)
     xp = _xp(op, name)
     a = _array(op, "x", x, xp)
@@ -122,9 +146,11 @@ def _masked_reduce(op: str, x, mask, backend):
             raise ShapeError(f"[{op}] mask has shape {tuple(m.shape)}, expected {(B, L)} = (B, L) "
                              "from x")
         m = _bool_mask(op, "mask", m, xp, "True / 1 = real token")
+    res = _out_array(op, out, (B, D), xp, name)
     if a.size == 0:                     # no rows, no features, or no tokens (all padding)
-        return xp.zeros((B, D), xp.float32)
-    out = xp.empty((B, D), xp.float32)
+        res[...] = 0
+        return res
+    out = res
     if name == "native":
         getattr(_native(op), op)(a, m, out, num_threads=_backend.get_num_threads())
     elif name == "numba":
@@ -135,7 +161,7 @@ def _masked_reduce(op: str, x, mask, backend):
     return out
 
 
-def masked_mean(x, mask=None, *, backend=None):
+def masked_mean(x, mask=None, *, out=None, backend=None):
     """Mean of token embeddings over the real tokens of each row (masked mean pooling).
 
     ``out[b] = sum_l mask[b, l] * x[b, l] / sum_l mask[b, l]``, computed in float32 without ever
@@ -148,6 +174,8 @@ def masked_mean(x, mask=None, *, backend=None):
     mask : array (B, L), optional
         True / 1 = real token, False / 0 = padding: a bool mask or a Hugging Face integer
         ``attention_mask`` holding only 0 and 1. ``None``: every token is real.
+    out : float32 array (B, D), optional, keyword-only
+        Written and returned instead of a new array (C-contiguous, on the inputs' side).
     backend : {"native", "numba", "cuda"}, optional
         Override the backend (see :mod:`mmcore._backend`).
 
@@ -172,10 +200,10 @@ def masked_mean(x, mask=None, *, backend=None):
     array([[1., 2.],
            [0., 0.]], dtype=float32)
     """
-    return _masked_reduce("masked_mean", x, mask, backend)
+    return _masked_reduce("masked_mean", x, mask, backend, out)
 
 
-def masked_max(x, mask=None, *, backend=None):
+def masked_max(x, mask=None, *, out=None, backend=None):
     """Elementwise max of token embeddings over the real tokens of each row (max pooling).
 
     ``out[b, d] = max over l with mask[b, l] of x[b, l, d]``, never reading padding tokens. A
@@ -188,6 +216,8 @@ def masked_max(x, mask=None, *, backend=None):
     mask : array (B, L), optional
         True / 1 = real token, False / 0 = padding: a bool mask or a Hugging Face integer
         ``attention_mask`` holding only 0 and 1. ``None``: every token is real.
+    out : float32 array (B, D), optional, keyword-only
+        Written and returned instead of a new array (C-contiguous, on the inputs' side).
     backend : {"native", "numba", "cuda"}, optional
         Override the backend (see :mod:`mmcore._backend`).
 
@@ -210,7 +240,7 @@ def masked_max(x, mask=None, *, backend=None):
     array([[2., 3.],
            [0., 0.]], dtype=float32)
     """
-    return _masked_reduce("masked_max", x, mask, backend)
+    return _masked_reduce("masked_max", x, mask, backend, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +303,7 @@ def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str):
 
 
 def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return_weights=False,
-         backend=None):
+         out=None, backend=None):
     """Fuse the embeddings of M modalities into one vector per row.
 
     Each strategy runs over the modalities a row has (``present``); absent modalities are never
@@ -315,6 +345,8 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
     return_weights : bool, default False
         With "weighted", also return the renormalized weights. "attention" always returns its
         weights; other strategies have none and reject ``True``.
+    out : float32 array (B, sum D_m) for "concat", else (B, D), optional, keyword-only
+        Written and returned instead of a new array (C-contiguous, on the inputs' side).
     backend : {"native", "numba", "cuda"}, optional
         Override the backend (see :mod:`mmcore._backend`).
 
@@ -398,7 +430,7 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
         pres = xp.ascontiguousarray(xp.broadcast_to(p, (B, M)))
 
     if strategy == "concat" and emb.items is not None:
-        return _concat_sequence(emb, pres, xp)
+        return _concat_sequence(emb, pres, xp, out)
 
     D = emb.widths[0]
     if emb.items is not None:
@@ -422,8 +454,9 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
 
     width = M * D if strategy == "concat" else D
     has_weights = strategy in ("weighted", "attention")
+    out = _out_array(op, out, (B, width), xp, name)
     if B == 0 or D == 0:
-        out = xp.zeros((B, width), xp.float32)
+        out[...] = 0
         w_out = xp.zeros((B, M), xp.float32) if has_weights else None
         return _fuse_results(strategy, out, w_out, return_weights)
 
@@ -434,7 +467,6 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
     else:
         stacked = xp.ascontiguousarray(emb.stacked, dtype=xp.float32)
 
-    out = xp.empty((B, width), xp.float32)
     w_out = xp.empty((B, M), xp.float32) if has_weights else None
     if name == "native":
         _native(op).fuse(stacked, pres, w_arr, q_arr, out, w_out, strategy=strategy,
@@ -453,10 +485,15 @@ def _fuse_results(strategy: str, out, w_out, return_weights: bool):
     return out
 
 
-def _concat_sequence(emb: _Embeddings, pres, xp):
+def _concat_sequence(emb: _Embeddings, pres, xp, out=None):
     """concat of a sequence of (B, D_m) arrays: one concatenation, absent slices zeroed."""
     items = [a.astype(xp.float32, copy=False) for a in emb.items]
-    out = xp.concatenate(items, axis=1)      # always a new C-contiguous array
+    if out is not None:
+        out = _out_array("fuse", out, (emb.B, sum(emb.widths)), xp,
+                         "cuda" if xp is not np else "host")
+        xp.concatenate(items, axis=1, out=out)
+    else:
+        out = xp.concatenate(items, axis=1)      # always a new C-contiguous array
     if pres is not None and emb.B:
         offset = 0
         for m, w in enumerate(emb.widths):
