@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -20,16 +22,22 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_model(model_dir):
+def ray_model(model_dir, tmp_path_factory):
+    # Ray workers take the driver's working directory first on sys.path: not the source tree
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("raycwd"))
     cfg = DistributedConfig(
         backend="ray",
         sharding_strategy=ShardingStrategy.modality_specific({"image": 2, "audio": 1}),
         ray_resources={"image": {"mmcore_vision": 1}}, request_timeout_s=60)
-    model = MultiModalModel.from_pretrained(model_dir, distributed=cfg)
     try:
-        yield model
+        model = MultiModalModel.from_pretrained(model_dir, distributed=cfg)
+        try:
+            yield model
+        finally:
+            model.close()
     finally:
-        model.close()
+        os.chdir(here)
     assert not ray.is_initialized()
 
 
@@ -84,3 +92,14 @@ def test_ray_backend_needs_a_model_directory():
                             sharding_strategy=ShardingStrategy.modality_specific({"text": 1}))
     with pytest.raises(ConfigError, match="model directory"):
         MultiModalLoader(default_model().config).with_distributed(cfg).load()
+
+
+def test_ray_backend_refuses_a_shadowing_source_tree(model_dir, tmp_path, monkeypatch):
+    fake = tmp_path / "mmcore"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = DistributedConfig(backend="ray",
+                            sharding_strategy=ShardingStrategy.modality_specific({"text": 1}))
+    with pytest.raises(ConfigError, match="source tree"):
+        MultiModalModel.from_pretrained(model_dir, distributed=cfg)

@@ -10,6 +10,9 @@ specialisation maps onto a Ray cluster whose nodes advertise those resources (``
 --resources '{"mmcore_vision": 4}'``). When Ray is not running yet, a local instance is started
 that advertises exactly the resources the actors need (and is shut down by :meth:`close`).
 
+Ray puts the driver's working directory first on its workers' ``sys.path``: start the backend
+from a directory that does not hold an mmcore source tree (a ConfigError says so otherwise).
+
 Requests go to the actor of the modality with the fewest outstanding calls; an actor that dies
 or times out is skipped and the call retried on another one, as with socket nodes.
 """
@@ -37,6 +40,20 @@ def _import_ray():
         raise ConfigError("[distributed] backend='ray' needs the ray package: "
                           "pip install 'mmcore[ray]'") from None
     return ray
+
+
+def _check_working_directory() -> None:
+    """Ray puts the driver's working directory first on its workers' ``sys.path``: an mmcore
+    source tree there (without its built extension) would shadow the installed package."""
+    import mmcore
+    here = os.path.join(os.getcwd(), "mmcore")
+    if not os.path.isfile(os.path.join(here, "__init__.py")):
+        return
+    if os.path.realpath(here) == os.path.realpath(os.path.dirname(mmcore.__file__)):
+        return
+    raise ConfigError(f"[RayBackend] the working directory {os.getcwd()!r} holds an mmcore "
+                      "source tree, which Ray would put first on its workers' sys.path instead "
+                      "of the installed package; start the Ray backend from another directory")
 
 
 class _EncoderActorImpl:
@@ -88,6 +105,7 @@ class RayBackend:
         ray = _import_ray()
         self._ray = ray
         self.config = config
+        _check_working_directory()
         resources = {m: dict(config.ray_resources.get(m) or {f"mmcore_{m}": 1.0})
                      for m in config.modalities}
         self._started_ray = False
