@@ -1353,7 +1353,9 @@ class ModalityConfig(ConfigBase):
     quantization : {None, "float16", "bfloat16", "int8"}, default None
         Storage of the encoder weights: None keeps float32; "float16"/"bfloat16" store half
         precision; "int8" is weight-only (per-output-channel scales, activations stay
-        float32). Not for ``encoder="external"`` (a callable mmcore does not own).
+        float32). On disk and, for the matrices of the linear layers and attention
+        projections, in memory too (read in place by :func:`mmcore.ops.linear`); compute is
+        float32. Not for ``encoder="external"`` (a callable mmcore does not own).
     cache : CachePolicy, mapping or None, default None
         This modality's cache entry; None: :attr:`CacheConfig.per_modality` or
         :attr:`CacheConfig.default` decides (see :meth:`MultiModalConfig.cache_policy`).

@@ -270,3 +270,65 @@ def test_layer_norm_layouts_torch_and_errors():
         layer_norm(x, eps=0.0)
     with pytest.raises(ShapeError, match=r"\[layer_norm\] x has dtype int32"):
         layer_norm(np.ones((2, 3), np.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# quantized weights read in place
+
+
+def _quantized(w, kind):
+    from mmcore.model.io import float32_to_bfloat16_bits, quantize_int8
+    from mmcore.ops.linear import QuantizedTensor
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        return QuantizedTensor(q, "int8", scale=s)
+    if kind == "float16":
+        return QuantizedTensor(w.astype(np.float16), "float16")
+    return QuantizedTensor(float32_to_bfloat16_bits(w), "bfloat16")
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 13, 17), (64, 64, 64), (33, 129, 200)])
+def test_quantized_weights_equal_their_dequantized_matrix(kind, M, K, N):
+    x, w, b = _case(np.random.default_rng(M * K + N), (M,), K, N)
+    qw = _quantized(w, kind)
+    deq = np.asarray(qw)
+    assert deq.dtype == np.float32 and deq.shape == (N, K)
+    assert qw.nbytes < w.nbytes or w.size == 1          # int8 scales cost 4 bytes a row
+    # the kernel widens while packing: the same bits as the float32 matrix
+    np.testing.assert_array_equal(linear(x, qw, b), linear(x, deq, b))
+    np.testing.assert_array_equal(linear(x, qw, b, activation="gelu"),
+                                  linear(x, deq, b, activation="gelu"))
+    rows = qw[2:N]                                       # row slices stay quantized
+    assert type(rows) is type(qw) and rows.shape == (max(N - 2, 0), K)
+    if N > 2:
+        np.testing.assert_array_equal(linear(x, rows, b[2:]), linear(x, deq[2:], b[2:]))
+    if "numba" in HOST_BACKENDS:
+        need_backend("numba")
+        np.testing.assert_allclose(linear(x, qw, b, backend="numba"), linear(x, deq, b),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_float16_special_values_widen_exactly():
+    from mmcore.ops.linear import QuantizedTensor
+    bits = np.array([0x0001, 0x03FF, 0x0400, 0x7C00, 0xFC00, 0x8001, 0x3C00, 0x7BFF, 0x0000,
+                     0x7E00], np.uint16)
+    y = linear(np.ones((1, 1), np.float32), QuantizedTensor(bits.reshape(-1, 1), "float16"))
+    np.testing.assert_array_equal(y.ravel(), bits.view(np.float16).astype(np.float32))
+
+
+def test_quantized_tensor_errors():
+    from mmcore.ops.linear import QuantizedTensor
+    with pytest.raises(ShapeError, match="kind must be one of"):
+        QuantizedTensor(np.zeros((2, 2), np.int8), "int4")
+    with pytest.raises(ShapeError, match="needs scale"):
+        QuantizedTensor(np.zeros((2, 2), np.int8), "int8")
+    with pytest.raises(ShapeError, match=r"scale has shape"):
+        QuantizedTensor(np.zeros((2, 2), np.int8), "int8", scale=np.ones(3, np.float32))
+    with pytest.raises(ShapeError, match="uint16 bit patterns"):
+        QuantizedTensor(np.zeros((2, 2), np.float32), "bfloat16")
+    with pytest.raises(ShapeError, match="2 dims"):
+        QuantizedTensor(np.zeros(4, np.uint16), "bfloat16")
+    qw = QuantizedTensor(np.zeros((4, 3), np.uint16), "bfloat16")
+    with pytest.raises(ShapeError, match=r"\[linear\] x has 5 features"):
+        linear(np.ones((2, 5), np.float32), qw)

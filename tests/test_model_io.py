@@ -403,3 +403,42 @@ def test_listed_extra_file_missing(tmp_path):
     (d / "tokenizer.json").unlink()
     with pytest.raises(ModelFormatError, match="tokenizer.json.*missing"):
         load_model_dir(d)
+
+
+@pytest.mark.parametrize("mode,ratio", [("float16", 0.5), ("bfloat16", 0.5), ("int8", 0.27)])
+def test_quantized_models_stay_quantized_in_memory(tmp_path, mode, ratio):
+    from mmcore.model import MultiModalModel, default_model
+    from mmcore.model.model import default_config
+    from mmcore.ops.linear import QuantizedTensor
+    base = default_model(seed=0, cache=False)
+    cfg = default_config()
+    mods = [mc.replace(quantization=mode) for mc in cfg.modalities.values()]
+    q = MultiModalModel(cfg.replace(modalities=mods), seed=0)
+    q.load_state_dict(base.state_dict())
+    q.save(tmp_path / "m")
+    back = MultiModalModel.from_pretrained(tmp_path / "m")
+    held = dict(back.named_parameters())
+    quantized = [k for k, v in held.items() if isinstance(v, QuantizedTensor)]
+    assert quantized and all(k.startswith("encoders.") for k in quantized)
+    assert all(isinstance(held[k], QuantizedTensor) for k in held
+               if k.startswith("encoders.") and k.endswith(("proj.weight", "linear1.weight",
+                                                            "linear2.weight", "in_proj_weight")))
+
+    def enc_bytes(model):
+        return sum(v.nbytes for k, v in model.named_parameters() if k.startswith("encoders."))
+    # linear weights at 2 bytes (1 + scales for int8); embeddings and norms stay float32
+    assert enc_bytes(back) < (ratio + 0.35) * enc_bytes(base)
+    assert back.parameter_nbytes() < base.parameter_nbytes()
+    # the same outputs as the dequantized float32 model, and a float32 state dict
+    sd = back.state_dict()
+    assert all(v.dtype == np.float32 and isinstance(v, np.ndarray) for v in sd.values())
+    deq = MultiModalModel(back.config, seed=0, cache=False)
+    deq.load_state_dict(sd)
+    from mmcore.demo import demo_inputs
+    x = demo_inputs(2, seed=3)
+    np.testing.assert_array_equal(back.infer(x).fused, deq.infer(x).fused)
+    assert back.identity == deq.identity
+    # saving again keeps the format and the values
+    back.save(tmp_path / "again")
+    again = MultiModalModel.from_pretrained(tmp_path / "again")
+    np.testing.assert_array_equal(again.infer(x).fused, back.infer(x).fused)

@@ -370,7 +370,8 @@ void fuse(py::object emb, py::object present, py::object weights, py::object que
   mmcore::fuse_cpu(p);
 }
 
-void linear(py::object x, py::object w, py::object bias, py::object y, int activation, int num_threads) {
+void linear(py::object x, py::object w, py::object bias, py::object y, int activation, int weight_kind,
+            py::object weight_scale, int num_threads) {
   const char* op = "linear";
   if (!py::isinstance<py::array>(x) || !py::isinstance<py::array>(w))
     throw py::type_error("[linear] x and weight must be numpy arrays");
@@ -382,7 +383,18 @@ void linear(py::object x, py::object w, py::object bias, py::object y, int activ
   p.N = wa.shape(0);
   int64_t xs[2], ws[2];
   p.x = checked<float>(op, "x", x, {p.M, p.K}, false, false, xs);
-  p.w = checked<float>(op, "weight", w, {p.N, p.K}, false, false, ws);
+  switch (weight_kind) {
+    case 0: p.w = checked<float>(op, "weight", w, {p.N, p.K}, false, false, ws); break;
+    case 1:
+    case 2: p.w = checked<uint16_t>(op, "weight", w, {p.N, p.K}, false, false, ws); break;
+    case 3:
+      p.w = checked<int8_t>(op, "weight", w, {p.N, p.K}, false, false, ws);
+      p.w_scale = checked<float>(op, "weight_scale", weight_scale, {p.N}, false);
+      if (!p.w_scale) throw py::value_error("[linear] int8 weights need weight_scale");
+      break;
+    default: throw py::value_error("[linear] unknown weight kind");
+  }
+  p.w_kind = static_cast<mmcore::WeightKind>(weight_kind);
   if ((p.K > 1 && (xs[1] != 1 || ws[1] != 1)) || (p.M > 1 && xs[0] < p.K) || (p.N > 1 && ws[0] < p.K))
     throw py::value_error("[linear] x and weight need unit stride along the last axis and non-overlapping rows");
   p.ldx = p.M > 1 ? xs[0] : p.K;
@@ -459,7 +471,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("mask"), py::arg("out"), py::kw_only(), py::arg("num_threads"));
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
-        py::arg("activation") = 0, py::arg("num_threads"));
+        py::arg("activation") = 0, py::arg("weight_kind") = 0, py::arg("weight_scale") = py::none(),
+        py::arg("num_threads"));
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
         py::arg("eps"), py::arg("num_threads"));
   m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"), py::arg("query"), py::arg("out"),

@@ -133,6 +133,47 @@ struct Scratch {
   }
 };
 
+// IEEE binary16 bits -> float (exact: normals, subnormals, zeros, inf, NaN).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400u) == 0);
+    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <class Load>
+void pack(const LinearParams& p, int64_t col0, int64_t ncols, int64_t padded, float* wt, Load load) {
+  for (int64_t k = 0; k < p.K; ++k) {
+    float* dst = wt + k * kCols;
+    for (int64_t j = 0; j < ncols; ++j) dst[j] = load(p.w, (col0 + j) * p.ldw + k);
+    for (int64_t j = ncols; j < padded; ++j) dst[j] = 0.0f;
+  }
+}
+
 void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
   const int64_t ncols = std::min<int64_t>(kCols, p.N - col0);
   const int nvec = static_cast<int>((ncols + kWidth - 1) / kWidth);
@@ -140,11 +181,33 @@ void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
   Scratch& sc = Scratch::get();
   if (sc.wt.size() < static_cast<size_t>(p.K * kCols)) sc.wt.resize(static_cast<size_t>(p.K * kCols));
   float* wt = sc.wt.data();
-  // pack W[col0 : col0 + ncols, :] transposed; padding columns are zero
-  for (int64_t k = 0; k < p.K; ++k) {
-    float* dst = wt + k * kCols;
-    for (int64_t j = 0; j < ncols; ++j) dst[j] = p.w[(col0 + j) * p.ldw + k];
-    for (int64_t j = ncols; j < padded; ++j) dst[j] = 0.0f;
+  // pack W[col0 : col0 + ncols, :] transposed, widened to float32; padding columns are zero
+  switch (p.w_kind) {
+    case WeightKind::f16:
+      pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) {
+        return half_to_float(static_cast<const uint16_t*>(w)[i]);
+      });
+      break;
+    case WeightKind::bf16:
+      pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) {
+        return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
+      });
+      break;
+    case WeightKind::i8: {
+      const float* sc = p.w_scale;
+      for (int64_t k = 0; k < p.K; ++k) {
+        float* dst = wt + k * kCols;
+        const int8_t* q = static_cast<const int8_t*>(p.w);
+        for (int64_t j = 0; j < ncols; ++j)
+          dst[j] = static_cast<float>(q[(col0 + j) * p.ldw + k]) * sc[col0 + j];
+        for (int64_t j = ncols; j < padded; ++j) dst[j] = 0.0f;
+      }
+      break;
+    }
+    default:
+      pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) {
+        return static_cast<const float*>(w)[i];
+      });
   }
   const float* bias = nullptr;
   if (p.bias) {

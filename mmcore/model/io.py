@@ -26,7 +26,12 @@ Quantization (weight-only)
 ``"float16"``, ``"bfloat16"`` or ``"int8"``; the longest matching prefix wins, so a None for a
 longer prefix exempts part of a quantized subtree. Only tensors with two or more dimensions
 (weight matrices, convolution kernels, embedding tables) are quantized; biases, norm scales
-and other 1-D or 0-D tensors always stay float32. Loading dequantizes to float32.
+and other 1-D or 0-D tensors always stay float32. :func:`load_model_dir` dequantizes to float32,
+or, with ``keep_quantized=True`` (what ``MultiModalModel.from_pretrained`` and the loader use),
+returns quantized matrices as :class:`~mmcore.ops.linear.QuantizedTensor`: the weights that
+:func:`mmcore.ops.linear` multiplies by (linear layers, attention projections) then stay
+quantized in memory and are widened inside the kernel, giving the same results as their
+dequantized float32 values; the others are dequantized when loaded.
 
 ============  =====================================  ==============================================
 mode          stored as                              error per element after a round trip
@@ -76,6 +81,7 @@ import numpy as np
 
 from .._version import __version__ as _MMCORE_VERSION
 from ..errors import ConfigError, ModelFormatError, ShapeError
+from ..ops.linear import QuantizedTensor
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "QUANTIZATIONS",
            "save_model_dir", "load_model_dir", "state_nbytes", "dir_nbytes"]
@@ -526,7 +532,7 @@ def _check_metadata(meta: Any, where: str) -> None:
 
 
 def _decode_tensor(key: str, e: Mapping[str, Any], raw: Mapping[str, np.ndarray],
-                   used: set, where: str) -> np.ndarray:
+                   used: set, where: str, keep_quantized: bool = False):
     shape = tuple(e["shape"])
     q = e["quantization"]
 
@@ -545,25 +551,33 @@ def _decode_tensor(key: str, e: Mapping[str, Any], raw: Mapping[str, np.ndarray]
 
     if q is None:
         return np.array(take(key, np.float32, shape), dtype=np.float32, copy=True)
+    keep = keep_quantized and len(shape) == 2
     if q == "float16":
-        return take(key, np.float16, shape).astype(np.float32)
+        h = take(key, np.float16, shape)
+        return QuantizedTensor(h.copy(), "float16") if keep else h.astype(np.float32)
     if q == "bfloat16":
-        return bfloat16_bits_to_float32(take(key, np.uint16, shape)).copy()
+        bits = take(key, np.uint16, shape)
+        return (QuantizedTensor(bits.copy(), "bfloat16") if keep
+                else bfloat16_bits_to_float32(bits).copy())
     qa = take(key + _Q8_SUFFIX, np.int8, shape)
     sc = take(key + _SCALE_SUFFIX, np.float32, (shape[0],))
     if not np.isfinite(sc).all() or (sc < 0).any():
         raise ModelFormatError(f"{where}: tensor {key + _SCALE_SUFFIX!r} holds negative or "
                                "non-finite scales")
+    if keep:
+        return QuantizedTensor(qa.copy(), "int8", scale=sc.copy())
     return dequantize_int8(qa, sc)
 
 
-def load_model_dir(path: PathLike, *, verify: bool = True
+def load_model_dir(path: PathLike, *, verify: bool = True, keep_quantized: bool = False
                    ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
     """Read a model directory: ``(config, state, metadata)``.
 
     ``state`` maps every tensor recorded in ``mmcore.json`` to a float32 array (quantized
-    tensors are dequantized); ``metadata`` is the whole ``mmcore.json`` (``config`` is its
-    ``"config"`` entry).
+    tensors are dequantized; with ``keep_quantized``, quantized 2-D tensors come back as
+    :class:`~mmcore.ops.linear.QuantizedTensor`, which the layers that multiply by them keep
+    as they are); ``metadata`` is the whole ``mmcore.json`` (``config`` is its ``"config"``
+    entry).
 
     With ``verify`` (the default) the SHA-256 of every file listed in ``mmcore.json`` is
     checked; sizes are always checked. Every tensor listed must be present with the recorded
@@ -640,7 +654,7 @@ def load_model_dir(path: PathLike, *, verify: bool = True
     used: set = set()
     state: Dict[str, np.ndarray] = {}
     for key, e in meta["tensors"].items():
-        state[key] = _decode_tensor(key, e, raw, used, weights_path)
+        state[key] = _decode_tensor(key, e, raw, used, weights_path, keep_quantized)
     extra = sorted(set(raw) - used)
     if extra:
         shown = ", ".join(repr(k) for k in extra[:5]) + (" ..." if len(extra) > 5 else "")

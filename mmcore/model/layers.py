@@ -119,6 +119,8 @@ def _causal_mask(lq: int, lk: int) -> np.ndarray:
 class _MultiheadAttention(Module):
     """Shared weights and computation of the attention layers (PyTorch MHA layout)."""
 
+    _QUANTIZABLE = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
     def __init__(self, embed_dim, num_heads, *, kdim=None, vdim=None, bias=True, temperature=1.0,
                  dropout=0.0, rng: RngLike = None):
         super().__init__()

@@ -320,7 +320,8 @@ class MultiModalLoader:
         state: Optional[Dict[str, np.ndarray]] = None
         config = self._config
         if self._weights is not None:
-            cfg_dict, state, meta = load_model_dir(self._weights, verify=self._verify)
+            cfg_dict, state, meta = load_model_dir(self._weights, verify=self._verify,
+                                                   keep_quantized=True)
             if config is None:
                 config = _config_from_dir(cfg_dict, self._weights, meta)
             _check_state_modalities(state, config, self._weights)
@@ -384,7 +385,7 @@ class MultiModalLoader:
             raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} uses encoder="
                               f"{mc.encoder!r}; with_modality_path loads built-in encoder "
                               "weights, or an ONNX encoder for encoder='onnx'")
-        cfg_dict, state, meta = load_model_dir(path, verify=self._verify)
+        cfg_dict, state, meta = load_model_dir(path, verify=self._verify, keep_quantized=True)
         other = _config_from_dir(cfg_dict, path, meta)
         if m not in other.modalities:
             raise ModelFormatError(f"{path}: has no modality {str(m)!r} (it has "

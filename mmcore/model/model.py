@@ -1297,7 +1297,7 @@ class MultiModalModel(Module):
             ``modalities`` names a modality the directory does not have.
         """
         from .io import load_model_dir
-        cfg_dict, state, meta = load_model_dir(path, verify=verify)
+        cfg_dict, state, meta = load_model_dir(path, verify=verify, keep_quantized=True)
         config = _config_from_dir(cfg_dict, path, meta)
         _check_state_modalities(state, config, os.fspath(path))
         keep = None

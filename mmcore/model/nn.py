@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import ConfigError, ModelFormatError, ShapeError
+from ..ops.linear import QuantizedTensor
 from ..ops.linear import layer_norm as _ops_layer_norm
 from ..ops.linear import linear as _ops_linear
 
@@ -187,6 +188,10 @@ class Module:
     12
     """
 
+    #: Parameters that may stay a :class:`~mmcore.ops.linear.QuantizedTensor` when a state
+    #: dict gives them quantized (weights only :func:`mmcore.ops.linear` reads).
+    _QUANTIZABLE: Tuple[str, ...] = ()
+
     def __init__(self):
         self.__dict__["_params"] = {}
         self.__dict__["_modules"] = {}
@@ -235,6 +240,10 @@ class Module:
     def num_parameters(self) -> int:
         """Total number of scalar weights."""
         return sum(int(v.size) for _, v in self.named_parameters())
+
+    def parameter_nbytes(self) -> int:
+        """Bytes the parameters hold in memory (quantized weights count as stored)."""
+        return sum(int(v.nbytes) for _, v in self.named_parameters())
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Copies of every parameter, keyed by dotted name (PyTorch key names and layout)."""
@@ -308,7 +317,18 @@ class Module:
             if name not in sub:
                 raise ModelFormatError(f"[{owner}] state dict is missing key {full!r} "
                                        f"(shape {current.shape})")
-            a = _to_numpy(owner, full, sub[name])
+            value = sub[name]
+            if isinstance(value, QuantizedTensor) and local in module._QUANTIZABLE:
+                if tuple(value.shape) != tuple(current.shape):
+                    raise ModelFormatError(f"[{owner}] state dict entry {full!r} has shape "
+                                           f"{tuple(value.shape)}, expected "
+                                           f"{tuple(current.shape)}")
+                if not np.isfinite(value.dequantize()).all():
+                    raise ModelFormatError(f"[{owner}] state dict entry {full!r} contains NaN "
+                                           "or Inf")
+                staged.append((module, local, value))
+                continue
+            a = _to_numpy(owner, full, value)
             if a.dtype not in _FLOAT_DTYPES:
                 raise ModelFormatError(f"[{owner}] state dict entry {full!r} has dtype {a.dtype}, "
                                        "expected a float dtype")
@@ -403,6 +423,8 @@ class Linear(Module):
     >>> bool(np.array_equal(lin(np.zeros((1, 8), np.float32))[0], lin.bias))
     True
     """
+
+    _QUANTIZABLE = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rng: RngLike = None):
         super().__init__()

@@ -20,7 +20,115 @@ from .. import _backend
 from ..errors import BackendError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES
 
-__all__ = ["linear", "layer_norm", "ACTIVATIONS"]
+__all__ = ["linear", "layer_norm", "ACTIVATIONS", "QuantizedTensor"]
+
+_KINDS = {"float16": 1, "bfloat16": 2, "int8": 3}
+
+
+class QuantizedTensor:
+    """A weight matrix kept in low precision: float16 or bfloat16 bit patterns, or int8 with
+    one float32 scale per row (``w[r] = q[r] * scale[r]``).
+
+    :func:`linear` reads it directly (widening to float32 while it packs the weight), so a
+    model whose encoder weights are stored quantized holds 1/2 (float16, bfloat16) or about
+    1/4 (int8) of the float32 bytes in memory. Everywhere else it behaves as the float32
+    matrix it stands for: ``numpy.asarray`` dequantizes, ``copy()`` returns a float32 copy, and
+    row slices (``w[a:b]``) stay quantized.
+
+    Parameters
+    ----------
+    data : uint16 array (bfloat16 / float16 bits) or float16 array, or int8 array; (rows, cols)
+    kind : {"float16", "bfloat16", "int8"}
+    scale : float32 array (rows,), for "int8" only
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.ops.linear import QuantizedTensor
+    >>> w = QuantizedTensor(np.array([[1, -2]], np.int8), "int8", scale=np.array([0.5], np.float32))
+    >>> np.asarray(w), w.nbytes
+    (array([[ 0.5, -1. ]], dtype=float32), 6)
+    """
+
+    __array_priority__ = 1.0
+
+    def __init__(self, data, kind: str, scale=None):
+        if kind not in _KINDS:
+            raise ShapeError(f"[QuantizedTensor] kind must be one of {sorted(_KINDS)}, got "
+                             f"{kind!r}")
+        data = np.asarray(data)
+        if data.ndim != 2:
+            raise ShapeError(f"[QuantizedTensor] data must have 2 dims (rows, cols), got shape "
+                             f"{data.shape}")
+        if kind == "int8":
+            if data.dtype != np.int8:
+                raise ShapeError(f"[QuantizedTensor] int8 data has dtype {data.dtype}")
+            if scale is None:
+                raise ShapeError("[QuantizedTensor] int8 data needs scale (rows,)")
+            scale = np.ascontiguousarray(scale, dtype=np.float32)
+            if scale.shape != (data.shape[0],):
+                raise ShapeError(f"[QuantizedTensor] scale has shape {scale.shape}, expected "
+                                 f"({data.shape[0]},)")
+        else:
+            if kind == "float16" and data.dtype == np.float16:
+                data = data.view(np.uint16)
+            if data.dtype != np.uint16:
+                raise ShapeError(f"[QuantizedTensor] {kind} data must be uint16 bit patterns, "
+                                 f"got dtype {data.dtype}")
+            if scale is not None:
+                raise ShapeError(f"[QuantizedTensor] scale is for int8 data, not {kind}")
+        self.data = data
+        self.kind = kind
+        self.scale = scale
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def dtype(self):
+        """The dtype it stands for (float32)."""
+        return np.dtype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (data and scales)."""
+        return int(self.data.nbytes + (0 if self.scale is None else self.scale.nbytes))
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix."""
+        if self.kind == "int8":
+            return self.data.astype(np.float32) * self.scale[:, None]
+        if self.kind == "float16":
+            return self.data.view(np.float16).astype(np.float32)
+        return (self.data.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.dequantize()
+        return a if dtype is None else a.astype(dtype)
+
+    def copy(self) -> np.ndarray:
+        return self.dequantize()
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return QuantizedTensor(self.data[key], self.kind,
+                                   None if self.scale is None else self.scale[key])
+        return self.dequantize()[key]
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor({self.kind}, shape={self.shape})"
 
 #: Activations :func:`linear` can apply to its output, and their kernel codes.
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4}
@@ -55,7 +163,8 @@ def _activate_numpy(y: np.ndarray, code: int) -> np.ndarray:
 
 def _rows(a: np.ndarray, K: int) -> np.ndarray:
     """``a`` (R, K) as the kernel takes it: unit stride along K, rows apart by >= K."""
-    if K and (a.strides[1] != 4 or (a.shape[0] > 1 and a.strides[0] < 4 * K)):
+    size = a.itemsize
+    if K and (a.strides[1] != size or (a.shape[0] > 1 and a.strides[0] < size * K)):
         return np.ascontiguousarray(a)
     return a
 
@@ -67,7 +176,9 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
     ----------
     x : array (..., in_features)
         float32 (float16 / float64 are cast); any number of leading axes.
-    weight : array (out_features, in_features)
+    weight : array (out_features, in_features) or QuantizedTensor
+        float32 (float16 / float64 are cast), or a :class:`QuantizedTensor` that the native
+        kernel reads in place (the numba backend dequantizes it first).
     bias : array (out_features,), optional
     activation : {None, "gelu", "gelu_tanh", "quick_gelu", "relu"}, optional, keyword-only
         Applied to the result in the same pass: exact GELU (erf, PyTorch's default), its tanh
@@ -106,7 +217,10 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
         raise BackendError(f"[linear] backend {name!r} is not available for linear (native "
                            "or numba)")
     xa = _float32("x", x)
-    w = _float32("weight", weight)
+    qw = weight if isinstance(weight, QuantizedTensor) else None
+    if qw is not None and name != "native":
+        qw, weight = None, weight.dequantize()
+    w = qw.data if qw is not None else _float32("weight", weight)
     if xa.ndim < 1:
         raise ShapeError("[linear] x must have at least 1 dim (..., in_features)")
     if w.ndim != 2:
@@ -138,7 +252,11 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
         if not hasattr(C, "linear"):
             raise BackendError("[linear] this build of mmcore._C has no linear kernel: rebuild "
                                "mmcore (`pip install .`) or use backend='numba'")
-        C.linear(x2, w, b, out, activation=act, num_threads=_backend.get_num_threads())
+        if qw is not None:
+            C.linear(x2, w, b, out, activation=act, weight_kind=_KINDS[qw.kind],
+                     weight_scale=qw.scale, num_threads=_backend.get_num_threads())
+        else:
+            C.linear(x2, w, b, out, activation=act, num_threads=_backend.get_num_threads())
     else:
         from .._numba.linear import linear_numba
         linear_numba(np.ascontiguousarray(x2), np.ascontiguousarray(w),

@@ -11,11 +11,18 @@ namespace mmcore {
 //   relu        max(y, 0)                                      (NaN stays NaN)
 enum class Activation : int { none = 0, gelu = 1, gelu_tanh = 2, quick_gelu = 3, relu = 4 };
 
+// How W is stored: float32; IEEE float16 or bfloat16 bit patterns (uint16); or int8 with one
+// float32 scale per output row (w[n, k] = q[n, k] * scale[n]). The kernel widens W to float32
+// while packing it, so low-precision weights cost no float32 copy in memory.
+enum class WeightKind : int { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
+
 // x (M, K) with row stride ldx (elements), W (N, K) with row stride ldw (the PyTorch
 // nn.Linear layout), bias (N,) or null, y (M, N) with row stride ldy. K may be 0 (y = bias).
 struct LinearParams {
   const float* x = nullptr;
-  const float* w = nullptr;
+  const void* w = nullptr;
+  WeightKind w_kind = WeightKind::f32;
+  const float* w_scale = nullptr;  // (N,) for WeightKind::i8
   const float* bias = nullptr;
   float* y = nullptr;
   int64_t M = 0, N = 0, K = 0;
