@@ -669,3 +669,57 @@ def test_docstring_examples():
     for mod in (model_pkg, mnn, layers_mod):
         failures, tried = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert tried > 0 and failures == 0, mod.__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# the native pre-norm block (one call) against the step-by-step layers
+
+
+def _steps(layer, x, mask):
+    """The block computed layer by layer in Python (what the native call replaces)."""
+    y = x + layer.self_attn(layer.norm1(x), attention_mask=mask)
+    return y + layer._mlp(layer.norm2(y))
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu", "relu"])
+@pytest.mark.parametrize("d,h,ff,L", [(8, 1, 8, 1), (24, 3, 40, 7), (64, 4, 128, 33),
+                                      (96, 6, 200, 70)])
+def test_native_block_equals_the_steps(act, d, h, ff, L):
+    layer = TransformerEncoderLayer(d, h, ff, activation=act, rng=d + ff)
+    rng = np.random.default_rng(L)
+    norms = {"norm1.weight": rng.uniform(0.5, 1.5, d), "norm2.bias": rng.normal(0, 0.1, d)}
+    layer.load_state_dict({**layer.state_dict(), **{k: v.astype(np.float32)
+                                                    for k, v in norms.items()}})
+    x = _rand(rng, (3, L, d))
+    lengths = [L, max(1, L // 2), 0]
+    for mask in (None, _lengths_mask(lengths, L)):
+        native = layer._native_block(x, mask)
+        assert native is not None
+        np.testing.assert_array_equal(native, _steps(layer, x, mask))
+        np.testing.assert_array_equal(layer(x, attention_mask=mask), native)
+
+
+def test_native_block_with_quantized_weights_and_fallbacks():
+    from mmcore.model.io import quantize_int8
+    from mmcore.ops.linear import QuantizedTensor
+    layer = TransformerEncoderLayer(32, 4, 64, rng=3)
+    sd = layer.state_dict()
+    q, s = quantize_int8(sd["linear1.weight"])
+    sd["linear1.weight"] = QuantizedTensor(q, "int8", scale=s)
+    sd["self_attn.in_proj_weight"] = QuantizedTensor(
+        sd["self_attn.in_proj_weight"].astype(np.float16), "float16")
+    layer.load_state_dict(sd)
+    assert isinstance(layer.linear1.weight, QuantizedTensor)
+    x = _rand(np.random.default_rng(4), (2, 9, 32))
+    keep = _lengths_mask([9, 4], 9)
+    np.testing.assert_array_equal(layer(x, attention_mask=keep), _steps(layer, x, keep))
+    # not right-padded, causal, weights: the step-by-step path (and still the same math)
+    holes = keep.copy()
+    holes[0, 2] = False
+    assert layer._native_block(x, holes) is None
+    np.testing.assert_allclose(layer(x, attention_mask=holes), _steps(layer, x, holes),
+                               atol=1e-6, rtol=0)
+    out, w = layer(x, attention_mask=keep, return_weights=True)
+    np.testing.assert_allclose(out, _steps(layer, x, keep), atol=1e-6, rtol=0)
+    custom = TransformerEncoderLayer(32, 4, 64, rng=3, activation=lambda t: t * 0.5)
+    assert custom._native_block(x, keep) is None

@@ -14,6 +14,7 @@
 
 #include "mmcore/cpu_features.h"
 #include "mmcore/kernels.h"
+#include "mmcore/encoder_layer.h"
 #include "mmcore/parallel.h"
 
 namespace py = pybind11;
@@ -410,6 +411,80 @@ void linear(py::object x, py::object w, py::object bias, py::object y, int activ
   mmcore::linear_cpu(p);
 }
 
+mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, int kind, py::object scale,
+                             int64_t rows, int64_t cols) {
+  mmcore::WeightRef r;
+  int64_t st[2];
+  switch (kind) {
+    case 0: r.data = checked<float>(op, name, w, {rows, cols}, false, false, st); break;
+    case 1:
+    case 2: r.data = checked<uint16_t>(op, name, w, {rows, cols}, false, false, st); break;
+    case 3:
+      r.data = checked<int8_t>(op, name, w, {rows, cols}, false, false, st);
+      r.scale = checked<float>(op, "weight_scale", scale, {rows}, false);
+      if (!r.scale) throw py::value_error(std::string("[") + op + "] int8 " + name + " needs a scale");
+      break;
+    default: throw py::value_error(std::string("[") + op + "] unknown weight kind");
+  }
+  if (!r.data) throw py::value_error(std::string("[") + op + "] " + name + " is required");
+  if ((cols > 1 && st[1] != 1) || (rows > 1 && st[0] < cols))
+    throw py::value_error(std::string("[") + op + "] " + name + " needs unit stride along its last axis");
+  r.kind = static_cast<mmcore::WeightKind>(kind);
+  r.ld = rows > 1 ? st[0] : cols;
+  return r;
+}
+
+// weights: a tuple (w_in, w_out, w1, w2), each (array, kind, scale or None)
+void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t num_heads, py::tuple weights,
+                   py::tuple biases, py::tuple norms, double eps1, double eps2, int activation, double scale,
+                   int num_threads) {
+  const char* op = "encoder_layer";
+  if (!py::isinstance<py::array>(x)) throw py::type_error("[encoder_layer] x must be a numpy array");
+  py::array xa = x.cast<py::array>();
+  if (xa.ndim() != 3) throw py::value_error("[encoder_layer] x must have 3 dims (B, L, E)");
+  mmcore::EncoderLayerParams p;
+  p.B = xa.shape(0);
+  p.L = xa.shape(1);
+  p.E = xa.shape(2);
+  p.H = num_heads;
+  if (p.H < 1 || p.E % p.H) throw py::value_error("[encoder_layer] num_heads must divide E");
+  p.x = checked<float>(op, "x", x, {p.B, p.L, p.E}, false);
+  p.y = checked<float>(op, "out", y, {p.B, p.L, p.E}, true);
+  if (p.x == p.y) throw py::value_error("[encoder_layer] out must not be x");
+  p.key_lengths = checked<int64_t>(op, "key_lengths", key_lengths, {p.B}, false);
+  if (p.key_lengths)
+    for (int64_t b = 0; b < p.B; ++b)
+      if (p.key_lengths[b] < 0 || p.key_lengths[b] > p.L)
+        throw py::value_error("[encoder_layer] key_lengths must lie in [0, L]");
+  if (weights.size() != 4 || biases.size() != 4 || norms.size() != 4)
+    throw py::value_error("[encoder_layer] weights, biases and norms must hold 4 entries");
+  auto wt = [&](int i) { return weights[i].cast<py::tuple>(); };
+  py::array w1a = wt(2)[0].cast<py::array>();
+  p.F = w1a.shape(0);
+  const char* wnames[4] = {"w_in", "w_out", "w1", "w2"};
+  const int64_t rows[4] = {3 * p.E, p.E, p.F, p.E}, cols[4] = {p.E, p.E, p.E, p.F};
+  mmcore::WeightRef* refs[4] = {&p.w_in, &p.w_out, &p.w1, &p.w2};
+  for (int i = 0; i < 4; ++i)
+    *refs[i] = weight_ref(op, wnames[i], wt(i)[0], wt(i)[1].cast<int>(), wt(i)[2], rows[i], cols[i]);
+  const float** bs[4] = {&p.b_in, &p.b_out, &p.b1, &p.b2};
+  const char* bnames[4] = {"b_in", "b_out", "b1", "b2"};
+  for (int i = 0; i < 4; ++i) *bs[i] = checked<float>(op, bnames[i], biases[i], {rows[i]}, false);
+  p.ln1_w = checked<float>(op, "ln1_w", norms[0], {p.E}, false);
+  p.ln1_b = checked<float>(op, "ln1_b", norms[1], {p.E}, false);
+  p.ln2_w = checked<float>(op, "ln2_w", norms[2], {p.E}, false);
+  p.ln2_b = checked<float>(op, "ln2_b", norms[3], {p.E}, false);
+  if ((p.ln1_b && !p.ln1_w) || (p.ln2_b && !p.ln2_w)) throw py::value_error("[encoder_layer] a norm bias needs its weight");
+  if (!(eps1 > 0.0) || !(eps2 > 0.0)) throw py::value_error("[encoder_layer] eps must be > 0");
+  p.eps1 = eps1;
+  p.eps2 = eps2;
+  if (activation < 0 || activation > 4) throw py::value_error("[encoder_layer] unknown activation code");
+  p.activation = static_cast<mmcore::Activation>(activation);
+  p.scale = static_cast<float>(scale);
+  p.num_threads = std::max(num_threads, 1);
+  py::gil_scoped_release release;
+  mmcore::encoder_layer_cpu(p);
+}
+
 void layer_norm(py::object x, py::object weight, py::object bias, py::object y, double eps, int num_threads) {
   const char* op = "layer_norm";
   if (!py::isinstance<py::array>(x)) throw py::type_error("[layer_norm] x must be a numpy array");
@@ -473,6 +548,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
         py::arg("activation") = 0, py::arg("weight_kind") = 0, py::arg("weight_scale") = py::none(),
         py::arg("num_threads"));
+  m.def("encoder_layer", &encoder_layer, py::arg("x"), py::arg("out"), py::arg("key_lengths"),
+        py::kw_only(), py::arg("num_heads"), py::arg("weights"), py::arg("biases"), py::arg("norms"),
+        py::arg("eps1"), py::arg("eps2"), py::arg("activation"), py::arg("scale"), py::arg("num_threads"));
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
         py::arg("eps"), py::arg("num_threads"));
   m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"), py::arg("query"), py::arg("out"),

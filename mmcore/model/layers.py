@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Tuple
 
 import numpy as np
@@ -38,12 +39,22 @@ import numpy as np
 from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..ops import attention
 from ..ops import linear as _ops_linear
+from ..ops.linear import ACTIVATIONS as _ACT_CODES
+from ..ops.linear import _KINDS as _WEIGHT_KINDS
+from ..ops.linear import QuantizedTensor
 from .nn import (_NO_INIT, LayerNorm, Linear, Module, RngLike, _check_positive, _check_prob,
                  _state_entry, _to_numpy, as_float_input, as_generator, check_features,
                  fused_activation, get_activation, linear, xavier_uniform)
 
 __all__ = ["CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
            "padding_mask_to_attention"]
+
+
+def _weight_ref(w):
+    """``(array, kind code, scale)`` of a weight for the native encoder block."""
+    if isinstance(w, QuantizedTensor):
+        return (w.data, _WEIGHT_KINDS[w.kind], w.scale)
+    return (np.ascontiguousarray(w, dtype=np.float32), 0, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,6 +675,40 @@ class TransformerEncoderLayer(Module):
                   **kwargs)
         return mod.load_state_dict(sd, strict=strict)
 
+    def _native_block(self, x: np.ndarray, attention_mask) -> Optional[np.ndarray]:
+        """The whole pre-norm block in one native call (the same kernels as the step-by-step
+        path, so the same results), or None when it does not apply: another backend, an
+        activation the kernel does not fuse, or a padding mask that is not right-padded."""
+        from .. import _backend
+        act = fused_activation(self._act)
+        attn = self.self_attn
+        if act is None or not attn.packed:
+            return None
+        C = _backend.native_module()
+        if not hasattr(C, "encoder_layer") or _backend.resolve_backend(
+                "encoder_layer", (x,), None) != "native":
+            return None
+        B, L = x.shape[0], x.shape[1]
+        key_lengths, keep = padding_mask_to_attention(attention_mask, B, L,
+                                                      owner=type(self).__name__,
+                                                      name="attention_mask")
+        if keep is not None:
+            return None
+        if key_lengths is not None:
+            key_lengths = np.ascontiguousarray(key_lengths, dtype=np.int64)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        weights = tuple(_weight_ref(w) for w in (attn.in_proj_weight, attn.out_proj.weight,
+                                                  self.linear1.weight, self.linear2.weight))
+        biases = (attn.in_proj_bias, attn.out_proj.bias, self.linear1.bias, self.linear2.bias)
+        norms = (self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias)
+        scale = (1.0 / math.sqrt(attn.head_dim)) / attn.temperature
+        C.encoder_layer(x, out, key_lengths, num_heads=attn.num_heads, weights=weights,
+                        biases=biases, norms=norms, eps1=float(self.norm1.eps),
+                        eps2=float(self.norm2.eps), activation=_ACT_CODES[act], scale=scale,
+                        num_threads=_backend.get_num_threads())
+        return out
+
     def _mlp(self, x: np.ndarray) -> np.ndarray:
         fused = fused_activation(self._act)
         if fused is not None:           # the activation runs inside the first product
@@ -695,6 +740,10 @@ class TransformerEncoderLayer(Module):
         owner = type(self).__name__
         x = as_float_input(owner, "x", x, ndim=3, dims="(B, L, d_model)", last=self.d_model,
                            last_name="d_model")
+        if self.norm_first and not (is_causal or return_weights or attn_bias is not None):
+            y = self._native_block(x, attention_mask)
+            if y is not None:
+                return y
         kw = dict(attention_mask=attention_mask, is_causal=is_causal, attn_bias=attn_bias,
                   return_weights=return_weights, average_weights=average_weights)
         if self.norm_first:
