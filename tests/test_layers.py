@@ -723,3 +723,15 @@ def test_native_block_with_quantized_weights_and_fallbacks():
     np.testing.assert_allclose(out, _steps(layer, x, keep), atol=1e-6, rtol=0)
     custom = TransformerEncoderLayer(32, 4, 64, rng=3, activation=lambda t: t * 0.5)
     assert custom._native_block(x, keep) is None
+
+
+def test_native_block_follows_new_weights():
+    layer = TransformerEncoderLayer(16, 2, 32, rng=5)
+    x = _rand(np.random.default_rng(6), (2, 5, 16))
+    before = layer(x)
+    sd = layer.state_dict()
+    sd["linear2.weight"] = sd["linear2.weight"] * np.float32(2.0)
+    layer.load_state_dict(sd)
+    after = layer(x)
+    assert not np.array_equal(before, after)
+    np.testing.assert_array_equal(after, _steps(layer, x, None))

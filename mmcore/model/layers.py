@@ -680,13 +680,28 @@ class TransformerEncoderLayer(Module):
         path, so the same results), or None when it does not apply: another backend, an
         activation the kernel does not fuse, or a padding mask that is not right-padded."""
         from .. import _backend
-        act = fused_activation(self._act)
-        attn = self.self_attn
-        if act is None or not attn.packed:
-            return None
-        C = _backend.native_module()
-        if not hasattr(C, "encoder_layer") or _backend.resolve_backend(
-                "encoder_layer", (x,), None) != "native":
+        args = self.__dict__.get("_native_args")
+        if args is None:
+            act = fused_activation(self._act)
+            attn = self.self_attn
+            C = _backend.native_module()
+            if act is None or not attn.packed or not hasattr(C, "encoder_layer"):
+                args = False
+            else:
+                args = dict(
+                    num_heads=attn.num_heads,
+                    weights=tuple(_weight_ref(w) for w in (
+                        attn.in_proj_weight, attn.out_proj.weight, self.linear1.weight,
+                        self.linear2.weight)),
+                    biases=(attn.in_proj_bias, attn.out_proj.bias, self.linear1.bias,
+                            self.linear2.bias),
+                    norms=(self.norm1.weight, self.norm1.bias, self.norm2.weight,
+                           self.norm2.bias),
+                    eps1=float(self.norm1.eps), eps2=float(self.norm2.eps),
+                    activation=_ACT_CODES[act],
+                    scale=(1.0 / math.sqrt(attn.head_dim)) / attn.temperature)
+            self.__dict__["_native_args"] = args
+        if args is False or _backend.resolve_backend("encoder_layer", (x,), None) != "native":
             return None
         B, L = x.shape[0], x.shape[1]
         key_lengths, keep = padding_mask_to_attention(attention_mask, B, L,
@@ -698,16 +713,13 @@ class TransformerEncoderLayer(Module):
             key_lengths = np.ascontiguousarray(key_lengths, dtype=np.int64)
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
-        weights = tuple(_weight_ref(w) for w in (attn.in_proj_weight, attn.out_proj.weight,
-                                                  self.linear1.weight, self.linear2.weight))
-        biases = (attn.in_proj_bias, attn.out_proj.bias, self.linear1.bias, self.linear2.bias)
-        norms = (self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias)
-        scale = (1.0 / math.sqrt(attn.head_dim)) / attn.temperature
-        C.encoder_layer(x, out, key_lengths, num_heads=attn.num_heads, weights=weights,
-                        biases=biases, norms=norms, eps1=float(self.norm1.eps),
-                        eps2=float(self.norm2.eps), activation=_ACT_CODES[act], scale=scale,
-                        num_threads=_backend.get_num_threads())
+        _backend.native_module().encoder_layer(x, out, key_lengths, **args,
+                                               num_threads=_backend.get_num_threads())
         return out
+
+    def _after_load(self) -> None:
+        self.__dict__.pop("_native_args", None)      # the weights changed: rebuild the call
+        super()._after_load()
 
     def _mlp(self, x: np.ndarray) -> np.ndarray:
         fused = fused_activation(self._act)
