@@ -736,3 +736,28 @@ def test_stale_pooled_connection_is_replaced_not_a_node_failure(model_dir, local
             second = coord.encode("text", req, [])
             assert client.healthy
             np.testing.assert_array_equal(first[2], second[2])
+
+
+def test_drain_serves_a_request_still_arriving(model_dir):
+    """A request whose frame began to arrive before the drain is served, not dropped."""
+    from mmcore.distributed.payload import pack_input
+    from mmcore.distributed.protocol import MsgType, encode_frame, recv_frame
+    img = RNG.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    desc, arrays = pack_input("image", img)
+    data = b"".join(bytes(b) for b in encode_frame(
+        MsgType.ENCODE, {"id": "slow", "modality": "image", "input": desc}, arrays))
+    with serving(model_dir, ["image"]) as node:
+        sock = _authenticated(node)
+        try:
+            sock.settimeout(20)
+            sock.sendall(data[:64])                       # header and part of the rest
+            _deadline_wait(lambda: node._in_flight == 1, 10, "the request to count")
+            node.stop()
+            time.sleep(0.3)                               # the drain is waiting for it
+            sock.sendall(data[64:])
+            frame = recv_frame(sock)
+        finally:
+            sock.close()
+    assert frame.type == MsgType.RESULT and frame.header["id"] == "slow"
+    ref = default_model().encode_modality("image", img)
+    np.testing.assert_allclose(frame.arrays[2], ref[2], atol=ATOL)

@@ -156,7 +156,7 @@ def test_limits_are_checked_on_the_fixed_header():
     ({"arrays": [{"dtype": "<f4", "shape": [1], "offset": "0"}]}, b"\0" * 8, "offset"),
     ({"arrays": [{"dtype": "<f4", "shape": [3], "offset": 0}]}, b"\0" * 8, "runs past"),
     ({"arrays": [{"dtype": "<f4", "shape": [1 << 40, 1 << 40], "offset": 0}]}, b"\0" * 8,
-     "runs past"),
+     "exceeds the frame limit"),
     ({"arrays": [{"dtype": "<f4", "shape": [0], "offset": 128}]}, b"\0" * 8, "runs past"),
     ({"arrays": [{"dtype": "<f4", "shape": [32], "offset": 0},
                  {"dtype": "<f4", "shape": [1], "offset": 64}]}, b"\0" * 192, "offset"),
@@ -651,3 +651,12 @@ def test_payload_keeps_0d_arrays_and_refuses_paths_as_text():
     assert value.shape == () and float(value) == 3.5 and mask.shape == ()
     with pytest.raises(ShapeError, match="text input must be str or bytes"):
         pack_input("text", pathlib.Path("caption.txt"))
+
+
+def test_empty_array_with_huge_dims_is_refused():
+    from mmcore.distributed.protocol import HEADER, MAGIC, VERSION, MsgType, decode_frame
+    js = json.dumps({"arrays": [{"dtype": "<f2", "shape": [0, 423036, 3300610, 3302845],
+                                 "offset": 0}]}).encode()
+    data = HEADER.pack(MAGIC, VERSION, int(MsgType.RESULT), 0, len(js), 0) + js
+    with pytest.raises(ProtocolError, match="exceeds the frame limit"):
+        decode_frame(data)

@@ -211,14 +211,28 @@ class NodeServer:
                 return
             conn.settimeout(self._idle_timeout)
             while True:
+                # an ENCODE request is in flight from its header on: a drain waits for it
+                counted = []
+
+                def started(mtype):
+                    if mtype == MsgType.ENCODE:
+                        with self._lock:
+                            self._in_flight += 1
+                        counted.append(self._stopping.is_set())
                 try:
-                    frame = recv_frame(conn, limits=self._limits)
-                except ConnectionClosed as exc:
-                    if not exc.at_boundary:         # a truncated frame
-                        log.warning("closing %s: %s", peer, exc)
-                    return
-                if not self._handle(conn, frame):
-                    return
+                    try:
+                        frame = recv_frame(conn, limits=self._limits, on_header=started)
+                    except ConnectionClosed as exc:
+                        if not exc.at_boundary:         # a truncated frame
+                            log.warning("closing %s: %s", peer, exc)
+                        return
+                    if not self._handle(conn, frame, late=bool(counted and counted[0])):
+                        return
+                finally:
+                    if counted:
+                        with self._idle:
+                            self._in_flight -= 1
+                            self._idle.notify_all()
         except ProtocolError as exc:
             log.warning("closing %s: %s", peer, exc)
         except socket.timeout:
@@ -241,8 +255,9 @@ class NodeServer:
                 "hardware": self._hardware, "pid": os.getpid(), "version": __version__,
                 "draining": self._stopping.is_set()}
 
-    def _handle(self, conn: socket.socket, frame) -> bool:
-        """Answer one frame; False closes the connection."""
+    def _handle(self, conn: socket.socket, frame, late: bool = False) -> bool:
+        """Answer one frame (``late``: it began to arrive after the drain started, so it is
+        refused with a Draining error); False closes the connection."""
         rid = frame.header.get("id")
         if not isinstance(rid, (str, int, type(None))):
             raise ProtocolError("[node] request id must be a string or an integer")
@@ -251,12 +266,10 @@ class NodeServer:
             return True
         if frame.type != MsgType.ENCODE:
             raise ProtocolError(f"[node] unexpected {frame.type.name} frame")
-        if self._stopping.is_set():
+        if late:
             send_frame(conn, MsgType.ERROR, {"id": rid, "error": "Draining",
                                              "message": "[node] the node is shutting down"})
             return False
-        with self._lock:
-            self._in_flight += 1
         tmpdir = None
         try:
             try:
@@ -298,9 +311,6 @@ class NodeServer:
         finally:
             if tmpdir is not None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
 
 
 def run_node(model_dir: Any, modalities: Iterable[Any], *, host: str = "127.0.0.1",

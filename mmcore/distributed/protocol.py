@@ -40,7 +40,7 @@ import math
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -218,6 +218,9 @@ def _check_arrays(hdr: Dict[str, Any], plen: int, limits: FrameLimits) -> List[t
         dt = np.dtype(dts)
         count = math.prod(shape)
         nbytes = count * dt.itemsize
+        if math.prod(max(n, 1) for n in shape) * dt.itemsize > limits.max_frame_bytes:
+            # (also for empty arrays: NumPy refuses shapes whose other dims overflow)
+            raise ProtocolError(f"[protocol] arrays[{i}] shape {shape} exceeds the frame limit")
         if off + nbytes > plen:
             raise ProtocolError(f"[protocol] arrays[{i}] ({nbytes} bytes at {off}) runs past "
                                 f"the payload of {plen} bytes")
@@ -268,8 +271,13 @@ def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
         got += k
 
 
-def recv_frame(sock: socket.socket, *, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
+def recv_frame(sock: socket.socket, *, limits: FrameLimits = DEFAULT_LIMITS,
+               on_header: Optional[Callable[[MsgType], None]] = None) -> Frame:
     """Read one frame from a socket (the socket's timeout applies to every read).
+
+    ``on_header(type)``, if given, is called once the fixed header has arrived and been
+    checked, before the rest of the frame is read (a server counts the request as in flight
+    from there).
 
     Raises
     ------
@@ -283,6 +291,8 @@ def recv_frame(sock: socket.socket, *, limits: FrameLimits = DEFAULT_LIMITS) -> 
     head = bytearray(HEADER.size)
     _recv_exact(sock, memoryview(head), "header")
     mtype, flags, jlen, plen = _parse_fixed(bytes(head), limits)
+    if on_header is not None:
+        on_header(mtype)
     js = bytearray(jlen)
     _recv_exact(sock, memoryview(js), "JSON header")
     hdr = _parse_json(bytes(js))
