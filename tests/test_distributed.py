@@ -285,7 +285,7 @@ def test_node_binds_loopback_and_reports_health(text_node):
         assert frame.header["modalities"] == ["text"]
         assert frame.header["hardware"]["class"] in ("cpu", "gpu")
         assert frame.header["draining"] is False
-        assert client.info["modalities"] == ["text"]       # sent with the challenge
+        assert client.info["modalities"] == ["text"]       # sent once the token is proved
     finally:
         client.close()
 
@@ -761,3 +761,47 @@ def test_drain_serves_a_request_still_arriving(model_dir):
     assert frame.type == MsgType.RESULT and frame.header["id"] == "slow"
     ref = default_model().encode_modality("image", img)
     np.testing.assert_allclose(frame.arrays[2], ref[2], atol=ATOL)
+
+
+class _FakeRemote:
+    """A remote encoder whose future gives a fixed result."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def submit(self, value, *, is_raw=True, attention_mask=None):
+        fut = concurrent.futures.Future()
+        fut.set_result(self.result)
+        return fut
+
+
+def test_required_modality_dropped_and_bad_remote_results_raise():
+    from mmcore.errors import NodeUnavailableError, ShapeError
+    from mmcore.model.model import default_config
+    cfg = default_config()
+    mods = [mc.replace(required=True) if str(m) == "text" else mc
+            for m, mc in cfg.modalities.items()]
+    model = MultiModalModel(cfg.replace(modalities=mods), seed=0)
+    img = RNG.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    model.set_remote_encoders({"text": _FakeRemote(None)})
+    with pytest.raises(NodeUnavailableError, match="'text' is required"):
+        model.infer({"text": ["a"], "image": img})
+    bad = (np.zeros((1, 4, 32), np.float32), np.ones((1, 4), bool), np.zeros((1, 32), np.float32))
+    model.set_remote_encoders({"text": _FakeRemote(bad)})            # embed_dim is 64
+    with pytest.raises(ShapeError, match="same model"):
+        model.infer({"text": ["a"], "image": img})
+    good = (np.zeros((1, 4, 64), np.float32), np.ones((1, 4), bool), np.zeros((1, 64), np.float32))
+    model.set_remote_encoders({"text": _FakeRemote(good)})
+    assert model.infer({"text": ["a"], "image": img}).fused.shape == (1, 64)
+
+
+def test_local_cluster_relative_model_dir(model_dir, tmp_path, monkeypatch):
+    import shutil as _sh
+    _sh.copytree(model_dir, tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    with LocalCluster("m", {"text": 1}, threads_per_node=1) as cluster:
+        assert cluster.model_dir == str(tmp_path / "m")
+        tmp = cluster._tmp
+    assert not os.path.exists(tmp)
+    with pytest.raises(Exception):
+        LocalCluster("missing", {"text": 1}, threads_per_node=1, start_timeout_s=60)

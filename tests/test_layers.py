@@ -735,3 +735,18 @@ def test_native_block_follows_new_weights():
     after = layer(x)
     assert not np.array_equal(before, after)
     np.testing.assert_array_equal(after, _steps(layer, x, None))
+
+
+def test_native_block_follows_changes_below_it():
+    layer = TransformerEncoderLayer(16, 2, 24, rng=7)
+    x = _rand(np.random.default_rng(8), (2, 5, 16))
+    layer(x)                                                  # builds the native call
+    sd = layer.linear1.state_dict()
+    sd["weight"] = sd["weight"] * np.float32(3.0)
+    layer.linear1.load_state_dict(sd)                         # a child, not the layer
+    np.testing.assert_array_equal(layer(x), _steps(layer, x, None))
+    layer.add_module("linear2", Linear(24, 16, rng=9))
+    np.testing.assert_array_equal(layer(x), _steps(layer, x, None))
+    layer.norm1.eps = 1e-2
+    layer.self_attn.temperature = 2.0
+    np.testing.assert_array_equal(layer(x), _steps(layer, x, None))

@@ -83,7 +83,7 @@ def server_handshake(sock: socket.socket, token: bytes, *, info: Optional[dict] 
     """Authenticate a client on ``sock`` (node side). True when it proved the token; False
     after sending AUTH_FAIL. ProtocolError / OSError on a broken handshake."""
     nonce = os.urandom(_NONCE)
-    send_frame(sock, MsgType.CHALLENGE, {"nonce": nonce.hex(), "node": info or {}})
+    send_frame(sock, MsgType.CHALLENGE, {"nonce": nonce.hex()})
     frame = recv_frame(sock, limits=_HANDSHAKE_LIMITS)
     if frame.type != MsgType.AUTH:
         raise ProtocolError(f"[auth] expected AUTH, got {frame.type.name}")
@@ -92,8 +92,9 @@ def server_handshake(sock: socket.socket, token: bytes, *, info: Optional[dict] 
     if not hmac.compare_digest(mac, _mac(token, b"mmcore-client", nonce, client_nonce)):
         send_frame(sock, MsgType.AUTH_FAIL, {"reason": "wrong cluster token"})
         return False
+    # the node's info (modalities, load, hardware) only goes to a client that proved the token
     send_frame(sock, MsgType.AUTH_OK, {"mac": _mac(token, b"mmcore-node", client_nonce,
-                                                   nonce).hex()})
+                                                   nonce).hex(), "node": info or {}})
     return True
 
 
@@ -123,7 +124,7 @@ def client_handshake(sock: socket.socket, token: bytes) -> dict:
     if not hmac.compare_digest(_hex_field(reply.header, "mac", 32),
                                _mac(token, b"mmcore-node", mine, nonce)):
         raise AuthError("[auth] the node could not prove it knows the cluster token")
-    node = frame.header.get("node")
+    node = reply.header.get("node")
     return node if isinstance(node, dict) else {}
 
 

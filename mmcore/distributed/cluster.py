@@ -17,6 +17,7 @@ import collections
 import os
 import queue
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,7 +76,7 @@ class LocalCluster:
                 raise ConfigError(f"[LocalCluster] counts[{str(m)!r}] must be an integer >= 1, "
                                   f"got {n!r}")
             self._counts[m] = n
-        self.model_dir = os.fspath(model_dir)
+        self.model_dir = os.path.abspath(os.fspath(model_dir))
         self.host = host
         self._tmp = tempfile.mkdtemp(prefix="mmcore-cluster-")
         self.token = token if token is not None else secrets.token_hex(32)
@@ -93,7 +94,11 @@ class LocalCluster:
         self.addresses: Dict[str, List[str]] = {}
         #: the last lines each node printed, by process id
         self.output: Dict[int, Any] = {}
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def _spawn(self, m: Modality) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "mmcore", "node", "--model", self.model_dir,
@@ -198,11 +203,7 @@ class LocalCluster:
 
     def close(self) -> None:
         self.stop()
-        try:
-            os.unlink(self.token_file)
-            os.rmdir(self._tmp)
-        except OSError:
-            pass
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
         self.start()

@@ -99,7 +99,8 @@ class NodeServer:
     limits : FrameLimits, optional, keyword-only
         Bounds on request frames.
     max_connections : int, default 64, keyword-only
-        Connections served at once; more are closed at once.
+        Connections served at once, at most 16 of them still authenticating (their node info
+        is sent only after the token is proved); more are closed at once.
     idle_timeout_s : float, default 600, keyword-only
         A connection silent for this long is closed.
     handshake_timeout_s : float, default 10, keyword-only
@@ -135,6 +136,8 @@ class NodeServer:
         self._served = 0
         self._failed = 0
         self._conns: Dict[int, socket.socket] = {}
+        self._handshaking = 0
+        self._max_handshakes = max(1, min(16, self._max_connections))
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._tmp_root = tempfile.mkdtemp(prefix="mmcore-node-")
@@ -157,11 +160,16 @@ class NodeServer:
                     if self._stopping.is_set():
                         break
                     raise
-                with self._lock:
+                with self._lock:      # counted here, so a burst cannot pass the limits
                     full = len(self._conns) >= self._max_connections
-                if full:
-                    log.warning("refusing %s: %d connections already", peer,
-                                self._max_connections)
+                    busy = self._handshaking >= self._max_handshakes
+                    if not (full or busy):
+                        self._conns[id(conn)] = conn
+                        self._handshaking += 1
+                if full or busy:
+                    log.warning("refusing %s: %s", peer,
+                                f"{self._max_connections} connections already" if full else
+                                f"{self._max_handshakes} handshakes in progress")
                     conn.close()
                     continue
                 threading.Thread(target=self._serve_conn, args=(conn, peer), daemon=True,
@@ -199,6 +207,7 @@ class NodeServer:
 
     def _serve_conn(self, conn: socket.socket, peer) -> None:
         key = id(conn)
+        handshaking = True
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self._handshake_timeout)
@@ -206,7 +215,11 @@ class NodeServer:
                 conn = self._ssl.wrap_socket(conn, server_side=True)
             with self._lock:
                 self._conns[key] = conn
-            if not server_handshake(conn, self._token, info=self._info()):
+            ok = server_handshake(conn, self._token, info=self._info())
+            with self._lock:
+                self._handshaking -= 1
+            handshaking = False
+            if not ok:
                 log.warning("closing %s: wrong cluster token", peer)
                 return
             conn.settimeout(self._idle_timeout)
@@ -242,6 +255,8 @@ class NodeServer:
         finally:
             with self._lock:
                 self._conns.pop(key, None)
+                if handshaking:
+                    self._handshaking -= 1
             try:
                 conn.close()
             except OSError:  # pragma: no cover

@@ -680,10 +680,21 @@ class TransformerEncoderLayer(Module):
         path, so the same results), or None when it does not apply: another backend, an
         activation the kernel does not fuse, or a padding mask that is not right-padded."""
         from .. import _backend
-        args = self.__dict__.get("_native_args")
+        attn = self.self_attn
+        # the call's arguments are kept while the objects they come from are the same ones
+        sig = (attn, attn.out_proj, self.linear1, self.linear2, self.norm1, self.norm2,
+               attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+               self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+               self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
+               self._act)
+        scalars = (self.norm1.eps, self.norm2.eps, attn.temperature, attn.num_heads)
+        cached = self.__dict__.get("_native_args")
+        args = None
+        if (cached is not None and cached[1] == scalars
+                and all(a is b for a, b in zip(cached[0], sig))):
+            args = cached[2]
         if args is None:
             act = fused_activation(self._act)
-            attn = self.self_attn
             C = _backend.native_module()
             if act is None or not attn.packed or not hasattr(C, "encoder_layer"):
                 args = False
@@ -700,7 +711,7 @@ class TransformerEncoderLayer(Module):
                     eps1=float(self.norm1.eps), eps2=float(self.norm2.eps),
                     activation=_ACT_CODES[act],
                     scale=(1.0 / math.sqrt(attn.head_dim)) / attn.temperature)
-            self.__dict__["_native_args"] = args
+            self.__dict__["_native_args"] = (sig, scalars, args)
         if args is False or _backend.resolve_backend("encoder_layer", (x,), None) != "native":
             return None
         B, L = x.shape[0], x.shape[1]
@@ -716,10 +727,6 @@ class TransformerEncoderLayer(Module):
         _backend.native_module().encoder_layer(x, out, key_lengths, **args,
                                                num_threads=_backend.get_num_threads())
         return out
-
-    def _after_load(self) -> None:
-        self.__dict__.pop("_native_args", None)      # the weights changed: rebuild the call
-        super()._after_load()
 
     def _mlp(self, x: np.ndarray) -> np.ndarray:
         fused = fused_activation(self._act)

@@ -465,6 +465,30 @@ def _real_length(row: np.ndarray) -> Optional[int]:
     return n
 
 
+def _check_remote_result(owner: str, m: Modality, mc: ModalityConfig, res) -> tuple:
+    """``(tokens, mask, pooled)`` from a remote encoder, checked against the modality's config
+    (a node serving another model, or a broken one, must not reach the fusion)."""
+    try:
+        tokens, mask, pooled = res
+        tokens = np.asarray(tokens)
+        mask = np.asarray(mask)
+        pooled = np.asarray(pooled)
+    except (TypeError, ValueError):
+        raise ShapeError(f"[{owner}] the remote encoder of modality {str(m)!r} did not return "
+                         "(tokens, mask, pooled)") from None
+    D = mc.embed_dim
+    ok = (tokens.ndim == 3 and tokens.shape[2] == D and mask.shape == tokens.shape[:2]
+          and pooled.shape == (tokens.shape[0], D) and tokens.dtype.kind == "f"
+          and pooled.dtype.kind == "f" and mask.dtype.kind in "biu")
+    if not ok:
+        raise ShapeError(f"[{owner}] the remote encoder of modality {str(m)!r} returned tokens "
+                         f"{tokens.shape} {tokens.dtype}, mask {mask.shape} {mask.dtype}, pooled "
+                         f"{pooled.shape} {pooled.dtype}; expected (B, L, {D}), (B, L), "
+                         f"(B, {D}) (does the node serve the same model?)")
+    return (tokens.astype(np.float32, copy=False), mask.astype(np.bool_, copy=False),
+            pooled.astype(np.float32, copy=False))
+
+
 def _check_batch(owner: str, m: Modality, b: int, B: Optional[int]) -> int:
     """The request's batch size after modality ``m`` (ShapeError when they disagree)."""
     if B is not None and b != B:
@@ -1164,7 +1188,12 @@ class MultiModalModel(Module):
             res = fut.result()
             timings[f"remote:{m}"] = time.perf_counter() - t0
             if res is None:                 # the modality was dropped (no node left)
+                if mods[m].required:
+                    from ..errors import NodeUnavailableError
+                    raise NodeUnavailableError(f"[{owner}] modality {str(m)!r} is required, but "
+                                               "no node could encode it")
                 continue
+            res = _check_remote_result(owner, m, mods[m], res)
             B = _check_batch(owner, m, int(res[0].shape[0]), B)
             done[m] = res
         present = [m for m in present if m in done or m in staged]
