@@ -59,7 +59,7 @@ import struct
 import threading
 import time
 import types
-from typing import Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
 
 import numpy as np
 

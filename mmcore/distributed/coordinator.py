@@ -22,9 +22,8 @@ import concurrent.futures
 import logging
 import socket
 import threading
-import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 

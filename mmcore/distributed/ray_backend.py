@@ -59,11 +59,8 @@ def _check_working_directory() -> None:
 class _EncoderActorImpl:
     """The body of a Ray actor serving one modality (wrapped by ``ray.remote`` lazily)."""
 
-    def __init__(self, model_dir: str, modality: str, threads: int = 0):
-        from .. import set_num_threads
+    def __init__(self, model_dir: str, modality: str):
         from ..model import MultiModalModel
-        if threads:
-            set_num_threads(threads)
         self.modality = Modality(modality)
         self.model = MultiModalModel.from_pretrained(model_dir, modalities=[self.modality])
 

@@ -38,7 +38,7 @@ Examples
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -47,7 +47,7 @@ from ..modality import Modality
 from ..ops import masked_max, masked_mean, patchify
 from .layers import TransformerEncoderLayer
 from .nn import (_NO_INIT, LayerNorm, Linear, Module, RngLike, as_float_input, as_generator,
-                 check_features, linear)
+                 check_features)
 
 __all__ = ["ModuleList", "TokenEmbedder", "PatchEmbedder", "MelFrameEmbedder", "VideoEmbedder",
            "FeatureEmbedder", "TransformerEncoder", "ModalityEncoder"]

@@ -18,9 +18,9 @@ Weights are resolved in this order, later sources replacing earlier ones:
 Modalities given an encoder with :meth:`~MultiModalLoader.with_encoder` use it instead of a
 built-in one; tensors of such a modality in a model directory are ignored.
 
-Distributed encoders (:meth:`~MultiModalLoader.with_distributed`) come in a later release:
-the configuration is accepted and kept, and :meth:`~MultiModalLoader.load` raises
-:class:`DistributedUnavailableError` while :mod:`mmcore.distributed` is not installed.
+With :meth:`~MultiModalLoader.with_distributed`, :meth:`~MultiModalLoader.load` attaches the
+model to :mod:`mmcore.distributed` (shard nodes or Ray actors encode the modalities the
+config names).
 
 Examples
 --------
@@ -60,7 +60,8 @@ _SHAPE_FIELDS = ("embed_dim", "encoder_config")
 
 
 class DistributedUnavailableError(MMCoreError, NotImplementedError):
-    """Distributed encoders were requested, but :mod:`mmcore.distributed` is not installed."""
+    """Distributed encoders unavailable. No longer raised (:mod:`mmcore.distributed` is part of
+    the package); kept so that code catching it still imports."""
 
 
 def _check_dir(path: Any, what: str) -> str:
@@ -310,13 +311,7 @@ class MultiModalLoader:
         ModelFormatError
             A directory is missing or corrupt, a modality directory lacks the modality or has
             other widths, or a tensor is missing, unknown or misshapen (the message names it).
-        DistributedUnavailableError
-            :meth:`with_distributed` was used and :mod:`mmcore.distributed` is not installed.
         """
-        if self._distributed is not None and importlib.util.find_spec("mmcore.distributed") is None:
-            raise DistributedUnavailableError(  # pragma: no cover - part of the package
-                "[MultiModalLoader] with_distributed needs mmcore.distributed, which is not "
-                "installed")
         state: Optional[Dict[str, np.ndarray]] = None
         config = self._config
         if self._weights is not None:
