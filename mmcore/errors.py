@@ -15,6 +15,7 @@ __all__ = [
     "MMCoreError",
     "ConfigError",
     "ShapeError",
+    "ArgumentError",
     "ModalityError",
     "BackendError",
     "ModelFormatError",
@@ -37,6 +38,15 @@ class ConfigError(MMCoreError, ValueError):
 
 class ShapeError(MMCoreError, ValueError):
     """An array argument has the wrong rank, shape, dtype or value range; the message names it."""
+
+
+class ArgumentError(MMCoreError, TypeError, ValueError):
+    """An argument that is not a shape problem: the wrong type, an unknown name or preset, or
+    a scalar out of range (for example not finite in float32); the message names the argument.
+
+    It derives from both :class:`TypeError` and :class:`ValueError`, so code that catches the
+    built-in error NumPy or PyTorch would raise for the same mistake keeps working.
+    """
 
 
 class ModalityError(MMCoreError, ValueError):
