@@ -12,8 +12,12 @@
 // Extra memory per thread: the packed query chunk, one S^T tile (kKeyBlock x one query group),
 // one V block (only when Dv is not a multiple of the vector width) and the chunk's O
 // accumulator. No (Lq x Lk) matrix exists unless the caller asked for the weights, which are
-// then written in place. Chunks of at most kDotRows queries (decode-like calls) compute their
-// scores as direct dot products instead.
+// then written in place.
+//
+// Batch invariance: every score is one float32 sum over d in increasing order (S^T tile lanes),
+// whatever the number of query rows in the chunk, so a query row gives the same bits alone, in
+// a longer padded batch or split across any number of threads (a separate dot-product path for
+// short chunks, which summed in another order, made results depend on the padding).
 
 #include <algorithm>
 #include <cmath>
@@ -55,7 +59,6 @@ constexpr int NV = 2;
 constexpr int kGroup = kWidth * NV;    // queries per S^T tile (one query group)
 constexpr int kKeyBlock = 128;         // keys per block
 constexpr int64_t kQueryChunk = 256;   // query rows per task at most
-constexpr int64_t kDotRows = 3;        // chunks of at most this many rows use dot products
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -112,25 +115,6 @@ void score_block(const float* k, int64_t D, int nkeys, const float* qt, int64_t 
       case 4: score_rows<4>(R, kj, D, qt, ldq, sj); break;
 #endif
       default: break;
-    }
-  }
-}
-
-// Few query rows (decode-like): direct dot products over D; lanes past R are zero.
-void score_block_dot(const float* __restrict q, int R, int64_t D, const float* __restrict k, int nkeys,
-                     float* __restrict st) {
-  const int64_t Dm = D / kWidth * kWidth;
-  for (int j = 0; j < nkeys; ++j) {
-    const float* kr = k + j * D;
-    float* sj = st + j * kGroup;
-    simd::store(sj, vf{});
-    for (int r = 0; r < R; ++r) {
-      const float* qr = q + r * D;
-      vf acc = vf{};
-      for (int64_t d = 0; d < Dm; d += kWidth) acc += simd::load(qr + d) * simd::load(kr + d);
-      float t = simd::hsum(acc);
-      for (int64_t d = Dm; d < D; ++d) t += qr[d] * kr[d];
-      sj[r] = t;
     }
   }
 }
@@ -271,7 +255,6 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
   const int64_t Lkb = p.key_lengths ? p.key_lengths[b] : Lk;
   const int64_t Dvp = round_up(Dv, kWidth);
   const bool direct_v = (Dv == Dvp);
-  const bool dot_path = rows <= kDotRows;
   const int64_t rows_pad = round_up(rows, kWidth);
 
   const float* qb = p.q + (bh * Lq + i0) * D;
@@ -287,15 +270,11 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
   float* l = grow(sc.l, static_cast<size_t>(rows_pad));
   float* alpha = grow(sc.alpha, static_cast<size_t>(kGroup));
 
-  // Queries scaled into the base-2 domain: row-major for the dot path, else transposed.
+  // Queries scaled into the base-2 domain and transposed (queries along the lanes).
   const float qscale = p.scale * kLog2e;
-  if (dot_path) {
-    for (int64_t t = 0; t < rows * D; ++t) qt[t] = qb[t] * qscale;
-  } else {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t d = 0; d < D; ++d) qt[d * rows_pad + r] = qb[r * D + d] * qscale;
-    for (int64_t d = 0; d < D; ++d) std::fill(qt + d * rows_pad + rows, qt + (d + 1) * rows_pad, 0.0f);
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) qt[d * rows_pad + r] = qb[r * D + d] * qscale;
+  for (int64_t d = 0; d < D; ++d) std::fill(qt + d * rows_pad + rows, qt + (d + 1) * rows_pad, 0.0f);
   std::fill(o, o + rows * Dvp, 0.0f);
   std::fill(m, m + rows_pad, kNegInf);
   std::fill(l, l + rows_pad, 0.0f);
@@ -325,10 +304,7 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
     for (int64_t g0 = 0; g0 < rows; g0 += kGroup) {
       const int nq = static_cast<int>(std::min<int64_t>(kGroup, rows_pad - g0) / kWidth);  // vectors
       const int nreal = static_cast<int>(std::min<int64_t>(kGroup, rows - g0));           // queries
-      if (dot_path)
-        score_block_dot(qt, nreal, D, kblk, nkeys, st);
-      else
-        score_block(kblk, D, nkeys, qt + g0, rows_pad, nq, st);
+      score_block(kblk, D, nkeys, qt + g0, rows_pad, nq, st);
       for (int r = 0; r < nreal; ++r) {
         const int64_t i = i0 + g0 + r;
         if (masked) apply_mask_bias(p, b, h, i, j0, nkeys, st + r);

@@ -318,7 +318,13 @@ class MelFrameEmbedder(Module):
             mp = np.pad(mask, ((0, 0), (0, pad))) if pad else mask
             w = mp.reshape(B, n, s).astype(np.float32)
             cnt = w.sum(axis=2)
-            tot = np.einsum("bns,bnsd->bnd", w, xp.reshape(B, n, s, self.n_mels))
+            # an explicit sum over the group, frame by frame in order: every token is computed
+            # the same way whatever the batch size and padding (einsum may pick its loop
+            # order, hence its rounding, from the shapes)
+            xg = xp.reshape(B, n, s, self.n_mels)
+            tot = xg[:, :, 0] * w[:, :, 0, None]
+            for t in range(1, s):
+                tot += xg[:, :, t] * w[:, :, t, None]
             x = (tot / np.maximum(cnt, 1.0)[..., None]).astype(np.float32)
             mask = cnt > 0
         L = x.shape[1]
@@ -330,6 +336,26 @@ class MelFrameEmbedder(Module):
                 f"frame_stride={self.frame_stride}")
 
 
+def _repeat_into_padding(x: np.ndarray, fmask: np.ndarray, tp: int) -> np.ndarray:
+    """A copy of clips ``x`` (B, T, ...) whose padding frames that share a tubelet with real
+    frames before them hold the last of those real frames.
+
+    A clip of ``T_i`` frames encoded alone pads its last tubelet by repeating its last frame;
+    inside a longer batch the same tubelet would hold the batch's padding instead. Filling it
+    the same way makes the token identical whatever the batch (batch invariance).
+    """
+    x = np.array(x, dtype=np.float32, copy=True)
+    filled = fmask.copy()
+    for t in range(1, x.shape[1]):
+        if t % tp == 0:
+            continue
+        sel = ~fmask[:, t] & filled[:, t - 1]
+        if sel.any():
+            x[sel, t] = x[sel, t - 1]
+            filled[:, t] |= sel
+    return x
+
+
 class VideoEmbedder(Module):
     """Clips (B, T, C, H, W) -> tubelets (``patchify(..., temporal_patch=tp)``) -> Linear ->
     + spatial and temporal positions.
@@ -337,7 +363,9 @@ class VideoEmbedder(Module):
     Token ``n`` of a clip is spatial patch ``n % N`` of temporal group ``n // N`` (``N`` patches
     per frame), and gets ``spatial_position[n % N] + temporal_position[n // N]``. A clip whose
     ``T`` is not a multiple of ``tp`` is padded by repeating its last frame (as Qwen2-VL does).
-    ``attention_mask`` (B, T) marks real frames; a tubelet is real when any of its frames is.
+    ``attention_mask`` (B, T) marks real frames; a tubelet is real when any of its frames is,
+    and the padding frames of such a tubelet take the last real frame before them (as when the
+    clip comes alone), so a clip gives the same tokens in any padded batch.
 
     State dict: ``proj.weight`` (dim, C*tp*p*p), ``proj.bias``, ``spatial_position``
     (max_patches, dim), ``temporal_position`` (max_temporal, dim).
@@ -378,6 +406,8 @@ class VideoEmbedder(Module):
                              "(B, T, C, H, W)")
         fmask = _check_mask(owner, attention_mask, B, T)
         tp = self.temporal_patch
+        if tp > 1 and attention_mask is not None and not fmask.all():
+            x = _repeat_into_padding(x, fmask, tp)
         pad = (-T) % tp
         if pad:
             x = np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], axis=1)
