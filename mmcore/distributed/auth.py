@@ -23,22 +23,41 @@ import hmac
 import os
 import socket
 import ssl
+import stat
+import warnings
 from typing import Any, Optional
 
+from .._files import open_regular
 from ..errors import AuthError, ConfigError, ProtocolError
 from .protocol import FrameLimits, MsgType, recv_frame, send_frame
 
-__all__ = ["TOKEN_ENV", "resolve_token", "server_handshake", "client_handshake",
+__all__ = ["TOKEN_ENV", "MIN_TOKEN_BYTES", "SecurityWarning", "resolve_token", "server_handshake", "client_handshake",
            "server_ssl_context", "client_ssl_context"]
 
 TOKEN_ENV = "MMCORE_CLUSTER_TOKEN"
 _NONCE = 32
 _HANDSHAKE_LIMITS = FrameLimits(max_frame_bytes=4096, max_json_bytes=4096, max_arrays=0)
+#: tokens shorter than this get a :class:`SecurityWarning` on a node
+MIN_TOKEN_BYTES = 16
 
 
-def resolve_token(token: Any = None, *, token_file: Any = None, owner: str = "cluster") -> bytes:
+class SecurityWarning(UserWarning):
+    """A node runs with a weak setting: a short token, a token file others can read, or a
+    non-loopback address without TLS."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, SecurityWarning, stacklevel=3)
+
+
+def resolve_token(token: Any = None, *, token_file: Any = None, owner: str = "cluster",
+                  warn: bool = False) -> bytes:
     """The shared token as bytes: ``token``, else the contents of ``token_file`` (surrounding
     whitespace stripped), else ``$MMCORE_CLUSTER_TOKEN``.
+
+    With ``warn=True`` (a node) a :class:`SecurityWarning` is issued for a token file whose
+    permissions give its group or others any access, and for a token shorter than
+    :data:`MIN_TOKEN_BYTES` bytes.
 
     Raises
     ------
@@ -46,12 +65,19 @@ def resolve_token(token: Any = None, *, token_file: Any = None, owner: str = "cl
         No token anywhere, or an empty one.
     """
     if token is None and token_file is not None:
+        path = os.fspath(token_file)
         try:
-            with open(os.fspath(token_file), "rb") as fh:
-                token = fh.read().strip()
+            # a regular file only (a FIFO would block): read without blocking, 64 KiB at most
+            with open_regular(path, what="token_file", error=ConfigError, op=owner) as fh:
+                mode = os.fstat(fh.fileno()).st_mode
+                token = fh.read(1 << 16).strip()
         except OSError as exc:
-            raise ConfigError(f"[{owner}] token_file {os.fspath(token_file)!r} cannot be read: "
+            raise ConfigError(f"[{owner}] token_file {path!r} cannot be read: "
                               f"{exc.strerror or exc}") from None
+        if warn and mode & 0o077:
+            _warn(f"[{owner}] token_file {path!r} has permissions "
+                  f"{stat.S_IMODE(mode):04o}: its group or others may read the cluster token "
+                  "(chmod 600 it)")
     if token is None:
         token = os.environ.get(TOKEN_ENV)
     if token is None:
@@ -61,6 +87,9 @@ def resolve_token(token: Any = None, *, token_file: Any = None, owner: str = "cl
         token = token.encode("utf-8")
     if not isinstance(token, (bytes, bytearray)) or not token:
         raise ConfigError(f"[{owner}] the cluster token must be a non-empty str or bytes")
+    if warn and len(token) < MIN_TOKEN_BYTES:
+        _warn(f"[{owner}] the cluster token has {len(token)} bytes, fewer than "
+              f"{MIN_TOKEN_BYTES}: it may be guessed (use e.g. secrets.token_hex(32))")
     return bytes(token)
 
 
@@ -79,22 +108,27 @@ def _hex_field(header, key: str, n: int) -> bytes:
     return raw
 
 
-def server_handshake(sock: socket.socket, token: bytes, *, info: Optional[dict] = None) -> bool:
+def server_handshake(sock: socket.socket, token: bytes, *, info: Optional[dict] = None,
+                     deadline: Optional[float] = None) -> bool:
     """Authenticate a client on ``sock`` (node side). True when it proved the token; False
-    after sending AUTH_FAIL. ProtocolError / OSError on a broken handshake."""
+    after sending AUTH_FAIL. ProtocolError / OSError on a broken handshake; ``socket.timeout``
+    when the whole exchange is not over by ``deadline`` (a ``time.monotonic()`` time; None:
+    the socket's timeout applies to each read and write)."""
     nonce = os.urandom(_NONCE)
-    send_frame(sock, MsgType.CHALLENGE, {"nonce": nonce.hex()})
-    frame = recv_frame(sock, limits=_HANDSHAKE_LIMITS)
+    send_frame(sock, MsgType.CHALLENGE, {"nonce": nonce.hex()}, deadline=deadline)
+    frame = recv_frame(sock, limits=_HANDSHAKE_LIMITS, deadline=deadline)
     if frame.type != MsgType.AUTH:
         raise ProtocolError(f"[auth] expected AUTH, got {frame.type.name}")
     client_nonce = _hex_field(frame.header, "nonce", _NONCE)
     mac = _hex_field(frame.header, "mac", 32)
     if not hmac.compare_digest(mac, _mac(token, b"mmcore-client", nonce, client_nonce)):
-        send_frame(sock, MsgType.AUTH_FAIL, {"reason": "wrong cluster token"})
+        send_frame(sock, MsgType.AUTH_FAIL, {"reason": "wrong cluster token"},
+                   deadline=deadline)
         return False
     # the node's info (modalities, load, hardware) only goes to a client that proved the token
     send_frame(sock, MsgType.AUTH_OK, {"mac": _mac(token, b"mmcore-node", client_nonce,
-                                                   nonce).hex(), "node": info or {}})
+                                                   nonce).hex(), "node": info or {}},
+               deadline=deadline)
     return True
 
 

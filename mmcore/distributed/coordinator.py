@@ -9,7 +9,8 @@ modality at once, then runs cross-modal attention and fusion locally.
 
 Load balancing picks the healthy node with the fewest outstanding requests. A request whose
 node fails (connection refused or reset, timeout, malformed answer, the node draining) is
-sent again, with the same id, to another node of the modality; requests are idempotent. When
+sent again, with the same id, to another node of the modality; requests are idempotent (so is
+a request a node refuses as ``Busy``, out of memory budget, without leaving rotation). When
 every node of the modality failed, :class:`~mmcore.errors.NodeUnavailableError` names the
 modality (or the modality is dropped, with ``drop_unavailable=True``). Errors about the
 request itself (a bad input: ShapeError, decode errors...) are raised as they are, not retried.
@@ -272,6 +273,10 @@ class Coordinator:
             if frame.type == MsgType.ERROR and frame.header.get("error") == "Draining":
                 node.healthy = False
                 errors_seen.append(f"{node.address}: draining")
+                continue
+            if frame.type == MsgType.ERROR and frame.header.get("error") == "Busy":
+                # out of memory budget for now: another node may have room; still healthy
+                errors_seen.append(f"{node.address}: {str(frame.header.get('message'))[:300]}")
                 continue
             if frame.type == MsgType.ERROR:
                 _raise_remote(frame.header)

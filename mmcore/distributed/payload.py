@@ -98,10 +98,14 @@ def _array(arrays: List[np.ndarray], index: Any) -> np.ndarray:
 
 
 def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: int,
-                counter: List[int]) -> Any:
+                counter: List[int], refuse: Mapping[str, str]) -> Any:
     if not isinstance(d, dict):
         raise ProtocolError("[distributed] input description is not an object")
     form = d.get("form")
+    if isinstance(form, str) and form in refuse:
+        # decided on the form alone, before any value is looked at: the answer is the same
+        # whatever the value names
+        raise ProtocolError(f"[distributed] input form {form!r} is refused: {refuse[form]}")
     if form == "str":
         if not isinstance(d.get("value"), str):
             raise ProtocolError("[distributed] string input without a string")
@@ -131,22 +135,50 @@ def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: 
         items = d.get("items")
         if not isinstance(items, list) or not items or len(items) > MAX_ITEMS:
             raise ProtocolError("[distributed] list input without a valid item list")
-        return [_unpack_one(x, arrays, tmpdir, depth + 1, counter) for x in items]
+        return [_unpack_one(x, arrays, tmpdir, depth + 1, counter, refuse) for x in items]
     raise ProtocolError(f"[distributed] unknown input form {form!r}")
 
 
 def unpack_input(desc: Any, arrays: List[np.ndarray], *, tmpdir: Optional[str],
-                 with_mask: bool = False):
+                 with_mask: bool = False, strings: bool = True, files: bool = True,
+                 what: str = "this input"):
     """The input that :func:`pack_input` described (and its mask when ``with_mask``).
+
+    Parameters
+    ----------
+    desc : dict
+        The description (from a request's JSON header).
+    arrays : list of ndarray
+        The request's arrays.
+    tmpdir : str or None, keyword-only
+        Where "file" inputs are written (under names chosen here); None refuses them.
+    with_mask : bool, default False, keyword-only
+    strings : bool, default True, keyword-only
+        False refuses the "str" and "bytes" forms (for a modality whose preprocessor would
+        take a string or bytes as a path to open: a node never opens a path named by a
+        client; files travel as their bytes).
+    files : bool, default True, keyword-only
+        False refuses the "file" form (for a text modality, which would take the temporary
+        file's name as text).
+    what : str, keyword-only
+        How refusals name the input (e.g. "modality 'image'").
 
     Raises
     ------
     ProtocolError
-        A malformed description (unknown form, bad array index, nesting too deep).
+        A malformed description (unknown form, bad array index, nesting too deep), or a form
+        refused by ``strings`` / ``files``: the same error whatever the value holds.
     """
+    refuse = {}
+    if not strings:
+        why = (f"{what} takes arrays or files sent as their bytes (form 'file'), never a "
+               "string or bytes, which its preprocessor would open as a path on the node")
+        refuse = {"str": why, "bytes": why}
+    if not files:
+        refuse["file"] = f"{what} takes text (forms 'str' and 'bytes') or arrays, not files"
     if not isinstance(desc, dict) or "value" not in desc:
         raise ProtocolError("[distributed] request has no input description")
-    value = _unpack_one(desc["value"], arrays, tmpdir, 0, [0])
+    value = _unpack_one(desc["value"], arrays, tmpdir, 0, [0], refuse)
     if not with_mask:
         return value
     mask = _array(arrays, desc["mask"]) if desc.get("mask") is not None else None

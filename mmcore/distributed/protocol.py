@@ -39,6 +39,7 @@ import json
 import math
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -47,7 +48,8 @@ import numpy as np
 from ..errors import ProtocolError
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "MsgType", "FrameLimits", "Frame", "ConnectionClosed",
-           "encode_frame", "decode_frame", "send_frame", "recv_frame", "ALLOWED_DTYPES"]
+           "FrameRefused", "Pace", "encode_frame", "decode_frame", "send_frame", "recv_frame",
+           "ALLOWED_DTYPES"]
 
 MAGIC = b"MMCF"
 VERSION = 1
@@ -80,6 +82,59 @@ class ConnectionClosed(ProtocolError):
     def __init__(self, message: str = "", *, at_boundary: bool = True):
         super().__init__(message)
         self.at_boundary = at_boundary
+
+
+class FrameRefused(ProtocolError):
+    """Raised by a :func:`recv_frame` ``on_header`` callback to refuse a frame whose fixed
+    header arrived (a server out of memory budget, say).
+
+    :func:`recv_frame` then reads the frame's JSON header (when ``read_json``; else it skips
+    it), reads and drops the payload in small chunks without buffering it, so the connection
+    stays at a frame boundary, and re-raises the exception with :attr:`header` set to the
+    frame's JSON header (``{}`` when skipped or unparsable).
+
+    Parameters
+    ----------
+    message : str
+    error : str, default "ProtocolError", keyword-only
+        The error name a server reports for it.
+    read_json : bool, default True, keyword-only
+    """
+
+    def __init__(self, message: str = "", *, error: str = "ProtocolError",
+                 read_json: bool = True):
+        super().__init__(message)
+        self.error = error
+        self.read_json = read_json
+        self.header: Dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a frame must move once it has started (bounds a peer that stalls or drips).
+
+    A frame being received (from its first byte) or sent must have moved ``k`` bytes by
+    ``start + base_s + k / min_bytes_per_s``; otherwise the read or write times out
+    (``socket.timeout``). A frame of ``n`` bytes thus takes at most
+    ``base_s + n / min_bytes_per_s`` seconds, and a peer that stops sending is dropped
+    after ``base_s`` seconds however large the frame it declared.
+
+    Parameters
+    ----------
+    base_s : float, default 10
+    min_bytes_per_s : float, default 256 KiB/s
+    """
+
+    base_s: float = 10.0
+    min_bytes_per_s: float = 256.0 * 1024
+
+    def __post_init__(self):
+        for name in ("base_s", "min_bytes_per_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                    math.isfinite(v) and v > 0):
+                raise ProtocolError(f"[protocol] Pace.{name} must be a finite number > 0, got "
+                                    f"{v!r}")
 
 
 @dataclass(frozen=True)
@@ -257,10 +312,61 @@ def decode_frame(data: bytes, *, limits: FrameLimits = DEFAULT_LIMITS) -> Frame:
     return Frame(mtype, hdr, _views(payload, specs), flags)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
+class _Clock:
+    """The timeout of each read or write of one frame on ``sock``: the socket's own timeout
+    while waiting for a frame's first byte, then the :class:`Pace` of the frame (once
+    :meth:`start` ran), never past ``deadline`` (``time.monotonic()``); the socket's timeout
+    is restored by :meth:`restore`."""
+
+    def __init__(self, sock, deadline: Optional[float], pace: Optional[Pace]):
+        self.sock = sock
+        self.deadline = deadline
+        self.pace = pace
+        self.own = sock.gettimeout()
+        self.current = self.own
+        self.t0: Optional[float] = None
+        self.moved = 0
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.moved = 0
+
+    def arm(self, what: str) -> None:
+        if self.deadline is None and (self.pace is None or self.t0 is None):
+            return
+        now = time.monotonic()
+        left = self.own
+        why = ""
+        if self.pace is not None and self.t0 is not None:
+            p = self.t0 + self.pace.base_s + self.moved / self.pace.min_bytes_per_s - now
+            if left is None or p < left:
+                left, why = p, (f"the {what} moves slower than "
+                                f"{self.pace.min_bytes_per_s:.0f} bytes/s after "
+                                f"{self.pace.base_s:g} s")
+        if self.deadline is not None and (left is None or self.deadline - now < left):
+            left, why = self.deadline - now, f"the deadline passed during the {what}"
+        if left is not None and left <= 0:
+            raise socket.timeout(f"[protocol] timed out: {why}")
+        if left != self.current:
+            self.sock.settimeout(left)
+            self.current = left
+
+    def restore(self) -> None:
+        if self.current != self.own:
+            try:
+                self.sock.settimeout(self.own)
+            except OSError:
+                pass
+            self.current = self.own
+
+
+def _recv_exact(sock: socket.socket, view: memoryview, what: str,
+                clock: Optional[_Clock] = None) -> None:
     got = 0
     n = len(view)
     while got < n:
+        if clock is not None:
+            clock.arm(what)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             boundary = got == 0 and what == "header"
@@ -269,48 +375,113 @@ def _recv_exact(sock: socket.socket, view: memoryview, what: str) -> None:
                                    f" ({got} of {n} bytes of the {what})",
                                    at_boundary=boundary)
         got += k
+        if clock is not None:
+            if clock.pace is not None and clock.t0 is None:
+                clock.start()                    # the frame's first byte arrived
+            clock.moved += k
+
+
+_DISCARD_CHUNK = 1 << 20
+
+
+def _discard(sock: socket.socket, n: int, what: str, clock: _Clock) -> None:
+    """Read and drop ``n`` bytes (a chunk at a time: nothing the size of ``n`` is held)."""
+    buf = memoryview(bytearray(min(n, _DISCARD_CHUNK)))
+    while n > 0:
+        k = min(n, len(buf))
+        _recv_exact(sock, buf[:k], what, clock)
+        n -= k
 
 
 def recv_frame(sock: socket.socket, *, limits: FrameLimits = DEFAULT_LIMITS,
-               on_header: Optional[Callable[[MsgType], None]] = None) -> Frame:
-    """Read one frame from a socket (the socket's timeout applies to every read).
+               on_header: Optional[Callable[[MsgType, int, int], None]] = None,
+               deadline: Optional[float] = None, pace: Optional[Pace] = None) -> Frame:
+    """Read one frame from a socket.
 
-    ``on_header(type)``, if given, is called once the fixed header has arrived and been
-    checked, before the rest of the frame is read (a server counts the request as in flight
-    from there).
+    Parameters
+    ----------
+    sock : socket.socket
+    limits : FrameLimits, keyword-only
+    on_header : callable, optional, keyword-only
+        ``on_header(type, json_bytes, payload_bytes)`` is called once the fixed header has
+        arrived and been checked, before the rest of the frame is read or allocated: a server
+        counts the request as in flight and reserves memory for it there. It may raise
+        :class:`FrameRefused` to have the frame read past and dropped.
+    deadline : float, optional, keyword-only
+        A ``time.monotonic()`` time by which the whole frame must have arrived (a handshake).
+    pace : Pace, optional, keyword-only
+        Once the frame's first byte has arrived, the rest must keep this pace (see
+        :class:`Pace`; its clock restarts after ``on_header``). Without it and ``deadline``
+        the socket's timeout applies to every read, as it does to the wait for the first
+        byte; the socket's timeout is left as it was.
 
     Raises
     ------
     ConnectionClosed
         The peer closed the connection.
+    FrameRefused
+        From ``on_header``, once the frame was read past (its JSON header in ``.header``).
     ProtocolError
         A malformed frame (see :func:`decode_frame`); nothing beyond the limits is allocated.
     socket.timeout, OSError
-        From the socket.
+        From the socket, or the deadline / pace missed.
     """
-    head = bytearray(HEADER.size)
-    _recv_exact(sock, memoryview(head), "header")
-    mtype, flags, jlen, plen = _parse_fixed(bytes(head), limits)
-    if on_header is not None:
-        on_header(mtype)
-    js = bytearray(jlen)
-    _recv_exact(sock, memoryview(js), "JSON header")
-    hdr = _parse_json(bytes(js))
-    specs = _check_arrays(hdr, plen, limits)
-    payload = np.empty(plen, np.uint8)        # not zero-filled: every byte is received
-    if plen:
-        _recv_exact(sock, memoryview(payload), "payload")
-    return Frame(mtype, hdr, _views(payload, specs), flags)
+    clock = _Clock(sock, deadline, pace)
+    try:
+        head = bytearray(HEADER.size)
+        _recv_exact(sock, memoryview(head), "header", clock)
+        mtype, flags, jlen, plen = _parse_fixed(bytes(head), limits)
+        if on_header is not None:
+            try:
+                on_header(mtype, jlen, plen)
+            except FrameRefused as refusal:
+                if pace is not None:
+                    clock.start()
+                if refusal.read_json:
+                    js = bytearray(jlen)
+                    _recv_exact(sock, memoryview(js), "JSON header", clock)
+                    try:
+                        refusal.header = _parse_json(bytes(js))
+                    except ProtocolError:
+                        refusal.header = {}
+                    refusal.header.pop("arrays", None)
+                else:
+                    _discard(sock, jlen, "JSON header", clock)
+                _discard(sock, plen, "payload", clock)
+                raise
+        if pace is not None:
+            clock.start()            # (time spent in on_header is not the peer's)
+        js = bytearray(jlen)
+        _recv_exact(sock, memoryview(js), "JSON header", clock)
+        hdr = _parse_json(bytes(js))
+        specs = _check_arrays(hdr, plen, limits)
+        payload = np.empty(plen, np.uint8)        # not zero-filled: every byte is received
+        if plen:
+            _recv_exact(sock, memoryview(payload), "payload", clock)
+        return Frame(mtype, hdr, _views(payload, specs), flags)
+    finally:
+        clock.restore()
 
 
-def _send_buffers(sock: socket.socket, bufs: List[memoryview]) -> None:
+def _send_buffers(sock: socket.socket, bufs: List[memoryview],
+                  clock: Optional[_Clock] = None) -> None:
     if not hasattr(sock, "sendmsg") or type(sock).__name__ == "SSLSocket":
         for b in bufs:
-            sock.sendall(b)
+            if clock is None:
+                sock.sendall(b)
+                continue
+            for i in range(0, len(b), _DISCARD_CHUNK):    # paced: one chunk per timeout
+                clock.arm("answer")
+                sock.sendall(b[i:i + _DISCARD_CHUNK])
+                clock.moved += len(b[i:i + _DISCARD_CHUNK])
         return
     pending = [b for b in bufs if len(b)]
     while pending:
+        if clock is not None:
+            clock.arm("answer")
         sent = sock.sendmsg(pending[:512])
+        if clock is not None:
+            clock.moved += sent
         while sent:
             if sent >= len(pending[0]):
                 sent -= len(pending[0])
@@ -321,6 +492,23 @@ def _send_buffers(sock: socket.socket, bufs: List[memoryview]) -> None:
 
 
 def send_frame(sock: socket.socket, msg_type: int, header: Optional[Dict[str, Any]] = None,
-               arrays: Sequence[np.ndarray] = (), *, flags: int = 0) -> None:
-    """Encode and send one frame (scatter-gather, no copy of contiguous arrays)."""
-    _send_buffers(sock, encode_frame(msg_type, header, arrays, flags=flags))
+               arrays: Sequence[np.ndarray] = (), *, flags: int = 0,
+               deadline: Optional[float] = None, pace: Optional[Pace] = None) -> None:
+    """Encode and send one frame (scatter-gather, no copy of contiguous arrays).
+
+    ``deadline`` (a ``time.monotonic()`` time) and ``pace`` (:class:`Pace`, from the first
+    byte) bound the time a peer that does not read may hold the sender (``socket.timeout``);
+    without them the socket's timeout applies to each write. The socket's timeout is left as
+    it was.
+    """
+    bufs = encode_frame(msg_type, header, arrays, flags=flags)
+    if deadline is None and pace is None:
+        _send_buffers(sock, bufs)
+        return
+    clock = _Clock(sock, deadline, pace)
+    if pace is not None:
+        clock.start()
+    try:
+        _send_buffers(sock, bufs, clock)
+    finally:
+        clock.restore()
