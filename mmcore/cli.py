@@ -133,7 +133,56 @@ def _vector_stats(x: np.ndarray) -> dict:
             "finite": bool(np.isfinite(x64).all())}
 
 
+def _truncation_notes(model, inputs: dict) -> List[str]:
+    """What of ``inputs`` the model will cut (text beyond its token limit, audio beyond its
+    length limit), one line each naming the input, its length and the limit; the model cuts
+    silently, so ``mmcore run`` says so on stderr. Inputs that cannot be measured (a file
+    that does not decode) are left to :meth:`~mmcore.model.MultiModalModel.infer` to report."""
+    from .modality import Modality
+
+    notes: List[str] = []
+    mods = model.config.modalities
+    text = inputs.get("text")
+    m = Modality("text")
+    if text is not None and m in mods and mods[m].enabled:
+        pre = model.preprocessors.get(m)
+        limit = getattr(pre, "max_length", None)
+        if limit is not None and getattr(pre, "truncation", False):
+            try:
+                n = len(pre.tokenizer.encode(text, add_eos=pre.add_eos, max_length=None))
+            except Exception:       # the model reports what it cannot tokenize
+                n = 0
+            if n > limit:
+                notes.append(f"--text has {n} tokens ({len(text)} characters), more than the "
+                             f"model's text limit of {limit} tokens (max_length={limit}): it "
+                             f"is cut to its first {limit} tokens")
+    path = inputs.get("audio")
+    m = Modality("audio")
+    if path is not None and m in mods and mods[m].enabled and mods[m].preprocessing:
+        pc = mods[m].preprocessing
+        limits = []
+        if pc.truncation and pc.max_samples is not None:
+            limits.append((pc.max_samples, f"max_length_s={pc.max_length_s:g}"))
+        if pc.truncation and pc.padding == "max_length" and pc.target_length is not None:
+            src = ("chunk_length_s" if pc.chunk_length_s is not None else "max_length_s")
+            limits.append((pc.target_length, f"{src}={getattr(pc, src):g}"))
+        if limits:
+            limit, why = min(limits)
+            try:
+                import soundfile
+                info = soundfile.info(path)     # the header only (a regular file, checked)
+                frames, rate = int(info.frames), int(info.samplerate)
+            except Exception:       # the model reports what it cannot decode
+                frames, rate = 0, 0
+            if rate > 0 and frames * pc.sample_rate / rate > limit:
+                notes.append(f"--audio {path!r} lasts {frames / rate:.2f} s, longer than the "
+                             f"model's audio limit of {limit / pc.sample_rate:.2f} s ({why}): "
+                             f"only its first {limit / pc.sample_rate:.2f} s are used")
+    return notes
+
+
 def _run(args) -> int:
+    from ._files import check_regular
     from .errors import MMCoreError
 
     inputs = {}
@@ -142,13 +191,19 @@ def _run(args) -> int:
     for name in ("image", "audio", "video"):
         path = getattr(args, name)
         if path is not None:
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 return _fail(f"--{name} {path!r}: no such file")
+            try:                    # a directory, FIFO or device: refused without blocking
+                check_regular(path, what="file", error=MMCoreError, op=f"--{name}")
+            except MMCoreError as exc:
+                return _fail(str(exc))
             inputs[name] = os.fspath(path)
     if args.threads is not None:
         set_num_threads(args.threads)
     try:
         model = _load_model(args.model, args.seed)
+        for note in _truncation_notes(model, inputs):
+            print(f"mmcore run: note: {note}", file=sys.stderr)
         out = model.infer(inputs)
     except _CliError as exc:
         return _fail(str(exc))

@@ -15,13 +15,37 @@ modality   raw (goes through the preprocessor)          preprocessed (goes to th
 text       a str, or a list/tuple of str                integer array ``input_ids`` (B, L)
 image      uint8 (H, W, 3), uint8 (N, H, W, 3), a path  float array ``pixel_values``
            or a list of paths / uint8 (H, W, 3)         (B, 3, S, S) or patches (B, N, C*p*p)
-audio      float (T,), float (B, T), a path, or a list  float ``input_features``
-           of 1-D waveforms / paths (at the config's    (B, n_mels, frames)
-           sample rate)
+audio      float (T,), float (B, T), a                  float ``input_features``
+           ``(waveform, sample_rate)`` pair, a path,    (B, n_mels, frames)
+           or a list of 1-D waveforms / pairs / paths
 video      uint8 (T, H, W, 3), uint8 (B, T, H, W, 3),   float ``pixel_values`` (B, T, 3, S, S)
            a path, or a list of paths / uint8 clips
 custom     per its borrowed preprocessor, else features (B, L, in_features) or int ids (B, L)
 =========  ==========================================  =====================================
+
+So for images and video the dtype picks the path: uint8 arrays are raw, channels-last
+(``(..., H, W, 3)``), and are resized and normalized by the model's preprocessing; float arrays
+are taken as already preprocessed, channels-first, and go straight to the encoder. A float
+array in a channels-last layout (``(B, H, W, 3)``, ``(B, T, H, W, 3)``) is refused where it
+enters (:class:`~mmcore.errors.ShapeError` suggesting the transpose) instead of failing in the
+encoder; so are a uint8 array in a channels-first layout, grayscale or RGBA images, integer
+images of other dtypes, and, for the built-in encoders, preprocessed arrays whose channels,
+mel bins, patch width or spatial size do not fit the encoder.
+
+Audio: a 1-D float array is one clip; a 2-D float array is a batch ``(B, T)`` of ``B``
+equal-length clips, never channels: soundfile's multichannel layout ``(T, C)`` (a 2-D array
+with ``T <= 8``, or fewer than 64 samples per clip) is refused with a ShapeError, never taken as
+``T`` tiny clips: average it to mono (``x.mean(axis=1)``) or pass ``x.T`` (one clip per
+channel). Raw arrays are taken to be at the config's ``sample_rate``; a ``(waveform,
+sample_rate)`` pair (a 2-tuple or list, as an input or as an item of a list) carries its own
+rate, and is resampled to the config's rate with soxr "HQ", as files are by
+:func:`~mmcore.preprocess.load_audio`. Values must be float in [-1, 1] (int16 PCM: divide by
+32768).
+
+Paths (image, audio, video) must name existing regular files: a missing file, a directory,
+a FIFO or a device raises the modality's decode error (:class:`~mmcore.errors.ImageDecodeError`,
+:class:`~mmcore.errors.AudioDecodeError`, :class:`~mmcore.errors.VideoDecodeError`) naming the
+file, with or without the cache. Text inputs are the text itself, never a path.
 
 A dict (the output of a preprocessor: ``{"input_ids", "attention_mask"}``,
 ``{"pixel_values"}``, ``{"input_features", "attention_mask"}``) counts as preprocessed too; its
@@ -83,14 +107,111 @@ def _kind_of(modality: Modality, pre: Optional[PreprocessingConfig] = None) -> O
     return None
 
 
+#: What each modality accepts, raw (through the preprocessor) and preprocessed (straight to
+#: the encoder); quoted by the input errors.
+ACCEPTED_INPUTS = {
+    "text": ("raw: a str or a list of str; preprocessed: integer input_ids (B, L)"),
+    "image": ("raw (decoded, resized and normalized by the model): uint8 RGB (H, W, 3) or "
+              "(N, H, W, 3), a path, or a list of paths / uint8 (H, W, 3) images; "
+              "preprocessed (straight to the encoder): float pixel_values (B, 3, S, S) or "
+              "patches (B, N, 3*p*p)"),
+    "audio": ("raw: a float waveform (T,) in [-1, 1], a (B, T) batch of equal-length clips, "
+              "a (waveform, sample_rate) pair, a path, or a list of paths / 1-D waveforms / "
+              "pairs; preprocessed: float input_features (B, n_mels, frames)"),
+    "video": ("raw: a uint8 RGB clip (T, H, W, 3) or a batch (B, T, H, W, 3), a path, or a "
+              "list of paths / uint8 clips; preprocessed: float pixel_values (B, T, 3, S, S)"),
+}
+
+
+def _bad_input(where: str, a: np.ndarray, kind: str, why: str = "") -> ShapeError:
+    why = f": {why}" if why else ""
+    return ShapeError(f"[MultiModalInput] {where} has shape {a.shape} and dtype {a.dtype}{why}. "
+                      f"{kind.capitalize()} inputs accepted: {ACCEPTED_INPUTS[kind]}")
+
+
+def _classify_image(a: np.ndarray, where: str) -> Tuple[bool, int]:
+    if a.dtype == np.uint8:
+        if a.ndim in (3, 4) and a.shape[-1] == 3:
+            return True, (1 if a.ndim == 3 else a.shape[0])
+        if a.ndim in (3, 4) and a.shape[-3] == 3:
+            t = "x.transpose(1, 2, 0)" if a.ndim == 3 else "x.transpose(0, 2, 3, 1)"
+            raise _bad_input(where, a, "image", "uint8 images are raw and channels-last; this "
+                             f"looks channels-first: did you mean {t}?")
+        if a.ndim == 2 or (a.ndim in (3, 4) and a.shape[-1] in (1, 4)):
+            raise _bad_input(where, a, "image", "raw images must be RGB with 3 channels "
+                             "(convert grayscale / RGBA to RGB first)")
+        raise _bad_input(where, a, "image")
+    if a.dtype.kind == "f":
+        if a.ndim == 4 and a.shape[1] == 3:
+            return False, a.shape[0]
+        if a.ndim == 4 and a.shape[-1] in (1, 3, 4):
+            raise _bad_input(where, a, "image", "a float array is taken as preprocessed "
+                             "pixel_values (B, 3, S, S) and goes straight to the encoder, and "
+                             "this one looks channels-last (B, H, W, C): did you mean to "
+                             "transpose to (B, 3, H, W) (x.transpose(0, 3, 1, 2), already "
+                             "resized and normalized)? To have the model resize and normalize "
+                             "it, pass uint8 (B, H, W, 3) instead")
+        if a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
+            return False, a.shape[0]
+        if a.ndim == 3:
+            raise _bad_input(where, a, "image", "a 3-D float array is taken as preprocessed "
+                             "patches (B, N, 3*p*p); this looks like one float (H, W, C) "
+                             "image: pass it as uint8 (H, W, 3) for the raw path, or as "
+                             "pixel_values (1, 3, S, S)")
+        raise _bad_input(where, a, "image")
+    hint = ""
+    if a.dtype.kind in "iub":
+        hint = ("raw images must be uint8 (if the values are 0..255, x.astype(np.uint8)); "
+                "preprocessed ones float")
+    raise _bad_input(where, a, "image", hint)
+
+
+def _classify_video(a: np.ndarray, where: str) -> Tuple[bool, int]:
+    if a.dtype == np.uint8:
+        if a.ndim in (4, 5) and a.shape[-1] == 3:
+            return True, (1 if a.ndim == 4 else a.shape[0])
+        if a.ndim in (4, 5) and a.shape[-3] == 3:
+            t = "x.transpose(0, 2, 3, 1)" if a.ndim == 4 else "x.transpose(0, 1, 3, 4, 2)"
+            raise _bad_input(where, a, "video", "uint8 clips are raw and channels-last; this "
+                             f"looks channels-first: did you mean {t}?")
+        raise _bad_input(where, a, "video")
+    if a.dtype.kind == "f":
+        if a.ndim == 5 and a.shape[2] == 3:
+            return False, a.shape[0]
+        if a.ndim == 5 and a.shape[-1] in (1, 3, 4):
+            raise _bad_input(where, a, "video", "a float array is taken as preprocessed "
+                             "pixel_values (B, T, 3, S, S) and goes straight to the encoder, "
+                             "and this one looks channels-last (B, T, H, W, C): did you mean "
+                             "to transpose to (B, T, 3, H, W) (x.transpose(0, 1, 4, 2, 3))? "
+                             "To have the model sample, resize and normalize it, pass uint8 "
+                             "(B, T, H, W, 3)")
+        if a.ndim == 4 and a.shape[1] == 3:
+            raise _bad_input(where, a, "video", "one preprocessed clip (T, 3, S, S) needs a "
+                             "batch axis: x[None]")
+        raise _bad_input(where, a, "video")
+    hint = ""
+    if a.dtype.kind in "iub":
+        hint = "raw clips must be uint8 (if the values are 0..255, x.astype(np.uint8))"
+    raise _bad_input(where, a, "video", hint)
+
+
 def _classify(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
-    """``(is_raw, batch_size)`` of one modality input (see the module docstring)."""
+    """``(is_raw, batch_size)`` of one modality input (see the module docstring); ShapeError
+    naming ``where``, the shape and dtype received and what the modality accepts."""
     if isinstance(value, Mapping):
         for v in value.values():
             a = np.asarray(v) if v is not None else None
             if a is not None and a.ndim >= 1:
+                if kind == "video" and a.ndim == 4:     # one clip, as VideoPreprocessor gives
+                    return False, 1
                 return False, int(a.shape[0])
         raise ShapeError(f"[MultiModalInput] {where} is a dict without arrays")
+    if kind == "text" and isinstance(value, os.PathLike):
+        raise ShapeError(f"[MultiModalInput] {where} is a path ({type(value).__name__}); text "
+                         "inputs are the text itself: read the file and pass its contents")
+    if kind == "audio" and not (isinstance(value, np.ndarray) and value.ndim == 3):
+        from ..preprocess.audio import audio_batch_size
+        return True, audio_batch_size(value, op="MultiModalInput", where=where)
     if isinstance(value, _PATH_TYPES):
         if kind == "text" and isinstance(value, (str, bytes)):
             return True, 1
@@ -103,9 +224,14 @@ def _classify(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
             raise ShapeError(f"[MultiModalInput] {where} is an empty batch")
         if kind is None:
             return False, len(value)
-        if kind == "audio" and all(isinstance(a, (int, float, np.integer, np.floating))
-                                   and not isinstance(a, bool) for a in value):
-            return True, 1
+        if kind in ("image", "video"):
+            nd = 3 if kind == "image" else 4
+            for i, item in enumerate(value):
+                if isinstance(item, np.ndarray) and not (
+                        item.dtype == np.uint8 and item.ndim == nd and item.shape[-1] == 3):
+                    layout = "(H, W, 3)" if kind == "image" else "(T, H, W, 3)"
+                    raise _bad_input(f"{where}[{i}]", item, kind, "the items of a list are "
+                                     f"raw: paths or uint8 {layout}")
         return True, len(value)
     try:
         a = np.asarray(value)
@@ -119,38 +245,20 @@ def _classify(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
     if kind == "text":
         if a.dtype.kind in "iu" and a.ndim == 2:
             return False, a.shape[0]
-        raise ShapeError(f"[MultiModalInput] {where} has shape {a.shape} and dtype {a.dtype}, "
-                         "expected strings or int input_ids (B, L)")
+        why = ""
+        if a.dtype.kind in "iu" and a.ndim == 1:
+            why = "one sequence of input_ids needs a batch axis: x[None]"
+        elif a.ndim == 2:
+            why = "input_ids must be integers"
+        raise _bad_input(where, a, "text", why)
     if kind == "image":
-        if a.dtype == np.uint8 and a.ndim == 3:
-            return True, 1
-        if a.dtype == np.uint8 and a.ndim == 4:
-            return True, a.shape[0]
-        if floating and a.ndim in (3, 4):
-            return False, a.shape[0]
-        raise ShapeError(f"[MultiModalInput] {where} has shape {a.shape} and dtype {a.dtype}, "
-                         "expected uint8 (H, W, 3) / (N, H, W, 3) images or float "
-                         "pixel_values (B, 3, S, S)")
+        return _classify_image(a, where)
     if kind == "audio":
-        if floating and a.ndim == 1:
-            return True, 1
-        if floating and a.ndim == 2:
-            return True, a.shape[0]
         if floating and a.ndim == 3:
             return False, a.shape[0]
-        raise ShapeError(f"[MultiModalInput] {where} has shape {a.shape} and dtype {a.dtype}, "
-                         "expected float waveforms (T,) / (B, T) or features "
-                         "(B, n_mels, frames)")
+        raise _bad_input(where, a, "audio")             # pragma: no cover - handled above
     if kind == "video":
-        if a.dtype == np.uint8 and a.ndim == 4:
-            return True, 1
-        if a.dtype == np.uint8 and a.ndim == 5:
-            return True, a.shape[0]
-        if floating and a.ndim == 5:
-            return False, a.shape[0]
-        raise ShapeError(f"[MultiModalInput] {where} has shape {a.shape} and dtype {a.dtype}, "
-                         "expected uint8 clips (T, H, W, 3) / (B, T, H, W, 3) or float "
-                         "pixel_values (B, T, 3, S, S)")
+        return _classify_video(a, where)
     return False, a.shape[0]
 
 
@@ -438,16 +546,105 @@ def _raw_subset(value: Any, batch: int, idx: list) -> Any:
     return [value[i] for i in idx]
 
 
-def _item_data(kind: Optional[str], item: Any) -> Any:
-    """What a raw item's key is made of (the file's bytes for a path)."""
+def _decode_error(kind: Optional[str]):
+    """The decode error of a modality kind (what a missing or unreadable file raises)."""
+    from ..errors import AudioDecodeError, ImageDecodeError, VideoDecodeError
+    return {"image": ImageDecodeError, "audio": AudioDecodeError,
+            "video": VideoDecodeError}.get(kind, ModalityError)
+
+
+def _item_data(kind: Optional[str], item: Any, owner: str = "MultiModalModel") -> Any:
+    """What a raw item's key is made of (the file's bytes for a path; a pair's waveform and
+    rate). A path that is not a readable regular file raises the modality's decode error."""
     if isinstance(item, _PATH_TYPES) and not (kind == "text" and isinstance(item, (str, bytes))):
-        with open(os.fspath(item), "rb") as fh:
+        from .._files import open_regular
+        with open_regular(os.fsdecode(item), what=f"{kind or 'input'} file",
+                          error=_decode_error(kind), op=owner) as fh:
             return ("file", fh.read())
     if isinstance(item, str):
         return ("str", item)
     if isinstance(item, bytes):
         return ("bytes", item)
+    if kind == "audio":
+        from ..preprocess.audio import split_audio_pair
+        pair = split_audio_pair(item, op=owner)
+        if pair is not None:
+            return ("array", np.asarray(pair[0]), np.int64(pair[1]))
     return ("array", np.asarray(item))
+
+
+def _check_files(owner: str, m: Modality, kind: Optional[str], value: Any) -> None:
+    """The modality's decode error for a path (or a path in a list) that is not an existing
+    regular file: the same error, naming the file, whether the cache reads it, the decoder
+    does or a node is sent it. A stat, no open: a FIFO or a device is refused without
+    blocking."""
+    if kind not in ("image", "audio", "video"):
+        return
+    from .._files import check_regular
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, _PATH_TYPES):
+            check_regular(os.fsdecode(item), what=f"{kind} file", error=_decode_error(kind),
+                          op=owner)
+
+
+def _preprocessed_array(value: Any) -> Optional[np.ndarray]:
+    if isinstance(value, Mapping):
+        for key in ("input_ids", "pixel_values", "input_features", "features"):
+            if value.get(key) is not None:
+                return np.asarray(value[key])
+        return None
+    return np.asarray(value)
+
+
+def _check_preprocessed(owner: str, m: Modality, enc: Any, value: Any) -> None:
+    """ShapeError, naming the modality, the shape received and the one expected, for a
+    preprocessed input that the built-in encoder ``enc`` cannot take (checked where the input
+    enters, not layers deep in the encoder). Other encoders are left to check their inputs."""
+    from .encoders import MelFrameEmbedder, PatchEmbedder, VideoEmbedder
+    emb = getattr(enc, "embedder", None) if isinstance(enc, ModalityEncoder) else None
+    if not isinstance(emb, (PatchEmbedder, MelFrameEmbedder, VideoEmbedder)):
+        return
+    a = _preprocessed_array(value)
+    if a is None:
+        return
+    if isinstance(emb, VideoEmbedder) and isinstance(value, Mapping) and a.ndim == 4:
+        a = a[None]                                     # one clip (see _prepare)
+    what = f"[{owner}] modality {str(m)!r}: the preprocessed input has shape {a.shape}"
+    if isinstance(emb, PatchEmbedder):
+        C, p, P = emb.in_channels, emb.patch_size, emb.patch_dim
+        expected = (f"expected pixel_values (B, {C}, H, W) with H and W multiples of "
+                    f"{p}, or patches (B, N, {P})")
+        if a.ndim == 4 and a.shape[1] == C:
+            if a.shape[2] % p or a.shape[3] % p:
+                raise ShapeError(f"{what}: {expected} (the model's preprocessing resizes raw "
+                                 "uint8 images to fit)")
+            return
+        if a.ndim == 3 and a.shape[-1] == P:
+            return
+        hint = ""
+        if a.ndim == 4 and a.shape[-1] == C:
+            hint = f"; did you mean to transpose to (B, {C}, H, W) (x.transpose(0, 3, 1, 2))?"
+        raise ShapeError(f"{what}, {expected}{hint}")
+    if isinstance(emb, MelFrameEmbedder):
+        n = emb.n_mels
+        if a.ndim == 3 and a.shape[1] == n:
+            return
+        hint = ""
+        if a.ndim == 3 and a.shape[2] == n:
+            hint = (f"; did you mean to transpose to (B, {n}, frames) "
+                    "(x.transpose(0, 2, 1); fbank features come as (B, frames, n_mels))?")
+        raise ShapeError(f"{what}, expected input_features (B, {n}, frames){hint}")
+    C, p = emb.in_channels, emb.patch_size
+    expected = f"expected pixel_values (B, T, {C}, H, W) with H and W multiples of {p}"
+    if a.ndim == 5 and a.shape[2] == C:
+        if a.shape[3] % p or a.shape[4] % p:
+            raise ShapeError(f"{what}, {expected}")
+        return
+    hint = ""
+    if a.ndim == 5 and a.shape[-1] == C:
+        hint = f"; did you mean to transpose to (B, T, {C}, H, W) (x.transpose(0, 1, 4, 2, 3))?"
+    raise ShapeError(f"{what}, {expected}{hint}")
 
 
 def _zero_padding(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -833,6 +1030,20 @@ class MultiModalModel(Module):
 
     # -- inference ------------------------------------------------------------------------------
 
+    def _check_input(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput) -> None:
+        """Checks of one modality's input where it enters (before any encoding): paths must
+        name regular files (the modality's decode error), preprocessed arrays must fit the
+        built-in encoder (ShapeError)."""
+        owner = type(self).__name__
+        value = inputs.modality_inputs[m]
+        kind = _kind_of(m, mc.preprocessing)
+        if inputs.raw[m] and not isinstance(value, Mapping):
+            _check_files(owner, m, kind, value)
+        elif m in self._external:
+            return
+        else:
+            _check_preprocessed(owner, m, self.encoders._modules.get(str(m)), value)
+
     def _prepare(self, m: Modality, mc: ModalityConfig, value: Any, is_raw: bool,
                  mask: Optional[np.ndarray]):
         """Encoder inputs and mask of one modality."""
@@ -1048,6 +1259,7 @@ class MultiModalModel(Module):
                               f"fusion; this model uses {self.fusion.kind} fusion")
         masks = None if attention_mask is None else {m: attention_mask}
         inputs = MultiModalInput({m: value}, attention_masks=masks)
+        self._check_input(m, config.modalities[m], inputs)
         t = {} if timings is None else timings
         return self._encode_one(m, config.modalities[m], inputs, t,
                                 self._cache is not None)
@@ -1129,7 +1341,33 @@ class MultiModalModel(Module):
             input; no enabled modality has input (inputs of disabled modalities are ignored,
             and the fusion runs over the enabled modalities that have input).
         ShapeError
-            Inputs of the wrong shape, dtype or batch size.
+            Inputs of the wrong shape, dtype, layout or batch size, checked where they enter
+            (before any encoding); the message names the modality, the shape and dtype
+            received and what the modality accepts.
+        ImageDecodeError, AudioDecodeError, VideoDecodeError
+            A path that does not name a readable regular file (missing, a directory, a FIFO,
+            a device), or a file that cannot be decoded; the message names the file.
+        ArgumentError
+            An audio ``(waveform, sample_rate)`` pair with a rate that is not a whole number
+            of Hz in [1000, 768000], or that pairs a path with a rate.
+
+        Notes
+        -----
+        What each modality accepts, and which inputs are raw (preprocessed by the model) or
+        preprocessed (straight to the encoder):
+
+        * text: raw ``str`` or list of ``str``; preprocessed integer ``input_ids`` (B, L).
+        * image: raw uint8 RGB ``(H, W, 3)`` / ``(N, H, W, 3)``, a path, or a list of paths
+          and uint8 ``(H, W, 3)``; preprocessed float ``pixel_values`` ``(B, 3, S, S)`` or
+          patches ``(B, N, 3*p*p)``. A float ``(B, H, W, 3)`` array is refused (transpose it
+          to ``(B, 3, H, W)`` if it is already preprocessed, or pass uint8).
+        * audio: raw float ``(T,)``, ``(B, T)`` (a batch, never ``(T, channels)``), a
+          ``(waveform, sample_rate)`` pair, a path, or a list of 1-D waveforms, pairs and
+          paths; preprocessed float ``input_features`` ``(B, n_mels, frames)``.
+        * video: raw uint8 ``(T, H, W, 3)`` / ``(B, T, H, W, 3)``, a path, or a list of
+          paths and uint8 clips; preprocessed float ``pixel_values`` ``(B, T, 3, S, S)``.
+
+        See the module docstring for the details (sample rates, channels, masks).
         """
         owner = type(self).__name__
         t_start = time.perf_counter()
@@ -1155,6 +1393,8 @@ class MultiModalModel(Module):
         if not present:
             raise ModalityError(f"[{owner}] no input for any enabled modality (enabled: "
                                 f"{', '.join(map(str, config.enabled_modalities()))})")
+        for m in present:
+            self._check_input(m, mods[m], inputs)
         kind = self.fusion.kind
         timings: Dict[str, float] = {}
         remote = self._remote

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import ops
 from ..config import PreprocessingConfig
-from ..errors import AudioDecodeError, ConfigError, ShapeError
+from ..errors import ArgumentError, AudioDecodeError, ConfigError, ShapeError
 
 __all__ = ["load_audio", "load_audio_with_rate", "resample", "AudioPreprocessor"]
 
@@ -270,6 +270,162 @@ def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True) 
 # --------------------------------------------------------------------------------------------
 # batched features
 
+#: A 2-D float array is a batch ``(B, T)`` of ``B`` clips of ``T`` samples. With ``T`` up to
+#: this many it is refused as a ``(T, C)`` multichannel layout (what ``soundfile.read``
+#: returns for stereo: ``(T, 2)``), which would otherwise be taken as ``T`` clips of ``C``
+#: samples.
+CHANNEL_LIKE_MAX = 8
+#: A 2-D float array with clips shorter than this (in samples, 4 ms at 16 kHz) is refused as
+#: ambiguous as well: no such batch is meaningful audio, while a (T, C) array with many
+#: channels is.
+MIN_BATCH_CLIP_SAMPLES = 64
+#: Sample rates a ``(waveform, sample_rate)`` item may carry, in Hz (resampling from far
+#: below the target rate would multiply the clip's length).
+MIN_ITEM_SAMPLE_RATE = 1000
+MAX_ITEM_SAMPLE_RATE = 768000
+
+_CHANNELS_HINT = ("average the channels to one mono clip with x.mean(axis=1), or pass one "
+                  "clip per channel with x.T (a (C, T) batch)")
+
+
+def _is_scalar_number(x: Any) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return True
+    return isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf"
+
+
+def split_audio_pair(value: Any, *, op: str = "AudioPreprocessor", where: str = "audio"
+                     ) -> Optional[Tuple[Any, int]]:
+    """``(waveform, sample_rate)`` when ``value`` is such a pair, else None.
+
+    A pair is a 2-element tuple or list whose first element is a waveform (an array or a
+    list of numbers, not a number) and whose second is a number: the clip's sample rate in
+    Hz (an int, an integral float, or a 0-d integer array, as the distributed payload carries
+    it). Two numbers are a 2-sample waveform, not a pair.
+
+    Raises
+    ------
+    ArgumentError
+        The rate is not a whole number in [MIN_ITEM_SAMPLE_RATE, MAX_ITEM_SAMPLE_RATE], or
+        the first element is a file path (files carry their own rate).
+    """
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not _is_scalar_number(value[1]) or _is_scalar_number(value[0])):
+        return None
+    wave, rate = value
+    if isinstance(wave, (str, bytes, os.PathLike)):
+        raise ArgumentError(f"[{op}] {where} pairs the file {os.fsdecode(wave)!r} with a sample "
+                            "rate; files carry their own rate: pass the path alone")
+    r = rate.item() if isinstance(rate, np.ndarray) else rate
+    if (isinstance(r, (float, np.floating)) and not float(r).is_integer()) or not (
+            MIN_ITEM_SAMPLE_RATE <= float(r) <= MAX_ITEM_SAMPLE_RATE):
+        raise ArgumentError(f"[{op}] {where} is a (waveform, sample_rate) pair with sample_rate="
+                            f"{r!r}; expected a whole number of Hz in [{MIN_ITEM_SAMPLE_RATE}, "
+                            f"{MAX_ITEM_SAMPLE_RATE}]")
+    return wave, int(r)
+
+
+def _float_dtype_error(op: str, where: str, arr: np.ndarray) -> ShapeError:
+    hint = (" (integer PCM: divide int16 by 32768)"
+            if np.issubdtype(arr.dtype, np.integer) else "")
+    return ShapeError(f"[{op}] {where} has shape {arr.shape} and dtype {arr.dtype}, expected "
+                      f"float audio in [-1, 1]{hint}")
+
+
+def _check_clip(op: str, where: str, clip: Any) -> None:
+    """ShapeError unless ``clip`` is one 1-D float waveform (lists of numbers included)."""
+    arr = clip if isinstance(clip, np.ndarray) else np.asarray(clip)
+    if arr.dtype == object:
+        raise ShapeError(f"[{op}] {where} is not a numeric array (ragged or mixed items?); "
+                         "expected a 1-D float waveform (T,)")
+    if arr.ndim != 1:
+        hint = ""
+        if arr.ndim == 2 and min(arr.shape) <= CHANNEL_LIKE_MAX:
+            hint = (f"; for a multichannel clip (T, C) or (C, T), average the channels to one "
+                    f"mono clip (x.mean(axis=1) for (T, C), x.mean(axis=0) for (C, T))")
+        raise ShapeError(f"[{op}] {where} has shape {arr.shape}, expected a 1-D waveform "
+                         f"(T,){hint}")
+    if arr.dtype.kind != "f":
+        raise _float_dtype_error(op, where, arr)
+
+
+def check_clip_batch(shape: Tuple[int, ...], *, op: str = "AudioPreprocessor",
+                     where: str = "audio") -> None:
+    """Refuse a 2-D float array of ``shape`` that is not clearly a ``(B, T)`` batch of clips.
+
+    A ``(B, T)`` array is never taken for anything else: with ``T <= CHANNEL_LIKE_MAX`` (it
+    looks like soundfile's ``(T, C)`` multichannel layout) or ``T < MIN_BATCH_CLIP_SAMPLES``
+    it is refused with a ShapeError saying how to pass channels, and an empty batch
+    (``B = 0``) is refused too.
+    """
+    B, T = int(shape[0]), int(shape[1])
+    if B == 0:
+        raise ShapeError(f"[{op}] {where} is an empty batch (B = 0)")
+    if T <= CHANNEL_LIKE_MAX:
+        raise ShapeError(f"[{op}] {where} has shape {tuple(shape)}: a 2-D array is a batch "
+                         f"(B, T) of B clips of T samples, and {T} sample(s) per clip looks "
+                         f"like a (T, C) multichannel layout (soundfile.read returns stereo "
+                         f"as (T, 2)), which is not taken as {B} clips; {_CHANNELS_HINT}")
+    if T < MIN_BATCH_CLIP_SAMPLES:
+        raise ShapeError(f"[{op}] {where} has shape {tuple(shape)}: a 2-D array is a batch "
+                         f"(B, T) of B clips of T samples, and clips of {T} samples (fewer "
+                         f"than {MIN_BATCH_CLIP_SAMPLES}) are too short to be audio; if it is "
+                         f"a (T, C) multichannel array, {_CHANNELS_HINT}")
+
+
+def audio_batch_size(audio: Any, *, op: str = "AudioPreprocessor", where: str = "audio") -> int:
+    """The number of clips in a raw audio input, after checking its layout (not its values).
+
+    Accepted (see :class:`AudioPreprocessor`): a path; a 1-D float waveform ``(T,)`` (or a
+    list of numbers); a ``(waveform, sample_rate)`` pair; a 2-D float batch ``(B, T)`` (see
+    :func:`check_clip_batch`); a list/tuple of paths, 1-D waveforms and pairs.
+
+    Raises
+    ------
+    ShapeError
+        Any other rank, dtype or layout; the message names ``where`` and what is accepted.
+    ArgumentError
+        A pair with an invalid rate (see :func:`split_audio_pair`).
+    """
+    if isinstance(audio, (str, bytes, os.PathLike)):
+        return 1
+    pair = split_audio_pair(audio, op=op, where=where)
+    if pair is not None:
+        _check_clip(op, f"the waveform of {where}", pair[0])
+        return 1
+    if isinstance(audio, (list, tuple)):
+        if len(audio) == 0:
+            raise ShapeError(f"[{op}] {where} is an empty batch")
+        if all(_is_scalar_number(a) for a in audio):
+            return 1                                        # one waveform as a list
+        for i, a in enumerate(audio):
+            if isinstance(a, (str, bytes, os.PathLike)):
+                continue
+            p = split_audio_pair(a, op=op, where=f"{where} item {i}")
+            _check_clip(op, f"{where} item {i}" if p is None
+                        else f"the waveform of {where} item {i}", a if p is None else p[0])
+        return len(audio)
+    try:
+        arr = np.asarray(audio)
+    except Exception as exc:
+        raise ShapeError(f"[{op}] {where} cannot be converted to an array: {exc}") from None
+    if arr.dtype == object or arr.ndim == 0:
+        raise ShapeError(f"[{op}] {where} has shape {arr.shape} and dtype {arr.dtype}, "
+                         "expected a 1-D float waveform (T,), a (B, T) batch, a "
+                         "(waveform, sample_rate) pair, a path, or a list of those")
+    if arr.dtype.kind != "f":
+        raise _float_dtype_error(op, where, arr)
+    if arr.ndim == 1:
+        return 1
+    if arr.ndim == 2:
+        check_clip_batch(arr.shape, op=op, where=where)
+        return int(arr.shape[0])
+    raise ShapeError(f"[{op}] {where} has {arr.ndim} dims (shape {arr.shape}), expected 1 (T,) "
+                     "or 2 (B, T), a (waveform, sample_rate) pair, a path or a list of those")
+
+
 class AudioPreprocessor:
     """Turn waveforms or audio files into a padded batch of features in one op call.
 
@@ -283,16 +439,26 @@ class AudioPreprocessor:
     ----
     ``preprocessor(audio, *, sampling_rate=None)`` where ``audio`` is one of
 
-    * a 1-D float array (one waveform) or a list of numbers;
-    * a 2-D float array ``(B, T)`` (a batch of equal-length waveforms);
-    * a list/tuple of 1-D arrays of different lengths and/or file paths;
+    * a 1-D float array ``(T,)`` (one waveform) or a list of numbers;
+    * a ``(waveform, sample_rate)`` pair (a 2-element tuple or list): one 1-D waveform and
+      its rate in Hz (an int in [1000, 768000]);
+    * a 2-D float array ``(B, T)``: a batch of ``B`` equal-length waveforms, one per row;
+    * a list/tuple of 1-D arrays of different lengths, ``(waveform, sample_rate)`` pairs
+      and/or file paths;
     * a file path (str or os.PathLike).
 
+    Channels: a 2-D array is always a batch of clips, never channels. soundfile returns
+    multichannel audio as ``(T, C)``; such an array (``T <= 8``, or fewer than 64 samples per
+    "clip") is refused with a :class:`~mmcore.errors.ShapeError` rather than taken as ``T``
+    tiny clips: average it to mono yourself (``x.mean(axis=1)``), or pass ``x.T`` to encode
+    one clip per channel. Files are mixed to mono by the decoder (``config.mono``).
+
     Files are decoded with :func:`load_audio` at ``config.sample_rate`` (mixed to mono when
-    ``config.mono``). Arrays are taken to be at ``sampling_rate`` Hz (default
-    ``config.sample_rate``) and resampled with soxr when that differs. Arrays must be floating
-    point (float16/32/64, computed in float32) and finite; integer PCM must be scaled first
-    (int16: divide by 32768).
+    ``config.mono``). A pair's waveform is at the pair's rate; other arrays are taken to be
+    at ``sampling_rate`` Hz (default ``config.sample_rate``). Either is resampled to
+    ``config.sample_rate`` with :func:`resample` (soxr "HQ", as :func:`load_audio` does) when
+    it differs. Arrays must be floating point (float16/32/64, computed in float32) and finite;
+    integer PCM must be scaled first (int16: divide by 32768).
 
     Lengths: an item longer than ``config.max_length_s`` is cut to it (raises ShapeError with
     ``truncation=False``). Then ``padding="max_length"`` zero-pads or cuts every item to
@@ -354,21 +520,26 @@ class AudioPreprocessor:
         cfg = self.config
         if isinstance(audio, (str, bytes, os.PathLike)):
             return [self._load(audio, 0)]
+        audio_batch_size(audio)                          # layout checks (ShapeError)
+        pair = split_audio_pair(audio)
+        if pair is not None:
+            return [self._array(pair[0], 0, pair[1])]
         if isinstance(audio, (list, tuple)):
-            if len(audio) == 0:
-                raise ShapeError("[AudioPreprocessor] audio is an empty batch")
-            if all(isinstance(a, (int, float, np.integer, np.floating))
-                   and not isinstance(a, bool) for a in audio):
+            if all(_is_scalar_number(a) for a in audio):
                 return [self._array(audio, 0, sampling_rate)]  # one waveform as a list
-            return [self._load(a, i) if isinstance(a, (str, bytes, os.PathLike))
-                    else self._array(a, i, sampling_rate)
-                    for i, a in enumerate(audio)]
+            items = []
+            for i, a in enumerate(audio):
+                if isinstance(a, (str, bytes, os.PathLike)):
+                    items.append(self._load(a, i))
+                    continue
+                p = split_audio_pair(a, where=f"audio item {i}")
+                items.append(self._array(a, i, sampling_rate) if p is None
+                             else self._array(p[0], i, p[1]))
+            return items
         arr = self._as_float(audio, "audio")
         if arr.ndim == 1:
             return [self._resampled(arr, sampling_rate)]
         if arr.ndim == 2:
-            if arr.shape[0] == 0:
-                raise ShapeError("[AudioPreprocessor] audio is an empty batch (B = 0)")
             if sampling_rate is not None and sampling_rate != cfg.sample_rate:
                 arr = resample(arr, sampling_rate, cfg.sample_rate)
             return list(arr)
@@ -409,8 +580,7 @@ class AudioPreprocessor:
     def _array(self, a: Any, i: int, sampling_rate: Optional[int]) -> np.ndarray:
         arr = self._as_float(a, f"item {i}")
         if arr.ndim != 1:
-            raise ShapeError(f"[AudioPreprocessor] item {i} has shape {arr.shape}, expected a "
-                             "1-D waveform (T,)")
+            _check_clip("AudioPreprocessor", f"item {i}", arr)
         return self._resampled(arr, sampling_rate)
 
     def _resampled(self, x: np.ndarray, sampling_rate: Optional[int]) -> np.ndarray:

@@ -1,0 +1,322 @@
+"""Mistaken inputs at the model boundary: missing / special files, audio channel layouts and
+sample rates, channels-last float images, and what ``mmcore run`` cuts."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from mmcore.errors import (ArgumentError, AudioDecodeError, ImageDecodeError, MMCoreError,
+                           ShapeError, VideoDecodeError)
+from mmcore.model import MultiModalInput, default_model
+from mmcore.model.encoders import ModalityEncoder
+
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("soxr")
+
+from mmcore.preprocess import AudioPreprocessor, resample  # noqa: E402
+
+CACHE = [pytest.param(None, id="cache-on"), pytest.param(False, id="cache-off")]
+ERRORS = {"image": ImageDecodeError, "audio": AudioDecodeError, "video": VideoDecodeError}
+EXT = {"image": ".png", "audio": ".wav", "video": ".mp4"}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {None: default_model(seed=0), False: default_model(seed=0, cache=False)}
+
+
+def _speech(seconds: float, sr: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.shape)
+    return x.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# item: one error type for a file that is missing or not a regular file, cache on or off
+
+@pytest.mark.parametrize("cache", CACHE)
+@pytest.mark.parametrize("kind", ["image", "audio", "video"])
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "path"])
+def test_missing_file_raises_the_modalitys_decode_error(models, cache, kind, as_list, tmp_path):
+    path = str(tmp_path / f"nonexistent{EXT[kind]}")
+    value = [path] if as_list else path
+    with pytest.raises(ERRORS[kind], match=r"^\[MultiModalModel\] .*nonexistent.*does not exist"):
+        models[cache].infer({kind: value})
+    with pytest.raises(ERRORS[kind], match="nonexistent"):
+        models[cache].encode_modality(kind, value)        # what a shard node runs
+
+
+def _run_bounded(fn, seconds=30.0):
+    """fn() in a daemon thread; (finished, exception)."""
+    box = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            box["exc"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive(), box.get("exc")
+
+
+@pytest.mark.parametrize("cache", CACHE)
+@pytest.mark.parametrize("kind", ["image", "audio", "video"])
+def test_fifo_and_directory_are_refused_without_blocking(models, cache, kind, tmp_path):
+    fifo = str(tmp_path / f"pipe{EXT[kind]}")
+    os.mkfifo(fifo)
+    folder = tmp_path / f"folder{EXT[kind]}"
+    folder.mkdir()
+    try:
+        for path, what in ((fifo, "FIFO"), (str(folder), "directory")):
+            done, exc = _run_bounded(lambda: models[cache].infer({kind: [path]}))
+            assert done, f"infer blocked on a {what}"
+            assert isinstance(exc, ERRORS[kind]), repr(exc)
+            assert what in str(exc) and os.path.basename(path) in str(exc)
+    finally:
+        try:                                   # release a reader stuck on the FIFO, if any
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
+def test_cache_keying_reads_only_regular_files(tmp_path):
+    """The cache's own file read (the key of a path item) refuses a FIFO too."""
+    from mmcore.model.model import _item_data
+    fifo = str(tmp_path / "p.png")
+    os.mkfifo(fifo)
+    done, exc = _run_bounded(lambda: _item_data("image", fifo))
+    assert done and isinstance(exc, ImageDecodeError) and "FIFO" in str(exc)
+    missing = str(tmp_path / "gone.wav")
+    with pytest.raises(AudioDecodeError, match="gone.wav"):
+        _item_data("audio", missing)
+
+
+def test_text_path_object_is_refused(models, tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("hello")
+    with pytest.raises(ShapeError, match=r"^\[MultiModalInput\].*text.*read the file"):
+        models[None].infer({"text": p})
+
+
+# --------------------------------------------------------------------------------------------
+# item: audio channels and sample rates
+
+@pytest.mark.parametrize("cache", CACHE)
+@pytest.mark.parametrize("shape", [(88200, 2), (88200, 1), (44100, 8), (88200, 16), (1000, 63)])
+def test_channels_last_audio_is_refused_not_taken_as_tiny_clips(models, cache, shape):
+    stereo = np.zeros(shape, np.float32)      # as soundfile.read returns multichannel audio
+    done, exc = _run_bounded(lambda: models[cache].infer({"audio": stereo}), seconds=20)
+    assert done
+    assert isinstance(exc, ShapeError), repr(exc)
+    msg = str(exc)
+    assert msg.startswith("[MultiModalInput] modality_inputs['audio']")
+    assert str(shape) in msg and "(T, C)" in msg and "mean(axis=1)" in msg and "x.T" in msg
+
+
+def test_preprocessor_refuses_channels_last_too():
+    pre = AudioPreprocessor()
+    with pytest.raises(ShapeError, match=r"\(T, C\) multichannel"):
+        pre(np.zeros((88200, 2), np.float32))
+    with pytest.raises(ShapeError, match=r"item 1 has shape \(16000, 2\).*mean"):
+        pre([np.zeros(100, np.float32), np.zeros((16000, 2), np.float32)])
+
+
+def test_channels_first_stereo_is_a_batch_of_channels(models):
+    x = np.stack([_speech(1.0, 16000, 1), _speech(1.0, 16000, 2)])         # (C, T)
+    out = models[False].infer({"audio": x})
+    assert out.fused.shape == (2, 64)
+    mono = models[False].infer({"audio": x.T.mean(axis=1)})
+    assert mono.fused.shape == (1, 64)
+
+
+@pytest.mark.parametrize("cache", CACHE)
+def test_audio_pair_is_resampled_like_load_audio(models, cache):
+    model = models[cache]
+    model.clear_cache()
+    w44 = _speech(1.5, 44100, 3)
+    w22 = _speech(0.7, 22050, 4)
+    ref = model.infer({"audio": [resample(w44, 44100, 16000),
+                                 resample(w22, 22050, 16000)]}).fused
+    got = model.infer({"audio": [(w44, 44100), (w22, 22050)]}).fused
+    np.testing.assert_array_equal(got, ref)
+    one = model.infer({"audio": (w44, 44100)}).fused
+    np.testing.assert_array_equal(one[0], ref[0])
+    as_list = model.infer({"audio": [w44, 44100]}).fused            # a pair given as a list
+    np.testing.assert_array_equal(as_list, one)
+    w16 = _speech(1.0, 16000, 5)
+    np.testing.assert_array_equal(model.infer({"audio": (w16, 16000)}).fused,
+                                  model.infer({"audio": w16}).fused)
+
+
+def test_audio_pair_rate_is_part_of_the_cache_key(models):
+    cached, plain = models[None], models[False]
+    cached.clear_cache()
+    w = _speech(1.0, 16000, 6)
+    for rate in (16000, 32000, 8000):
+        np.testing.assert_array_equal(cached.infer({"audio": (w, rate)}).fused,
+                                      plain.infer({"audio": (w, rate)}).fused)
+    assert not np.array_equal(cached.infer({"audio": (w, 32000)}).fused,
+                              cached.infer({"audio": (w, 16000)}).fused)
+
+
+def test_audio_pair_through_the_preprocessor():
+    pre = AudioPreprocessor()
+    w = _speech(1.0, 48000, 7)
+    np.testing.assert_array_equal(pre((w, 48000))["input_features"],
+                                  pre(w, sampling_rate=48000)["input_features"])
+    # the pair's own rate wins over sampling_rate
+    np.testing.assert_array_equal(pre([(w, 48000)], sampling_rate=8000)["input_features"],
+                                  pre(w, sampling_rate=48000)["input_features"])
+
+
+@pytest.mark.parametrize("value, error, frag", [
+    ((np.zeros(16000, np.float32), 0), ArgumentError, "sample_rate=0"),
+    ((np.zeros(16000, np.float32), 44100.5), ArgumentError, "whole number"),
+    ((np.zeros(16000, np.float32), 10 ** 9), ArgumentError, "768000"),
+    (("some.wav", 44100), ArgumentError, "files carry their own rate"),
+    ((np.zeros((2, 16000), np.float32), 44100), ShapeError, r"waveform .*\(2, 16000\)"),
+    ([(np.zeros(16000, np.int16), 44100)], ShapeError, "int16"),
+])
+def test_bad_audio_pairs(models, value, error, frag):
+    with pytest.raises(error, match=frag):
+        models[None].infer({"audio": value})
+    with pytest.raises(error, match=frag):
+        AudioPreprocessor()(value)
+
+
+def test_audio_pair_survives_the_distributed_payload(models):
+    from mmcore.distributed.payload import pack_input, unpack_input
+    w = _speech(1.0, 44100, 8)
+    desc, arrays = pack_input("audio", (w, 44100))
+    value = unpack_input(desc, arrays, tmpdir=None)
+    model = models[False]
+    got = model.encode_modality("audio", value)
+    ref = model.encode_modality("audio", (w, 44100))
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# item: layouts and dtypes checked where they enter infer
+
+@pytest.fixture
+def no_encoder_calls(monkeypatch):
+    calls = []
+    orig = ModalityEncoder.__call__
+
+    def spy(self, *a, **kw):
+        calls.append(self.modality)
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(ModalityEncoder, "__call__", spy)
+    monkeypatch.setattr(ModalityEncoder, "embed",
+                        lambda self, *a, **kw: calls.append(self.modality))
+    yield calls
+    assert calls == [], f"encoders ran before the input was refused: {calls}"
+
+
+@pytest.mark.parametrize("cache", CACHE)
+def test_float_channels_last_image_is_refused_at_entry(models, cache, no_encoder_calls):
+    x = np.zeros((2, 48, 64, 3), np.float32)
+    with pytest.raises(ShapeError) as info:
+        models[cache].infer({"text": ["a", "b"], "image": x})
+    msg = str(info.value)
+    assert msg.startswith("[MultiModalInput] modality_inputs['image']")
+    assert "(2, 48, 64, 3)" in msg and "float32" in msg
+    assert "transpose to (B, 3, H, W)" in msg and "uint8" in msg and "preprocessed" in msg
+
+
+@pytest.mark.parametrize("value, frags", [
+    (np.zeros((2, 3, 48, 48), np.uint8), ["channels-first", "transpose(0, 2, 3, 1)"]),
+    (np.zeros((3, 48, 48), np.uint8), ["channels-first", "transpose(1, 2, 0)"]),
+    (np.zeros((48, 48), np.uint8), ["RGB"]),
+    (np.zeros((1, 48, 48, 4), np.uint8), ["RGB"]),
+    (np.zeros((1, 48, 48, 3), np.int64), ["int64", "astype(np.uint8)"]),
+    (np.zeros((48, 48, 3), np.float32), ["(H, W, C)", "uint8"]),
+    (np.zeros((1, 3, 40, 40), np.float32), ["modality 'image'", "multiples of 16"]),
+    (np.zeros((1, 16, 100), np.float32), ["modality 'image'", "patches (B, N, 768)"]),
+])
+def test_image_layout_errors_name_what_is_expected(models, value, frags, no_encoder_calls):
+    with pytest.raises(ShapeError) as info:
+        models[None].infer({"image": value})
+    msg = str(info.value)
+    assert msg.startswith("[MultiModalInput]") or msg.startswith("[MultiModalModel]")
+    assert "image" in msg and str(value.shape) in msg
+    for f in frags:
+        assert f in msg, msg
+
+
+@pytest.mark.parametrize("modality, value, frags", [
+    ("video", np.zeros((1, 8, 32, 32, 3), np.float32), ["(B, T, 3, H, W)",
+                                                         "transpose(0, 1, 4, 2, 3)"]),
+    ("video", np.zeros((1, 8, 3, 32, 32), np.uint8), ["channels-first"]),
+    ("video", np.zeros((8, 3, 32, 32), np.float32), ["batch axis"]),
+    ("audio", np.zeros((2, 200, 80), np.float32), ["modality 'audio'", "(B, 80, frames)",
+                                                   "transpose(0, 2, 1)"]),
+    ("audio", np.zeros((2, 16000), np.int16), ["int16", "32768"]),
+    ("audio", np.zeros((2, 3, 4, 5), np.float32), ["4 dims"]),
+    ("text", np.zeros(5, np.int64), ["batch axis"]),
+    ("text", np.zeros((1, 5), np.float32), ["integers"]),
+])
+def test_other_layout_errors(models, modality, value, frags, no_encoder_calls):
+    with pytest.raises(ShapeError) as info:
+        models[None].infer({modality: value})
+    msg = str(info.value)
+    assert isinstance(info.value, MMCoreError) and msg.startswith("[")
+    assert modality in msg and str(value.shape) in msg
+    for f in frags:
+        assert f in msg, msg
+
+
+def test_accepted_layouts_still_work(models):
+    m = models[False]
+    assert m.infer({"image": np.zeros((2, 3, 64, 64), np.float32)}).fused.shape == (2, 64)
+    assert m.infer({"image": np.zeros((48, 40, 3), np.uint8)}).fused.shape == (1, 64)
+    assert m.infer({"audio": np.zeros((3, 100), np.float32)}).fused.shape == (3, 64)
+    assert m.infer({"audio": np.zeros((2, 80, 200), np.float32)}).fused.shape == (2, 64)
+    assert MultiModalInput({"video": {"pixel_values": np.zeros((8, 3, 32, 32),
+                                                               np.float32)}}).batch_size == 1
+
+
+# --------------------------------------------------------------------------------------------
+# item: mmcore run says what it cuts
+
+def test_run_reports_truncated_text_and_audio(tmp_path, capsys):
+    from mmcore.cli import main
+    wav = tmp_path / "five_seconds.wav"
+    sf.write(wav, _speech(5.0, 22050, 9), 22050)
+    assert main(["run", "--text", "x" * 200, "--audio", str(wav)]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "note" in ln]
+    assert len(lines) == 2, err
+    text = next(ln for ln in lines if "--text" in ln)
+    assert "201 tokens" in text and "64 tokens" in text and "max_length=64" in text
+    audio = next(ln for ln in lines if "--audio" in ln)
+    assert "five_seconds.wav" in audio and "5.00 s" in audio and "2.00 s" in audio
+    assert "chunk_length_s=2" in audio
+
+
+def test_run_is_quiet_when_nothing_is_cut(tmp_path, capsys):
+    from mmcore.cli import main
+    wav = tmp_path / "short.wav"
+    sf.write(wav, _speech(1.5, 22050, 10), 22050)
+    assert main(["run", "--text", "x" * 60, "--audio", str(wav)]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
+def test_run_refuses_a_fifo_without_blocking(tmp_path, capsys):
+    from mmcore.cli import main
+    fifo = str(tmp_path / "pipe.wav")
+    os.mkfifo(fifo)
+    box = {}
+    done, exc = _run_bounded(lambda: box.setdefault("rc", main(["run", "--audio", fifo])))
+    assert done and exc is None and box["rc"] == 1
+    assert "FIFO" in capsys.readouterr().err
