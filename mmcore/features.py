@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -36,9 +37,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._files import check_regular, file_kind
 from ._version import __version__
 from .config import PreprocessingConfig
-from .errors import ConfigError, MMCoreError, ModalityError, ShapeError
+from .errors import ConfigError, MMCoreError, ModalityError, ShapeError, VideoDecodeError
 from .modality import Modality
 
 __all__ = ["extract_features", "FeatureReport", "FEATURE_MODALITIES", "METADATA_FORMAT"]
@@ -249,6 +251,14 @@ def _check_output(output: Any) -> Optional[str]:
                           f"{type(output).__name__}") from None
     if os.path.isdir(out):
         raise ConfigError(f"[{_OP}] output {out!r} is a directory; give a file name")
+    try:
+        st = os.stat(out)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        # the output replaces the path it names: never a FIFO or a device (/dev/stdout)
+        raise ConfigError(f"[{_OP}] output {out!r} is {file_kind(st.st_mode)}, not a regular "
+                          "file; give a file name")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise ConfigError(f"[{_OP}] output {out!r}: folder {parent!r} does not exist")
@@ -286,8 +296,9 @@ class _Runner:
             return x
         if self.name == "image":
             return P.load_image(path, max_pixels=self.pre.max_pixels)
-        if not os.path.isfile(os.fspath(path)):  # video decodes in compute; fail early here
-            raise FileNotFoundError(f"[{_OP}] {os.fsdecode(os.fspath(path))!r}: no such file")
+        # video decodes in compute; fail early here (a FIFO or device: without reading it)
+        check_regular(os.fsdecode(os.fspath(path)), what="video file", error=VideoDecodeError,
+                      op=_OP)
         return path
 
     def compute(self, items: List[Any]) -> List[Tuple[np.ndarray, Dict[str, Any]]]:
@@ -368,6 +379,12 @@ def extract_features(modality: Any, paths: Sequence[PathLike], output: Optional[
         ``model`` is a directory that is not a valid saved model.
 
     A file that cannot be read never raises: it is listed in :attr:`FeatureReport.failed`.
+    That includes inputs that are not regular files (a FIFO, a device such as ``/dev/zero``
+    or ``/dev/stdin``, a directory): they are refused without being read, so they cannot
+    block the run. Files larger than the loaders' default limits (``max_duration_s`` and
+    ``max_samples`` of :func:`~mmcore.preprocess.load_audio`, ``max_pixels`` and ``max_bytes``
+    of :func:`~mmcore.preprocess.load_video`, ``max_pixels`` of
+    :func:`~mmcore.preprocess.load_image`) are listed the same way.
 
     Examples
     --------

@@ -14,13 +14,15 @@ soundfile and soxr are imported on first use, so ``import mmcore`` does not need
 
 from __future__ import annotations
 
+import math
 import os
 import struct
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import ops
+from .._files import open_regular
 from ..config import PreprocessingConfig
 from ..errors import ArgumentError, AudioDecodeError, ConfigError, ShapeError
 
@@ -41,6 +43,16 @@ _WAV_UNKNOWN_SIZE = 0x7FFFF000
 _ESTIMATED_LENGTH_FORMATS = ("MP3", "MPEG")
 # Natural-log floor of the plain log-mel (preset None).
 LOG_MEL_FLOOR = 1e-10
+
+#: Default ``max_duration_s`` of :func:`load_audio`: 4 hours, read from the file's header
+#: (frames / sample rate) before decoding.
+MAX_AUDIO_DURATION_S = 4 * 3600.0
+#: Default ``max_samples`` of :func:`load_audio`: 2**29 samples (2 GiB as float32), counted
+#: over the channels kept (1 with ``mono=True``), both as decoded at the file's rate and as
+#: returned after resampling: 9.3 hours at 16 kHz, 3.1 hours at 48 kHz.
+MAX_AUDIO_SAMPLES = 1 << 29
+# Frames read per call while decoding (divided by the channel count).
+_READ_BLOCK = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +87,9 @@ def _check_rate(op: str, name: str, value: Any, *, optional: bool) -> Optional[i
     return int(value)
 
 
-def _wav_truncation(path: str) -> Optional[str]:
-    """For a RIFF/WAVE file, say how it is truncated (None: complete or not a RIFF file).
+def _wav_truncation(f: BinaryIO) -> Optional[str]:
+    """For a RIFF/WAVE file open in ``f``, say how it is truncated (None: complete or not a
+    RIFF file). Leaves ``f`` at offset 0.
 
     libsndfile reads a WAV file whose ``data`` chunk is shorter than its header declares
     without complaint, returning the samples that are there; this reads the chunk headers to
@@ -84,68 +97,188 @@ def _wav_truncation(path: str) -> Optional[str]:
     2**32) are not flagged.
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(12)
-            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            if len(chunk) < 8:
                 return None
-            pos = 12
-            while pos + 8 <= size:
-                f.seek(pos)
-                chunk = f.read(8)
-                if len(chunk) < 8:
+            cid, csize = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                if csize == 0 or csize >= _WAV_UNKNOWN_SIZE:
                     return None
-                cid, csize = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-                if cid == b"data":
-                    if csize == 0 or csize >= _WAV_UNKNOWN_SIZE:
-                        return None
-                    have = size - (pos + 8)
-                    if have < csize:
-                        return (f"truncated: the header declares {csize} bytes of audio data but "
-                                f"the file holds {have}")
-                    return None
-                pos += 8 + csize + (csize & 1)
-            return None  # no data chunk: libsndfile reports that itself
+                have = size - (pos + 8)
+                if have < csize:
+                    return (f"truncated: the header declares {csize} bytes of audio data but "
+                            f"the file holds {have}")
+                return None
+            pos += 8 + csize + (csize & 1)
+        return None  # no data chunk: libsndfile reports that itself
     except OSError:
         return None
+    finally:
+        try:
+            f.seek(0)
+        except OSError:
+            pass
 
 
-def _decode(path: Any, op: str) -> Tuple[np.ndarray, int]:
-    """Decode ``path`` to float32 (frames, channels) and its sample rate."""
+def _check_limit(op: str, name: str, value: Any, default: float) -> float:
+    """A size limit argument: None -> ``default``; a positive number or ``math.inf``."""
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
+                            f"got {value!r}")
+    v = float(value)
+    if math.isnan(v) or v <= 0:
+        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
+                            f"got {value!r}")
+    return v
+
+
+def _raise_hint(name: str) -> str:
+    return f"pass {name}= a larger value, or math.inf, to load it anyway"
+
+
+class _Limits:
+    """The size limits of one :func:`load_audio` call, checked against a file's header and
+    while decoding."""
+
+    def __init__(self, op: str, shown: str, *, sr: Optional[int], mono: bool,
+                 max_duration_s: float, max_samples: float):
+        self.op, self.shown, self.sr, self.mono = op, shown, sr, mono
+        self.max_duration_s, self.max_samples = max_duration_s, max_samples
+
+    def _fail(self, msg: str) -> AudioDecodeError:
+        return AudioDecodeError(f"[{self.op}] audio file {self.shown} {msg}")
+
+    def kept(self, channels: int) -> int:
+        return 1 if self.mono else channels
+
+    def check(self, frames: int, rate: int, channels: int, *, decoded: bool = False) -> None:
+        """Refuse ``frames`` frames at ``rate`` Hz (from the header, or ``decoded`` so far)."""
+        what = "decodes to" if decoded else "declares"
+        seconds = frames / rate
+        if seconds > self.max_duration_s:
+            raise self._fail(f"{what} {frames} frames at {rate} Hz = {seconds:.1f} s, longer "
+                             f"than max_duration_s={self.max_duration_s:g} "
+                             f"({_raise_hint('max_duration_s')})")
+        ch = self.kept(channels)
+        held = frames * ch
+        if held > self.max_samples:
+            raise self._fail(f"{what} {frames} frames x {ch} channel(s) = {held} samples at "
+                             f"{rate} Hz, more than max_samples={self.max_samples:.0f} "
+                             f"({_raise_hint('max_samples')})")
+        if self.sr is not None and self.sr != rate:
+            out = math.ceil(frames * self.sr / rate) * ch
+            if out > self.max_samples:
+                raise self._fail(f"{what} {frames} frames at {rate} Hz, which resample to "
+                                 f"{out} samples at {self.sr} Hz, more than max_samples="
+                                 f"{self.max_samples:.0f} ({_raise_hint('max_samples')})")
+
+
+def _read(f, limits: "_Limits", rate: int, channels: int, declared: int) -> np.ndarray:
+    """Read the rest of the open SoundFile ``f``: float32 (frames, channels kept), mixed to
+    mono block by block (so the file's channels are never held all at once) with
+    ``limits.mono``. The frame count is checked against ``limits`` as blocks come in, so a
+    header that understates the length cannot get past them."""
+    kept = limits.kept(channels)
+    block = max(1, _READ_BLOCK // channels)
+    if declared >= 0 and (kept == channels or channels == 1):
+        # exact length and nothing to mix: one read into the result
+        out = np.empty((declared, channels), np.float32)
+        got = f.read(out=out) if declared else out
+        return out[:len(got)]
+    if declared >= 0:
+        out = np.empty((declared, 1), np.float32)
+        n = 0
+        while n < declared:
+            data = f.read(min(block, declared - n), dtype="float32", always_2d=True)
+            if data.shape[0] == 0:
+                break
+            data.mean(axis=1, dtype=np.float32, out=out[n:n + data.shape[0], 0])
+            n += data.shape[0]
+        return out[:n]
+    parts = []
+    n = 0
+    while True:
+        data = f.read(block, dtype="float32", always_2d=True)
+        if data.shape[0] == 0:
+            break
+        n += data.shape[0]
+        limits.check(n, rate, channels, decoded=True)
+        if kept == 1 and channels > 1:
+            data = data.mean(axis=1, dtype=np.float32)[:, None]
+        parts.append(data)
+    if not parts:
+        return np.zeros((0, kept), np.float32)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s: float,
+            max_samples: float) -> Tuple[np.ndarray, int]:
+    """Decode ``path`` to float32 (frames, channels kept) and its sample rate, refusing files
+    whose header exceeds the limits before decoding them."""
     sf = _import_soundfile()
+    fh: Optional[BinaryIO] = None
     if isinstance(path, (str, bytes, os.PathLike)):
         fname = os.fsdecode(path)
         shown = repr(fname)
-        if not os.path.exists(fname):
-            raise AudioDecodeError(f"[{op}] audio file {shown} does not exist")
-        if os.path.isdir(fname):
-            raise AudioDecodeError(f"[{op}] audio file {shown} is a directory")
-        problem = _wav_truncation(fname)
+        # regular files only: a FIFO or a device would block or never end
+        fh = open_regular(fname, what="audio file", error=AudioDecodeError, op=op)
+        problem = _wav_truncation(fh)
         if problem is not None:
+            fh.close()
             raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: {problem}")
-        source: Any = fname
+        source: Any = fh.fileno()
+        # libsndfile reads the descriptor from its offset (the buffered seek above may not
+        # have moved it)
+        os.lseek(source, 0, os.SEEK_SET)
     elif hasattr(path, "read"):
         source = path
         shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
     else:
         raise ShapeError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
                          f"got {type(path).__name__}")
+    limits = _Limits(op, shown, sr=sr, mono=mono, max_duration_s=max_duration_s,
+                     max_samples=max_samples)
     try:
-        with sf.SoundFile(source) as f:
-            rate = int(f.samplerate)
-            # MP3 frame counts can be estimates (VBR without a seek table): not checked
-            exact = f.seekable() and f.format not in _ESTIMATED_LENGTH_FORMATS
-            declared = int(f.frames) if exact else -1
-            data = f.read(dtype="float32", always_2d=True)
-    except (RuntimeError, TypeError, ValueError, OSError, EOFError) as exc:
-        # soundfile.LibsndfileError (a RuntimeError) for unknown formats and decoder errors
-        msg = str(exc).replace(f"Error opening {source!r}: ", "").strip().rstrip(".")
-        msg = msg.replace("Error : ", "")
-        hint = ""
-        if "not recognised" in msg.lower() or "unsupported" in msg.lower():
-            hint = ("; the installed libsndfile reads: "
-                    + ", ".join(sorted(sf.available_formats())))
-        raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: {msg}{hint}") from exc
+        try:
+            with sf.SoundFile(source, closefd=False) as f:
+                rate = int(f.samplerate)
+                channels = int(f.channels)
+                if rate < 1 or channels < 1:
+                    raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: its header "
+                                           f"declares {rate} Hz and {channels} channel(s)")
+                # MP3 frame counts can be estimates (VBR without a seek table): checked against
+                # the limits, not for truncation
+                seekable = f.seekable()
+                exact = seekable and f.format not in _ESTIMATED_LENGTH_FORMATS
+                if seekable:
+                    limits.check(int(f.frames), rate, channels)
+                declared = int(f.frames) if exact else -1
+                data = _read(f, limits, rate, channels, declared)
+        except AudioDecodeError:
+            raise
+        except (RuntimeError, TypeError, ValueError, OSError, EOFError) as exc:
+            # soundfile.LibsndfileError (a RuntimeError) for unknown formats and decoder errors
+            msg = str(exc).replace(f"Error opening {source!r}: ", "").strip().rstrip(".")
+            msg = msg.replace("Error : ", "")
+            hint = ""
+            if "not recognised" in msg.lower() or "unsupported" in msg.lower():
+                hint = ("; the installed libsndfile reads: "
+                        + ", ".join(sorted(sf.available_formats())))
+            raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: {msg}{hint}"
+                                   ) from exc
+    finally:
+        if fh is not None:
+            fh.close()
     if declared >= 0 and data.shape[0] < declared:
         raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: truncated, "
                                f"{data.shape[0]} of the {declared} frames it declares are present")
@@ -196,8 +329,9 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int, *,
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
-def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True
-                         ) -> Tuple[np.ndarray, int]:
+def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True,
+                         max_duration_s: Optional[float] = None,
+                         max_samples: Optional[float] = None) -> Tuple[np.ndarray, int]:
     """Like :func:`load_audio`, but also return the sample rate of the result.
 
     With ``sr=None`` the file is not resampled and the rate returned is the file's own; with an
@@ -213,34 +347,52 @@ def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: boo
     >>> audio.shape, rate
     ((22050,), 22050)
     """
-    sr = _check_rate("load_audio", "sr", sr, optional=True)
+    op = "load_audio"
+    sr = _check_rate(op, "sr", sr, optional=True)
     if not isinstance(mono, (bool, np.bool_)):
-        raise ShapeError(f"[load_audio] mono must be True or False, got {mono!r}")
-    data, rate = _decode(path, "load_audio")          # (frames, channels)
-    if mono:
-        audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    else:
-        audio = data.T                                  # (channels, frames)
+        raise ShapeError(f"[{op}] mono must be True or False, got {mono!r}")
+    max_duration_s = _check_limit(op, "max_duration_s", max_duration_s, MAX_AUDIO_DURATION_S)
+    max_samples = _check_limit(op, "max_samples", max_samples, MAX_AUDIO_SAMPLES)
+    data, rate = _decode(path, op, sr=sr, mono=bool(mono), max_duration_s=max_duration_s,
+                         max_samples=max_samples)   # (frames, channels kept)
+    audio = data[:, 0] if mono else data.T          # (frames,) or (channels, frames)
     if sr is not None and sr != rate:
         audio = resample(audio, rate, sr)
         rate = sr
     return np.ascontiguousarray(audio, dtype=np.float32), rate
 
 
-def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True) -> np.ndarray:
+def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True,
+               max_duration_s: Optional[float] = None,
+               max_samples: Optional[float] = None) -> np.ndarray:
     """Decode an audio file to float32 samples in [-1, 1], resampled to ``sr``.
 
     Parameters
     ----------
     path : str, os.PathLike or binary file object
         Any format the installed libsndfile decodes (``soundfile.available_formats()``: WAV,
-        FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1, ...).
+        FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1, ...). A path must name a regular file:
+        FIFOs, devices (``/dev/zero``, ``/dev/stdin``) and directories are refused without
+        being read.
     sr : int or None, default 16000
         Target sample rate in Hz; the audio is resampled with soxr (quality "HQ") when the
         file's rate differs. None keeps the file's rate (use :func:`load_audio_with_rate` to
         get it).
     mono : bool, default True
-        Average the channels (``(T,)`` result); False keeps them (``(channels, T)``).
+        Average the channels (``(T,)`` result); False keeps them (``(channels, T)``). The
+        channels are averaged block by block while decoding, so a many-channel file never
+        sits in memory whole.
+    max_duration_s : float, math.inf or None, default None
+        Longest accepted duration in seconds (the header's frame count / sample rate),
+        checked before decoding. None uses :data:`MAX_AUDIO_DURATION_S` (4 hours);
+        ``math.inf`` disables the check.
+    max_samples : int, math.inf or None, default None
+        Most samples (frames times the channels kept: 1 with ``mono=True``) accepted both as
+        decoded at the file's rate and as returned after resampling to ``sr``, checked from
+        the header before decoding (so an absurd source rate, e.g. 1 Hz resampled to
+        16 kHz, is refused before soxr runs) and again while decoding files whose length
+        the header does not give exactly. None uses :data:`MAX_AUDIO_SAMPLES` (2**29, 2 GiB
+        as float32: 9.3 hours at 16 kHz); ``math.inf`` disables the check.
 
     Returns
     -------
@@ -249,9 +401,13 @@ def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True) 
     Raises
     ------
     AudioDecodeError
-        If the file is missing, a directory, unreadable, corrupt, truncated (detected exactly
-        for WAV from its header; for compressed formats when the decoder notices), in a format
-        libsndfile does not support, or holds NaN/inf samples. The message names the file.
+        If the file is missing, not a regular file (a directory, FIFO or device), unreadable,
+        corrupt, truncated (detected exactly for WAV from its header; for compressed formats
+        when the decoder notices), in a format libsndfile does not support, holds NaN/inf
+        samples, or is longer or larger than ``max_duration_s`` / ``max_samples``. The
+        message names the file (and the limit, with how to raise it).
+    ArgumentError
+        For a bad ``max_duration_s`` or ``max_samples``.
 
     Examples
     --------
@@ -264,7 +420,8 @@ def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True) 
     >>> load_audio(path, sr=None, mono=False).shape
     (2, 44100)
     """
-    return load_audio_with_rate(path, sr=sr, mono=mono)[0]
+    return load_audio_with_rate(path, sr=sr, mono=mono, max_duration_s=max_duration_s,
+                                max_samples=max_samples)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import ops
 from ..config import PreprocessingConfig
+from .._files import open_regular
 from ..errors import ConfigError, ImageDecodeError, ShapeError
 
 __all__ = ["load_image", "ImagePreprocessor"]
@@ -179,7 +180,8 @@ def load_image(path: Any, *, max_pixels: Optional[float] = None,
     Raises
     ------
     ImageDecodeError
-        If the file does not exist, is a directory, is not an image Pillow recognizes, is
+        If the file does not exist, is not a regular file (a directory, FIFO or device such
+        as ``/dev/zero``: refused without being read), is not an image Pillow recognizes, is
         truncated or corrupt, or has more than ``max_pixels`` pixels (a decompression bomb).
         The message names the file. (When other code in the process sets Pillow's
         ``ImageFile.LOAD_TRUNCATED_IMAGES = True``, Pillow fills truncated images in gray
@@ -201,14 +203,13 @@ def load_image(path: Any, *, max_pixels: Optional[float] = None,
     Image, ImageFile, ImageOps, UnidentifiedImageError = _import_pil()
     limit = _check_max_pixels(max_pixels, Image)
     bg = _check_background(background)
+    owned = None  # the file opened here, closed before returning
     if isinstance(path, (str, bytes, os.PathLike)):
         fname = os.fsdecode(path)
         shown = repr(fname)
-        if not os.path.exists(fname):
-            raise ImageDecodeError(f"[load_image] image file {shown} does not exist")
-        if os.path.isdir(fname):
-            raise ImageDecodeError(f"[load_image] image file {shown} is a directory")
-        source: Any = fname
+        # regular files only: a FIFO or a device would block or never end
+        owned = open_regular(fname, what="image file", error=ImageDecodeError, op="load_image")
+        source: Any = owned
     elif hasattr(path, "read"):
         source = path
         shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
@@ -222,6 +223,16 @@ def load_image(path: Any, *, max_pixels: Optional[float] = None,
             err.__cause__ = exc
         return err
 
+    try:
+        return _decode_image(source, fail, limit, bg, Image, ImageOps, UnidentifiedImageError)
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+def _decode_image(source: Any, fail, limit: float, bg: Optional[Tuple[int, int, int]], Image,
+                  ImageOps, UnidentifiedImageError) -> np.ndarray:
+    """The body of :func:`load_image` once ``source`` is an open file or file object."""
     try:
         with warnings.catch_warnings():
             # the size is checked below against max_pixels; Pillow's warning adds nothing

@@ -28,8 +28,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import ops
+from .._files import check_regular
 from ..config import PreprocessingConfig
-from ..errors import ConfigError, ShapeError, VideoDecodeError
+from ..errors import ArgumentError, ConfigError, ShapeError, VideoDecodeError
 from .image import _as_config, config_image_kwargs, preprocess_image_op
 
 __all__ = ["sample_frame_indices", "temporal_windows", "load_video", "sample_video_array",
@@ -41,6 +42,15 @@ PathLike = Union[str, bytes, "os.PathLike[str]"]
 #: Cost of a seek in decoded frames (the seek, the flush and refilling the decoder's
 #: pipeline): :func:`load_video` seeks only when that skips more frames than this.
 SEEK_COST = 4
+
+#: Default ``max_pixels`` of :func:`load_video`: the largest ``width * height`` of a frame,
+#: 8192 x 4320 (DCI 8K, which also covers 7680 x 4320 UHD 8K).
+MAX_VIDEO_FRAME_PIXELS = 8192 * 4320
+#: Default ``max_bytes`` of :func:`load_video`: the largest size of the returned uint8 RGB
+#: frames together, 8 GiB (768 frames of 1920 x 1080, or 345 of 3840 x 2160).
+MAX_VIDEO_BYTES = 8 << 30
+# FFmpeg's own max_pixels option is an int
+_FFMPEG_MAX_PIXELS = 2 ** 31 - 1
 
 
 from ..ops.video import STRATEGIES, _int_arg, _rate_arg, sample_frame_indices, temporal_windows  # noqa: E402,F401
@@ -110,6 +120,28 @@ def sample_video_array(frames: Any, *, n: Optional[int] = None, fps: Optional[fl
 # --------------------------------------------------------------------------------------------
 # decoding
 
+def _ffmpeg_max_pixels(limit: float) -> int:
+    """FFmpeg's ``max_pixels`` option for our ``max_pixels`` limit: FFmpeg checks sizes with
+    its padding (edges, alignment; several times the frame for tiny MPEG-4 frames), so it gets
+    ``(sqrt(limit) + 512) ** 2``, the exact limit being checked by mmcore itself (the default
+    8192 x 4320 gives FFmpeg 41.7 M pixels, still below an 8192 x 8192 frame's 67.1 M)."""
+    return int(min((math.sqrt(limit) + 512.0) ** 2, _FFMPEG_MAX_PIXELS))
+
+
+def _check_limit(op: str, name: str, value: Any, default: float) -> float:
+    """A size limit argument: None -> ``default``; a positive number or ``math.inf``."""
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
+                            f"got {value!r}")
+    v = float(value)
+    if math.isnan(v) or v < 1:
+        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
+                            f"got {value!r}")
+    return v
+
+
 def _import_av():
     try:
         import av
@@ -127,31 +159,39 @@ class _VideoReader:
     ``round((pts - start_time) * time_base * fps)``.
     """
 
-    def __init__(self, path: Any, *, max_threads: int, op: str):
+    def __init__(self, path: Any, *, max_threads: int, op: str,
+                 max_pixels: float = math.inf, max_bytes: float = math.inf,
+                 check_pixels: bool = True):
         av = _import_av()
         self.av = av
         self.op = op
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         if isinstance(path, (str, bytes, os.PathLike)):
             fname = os.fsdecode(path)
             self.shown = repr(fname)
-            if not os.path.exists(fname):
-                raise VideoDecodeError(f"[{op}] video file {self.shown} does not exist")
-            if os.path.isdir(fname):
-                raise VideoDecodeError(f"[{op}] video file {self.shown} is a directory")
-            source: Any = fname
+            # regular files only: a FIFO or a device would block FFmpeg or never end
+            source: Any = check_regular(fname, what="video file", error=VideoDecodeError, op=op)
+            self._path: Optional[str] = source
         elif hasattr(path, "read"):
             source = path
+            self._path = None
             self.shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
         else:
             raise ShapeError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
                              f"got {type(path).__name__}")
+        # FFmpeg's decoders refuse frames above max_pixels, also in the decoding that opening
+        # a file may do to probe its streams (without this, an 8192 x 8192 H.264 frame is
+        # decoded while the file is opened, before its size can be checked)
+        self._ff_opts = ({} if math.isinf(max_pixels) else
+                         {"max_pixels": str(_ffmpeg_max_pixels(max_pixels))})
         try:
-            self.container = av.open(source, mode="r")
+            self.container = av.open(source, mode="r", options=dict(self._ff_opts))
         except Exception as exc:  # av.FFmpegError subclasses, OSError, ValueError ...
             raise self._error(f"not a video file FFmpeg can open ({_describe(exc)})",
                               exc) from None
         try:
-            self._setup(max_threads)
+            self._setup(max_threads, check_pixels)
         except BaseException:
             self.close()
             raise
@@ -178,17 +218,54 @@ class _VideoReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _setup(self, max_threads: int) -> None:
+    def _limit_error(self, msg: str, name: str) -> VideoDecodeError:
+        return VideoDecodeError(f"[{self.op}] video file {self.shown} {msg}, more than "
+                                f"{name}={getattr(self, name):.0f} (pass {name}= a larger value, "
+                                "or math.inf, to decode it anyway)")
+
+    def check_pixels(self, width: int, height: int) -> None:
+        """Refuse frames of more than ``max_pixels`` pixels."""
+        if width * height > self.max_pixels:
+            raise self._limit_error(f"has {width} x {height} = {width * height}-pixel frames",
+                                    "max_pixels")
+
+    def check_bytes(self, count: int, width: Optional[int] = None,
+                    height: Optional[int] = None) -> None:
+        """Refuse returning ``count`` uint8 RGB frames of more than ``max_bytes`` in all
+        (frame size from the stream's header unless given)."""
+        w = self.width if width is None else width
+        h = self.height if height is None else height
+        total = count * max(w * h, 1) * 3
+        if total > self.max_bytes:
+            raise self._limit_error(f"would decode to {count} frame(s) of {w} x {h} RGB = "
+                                    f"{total} bytes", "max_bytes")
+
+    def _setup(self, max_threads: int, check_pixels: bool) -> None:
         streams = self.container.streams.video
         if len(streams) == 0:
             raise self._error("it has no video stream")
         st = streams[0]
         self.stream = st
+        cc = st.codec_context
+        self.width, self.height = int(cc.width or 0), int(cc.height or 0)
+        if (not self.width or not self.height) and self._ff_opts and self._path is not None:
+            # FFmpeg forgets a size above its max_pixels option for some codecs (MPEG-4 part
+            # 2): read it again with every frame skipped, so nothing is decoded
+            self.width, self.height = self._probe_size()
+        if check_pixels:
+            # from the header, before any frame is decoded
+            self.check_pixels(self.width, self.height)
         try:
             st.thread_type = "AUTO"
-            st.codec_context.thread_count = max_threads
+            cc.thread_count = max_threads
         except Exception:  # pragma: no cover - codecs without threading support
             pass
+        if self._ff_opts:
+            # and the decoder refuses larger frames in the stream (a mid-stream size change)
+            try:
+                cc.options = dict(cc.options or {}, **self._ff_opts)
+            except Exception:  # pragma: no cover - a PyAV without codec options
+                pass
         tb = st.time_base
         self.time_base = Fraction(tb) if tb else None
         rate = st.average_rate or st.guessed_rate or st.base_rate
@@ -216,6 +293,16 @@ class _VideoReader:
         self.gop = max(12, int(round(self.fps)))
         self.frames_decoded = 0   # statistics of read(): frames decoded and seeks made
         self.seeks = 0
+
+    def _probe_size(self) -> Tuple[int, int]:
+        """(width, height) of the first video stream, opening the file again with the
+        decoder skipping every frame; (0, 0) when unknown."""
+        try:
+            with self.av.open(self._path, mode="r", options={"skip_frame": "all"}) as c:
+                cc = c.streams.video[0].codec_context
+                return int(cc.width or 0), int(cc.height or 0)
+        except Exception:  # the first open worked; a failure here leaves the size unknown
+            return 0, 0
 
     def _duration(self) -> Optional[float]:
         st = self.stream
@@ -323,15 +410,25 @@ class _VideoReader:
     # -- reading --------------------------------------------------------------------------------
     def read(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """uint8 (len(indices), H, W, 3) RGB frames and their timestamps in seconds."""
+        # the result's size from the header, before decoding
+        self.check_bytes(len(indices))
+        self._count = len(indices)
         uniq, inverse = np.unique(indices, return_inverse=True)
         try:
             frames, times = self._read_sorted([int(i) for i in uniq])
         except VideoDecodeError:
             raise
-        except MemoryError:
-            raise
         except Exception as exc:  # av.FFmpegError (InvalidDataError, ...), OSError, ValueError
-            raise self._error(f"decoding failed ({_describe(exc)})", exc) from None
+            ff_error = isinstance(exc, self.av.error.FFmpegError)
+            if isinstance(exc, MemoryError) and not ff_error:
+                raise
+            hint = ""
+            if self._ff_opts and ff_error and isinstance(exc, (ValueError, MemoryError)):
+                # FFmpeg's decoder refuses frames above its max_pixels with EINVAL or ENOMEM
+                hint = (f"; frames of more than max_pixels={self.max_pixels:.0f} pixels are "
+                        "refused (pass max_pixels= a larger value, or math.inf, to decode "
+                        "them anyway)")
+            raise self._error(f"decoding failed ({_describe(exc)}){hint}", exc) from None
         if len(uniq) == len(indices) and np.array_equal(uniq, indices):
             return frames, times
         return np.ascontiguousarray(frames[inverse.ravel()]), times[inverse.ravel()]
@@ -368,6 +465,9 @@ class _VideoReader:
             nonlocal out, shape
             if shape is None:
                 shape = (frame.height, frame.width)
+                # the decoded size may differ from the header's
+                self.check_pixels(frame.width, frame.height)
+                self.check_bytes(max(self._count, len(targets)), frame.width, frame.height)
             if (frame.height, frame.width) != shape:
                 img = frame.to_ndarray(format="rgb24", width=shape[1], height=shape[0])
             else:
@@ -426,6 +526,9 @@ def _describe(exc: BaseException) -> str:
 def _video_indices(reader: _VideoReader, n, fps, strategy, min_frames, max_frames,
                    temporal_patch, indices) -> np.ndarray:
     op = reader.op
+    if indices is None and n is None and fps is None:
+        # every frame: refuse a frame count too large to return before making its indices
+        reader.check_bytes(reader.num_frames)
     if indices is not None:
         if n is not None or fps is not None:
             raise ShapeError(f"[{op}] give indices or n/fps, not both")
@@ -459,7 +562,10 @@ def video_info(path: Any) -> Dict[str, Any]:
     VideoDecodeError
         As :func:`load_video`.
     """
-    with _VideoReader(path, max_threads=1, op="video_info") as r:
+    # the frames are not decoded, so their size is reported, not checked (but opening
+    # the file decodes no frame above the default max_pixels)
+    with _VideoReader(path, max_threads=1, op="video_info", max_pixels=MAX_VIDEO_FRAME_PIXELS,
+                      check_pixels=False) as r:
         return {"num_frames": r.num_frames, "num_frames_exact": r.exact_count, "fps": r.fps,
                 "width": r.stream.codec_context.width, "height": r.stream.codec_context.height,
                 "duration": r._duration(), "codec": r.stream.codec_context.name,
@@ -469,14 +575,16 @@ def video_info(path: Any) -> Dict[str, Any]:
 def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = None,
                strategy: Optional[str] = None, min_frames: int = 4, max_frames: int = 768,
                temporal_patch: int = 2, indices: Optional[Sequence[int]] = None,
-               max_threads: int = 2, return_indices: bool = False):
+               max_threads: int = 2, return_indices: bool = False,
+               max_pixels: Optional[float] = None, max_bytes: Optional[float] = None):
     """Decode the sampled frames of a video file with PyAV.
 
     Parameters
     ----------
     path : str, os.PathLike or binary file object
         Any container/codec the FFmpeg inside PyAV reads (MP4, MKV, WebM, AVI, ...). The first
-        video stream is used.
+        video stream is used. A path must name a regular file: FIFOs, devices and
+        directories are refused without being opened.
     n, fps, strategy, min_frames, max_frames, temporal_patch
         Frame sampling, as in :func:`sample_frame_indices` with the stream's frame count and
         average frame rate. With neither ``n`` nor ``fps`` (nor ``indices``) every frame is
@@ -487,6 +595,16 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
         Decoder threads (``codec_context.thread_count``, ``thread_type="AUTO"``).
     return_indices : bool, default False
         Also return the frame indices.
+    max_pixels : int, math.inf or None, default None
+        Largest accepted frame ``width * height``, checked from the stream's header before any
+        frame is decoded (and given to FFmpeg's decoder as its ``max_pixels`` option, so that
+        neither opening the file nor a frame that changes size mid-stream decodes a larger
+        one). None uses :data:`MAX_VIDEO_FRAME_PIXELS` (8192 x 4320); ``math.inf`` disables
+        the check.
+    max_bytes : int, math.inf or None, default None
+        Largest accepted size of the returned frames together (``T * H * W * 3`` bytes),
+        checked from the header and the number of frames sampled before decoding. None uses
+        :data:`MAX_VIDEO_BYTES` (8 GiB); ``math.inf`` disables the check.
 
     Returns
     -------
@@ -516,11 +634,15 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
     Raises
     ------
     VideoDecodeError
-        If the file does not exist, is not a video FFmpeg can open, has no video stream, has
-        no frames, or decoding fails (corrupt data, or a stream that ends well before the
-        frame count it declares). The message names the file.
+        If the file does not exist, is not a regular file (a directory, FIFO or device), is
+        not a video FFmpeg can open, has no video stream, has no frames, has frames larger
+        than ``max_pixels`` or would decode to more than ``max_bytes``, or decoding fails
+        (corrupt data, or a stream that ends well before the frame count it declares). The
+        message names the file (and the limit, with how to raise it).
     ShapeError
         For bad sampling arguments (naming them).
+    ArgumentError
+        For a bad ``max_pixels`` or ``max_bytes``.
     ImportError
         When PyAV is not installed.
 
@@ -542,7 +664,10 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
     """
     op = "load_video"
     max_threads = _int_arg(op, "max_threads", max_threads)
-    with _VideoReader(path, max_threads=max_threads, op=op) as reader:
+    max_pixels = _check_limit(op, "max_pixels", max_pixels, MAX_VIDEO_FRAME_PIXELS)
+    max_bytes = _check_limit(op, "max_bytes", max_bytes, MAX_VIDEO_BYTES)
+    with _VideoReader(path, max_threads=max_threads, op=op, max_pixels=max_pixels,
+                      max_bytes=max_bytes) as reader:
         idx = _video_indices(reader, n, fps, strategy, min_frames, max_frames, temporal_patch,
                              indices)
         frames, times = reader.read(idx)
@@ -565,6 +690,9 @@ class VideoPreprocessor:
         sampled frames, CLIP preprocessing at 224).
     max_threads : int, default 2
         Decoder threads for files.
+    max_pixels, max_bytes : int, math.inf or None, default None
+        Passed to :func:`load_video`'s decoding for files (None: its defaults, 8192 x 4320
+        pixels per frame and 8 GiB of decoded frames); kept as attributes of the same names.
 
     Call
     ----
@@ -600,9 +728,14 @@ class VideoPreprocessor:
     """
 
     def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None, *,
-                 max_threads: int = 2):
+                 max_threads: int = 2, max_pixels: Optional[float] = None,
+                 max_bytes: Optional[float] = None):
         self.config = _as_config(config, "video", "VideoPreprocessor")
         self.max_threads = _int_arg("VideoPreprocessor", "max_threads", max_threads)
+        _check_limit("VideoPreprocessor", "max_pixels", max_pixels, MAX_VIDEO_FRAME_PIXELS)
+        _check_limit("VideoPreprocessor", "max_bytes", max_bytes, MAX_VIDEO_BYTES)
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
 
     def __repr__(self) -> str:
         return f"VideoPreprocessor({self.config!r})"
@@ -629,7 +762,10 @@ class VideoPreprocessor:
         video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
         fn = preprocess_image_op()
         if isinstance(video, (str, bytes, os.PathLike)) or hasattr(video, "read"):
-            with _VideoReader(video, max_threads=self.max_threads, op=op) as reader:
+            max_pixels = _check_limit(op, "max_pixels", self.max_pixels, MAX_VIDEO_FRAME_PIXELS)
+            max_bytes = _check_limit(op, "max_bytes", self.max_bytes, MAX_VIDEO_BYTES)
+            with _VideoReader(video, max_threads=self.max_threads, op=op, max_pixels=max_pixels,
+                              max_bytes=max_bytes) as reader:
                 idx = self._sample(reader.num_frames, reader.fps)
                 frames, times = reader.read(idx)
         else:
