@@ -230,6 +230,11 @@ def test_audio_stream_longer_than_its_header_is_stopped_while_decoding():
     # a decoder that does not know its length (declared=-1) and never ends, like a stream of
     # /dev/zero: the limits are checked as blocks come in
     class Endless:
+        frames = -1
+
+        def seekable(self):
+            return False
+
         def read(self, frames, dtype, always_2d):
             return np.zeros((frames, 2), np.float32)
 
@@ -241,6 +246,27 @@ def test_audio_stream_longer_than_its_header_is_stopped_while_decoding():
                                max_duration_s=60.0, max_samples=math.inf)
     with pytest.raises(AudioDecodeError, match=r"max_duration_s=60"):
         audio_mod._read(Endless(), limits, 16000, 2, -1)
+
+
+def test_audio_flac_without_a_length_is_bounded_while_decoding(tmp_path):
+    # a FLAC stream whose STREAMINFO leaves total_samples at 0 (unknown, as a streaming encoder
+    # writes it): libsndfile reports 2**63 - 1 frames, so the header cannot be checked; the
+    # limits apply while it decodes, and it still decodes in full
+    x = (np.random.default_rng(1).standard_normal(48_000) * 0.1).astype(np.float32)
+    p = tmp_path / "nolength.flac"
+    sf.write(p, x, 16000, format="FLAC")
+    expected = sf.read(p, dtype="float32")[0]
+    raw = bytearray(p.read_bytes())
+    assert raw[:4] == b"fLaC"
+    field = int.from_bytes(raw[18:26], "big") & ~((1 << 36) - 1)   # clear total_samples
+    raw[18:26] = field.to_bytes(8, "big")
+    p.write_bytes(bytes(raw))
+    assert sf.info(p).frames >= 2**62
+    np.testing.assert_array_equal(load_audio(p, sr=None), expected)
+    with pytest.raises(AudioDecodeError, match=r"nolength\.flac' decodes to .*max_samples=10000"):
+        load_audio(p, sr=None, max_samples=10_000)
+    with pytest.raises(AudioDecodeError, match=r"decodes to .*max_duration_s=1\b"):
+        load_audio(p, sr=None, max_duration_s=1)
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), "big", True, [1]])

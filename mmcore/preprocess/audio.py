@@ -53,6 +53,8 @@ MAX_AUDIO_DURATION_S = 4 * 3600.0
 MAX_AUDIO_SAMPLES = 1 << 29
 # Frames read per call while decoding (divided by the channel count).
 _READ_BLOCK = 1 << 20
+# libsndfile's frame count for a length it does not know (SF_COUNT_MAX) and above
+_UNKNOWN_FRAMES = 1 << 62
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,8 +209,11 @@ def _read(f, limits: "_Limits", rate: int, channels: int, declared: int) -> np.n
         return out[:n]
     parts = []
     n = 0
+    read = f.read
+    if f.seekable() and int(f.frames) >= _UNKNOWN_FRAMES:
+        read = _unpositioned_reader(f, channels)
     while True:
-        data = f.read(block, dtype="float32", always_2d=True)
+        data = read(block, dtype="float32", always_2d=True)
         if data.shape[0] == 0:
             break
         n += data.shape[0]
@@ -219,6 +224,29 @@ def _read(f, limits: "_Limits", rate: int, channels: int, declared: int) -> np.n
     if not parts:
         return np.zeros((0, kept), np.float32)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _unpositioned_reader(f, channels: int):
+    """``f.read`` for a file whose length libsndfile does not know: soundfile's ``read`` seeks
+    to the new position after each read, which fails at the end of such a file (e.g. a FLAC
+    stream with ``total_samples = 0``), so this calls libsndfile's ``sf_readf_float``
+    directly (falling back to ``f.read`` when soundfile's internals are not there)."""
+    import soundfile as sf
+
+    snd, ffi, handle = getattr(sf, "_snd", None), getattr(sf, "_ffi", None), getattr(f, "_file",
+                                                                                      None)
+    if snd is None or ffi is None or handle is None:  # pragma: no cover - other soundfile
+        return f.read
+
+    def read(frames: int, dtype: str = "float32", always_2d: bool = True) -> np.ndarray:
+        buf = np.empty((frames, channels), np.float32)
+        got = snd.sf_readf_float(handle, ffi.cast("float *", buf.ctypes.data), frames)
+        err = snd.sf_error(handle)
+        if err:
+            raise RuntimeError(ffi.string(snd.sf_error_number(err)).decode("utf-8", "replace"))
+        return buf[:max(int(got), 0)]
+
+    return read
 
 
 def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s: float,
@@ -257,10 +285,11 @@ def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s
                     raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: its header "
                                            f"declares {rate} Hz and {channels} channel(s)")
                 # MP3 frame counts can be estimates (VBR without a seek table): checked against
-                # the limits, not for truncation
-                seekable = f.seekable()
-                exact = seekable and f.format not in _ESTIMATED_LENGTH_FORMATS
-                if seekable:
+                # the limits, not for truncation. A length the header leaves unknown (a FLAC
+                # stream's total_samples = 0) reads as 2**63 - 1: checked while decoding.
+                known = f.seekable() and 0 <= int(f.frames) < _UNKNOWN_FRAMES
+                exact = known and f.format not in _ESTIMATED_LENGTH_FORMATS
+                if known:
                     limits.check(int(f.frames), rate, channels)
                 declared = int(f.frames) if exact else -1
                 data = _read(f, limits, rate, channels, declared)
