@@ -222,7 +222,9 @@ def test_unauthenticated_connections_do_not_count_against_clients(model_dir):
             assert len(_closed([c], 5.0)) == 1
             c.close()
             b.close()
-            time.sleep(0.2)
+            deadline = time.monotonic() + 5
+            while node._info()["load"]["connections"] > 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
             _legit_client(node)                          # b's place is free again
             a.close()
         finally:
@@ -267,9 +269,6 @@ def test_stalled_or_dripping_payload_is_closed_at_the_frame_deadline(model_dir):
             assert took < 5.0
             closed = _closed(stallers + drippers, 1.0 + 6.0)
             assert len(closed) == 8, "a stalled frame held its connection past the deadline"
-            deadline = time.monotonic() + 5
-            while node._inflight_bytes and time.monotonic() < deadline:
-                time.sleep(0.05)
             _wait_released(node)
         finally:
             stop.set()
@@ -430,6 +429,19 @@ def test_frame_over_the_whole_budget_gets_an_error_and_the_connection_stays(mode
             assert r.type == MsgType.HEALTH_OK and r.header["id"] == "after"
         finally:
             s.close()
+        # a JSON header that parsing would blow up ("[{},{},...]": ~25x its size) is
+        # charged for that: refused unparsed, and the connection is still usable
+        s = _authenticated(node, timeout=20)
+        try:
+            js = ("[" + ",".join(["{}"] * 20_000) + "]").encode()
+            s.sendall(HEADER.pack(MAGIC, VERSION, MsgType.HEALTH, 0, len(js), 0) + js)
+            r = recv_frame(s)
+            assert r.type == MsgType.ERROR and r.header["error"] == "ProtocolError"
+            assert "max_inflight_bytes=1048576" in r.header["message"]
+            send_frame(s, MsgType.HEALTH, {"id": "after"})
+            assert recv_frame(s).type == MsgType.HEALTH_OK
+        finally:
+            s.close()
         _wait_released(node)
         # through the coordinator: the same clear error class, not a node failure
         cfg = DistributedConfig(sharding_strategy=ShardingStrategy.modality_specific(
@@ -492,6 +504,29 @@ def test_concurrent_large_frames_stay_within_the_budget(model_dir):
                 s.close()
         _wait_released(node)
         _legit_client(node)
+
+
+def test_busy_node_is_retried_elsewhere_and_stays_in_rotation(model_dir):
+    from mmcore.errors import NodeUnavailableError
+    with serving(model_dir, max_inflight_bytes=1 << 20, frame_timeout_s=0.3) as busy, \
+            serving(model_dir) as free:
+        with busy._budget:
+            busy._inflight_bytes = 1 << 20                 # as if frames filled the budget
+        req = {"input": {"value": {"form": "str", "value": "hello"}}}
+        cfg = DistributedConfig(sharding_strategy=ShardingStrategy.modality_specific(
+            {"text": [_addr(busy)]}), token=TOKEN, heartbeat_s=60)
+        with Coordinator(cfg) as coord:
+            with pytest.raises(NodeUnavailableError, match="busy.*max_inflight_bytes"):
+                coord.encode("text", req, [])
+            assert coord.nodes[list(coord.nodes)[0]][0].healthy
+        cfg = DistributedConfig(sharding_strategy=ShardingStrategy.modality_specific(
+            {"text": [_addr(busy), _addr(free)]}), token=TOKEN, heartbeat_s=60)
+        with Coordinator(cfg) as coord:
+            for _ in range(3):                             # whichever node is picked first
+                assert coord.encode("text", req, [])[2].shape == (1, 64)
+        with busy._budget:
+            busy._inflight_bytes = 0
+        _legit_client(busy)
 
 
 def test_many_connections_declaring_huge_frames_allocate_nothing(model_dir):

@@ -119,7 +119,10 @@ class NodeClient:
                 sock.settimeout(self._request_timeout if timeout is None else timeout)
                 send_frame(sock, msg_type, header, arrays)
                 frame = recv_frame(sock, limits=self._limits)
-                if frame.header.get("id") != header.get("id"):
+                # (an ERROR without an id answers this request: one request per connection
+                # at a time; a node that refused a frame unread cannot know its id)
+                if frame.header.get("id") != header.get("id") and not (
+                        frame.type == MsgType.ERROR and frame.header.get("id") is None):
                     raise ProtocolError("[coordinator] answer for another request id")
                 break
             except (ConnectionClosed, BrokenPipeError, ConnectionResetError) as exc:

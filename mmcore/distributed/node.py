@@ -81,6 +81,14 @@ _TRANSIENT_ACCEPT = frozenset(getattr(errno, n) for n in (
     if hasattr(errno, n))
 
 
+#: what a frame's JSON header reserves from the memory budget, per byte: parsing JSON made of
+#: small objects ("[{},{},...]") takes up to ~28 times its size
+_JSON_COST = 32
+#: a refused frame's JSON header up to this size is read for its request id even when the
+#: budget is full
+_SMALL_JSON = 4096
+
+
 def _shutdown(sock: socket.socket) -> None:
     """Shut a connection down (both ways) so that a thread blocked on it wakes up; a TLS
     socket is shut down underneath its TLS layer (which another thread may be using)."""
@@ -158,8 +166,9 @@ class NodeServer:
     min_bytes_per_s : float, default 256 KiB/s, keyword-only
     max_inflight_bytes : int, default 2 GiB, keyword-only
         Node-wide budget for the bytes of request frames being received or served. A frame
-        reserves its size from its fixed header on, before anything is allocated, and
-        releases it when its answer is sent. A frame that does not fit waits up to
+        reserves its payload's size plus 32 times its JSON header's (what parsing it may
+        take) from its fixed header on, before anything is allocated, and releases it when
+        its answer is sent. A frame that does not fit waits up to
         ``frame_timeout_s`` for room, then gets an ERROR frame naming the limit (``Busy``; a
         frame larger than the whole budget gets ``ProtocolError`` at once); its payload is
         then read and dropped in small chunks, never buffered, and the connection stays open.
@@ -364,14 +373,15 @@ class NodeServer:
     def _reserve(self, jlen: int, plen: int, held: List[int]) -> None:
         """Reserve a frame's bytes from the node-wide budget (``held`` receives what was
         reserved); FrameRefused when it does not fit (see ``max_inflight_bytes``)."""
-        need = jlen + plen
+        need = plen + _JSON_COST * jlen
         limit = self._max_inflight_bytes
+        size = (f"a request frame of {jlen + plen} bytes"
+                + (f" (reserving {need}: {_JSON_COST}x its JSON header)" if jlen > 4096 else ""))
         with self._budget:
             if need > limit:
                 error = "ProtocolError"
-                message = (f"[node] a request frame of {need} bytes exceeds this node's "
-                           f"memory budget for requests (max_inflight_bytes={limit}); send "
-                           "smaller batches")
+                message = (f"[node] {size} exceeds this node's memory budget for requests "
+                           f"(max_inflight_bytes={limit}); send smaller batches")
             else:
                 deadline = time.monotonic() + self._pace.base_s
                 while self._inflight_bytes + need > limit and not self._stopping.is_set():
@@ -385,13 +395,14 @@ class NodeServer:
                     return
                 error = "Busy"
                 message = (f"[node] busy: {self._inflight_bytes} of max_inflight_bytes="
-                           f"{limit} bytes are in flight, no room for a request of {need} "
-                           "bytes")
-            # refused: its JSON header is still read (for the request id) if it fits
-            read_json = self._inflight_bytes + jlen <= limit
-            if read_json:
-                self._inflight_bytes += jlen
-                held.append(jlen)
+                           f"{limit} bytes are in flight, no room for {size}")
+            # refused: its JSON header is still read (for the request id) if it fits, or if
+            # it is small (a fixed allowance per connection, outside the budget)
+            need = _JSON_COST * jlen
+            read_json = jlen <= _SMALL_JSON or self._inflight_bytes + need <= limit
+            if read_json and jlen > _SMALL_JSON:
+                self._inflight_bytes += need
+                held.append(need)
         raise FrameRefused(message, error=error, read_json=read_json)
 
     def _release(self, held: List[int]) -> None:
@@ -535,12 +546,15 @@ class NodeServer:
 
 def run_node(model_dir: Any, modalities: Iterable[Any], *, host: str = "127.0.0.1",
              port: int = 0, token: Any = None, token_file: Any = None, certfile: Any = None,
-             keyfile: Any = None, drain_timeout_s: float = 30.0, out=None) -> int:
-    """Run a node until SIGTERM / SIGINT (the ``mmcore node`` command); returns 0."""
+             keyfile: Any = None, drain_timeout_s: float = 30.0,
+             max_inflight_bytes: int = 2 << 30, out=None) -> int:
+    """Run a node until SIGTERM / SIGINT (the ``mmcore node`` command); returns 0.
+    ``max_inflight_bytes``: see :class:`NodeServer`."""
     out = sys.stdout if out is None else out
     server = NodeServer(model_dir, modalities, host=host, port=port, token=token,
                         token_file=token_file, certfile=certfile, keyfile=keyfile,
-                        drain_timeout_s=drain_timeout_s)
+                        drain_timeout_s=drain_timeout_s,
+                        max_inflight_bytes=max_inflight_bytes)
 
     def _on_signal(signum, _frame):
         log.info("signal %d: draining", signum)
