@@ -328,6 +328,120 @@ def test_recv_frame_connection_closed_and_limits():
         b.close()
 
 
+def test_recv_frame_deadline_bounds_a_dripping_peer():
+    """A deadline bounds the whole frame, however the peer spaces its bytes (each read alone
+    would stay within the socket's timeout)."""
+    import time
+    a, b = socket.socketpair()
+    b.settimeout(5)
+    data = _frame(MsgType.AUTH, {"nonce": "00" * 32})
+    stop = threading.Event()
+
+    def drip():
+        for i in range(len(data)):
+            if stop.wait(0.1):
+                return
+            try:
+                a.send(data[i:i + 1])
+            except OSError:
+                return
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(socket.timeout):
+            recv_frame(b, deadline=time.monotonic() + 0.5)
+        assert time.monotonic() - t0 < 3
+        assert b.gettimeout() == 5                       # left as it was
+    finally:
+        stop.set()
+        t.join(5)
+        a.close()
+        b.close()
+
+
+def test_recv_frame_pace_drops_a_stalled_frame_and_lets_a_steady_one_through():
+    import time
+    from mmcore.distributed.protocol import Pace
+    a, b = socket.socketpair()
+    b.settimeout(30)
+    try:
+        a.sendall(HEADER.pack(MAGIC, VERSION, MsgType.HEALTH, 0, 2, 1 << 20) + b"{}")
+        t0 = time.monotonic()
+        with pytest.raises(socket.timeout, match="bytes/s"):
+            recv_frame(b, pace=Pace(0.3, 1 << 20))       # declared 1 MiB, sent nothing
+        assert time.monotonic() - t0 < 3
+        assert b.gettimeout() == 30
+    finally:
+        a.close()
+        b.close()
+    a, b = socket.socketpair()
+    b.settimeout(30)
+    try:
+        big = np.zeros(4 << 20, np.uint8)
+        t = threading.Thread(target=send_frame, args=(a, MsgType.HEALTH, {"id": 1}, [big]))
+        t.start()
+        f = recv_frame(b, pace=Pace(1.0, 1 << 20))
+        t.join(10)
+        assert f.arrays[0].nbytes == 4 << 20
+    finally:
+        a.close()
+        b.close()
+    for bad in (0, -1, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ProtocolError, match="Pace"):
+            Pace(bad, 1)
+        with pytest.raises(ProtocolError, match="Pace"):
+            Pace(1, bad)
+
+
+def test_send_frame_pace_bounds_a_peer_that_does_not_read():
+    import time
+    from mmcore.distributed.protocol import Pace
+    a, b = socket.socketpair()
+    a.settimeout(30)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(socket.timeout):
+            send_frame(a, MsgType.RESULT, {"id": 1}, [np.zeros(64 << 20, np.uint8)],
+                       pace=Pace(0.3, 64 << 20))
+        assert time.monotonic() - t0 < 5
+        assert a.gettimeout() == 30
+    finally:
+        a.close()
+        b.close()
+
+
+def test_frame_refused_by_on_header_is_read_past():
+    from mmcore.distributed.protocol import FrameRefused
+    a, b = socket.socketpair()
+    b.settimeout(5)
+    seen = []
+
+    def refuse(mtype, jlen, plen):
+        seen.append((mtype, jlen, plen))
+        if plen > 1000:
+            raise FrameRefused("too big for now", error="Busy", read_json=len(seen) == 1)
+    try:
+        t = threading.Thread(target=lambda: [
+            send_frame(a, MsgType.ENCODE, {"id": "x"}, [np.ones(5 << 20, np.uint8)]),
+            send_frame(a, MsgType.ENCODE, {"id": "y"}, [np.ones(3000, np.uint8)]),
+            send_frame(a, MsgType.HEALTH, {"id": "z"}, [np.arange(3, dtype=np.int8)])])
+        t.start()
+        with pytest.raises(FrameRefused) as info:
+            recv_frame(b, on_header=refuse)
+        assert info.value.header == {"id": "x"} and info.value.error == "Busy"
+        with pytest.raises(FrameRefused) as info:
+            recv_frame(b, on_header=refuse)
+        assert info.value.header == {}                    # its JSON skipped, not parsed
+        f = recv_frame(b, on_header=refuse)               # the stream is still in step
+        t.join(10)
+        assert f.header == {"id": "z"} and f.arrays[0].tolist() == [0, 1, 2]
+        assert seen[0][0] == MsgType.ENCODE and seen[0][2] == 5 << 20
+    finally:
+        a.close()
+        b.close()
+
+
 # -- payloads ----------------------------------------------------------------------------------
 
 

@@ -376,7 +376,7 @@ class NodeServer:
         need = plen + _JSON_COST * jlen
         limit = self._max_inflight_bytes
         size = (f"a request frame of {jlen + plen} bytes"
-                + (f" (reserving {need}: {_JSON_COST}x its JSON header)" if jlen > 4096 else ""))
+                + (f" (reserving {need}: {_JSON_COST}x its JSON header)" if jlen > _SMALL_JSON else ""))
         with self._budget:
             if need > limit:
                 error = "ProtocolError"
@@ -456,7 +456,10 @@ class NodeServer:
                             self._in_flight -= 1
                             self._idle.notify_all()
         except ProtocolError as exc:
-            log.warning("closing %s: %s", peer, exc)
+            # (INFO for a connection that never authenticated: a flood must not flood the log)
+            with self._lock:
+                authed = key in self._conns
+            log.log(logging.WARNING if authed else logging.INFO, "closing %s: %s", peer, exc)
         except socket.timeout as exc:
             log.info("closing %s: timed out%s", peer, f" ({exc})" if str(exc) else "")
         except (OSError, ValueError) as exc:

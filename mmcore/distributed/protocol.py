@@ -326,6 +326,11 @@ class _Clock:
         self.current = self.own
         self.t0: Optional[float] = None
         self.moved = 0
+        self.why = ""                 # what the current timeout stands for
+
+    def timed_out(self) -> socket.timeout:
+        return socket.timeout(f"[protocol] timed out: {self.why}" if self.why else
+                              "timed out")
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -333,6 +338,7 @@ class _Clock:
 
     def arm(self, what: str) -> None:
         if self.deadline is None and (self.pace is None or self.t0 is None):
+            self.why = ""
             return
         now = time.monotonic()
         left = self.own
@@ -345,8 +351,9 @@ class _Clock:
                                 f"{self.pace.base_s:g} s")
         if self.deadline is not None and (left is None or self.deadline - now < left):
             left, why = self.deadline - now, f"the deadline passed during the {what}"
+        self.why = why
         if left is not None and left <= 0:
-            raise socket.timeout(f"[protocol] timed out: {why}")
+            raise self.timed_out()
         if left != self.current:
             self.sock.settimeout(left)
             self.current = left
@@ -365,9 +372,14 @@ def _recv_exact(sock: socket.socket, view: memoryview, what: str,
     got = 0
     n = len(view)
     while got < n:
-        if clock is not None:
+        if clock is None:
+            k = sock.recv_into(view[got:], n - got)
+        else:
             clock.arm(what)
-        k = sock.recv_into(view[got:], n - got)
+            try:
+                k = sock.recv_into(view[got:], n - got)
+            except socket.timeout:
+                raise clock.timed_out() from None
         if k == 0:
             boundary = got == 0 and what == "header"
             raise ConnectionClosed(f"[protocol] connection closed "
@@ -471,16 +483,23 @@ def _send_buffers(sock: socket.socket, bufs: List[memoryview],
                 sock.sendall(b)
                 continue
             for i in range(0, len(b), _DISCARD_CHUNK):    # paced: one chunk per timeout
-                clock.arm("answer")
-                sock.sendall(b[i:i + _DISCARD_CHUNK])
+                clock.arm("frame being sent")
+                try:
+                    sock.sendall(b[i:i + _DISCARD_CHUNK])
+                except socket.timeout:
+                    raise clock.timed_out() from None
                 clock.moved += len(b[i:i + _DISCARD_CHUNK])
         return
     pending = [b for b in bufs if len(b)]
     while pending:
-        if clock is not None:
-            clock.arm("answer")
-        sent = sock.sendmsg(pending[:512])
-        if clock is not None:
+        if clock is None:
+            sent = sock.sendmsg(pending[:512])
+        else:
+            clock.arm("frame being sent")
+            try:
+                sent = sock.sendmsg(pending[:512])
+            except socket.timeout:
+                raise clock.timed_out() from None
             clock.moved += sent
         while sent:
             if sent >= len(pending[0]):
