@@ -392,6 +392,22 @@ def test_many_fifo_paths_do_not_hang_the_node(model_dir, tmp_path):
         _legit_client(node)
 
 
+def test_one_array_named_by_many_items_is_refused(model_dir):
+    """A 1 MiB array named by 4096 "bytes" items would be 4 GiB of copies on the node."""
+    with serving(model_dir, ["text"]) as node:
+        s = _authenticated(node, timeout=20)
+        try:
+            send_frame(s, MsgType.ENCODE, {"id": "amp", "modality": "text", "input": {
+                "value": {"form": "list", "items": [{"form": "bytes", "index": 0}] * 4096}}},
+                       [np.zeros(1 << 20, np.uint8)])
+            r = recv_frame(s)
+            assert r.type == MsgType.ERROR and r.header["error"] == "ProtocolError"
+            assert "more than once" in r.header["message"]
+        finally:
+            s.close()
+        _legit_client(node)
+
+
 def test_coordinator_path_inputs_still_travel_as_bytes(model_dir, tmp_path):
     """The client side is unchanged: a path given to a remote image modality is read by the
     client and sent as a file's bytes."""

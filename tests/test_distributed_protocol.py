@@ -539,6 +539,13 @@ def test_payload_pack_errors(tmp_path):
         {"form": "str", "value": "a"}]}]}}, []),
     ({"value": {"form": "list", "items": [{"form": "dict", "items": {}}]}}, []),
     ({"value": {"form": "str", "value": "a"}, "mask": 4}, []),
+    # one array named by many items would be copied (or preprocessed) once per item
+    ({"value": {"form": "list", "items": [{"form": "bytes", "index": 0}] * 3}},
+     [np.zeros(1 << 20, np.uint8)]),
+    ({"value": {"form": "list", "items": [{"form": "array", "index": 0}] * 2}},
+     [np.zeros(4)]),
+    ({"value": {"form": "array", "index": 0}, "mask": 0}, [np.zeros(4)]),
+    ({"value": {"form": "dict", "items": {"a": 0, "b": 0}}}, [np.zeros(4)]),
 ])
 def test_payload_unpack_malformed(desc, arrays):
     with pytest.raises(ProtocolError):
@@ -755,6 +762,39 @@ def test_attach_and_coordinator_reject_bad_configs(monkeypatch):
         Coordinator(DistributedConfig(sharding_strategy=_S))
     with pytest.raises(ConfigError, match="DistributedConfig"):
         Coordinator({"text": ["127.0.0.1:1"]})
+
+
+def test_payload_refused_forms_do_not_depend_on_the_value(tmp_path):
+    """strings=False refuses str / bytes (a path for image, audio, video preprocessors)
+    and files=False refuses files, with one message whatever the value names."""
+    real = tmp_path / "real.png"
+    real.write_bytes(b"\x89PNG")
+    messages = set()
+    for value in (str(real), str(tmp_path / "missing.png"), "/dev/zero", "x"):
+        for desc, arrays in (({"value": {"form": "str", "value": value}}, []),
+                             ({"value": {"form": "list", "items": [
+                                 {"form": "str", "value": value}]}}, [])):
+            with pytest.raises(ProtocolError, match=r"^\[distributed\] input form 'str' is "
+                               r"refused: modality 'image'") as info:
+                unpack_input(desc, arrays, tmpdir=str(tmp_path), strings=False,
+                             what="modality 'image'")
+            messages.add(str(info.value))
+        with pytest.raises(ProtocolError, match="'bytes' is refused"):
+            unpack_input({"value": {"form": "bytes", "index": 0}},
+                         [np.frombuffer(value.encode(), np.uint8)], tmpdir=str(tmp_path),
+                         strings=False)
+    assert len(messages) == 1 and str(tmp_path) not in messages.pop()
+    with pytest.raises(ProtocolError, match="'file' is refused.*text"):
+        unpack_input({"value": {"form": "file", "index": 0, "name": "a.txt"}},
+                     [np.zeros(3, np.uint8)], tmpdir=str(tmp_path), files=False,
+                     what="modality 'text'")
+    assert os.listdir(tmp_path) == ["real.png"]                # nothing written
+    # the allowed forms still work
+    out = unpack_input({"value": {"form": "file", "index": 0, "name": "a.png"}},
+                       [np.frombuffer(b"abc", np.uint8)], tmpdir=str(tmp_path), strings=False)
+    assert open(out, "rb").read() == b"abc"
+    assert unpack_input({"value": {"form": "str", "value": "hi"}}, [], tmpdir=None,
+                        files=False) == "hi"
 
 
 def test_payload_keeps_0d_arrays_and_refuses_paths_as_text():

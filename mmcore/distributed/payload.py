@@ -90,15 +90,21 @@ def pack_input(kind: Optional[str], value: Any, *, attention_mask: Any = None
     return desc, arrays
 
 
-def _array(arrays: List[np.ndarray], index: Any) -> np.ndarray:
+def _array(arrays: List[np.ndarray], index: Any, used: Optional[set] = None) -> np.ndarray:
     if type(index) is not int or not 0 <= index < len(arrays):
         raise ProtocolError(f"[distributed] input refers to array {index!r}, which the frame "
                             "does not have")
+    if used is not None:
+        # each array backs one item (as pack_input sends them): an array named by many items
+        # would be copied (bytes, files) or preprocessed once per item, far beyond the frame
+        if index in used:
+            raise ProtocolError(f"[distributed] input refers to array {index} more than once")
+        used.add(index)
     return arrays[index]
 
 
 def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: int,
-                counter: List[int], refuse: Mapping[str, str]) -> Any:
+                counter: List[int], refuse: Mapping[str, str], used: set) -> Any:
     if not isinstance(d, dict):
         raise ProtocolError("[distributed] input description is not an object")
     form = d.get("form")
@@ -111,11 +117,11 @@ def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: 
             raise ProtocolError("[distributed] string input without a string")
         return d["value"]
     if form == "array":
-        return _array(arrays, d.get("index"))
+        return _array(arrays, d.get("index"), used)
     if form == "bytes":
-        return _array(arrays, d.get("index")).tobytes()
+        return _array(arrays, d.get("index"), used).tobytes()
     if form == "file":
-        data = _array(arrays, d.get("index"))
+        data = _array(arrays, d.get("index"), used)
         if tmpdir is None:
             raise ProtocolError("[distributed] file input where none is accepted")
         name = d.get("name")
@@ -130,12 +136,13 @@ def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: 
         items = d.get("items")
         if not isinstance(items, dict):
             raise ProtocolError("[distributed] dict input without items")
-        return {str(k): _array(arrays, i) for k, i in items.items()}
+        return {str(k): _array(arrays, i, used) for k, i in items.items()}
     if form == "list" and depth == 0:
         items = d.get("items")
         if not isinstance(items, list) or not items or len(items) > MAX_ITEMS:
             raise ProtocolError("[distributed] list input without a valid item list")
-        return [_unpack_one(x, arrays, tmpdir, depth + 1, counter, refuse) for x in items]
+        return [_unpack_one(x, arrays, tmpdir, depth + 1, counter, refuse, used)
+                for x in items]
     raise ProtocolError(f"[distributed] unknown input form {form!r}")
 
 
@@ -166,8 +173,9 @@ def unpack_input(desc: Any, arrays: List[np.ndarray], *, tmpdir: Optional[str],
     Raises
     ------
     ProtocolError
-        A malformed description (unknown form, bad array index, nesting too deep), or a form
-        refused by ``strings`` / ``files``: the same error whatever the value holds.
+        A malformed description (unknown form, bad array index, an array named twice,
+        nesting too deep), or a form refused by ``strings`` / ``files``: the same error
+        whatever the value holds.
     """
     refuse = {}
     if not strings:
@@ -178,8 +186,9 @@ def unpack_input(desc: Any, arrays: List[np.ndarray], *, tmpdir: Optional[str],
         refuse["file"] = f"{what} takes text (forms 'str' and 'bytes') or arrays, not files"
     if not isinstance(desc, dict) or "value" not in desc:
         raise ProtocolError("[distributed] request has no input description")
-    value = _unpack_one(desc["value"], arrays, tmpdir, 0, [0], refuse)
+    used: set = set()
+    value = _unpack_one(desc["value"], arrays, tmpdir, 0, [0], refuse, used)
     if not with_mask:
         return value
-    mask = _array(arrays, desc["mask"]) if desc.get("mask") is not None else None
+    mask = _array(arrays, desc["mask"], used) if desc.get("mask") is not None else None
     return value, mask
