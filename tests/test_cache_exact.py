@@ -224,3 +224,175 @@ def test_concurrent_cached_inference_equals_serial(items, fusion, refs, threads,
         except AssertionError as exc:
             bad.append((key, str(exc)))
     assert not bad, f"{len(bad)} of 64 results differ from the serial ones: {bad[:3]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# weights cannot change behind the cache's back
+
+_TEXT_W = "encoders.text.encoder.layers.0.linear1.weight"
+
+
+def _text_items():
+    return {"text": ["a photo of a cat", "hi", "x" * 40]}
+
+
+def test_in_place_writes_to_parameters_raise():
+    model = default_model(seed=0)
+    model.infer(_text_items())
+    for name, w in model.named_parameters():
+        assert not w.flags.writeable, name
+        with pytest.raises(ValueError, match="read-only"):
+            w[(0,) * w.ndim] = 1.0
+        with pytest.raises(ValueError, match="read-only"):
+            w *= 2.0
+        with pytest.raises(ValueError):             # nor can the flag be switched back
+            w.flags.writeable = True
+    with pytest.raises(ValueError, match="read-only"):
+        np.copyto(model.encoder(T).embedder.token_embedding, 0.0)
+    with pytest.raises(AttributeError, match="set_parameter"):
+        model.encoder(T).encoder.layers[0].linear1.weight = np.zeros((128, 64), np.float32)
+    # nothing changed: the cached result is still the uncached one
+    np.testing.assert_array_equal(model.infer(_text_items()).fused,
+                                  default_model(seed=0, cache=False).infer(_text_items()).fused)
+
+
+def _fresh(state, **kw):
+    fresh = default_model(seed=0, cache=False, **kw)
+    fresh.load_state_dict(state)
+    return fresh
+
+
+@pytest.mark.parametrize("how", ["model.set_parameter", "module.set_parameter",
+                                 "module.load_state_dict", "model.load_state_dict"])
+def test_replacing_a_weight_after_inference_invalidates_the_cache(how):
+    model = default_model(seed=0)
+    items = _text_items()
+    first = model.infer(items)
+    model.infer(items)
+    assert model.cache_stats()["caches"]["text"]["hits"] == 3
+    ident = model.identity
+    old = model.state_dict()[_TEXT_W]
+    new = old * np.float32(1.25)
+    lin = model.encoder(T).encoder.layers[0].linear1
+    if how == "model.set_parameter":
+        model.set_parameter(_TEXT_W, new)
+    elif how == "module.set_parameter":
+        lin.set_parameter("weight", new)
+    elif how == "module.load_state_dict":
+        lin.load_state_dict({"weight": new, "bias": lin.bias})
+    else:
+        sd = model.state_dict()
+        sd[_TEXT_W] = new
+        model.load_state_dict(sd)
+    assert model.identity != ident
+    second = model.infer(items)
+    want = _fresh(model.state_dict()).infer(items)
+    np.testing.assert_array_equal(second.fused, want.fused)
+    np.testing.assert_array_equal(second.embeddings[T], want.embeddings[T])
+    assert not np.array_equal(first.fused, second.fused)
+    # setting the old weight back gives the old identity, and the old entries are valid again
+    model.set_parameter(_TEXT_W, old)
+    assert model.identity == ident
+    np.testing.assert_array_equal(model.infer(items).fused, first.fused)
+
+
+def test_identity_is_cheap_and_stable_while_nothing_changes():
+    model = default_model(seed=0)
+    ident = model.identity
+    default_model(seed=1)                           # other modules change the weights clock
+    assert model.identity == ident
+    model.infer(_text_items())
+    assert model.identity == ident
+    v = model.weights_version
+    assert model.weights_version == v
+    model.encoder(T).encoder.norm.set_parameter("bias", np.full(64, 0.5, np.float32))
+    assert model.weights_version > v and model.identity != ident
+
+
+def test_native_encoder_block_notices_a_replaced_weight():
+    from mmcore.model import TransformerEncoderLayer
+    layer = TransformerEncoderLayer(32, 4, 64, rng=0)
+    x = np.random.default_rng(0).standard_normal((2, 5, 32), dtype=np.float32)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+    before = layer(x, attention_mask=mask)
+    for name in ("linear1.weight", "self_attn.in_proj_weight", "norm2.bias"):
+        sd = layer.state_dict()
+        layer.set_parameter(name, sd[name] + np.float32(0.25))
+        want = TransformerEncoderLayer.from_state_dict(layer.state_dict(), nhead=4)(
+            x, attention_mask=mask)
+        got = layer(x, attention_mask=mask)
+        np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(got, before)
+        before = got
+
+
+def test_set_parameter_is_validated_and_all_or_nothing():
+    from mmcore.errors import ModelFormatError
+    model = default_model(seed=0)
+    ident, old = model.identity, model.state_dict()[_TEXT_W]
+    bad = [("encoders.text.nope", old, "no parameter"),
+           (_TEXT_W, old[:3], "shape"),
+           (_TEXT_W, np.full_like(old, np.nan), "NaN"),
+           (_TEXT_W, old.astype(np.int32), "dtype"),
+           (_TEXT_W, "weights", "dtype")]
+    for name, value, match in bad:
+        with pytest.raises(ModelFormatError, match=match) as info:
+            model.set_parameter(name, value)
+        assert str(info.value).startswith("[MultiModalModel]")
+    np.testing.assert_array_equal(model.state_dict()[_TEXT_W], old)
+    assert model.identity == ident
+    # the given array is copied: writing it afterwards changes nothing
+    src = old * np.float32(2.0)
+    model.set_parameter(_TEXT_W, src)
+    ident2 = model.identity
+    src[:] = 0.0
+    np.testing.assert_array_equal(model.state_dict()[_TEXT_W], old * np.float32(2.0))
+    assert model.identity == ident2
+
+
+def test_quantized_weights_are_read_only_and_replaceable(tmp_path):
+    from mmcore.config import ModalityConfig, MultiModalConfig
+    from mmcore.model import MultiModalModel
+    from mmcore.model.model import default_config
+    from mmcore.ops.linear import QuantizedTensor
+    cfg = default_config(fusion=LateFusion("mean"))
+    mods = [ModalityConfig.from_dict({**mc.to_dict(), "quantization": "int8"})
+            if m == T else mc for m, mc in cfg.modalities.items()]
+    cfg = MultiModalConfig(mods, fusion=LateFusion("mean"))
+    MultiModalModel(cfg, seed=0).save(tmp_path / "m")
+    model = MultiModalModel.from_pretrained(tmp_path / "m")
+    items = _text_items()
+    first = model.infer(items)
+    w = model.encoder(T).encoder.layers[0].linear1.weight
+    assert isinstance(w, QuantizedTensor)
+    with pytest.raises(ValueError, match="read-only"):
+        w.data[0, 0] = 5
+    with pytest.raises(ValueError, match="read-only"):
+        w.scale[0] = 5.0
+    # replace it (quantized), then infer: equals a fresh uncached model with the same weights
+    q = QuantizedTensor(np.ascontiguousarray(w.data[::-1]), "int8",
+                        scale=np.ascontiguousarray(w.scale[::-1]))
+    model.set_parameter(_TEXT_W, q)
+    assert model.encoder(T).encoder.layers[0].linear1.weight is q and not q.data.flags.writeable
+    second = model.infer(items)
+    fresh = MultiModalModel.from_pretrained(tmp_path / "m")          # a cold cache
+    fresh.set_parameter(_TEXT_W, QuantizedTensor(q.data.copy(), "int8", scale=q.scale.copy()))
+    np.testing.assert_array_equal(second.fused, fresh.infer(items).fused)
+    assert not np.array_equal(first.fused, second.fused)
+    # save and load keep working with read-only parameters
+    model.save(tmp_path / "m2")
+    again = MultiModalModel.from_pretrained(tmp_path / "m2")
+    np.testing.assert_array_equal(again.infer(items).fused, second.fused)
+
+
+def test_copies_of_a_module_have_read_only_parameters_too():
+    import copy
+    import pickle
+    model = default_model(seed=0, cache=False)
+    enc = model.encoder(T)
+    for other in (copy.deepcopy(enc), pickle.loads(pickle.dumps(enc))):
+        for name, w in other.named_parameters():
+            assert not w.flags.writeable, name
+            np.testing.assert_array_equal(w, enc.state_dict()[name])
+    sd = model.state_dict()                          # state dicts are writeable copies
+    assert all(v.flags.writeable for v in sd.values())

@@ -723,16 +723,18 @@ class MultiModalModel(Module):
     Caching: with late, attention or custom fusion, :meth:`infer` keys every batch item of
     every modality by :func:`~mmcore.cache.content_key` of its data (raw input bytes -- file
     bytes for paths -- or its preprocessed row and mask), the modality's config and the model
-    identity (a digest of the weights, recomputed by :meth:`load_state_dict`), and stores
+    identity (:attr:`identity`, a digest of the weights, recomputed whenever a parameter is
+    replaced; parameter arrays are read-only, so they cannot change in place), and stores
     the item's encoder outputs (tokens trimmed to its real length, mask, pooled). Only the
     items not found are preprocessed and encoded, as one sub-batch; the batch is then put
     back together with the padding the uncached path gives. Token embeddings at padding
     positions are zero (with or without cache). The encoders treat batch items
     independently (padding is masked), so results with and without cache agree: with the
-    built-in encoders on the native backend they are bit-identical (:func:`mmcore.ops.linear`,
-    the attention kernel and the layer norms compute a row the same way whatever the batch
-    around it); an external encoder whose arithmetic depends on the batch shape (e.g. a BLAS
-    GEMM) agrees to within float32 rounding (~1e-6 relative). A lossy storage ``dtype`` in a cache
+    built-in encoders (native and numba backends) they are bit-identical, whatever the
+    request history, the batch, its padding and the threads (:func:`mmcore.ops.linear`, the
+    attention kernel, the layer norms and the poolings compute a row the same way whatever
+    the batch around it); an external encoder whose arithmetic depends on the batch shape
+    (e.g. a BLAS GEMM) agrees to within float32 rounding (~1e-6 relative). A lossy storage ``dtype`` in a cache
     policy (float16, bfloat16) trades that for memory. Early and middle fusion (joint
     encoders) are not cached. Inputs whose masks are not right-padded (e.g. text with
     ``padding_side="left"``) are not cached either. With late and attention fusion the fused
@@ -821,7 +823,8 @@ class MultiModalModel(Module):
         self.add_module("fusion", FusionLayer.from_config(config, rng=gen))
         self._stats = LatencyStats(stats_window)
         self._cache = _make_cache_manager(config, cache, owner)
-        self._identity = self._compute_identity()
+        self._identity_state = None
+        self._current_identity()
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -992,8 +995,35 @@ class MultiModalModel(Module):
 
     @property
     def identity(self) -> str:
-        """Digest of the weights (and of the given non-module encoders) used in cache keys."""
-        return self._identity
+        """Digest of the weights (and of the given non-module encoders) used in cache keys.
+
+        It follows every replacement of a parameter (:meth:`load_state_dict`,
+        :meth:`~mmcore.model.nn.Module.set_parameter`, on this model or on any of its modules,
+        e.g. ``model.encoder("text").set_parameter(...)``): parameter arrays are read-only, so
+        they cannot change in place, and a replacement advances
+        :attr:`~mmcore.model.nn.Module.weights_version`, which makes the next call recompute
+        the digest. Cached results of older weights are then never served (they age out of
+        the cache). Encoders given as plain callables (not modules) are identified by object
+        only: replace the model, or call :meth:`clear_cache`, if such an encoder changes.
+        """
+        return self._current_identity()
+
+    def _current_identity(self) -> str:
+        """The identity of the weights as they are now. O(1) while no module anywhere has
+        changed (the weights clock); else the tree's version is compared and the digest of
+        every parameter recomputed only when a parameter of this model was replaced."""
+        from .nn import weights_clock
+        clock = weights_clock()                 # read first: a later change is seen next time
+        state = self.__dict__.get("_identity_state")
+        if state is not None and state[0] == clock:
+            return state[2]
+        version = self.weights_version
+        if state is not None and state[1] == version:
+            ident = state[2]
+        else:
+            ident = self._compute_identity()
+        self._identity_state = (clock, version, ident)
+        return ident
 
     def _compute_identity(self) -> str:
         from ..cache import _new_hasher, _field
@@ -1010,7 +1040,7 @@ class MultiModalModel(Module):
 
     def load_state_dict(self, state_dict, *, prefix: str = "", strict: bool = True):
         out = super().load_state_dict(state_dict, prefix=prefix, strict=strict)
-        self._identity = self._compute_identity()
+        self._current_identity()                # recompute now rather than on the next call
         return out
 
     def cache_stats(self) -> Dict[str, Any]:
@@ -1124,7 +1154,7 @@ class MultiModalModel(Module):
             datas = [("pre", x[i], None if mask is None else mask[i].astype(np.bool_))
                      for i in range(n_items)]
             fixed = True
-        identity = self._identity
+        identity = self._current_identity()
         cfg = self._config_key(mc)
         keys = [content_key(d, modality=m, config=cfg, model=identity) for d in datas]
         t_pre += time.perf_counter() - t0
@@ -1302,7 +1332,7 @@ class MultiModalModel(Module):
             return None
         strategy = self._config_key(config)
         keys = [CacheManager.fusion_key({m: item_keys[m][i] for m in present},
-                                        strategy=strategy, model=self._identity)
+                                        strategy=strategy, model=self._current_identity())
                 for i in range(B)]
         rows: Dict[int, np.ndarray] = {}
         for i, k in enumerate(keys):

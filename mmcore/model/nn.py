@@ -10,6 +10,15 @@ validating ``load_state_dict()``. Random initialisation takes ``rng``: ``None`` 
 stack of layers drawn from one generator is reproducible and every layer differs). The same seed
 gives the same float32 weights on every platform.
 
+Parameters are immutable: a module keeps every float32 parameter in read-only memory that
+cannot be made writeable again (and the arrays of a quantized weight read-only), so an in-place
+write (``layer.weight[0, 0] = 1``, ``layer.weight *= 2``) raises ``ValueError: assignment
+destination is read-only``. Weights change only through :meth:`Module.load_state_dict`,
+:meth:`Module.set_parameter` or :meth:`Module.register_parameter`, each of which replaces the
+array and advances :attr:`Module.weights_version`; caches of results (the per-item cache of
+:class:`~mmcore.model.MultiModalModel`, the argument cache of the native encoder block) key
+on that, so they never serve results of older weights.
+
 Examples
 --------
 >>> import numpy as np
@@ -26,6 +35,7 @@ Examples
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -36,7 +46,8 @@ from ..ops.linear import layer_norm as _ops_layer_norm
 from ..ops.linear import linear as _ops_linear
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
-           "ACTIVATIONS", "as_generator", "xavier_uniform", "check_features"]
+           "ACTIVATIONS", "as_generator", "xavier_uniform", "check_features", "frozen_array",
+           "weights_clock"]
 
 RngLike = Union[None, int, np.random.Generator]
 
@@ -146,6 +157,52 @@ def as_float_input(owner: str, name: str, x, *, ndim: Optional[int] = None,
 
 
 # ----------------------------------------------------------------------------------------------
+# immutable parameters and the weights clock
+
+_clock_lock = threading.Lock()
+_clock = [0]
+
+
+def _tick() -> int:
+    """A new value of the process-wide weights clock (strictly increasing)."""
+    with _clock_lock:
+        _clock[0] += 1
+        return _clock[0]
+
+
+def weights_clock() -> int:
+    """The process-wide weights clock: it advances whenever any module anywhere gets or
+    replaces a parameter or a child. Equal values mean no module has changed in between (a
+    cheap test before comparing :attr:`Module.weights_version` of one model)."""
+    return _clock[0]
+
+
+def frozen_array(value) -> np.ndarray:
+    """A float32 C-contiguous copy of ``value`` in read-only memory that cannot be made
+    writeable again (it belongs to an immutable ``bytes`` object).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.model.nn import frozen_array
+    >>> a = frozen_array(np.ones((2, 3)))
+    >>> a.dtype, a.shape, a.flags.writeable
+    (dtype('float32'), (2, 3), False)
+    """
+    a = np.ascontiguousarray(value, dtype=np.float32)
+    return np.frombuffer(a.tobytes(), dtype=np.float32).reshape(a.shape)
+
+
+def _freeze_quantized(q: QuantizedTensor) -> QuantizedTensor:
+    """Mark the arrays of a quantized weight read-only, in place (no copy: quantized weights
+    are kept to save memory)."""
+    q.data.flags.writeable = False
+    if q.scale is not None:
+        q.scale.flags.writeable = False
+    return q
+
+
+# ----------------------------------------------------------------------------------------------
 # the module base
 
 
@@ -173,6 +230,10 @@ class Module:
     :meth:`add_module`; both are reachable as attributes. State-dict keys are the dotted paths
     PyTorch uses (``out_proj.weight``), in registration order.
 
+    Parameter arrays are read-only (see the module notes): change weights with
+    :meth:`load_state_dict` (all of them) or :meth:`set_parameter` (one, by dotted name).
+    :attr:`weights_version` tells whether anything in the module tree was replaced.
+
     Examples
     --------
     >>> import numpy as np
@@ -195,20 +256,65 @@ class Module:
     def __init__(self):
         self.__dict__["_params"] = {}
         self.__dict__["_modules"] = {}
+        self.__dict__["_stamp"] = _tick()
 
     # -- registration ---------------------------------------------------------------------------
 
     def register_parameter(self, name: str, value: Optional[np.ndarray]) -> None:
-        """Register (or replace) parameter ``name``; ``None`` marks an absent optional one."""
-        if value is not None:
-            value = np.ascontiguousarray(value, dtype=np.float32)
+        """Register (or replace) parameter ``name``; ``None`` marks an absent optional one.
+
+        The value is copied into read-only float32 memory (a
+        :class:`~mmcore.ops.linear.QuantizedTensor` is kept, its arrays marked read-only, when
+        ``name`` is one of the module's quantizable weights). Unlike :meth:`set_parameter` the
+        shape is not checked: this is for building modules.
+        """
+        if isinstance(value, QuantizedTensor) and name in self._QUANTIZABLE:
+            value = _freeze_quantized(value)
+        elif value is not None:
+            value = frozen_array(value)
         self._params[name] = value
+        self.__dict__["_stamp"] = _tick()
 
     def add_module(self, name: str, module: "Module") -> None:
         """Register child ``module`` under ``name`` (its keys get the prefix ``name.``)."""
         if not isinstance(module, Module):
             raise TypeError(f"{name} must be a Module, got {type(module).__name__}")
         self._modules[name] = module
+        self.__dict__["_stamp"] = _tick()
+
+    def __setstate__(self, state):
+        # a copied or unpickled module gets read-only parameters again, and a new stamp
+        self.__dict__.update(state)
+        params = self.__dict__.get("_params", {})
+        for name, value in list(params.items()):
+            if isinstance(value, QuantizedTensor):
+                params[name] = _freeze_quantized(value)
+            elif value is not None:
+                params[name] = frozen_array(value)
+        self.__dict__["_stamp"] = _tick()
+
+    @property
+    def weights_version(self) -> int:
+        """An int that grows whenever a parameter or a child anywhere in this module's tree is
+        registered or replaced (by :meth:`register_parameter`, :meth:`add_module`,
+        :meth:`load_state_dict` or :meth:`set_parameter`); equal values mean the same arrays.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mmcore.model import Linear
+        >>> lin = Linear(2, 2, rng=0)
+        >>> v = lin.weights_version
+        >>> _ = lin.set_parameter("bias", np.zeros(2, np.float32))
+        >>> lin.weights_version > v
+        True
+        """
+        v = self._stamp
+        for child in self._modules.values():
+            w = child.weights_version
+            if w > v:
+                v = w
+        return v
 
     def __getattr__(self, name):
         d = self.__dict__
@@ -221,8 +327,8 @@ class Module:
     def __setattr__(self, name, value):
         d = self.__dict__
         if name in d.get("_params", ()):
-            raise AttributeError(f"set parameter {name!r} through load_state_dict (it is validated "
-                                 "there) or register_parameter")
+            raise AttributeError(f"set parameter {name!r} through set_parameter or "
+                                 "load_state_dict (it is validated there)")
         if name in d.get("_modules", ()):
             raise AttributeError(f"replace child module {name!r} with add_module")
         object.__setattr__(self, name, value)
@@ -294,6 +400,12 @@ class Module:
         Returns
         -------
         self
+
+        Notes
+        -----
+        The new parameters are read-only copies (a kept
+        :class:`~mmcore.ops.linear.QuantizedTensor` is not copied: its arrays are marked
+        read-only in place) and :attr:`weights_version` advances.
         """
         owner = type(self).__name__
         if not isinstance(state_dict, Mapping):
@@ -317,32 +429,62 @@ class Module:
             if name not in sub:
                 raise ModelFormatError(f"[{owner}] state dict is missing key {full!r} "
                                        f"(shape {current.shape})")
-            value = sub[name]
-            if isinstance(value, QuantizedTensor) and local in module._QUANTIZABLE:
-                if tuple(value.shape) != tuple(current.shape):
-                    raise ModelFormatError(f"[{owner}] state dict entry {full!r} has shape "
-                                           f"{tuple(value.shape)}, expected "
-                                           f"{tuple(current.shape)}")
-                if not np.isfinite(value.dequantize()).all():
-                    raise ModelFormatError(f"[{owner}] state dict entry {full!r} contains NaN "
-                                           "or Inf")
-                staged.append((module, local, value))
-                continue
-            a = _to_numpy(owner, full, value)
-            if a.dtype not in _FLOAT_DTYPES:
-                raise ModelFormatError(f"[{owner}] state dict entry {full!r} has dtype {a.dtype}, "
-                                       "expected a float dtype")
-            if a.shape != current.shape:
-                raise ModelFormatError(f"[{owner}] state dict entry {full!r} has shape "
-                                       f"{tuple(a.shape)}, expected {tuple(current.shape)}")
-            a = np.array(a, dtype=np.float32, order="C", copy=True)
-            if not np.isfinite(a).all():
-                raise ModelFormatError(f"[{owner}] state dict entry {full!r} contains NaN or Inf")
-            staged.append((module, local, a))
+            staged.append((module, local,
+                           _checked_value(owner, full, sub[name], current, module, local)))
         for module, local, a in staged:
             module._params[local] = a
+        for module in {id(m): m for m, _, _ in staged}.values():
+            module.__dict__["_stamp"] = _tick()
         self._after_load()
         return self
+
+    def set_parameter(self, name: str, value) -> "Module":
+        """Replace one parameter, by its dotted state-dict name, validated as
+        :meth:`load_state_dict` validates an entry.
+
+        Parameters
+        ----------
+        name : str
+            A key of :meth:`state_dict` (``"layers.0.linear1.weight"``).
+        value : float array of the parameter's shape, or a
+            :class:`~mmcore.ops.linear.QuantizedTensor` for a quantizable weight
+            Copied into read-only float32 memory.
+
+        Raises
+        ------
+        ModelFormatError
+            ``name`` is not a present parameter; the value has the wrong shape or dtype, or
+            holds NaN/Inf. Nothing is modified in that case.
+
+        Returns
+        -------
+        self
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mmcore.model import Linear
+        >>> lin = Linear(3, 2, rng=0)
+        >>> _ = lin.set_parameter("weight", np.ones((2, 3))).set_parameter("bias", [0.5, 1.0])
+        >>> lin(np.ones((1, 3), np.float32))
+        array([[3.5, 4. ]], dtype=float32)
+        >>> lin.weight[0, 0] = 2.0
+        Traceback (most recent call last):
+        ...
+        ValueError: assignment destination is read-only
+        """
+        owner = type(self).__name__
+        if not isinstance(name, str):
+            raise ModelFormatError(f"[{owner}] parameter name must be a str, got "
+                                   f"{type(name).__name__}")
+        for full, module, local, current in self._parameter_slots():
+            if full == name:
+                module._params[local] = _checked_value(owner, name, value, current, module, local)
+                module.__dict__["_stamp"] = _tick()
+                self._after_load()
+                return self
+        raise ModelFormatError(f"[{owner}] no parameter {name!r} (parameters: "
+                               f"{sorted(k for k, *_ in self._parameter_slots())})")
 
     def _convert_state(self, state_dict: dict, prefix: str) -> None:
         """Hook: rewrite (a copy of) a state dict into this module's own keys before loading.
@@ -371,6 +513,28 @@ class Module:
             body = repr(child).replace("\n", "\n  ")
             lines.append(f"  ({name}): {body}")
         return "\n".join(lines) + "\n)"
+
+
+def _checked_value(owner: str, full: str, value, current, module: Module, local: str):
+    """A validated, read-only replacement for parameter ``full`` (current array ``current``)."""
+    if isinstance(value, QuantizedTensor) and local in module._QUANTIZABLE:
+        if tuple(value.shape) != tuple(current.shape):
+            raise ModelFormatError(f"[{owner}] state dict entry {full!r} has shape "
+                                   f"{tuple(value.shape)}, expected {tuple(current.shape)}")
+        if not np.isfinite(value.dequantize()).all():
+            raise ModelFormatError(f"[{owner}] state dict entry {full!r} contains NaN or Inf")
+        return _freeze_quantized(value)
+    a = _to_numpy(owner, full, value)
+    if a.dtype not in _FLOAT_DTYPES:
+        raise ModelFormatError(f"[{owner}] state dict entry {full!r} has dtype {a.dtype}, "
+                               "expected a float dtype")
+    if a.shape != current.shape:
+        raise ModelFormatError(f"[{owner}] state dict entry {full!r} has shape "
+                               f"{tuple(a.shape)}, expected {tuple(current.shape)}")
+    a = frozen_array(a)
+    if not np.isfinite(a).all():
+        raise ModelFormatError(f"[{owner}] state dict entry {full!r} contains NaN or Inf")
+    return a
 
 
 def _missing(owner: str, state_dict: Mapping, key: str) -> ModelFormatError:
