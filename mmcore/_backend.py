@@ -28,9 +28,10 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .errors import BackendError
+from .errors import ArgumentError, BackendError
 
-__all__ = ["backends", "use_backend", "set_num_threads", "get_num_threads", "resolve_backend"]
+__all__ = ["backends", "use_backend", "set_num_threads", "get_num_threads", "max_num_threads",
+           "resolve_backend"]
 
 BACKEND_NAMES = ("native", "cuda", "numba")
 
@@ -59,6 +60,26 @@ def native_module():
         ) from exc
 
 
+#: The thread cap is this many threads per CPU (see :func:`max_num_threads`).
+THREADS_PER_CPU = 8
+
+
+def max_num_threads() -> int:
+    """The most threads the native kernels may use: ``8 * os.cpu_count()``.
+
+    More threads than that cannot make a kernel faster, and every thread the pool starts stays
+    for the life of the process, so :func:`set_num_threads` refuses larger counts (and the
+    native pool clamps any count it is handed to the same multiple of the CPUs it sees).
+
+    Examples
+    --------
+    >>> import os, mmcore
+    >>> mmcore._backend.max_num_threads() == 8 * (os.cpu_count() or 1)
+    True
+    """
+    return THREADS_PER_CPU * max(1, os.cpu_count() or 1)
+
+
 def _default_threads() -> int:
     env = os.environ.get("MMCORE_NUM_THREADS")
     if env:
@@ -68,6 +89,9 @@ def _default_threads() -> int:
             raise BackendError(f"MMCORE_NUM_THREADS must be a positive integer, got {env!r}") from None
         if n < 1:
             raise BackendError(f"MMCORE_NUM_THREADS must be a positive integer, got {env!r}")
+        if n > max_num_threads():
+            raise BackendError(f"MMCORE_NUM_THREADS = {n} is more than the cap of "
+                               f"{max_num_threads()} threads ({THREADS_PER_CPU} per CPU)")
         return n
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -81,8 +105,17 @@ def set_num_threads(n: int) -> None:
     Parameters
     ----------
     n : int
-        A positive thread count. The default is the number of CPUs this process may run on,
-        or the environment variable ``MMCORE_NUM_THREADS``.
+        A thread count, ``1 <= n <= max_num_threads()`` (8 per CPU: threads the pool starts
+        stay for the life of the process, so a larger count is refused rather than clamped).
+        A Python int or a NumPy integer; ``bool``, floats, strings and ``None`` are refused.
+        The default is the number of CPUs this process may run on, or the environment variable
+        ``MMCORE_NUM_THREADS`` (same bounds).
+
+    Raises
+    ------
+    ArgumentError
+        ``n`` is not an int or lies outside ``[1, max_num_threads()]``; the message names
+        ``n``.
 
     Examples
     --------
@@ -92,8 +125,15 @@ def set_num_threads(n: int) -> None:
     2
     """
     global _num_threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"[set_num_threads] n must be a positive int, got {n!r}")
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise ArgumentError(f"[set_num_threads] n must be an int, got {n!r}")
+    n = int(n)
+    if n < 1:
+        raise ArgumentError(f"[set_num_threads] n must be >= 1, got {n}")
+    cap = max_num_threads()
+    if n > cap:
+        raise ArgumentError(f"[set_num_threads] n = {n} is more than the cap of {cap} threads "
+                            f"({THREADS_PER_CPU} per CPU on this machine)")
     with _lock:
         _num_threads = n
 

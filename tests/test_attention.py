@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from mmcore.errors import BackendError, MMCoreError, ShapeError
+from mmcore.errors import ArgumentError, BackendError, MMCoreError, ShapeError
 from mmcore.ops import attention
 from mmcore.ops.attention import dropout_threshold
 
@@ -784,16 +784,22 @@ def _bad_cases():
     return [pytest.param(a, kw, name, id=cid) for cid, a, kw, name in cases]
 
 
+# Scalar options: a mistake in them is an ArgumentError (also a TypeError and a ValueError);
+# array problems stay ShapeError.
+_SCALAR_NAMES = ("scale", "temperature", "dropout_p", "seed")
+
+
 @pytest.mark.parametrize("args,kwargs,name", _bad_cases())
 def test_bad_inputs_raise_shape_error(backend, args, kwargs, name):
-    with pytest.raises(ShapeError, match=rf"^\[attention\] {name}\b") as info:
+    expected = ArgumentError if name in _SCALAR_NAMES else ShapeError
+    with pytest.raises(expected, match=rf"^\[attention\] {name}\b") as info:
         attention(*args, backend=backend, **kwargs)
     assert isinstance(info.value, ValueError) and isinstance(info.value, MMCoreError)
 
 
 def test_none_inputs_raise():
     q, k, v = _good()
-    with pytest.raises(ShapeError, match=r"\bv\b"):
+    with pytest.raises(ArgumentError, match=r"\bv\b"):
         attention(q, k, None)
 
 

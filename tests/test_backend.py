@@ -104,8 +104,64 @@ def test_set_num_threads_and_results_independent_of_threads():
         mmcore.set_num_threads(old)
     np.testing.assert_array_equal(a, b)
     for bad in (0, -1, 1.5, "2", True):
-        with pytest.raises(ValueError, match="set_num_threads"):
+        with pytest.raises(errors.ArgumentError, match="set_num_threads"):
             mmcore.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", None, True, np.bool_(True), 2.0, 100000,
+                                 2 ** 63, "max+1"])
+def test_set_num_threads_refuses_bad_counts_with_argument_error(bad):
+    if bad == "max+1":
+        bad = mmcore._backend.max_num_threads() + 1
+    old = mmcore.get_num_threads()
+    with pytest.raises(errors.ArgumentError, match=r"^\[set_num_threads\] n\b") as info:
+        mmcore.set_num_threads(bad)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+    assert mmcore.get_num_threads() == old              # nothing changed
+
+
+def test_set_num_threads_takes_numpy_ints_up_to_the_cap():
+    old = mmcore.get_num_threads()
+    cap = mmcore._backend.max_num_threads()
+    assert cap == 8 * (os.cpu_count() or 1)
+    try:
+        mmcore.set_num_threads(np.int64(2))
+        assert mmcore.get_num_threads() == 2 and type(mmcore.get_num_threads()) is int
+        mmcore.set_num_threads(cap)
+        assert mmcore.get_num_threads() == cap
+    finally:
+        mmcore.set_num_threads(old)
+
+
+def test_num_threads_env_beyond_the_cap(monkeypatch):
+    monkeypatch.setenv("MMCORE_NUM_THREADS", str(mmcore._backend.max_num_threads() + 1))
+    with pytest.raises(errors.BackendError, match="MMCORE_NUM_THREADS"):
+        mmcore._backend._default_threads()
+
+
+def test_native_pool_never_starts_more_threads_than_the_cap():
+    # The private kernels take any int: the pool itself clamps to 8 threads per CPU. Run in a
+    # fresh process so that the thread count starts from a known pool.
+    code = """if True:
+        import os, numpy as np
+        from mmcore import _backend
+        C = _backend.native_module()
+        before = len(os.listdir("/proc/self/task"))
+        rows = 4 * _backend.max_num_threads()      # enough tasks to want more threads
+        x = np.ones((rows, 16, 8), np.float32)
+        out = np.empty((rows, 8), np.float32)
+        C.masked_mean(x, None, out, num_threads=100000)
+        q = np.ones((4, 8, 64, 16), np.float32)
+        o = np.empty_like(q)
+        C.attention(q, q, q, o, None, None, None, None, None, 0.25, False, 0, 0, 1.0, 2 ** 31 - 1)
+        assert np.allclose(out, 1.0) and np.allclose(o, 1.0)
+        print(before, len(os.listdir("/proc/self/task")), _backend.max_num_threads())
+    """
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after, cap = (int(v) for v in out.stdout.split())
+    assert after - before <= cap - 1          # the caller is the cap's first thread
 
 
 def test_num_threads_env_in_subprocess():

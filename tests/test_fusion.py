@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from mmcore.errors import BackendError, MMCoreError, ShapeError
+from mmcore.errors import ArgumentError, BackendError, MMCoreError, ShapeError
 from mmcore.ops import fuse, masked_max, masked_mean
 
 from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
@@ -773,7 +773,8 @@ def _bad_reduce_cases():
 @pytest.mark.parametrize("op,args,name", _bad_reduce_cases())
 def test_bad_reduce_inputs_raise_shape_error(backend, op, args, name):
     fn, _ = REDUCTIONS[op]
-    with pytest.raises(ShapeError, match=rf"^\[{op}\] {name}\b") as info:
+    expected = ArgumentError if args[0] is None else ShapeError    # None is not an array
+    with pytest.raises(expected, match=rf"^\[{op}\] {name}\b") as info:
         fn(*args, backend=backend)
     assert isinstance(info.value, ValueError) and isinstance(info.value, MMCoreError)
 
@@ -837,12 +838,21 @@ def _bad_fuse_cases():
         ("return_weights_str", emb, dict(strategy="weighted", weights=w, return_weights="yes"),
          "return_weights"),
     ]
-    return [pytest.param(e, kw, name, id=cid) for cid, e, kw, name in cases]
+    return [pytest.param(e, kw, name, ArgumentError if cid in _FUSE_ARGUMENT_CASES else ShapeError,
+                         id=cid) for cid, e, kw, name in cases]
 
 
-@pytest.mark.parametrize("embeddings,kwargs,name", _bad_fuse_cases())
-def test_bad_fuse_inputs_raise_shape_error(backend, embeddings, kwargs, name):
-    with pytest.raises(ShapeError, match=rf"^\[fuse\] {name}\b") as info:
+# Mistakes that are not about an array's rank, shape or dtype: ArgumentError.
+_FUSE_ARGUMENT_CASES = {
+    "emb_none", "item_none", "strategy_unknown", "strategy_case", "strategy_none", "strategy_int",
+    "weights_missing", "weights_unused", "weights_nan", "weights_inf", "weights_f32_overflow",
+    "weights_negative", "weights_str", "query_missing", "query_unused", "return_weights_mean",
+    "return_weights_concat", "return_weights_str"}
+
+
+@pytest.mark.parametrize("embeddings,kwargs,name,expected", _bad_fuse_cases())
+def test_bad_fuse_inputs_raise_shape_error(backend, embeddings, kwargs, name, expected):
+    with pytest.raises(expected, match=rf"^\[fuse\] {name}\b") as info:
         fuse(embeddings, backend=backend, **kwargs)
     assert isinstance(info.value, ValueError) and isinstance(info.value, MMCoreError)
 
@@ -991,5 +1001,5 @@ def test_bad_out_names_the_argument():
     ro.setflags(write=False)
     with pytest.raises(ShapeError, match=r"\[fuse\] out must be writable"):
         fuse(x, strategy="sum", out=ro)
-    with pytest.raises(ShapeError, match=r"\[fuse\] out must be an array"):
+    with pytest.raises(ArgumentError, match=r"\[fuse\] out must be an array"):
         fuse(x, strategy="sum", out=[[0.0] * 4] * 2)

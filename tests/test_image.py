@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from mmcore.errors import BackendError, ShapeError
+from mmcore.errors import ArgumentError, BackendError, ShapeError
 from mmcore.ops import normalize, patchify, preprocess_image, resize
 
 from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
@@ -850,10 +850,22 @@ BAD_INPUTS = [
 ]
 
 
+# Bad options (types, names, sizes, scalars): ArgumentError; the rest concern the arrays' rank,
+# shape, dtype or channels: ShapeError.
+ARGUMENT_MATCHES = {
+    "size[0] must be >= 1", "size must be a pair", "size[0] must be an int",
+    "filter must be one of", "antialias must be True or False", "std must be non-zero",
+    "mean must be finite", "layout must be one of", "scale must be finite",
+    "patch_size must be >= 1", "preset must be one of", "resize_mode must be one of",
+    "needs resize_mode='squash'", "size must be >= 1", "crop_size[0] must be >= 1",
+    "patch_size = 15 does not divide"}
+
+
 @pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
 def test_bad_inputs_raise(case):
     fn, match = BAD_INPUTS[case]
-    with pytest.raises(ShapeError) as info:
+    expected = ArgumentError if match in ARGUMENT_MATCHES else ShapeError
+    with pytest.raises(expected) as info:
         fn()
     assert match in str(info.value), str(info.value)
     assert str(info.value).startswith("["), str(info.value)

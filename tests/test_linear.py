@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import mmcore
 from mmcore import _C
-from mmcore.errors import ShapeError
+from mmcore.errors import ArgumentError, ShapeError
 from mmcore.ops import layer_norm, linear
 
 from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
@@ -219,7 +219,7 @@ def test_fused_activation_matches_torch_and_bad_names():
                      ("quick_gelu", y * torch.sigmoid(1.702 * y)), ("relu", F.relu(y))]:
         np.testing.assert_allclose(linear(x, w, b, activation=act), ref.numpy(),
                                    rtol=1e-5, atol=1e-5)
-    with pytest.raises(ShapeError, match=r"\[linear\] activation must be one of"):
+    with pytest.raises(ArgumentError, match=r"\[linear\] activation must be one of"):
         linear(x, w, b, activation="swish")
 
 
@@ -264,9 +264,9 @@ def test_layer_norm_layouts_torch_and_errors():
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ShapeError, match=r"\[layer_norm\] weight has shape"):
         layer_norm(x, np.ones(3, np.float32))
-    with pytest.raises(ShapeError, match=r"\[layer_norm\] bias needs a weight"):
+    with pytest.raises(ArgumentError, match=r"\[layer_norm\] bias needs a weight"):
         layer_norm(x, None, b)
-    with pytest.raises(ShapeError, match=r"\[layer_norm\] eps must be"):
+    with pytest.raises(ArgumentError, match=r"\[layer_norm\] eps must be"):
         layer_norm(x, eps=0.0)
     with pytest.raises(ShapeError, match=r"\[layer_norm\] x has dtype int32"):
         layer_norm(np.ones((2, 3), np.int32))
@@ -319,9 +319,9 @@ def test_float16_special_values_widen_exactly():
 
 def test_quantized_tensor_errors():
     from mmcore.ops.linear import QuantizedTensor
-    with pytest.raises(ShapeError, match="kind must be one of"):
+    with pytest.raises(ArgumentError, match="kind must be one of"):
         QuantizedTensor(np.zeros((2, 2), np.int8), "int4")
-    with pytest.raises(ShapeError, match="needs scale"):
+    with pytest.raises(ArgumentError, match="needs scale"):
         QuantizedTensor(np.zeros((2, 2), np.int8), "int8")
     with pytest.raises(ShapeError, match=r"scale has shape"):
         QuantizedTensor(np.zeros((2, 2), np.int8), "int8", scale=np.ones(3, np.float32))

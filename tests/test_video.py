@@ -13,7 +13,7 @@ import pytest
 
 import mmcore
 from mmcore.config import PreprocessingConfig
-from mmcore.errors import ConfigError, MMCoreError, ShapeError, VideoDecodeError
+from mmcore.errors import ArgumentError, ConfigError, MMCoreError, ShapeError, VideoDecodeError
 from mmcore.preprocess import (VideoPreprocessor, load_video, sample_frame_indices,
                                sample_video_array, temporal_windows, video_info)
 from mmcore.preprocess.video import _VideoReader
@@ -148,7 +148,7 @@ def test_strategy_is_inferred():
     (dict(num_frames=10, fps=2.0, video_fps=30.0, temporal_patch=0), "temporal_patch"),
 ])
 def test_sample_frame_indices_errors_name_the_argument(kwargs, name):
-    with pytest.raises(ShapeError) as info:
+    with pytest.raises(ArgumentError) as info:
         sample_frame_indices(**kwargs)
     msg = str(info.value)
     assert msg.startswith("[sample_frame_indices]") and f" {name} " in f" {msg} "
@@ -198,7 +198,7 @@ def test_temporal_windows_properties(num_frames, window, stride):
     (dict(num_frames=10, window=4, stride=None), "stride"),
 ])
 def test_temporal_windows_errors(kwargs, name):
-    with pytest.raises(ShapeError, match=rf"\[temporal_windows\] {name} "):
+    with pytest.raises(ArgumentError, match=rf"\[temporal_windows\] {name} "):
         temporal_windows(**kwargs)
 
 
@@ -237,7 +237,7 @@ def test_sample_video_array_bad_frames(frames, frag):
 
 
 def test_sample_video_array_fps_needs_video_fps():
-    with pytest.raises(ShapeError, match="video_fps"):
+    with pytest.raises(ArgumentError, match="video_fps"):
         sample_video_array(numbered_frames(), fps=2.0)
 
 
@@ -414,13 +414,13 @@ def test_load_video_argument_errors(main_video):
         load_video(main_video, indices=[0, N_FRAMES])
     with pytest.raises(ShapeError, match="indices"):
         load_video(main_video, indices=[-1])
-    with pytest.raises(ShapeError, match="not both"):
+    with pytest.raises(ArgumentError, match="not both"):
         load_video(main_video, indices=[0], n=2)
-    with pytest.raises(ShapeError, match="max_threads"):
+    with pytest.raises(ArgumentError, match="max_threads"):
         load_video(main_video, n=2, max_threads=0)
-    with pytest.raises(ShapeError, match=r"\bn\b"):
+    with pytest.raises(ArgumentError, match=r"\bn\b"):
         load_video(main_video, n=0)
-    with pytest.raises(ShapeError, match="path"):
+    with pytest.raises(ArgumentError, match="path"):
         load_video(3.5)
 
 
@@ -572,9 +572,9 @@ def test_preprocessor_bad_inputs():
     pre = VideoPreprocessor()
     with pytest.raises(ShapeError, match="frames"):
         pre(np.zeros((4, 8, 8), np.uint8))
-    with pytest.raises(ShapeError, match="video_fps"):
+    with pytest.raises(ArgumentError, match="video_fps"):
         VideoPreprocessor({"fps": 2.0})(numbered_frames(), video_fps=None)
-    with pytest.raises(ShapeError, match="video_fps"):
+    with pytest.raises(ArgumentError, match="video_fps"):
         pre(numbered_frames(), video_fps=-1)
 
 

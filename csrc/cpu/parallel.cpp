@@ -140,9 +140,19 @@ Pool& get_pool() {
 
 }  // namespace
 
+int max_threads() {
+  static const int cap = [] {
+    const unsigned cpus = std::thread::hardware_concurrency();  // 0 when unknown
+    return kThreadsPerCpu * static_cast<int>(std::min(std::max(cpus, 1u), 1u << 16));
+  }();
+  return cap;
+}
+
 void parallel_for(int64_t n, int num_threads, const std::function<void(int64_t, int)>& fn) {
   if (n <= 0) return;
-  const int nt = static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), n));
+  // Pool threads live as long as the process: never start more than the cap, whatever count
+  // the caller passes (mmcore.set_num_threads refuses such counts already).
+  const int nt = static_cast<int>(std::min<int64_t>({std::max(num_threads, 1), n, max_threads()}));
   Job job;
   job.fn = &fn;
   job.n = n;

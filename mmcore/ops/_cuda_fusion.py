@@ -28,7 +28,8 @@ Outputs must not overlap the inputs.
 from __future__ import annotations
 
 
-from ..errors import BackendError, ShapeError
+from ..errors import ArgumentError, BackendError, ShapeError
+from ._checks import check_choice
 from ._cuda_common import cuda_module as _cuda_module
 from ._cuda_common import cupy_module as _cupy
 from ._cuda_common import device_array as _device_array
@@ -178,9 +179,7 @@ def fuse_cuda(emb, present, weights, query, out, out_weights, *, strategy):
            [0.25, 0.75]], dtype=float32)
     """
     op = "fuse"
-    if not isinstance(strategy, str) or strategy not in _STRATEGIES:
-        raise ShapeError(f"[{op}] strategy must be one of {', '.join(map(repr, _STRATEGIES))}, "
-                         f"got {strategy!r}")
+    check_choice("strategy", strategy, tuple(_STRATEGIES), op=op)
     cp = _cupy(op)
     mod = _cuda_module(op, "fuse")
     e = _device_array(cp, op, "emb", emb)
@@ -200,8 +199,8 @@ def fuse_cuda(emb, present, weights, query, out, out_weights, *, strategy):
     weights_per_batch = True
     if strategy == "weighted":
         if weights is None:
-            raise ShapeError(f"[{op}] weights is required with strategy 'weighted': (M,) or "
-                             "(B, M)")
+            raise ArgumentError(f"[{op}] weights is required with strategy 'weighted': (M,) or "
+                                "(B, M)")
         w = _device_array(cp, op, "weights", weights)
         _same_device(op, "weights", w, device, "emb")
         _check(cp, op, "weights", w, [(M,), (B, M)], "(M,) or (B, M)")
@@ -211,8 +210,8 @@ def fuse_cuda(emb, present, weights, query, out, out_weights, *, strategy):
     query_per_batch = True
     if strategy == "attention":
         if query is None:
-            raise ShapeError(f"[{op}] query is required with strategy 'attention': (D,) or "
-                             "(B, D)")
+            raise ArgumentError(f"[{op}] query is required with strategy 'attention': (D,) or "
+                                "(B, D)")
         q = _device_array(cp, op, "query", query)
         _same_device(op, "query", q, device, "emb")
         _check(cp, op, "query", q, [(D,), (B, D)], "(D,) or (B, D)")

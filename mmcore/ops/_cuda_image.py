@@ -34,13 +34,11 @@ float32 rounding after each operation.
 
 from __future__ import annotations
 
-import math
-import operator
-
 import numpy as np
 
 from .._backend import is_cuda_array
 from ..errors import BackendError, ShapeError
+from ._checks import check_choice, check_float, check_int
 from ._cuda_common import cuda_module as _cuda_module
 from ._cuda_common import cupy_module as _cupy
 from ._cuda_common import device_array as _device_array
@@ -54,32 +52,15 @@ _DTYPES = {"uint8": 0, "float32": 1}
 
 
 def _int(op: str, name: str, value, lo=None) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise ShapeError(f"[{op}] {name} must be an int, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ShapeError(f"[{op}] {name} must be an int, got {value!r}") from None
-    if lo is not None and v < lo:
-        raise ShapeError(f"[{op}] {name} must be >= {lo}, got {v}")
-    return int(v)
+    return check_int(name, value, op=op, lo=lo)
 
 
 def _float(op: str, name: str, value) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ShapeError(f"[{op}] {name} must be a real number, got {value!r}") from None
-    if not math.isfinite(f):
-        raise ShapeError(f"[{op}] {name} must be finite, got {f}")
-    return f
+    return check_float(name, value, op=op)
 
 
 def _choice(op: str, name: str, value, options: dict) -> int:
-    if not isinstance(value, str) or value not in options:
-        raise ShapeError(f"[{op}] {name} must be one of {', '.join(map(repr, options))}, "
-                         f"got {value!r}")
-    return options[value]
+    return options[check_choice(name, value, tuple(options), op=op)]
 
 
 def _ptr(a) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 from .. import _backend
 from ..errors import ShapeError
 from ._checks import (as_host_array, attention_scalars, broadcast_view, attention_results,
-                      check_qkv_shapes, dropout_threshold, float32_contiguous)
+                      check_bool, check_qkv_shapes, dropout_threshold, float32_contiguous)
 
 __all__ = ["attention", "dropout_threshold"]
 
@@ -39,9 +39,10 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     bias : float array broadcastable to (B, H, Lq, Lk), optional
         Added to the scores; ``-inf`` entries act as a mask. NaN and ``+inf`` are rejected.
     scale : float, optional
-        Multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
+        Multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``. Must be finite in float32, as must
+        ``scale / temperature`` (the factor the kernels apply).
     temperature : float, default 1.0
-        Divides the scaled scores; must be finite and > 0.
+        Divides the scaled scores; must be finite and > 0 (also once rounded to float32).
     dropout_p : float, default 0.0
         Probability in ``[0, 1)`` of dropping each attention weight (kept ones are scaled by
         ``1 / (1 - p)``). Off by default: mmcore is an inference library. The mask is a pure
@@ -61,6 +62,14 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     -------
     out : float32 array (B, H, Lq, Dv), or a tuple ``(out[, weights][, lse])``
         A query row with no key to attend to gives zeros (and ``lse = -inf``), never NaN.
+
+    Raises
+    ------
+    ShapeError
+        An array of the wrong rank, shape or dtype (or ``bias`` with NaN / ``+inf``).
+    ArgumentError
+        A scalar option of the wrong type or out of range (``scale``, ``temperature``,
+        ``dropout_p``, ``seed``, ``return_weights``, ``return_lse``); the message names it.
 
     Notes
     -----
@@ -82,6 +91,8 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     >>> out.shape, w.shape, bool(np.allclose(w.sum(-1), 1, atol=1e-5)), float(w[..., 500:].max())
     ((1, 8, 77, 32), (1, 8, 77, 577), True, 0.0)
     """
+    return_weights = check_bool("return_weights", return_weights, op=_OP)
+    return_lse = check_bool("return_lse", return_lse, op=_OP)
     name = _backend.resolve_backend(_OP, (q, k, v), backend)
     if name == "cuda":
         from ._cuda_impl import attention_cuda

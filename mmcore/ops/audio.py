@@ -15,7 +15,11 @@ dimensions (each row is an independent signal; a batch gives exactly the result 
 op item by item), float32, float64 or float16 (computed in float32) or int16 (scaled by
 ``1/32768`` to ``[-1, 1)``, except by :func:`fbank`, which takes samples as given, like Kaldi).
 Samples must be finite: NaN or Inf raises :class:`~mmcore.errors.ShapeError` instead of
-spreading through every frame it touches. Host arrays run on the ``native`` (default) or
+spreading through every frame it touches. Scalar options of the wrong type or out of range raise
+:class:`~mmcore.errors.ArgumentError` naming the option: ints must be ints (NumPy integers
+included, ``bool`` refused) within the int64 range of the kernels (``n_fft`` and Kaldi frames at
+most ``2**24`` samples), floats must be finite in float32 (``power=1e-300`` would round to 0,
+``sr=1e300`` overflows). Host arrays run on the ``native`` (default) or
 ``numba`` backend; CuPy / CUDA arrays run on ``cuda`` and give CuPy results on the same device
 (the small window and filter tables are copied to the device for the call; the finiteness
 check of a device signal reads one flag back and so waits for the current stream).
@@ -30,11 +34,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _backend
-from ..errors import BackendError, ShapeError
+from ..errors import ArgumentError, BackendError, ShapeError
 from ._audio_filters import (KALDI_WINDOWS, STFT_WINDOWS, SparseMel, kaldi_mel_filters,
                              kaldi_mel_filters_sparse, kaldi_window, mel_filters,
                              mel_filters_sparse, window_function)
-from ._checks import as_host_array, finite_float, optional_seed
+from ._checks import (INT64_MAX, as_host_array, check_bool, check_choice, check_int,
+                      finite_float, optional_seed)
 from ._cuda_common import cupy_module
 
 __all__ = ["stft", "mel_filterbank", "mel_spectrogram", "log_mel_spectrogram", "fbank"]
@@ -55,27 +60,23 @@ _INT16_SCALE = np.float32(1.0 / 32768.0)
 # argument checks
 
 
-def _int_arg(op: str, name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ShapeError(f"[{op}] {name} must be an int, got {value!r}")
-    v = int(value)
-    if v < minimum:
-        bound = "> 0" if minimum == 1 else f">= {minimum}"
-        raise ShapeError(f"[{op}] {name} must be {bound}, got {v}")
-    return v
+#: The largest FFT size (and Kaldi frame length) the ops accept: 2**24 samples, 17 minutes at
+#: 16 kHz. Larger sizes would only allocate huge windows and spectra.
+MAX_N_FFT = 1 << 24
+
+
+def _int_arg(op: str, name: str, value, minimum: int, maximum=None) -> int:
+    if maximum is None:
+        return check_int(name, value, op=op, lo=minimum)
+    return check_int(name, value, op=op, lo=minimum, hi=maximum)
 
 
 def _bool_arg(op: str, name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ShapeError(f"[{op}] {name} must be True or False, got {value!r}")
-    return bool(value)
+    return check_bool(name, value, op=op)
 
 
 def _choice(op: str, name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ShapeError(f"[{op}] {name} must be one of {', '.join(map(repr, choices))}, "
-                         f"got {value!r}")
-    return value
+    return check_choice(name, value, choices, op=op)
 
 
 def _sample_rate(op: str, sr) -> float:
@@ -89,24 +90,24 @@ def _power(op: str, power) -> float:
 def _mel_args(op, sr, n_fft, n_mels, fmin, fmax, htk, norm):
     """Validated ``(sr, n_fft, n_mels, fmin, fmax, htk, norm)`` of a librosa-style filterbank."""
     sr = _sample_rate(op, sr)
-    n_fft = _int_arg(op, "n_fft", n_fft, 2)
+    n_fft = _int_arg(op, "n_fft", n_fft, 2, MAX_N_FFT)
     n_mels = _int_arg(op, "n_mels", n_mels, 1)
     n_bins = n_fft // 2 + 1
     if n_mels > n_bins:
-        raise ShapeError(f"[{op}] n_mels = {n_mels} is larger than the number of frequency bins "
-                         f"n_fft//2 + 1 = {n_bins}")
+        raise ArgumentError(f"[{op}] n_mels = {n_mels} is larger than the number of frequency bins "
+                            f"n_fft//2 + 1 = {n_bins}")
     fmin = finite_float(op, "fmin", fmin)
     if fmin < 0:
-        raise ShapeError(f"[{op}] fmin must be >= 0, got {fmin}")
+        raise ArgumentError(f"[{op}] fmin must be >= 0, got {fmin}")
     nyquist = sr / 2.0
     fmax = nyquist if fmax is None else finite_float(op, "fmax", fmax)
     if fmax > nyquist:
-        raise ShapeError(f"[{op}] fmax = {fmax} is above the Nyquist frequency sr/2 = {nyquist}")
+        raise ArgumentError(f"[{op}] fmax = {fmax} is above the Nyquist frequency sr/2 = {nyquist}")
     if fmax <= fmin:
-        raise ShapeError(f"[{op}] fmax = {fmax} must be greater than fmin = {fmin}")
+        raise ArgumentError(f"[{op}] fmax = {fmax} must be greater than fmin = {fmin}")
     htk = _bool_arg(op, "htk", htk)
     if norm is not None and norm != "slaney":
-        raise ShapeError(f"[{op}] norm must be 'slaney' or None, got {norm!r}")
+        raise ArgumentError(f"[{op}] norm must be 'slaney' or None, got {norm!r}")
     return sr, n_fft, n_mels, fmin, fmax, htk, norm
 
 
@@ -153,7 +154,7 @@ def _signal(op: str, x, backend_name: str, *, scale_int16: bool = True) -> _Sign
     if backend_name == "cuda":
         xp = cupy_module(op)
         if x is None:
-            raise ShapeError(f"[{op}] x is required")
+            raise ArgumentError(f"[{op}] x is required")
         x = _device_array(op, x)
     else:
         xp = np
@@ -189,8 +190,8 @@ def _window_arg(op: str, window, win_length: int, *, kaldi: bool = False) -> np.
         _choice(op, "window", window, KALDI_WINDOWS if kaldi else STFT_WINDOWS)
         return kaldi_window(window, win_length) if kaldi else window_function(window, win_length)
     if kaldi:
-        raise ShapeError(f"[{op}] window must be one of {', '.join(map(repr, KALDI_WINDOWS))}, "
-                         f"got {type(window).__name__}")
+        raise ArgumentError(f"[{op}] window must be one of {', '.join(map(repr, KALDI_WINDOWS))}, "
+                            f"got {type(window).__name__}")
     w = as_host_array(op, "window", window)
     if w.dtype.kind not in "fiu" or w.dtype == np.bool_:
         raise ShapeError(f"[{op}] window has dtype {w.dtype}, expected a name or a real array")
@@ -286,7 +287,7 @@ def stft(x, *, n_fft, hop_length=None, win_length=None, window="hann", center=Tr
         Signals on the last axis, any leading batch shape. float32, float64, float16 or int16
         (scaled by 1/32768). Must be finite.
     n_fft : int
-        FFT size, >= 2; any size (400, primes, ...), not only powers of two.
+        FFT size, ``2 <= n_fft <= 2**24``; any size (400, primes, ...), not only powers of two.
     hop_length : int, optional
         Samples between frame starts, >= 1 (may exceed ``n_fft``); default
         ``max(1, n_fft // 4)``.
@@ -322,11 +323,11 @@ def stft(x, *, n_fft, hop_length=None, win_length=None, window="hann", center=Tr
     """
     op = "stft"
     name = _resolve(op, x, backend)
-    n_fft = _int_arg(op, "n_fft", n_fft, 2)
+    n_fft = _int_arg(op, "n_fft", n_fft, 2, MAX_N_FFT)
     hop = max(1, n_fft // 4) if hop_length is None else _int_arg(op, "hop_length", hop_length, 1)
     win_length = n_fft if win_length is None else _int_arg(op, "win_length", win_length, 1)
     if win_length > n_fft:
-        raise ShapeError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
+        raise ArgumentError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
     w = _window_arg(op, window, win_length)
     center = _bool_arg(op, "center", center)
     pad_mode = _choice(op, "pad_mode", pad_mode, ("reflect", "constant"))
@@ -351,7 +352,7 @@ def mel_filterbank(*, sr, n_fft, n_mels=128, fmin=0.0, fmax=None, htk=False, nor
     sr : float
         Sample rate in Hz, > 0.
     n_fft : int
-        FFT size, >= 2; the filters cover ``n_fft // 2 + 1`` bins.
+        FFT size, ``2 <= n_fft <= 2**24``; the filters cover ``n_fft // 2 + 1`` bins.
     n_mels : int, default 128
         Number of filters, ``1 <= n_mels <= n_fft // 2 + 1``. With many filters on a short FFT
         some rows may be all zero (librosa warns; here they are simply returned).
@@ -436,7 +437,7 @@ def mel_spectrogram(x, *, sr=16000, n_fft=400, hop_length=160, win_length=None, 
     hop = _int_arg(op, "hop_length", hop_length, 1)
     win_length = n_fft if win_length is None else _int_arg(op, "win_length", win_length, 1)
     if win_length > n_fft:
-        raise ShapeError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
+        raise ArgumentError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
     w = _window_arg(op, window, win_length)
     center = _bool_arg(op, "center", center)
     pad_mode = _choice(op, "pad_mode", pad_mode, ("reflect", "constant"))
@@ -496,7 +497,7 @@ def log_mel_spectrogram(x, *, n_mels=80, preset="whisper", padding=0, backend=No
     _choice(op, "preset", preset, ("whisper",))
     if isinstance(n_mels, bool) or not isinstance(n_mels, (int, np.integer)) \
             or int(n_mels) not in WHISPER_N_MELS:
-        raise ShapeError(f"[{op}] n_mels must be 80 or 128 for preset='whisper', got {n_mels!r}")
+        raise ArgumentError(f"[{op}] n_mels must be 80 or 128 for preset='whisper', got {n_mels!r}")
     n_mels = int(n_mels)
     padding = _int_arg(op, "padding", padding, 0)
     sig = _signal(op, x, name)
@@ -617,48 +618,54 @@ def fbank(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10.0, 
     L = _kaldi_samples(sr, length_ms)
     shift = _kaldi_samples(sr, shift_ms)
     if L < 1:
-        raise ShapeError(f"[{op}] frame_length_ms = {length_ms} gives {L} samples at sr = {sr}; "
-                         "need at least 1")
+        raise ArgumentError(f"[{op}] frame_length_ms = {length_ms} gives {L} samples at sr = {sr}; "
+                            "need at least 1")
     if shift < 1:
-        raise ShapeError(f"[{op}] frame_shift_ms = {shift_ms} gives {shift} samples at sr = {sr}; "
-                         "need at least 1")
+        raise ArgumentError(f"[{op}] frame_shift_ms = {shift_ms} gives {shift} samples at sr = {sr}; "
+                            "need at least 1")
+    if L > MAX_N_FFT:
+        raise ArgumentError(f"[{op}] frame_length_ms = {length_ms} gives {L} samples at sr = {sr}; "
+                            f"at most {MAX_N_FFT} are supported")
+    if shift > INT64_MAX:
+        raise ArgumentError(f"[{op}] frame_shift_ms = {shift_ms} gives {shift} samples at sr = "
+                            f"{sr}, beyond the int64 range of the kernels")
     dither = finite_float(op, "dither", dither)
     if dither < 0:
-        raise ShapeError(f"[{op}] dither must be >= 0, got {dither}")
+        raise ArgumentError(f"[{op}] dither must be >= 0, got {dither}")
     seed_i = optional_seed(op, seed) if dither > 0 else 0
     preemph = finite_float(op, "preemphasis", preemphasis)
     if not 0.0 <= preemph <= 1.0:
-        raise ShapeError(f"[{op}] preemphasis must lie in [0, 1], got {preemph}")
+        raise ArgumentError(f"[{op}] preemphasis must lie in [0, 1], got {preemph}")
     remove_dc = _bool_arg(op, "remove_dc_offset", remove_dc_offset)
     if not isinstance(window, str):
-        raise ShapeError(f"[{op}] window must be one of {', '.join(map(repr, KALDI_WINDOWS))}, "
-                         f"got {window!r}")
+        raise ArgumentError(f"[{op}] window must be one of {', '.join(map(repr, KALDI_WINDOWS))}, "
+                            f"got {window!r}")
     w = _window_arg(op, window, L, kaldi=True)
     pow2 = _bool_arg(op, "round_to_power_of_two", round_to_power_of_two)
     snip = _bool_arg(op, "snip_edges", snip_edges)
     n_fft = 1 << (L - 1).bit_length() if pow2 else L
     if n_fft < 2 or n_fft % 2:
-        raise ShapeError(f"[{op}] the FFT size must be even and >= 2, got {n_fft} (frame of {L} "
-                         "samples with round_to_power_of_two=False)")
+        raise ArgumentError(f"[{op}] the FFT size must be even and >= 2, got {n_fft} (frame of {L} "
+                            "samples with round_to_power_of_two=False)")
     nyquist = sr / 2.0
     low = finite_float(op, "low_freq", low_freq)
     high = finite_float(op, "high_freq", high_freq)
     if high <= 0:
         high = nyquist + high
     if not (0.0 <= low < nyquist and low < high <= nyquist):
-        raise ShapeError(f"[{op}] need 0 <= low_freq < high_freq <= sr/2 = {nyquist}, got "
-                         f"low_freq = {low} and high_freq = {high} (high_freq <= 0 means "
-                         "sr/2 + high_freq)")
+        raise ArgumentError(f"[{op}] need 0 <= low_freq < high_freq <= sr/2 = {nyquist}, got "
+                            f"low_freq = {low} and high_freq = {high} (high_freq <= 0 means "
+                            "sr/2 + high_freq)")
     use_log = _bool_arg(op, "use_log", use_log)
     use_power = _bool_arg(op, "use_power", use_power)
     if n_mels > n_fft // 2:
-        raise ShapeError(f"[{op}] n_mels = {n_mels} is larger than the number of FFT bins "
-                         f"n_fft/2 = {n_fft // 2} (n_fft = {n_fft})")
+        raise ArgumentError(f"[{op}] n_mels = {n_mels} is larger than the number of FFT bins "
+                            f"n_fft/2 = {n_fft // 2} (n_fft = {n_fft})")
     dense = kaldi_mel_filters(sr, n_fft, n_mels, low, high)
     empty = np.flatnonzero(~dense.any(axis=1))
     if empty.size:
-        raise ShapeError(f"[{op}] n_mels = {n_mels} is too large for n_fft = {n_fft} between "
-                         f"{low} and {high} Hz: mel bin {int(empty[0])} covers no FFT bin")
+        raise ArgumentError(f"[{op}] n_mels = {n_mels} is too large for n_fft = {n_fft} between "
+                            f"{low} and {high} Hz: mel bin {int(empty[0])} covers no FFT bin")
     mel = kaldi_mel_filters_sparse(sr, n_fft, n_mels, low, high)
 
     sig = _signal(op, x, name, scale_int16=False)

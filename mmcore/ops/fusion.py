@@ -20,8 +20,8 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from .. import _backend
-from ..errors import BackendError, ShapeError
-from ._checks import FLOAT_INPUT_DTYPES, check_rank
+from ..errors import ArgumentError, BackendError, ShapeError
+from ._checks import FLOAT_INPUT_DTYPES, check_bool, check_choice, check_rank
 from ._cuda_common import cupy_module, device_array
 
 __all__ = ["masked_mean", "masked_max", "fuse", "FUSE_STRATEGIES"]
@@ -49,7 +49,7 @@ def _array(op: str, name: str, x, xp, *, constant: bool = False):
     """``x`` as an array of ``xp``. On the device, data arrays must already be there; small
     constants (``constant=True``: masks, weights, query) given as Python sequences are copied."""
     if x is None:
-        raise ShapeError(f"[{op}] {name} is required")
+        raise ArgumentError(f"[{op}] {name} is required, got None")
     if xp is np or (constant and not _backend.is_cuda_array(x)
                     and not hasattr(x, "__array__") and not hasattr(x, "__array_interface__")):
         try:
@@ -96,9 +96,9 @@ def _out_array(op: str, out, shape, xp, name_side: str):
     else:
         ok_type = isinstance(out, np.ndarray)
     if not ok_type:
-        raise ShapeError(f"[{op}] out must be an array on the same side as the inputs "
-                         f"({'a CUDA array' if name_side == 'cuda' else 'a NumPy array'}), got "
-                         f"{type(out).__name__}")
+        raise ArgumentError(f"[{op}] out must be an array on the same side as the inputs "
+                            f"({'a CUDA array' if name_side == 'cuda' else 'a NumPy array'}), got "
+                            f"{type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
         raise ShapeError(f"[{op}] out has shape {tuple(out.shape)}, expected {tuple(shape)}")
     if np.dtype(out.dtype) != np.float32:
@@ -287,8 +287,15 @@ def _embeddings(op: str, embeddings, xp) -> _Embeddings:
     return _Embeddings(None, a, B, M, [D] * M)
 
 
-def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str):
-    """``value`` of shape (n,) or (B, n), float32 C-contiguous, finite."""
+def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str, *, option: bool):
+    """``value`` of shape (n,) or (B, n), float32 C-contiguous, finite.
+
+    A string or None is an ArgumentError, a wrong shape or dtype a ShapeError; non-finite
+    values are an ArgumentError for an ``option`` (``weights``) and a ShapeError for data
+    (``query``).
+    """
+    if isinstance(value, (str, bytes)):
+        raise ArgumentError(f"[{op}] {name} must be an array of numbers {dims}, got {value!r}")
     a = _array(op, name, value, xp, constant=True)
     if np.dtype(a.dtype).kind not in "fiu" or a.dtype == np.bool_:
         raise ShapeError(f"[{op}] {name} has dtype {a.dtype}, expected real numbers")
@@ -298,7 +305,8 @@ def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str):
     with np.errstate(over="ignore"):          # float64 beyond float32 becomes inf: rejected
         a = xp.ascontiguousarray(a, dtype=xp.float32)
     if not bool(xp.isfinite(a).all()):
-        raise ShapeError(f"[{op}] {name} must be finite (in float32), got NaN or inf")
+        err = ArgumentError if option else ShapeError
+        raise err(f"[{op}] {name} must be finite (in float32), got NaN or inf")
     return a
 
 
@@ -394,24 +402,21 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
            [0.018, 0.982]], dtype=float32)
     """
     op = "fuse"
-    if not isinstance(strategy, str) or strategy not in FUSE_STRATEGIES:
-        raise ShapeError(f"[{op}] strategy must be one of {', '.join(map(repr, FUSE_STRATEGIES))}, "
-                         f"got {strategy!r}")
-    if not isinstance(return_weights, (bool, np.bool_)):
-        raise ShapeError(f"[{op}] return_weights must be True or False, got {return_weights!r}")
+    check_choice("strategy", strategy, FUSE_STRATEGIES, op=op)
+    return_weights = check_bool("return_weights", return_weights, op=op)
     if return_weights and strategy not in ("weighted", "attention"):
-        raise ShapeError(f"[{op}] return_weights=True needs strategy 'weighted' or 'attention' "
-                         f"(strategy {strategy!r} has no weights)")
+        raise ArgumentError(f"[{op}] return_weights=True needs strategy 'weighted' or 'attention' "
+                            f"(strategy {strategy!r} has no weights)")
     if weights is not None and strategy != "weighted":
-        raise ShapeError(f"[{op}] weights is only used with strategy='weighted', got "
-                         f"strategy={strategy!r}")
+        raise ArgumentError(f"[{op}] weights is only used with strategy='weighted', got "
+                            f"strategy={strategy!r}")
     if weights is None and strategy == "weighted":
-        raise ShapeError(f"[{op}] weights is required with strategy='weighted': (M,) or (B, M)")
+        raise ArgumentError(f"[{op}] weights is required with strategy='weighted': (M,) or (B, M)")
     if query is not None and strategy != "attention":
-        raise ShapeError(f"[{op}] query is only used with strategy='attention', got "
-                         f"strategy={strategy!r}")
+        raise ArgumentError(f"[{op}] query is only used with strategy='attention', got "
+                            f"strategy={strategy!r}")
     if query is None and strategy == "attention":
-        raise ShapeError(f"[{op}] query is required with strategy='attention': (D,) or (B, D)")
+        raise ArgumentError(f"[{op}] query is required with strategy='attention': (D,) or (B, D)")
 
     parts = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
     name = _backend.resolve_backend(op, _dispatch_candidates(parts + [weights, query, present]),
@@ -445,12 +450,12 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
 
     w_arr = q_arr = None
     if strategy == "weighted":
-        w_arr = _per_row(op, "weights", weights, xp, B, M, "(M,) or (B, M)")
+        w_arr = _per_row(op, "weights", weights, xp, B, M, "(M,) or (B, M)", option=True)
         if bool((w_arr < 0).any()):
-            raise ShapeError(f"[{op}] weights must be >= 0 (they are renormalized over the "
-                             "present modalities), got a negative value")
+            raise ArgumentError(f"[{op}] weights must be >= 0 (they are renormalized over the "
+                                "present modalities), got a negative value")
     if strategy == "attention":
-        q_arr = _per_row(op, "query", query, xp, B, D, "(D,) or (B, D)")
+        q_arr = _per_row(op, "query", query, xp, B, D, "(D,) or (B, D)", option=False)
 
     width = M * D if strategy == "concat" else D
     has_weights = strategy in ("weighted", "attention")

@@ -15,6 +15,11 @@ the images). Views with strided rows (crops of a bigger image, ``img[::2]``) are
 other layouts (``img[:, ::-1]``, channel-first views) are copied first. Host arrays run on the
 ``native`` (default) or ``numba`` backend; CuPy / CUDA arrays run on ``cuda`` and give CuPy
 results on the same device.
+
+Array problems (rank, dtype, empty images) raise :class:`~mmcore.errors.ShapeError`; options of
+the wrong type or out of range raise :class:`~mmcore.errors.ArgumentError` naming the option:
+sizes and patch sizes are ints (NumPy integers included, ``bool`` refused) in ``[1, 2**16]``
+(``MAX_SIDE``), ``scale`` / ``mean`` / ``std`` must be finite in float32 and ``std`` non-zero.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from .. import _backend
-from ..errors import BackendError, ShapeError
-from ._checks import as_host_array, finite_float
+from ..errors import ArgumentError, BackendError, ShapeError
+from ._checks import as_host_array, check_bool, check_choice, check_int, finite_float
 from ._cuda_common import cupy_module, device_array
 
 __all__ = ["resize", "normalize", "patchify", "preprocess_image", "FILTERS", "RESIZE_MODES",
@@ -69,48 +74,52 @@ _NO_PRESET = ImagePreset("shortest_edge", "bicubic", (0.0, 0.0, 0.0), (1.0, 1.0,
 # argument checks
 
 
+#: The largest output side (height or width, in pixels) and patch size the image ops accept:
+#: 2**16. A larger size can only be a mistake (a 65536 x 65536 RGB float32 output is 48 GiB).
+MAX_SIDE = 1 << 16
+
+
 def _choice(op: str, name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ShapeError(f"[{op}] {name} must be one of {', '.join(map(repr, choices))}, "
-                         f"got {value!r}")
-    return value
+    return check_choice(name, value, choices, op=op)
 
 
 def _bool_arg(op: str, name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ShapeError(f"[{op}] {name} must be True or False, got {value!r}")
-    return bool(value)
+    return check_bool(name, value, op=op)
 
 
 def _int_arg(op: str, name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ShapeError(f"[{op}] {name} must be an int, got {value!r}")
-    v = int(value)
-    if v < minimum:
-        raise ShapeError(f"[{op}] {name} must be >= {minimum}, got {v}")
-    return v
+    return check_int(name, value, op=op, lo=minimum, hi=MAX_SIDE)
 
 
 def _pair_arg(op: str, name: str, value, *, allow_int: bool) -> Tuple[int, int]:
     """``(h, w)`` from a pair of positive ints (or one int for a square when ``allow_int``)."""
+    if isinstance(value, (str, bytes)):
+        raise ArgumentError(f"[{op}] {name} must be a pair (height, width) of ints, "
+                            f"got {value!r}")
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         if not allow_int:
-            raise ShapeError(f"[{op}] {name} must be a pair (height, width), got the int "
-                             f"{value!r}; pass ({value}, {value}) for a square")
+            raise ArgumentError(f"[{op}] {name} must be a pair (height, width), got the int "
+                                f"{value!r}; pass ({value}, {value}) for a square")
         v = _int_arg(op, name, value)
         return v, v
     try:
         items = list(value)
     except TypeError:
-        raise ShapeError(f"[{op}] {name} must be a pair (height, width) of ints, "
-                         f"got {value!r}") from None
+        raise ArgumentError(f"[{op}] {name} must be a pair (height, width) of ints, "
+                            f"got {value!r}") from None
     if len(items) != 2:
-        raise ShapeError(f"[{op}] {name} must be a pair (height, width) of ints, got {value!r}")
+        raise ArgumentError(f"[{op}] {name} must be a pair (height, width) of ints, got {value!r}")
     return _int_arg(op, f"{name}[0]", items[0]), _int_arg(op, f"{name}[1]", items[1])
 
 
 def _channel_values(op: str, name: str, value, C: int) -> np.ndarray:
-    """``mean`` / ``std``: one float or one per channel, finite; float32 (C,)."""
+    """``mean`` / ``std``: one float or one per channel, finite in float32; float32 (C,).
+
+    A string, values not finite (in float32) or a zero ``std``: ArgumentError; a wrong number
+    of values or a non-real dtype: ShapeError.
+    """
+    if isinstance(value, (str, bytes)):
+        raise ArgumentError(f"[{op}] {name} must be a number or {C} numbers, got {value!r}")
     v = as_host_array(op, name, value)
     if v.dtype.kind not in "fiu" or v.dtype == np.bool_:
         raise ShapeError(f"[{op}] {name} must hold real numbers, got dtype {v.dtype}")
@@ -119,11 +128,12 @@ def _channel_values(op: str, name: str, value, C: int) -> np.ndarray:
     elif v.ndim != 1 or v.shape[0] != C:
         raise ShapeError(f"[{op}] {name} has shape {v.shape}, expected one value or ({C},) = one "
                          "per channel")
-    v = v.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):   # beyond float32 becomes inf: refused
+        v = v.astype(np.float32)
     if not np.isfinite(v).all():
-        raise ShapeError(f"[{op}] {name} must be finite, got {value!r}")
+        raise ArgumentError(f"[{op}] {name} must be finite in float32, got {value!r}")
     if name == "std" and (v == 0).any():
-        raise ShapeError(f"[{op}] std must be non-zero, got {value!r}")
+        raise ArgumentError(f"[{op}] std must be non-zero (also in float32), got {value!r}")
     return v
 
 
@@ -151,7 +161,11 @@ def _readable(a, xp):
     """``a`` (H, W, C) or (N, H, W, C) itself when the kernels can read it, else a copy."""
     if a.size == 0:
         return a
-    return a if _rows_readable(a if a.ndim == 3 else a[0]) else xp.ascontiguousarray(a)
+    if _rows_readable(a if a.ndim == 3 else a[0]):
+        return a
+    # A fresh C-ordered copy: ascontiguousarray hands back views NumPy calls contiguous but
+    # whose strides the kernels refuse (a flipped one-row image keeps its negative row stride).
+    return xp.array(a, order="C", copy=True)
 
 
 class _Images(NamedTuple):
@@ -518,8 +532,8 @@ def _pipeline(op, preset, size, crop_size, resize_mode, filter, mean, std, scale
     if pair:
         h, w = _pair_arg(op, "size", size, allow_int=False)
         if resize_mode == "shortest_edge":
-            raise ShapeError(f"[{op}] size = {size!r} is a (height, width) pair, which needs "
-                             "resize_mode='squash'; give one int for the shortest edge")
+            raise ArgumentError(f"[{op}] size = {size!r} is a (height, width) pair, which needs "
+                                "resize_mode='squash'; give one int for the shortest edge")
         mode, target, crop = "squash", (h, w), (h, w)
     else:
         s = _int_arg(op, "size", size)
@@ -539,8 +553,8 @@ def _pipeline(op, preset, size, crop_size, resize_mode, filter, mean, std, scale
     if patch_size is not None:
         p = _int_arg(op, "patch_size", patch_size)
         if crop[0] % p or crop[1] % p:
-            raise ShapeError(f"[{op}] patch_size = {p} does not divide the crop "
-                             f"(height, width) = {crop}")
+            raise ArgumentError(f"[{op}] patch_size = {p} does not divide the crop "
+                                f"(height, width) = {crop}")
     return _Pipeline(mode, target, crop, filt, m, sd, sc, p)
 
 

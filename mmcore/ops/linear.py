@@ -17,8 +17,8 @@ import math
 import numpy as np
 
 from .. import _backend
-from ..errors import BackendError, ShapeError
-from ._checks import FLOAT_INPUT_DTYPES
+from ..errors import ArgumentError, BackendError, ShapeError
+from ._checks import FLOAT_INPUT_DTYPES, check_float
 
 __all__ = ["linear", "layer_norm", "ACTIVATIONS", "QuantizedTensor"]
 
@@ -53,9 +53,9 @@ class QuantizedTensor:
     __array_priority__ = 1.0
 
     def __init__(self, data, kind: str, scale=None):
-        if kind not in _KINDS:
-            raise ShapeError(f"[QuantizedTensor] kind must be one of {sorted(_KINDS)}, got "
-                             f"{kind!r}")
+        if not isinstance(kind, str) or kind not in _KINDS:
+            raise ArgumentError(f"[QuantizedTensor] kind must be one of {sorted(_KINDS)}, got "
+                                f"{kind!r}")
         data = np.asarray(data)
         if data.ndim != 2:
             raise ShapeError(f"[QuantizedTensor] data must have 2 dims (rows, cols), got shape "
@@ -64,7 +64,7 @@ class QuantizedTensor:
             if data.dtype != np.int8:
                 raise ShapeError(f"[QuantizedTensor] int8 data has dtype {data.dtype}")
             if scale is None:
-                raise ShapeError("[QuantizedTensor] int8 data needs scale (rows,)")
+                raise ArgumentError("[QuantizedTensor] int8 data needs scale (rows,)")
             scale = np.ascontiguousarray(scale, dtype=np.float32)
             if scale.shape != (data.shape[0],):
                 raise ShapeError(f"[QuantizedTensor] scale has shape {scale.shape}, expected "
@@ -76,7 +76,7 @@ class QuantizedTensor:
                 raise ShapeError(f"[QuantizedTensor] {kind} data must be uint16 bit patterns, "
                                  f"got dtype {data.dtype}")
             if scale is not None:
-                raise ShapeError(f"[QuantizedTensor] scale is for int8 data, not {kind}")
+                raise ArgumentError(f"[QuantizedTensor] scale is for int8 data, not {kind}")
         self.data = data
         self.kind = kind
         self.scale = scale
@@ -195,6 +195,8 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
     ShapeError
         Wrong ranks, mismatched feature sizes, or non-float dtypes (the message names the
         argument).
+    ArgumentError
+        An unknown ``activation``.
 
     Examples
     --------
@@ -207,9 +209,9 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
            [ 4., 13., 22., 31.]], dtype=float32)
     """
     op = "linear"
-    if activation not in ACTIVATIONS:
-        raise ShapeError(f"[linear] activation must be one of "
-                         f"{', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
+    if not (activation is None or isinstance(activation, str)) or activation not in ACTIVATIONS:
+        raise ArgumentError(f"[linear] activation must be one of "
+                            f"{', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
     act = ACTIVATIONS[activation]
     name = _backend.resolve_backend(op, [a for a in (x, weight, bias) if a is not None],
                                     backend)
@@ -278,6 +280,8 @@ def layer_norm(x, weight=None, bias=None, *, eps: float = 1e-5, backend=None) ->
     weight, bias : array (D,), optional
         ``bias`` needs ``weight``.
     eps : float, default 1e-5, keyword-only
+        Finite and > 0 (any real number type but ``bool``; it is used in float64), else
+        :class:`~mmcore.errors.ArgumentError`.
     backend : {"native", "numba"}, optional, keyword-only
 
     Returns
@@ -310,10 +314,9 @@ def layer_norm(x, weight=None, bias=None, *, eps: float = 1e-5, backend=None) ->
         params.append(p)
     w, b = params
     if b is not None and w is None:
-        raise ShapeError("[layer_norm] bias needs a weight")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not (
-            math.isfinite(eps) and eps > 0):
-        raise ShapeError(f"[layer_norm] eps must be a finite number > 0, got {eps!r}")
+        raise ArgumentError("[layer_norm] bias needs a weight")
+    # eps reaches the kernels as float64 (the variance is accumulated in float64)
+    eps = check_float("eps", eps, op=op, lo=0.0, lo_open=True, float32=False)
     lead = xa.shape[:-1]
     rows = math.prod(lead)
     out = np.empty((rows, D), np.float32)

@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import ArgumentError
+from ._checks import check_float, check_int
 
 __all__ = ["sample_frame_indices", "temporal_windows"]
 
@@ -22,33 +23,33 @@ STRATEGIES = ("uniform", "fps")
 # --------------------------------------------------------------------------------------------
 # argument checks
 
-def _int_arg(op: str, name: str, value: Any, *, minimum: int = 1, optional: bool = False
-             ) -> Optional[int]:
+#: The largest frame count accepted for ``num_frames`` (the int32 range: 2**31 - 1 frames are
+#: 2 years at 30 fps) and for the other counts (``n``, ``window``, ``stride``, the limits):
+#: 2**24. Within them every index is computed exactly in int64.
+MAX_NUM_FRAMES = (1 << 31) - 1
+MAX_COUNT = 1 << 24
+
+
+def _int_arg(op: str, name: str, value: Any, *, minimum: int = 1, optional: bool = False,
+             maximum: int = MAX_COUNT) -> Optional[int]:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        extra = " or None" if optional else ""
-        raise ShapeError(f"[{op}] {name} must be an integer >= {minimum}{extra}, got {value!r}")
-    return int(value)
+    return check_int(name, value, op=op, lo=minimum, hi=maximum)
 
 
 def _rate_arg(op: str, name: str, value: Any, *, optional: bool = False) -> Optional[float]:
     if value is None and optional:
         return None
-    ok = not isinstance(value, bool) and isinstance(
-        value, (int, float, np.integer, np.floating, Fraction))
-    f = float(value) if ok else float("nan")
-    if not ok or not math.isfinite(f) or f <= 0:
-        extra = " or None" if optional else ""
-        raise ShapeError(f"[{op}] {name} must be a finite number > 0{extra}, got {value!r}")
-    return f
+    if isinstance(value, Fraction):
+        value = float(value)
+    return check_float(name, value, op=op, lo=0.0, lo_open=True, float32=False)
 
 
 def _strategy_arg(op: str, strategy: Any, n: Optional[int], fps: Optional[float]) -> str:
     if strategy is None:
         return "fps" if fps is not None else "uniform"
     if not isinstance(strategy, str) or strategy.lower() not in STRATEGIES:
-        raise ShapeError(f"[{op}] strategy must be 'uniform', 'fps' or None, got {strategy!r}")
+        raise ArgumentError(f"[{op}] strategy must be 'uniform', 'fps' or None, got {strategy!r}")
     return strategy.lower()
 
 
@@ -106,10 +107,12 @@ def sample_frame_indices(num_frames: int, *, n: Optional[int] = None,
 
     Raises
     ------
-    ShapeError
+    ArgumentError
         Naming the argument: ``num_frames``, ``n``, ``fps``, ``video_fps``, ``min_frames``,
-        ``max_frames`` or ``temporal_patch`` out of range, or missing for the strategy;
-        ``n`` with ``strategy="fps"`` or ``fps`` with ``"uniform"``.
+        ``max_frames`` or ``temporal_patch`` of the wrong type or out of range (counts are
+        ints, ``num_frames <= MAX_NUM_FRAMES = 2**31 - 1``, the others ``<= MAX_COUNT =
+        2**24``; rates finite and > 0), or missing for the strategy; ``n`` with
+        ``strategy="fps"`` or ``fps`` with ``"uniform"``.
 
     Examples
     --------
@@ -120,7 +123,7 @@ def sample_frame_indices(num_frames: int, *, n: Optional[int] = None,
     [0, 33, 66, 100, 133, 166, 199, 233, 266, 299]
     """
     op = "sample_frame_indices"
-    num_frames = _int_arg(op, "num_frames", num_frames)
+    num_frames = _int_arg(op, "num_frames", num_frames, maximum=MAX_NUM_FRAMES)
     n = _int_arg(op, "n", n, optional=True)
     fps = _rate_arg(op, "fps", fps, optional=True)
     video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
@@ -129,27 +132,29 @@ def sample_frame_indices(num_frames: int, *, n: Optional[int] = None,
     max_frames = _int_arg(op, "max_frames", max_frames)
     tp = _int_arg(op, "temporal_patch", temporal_patch)
     if max_frames < min_frames:
-        raise ShapeError(f"[{op}] max_frames must be >= min_frames={min_frames}, "
-                         f"got {max_frames}")
+        raise ArgumentError(f"[{op}] max_frames must be >= min_frames={min_frames}, "
+                            f"got {max_frames}")
 
     if strategy == "uniform":
         if fps is not None:
-            raise ShapeError(f"[{op}] fps is used by strategy='fps' only; with "
-                             "strategy='uniform' give n")
+            raise ArgumentError(f"[{op}] fps is used by strategy='fps' only; with "
+                                "strategy='uniform' give n")
         if n is None:
-            raise ShapeError(f"[{op}] n is required for strategy='uniform' (or give fps and "
-                             "video_fps for strategy='fps')")
+            raise ArgumentError(f"[{op}] n is required for strategy='uniform' (or give fps and "
+                                "video_fps for strategy='fps')")
         i = np.arange(n, dtype=np.int64)
         return (2 * i + 1) * num_frames // (2 * n)
 
     if n is not None:
-        raise ShapeError(f"[{op}] n is used by strategy='uniform' only; with strategy='fps' the "
-                         "count follows from fps, video_fps and the limits")
+        raise ArgumentError(f"[{op}] n is used by strategy='uniform' only; with strategy='fps' the "
+                            "count follows from fps, video_fps and the limits")
     if fps is None:
-        raise ShapeError(f"[{op}] fps is required for strategy='fps'")
+        raise ArgumentError(f"[{op}] fps is required for strategy='fps'")
     if video_fps is None:
-        raise ShapeError(f"[{op}] video_fps is required for strategy='fps'")
-    count = math.floor(num_frames / video_fps * fps + 0.5)
+        raise ArgumentError(f"[{op}] video_fps is required for strategy='fps'")
+    frames_at_fps = num_frames / video_fps * fps
+    # an overflow to inf (fps=1e308, video_fps=1e-308) is clamped to max_frames below
+    count = math.floor(frames_at_fps + 0.5) if math.isfinite(frames_at_fps) else max_frames
     count = min(max(count, min_frames), max_frames, num_frames)
     cap = min(max_frames, num_frames)
     rounded = math.floor(count / tp + 0.5) * tp
@@ -185,8 +190,9 @@ def temporal_windows(num_frames: int, *, window: int, stride: int) -> np.ndarray
 
     Raises
     ------
-    ShapeError
-        Naming ``num_frames``, ``window`` or ``stride`` when it is not an integer >= 1.
+    ArgumentError
+        Naming ``num_frames``, ``window`` or ``stride`` when it is not an integer >= 1 (or
+        beyond ``MAX_NUM_FRAMES`` / ``MAX_COUNT``).
 
     Examples
     --------
@@ -197,15 +203,14 @@ def temporal_windows(num_frames: int, *, window: int, stride: int) -> np.ndarray
     [[0, 1, 2, 2, 2]]
     """
     op = "temporal_windows"
-    num_frames = _int_arg(op, "num_frames", num_frames)
+    num_frames = _int_arg(op, "num_frames", num_frames, maximum=MAX_NUM_FRAMES)
     window = _int_arg(op, "window", window)
     stride = _int_arg(op, "stride", stride)
     if num_frames < window:
         row = np.minimum(np.arange(window, dtype=np.int64), num_frames - 1)
         return row[None, :]
     last = num_frames - window
-    starts = list(range(0, last + 1, stride))
-    if starts[-1] != last:
-        starts.append(last)
-    s = np.asarray(starts, dtype=np.int64)
+    s = np.arange(0, last + 1, stride, dtype=np.int64)
+    if s[-1] != last:
+        s = np.append(s, np.int64(last))
     return s[:, None] + np.arange(window, dtype=np.int64)[None, :]

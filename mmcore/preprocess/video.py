@@ -178,8 +178,8 @@ class _VideoReader:
             self._path = None
             self.shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
         else:
-            raise ShapeError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
-                             f"got {type(path).__name__}")
+            raise ArgumentError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
+                                f"got {type(path).__name__}")
         # FFmpeg's decoders refuse frames above max_pixels, also in the decoding that opening
         # a file may do to probe its streams (without this, an 8192 x 8192 H.264 frame is
         # decoded while the file is opened, before its size can be checked)
@@ -531,7 +531,7 @@ def _video_indices(reader: _VideoReader, n, fps, strategy, min_frames, max_frame
         reader.check_bytes(reader.num_frames)
     if indices is not None:
         if n is not None or fps is not None:
-            raise ShapeError(f"[{op}] give indices or n/fps, not both")
+            raise ArgumentError(f"[{op}] give indices or n/fps, not both")
         idx = np.asarray(indices)
         if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
             raise ShapeError(f"[{op}] indices must be a non-empty 1-D integer array, got shape "
@@ -744,8 +744,8 @@ class VideoPreprocessor:
         cfg = self.config
         op = "VideoPreprocessor"
         if cfg.sampling == "fps" and video_fps is None:
-            raise ShapeError(f"[{op}] sampling='fps' needs the video's frame rate: pass "
-                             "video_fps= with an array of frames")
+            raise ArgumentError(f"[{op}] sampling='fps' needs the video's frame rate: pass "
+                                "video_fps= with an array of frames")
         idx = sample_frame_indices(num_frames, n=cfg.num_frames, fps=cfg.fps,
                                    video_fps=video_fps, strategy=cfg.sampling,
                                    min_frames=cfg.min_frames, max_frames=cfg.max_frames,
