@@ -99,6 +99,29 @@ def test_cache_keying_reads_only_regular_files(tmp_path):
         _item_data("audio", missing)
 
 
+@pytest.mark.parametrize("cache", CACHE)
+def test_bytes_paths_and_devices(models, cache, tmp_path):
+    with pytest.raises(ImageDecodeError, match="does not exist"):
+        models[cache].infer({"image": os.fsencode(tmp_path / "none.png")})
+    done, exc = _run_bounded(lambda: models[cache].infer({"audio": ["/dev/zero"]}))
+    assert done and isinstance(exc, AudioDecodeError) and "character device" in str(exc)
+
+
+@pytest.mark.parametrize("cache", CACHE)
+@pytest.mark.parametrize("modality, value", [
+    ("image", np.zeros((0, 3, 64, 64), np.float32)),
+    ("image", np.zeros((0, 64, 64, 3), np.uint8)),
+    ("audio", np.zeros((0, 80, 200), np.float32)),
+    ("audio", np.zeros((0, 16000), np.float32)),
+    ("video", np.zeros((0, 8, 32, 32, 3), np.uint8)),
+    ("text", np.zeros((0, 5), np.int64)),
+    ("image", {"pixel_values": np.zeros((0, 3, 64, 64), np.float32)}),
+])
+def test_empty_batches_are_refused(models, cache, modality, value):
+    with pytest.raises(ShapeError, match=r"^\[MultiModalInput\] .*empty batch"):
+        models[cache].infer({modality: value})
+
+
 def test_text_path_object_is_refused(models, tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("hello")
@@ -110,7 +133,8 @@ def test_text_path_object_is_refused(models, tmp_path):
 # item: audio channels and sample rates
 
 @pytest.mark.parametrize("cache", CACHE)
-@pytest.mark.parametrize("shape", [(88200, 2), (88200, 1), (44100, 8), (88200, 16), (1000, 63)])
+@pytest.mark.parametrize("shape", [(88200, 2), (88200, 1), (44100, 8), (88200, 16), (1000, 63),
+                                   (88200, 64), (5000, 1000)])
 def test_channels_last_audio_is_refused_not_taken_as_tiny_clips(models, cache, shape):
     stereo = np.zeros(shape, np.float32)      # as soundfile.read returns multichannel audio
     done, exc = _run_bounded(lambda: models[cache].infer({"audio": stereo}), seconds=20)
@@ -119,6 +143,13 @@ def test_channels_last_audio_is_refused_not_taken_as_tiny_clips(models, cache, s
     msg = str(exc)
     assert msg.startswith("[MultiModalInput] modality_inputs['audio']")
     assert str(shape) in msg and "(T, C)" in msg and "mean(axis=1)" in msg and "x.T" in msg
+
+
+def test_large_batches_of_long_clips_are_still_batches():
+    from mmcore.preprocess.audio import audio_batch_size
+    assert audio_batch_size(np.zeros((3, 100), np.float32)) == 3
+    assert audio_batch_size(np.zeros((2000, 1024), np.float32)) == 2000
+    assert audio_batch_size(np.zeros((40, 64), np.float32)) == 40
 
 
 def test_preprocessor_refuses_channels_last_too():

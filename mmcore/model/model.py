@@ -34,11 +34,12 @@ mel bins, patch width or spatial size do not fit the encoder.
 
 Audio: a 1-D float array is one clip; a 2-D float array is a batch ``(B, T)`` of ``B``
 equal-length clips, never channels: soundfile's multichannel layout ``(T, C)`` (a 2-D array
-with ``T <= 8``, or fewer than 64 samples per clip) is refused with a ShapeError, never taken as
-``T`` tiny clips: average it to mono (``x.mean(axis=1)``) or pass ``x.T`` (one clip per
-channel). Raw arrays are taken to be at the config's ``sample_rate``; a ``(waveform,
-sample_rate)`` pair (a 2-tuple or list, as an input or as an item of a list) carries its own
-rate, and is resampled to the config's rate with soxr "HQ", as files are by
+with ``T <= 8``, fewer than 64 samples per clip, or more clips than samples per clip with
+fewer than 1024, see :func:`~mmcore.preprocess.audio.check_clip_batch`) is refused with a
+ShapeError, never taken as ``T`` tiny clips: average it to mono (``x.mean(axis=1)``) or pass
+``x.T`` (one clip per channel). Raw arrays are taken to be at the config's ``sample_rate``; a
+``(waveform, sample_rate)`` pair (a 2-tuple or list, as an input or as an item of a list)
+carries its own rate, and is resampled to the config's rate with soxr "HQ", as files are by
 :func:`~mmcore.preprocess.load_audio`. Values must be float in [-1, 1] (int16 PCM: divide by
 32768).
 
@@ -197,7 +198,16 @@ def _classify_video(a: np.ndarray, where: str) -> Tuple[bool, int]:
 
 def _classify(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
     """``(is_raw, batch_size)`` of one modality input (see the module docstring); ShapeError
-    naming ``where``, the shape and dtype received and what the modality accepts."""
+    naming ``where``, the shape and dtype received and what the modality accepts, or saying
+    the batch is empty."""
+    is_raw, b = _classify_layout(kind, value, where)
+    if b < 1:
+        raise ShapeError(f"[MultiModalInput] {where} is an empty batch (B = {b}, shape "
+                         f"{np.shape(value) if not isinstance(value, Mapping) else 'in a dict'})")
+    return is_raw, b
+
+
+def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
     if isinstance(value, Mapping):
         for v in value.values():
             a = np.asarray(v) if v is not None else None

@@ -465,6 +465,10 @@ CHANNEL_LIKE_MAX = 8
 #: ambiguous as well: no such batch is meaningful audio, while a (T, C) array with many
 #: channels is.
 MIN_BATCH_CLIP_SAMPLES = 64
+#: A 2-D float array with more clips than samples per clip, and clips shorter than this, is
+#: refused as ambiguous too (a (T, C) array with many channels; taken as a batch, every one of
+#: its T "clips" would be padded to the model's clip length).
+AMBIGUOUS_BATCH_CLIP_SAMPLES = 1024
 #: Sample rates a ``(waveform, sample_rate)`` item may carry, in Hz (resampling from far
 #: below the target rate would multiply the clip's length).
 MIN_ITEM_SAMPLE_RATE = 1000
@@ -542,9 +546,9 @@ def check_clip_batch(shape: Tuple[int, ...], *, op: str = "AudioPreprocessor",
     """Refuse a 2-D float array of ``shape`` that is not clearly a ``(B, T)`` batch of clips.
 
     A ``(B, T)`` array is never taken for anything else: with ``T <= CHANNEL_LIKE_MAX`` (it
-    looks like soundfile's ``(T, C)`` multichannel layout) or ``T < MIN_BATCH_CLIP_SAMPLES``
-    it is refused with a ShapeError saying how to pass channels, and an empty batch
-    (``B = 0``) is refused too.
+    looks like soundfile's ``(T, C)`` multichannel layout), ``T < MIN_BATCH_CLIP_SAMPLES``,
+    or ``B > T`` with ``T < AMBIGUOUS_BATCH_CLIP_SAMPLES`` it is refused with a ShapeError
+    saying how to pass channels, and an empty batch (``B = 0``) is refused too.
     """
     B, T = int(shape[0]), int(shape[1])
     if B == 0:
@@ -559,6 +563,13 @@ def check_clip_batch(shape: Tuple[int, ...], *, op: str = "AudioPreprocessor",
                          f"(B, T) of B clips of T samples, and clips of {T} samples (fewer "
                          f"than {MIN_BATCH_CLIP_SAMPLES}) are too short to be audio; if it is "
                          f"a (T, C) multichannel array, {_CHANNELS_HINT}")
+    if B > T and T < AMBIGUOUS_BATCH_CLIP_SAMPLES:
+        raise ShapeError(f"[{op}] {where} has shape {tuple(shape)}: a 2-D array is a batch "
+                         f"(B, T) of B clips of T samples, and {B} clips of {T} samples each "
+                         f"(more clips than samples per clip, each shorter than "
+                         f"{AMBIGUOUS_BATCH_CLIP_SAMPLES}) is ambiguous with a (T, C) "
+                         f"multichannel array; if it is one, {_CHANNELS_HINT}; for a batch of "
+                         "short clips pass a list of 1-D arrays")
 
 
 def audio_batch_size(audio: Any, *, op: str = "AudioPreprocessor", where: str = "audio") -> int:
@@ -634,10 +645,11 @@ class AudioPreprocessor:
     * a file path (str or os.PathLike).
 
     Channels: a 2-D array is always a batch of clips, never channels. soundfile returns
-    multichannel audio as ``(T, C)``; such an array (``T <= 8``, or fewer than 64 samples per
-    "clip") is refused with a :class:`~mmcore.errors.ShapeError` rather than taken as ``T``
-    tiny clips: average it to mono yourself (``x.mean(axis=1)``), or pass ``x.T`` to encode
-    one clip per channel. Files are mixed to mono by the decoder (``config.mono``).
+    multichannel audio as ``(T, C)``; such an array (``T <= 8``, fewer than 64 samples per
+    "clip", or more "clips" than samples per clip with fewer than 1024) is refused with a
+    :class:`~mmcore.errors.ShapeError` rather than taken as ``T`` tiny clips: average it to
+    mono yourself (``x.mean(axis=1)``), or pass ``x.T`` to encode one clip per channel.
+    Files are mixed to mono by the decoder (``config.mono``).
 
     Files are decoded with :func:`load_audio` at ``config.sample_rate`` (mixed to mono when
     ``config.mono``). A pair's waveform is at the pair's rate; other arrays are taken to be
