@@ -396,3 +396,32 @@ def test_copies_of_a_module_have_read_only_parameters_too():
             np.testing.assert_array_equal(w, enc.state_dict()[name])
     sd = model.state_dict()                          # state dicts are writeable copies
     assert all(v.flags.writeable for v in sd.values())
+
+
+def test_results_computed_while_weights_change_are_not_cached(monkeypatch):
+    """A weight replaced while a request encodes (another thread ignoring the documented
+    rule): that request's outputs are returned but not cached, so no key ever maps to
+    outputs of mixed weights."""
+    from mmcore.model import MultiModalModel
+    model = default_model(seed=0, fusion=LateFusion("mean"))
+    items = _text_items()
+    new = model.state_dict()[_TEXT_W] * np.float32(0.5)
+    real_encoder = MultiModalModel.encoder
+
+    def racing_encoder(self, m):
+        enc = real_encoder(self, m)
+
+        def run(*args, **kwargs):
+            self.set_parameter(_TEXT_W, new)        # "another thread" writes meanwhile
+            return enc(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(MultiModalModel, "encoder", racing_encoder)
+    model.infer(items)
+    monkeypatch.setattr(MultiModalModel, "encoder", real_encoder)
+    caches = model.cache_stats()["caches"]
+    assert caches["text"]["items"] == 0 and caches["fusion"]["items"] == 0
+    got = model.infer(items)
+    want = _fresh(model.state_dict(), fusion=LateFusion("mean")).infer(items)
+    np.testing.assert_array_equal(got.fused, want.fused)
+    assert model.cache_stats()["caches"]["text"]["items"] == 3

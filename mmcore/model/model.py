@@ -509,6 +509,11 @@ def _stack_clips(clips, owner: str):
 # per-item caching
 
 
+# where ``item_keys`` (the per-request record of item cache keys) notes the weights versions
+# the keys were computed at
+_KEYS_VERSIONS = "__weights_versions__"
+
+
 def _make_cache_manager(config: MultiModalConfig, cache: Any, owner: str):
     """The CacheManager of a model (None when caching is off)."""
     from ..cache import CacheManager
@@ -744,14 +749,14 @@ class MultiModalModel(Module):
     request history, the batch, its padding and the threads (:func:`mmcore.ops.linear`, the
     attention kernel, the layer norms and the poolings compute a row the same way whatever
     the batch around it); an external encoder whose arithmetic depends on the batch shape
-    (e.g. a BLAS GEMM) agrees to within float32 rounding (~1e-6 relative). A lossy storage ``dtype`` in a cache
-    policy (float16, bfloat16) trades that for memory. Early and middle fusion (joint
-    encoders) are not cached. Inputs whose masks are not right-padded (e.g. text with
-    ``padding_side="left"``) are not cached either. With late and attention fusion the fused
-    vector of every batch item is cached too (the cache manager's ``fusion`` cache), keyed by
-    the item keys of its modalities, the fusion config and the model identity, so a request
-    whose items were all seen runs neither encoders nor fusion; ``return_weights=True``
-    always runs the fusion.
+    (e.g. a BLAS GEMM) agrees to within float32 rounding (~1e-6 relative). A lossy storage
+    ``dtype`` in a cache policy (float16, bfloat16) trades that for memory. Early and middle
+    fusion (joint encoders) are not cached. Inputs whose masks are not right-padded (e.g.
+    text with ``padding_side="left"``) are not cached either. With late and attention fusion
+    the fused vector of every batch item is cached too (the cache manager's ``fusion``
+    cache), keyed by the item keys of its modalities, the fusion config and the model
+    identity, so a request whose items were all seen runs neither encoders nor fusion;
+    ``return_weights=True`` always runs the fusion.
 
     Every configured modality gets a preprocessor and an encoder, enabled or not, so that
     :meth:`enable` / :meth:`disable` switch modalities at run time without rebuilding.
@@ -1019,9 +1024,15 @@ class MultiModalModel(Module):
         return self._current_identity()
 
     def _current_identity(self) -> str:
-        """The identity of the weights as they are now. O(1) while no module anywhere has
+        """The identity of the weights as they are now (see :meth:`_identity_and_version`)."""
+        return self._identity_and_version()[0]
+
+    def _identity_and_version(self) -> Tuple[str, int]:
+        """``(identity, weights_version)`` as they are now. O(1) while no module anywhere has
         changed (the weights clock); else the tree's version is compared and the digest of
-        every parameter recomputed only when a parameter of this model was replaced."""
+        every parameter recomputed only when a parameter of this model was replaced. The
+        version lets a caller check that the weights did not change while it computed a
+        result it is about to cache."""
         from .nn import weights_clock
         clock = weights_clock()                 # read first: a later change is seen next time
         state = self.__dict__.get("_identity_state")
@@ -1033,7 +1044,7 @@ class MultiModalModel(Module):
         else:
             ident = self._compute_identity()
         self._identity_state = (clock, version, ident)
-        return ident
+        return ident, version
 
     def _compute_identity(self) -> str:
         from ..cache import _new_hasher, _field
@@ -1164,7 +1175,7 @@ class MultiModalModel(Module):
             datas = [("pre", x[i], None if mask is None else mask[i].astype(np.bool_))
                      for i in range(n_items)]
             fixed = True
-        identity = self._current_identity()
+        identity, wversion = self._identity_and_version()
         cfg = self._config_key(mc)
         keys = [content_key(d, modality=m, config=cfg, model=identity) for d in datas]
         t_pre += time.perf_counter() - t0
@@ -1209,8 +1220,10 @@ class MultiModalModel(Module):
                     return None
                 fresh[keys[i]] = (np.ascontiguousarray(tokens[j, :n]), pool[j],
                                   np.int64(L_sub if fixed else n))
-            for k, e in fresh.items():
-                self._cache.put(m, k, e)
+            # weights replaced meanwhile (another thread): return the results, cache nothing
+            if self._identity_and_version()[1] == wversion:
+                for k, e in fresh.items():
+                    self._cache.put(m, k, e)
             entries.update(fresh)
             t_enc = time.perf_counter() - t0
 
@@ -1230,6 +1243,7 @@ class MultiModalModel(Module):
         timings[f"encode:{m}"] = t_enc
         if item_keys is not None:
             item_keys[m] = keys
+            item_keys.setdefault(_KEYS_VERSIONS, set()).add(wversion)
         return out_tokens, out_mask, out_pool
 
     def _encode_one(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
@@ -1341,8 +1355,9 @@ class MultiModalModel(Module):
         if not cache.enabled_for(CacheManager.FUSION):
             return None
         strategy = self._config_key(config)
+        identity, wversion = self._identity_and_version()
         keys = [CacheManager.fusion_key({m: item_keys[m][i] for m in present},
-                                        strategy=strategy, model=self._current_identity())
+                                        strategy=strategy, model=identity)
                 for i in range(B)]
         rows: Dict[int, np.ndarray] = {}
         for i, k in enumerate(keys):
@@ -1355,9 +1370,14 @@ class MultiModalModel(Module):
             sub = {m: tuple(np.ascontiguousarray(a[idx]) for a in fusion_in[m])
                    for m in fusion_in}
             fused = np.asarray(self.fusion(sub)["fused"], np.float32)
+            # cache only when the item keys, the fusion key and the fused rows all come from
+            # the same weights (none replaced meanwhile by another thread)
+            store = (self._identity_and_version()[1] == wversion
+                     and item_keys.get(_KEYS_VERSIONS, {wversion}) == {wversion})
             for j, i in enumerate(missing):
                 rows[i] = fused[j]
-                cache.put(CacheManager.FUSION, keys[i], np.ascontiguousarray(fused[j]))
+                if store:
+                    cache.put(CacheManager.FUSION, keys[i], np.ascontiguousarray(fused[j]))
         return {"fused": np.stack([np.asarray(rows[i], np.float32) for i in range(B)])}
 
     def infer(self, inputs, *, return_weights: bool = False) -> MultiModalOutput:
