@@ -1037,7 +1037,7 @@ class MultiModalModel(Module):
         clock = weights_clock()                 # read first: a later change is seen next time
         state = self.__dict__.get("_identity_state")
         if state is not None and state[0] == clock:
-            return state[2]
+            return state[2], state[1]
         version = self.weights_version
         if state is not None and state[1] == version:
             ident = state[2]
