@@ -14,7 +14,8 @@ import pytest
 
 import mmcore
 from mmcore.config import PreprocessingConfig
-from mmcore.errors import AudioDecodeError, ConfigError, MMCoreError, ShapeError
+from mmcore.errors import (ArgumentError, AudioDecodeError, ConfigError, MMCoreError,
+                           ShapeError)
 from mmcore.preprocess import AudioPreprocessor, load_audio, load_audio_with_rate, resample
 
 sf = pytest.importorskip("soundfile")
@@ -450,11 +451,11 @@ def test_load_audio_bad_arguments(wav_dir):
     path = wav_dir / "ok.wav"
     sf.write(path, np.zeros(100, np.float32), 16000)
     for sr in (0, -1, 16000.0, True, "16k"):
-        with pytest.raises(ShapeError, match="sr"):
+        with pytest.raises(ArgumentError, match="sr"):
             load_audio(path, sr=sr)
-    with pytest.raises(ShapeError, match="mono"):
+    with pytest.raises(ArgumentError, match="mono"):
         load_audio(path, mono="yes")
-    with pytest.raises(ShapeError, match="path"):
+    with pytest.raises(ArgumentError, match="path"):
         load_audio(12345)
 
 
@@ -526,7 +527,7 @@ def test_preprocessor_length_errors():
     pre = AudioPreprocessor(PreprocessingConfig(preset=None, padding="none"))
     with pytest.raises(ShapeError, match="equal length"):
         pre([short, long])
-    with pytest.raises(ShapeError, match="sampling_rate"):
+    with pytest.raises(ArgumentError, match="sampling_rate"):
         pre(short, sampling_rate=0)
 
 

@@ -16,7 +16,8 @@ import pytest
 
 import mmcore
 from mmcore.config import PreprocessingConfig
-from mmcore.errors import ConfigError, ImageDecodeError, MMCoreError, ShapeError
+from mmcore.errors import (ArgumentError, ConfigError, ImageDecodeError, MMCoreError,
+                           ShapeError)
 from mmcore.preprocess import ImagePreprocessor, load_image
 
 Image = pytest.importorskip("PIL.Image")
@@ -309,12 +310,12 @@ def test_decompression_bomb_pillow_limit(tmp_path, monkeypatch):
 def test_bad_arguments(tmp_path, kwargs, name):
     path = tmp_path / "ok.png"
     Image.fromarray(quadrants()).save(path)
-    with pytest.raises(ShapeError, match=name):
+    with pytest.raises(ArgumentError, match=name):
         load_image(path, **kwargs)
 
 
 def test_bad_path_type():
-    with pytest.raises(ShapeError, match="path"):
+    with pytest.raises(ArgumentError, match="path"):
         load_image(12345)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmcore.config import PreprocessingConfig
-from mmcore.errors import ConfigError, MMCoreError, ModelFormatError, ShapeError
+from mmcore.errors import ArgumentError, ConfigError, MMCoreError, ModelFormatError, ShapeError
 from mmcore.preprocess import ByteTokenizer, HFTokenizer, TextPreprocessor, load_tokenizer
 
 
@@ -82,9 +82,9 @@ def test_byte_max_length_keeps_eos_last():
     assert tok.encode("abcdef", add_eos=True, max_length=3).tolist() == [100, 101, 1]
     assert tok.encode("abcdef", add_eos=True, max_length=1).tolist() == [1]
     assert tok.encode("ab", add_eos=True, max_length=10).tolist() == [100, 101, 1]
-    with pytest.raises(ShapeError, match="max_length"):
+    with pytest.raises(ArgumentError, match="max_length"):
         tok.encode("ab", max_length=0)
-    with pytest.raises(ShapeError, match="text"):
+    with pytest.raises(ArgumentError, match="text"):
         tok.encode(123)
 
 
@@ -188,9 +188,9 @@ def test_preprocessor_argument_errors(kwargs, name):
 
 def test_preprocessor_bad_texts():
     pre = TextPreprocessor(max_length=8)
-    with pytest.raises(ShapeError, match=r"texts\[1\]"):
+    with pytest.raises(ArgumentError, match=r"texts\[1\]"):
         pre(["a", 3])
-    with pytest.raises(ShapeError, match="texts"):
+    with pytest.raises(ArgumentError, match="texts"):
         pre(42)
     with pytest.raises(ConfigError):
         load_tokenizer(3)

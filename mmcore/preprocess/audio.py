@@ -85,7 +85,7 @@ def _check_rate(op: str, name: str, value: Any, *, optional: bool) -> Optional[i
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         expected = "a positive int" + (" or None" if optional else "")
-        raise ShapeError(f"[{op}] {name} must be {expected}, got {value!r}")
+        raise ArgumentError(f"[{op}] {name} must be {expected}, got {value!r}")
     return int(value)
 
 
@@ -272,8 +272,8 @@ def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s
         source = path
         shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
     else:
-        raise ShapeError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
-                         f"got {type(path).__name__}")
+        raise ArgumentError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
+                            f"got {type(path).__name__}")
     limits = _Limits(op, shown, sr=sr, mono=mono, max_duration_s=max_duration_s,
                      max_samples=max_samples)
     try:
@@ -379,7 +379,7 @@ def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: boo
     op = "load_audio"
     sr = _check_rate(op, "sr", sr, optional=True)
     if not isinstance(mono, (bool, np.bool_)):
-        raise ShapeError(f"[{op}] mono must be True or False, got {mono!r}")
+        raise ArgumentError(f"[{op}] mono must be True or False, got {mono!r}")
     max_duration_s = _check_limit(op, "max_duration_s", max_duration_s, MAX_AUDIO_DURATION_S)
     max_samples = _check_limit(op, "max_samples", max_samples, MAX_AUDIO_SAMPLES)
     data, rate = _decode(path, op, sr=sr, mono=bool(mono), max_duration_s=max_duration_s,

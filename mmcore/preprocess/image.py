@@ -23,7 +23,7 @@ import numpy as np
 from .. import ops
 from ..config import PreprocessingConfig
 from .._files import open_regular
-from ..errors import ConfigError, ImageDecodeError, ShapeError
+from ..errors import ArgumentError, ConfigError, ImageDecodeError, ShapeError
 
 __all__ = ["load_image", "ImagePreprocessor"]
 
@@ -49,12 +49,12 @@ def _check_max_pixels(value: Any, Image) -> float:
         limit = Image.MAX_IMAGE_PIXELS
         return math.inf if limit is None else float(limit)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ShapeError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
-                         f"got {value!r}")
+        raise ArgumentError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
+                            f"got {value!r}")
     v = float(value)
     if math.isnan(v) or v < 1:
-        raise ShapeError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
-                         f"got {value!r}")
+        raise ArgumentError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
+                            f"got {value!r}")
     return v
 
 
@@ -68,8 +68,8 @@ def _check_background(value: Any) -> Optional[Tuple[int, int, int]]:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ShapeError(f"[load_image] background must be None or an (r, g, b) triple of "
-                         f"ints in [0, 255], got {value!r}")
+        raise ArgumentError(f"[load_image] background must be None or an (r, g, b) triple of "
+                            f"ints in [0, 255], got {value!r}")
     return vals  # type: ignore[return-value]
 
 
@@ -214,8 +214,8 @@ def load_image(path: Any, *, max_pixels: Optional[float] = None,
         source = path
         shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
     else:
-        raise ShapeError(f"[load_image] path must be a str, os.PathLike or a binary file object, "
-                         f"got {type(path).__name__}")
+        raise ArgumentError(f"[load_image] path must be a str, os.PathLike or a binary file object, "
+                            f"got {type(path).__name__}")
 
     def fail(msg: str, exc: Optional[BaseException] = None) -> ImageDecodeError:
         err = ImageDecodeError(f"[load_image] cannot decode image file {shown}: {msg}")

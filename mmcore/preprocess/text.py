@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..config import PreprocessingConfig
-from ..errors import ConfigError, ModelFormatError, ShapeError
+from ..errors import ArgumentError, ConfigError, ModelFormatError, ShapeError
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "TextPreprocessor", "load_tokenizer"]
 
@@ -33,7 +33,7 @@ def _check_max_length(op: str, max_length: Any) -> Optional[int]:
         return None
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) \
             or max_length < 1:
-        raise ShapeError(f"[{op}] max_length must be an integer >= 1 or None, got {max_length!r}")
+        raise ArgumentError(f"[{op}] max_length must be an integer >= 1 or None, got {max_length!r}")
     return int(max_length)
 
 
@@ -117,8 +117,8 @@ class ByteTokenizer:
         elif isinstance(text, (bytes, bytearray, memoryview)):
             ids = np.frombuffer(bytes(text), np.uint8).astype(np.int64) + self.offset
         else:
-            raise ShapeError(f"[ByteTokenizer.encode] text must be a str or bytes, "
-                             f"got {type(text).__name__}")
+            raise ArgumentError(f"[ByteTokenizer.encode] text must be a str or bytes, "
+                                f"got {type(text).__name__}")
         return _fit(ids, self.eos_id if add_eos else None, max_length)
 
     def _encode_with_unk(self, text: str) -> np.ndarray:
@@ -291,8 +291,8 @@ class HFTokenizer:
             limit = max(limit - 1, 0)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise ShapeError(f"[HFTokenizer.encode] texts[{i}] must be a str, "
-                                 f"got {type(t).__name__}")
+                raise ArgumentError(f"[HFTokenizer.encode] texts[{i}] must be a str, "
+                                    f"got {type(t).__name__}")
         if limit == 0:
             base = [np.zeros(0, np.int64) for _ in texts]
         else:
@@ -317,7 +317,7 @@ class HFTokenizer:
         """Ids of ``text`` as an int64 array (see the class notes for ``max_length``)."""
         max_length = _check_max_length("HFTokenizer.encode", max_length)
         if not isinstance(text, str):
-            raise ShapeError(f"[HFTokenizer.encode] text must be a str, got {type(text).__name__}")
+            raise ArgumentError(f"[HFTokenizer.encode] text must be a str, got {type(text).__name__}")
         return self._encode_many([text], add_eos=add_eos, max_length=max_length)[0]
 
     def encode_batch(self, texts: Sequence[str], *, add_eos: bool = False,
@@ -461,11 +461,11 @@ class TextPreprocessor:
         if isinstance(texts, (list, tuple)):
             for i, t in enumerate(texts):
                 if not isinstance(t, (str, bytes, bytearray)):
-                    raise ShapeError(f"[TextPreprocessor] texts[{i}] must be a str, got "
-                                     f"{type(t).__name__}")
+                    raise ArgumentError(f"[TextPreprocessor] texts[{i}] must be a str, got "
+                                        f"{type(t).__name__}")
             return list(texts)
-        raise ShapeError(f"[TextPreprocessor] texts must be a str or a list of str, got "
-                         f"{type(texts).__name__}")
+        raise ArgumentError(f"[TextPreprocessor] texts must be a str or a list of str, got "
+                            f"{type(texts).__name__}")
 
     def encode(self, texts: Any) -> List[np.ndarray]:
         """The id sequences of ``texts``, truncated per the settings, before padding."""
