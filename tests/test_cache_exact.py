@@ -363,6 +363,13 @@ def test_quantized_weights_are_read_only_and_replaceable(tmp_path):
     model = MultiModalModel.from_pretrained(tmp_path / "m")
     items = _text_items()
     first = model.infer(items)
+    # quantized encoders are batch-invariant too
+    model.clear_cache()
+    for i, text in enumerate(items["text"]):
+        alone = model.encode_modality(T, [text])
+        n = alone[0].shape[1]
+        np.testing.assert_array_equal(first.embeddings[T][i, :n], alone[0][0])
+        np.testing.assert_array_equal(first.pooled[T][i], alone[2][0])
     w = model.encoder(T).encoder.layers[0].linear1.weight
     assert isinstance(w, QuantizedTensor)
     with pytest.raises(ValueError, match="read-only"):

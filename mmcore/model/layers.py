@@ -682,6 +682,8 @@ class TransformerEncoderLayer(Module):
         from .. import _backend
         attn = self.self_attn
         # the call's arguments are kept while the objects they come from are the same ones
+        # (enough: parameter arrays are read-only, and every change of a weight replaces the
+        # array, see mmcore.model.nn)
         sig = (attn, attn.out_proj, self.linear1, self.linear2, self.norm1, self.norm2,
                attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
                self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
