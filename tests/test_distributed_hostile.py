@@ -22,7 +22,6 @@ import pytest
 
 from mmcore.distributed import Coordinator, DistributedConfig, ShardingStrategy
 from mmcore.distributed.auth import SecurityWarning, client_handshake, resolve_token
-from mmcore.distributed.coordinator import NodeClient
 from mmcore.distributed.node import READY_PREFIX, NodeServer
 from mmcore.distributed.protocol import (HEADER, MAGIC, VERSION, FrameLimits, MsgType,
                                          encode_frame, recv_frame, send_frame)

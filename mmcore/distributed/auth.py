@@ -31,7 +31,8 @@ from .._files import open_regular
 from ..errors import AuthError, ConfigError, ProtocolError
 from .protocol import FrameLimits, MsgType, recv_frame, send_frame
 
-__all__ = ["TOKEN_ENV", "MIN_TOKEN_BYTES", "SecurityWarning", "resolve_token", "server_handshake", "client_handshake",
+__all__ = ["TOKEN_ENV", "MIN_TOKEN_BYTES", "SecurityWarning", "resolve_token",
+           "server_handshake", "client_handshake",
            "server_ssl_context", "client_ssl_context"]
 
 TOKEN_ENV = "MMCORE_CLUSTER_TOKEN"

@@ -375,8 +375,9 @@ class NodeServer:
         reserved); FrameRefused when it does not fit (see ``max_inflight_bytes``)."""
         need = plen + _JSON_COST * jlen
         limit = self._max_inflight_bytes
-        size = (f"a request frame of {jlen + plen} bytes"
-                + (f" (reserving {need}: {_JSON_COST}x its JSON header)" if jlen > _SMALL_JSON else ""))
+        size = f"a request frame of {jlen + plen} bytes"
+        if jlen > _SMALL_JSON:
+            size += f" (reserving {need}: {_JSON_COST}x its JSON header)"
         with self._budget:
             if need > limit:
                 error = "ProtocolError"

@@ -5,6 +5,10 @@ Raw inputs are carried as they are: strings as JSON (encoded text as bytes), arr
 name's suffix so decoders can sniff it, and removes them after the request). Lists of these
 and preprocessed dicts of arrays are carried one level deep.
 
+Remote inputs are data: a node unpacks with ``strings=False`` for a modality whose
+preprocessor would open a string or bytes as a path (image, audio, video), so a client can
+never name a file on the node, and each array backs one item only.
+
 Examples
 --------
 >>> import numpy as np

@@ -21,6 +21,12 @@ Nothing is ever unpickled or evaluated.
 Arrays are sent without copies (``socket.sendmsg`` of the header and the arrays' own buffers)
 and received into one buffer that the returned arrays view.
 
+Time is bounded too, for a server facing peers that stall or drip: :func:`recv_frame` and
+:func:`send_frame` take a ``deadline`` for the whole frame (a handshake) and a :class:`Pace`
+(once a frame has started, its bytes must keep a minimum rate), and a server's ``on_header``
+callback may refuse a frame by its declared size (:class:`FrameRefused`: the frame is then
+read past in small chunks, never buffered).
+
 Examples
 --------
 >>> import numpy as np
