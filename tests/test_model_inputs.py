@@ -235,6 +235,37 @@ def test_audio_pair_survives_the_distributed_payload(models):
         np.testing.assert_array_equal(a, b)
 
 
+class _PayloadRemote:
+    """A remote encoder that sends its input through the distributed payload to a node model
+    (what mmcore.distributed does over a socket)."""
+
+    def __init__(self, node, modality):
+        self.node, self.modality = node, modality
+
+    def submit(self, value, *, is_raw, attention_mask):
+        from concurrent.futures import Future
+        from mmcore.distributed.payload import pack_input, unpack_input
+        fut = Future()
+        try:
+            desc, arrays = pack_input(self.modality, value, attention_mask=attention_mask)
+            v, mask = unpack_input(desc, arrays, tmpdir=None, with_mask=True)
+            fut.set_result(self.node.encode_modality(self.modality, v, attention_mask=mask))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future
+            fut.set_exception(exc)
+        return fut
+
+
+def test_batches_of_audio_pairs_reach_remote_encoders():
+    local = default_model(seed=0, cache=False)
+    coord = default_model(seed=0, cache=False)
+    coord.set_remote_encoders({"audio": _PayloadRemote(default_model(seed=0, cache=False),
+                                                       "audio")})
+    w44, w22 = _speech(1.2, 44100, 11), _speech(0.8, 22050, 12)
+    for value in ([(w44, 44100), (w22, 22050)], (w44, 44100), [w44[:16000], (w22, 22050)]):
+        np.testing.assert_array_equal(coord.infer({"audio": value}).fused,
+                                      local.infer({"audio": value}).fused)
+
+
 # --------------------------------------------------------------------------------------------
 # item: layouts and dtypes checked where they enter infer
 

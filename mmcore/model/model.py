@@ -662,6 +662,31 @@ def _check_preprocessed(owner: str, m: Modality, enc: Any, value: Any) -> None:
     raise ShapeError(f"{what}, {expected}{hint}")
 
 
+def _resolve_audio_pairs(kind: Optional[str], pre: Optional[PreprocessingConfig],
+                         value: Any) -> Any:
+    """``value`` with its ``(waveform, sample_rate)`` pairs replaced by the waveforms resampled
+    to the config's rate (:func:`~mmcore.preprocess.resample`, what the preprocessor does), for
+    remote encoders: the payload carries a list of arrays, not a list of pairs. Other
+    values are returned as they are."""
+    if kind != "audio" or pre is None or not isinstance(value, (list, tuple)):
+        return value
+    from ..preprocess.audio import resample, split_audio_pair
+    sr = pre.sample_rate
+
+    def resolved(item):
+        pair = split_audio_pair(item, op="MultiModalModel")
+        if pair is None:
+            return item
+        return resample(np.asarray(pair[0], np.float32), pair[1], sr)
+
+    top = split_audio_pair(value, op="MultiModalModel")
+    if top is not None:
+        return resolved(value)
+    if any(split_audio_pair(it, op="MultiModalModel") is not None for it in value):
+        return [resolved(it) for it in value]
+    return value
+
+
 def _zero_padding(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Token embeddings with the padding positions set to zero."""
     if mask.ndim == 2 and mask.shape == tokens.shape[:2] and not mask.all():
@@ -1462,8 +1487,12 @@ class MultiModalModel(Module):
         if remote:
             for m in present:
                 if m in remote:
+                    value = inputs.modality_inputs[m]
+                    if inputs.raw[m]:
+                        value = _resolve_audio_pairs(_kind_of(m, mods[m].preprocessing),
+                                                     mods[m].preprocessing, value)
                     futures[m] = (time.perf_counter(), remote[m].submit(
-                        inputs.modality_inputs[m], is_raw=inputs.raw[m],
+                        value, is_raw=inputs.raw[m],
                         attention_mask=inputs.attention_masks.get(m)))
         staged = {}
         done = {}
