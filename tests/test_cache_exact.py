@@ -401,6 +401,13 @@ def test_copies_of_a_module_have_read_only_parameters_too():
         for name, w in other.named_parameters():
             assert not w.flags.writeable, name
             np.testing.assert_array_equal(w, enc.state_dict()[name])
+    # a shallow copy shares no container: replacing its weight leaves the original (and the
+    # model's identity) alone
+    ident = model.identity
+    lin = enc.encoder.layers[0].linear1
+    shallow = copy.copy(lin)
+    shallow.set_parameter("weight", np.zeros_like(lin.weight))
+    assert lin.weight.any() and model.identity == ident
     sd = model.state_dict()                          # state dicts are writeable copies
     assert all(v.flags.writeable for v in sd.values())
 

@@ -283,14 +283,18 @@ class Module:
         self.__dict__["_stamp"] = _tick()
 
     def __setstate__(self, state):
-        # a copied or unpickled module gets read-only parameters again, and a new stamp
+        # a copied or unpickled module gets read-only parameters again, its own containers
+        # (a shallow copy must not share them: a change through one would bypass the other's
+        # version) and a new stamp
         self.__dict__.update(state)
-        params = self.__dict__.get("_params", {})
-        for name, value in list(params.items()):
+        params = dict(self.__dict__.get("_params", {}))
+        for name, value in params.items():
             if isinstance(value, QuantizedTensor):
                 params[name] = _freeze_quantized(value)
-            elif value is not None:
+            elif value is not None and value.flags.writeable:
                 params[name] = frozen_array(value)
+        self.__dict__["_params"] = params
+        self.__dict__["_modules"] = dict(self.__dict__.get("_modules", {}))
         self.__dict__["_stamp"] = _tick()
 
     @property
