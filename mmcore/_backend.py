@@ -181,9 +181,18 @@ class use_backend:
         return False
 
 
+class UnknownBackendError(BackendError, ArgumentError):
+    """An unknown backend name (``backend=``, :class:`use_backend` or ``MMCORE_BACKEND``).
+
+    Both a :class:`~mmcore.errors.BackendError` (what it always was) and an
+    :class:`~mmcore.errors.ArgumentError` (an unknown name is an argument mistake).
+    """
+
+
 def _check_name(name: str, where: str) -> None:
-    if name not in BACKEND_NAMES:
-        raise BackendError(f"[{where}] unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise UnknownBackendError(f"[{where}] unknown backend {name!r}; expected one of "
+                                  f"{', '.join(BACKEND_NAMES)}")
 
 
 def is_cuda_array(x: Any) -> bool:

@@ -139,6 +139,16 @@ def test_num_threads_env_beyond_the_cap(monkeypatch):
         mmcore._backend._default_threads()
 
 
+@pytest.mark.parametrize("name", ["tpu", 3, None.__class__, ["native"]])
+def test_unknown_backend_is_a_backend_and_an_argument_error(name):
+    q = np.ones((1, 1, 2, 4), np.float32)
+    with pytest.raises(errors.BackendError, match=r"^\[attention\] unknown backend") as info:
+        attention(q, q, q, backend=name)
+    assert isinstance(info.value, errors.ArgumentError)
+    with pytest.raises(errors.ArgumentError, match=r"^\[use_backend\] unknown backend"):
+        mmcore.use_backend(name)
+
+
 def test_native_pool_never_starts_more_threads_than_the_cap():
     # The private kernels take any int: the pool itself clamps to 8 threads per CPU. Run in a
     # fresh process so that the thread count starts from a known pool.

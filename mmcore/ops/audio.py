@@ -18,7 +18,7 @@ Samples must be finite: NaN or Inf raises :class:`~mmcore.errors.ShapeError` ins
 spreading through every frame it touches. Scalar options of the wrong type or out of range raise
 :class:`~mmcore.errors.ArgumentError` naming the option: ints must be ints (NumPy integers
 included, ``bool`` refused) within the int64 range of the kernels (``n_fft`` and Kaldi frames at
-most ``2**24`` samples), floats must be finite in float32 (``power=1e-300`` would round to 0,
+most ``2**20`` samples), floats must be finite in float32 (``power=1e-300`` would round to 0,
 ``sr=1e300`` overflows). Host arrays run on the ``native`` (default) or
 ``numba`` backend; CuPy / CUDA arrays run on ``cuda`` and give CuPy results on the same device
 (the small window and filter tables are copied to the device for the call; the finiteness
@@ -60,9 +60,10 @@ _INT16_SCALE = np.float32(1.0 / 32768.0)
 # argument checks
 
 
-#: The largest FFT size (and Kaldi frame length) the ops accept: 2**24 samples, 17 minutes at
-#: 16 kHz. Larger sizes would only allocate huge windows and spectra.
-MAX_N_FFT = 1 << 24
+#: The largest FFT size (and Kaldi frame length) the ops accept: 2**20 samples, over a minute
+#: at 16 kHz. Larger sizes would only allocate huge windows, filterbanks and spectra (the mel
+#: filters alone are n_mels x (n_fft / 2 + 1) float64 values while they are built).
+MAX_N_FFT = 1 << 20
 
 
 def _int_arg(op: str, name: str, value, minimum: int, maximum=None) -> int:
@@ -287,7 +288,7 @@ def stft(x, *, n_fft, hop_length=None, win_length=None, window="hann", center=Tr
         Signals on the last axis, any leading batch shape. float32, float64, float16 or int16
         (scaled by 1/32768). Must be finite.
     n_fft : int
-        FFT size, ``2 <= n_fft <= 2**24``; any size (400, primes, ...), not only powers of two.
+        FFT size, ``2 <= n_fft <= 2**20``; any size (400, primes, ...), not only powers of two.
     hop_length : int, optional
         Samples between frame starts, >= 1 (may exceed ``n_fft``); default
         ``max(1, n_fft // 4)``.
@@ -352,7 +353,7 @@ def mel_filterbank(*, sr, n_fft, n_mels=128, fmin=0.0, fmax=None, htk=False, nor
     sr : float
         Sample rate in Hz, > 0.
     n_fft : int
-        FFT size, ``2 <= n_fft <= 2**24``; the filters cover ``n_fft // 2 + 1`` bins.
+        FFT size, ``2 <= n_fft <= 2**20``; the filters cover ``n_fft // 2 + 1`` bins.
     n_mels : int, default 128
         Number of filters, ``1 <= n_mels <= n_fft // 2 + 1``. With many filters on a short FFT
         some rows may be all zero (librosa warns; here they are simply returned).
@@ -618,14 +619,14 @@ def fbank(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10.0, 
     L = _kaldi_samples(sr, length_ms)
     shift = _kaldi_samples(sr, shift_ms)
     if L < 1:
-        raise ArgumentError(f"[{op}] frame_length_ms = {length_ms} gives {L} samples at sr = {sr}; "
-                            "need at least 1")
+        raise ArgumentError(f"[{op}] frame_length_ms = {length_ms} gives {L} samples at "
+                            f"sr = {sr}; need at least 1")
     if shift < 1:
-        raise ArgumentError(f"[{op}] frame_shift_ms = {shift_ms} gives {shift} samples at sr = {sr}; "
-                            "need at least 1")
+        raise ArgumentError(f"[{op}] frame_shift_ms = {shift_ms} gives {shift} samples at "
+                            f"sr = {sr}; need at least 1")
     if L > MAX_N_FFT:
-        raise ArgumentError(f"[{op}] frame_length_ms = {length_ms} gives {L} samples at sr = {sr}; "
-                            f"at most {MAX_N_FFT} are supported")
+        raise ArgumentError(f"[{op}] frame_length_ms = {length_ms} gives {L} samples at "
+                            f"sr = {sr}; at most {MAX_N_FFT} are supported")
     if shift > INT64_MAX:
         raise ArgumentError(f"[{op}] frame_shift_ms = {shift_ms} gives {shift} samples at sr = "
                             f"{sr}, beyond the int64 range of the kernels")
