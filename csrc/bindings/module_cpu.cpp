@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <complex>
+#include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 #include <stdexcept>
 #include <string>
@@ -16,6 +18,7 @@
 #include "mmcore/kernels.h"
 #include "mmcore/encoder_layer.h"
 #include "mmcore/parallel.h"
+#include "mmcore/size_error.h"
 
 namespace py = pybind11;
 
@@ -27,6 +30,30 @@ std::string shape_str(const Shape& s) {
   std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// Product of dims (or of a dim and a factor) that refuses to overflow int64: shapes the caller
+// passes as Python ints can be anything, and an overflowed product could match a real array.
+int64_t mul_dims(const char* op, std::initializer_list<int64_t> dims) {
+  int64_t r = 1;
+  for (int64_t d : dims) {
+    if (d < 0 || (d != 0 && r > INT64_MAX / d))
+      throw py::value_error(std::string("[") + op + "] sizes overflow 64-bit integers");
+    r *= d;
+  }
+  return r;
+}
+
+// Runs a kernel without the GIL; a SizeError it throws comes back with the op's prefix (the
+// module's translator turns it into mmcore.errors.ShapeError).
+template <class F>
+void run_kernel(const char* op, F&& f) {
+  try {
+    py::gil_scoped_release release;
+    f();
+  } catch (const mmcore::SizeError& e) {
+    throw mmcore::SizeError(std::string("[") + op + "] " + e.what());
+  }
 }
 
 // Equal dtypes need not be the same object (arrays rebuilt by pickle, Ray or DLPack carry
@@ -116,9 +143,14 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   p.x = checked<float>(op, "x", x, {p.n_signals, p.T}, false);
   if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
   if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
-  if (frame_length < 1 || frame_offset < 0 || frame_offset + frame_length > n_fft)
+  if (frame_length < 1 || frame_offset < 0 || frame_length > n_fft || frame_offset > n_fft - frame_length)
     throw py::value_error("[spectral] the frame must lie inside the FFT buffer");
   if (n_frames < 0) throw py::value_error("[spectral] n_frames must be >= 0");
+  // Sample indices f * hop - pad_left + frame_offset + t must stay within int64.
+  constexpr int64_t kMaxIndex = int64_t{1} << 62;
+  if (n_fft > kMaxIndex || pad_left > kMaxIndex || pad_left < -kMaxIndex ||
+      (n_frames > 1 && hop > kMaxIndex / (n_frames - 1)))
+    throw py::value_error("[spectral] n_fft, hop, pad_left or n_frames is too large (sample indices overflow)");
   p.n_fft = n_fft;
   p.hop = hop;
   p.frame_length = frame_length;
@@ -176,8 +208,7 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   if (whisper_norm && (p.kind != mmcore::SpectralKind::mel || p.log_mode != mmcore::LogMode::log10))
     throw py::value_error("[spectral] whisper_norm needs kind 'mel' and log_mode 'log10'");
   p.num_threads = num_threads < 1 ? 1 : num_threads;
-  py::gil_scoped_release release;
-  mmcore::spectral_cpu(p);
+  run_kernel(op, [&] { mmcore::spectral_cpu(p); });
 }
 
 mmcore::ResizeFilter parse_filter(const char* op, const std::string& f) {
@@ -203,7 +234,10 @@ mmcore::ImageView<T> image_view(const char* op, const char* name, py::handle obj
   v.W = a.shape(1);
   v.C = a.shape(2);
   const bool inner_ok = (a.strides(2) == item || v.C == 1) && (a.strides(1) == item * v.C || v.W == 1);
-  if (!inner_ok || a.strides(0) < 0 || a.strides(0) % item != 0 || (v.H > 1 && a.strides(0) < item * v.W * v.C))
+  // Rows a stride 0 apart (one row repeated, a broadcast view) are fine to read, not to write.
+  const bool repeated = a.strides(0) == 0 && !writable;
+  if (!inner_ok || a.strides(0) < 0 || a.strides(0) % item != 0 ||
+      (v.H > 1 && !repeated && a.strides(0) < item * v.W * v.C))
     throw py::value_error(std::string("[") + op + "] " + name + " images need contiguous rows");
   if (writable && !a.writeable()) throw py::value_error(std::string("[") + op + "] " + name + " must be writable");
   v.stride = v.H > 1 ? a.strides(0) / item : v.W * v.C;
@@ -230,8 +264,9 @@ void resize(py::list srcs, py::list dsts, const std::string& filter, bool antial
       d[i] = image_view<uint8_t>(op, "dsts", dsts[i], true);
       check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
     }
-    py::gil_scoped_release release;
-    mmcore::resize_u8(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
+    run_kernel(op, [&] {
+      mmcore::resize_u8(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
+    });
   } else {
     std::vector<mmcore::ImageView<const float>> s(n);
     std::vector<mmcore::ImageView<float>> d(n);
@@ -240,8 +275,9 @@ void resize(py::list srcs, py::list dsts, const std::string& filter, bool antial
       d[i] = image_view<float>(op, "dsts", dsts[i], true);
       check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
     }
-    py::gil_scoped_release release;
-    mmcore::resize_f32(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
+    run_kernel(op, [&] {
+      mmcore::resize_f32(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
+    });
   }
 }
 
@@ -275,8 +311,8 @@ void patchify(py::array src, py::object dst, int64_t patch, int64_t temporal_pat
   if (patch < 1 || temporal_patch < 1 || H % patch || W % patch || T % temporal_patch)
     throw py::value_error("[patchify] sizes must be multiples of the patch sizes");
   const float* s = checked<float>(op, "src", src, {B, T, C, H, W}, false);
-  const int64_t np_ = (T / temporal_patch) * (H / patch) * (W / patch);
-  float* d = checked<float>(op, "dst", dst, {B, np_, C * temporal_patch * patch * patch}, true);
+  const int64_t np_ = mul_dims(op, {T / temporal_patch, H / patch, W / patch});
+  float* d = checked<float>(op, "dst", dst, {B, np_, mul_dims(op, {C, temporal_patch, patch, patch})}, true);
   py::gil_scoped_release release;
   mmcore::patchify_f32(s, d, B, T, C, H, W, patch, temporal_patch, std::max(num_threads, 1));
 }
@@ -299,18 +335,30 @@ void preprocess_image(py::list srcs, py::object out, py::object geoms, py::objec
   if (patch < 0 || (patch > 0 && (crop_h % patch || crop_w % patch)))
     throw py::value_error("[preprocess_image] the crop must be a multiple of the patch size");
   const int64_t* g = checked<int64_t>(op, "geoms", geoms, {n, 4}, false);
-  for (int64_t i = 0; i < n; ++i)
+  if (!g) throw py::value_error("[preprocess_image] geoms is required: an (n, 4) int64 array");
+  // |sizes and offsets| <= 2^62 keeps every sum of an offset and a crop size within int64.
+  constexpr int64_t kMaxGeom = int64_t{1} << 62;
+  if (crop_h > kMaxGeom || crop_w > kMaxGeom) throw py::value_error("[preprocess_image] crop sizes are too large");
+  for (int64_t i = 0; i < n; ++i) {
     if (g[4 * i] < 1 || g[4 * i + 1] < 1) throw py::value_error("[preprocess_image] resize sizes must be >= 1");
+    for (int k = 0; k < 4; ++k)
+      if (g[4 * i + k] > kMaxGeom || g[4 * i + k] < -kMaxGeom)
+        throw py::value_error("[preprocess_image] geoms values must lie within +-2^62");
+  }
   mmcore::NormalizeSpec norm;
   norm.mean = checked<float>(op, "mean", mean, {C}, false);
   norm.std = checked<float>(op, "std", stdv, {C}, false);
   norm.scale = static_cast<float>(scale);
   norm.patch = patch;
+  mul_dims(op, {n, C, crop_h, crop_w});
   float* o = patch == 0 ? checked<float>(op, "out", out, {n, C, crop_h, crop_w}, true)
-                        : checked<float>(op, "out", out, {n, (crop_h / patch) * (crop_w / patch), C * patch * patch}, true);
+                        : checked<float>(op, "out", out,
+                                         {n, mul_dims(op, {crop_h / patch, crop_w / patch}), mul_dims(op, {C, patch, patch})},
+                                         true);
   if (!o || !g || !norm.mean || !norm.std) throw py::value_error("[preprocess_image] out, geoms, mean, std are required");
-  py::gil_scoped_release release;
-  mmcore::preprocess_u8(s.data(), n, g, crop_h, crop_w, f, antialias, norm, o, std::max(num_threads, 1));
+  run_kernel(op, [&] {
+    mmcore::preprocess_u8(s.data(), n, g, crop_h, crop_w, f, antialias, norm, o, std::max(num_threads, 1));
+  });
 }
 
 void masked_reduce(const char* op, py::object x, py::object mask, py::object out, int num_threads, bool is_max) {
@@ -363,7 +411,8 @@ void fuse(py::object emb, py::object present, py::object weights, py::object que
     p.query = checked<float>(op, "query", query, p.query_per_batch ? Shape{p.B, p.D} : Shape{p.D}, false);
   }
   p.out = checked<float>(op, "out", out,
-                         p.strategy == mmcore::FuseStrategy::concat ? Shape{p.B, p.M * p.D} : Shape{p.B, p.D}, true);
+                         p.strategy == mmcore::FuseStrategy::concat ? Shape{p.B, mul_dims(op, {p.M, p.D})} : Shape{p.B, p.D},
+                         true);
   if (!p.out) throw py::value_error("[fuse] out is required");
   p.out_weights = checked<float>(op, "out_weights", out_weights, {p.B, p.M}, true);
   p.num_threads = std::max(num_threads, 1);
@@ -407,8 +456,7 @@ void linear(py::object x, py::object w, py::object bias, py::object y, int activ
   if (activation < 0 || activation > 4) throw py::value_error("[linear] unknown activation code");
   p.activation = static_cast<mmcore::Activation>(activation);
   p.num_threads = std::max(num_threads, 1);
-  py::gil_scoped_release release;
-  mmcore::linear_cpu(p);
+  run_kernel(op, [&] { mmcore::linear_cpu(p); });
 }
 
 mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, int kind, py::object scale,
@@ -462,7 +510,7 @@ void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t n
   py::array w1a = wt(2)[0].cast<py::array>();
   p.F = w1a.shape(0);
   const char* wnames[4] = {"w_in", "w_out", "w1", "w2"};
-  const int64_t rows[4] = {3 * p.E, p.E, p.F, p.E}, cols[4] = {p.E, p.E, p.E, p.F};
+  const int64_t rows[4] = {mul_dims(op, {3, p.E}), p.E, p.F, p.E}, cols[4] = {p.E, p.E, p.E, p.F};
   mmcore::WeightRef* refs[4] = {&p.w_in, &p.w_out, &p.w1, &p.w2};
   for (int i = 0; i < 4; ++i)
     *refs[i] = weight_ref(op, wnames[i], wt(i)[0], wt(i)[1].cast<int>(), wt(i)[2], rows[i], cols[i]);
@@ -481,8 +529,7 @@ void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t n
   p.activation = static_cast<mmcore::Activation>(activation);
   p.scale = static_cast<float>(scale);
   p.num_threads = std::max(num_threads, 1);
-  py::gil_scoped_release release;
-  mmcore::encoder_layer_cpu(p);
+  run_kernel(op, [&] { mmcore::encoder_layer_cpu(p); });
 }
 
 void layer_norm(py::object x, py::object weight, py::object bias, py::object y, double eps, int num_threads) {
@@ -514,6 +561,20 @@ void layer_norm(py::object x, py::object weight, py::object bias, py::object y, 
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmcore native CPU kernels (internal; use mmcore.ops)";
+  // Sizes a kernel cannot handle raise mmcore.errors.ShapeError (a ValueError).
+  py::register_exception_translator([](std::exception_ptr ep) {
+    try {
+      if (ep) std::rethrow_exception(ep);
+    } catch (const mmcore::SizeError& e) {
+      py::object cls;
+      try {
+        cls = py::module_::import("mmcore.errors").attr("ShapeError");
+      } catch (py::error_already_set&) {
+        cls = py::reinterpret_borrow<py::object>(PyExc_ValueError);
+      }
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
 #ifdef MMCORE_VERSION
   m.attr("__version__") = MMCORE_VERSION;
 #endif

@@ -26,6 +26,10 @@ using simd::vf;
 namespace {
 
 constexpr int64_t kChunk = 4096;  // floats of D per task in the token reductions (whole rows when possible)
+// The mean's float32 partial sums (one per value of D) are flushed into float64 totals every
+// kFlush real tokens, so the sum of any number of tokens stays within a few float32 ulps of the
+// exact one (a float32 running sum stalls: 2^24 + 1 == 2^24) at no measurable cost.
+constexpr int64_t kFlush = 32;
 
 // Splits D into chunks so that B * chunks gives the threads enough tasks.
 int64_t d_chunk(int64_t B, int64_t D, int threads) {
@@ -54,15 +58,36 @@ void masked_reduce(const MaskedReduceParams& p) {
     const float* xb = p.x + b * L * D + d0;
     // Stream the rows front to back, accumulating the chunk in a small buffer (L1-resident).
     thread_local std::vector<vf> acc_buf;
+    thread_local std::vector<double> total_buf;
     const int64_t nvec = (n + kWidth - 1) / kWidth;
     if (static_cast<int64_t>(acc_buf.size()) < nvec) acc_buf.resize(nvec);
     vf* acc = acc_buf.data();
     const vf init = simd::splat(Max ? -std::numeric_limits<float>::infinity() : 0.0f);
     for (int64_t v = 0; v < nvec; ++v) acc[v] = init;
+    double* total = nullptr;
+    if constexpr (!Max) {
+      if (static_cast<int64_t>(total_buf.size()) < nvec * kWidth) total_buf.resize(nvec * kWidth);
+      total = total_buf.data();
+      std::fill(total, total + nvec * kWidth, 0.0);
+    }
+    // Adds the float32 partial sums into the float64 totals and restarts them.
+    auto flush = [&] {
+      const float* a = reinterpret_cast<const float*>(acc);
+      for (int64_t i = 0; i < nvec * kWidth; ++i) total[i] += static_cast<double>(a[i]);
+      for (int64_t v = 0; v < nvec; ++v) acc[v] = vf{};
+    };
+    int64_t pending = 0;  // tokens in the float32 partial sums
     const int64_t nfull = n / kWidth;
     float tail[kWidth];
     for (int64_t l = 0; l < L; ++l) {
       if (m && !m[l]) continue;
+      if constexpr (!Max) {
+        if (pending == kFlush) {
+          flush();
+          pending = 0;
+        }
+        ++pending;
+      }
       const float* r = xb + l * D;
       for (int64_t v = 0; v < nfull; ++v) {
         const vf x = simd::load(r + v * kWidth);
@@ -74,11 +99,17 @@ void masked_reduce(const MaskedReduceParams& p) {
         acc[nfull] = Max ? simd::vmax_nan(acc[nfull], x) : acc[nfull] + x;
       }
     }
-    const vf scale = simd::splat(Max ? 1.0f : 1.0f / static_cast<float>(count));
-    for (int64_t v = 0; v < nfull; ++v) simd::store(out + v * kWidth, Max ? acc[v] : acc[v] * scale);
-    if (nfull < nvec) {
-      simd::store(tail, Max ? acc[nfull] : acc[nfull] * scale);
-      for (int64_t t = nfull * kWidth; t < n; ++t) out[t] = tail[t - nfull * kWidth];
+    if constexpr (!Max) {
+      flush();
+      // The mean of the float64 total, rounded once to float32.
+      const double c = static_cast<double>(count);
+      for (int64_t t = 0; t < n; ++t) out[t] = static_cast<float>(total[t] / c);
+    } else {
+      for (int64_t v = 0; v < nfull; ++v) simd::store(out + v * kWidth, acc[v]);
+      if (nfull < nvec) {
+        simd::store(tail, acc[nfull]);
+        for (int64_t t = nfull * kWidth; t < n; ++t) out[t] = tail[t - nfull * kWidth];
+      }
     }
   });
 }
@@ -130,12 +161,21 @@ void fuse_row(const FuseParams& p, int64_t b) {
       for (int64_t m = 0; m < M; ++m) {
         if (!present(m)) continue;
         const float* em = e + m * D;
+        // float32 partial dot products flushed into a float64 total every kFlush vectors
         vf acc = vf{};
-        int64_t d = 0;
-        for (; d + kWidth <= D; d += kWidth) acc += simd::load(q + d) * simd::load(em + d);
+        double dot = 0.0;
+        int64_t d = 0, pending = 0;
+        for (; d + kWidth <= D; d += kWidth) {
+          acc += simd::load(q + d) * simd::load(em + d);
+          if (++pending == kFlush) {
+            dot += static_cast<double>(simd::hsum(acc));
+            acc = vf{};
+            pending = 0;
+          }
+        }
         float t = simd::hsum(acc);
         for (; d < D; ++d) t += q[d] * em[d];
-        s[m] = t * scale;
+        s[m] = static_cast<float>(dot + static_cast<double>(t)) * scale;
         if (s[m] != s[m]) nan = true;
         mx = std::max(mx, s[m]);
       }
@@ -174,19 +214,44 @@ void fuse_row(const FuseParams& p, int64_t b) {
     }
     return;
   }
+  // float32 partial sums over up to kFlush modalities, added into float64 totals (with at most
+  // kFlush modalities the result is the float32 sum itself).
   for (int64_t d = 0; d < D; d += kWidth) {
     const int64_t n = std::min<int64_t>(kWidth, D - d);
     if (n == kWidth) {
       vf a = vf{};
-      for (int64_t m = 0; m < M; ++m)
-        if (w[m] != 0.0f || w[m] != w[m]) a += simd::splat(w[m]) * simd::load(e + m * D + d);
+      double tot[kWidth] = {};
+      int64_t pending = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        if (!(w[m] != 0.0f || w[m] != w[m])) continue;
+        if (pending == kFlush) {
+          for (int i = 0; i < kWidth; ++i) tot[i] += static_cast<double>(a[i]);
+          a = vf{};
+          pending = 0;
+        }
+        ++pending;
+        a += simd::splat(w[m]) * simd::load(e + m * D + d);
+      }
+      if (M > kFlush) {
+        for (int i = 0; i < kWidth; ++i) a[i] = static_cast<float>(tot[i] + static_cast<double>(a[i]));
+      }
       simd::store(out + d, a);
     } else {
       for (int64_t i = 0; i < n; ++i) {
         float a = 0.0f;
-        for (int64_t m = 0; m < M; ++m)
-          if (w[m] != 0.0f || w[m] != w[m]) a += w[m] * e[m * D + d + i];
-        out[d + i] = a;
+        double tot = 0.0;
+        int64_t pending = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          if (!(w[m] != 0.0f || w[m] != w[m])) continue;
+          if (pending == kFlush) {
+            tot += static_cast<double>(a);
+            a = 0.0f;
+            pending = 0;
+          }
+          ++pending;
+          a += w[m] * e[m * D + d + i];
+        }
+        out[d + i] = static_cast<float>(tot + static_cast<double>(a));
       }
     }
   }

@@ -20,6 +20,7 @@
 #include "mmcore/resample_filters.h"
 #include "mmcore/parallel.h"
 #include "mmcore/simd.h"
+#include "mmcore/size_error.h"
 
 #ifndef MMCORE_TARGET
 #error "MMCORE_TARGET must name the instruction-set target of this translation unit"
@@ -32,13 +33,55 @@ namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;
 
+// Memory budgets of the scratch a resize needs beyond its input and output: the filter tables
+// of one axis (n * ksize weights) and the transposed row segment of the horizontal uint8 pass.
+// A resize that needs more (an antialiased downscale of an axis of hundreds of millions of
+// pixels to a few) raises SizeError instead of exhausting memory.
+constexpr double kMaxTapBytes = 1024.0 * 1024.0 * 1024.0;
+constexpr double kMaxBandBytes = 1024.0 * 1024.0 * 1024.0;
+// Values of a row the horizontal uint8 pass transposes at once (outputs are taken in groups
+// whose taps fit; rows up to this many values go in one piece, as before).
+constexpr int64_t kSegment = int64_t{1} << 16;
+// Pillow's nearest filter walks the source coordinate by repeated addition; beyond Pillow's
+// int32 sizes the coordinate is computed directly, (i + 0.5) * scale, instead of walking there.
+constexpr int64_t kNearestWalk = int64_t{1} << 31;
+
 // Taps of output indices [o0, o0 + n) of a resize from in_size to out_size along one axis.
+// Sizes and indices are 64-bit: an axis may exceed 2^31 pixels.
 struct Taps {
   int64_t ksize = 0;
-  std::vector<int32_t> start, count;  // per output index
+  std::vector<int64_t> start, count;  // per output index
   std::vector<int32_t> wi;            // fixed point, n * ksize
   std::vector<float> wf;              // float, n * ksize
 };
+
+// Taps per output of a resize from in_size to out_size (the table width of make_taps).
+int64_t taps_ksize(int64_t in_size, int64_t out_size, ResizeFilter f, bool antialias) {
+  if (f == ResizeFilter::nearest) return 1;
+  double filterscale = static_cast<double>(in_size) / static_cast<double>(out_size);
+  if (filterscale < 1.0 || !antialias) filterscale = 1.0;
+  return static_cast<int64_t>(std::ceil(resample::support(f) * filterscale)) * 2 + 1;
+}
+
+// Throws SizeError when the scratch of resizing (H, W, C) to (RH, RW), computing n_rows x
+// n_cols outputs, exceeds the budgets above.
+void check_resize_scratch(int64_t H, int64_t W, int64_t C, int64_t RH, int64_t RW, int64_t n_rows, int64_t n_cols,
+                          ResizeFilter f, bool aa, bool u8) {
+  const char* axes[2] = {"rows", "columns"};
+  const int64_t in[2] = {H, W}, out[2] = {RH, RW}, n[2] = {n_rows, n_cols};
+  for (int a = 0; a < 2; ++a) {
+    if (in[a] == out[a] && f != ResizeFilter::nearest) continue;
+    const double ks = static_cast<double>(taps_ksize(in[a], out[a], f, aa));
+    const double table = ks * static_cast<double>(n[a]) * (sizeof(int32_t) + sizeof(float));
+    const double band = a == 1 && u8 ? ks * static_cast<double>(C) * sizeof(simd::vi) : 0.0;
+    if (table > kMaxTapBytes || band > kMaxBandBytes) {
+      throw SizeError("resizing " + std::to_string(in[a]) + " " + axes[a] + " to " + std::to_string(out[a]) +
+                      (aa ? " with antialiasing" : "") + " needs " + bytes_str(std::max(table, band)) +
+                      " of filter tables (limit " + bytes_str(kMaxTapBytes) +
+                      "); resize in several smaller steps, or pass antialias=False or filter='nearest'");
+    }
+  }
+}
 
 Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeFilter f, bool antialias) {
   Taps t;
@@ -50,12 +93,14 @@ Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeF
     t.wi.assign(n, 1 << kPrecisionBits);
     t.wf.assign(n, 1.0f);
     // Pillow's nearest resize walks the source coordinate by repeated addition from 0.5 * scale
-    // (not (i + 0.5) * scale), which decides the ties; do the same.
+    // (not (i + 0.5) * scale), which decides the ties; do the same within Pillow's sizes.
+    const bool walk = o0 + n <= kNearestWalk;
     double xo = 0.5 * scale;
-    for (int64_t i = 0; i < o0 + n; ++i, xo += scale) {
+    for (int64_t i = walk ? 0 : o0; i < o0 + n; ++i, xo += scale) {
       if (i < o0) continue;
-      const int64_t src = xo < 0.0 ? 0 : static_cast<int64_t>(xo);
-      t.start[i - o0] = static_cast<int32_t>(std::min<int64_t>(src, in_size - 1));
+      const double x = walk ? xo : (static_cast<double>(i) + 0.5) * scale;
+      const int64_t src = x < 0.0 ? 0 : (x >= static_cast<double>(in_size) ? in_size - 1 : static_cast<int64_t>(x));
+      t.start[i - o0] = std::min<int64_t>(src, in_size - 1);
       t.count[i - o0] = 1;
     }
     return t;
@@ -63,7 +108,7 @@ Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeF
   double filterscale = scale;
   if (filterscale < 1.0 || !antialias) filterscale = 1.0;
   const double support = resample::support(f) * filterscale;
-  t.ksize = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
+  t.ksize = taps_ksize(in_size, out_size, f, antialias);
   t.wi.assign(n * t.ksize, 0);
   t.wf.assign(n * t.ksize, 0.0f);
   std::vector<double> k(t.ksize);
@@ -88,8 +133,8 @@ Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeF
       const double fx = w * static_cast<double>(1 << kPrecisionBits);
       t.wi[i * t.ksize + x] = static_cast<int32_t>(w < 0 ? -0.5 + fx : 0.5 + fx);
     }
-    t.start[i] = static_cast<int32_t>(xmin);
-    t.count[i] = static_cast<int32_t>(xmax);
+    t.start[i] = xmin;
+    t.count[i] = std::max<int64_t>(xmax, 0);
   }
   return t;
 }
@@ -124,39 +169,51 @@ inline void transpose_i32(vi* r) { simd::transpose(reinterpret_cast<vf*>(r)); }
 // Horizontal pass of kWidth rows at once (rows on the SIMD lanes): the band is transposed so
 // that one value of every row sits in one vector, the taps become broadcast multiply-adds with
 // exactly Pillow's fixed-point arithmetic, and the result is transposed back.
+// Outputs are taken in groups whose taps span at most kSegment values of a row (or one output),
+// so the transposed segment stays bounded however wide the row is.
 // Rows y0 .. y0 + nr - 1 of src (nr <= kWidth) -> out rows 0 .. nr - 1 (out_stride apart).
 void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, const Taps& t, int64_t n,
                    uint8_t* out, int64_t out_stride, std::vector<vi>& bbuf, std::vector<vi>& obuf) {
   const int64_t C = src.C;
-  const int64_t xlo = t.start[0];
-  const int64_t xhi = t.start[n - 1] + t.count[n - 1];
-  const int64_t seg = (xhi - xlo) * C;  // values per row the taps read
-  vi* B = grow(bbuf, static_cast<size_t>(seg));
   vi* O = grow(obuf, static_cast<size_t>(n * C));
-  const uint8_t* rowp[kWidth];
-  for (int l = 0; l < kWidth; ++l) rowp[l] = src.data + (y0 + std::min(l, nr - 1)) * src.stride + xlo * C;
-  int64_t i = 0;
-  for (; i + kWidth <= seg; i += kWidth) {
-    vi tile[kWidth];
-    for (int l = 0; l < kWidth; ++l) tile[l] = load_u8(rowp[l] + i);
-    transpose_i32(tile);
-    for (int l = 0; l < kWidth; ++l) B[i + l] = tile[l];
-  }
-  for (; i < seg; ++i)
-    for (int l = 0; l < kWidth; ++l) B[i][l] = rowp[l][i];
+  const uint8_t* rows[kWidth];
+  for (int l = 0; l < kWidth; ++l) rows[l] = src.data + (y0 + std::min(l, nr - 1)) * src.stride;
   const vi half = vi{} + (1 << (kPrecisionBits - 1));
   const vi zero = vi{}, top = vi{} + 255;
-  for (int64_t j = 0; j < n; ++j) {
-    const vi* src_j = B + (t.start[j] - xlo) * C;
-    const int32_t* w = t.wi.data() + j * t.ksize;
-    const int cnt = t.count[j];
-    for (int64_t c = 0; c < C; ++c) {
-      vi acc = half;
-      for (int k = 0; k < cnt; ++k) acc += src_j[k * C + c] * w[k];
-      acc >>= kPrecisionBits;
-      acc = acc < zero ? zero : acc;
-      acc = acc > top ? top : acc;
-      O[j * C + c] = acc;
+  for (int64_t j0 = 0, j1 = 0; j0 < n; j0 = j1) {
+    // Outputs [j0, j1) read columns [xlo, xhi).
+    int64_t xlo = t.start[j0], xhi = t.start[j0] + t.count[j0];
+    for (j1 = j0 + 1; j1 < n; ++j1) {
+      const int64_t lo = std::min(xlo, t.start[j1]), hi = std::max(xhi, t.start[j1] + t.count[j1]);
+      if ((hi - lo) * C > kSegment) break;
+      xlo = lo;
+      xhi = hi;
+    }
+    const int64_t seg = (xhi - xlo) * C;  // values per row the taps read
+    vi* B = grow(bbuf, static_cast<size_t>(seg));
+    const uint8_t* rowp[kWidth];
+    for (int l = 0; l < kWidth; ++l) rowp[l] = rows[l] + xlo * C;
+    int64_t i = 0;
+    for (; i + kWidth <= seg; i += kWidth) {
+      vi tile[kWidth];
+      for (int l = 0; l < kWidth; ++l) tile[l] = load_u8(rowp[l] + i);
+      transpose_i32(tile);
+      for (int l = 0; l < kWidth; ++l) B[i + l] = tile[l];
+    }
+    for (; i < seg; ++i)
+      for (int l = 0; l < kWidth; ++l) B[i][l] = rowp[l][i];
+    for (int64_t j = j0; j < j1; ++j) {
+      const vi* src_j = B + (t.start[j] - xlo) * C;
+      const int32_t* w = t.wi.data() + j * t.ksize;
+      const int64_t cnt = t.count[j];
+      for (int64_t c = 0; c < C; ++c) {
+        vi acc = half;
+        for (int64_t k = 0; k < cnt; ++k) acc += src_j[k * C + c] * w[k];
+        acc >>= kPrecisionBits;
+        acc = acc < zero ? zero : acc;
+        acc = acc > top ? top : acc;
+        O[j * C + c] = acc;
+      }
     }
   }
   const int64_t olen = n * C;
@@ -173,12 +230,12 @@ void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, cons
 
 void hpass_row_f32(const float* in, const Taps& t, int64_t n, int64_t C, float* out) {
   for (int64_t j = 0; j < n; ++j) {
-    const float* src = in + static_cast<int64_t>(t.start[j]) * C;
+    const float* src = in + t.start[j] * C;
     const float* w = t.wf.data() + j * t.ksize;
-    const int cnt = t.count[j];
+    const int64_t cnt = t.count[j];
     for (int64_t c = 0; c < C; ++c) {
       float acc = 0.0f;
-      for (int x = 0; x < cnt; ++x) acc += src[x * C + c] * w[x];
+      for (int64_t x = 0; x < cnt; ++x) acc += src[x * C + c] * w[x];
       out[j * C + c] = acc;
     }
   }
@@ -186,9 +243,10 @@ void hpass_row_f32(const float* in, const Taps& t, int64_t n, int64_t C, float* 
 
 // Vertical pass of one output row over a row of `len` interleaved values: rows[k] points at
 // the k-th input row of the taps.
-void vpass_row_u8(const uint8_t* const* rows, const int32_t* w, int cnt, int64_t len, int32_t* acc, uint8_t* out) {
+void vpass_row_u8(const uint8_t* const* rows, const int32_t* w, int64_t cnt, int64_t len, int32_t* acc,
+                  uint8_t* out) {
   for (int64_t i = 0; i < len; ++i) acc[i] = 1 << (kPrecisionBits - 1);
-  for (int k = 0; k < cnt; ++k) {
+  for (int64_t k = 0; k < cnt; ++k) {
     const uint8_t* r = rows[k];
     const int32_t wk = w[k];
     for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<int32_t>(r[i]) * wk;
@@ -196,9 +254,9 @@ void vpass_row_u8(const uint8_t* const* rows, const int32_t* w, int cnt, int64_t
   for (int64_t i = 0; i < len; ++i) out[i] = clip8(acc[i]);
 }
 
-void vpass_row_f32(const float* const* rows, const float* w, int cnt, int64_t len, float* out) {
+void vpass_row_f32(const float* const* rows, const float* w, int64_t cnt, int64_t len, float* out) {
   for (int64_t i = 0; i < len; ++i) out[i] = 0.0f;
-  for (int k = 0; k < cnt; ++k) {
+  for (int64_t k = 0; k < cnt; ++k) {
     const float* r = rows[k];
     const float wk = w[k];
     for (int64_t i = 0; i < len; ++i) out[i] += r[i] * wk;
@@ -263,8 +321,8 @@ void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv,
     Scratch& sc = Scratch::get();
     std::vector<const T*> rows(static_cast<size_t>(tv.ksize));
     for (int64_t y = b * band; y < std::min(ny, (b + 1) * band); ++y) {
-      const int cnt = tv.count[y];
-      for (int k = 0; k < cnt; ++k) rows[k] = in + (tv.start[y] + k - in_row0) * in_stride + v0;
+      const int64_t cnt = tv.count[y];
+      for (int64_t k = 0; k < cnt; ++k) rows[k] = in + (tv.start[y] + k - in_row0) * in_stride + v0;
       if constexpr (std::is_same<T, uint8_t>::value) {
         int32_t* acc = grow(sc.acc, static_cast<size_t>(len));
         vpass_row_u8(rows.data(), tv.wi.data() + y * tv.ksize, cnt, len, acc, out + y * out_stride);
@@ -279,7 +337,7 @@ void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv,
 void tap_span(const Taps& t, int64_t* lo, int64_t* hi) { needed_rows(t, lo, hi); }
 
 Taps shifted(Taps t, int64_t by) {
-  for (auto& s0 : t.start) s0 = static_cast<int32_t>(s0 - by);
+  for (auto& s0 : t.start) s0 -= by;
   return t;
 }
 
@@ -391,9 +449,11 @@ void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, in
 // Pillow filters RGBA images with premultiplied alpha ("RGBa"): premultiply with rounding
 // (v * a + 128 + ((v * a + 128) >> 8)) >> 8, resize, then divide by alpha again
 // (v * 255 / a, truncated and clamped; alpha 0 or 255 leaves v as it is).
+// A source whose rows are one row repeated (stride 0) is premultiplied once and stays repeated.
 void premultiply(const ImageView<const uint8_t>& src, std::vector<uint8_t>& buf, ImageView<const uint8_t>* view) {
-  buf.resize(static_cast<size_t>(src.H * src.W * 4));
-  for (int64_t y = 0; y < src.H; ++y) {
+  const int64_t H = src.stride == 0 ? 1 : src.H;
+  buf.resize(static_cast<size_t>(H * src.W * 4));
+  for (int64_t y = 0; y < H; ++y) {
     const uint8_t* in = src.data + y * src.stride;
     uint8_t* out = buf.data() + y * src.W * 4;
     for (int64_t x = 0; x < src.W; ++x) {
@@ -407,7 +467,7 @@ void premultiply(const ImageView<const uint8_t>& src, std::vector<uint8_t>& buf,
   }
   *view = src;
   view->data = buf.data();
-  view->stride = src.W * 4;
+  view->stride = src.stride == 0 ? 0 : src.W * 4;
 }
 
 void unpremultiply(const ImageView<uint8_t>& img) {
@@ -440,6 +500,9 @@ void resize_rgba_aware(const ImageView<const uint8_t>& src, const ImageView<uint
 
 void resize_u8(const ImageView<const uint8_t>* srcs, const ImageView<uint8_t>* dsts, int64_t n, ResizeFilter f,
                bool antialias, int num_threads) {
+  for (int64_t i = 0; i < n; ++i)
+    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, dsts[i].H, dsts[i].W, dsts[i].H, dsts[i].W, f, antialias,
+                         true);
   if (n >= num_threads && n > 1) {
     parallel_for(n, num_threads, [&](int64_t i, int) { resize_rgba_aware(srcs[i], dsts[i], f, antialias, 1); });
   } else {
@@ -449,6 +512,9 @@ void resize_u8(const ImageView<const uint8_t>* srcs, const ImageView<uint8_t>* d
 
 void resize_f32(const ImageView<const float>* srcs, const ImageView<float>* dsts, int64_t n, ResizeFilter f,
                 bool antialias, int num_threads) {
+  for (int64_t i = 0; i < n; ++i)
+    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, dsts[i].H, dsts[i].W, dsts[i].H, dsts[i].W, f, antialias,
+                         false);
   if (n >= num_threads && n > 1) {
     parallel_for(n, num_threads, [&](int64_t i, int) { resize_one(srcs[i], dsts[i], f, antialias, 1); });
   } else {
@@ -460,6 +526,11 @@ void preprocess_u8(const ImageView<const uint8_t>* srcs, int64_t n, const int64_
                    int64_t crop_w, ResizeFilter f, bool antialias, const NormalizeSpec& norm, float* out,
                    int num_threads) {
   if (n == 0) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* g = geoms + 4 * i;
+    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, g[0], g[1], std::min(crop_h, g[0]), std::min(crop_w, g[1]),
+                         f, antialias, true);
+  }
   const int64_t C = srcs[0].C;
   // value(c, v) = (v * scale - mean[c]) / std[c], one float32 rounding as a table.
   std::vector<float> lut(static_cast<size_t>(C * 256));

@@ -22,6 +22,7 @@
 #include "mmcore/linear.h"
 #include "mmcore/parallel.h"
 #include "mmcore/simd.h"
+#include "mmcore/size_error.h"
 
 #ifndef MMCORE_TARGET
 #error "MMCORE_TARGET must name the instruction-set target of this translation unit"
@@ -237,6 +238,14 @@ void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
 
 void linear_f32(const LinearParams& p) {
   if (p.M <= 0 || p.N <= 0) return;
+  {
+    // Each thread packs a (K, kCols) float32 panel of W; a K beyond the budget raises SizeError.
+    constexpr double kMaxPanelBytes = 2.0 * 1024.0 * 1024.0 * 1024.0;
+    const double bytes = static_cast<double>(p.K) * kCols * sizeof(float);
+    if (bytes > kMaxPanelBytes)
+      throw SizeError("K = " + std::to_string(p.K) + " needs " + bytes_str(bytes) +
+                      " of packed weights per thread (limit " + bytes_str(kMaxPanelBytes) + ")");
+  }
   const int64_t col_blocks = (p.N + kCols - 1) / kCols;
   const int64_t row_chunks = (p.M + kRowChunk - 1) / kRowChunk;
   const int64_t work = p.M * p.N * std::max<int64_t>(p.K, 1);

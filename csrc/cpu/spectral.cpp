@@ -20,6 +20,7 @@
 #include "mmcore/fft_lanes.h"
 #include "mmcore/parallel.h"
 #include "mmcore/simd.h"
+#include "mmcore/size_error.h"
 #include "mmcore/spectral.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -39,6 +40,9 @@ using simd::vf;
 namespace {
 
 constexpr int64_t kBlocksPerTask = 4;  // frame blocks of kWidth frames per parallel task
+// Scratch budget of one thread (the FFT lanes: 4 complex-length buffers of kWidth floats and
+// the power spectrum); an n_fft beyond it raises SizeError instead of exhausting memory.
+constexpr double kMaxScratchBytes = 2.0 * 1024.0 * 1024.0 * 1024.0;
 
 struct Scratch {
   std::vector<vf> ar, ai, br, bi, pw;
@@ -287,15 +291,27 @@ float run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes
   for (int64_t m = 0; m < p.n_mels; ++m) {
     const float* w = p.mel_weights + p.mel_offset[m];
     const vf* src = pw + p.mel_start[m];
-    vf acc0 = vf{}, acc1 = vf{};
+    // Two float32 partial sums per kMelFlush bins; a longer filter adds those into float64
+    // totals (a filter of up to kMelFlush bins gives the float32 sum itself).
+    constexpr int kMelFlush = 64;
     const int len = p.mel_len[m];
-    int i = 0;
-    for (; i + 1 < len; i += 2) {
-      acc0 += simd::splat(w[i]) * src[i];
-      acc1 += simd::splat(w[i + 1]) * src[i + 1];
+    double tot[kWidth] = {};
+    vf y = vf{};
+    for (int i0 = 0; i0 < len; i0 += kMelFlush) {
+      const int i1 = std::min(len, i0 + kMelFlush);
+      vf acc0 = vf{}, acc1 = vf{};
+      int i = i0;
+      for (; i + 1 < i1; i += 2) {
+        acc0 += simd::splat(w[i]) * src[i];
+        acc1 += simd::splat(w[i + 1]) * src[i + 1];
+      }
+      if (i < i1) acc0 += simd::splat(w[i]) * src[i];
+      y = acc0 + acc1;
+      if (len > kMelFlush)
+        for (int l = 0; l < kWidth; ++l) tot[l] += static_cast<double>(y[l]);
     }
-    if (i < len) acc0 += simd::splat(w[i]) * src[i];
-    vf y = acc0 + acc1;
+    if (len > kMelFlush)
+      for (int l = 0; l < kWidth; ++l) y[l] = static_cast<float>(tot[l]);
     if (p.log_mode != LogMode::none) y = apply_log(y, p.log_mode, p.log_floor);
     vmx = simd::vmax(vmx, y);
     store_lanes(out + m * F + frame0, y, nlanes);
@@ -319,6 +335,14 @@ void whisper_normalize(const SpectralParams& p, int64_t sig, int64_t m0, int64_t
 
 void spectral_f32(const SpectralParams& p) {
   if (p.n_signals == 0 || p.n_frames == 0) return;
+  {
+    const double csize = static_cast<double>(p.n_fft % 2 == 0 ? p.n_fft / 2 : p.n_fft);
+    const double bytes = (4.0 * csize + static_cast<double>(p.n_fft / 2 + 1)) * sizeof(vf) +
+                         static_cast<double>(p.frame_length) * sizeof(float);
+    if (bytes > kMaxScratchBytes)
+      throw SizeError("n_fft = " + std::to_string(p.n_fft) + " needs " + bytes_str(bytes) +
+                      " of FFT scratch per thread (limit " + bytes_str(kMaxScratchBytes) + ")");
+  }
   const int64_t blocks = (p.n_frames + kWidth - 1) / kWidth;
   const int64_t tasks_per_signal = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const bool whisper = p.whisper_norm && p.kind == SpectralKind::mel;

@@ -21,9 +21,12 @@
 //   the score (query . e_m) / sqrt(D), then a block-wide softmax over the present scores in
 //   shared memory, then the weighted sum over the columns.
 //
-// Semantics: mmcore/fusion.h, with the choices listed in fusion_cuda.h. Everything is
-// accumulated in float32; divisions and sqrtf are IEEE-rounded and expf is the accurate library
-// function (no fast-math intrinsics).
+// Semantics: mmcore/fusion.h, with the choices listed in fusion_cuda.h. Sums run in float32
+// partials that are flushed into float64 totals every kFlush terms (the tree of the masked mean
+// and the mean's division too are float64), so sums over any number of tokens or modalities stay
+// within a few float32 ulps of the exact sum (a float32 running sum stalls at 2^24); divisions
+// and sqrtf are IEEE-rounded and expf is the accurate library function (no fast-math
+// intrinsics).
 
 #include <cuda_runtime.h>
 
@@ -31,6 +34,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "fusion_cuda.h"
@@ -46,6 +50,7 @@ constexpr int kMinGroup = 8;             // smallest column group (8 x float4 = 
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxFlatBlocks = int64_t{1} << 16;  // larger problems loop inside the kernels
+constexpr int kFlush = 32;  // float32 terms per float64 flush of the sums
 
 // ---- device helpers ---------------------------------------------------------------------------
 
@@ -118,10 +123,22 @@ __device__ __forceinline__ void combine(float (&acc)[V], const float (&v)[V]) {
   for (int k = 0; k < V; ++k) acc[k] = kMax ? max_nan(acc[k], v[k]) : acc[k] + v[k];
 }
 
+// Adds the float32 partial sums into the float64 totals and restarts them.
+template <int V>
+__device__ __forceinline__ void flush(float (&acc)[V], double (&tot)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    tot[k] += static_cast<double>(acc[k]);
+    acc[k] = 0.0f;
+  }
+}
+
 // blockDim = (G, R) with G * R == kThreads, both powers of two.
 template <int V, bool kMax>
 __global__ void __launch_bounds__(kThreads) masked_reduce_kernel(const MaskedArgs a) {
-  __shared__ float red[kThreads * V];
+  // max: float; mean: the float64 totals
+  using Tot = typename std::conditional<kMax, float, double>::type;
+  __shared__ Tot red[kThreads * V];
   __shared__ int64_t cnt[kThreads];
   const int G = static_cast<int>(blockDim.x);
   const int R = static_cast<int>(blockDim.y);
@@ -138,9 +155,14 @@ __global__ void __launch_bounds__(kThreads) masked_reduce_kernel(const MaskedArg
       // Only dereferenced by active threads.
       const float* xb = a.x + b * a.L * a.D + (active ? col : 0);
       float acc[V];
+      double tot[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] = identity;
+      for (int k = 0; k < V; ++k) {
+        acc[k] = identity;
+        tot[k] = 0.0;
+      }
       int64_t n = 0;
+      int pending = 0;  // rows in the float32 partial sums (mean)
 
       int64_t l = ty;
       for (; l + (kRowUnroll - 1) * static_cast<int64_t>(R) < a.L; l += kRowUnroll * R) {
@@ -163,6 +185,13 @@ __global__ void __launch_bounds__(kThreads) masked_reduce_kernel(const MaskedArg
           }
 #pragma unroll
           for (int u = 0; u < kRowUnroll; ++u) combine<V, kMax>(acc, v[u]);
+          if constexpr (!kMax) {
+            pending += kRowUnroll;
+            if (pending >= kFlush) {
+              flush<V>(acc, tot);
+              pending = 0;
+            }
+          }
         }
       }
       for (; l < a.L; l += R) {
@@ -172,24 +201,42 @@ __global__ void __launch_bounds__(kThreads) masked_reduce_kernel(const MaskedArg
           float v[V];
           load_vec<V>(xb + l * a.D, v);
           combine<V, kMax>(acc, v);
+          if constexpr (!kMax) {
+            if (++pending >= kFlush) {
+              flush<V>(acc, tot);
+              pending = 0;
+            }
+          }
         }
       }
+      if constexpr (!kMax) flush<V>(acc, tot);
 
       // Tree over the row groups; row group 0 ends with the totals of its columns.
 #pragma unroll
-      for (int k = 0; k < V; ++k) red[tid * V + k] = acc[k];
+      for (int k = 0; k < V; ++k) {
+        if constexpr (kMax) red[tid * V + k] = acc[k];
+        else red[tid * V + k] = tot[k];
+      }
       cnt[tid] = n;
       for (int s = R >> 1; s > 0; s >>= 1) {
         __syncthreads();
         if (ty < s) {
           const int o = tid + s * G;
-          float v[V];
+          if constexpr (kMax) {
+            float v[V];
 #pragma unroll
-          for (int k = 0; k < V; ++k) v[k] = red[o * V + k];
-          combine<V, kMax>(acc, v);
+            for (int k = 0; k < V; ++k) v[k] = red[o * V + k];
+            combine<V, kMax>(acc, v);
+#pragma unroll
+            for (int k = 0; k < V; ++k) red[tid * V + k] = acc[k];
+          } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+              tot[k] += red[o * V + k];
+              red[tid * V + k] = tot[k];
+            }
+          }
           n += cnt[o];
-#pragma unroll
-          for (int k = 0; k < V; ++k) red[tid * V + k] = acc[k];
           cnt[tid] = n;
         }
       }
@@ -202,9 +249,9 @@ __global__ void __launch_bounds__(kThreads) masked_reduce_kernel(const MaskedArg
 #pragma unroll
           for (int k = 0; k < V; ++k) r[k] = acc[k];
         } else {
-          const float count = static_cast<float>(n);
+          const double count = static_cast<double>(n);
 #pragma unroll
-          for (int k = 0; k < V; ++k) r[k] = acc[k] / count;
+          for (int k = 0; k < V; ++k) r[k] = static_cast<float>(tot[k] / count);
         }
         store_vec<V>(a.out + b * a.D + col, r);
       }
@@ -243,15 +290,21 @@ __global__ void __launch_bounds__(kThreads) fuse_reduce_kernel(const FuseArgs a)
     const uint8_t* pres = a.present != nullptr ? a.present + b * a.M : nullptr;
     const float* e = a.emb + b * a.M * a.D + (has_col ? dv * V : 0);
     float acc[V];
+    double tot[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) acc[k] = kMax ? -INFINITY : 0.0f;
+    for (int k = 0; k < V; ++k) {
+      acc[k] = kMax ? -INFINITY : 0.0f;
+      tot[k] = 0.0;
+    }
+    int pending = 0;  // terms in the float32 partial sums (not max)
 
     if constexpr (kWeighted) {
       const float* w = a.weights + b * a.weights_stride;
-      float total = 0.0f;
+      double total64 = 0.0;
       for (int64_t m = 0; m < a.M; ++m) {
-        if (is_set(pres, m)) total += __ldg(w + m);
+        if (is_set(pres, m)) total64 += __ldg(w + m);
       }
+      const float total = static_cast<float>(total64);
       // Present weights summing to 0 (or no present modality): zeros, never NaN.
       const bool usable = total != 0.0f;
       if (a.out_weights != nullptr) {
@@ -268,7 +321,14 @@ __global__ void __launch_bounds__(kThreads) fuse_reduce_kernel(const FuseArgs a)
           load_vec<V>(e + m * a.D, v);
 #pragma unroll
           for (int k = 0; k < V; ++k) acc[k] = fmaf(wm, v[k], acc[k]);
+          if (++pending == kFlush) {
+            flush<V>(acc, tot);
+            pending = 0;
+          }
         }
+        flush<V>(acc, tot);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] = static_cast<float>(tot[k]);
       }
     } else {
       if (!has_col) continue;
@@ -280,14 +340,24 @@ __global__ void __launch_bounds__(kThreads) fuse_reduce_kernel(const FuseArgs a)
         float v[V];
         load_vec<V>(e + m * a.D, v);
         combine<V, kMax>(acc, v);
+        if constexpr (!kMax) {
+          if (++pending == kFlush) {
+            flush<V>(acc, tot);
+            pending = 0;
+          }
+        }
       }
+      if constexpr (!kMax) flush<V>(acc, tot);
       if (n == 0) {
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] = 0.0f;  // none present: zeros
       } else if constexpr (kStrategy == static_cast<int>(FuseStrategy::mean)) {
-        const float count = static_cast<float>(n);
+        const double count = static_cast<double>(n);
 #pragma unroll
-        for (int k = 0; k < V; ++k) acc[k] = acc[k] / count;
+        for (int k = 0; k < V; ++k) acc[k] = static_cast<float>(tot[k] / count);
+      } else if constexpr (!kMax) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[k] = static_cast<float>(tot[k]);
       }
     }
     if (has_col) store_vec<V>(a.out + b * a.D + dv * V, acc);
@@ -385,8 +455,13 @@ __global__ void __launch_bounds__(kThreads) fuse_attention_kernel(const FuseArgs
     // out = sum over the present modalities of w_m e_m.
     for (int64_t dv = tid; dv < a.Dv; dv += kThreads) {
       float acc[V];
+      double tot[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] = 0.0f;
+      for (int k = 0; k < V; ++k) {
+        acc[k] = 0.0f;
+        tot[k] = 0.0;
+      }
+      int pending = 0;
       for (int64_t m = 0; m < a.M; ++m) {
         if (!is_set(pres, m)) continue;
         const float w = w_sh[m];
@@ -394,7 +469,14 @@ __global__ void __launch_bounds__(kThreads) fuse_attention_kernel(const FuseArgs
         load_vec<V>(e + m * a.D + dv * V, v);
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] = fmaf(w, v[k], acc[k]);
+        if (++pending == kFlush) {
+          flush<V>(acc, tot);
+          pending = 0;
+        }
       }
+      flush<V>(acc, tot);
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[k] = static_cast<float>(tot[k]);
       store_vec<V>(a.out + b * a.D + dv * V, acc);
     }
     __syncthreads();  // w_sh is rewritten for the next batch row

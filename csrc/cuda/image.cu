@@ -56,6 +56,15 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxGridX = int64_t{1} << 16;  // larger problems loop inside the kernels
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+// Source sizes, resized sizes and crop origins may exceed 2^31 (tap starts and shifts are
+// 64-bit); they stay below 2^62 so that sums of them cannot overflow. Output grids and
+// intermediates of one image stay below 2^31 values (32-bit pixel indices in the kernels).
+constexpr int64_t kMaxSize = int64_t{1} << 62;
+// Pillow's nearest filter walks the source coordinate by repeated addition; beyond Pillow's
+// int32 sizes the coordinate is computed directly, (i + 0.5) * scale.
+constexpr int64_t kNearestWalk = int64_t{1} << 31;
+// int32 entries of one output index in a table: (start low, start high, taps, 0), as an int4.
+constexpr int64_t kEntryInts = 4;
 
 // How the second pass stores a pixel.
 enum OutMode : int {
@@ -72,15 +81,16 @@ constexpr int32_t kUnpremultiplyOnStore = 2;  // second pass: colours divided by
 // the taps k of weight[t][k] * in[row][col], with t = j, row = i + row_shift and
 // col = start[t] + k + col_shift for a horizontal pass, t = i, row = start[t] + k + row_shift and
 // col = j + col_shift for a vertical one. The table at int32 offset `tab` of PassArgs::tables
-// holds one (start, taps) pair per output index t, then ks weights per t (int32 fixed point or
-// float bits).
+// holds one int4 (start low 32 bits, start high 32 bits, taps, 0) per output index t, then ks
+// weights per t (int32 fixed point or float bits). Starts and shifts are 64-bit: a source axis
+// may be longer than 2^31.
 struct PassJob {
   const void* in;
   void* out;           // first pass: contiguous (rows, cols, C); second pass: see OutMode
   int64_t in_stride;   // elements between input rows
   int64_t out_stride;  // elements between output rows (first pass and kOutImage*)
+  int64_t row_shift, col_shift;
   int32_t rows, cols;
-  int32_t row_shift, col_shift;
   int32_t tab, ks;
   int32_t horizontal;
   int32_t flags;
@@ -188,8 +198,8 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs a) {
     const PassJob job = a.jobs[n].pass[a.pass];
     const int64_t total = static_cast<int64_t>(job.rows) * job.cols;
     const int32_t entries = job.horizontal ? job.cols : job.rows;
-    const int2* bounds = reinterpret_cast<const int2*>(a.tables + job.tab);
-    const int32_t* weights = a.tables + job.tab + 2 * static_cast<int64_t>(entries);
+    const int4* bounds = reinterpret_cast<const int4*>(a.tables + job.tab);
+    const int32_t* weights = a.tables + job.tab + kEntryInts * static_cast<int64_t>(entries);
     const T* src = static_cast<const T*>(job.in);
     const int64_t step = job.horizontal ? C : job.in_stride;  // between taps
     for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < total;
@@ -197,10 +207,13 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs a) {
       const int32_t i = static_cast<int32_t>(p) / job.cols;
       const int32_t j = static_cast<int32_t>(p) - i * job.cols;
       const int32_t t = job.horizontal ? j : i;
-      const int2 sc = __ldg(bounds + t);
+      const int4 entry = __ldg(bounds + t);
+      const int64_t start = static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(entry.y)) << 32) |
+                                                 static_cast<uint32_t>(entry.x));
+      const int2 sc = make_int2(0, entry.z);  // sc.y: taps
       const int32_t* w = weights + static_cast<int64_t>(t) * job.ks;
-      const int64_t row = (job.horizontal ? i : sc.x) + job.row_shift;
-      const int64_t col = (job.horizontal ? sc.x : j) + job.col_shift;
+      const int64_t row = (job.horizontal ? static_cast<int64_t>(i) : start) + job.row_shift;
+      const int64_t col = (job.horizontal ? start : static_cast<int64_t>(j)) + job.col_shift;
       // Not dereferenced when the output index has no taps (sc.y == 0).
       const T* in = src + row * job.in_stride + col * C;
       if constexpr (kC > 0) {
@@ -213,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs a) {
             plain = false;
             for (int k = 0; k < sc.y; ++k) {
               const int32_t wk = A::load_weight(w + k);
-              const T* px = in + k * step;
+              const T* px = in + static_cast<int64_t>(k) * step;
               const int32_t alpha = px[kC - 1];
 #pragma unroll
               for (int c = 0; c < kC - 1; ++c) acc[c] += premultiply(px[c], alpha) * wk;
@@ -224,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs a) {
         if (plain) {
           for (int k = 0; k < sc.y; ++k) {
             const auto wk = A::load_weight(w + k);
-            const T* px = in + k * step;
+            const T* px = in + static_cast<int64_t>(k) * step;
 #pragma unroll
             for (int c = 0; c < kC; ++c) acc[c] = A::mac(acc[c], px[c], wk);
           }
@@ -252,7 +265,9 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs a) {
       } else {
         for (int c = 0; c < C; ++c) {
           Acc acc = A::init();
-          for (int k = 0; k < sc.y; ++k) acc = A::mac(acc, in[k * step + c], A::load_weight(w + k));
+          for (int k = 0; k < sc.y; ++k) {
+            acc = A::mac(acc, in[static_cast<int64_t>(k) * step + c], A::load_weight(w + k));
+          }
           const T v = A::finish(acc);
           if constexpr (kFinal) {
             store_value<T>(a, job, i, j, c, C, v);
@@ -382,15 +397,21 @@ class TableSet {
       support = resample::support(f_) * filterscale;
       ks = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
     }
-    if (data_.size() % 2 != 0) data_.push_back(0);  // int2 alignment of the (start, taps) pairs
+    while (data_.size() % kEntryInts != 0) data_.push_back(0);  // int4 alignment of the entries
     const int64_t offset = static_cast<int64_t>(data_.size());
-    if (ks > kInt32Max || n > (kInt32Max - offset) / (ks + 2)) {
+    if (ks > kInt32Max || n > (kInt32Max - offset) / (ks + kEntryInts)) {
       return invalid("the filter tables of this resize exceed 2^31 entries (output size " +
                      str(out_size) + " from " + str(in_size) + ")");
     }
-    data_.resize(static_cast<size_t>(offset + n * (ks + 2)), 0);
+    data_.resize(static_cast<size_t>(offset + n * (ks + kEntryInts)), 0);
     int32_t* bounds = data_.data() + offset;
-    int32_t* weights = bounds + 2 * n;
+    int32_t* weights = bounds + kEntryInts * n;
+    auto set_entry = [bounds](int64_t j, int64_t start, int64_t taps) {
+      const uint64_t u = static_cast<uint64_t>(start);
+      bounds[kEntryInts * j] = static_cast<int32_t>(static_cast<uint32_t>(u & 0xffffffffu));
+      bounds[kEntryInts * j + 1] = static_cast<int32_t>(static_cast<uint32_t>(u >> 32));
+      bounds[kEntryInts * j + 2] = static_cast<int32_t>(taps);
+    };
     const int32_t one_fixed = 1 << kPrecisionBits;
     int32_t one_float;
     {
@@ -403,21 +424,21 @@ class TableSet {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = o0 + j;
         if (i < 0 || i >= out_size) continue;
-        bounds[2 * j] = static_cast<int32_t>(i);
-        bounds[2 * j + 1] = 1;
+        set_entry(j, i, 1);
         weights[j] = one;
       }
     } else if (f_ == ResizeFilter::nearest) {
       // Pillow walks the source coordinate by repeated addition from 0.5 * scale, which decides
-      // the ties; do the same (and clamp to the last pixel).
+      // the ties; do the same within Pillow's sizes (and clamp to the last pixel).
       const int64_t end = std::min(out_size, o0 + n);
+      const bool walk = end <= kNearestWalk;
       double x = 0.5 * scale;
-      for (int64_t i = 0; i < end; ++i, x += scale) {
+      for (int64_t i = walk ? 0 : std::max<int64_t>(o0, 0); i < end; ++i, x += scale) {
         if (i < o0) continue;
-        const int64_t s = x < 0.0 ? 0 : static_cast<int64_t>(x);
+        const double xi = walk ? x : (static_cast<double>(i) + 0.5) * scale;
+        const int64_t s = xi < 0.0 ? 0 : (xi >= static_cast<double>(in_size) ? in_size - 1 : static_cast<int64_t>(xi));
         const int64_t j = i - o0;
-        bounds[2 * j] = static_cast<int32_t>(std::min(s, in_size - 1));
-        bounds[2 * j + 1] = 1;
+        set_entry(j, std::min(s, in_size - 1), 1);
         weights[j] = one;
       }
     } else {
@@ -434,8 +455,7 @@ class TableSet {
         xmax -= xmin;
         if (xmax > ks) xmax = ks;
         if (xmax < 0) xmax = 0;
-        bounds[2 * j] = static_cast<int32_t>(xmin);
-        bounds[2 * j + 1] = static_cast<int32_t>(xmax);
+        set_entry(j, xmin, xmax);
         if (!with_weights_) continue;
         double ww = 0.0;
         for (int64_t x = 0; x < xmax; ++x) {
@@ -463,9 +483,13 @@ class TableSet {
     int64_t lo = std::numeric_limits<int64_t>::max();
     int64_t hi = 0;
     for (int64_t j = 0; j < n; ++j) {
-      if (bounds[2 * j + 1] == 0) continue;
-      lo = std::min<int64_t>(lo, bounds[2 * j]);
-      hi = std::max<int64_t>(hi, static_cast<int64_t>(bounds[2 * j]) + bounds[2 * j + 1]);
+      const int64_t taps = bounds[kEntryInts * j + 2];
+      if (taps == 0) continue;
+      const int64_t start = static_cast<int64_t>(
+          (static_cast<uint64_t>(static_cast<uint32_t>(bounds[kEntryInts * j + 1])) << 32) |
+          static_cast<uint32_t>(bounds[kEntryInts * j]));
+      lo = std::min<int64_t>(lo, start);
+      hi = std::max<int64_t>(hi, start + taps);
     }
     if (lo > hi) lo = hi = 0;
     e.lo = lo;
@@ -521,21 +545,25 @@ const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t 
     const ImageDesc& d = images[i];
     const std::string which = "image " + str(i) + ": ";
     if (d.H < 0 || d.W < 0 || d.OH < 0 || d.OW < 0) return invalid(which + "negative size");
-    if (d.H > kInt32Max || d.W > kInt32Max || d.OH > kInt32Max || d.OW > kInt32Max) {
-      return invalid(which + "sizes must be below 2^31");
+    if (d.H > kMaxSize || d.W > kMaxSize || d.OH > kMaxSize || d.OW > kMaxSize) {
+      return invalid(which + "sizes must be below 2^62");
     }
     const int64_t out_h = preprocess ? crop_h : d.OH;
     const int64_t out_w = preprocess ? crop_w : d.OW;
     Job& job = plan->jobs[static_cast<size_t>(i)];
     if (out_h == 0 || out_w == 0) continue;  // nothing to write for this image (empty grids)
-    if (out_h * out_w > kInt32Max) return invalid(which + "the output has 2^31 pixels or more");
+    if (out_h > kInt32Max || out_w > kInt32Max || out_h * out_w > kInt32Max) {
+      return invalid(which + "the output has 2^31 pixels or more");
+    }
     if (preprocess && (d.OH < 1 || d.OW < 1)) {
       return invalid(which + "the resized size must be at least 1 x 1, got " + str(d.OH) + " x " +
                      str(d.OW));
     }
     if (d.H == 0 || d.W == 0) return invalid(which + "empty source image");
     if (launch && d.src == nullptr) return invalid(which + "src is null");
-    if (d.H > 1 && d.src_stride < d.W * C) {
+    if (d.W > kMaxSize / C || d.OW > kMaxSize / C) return invalid(which + "W * C must be below 2^62");
+    // A source stride of 0 repeats one row (a broadcast view): fine to read.
+    if (d.H > 1 && d.src_stride != 0 && (d.src_stride < 0 || d.src_stride < d.W * C)) {
       return invalid(which + "src_stride " + str(d.src_stride) + " < W * C = " + str(d.W * C));
     }
     if (!preprocess) {
@@ -547,7 +575,7 @@ const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t 
     }
     const int64_t top = preprocess ? d.top : 0;
     const int64_t left = preprocess ? d.left : 0;
-    if (top < -kInt32Max || top > kInt32Max || left < -kInt32Max || left > kInt32Max) {
+    if (top < -kMaxSize || top > kMaxSize || left < -kMaxSize || left > kMaxSize) {
       return invalid(which + "crop origin out of range");
     }
     // A window that misses the resized image along one axis gets a table without taps for the
@@ -578,11 +606,11 @@ const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t 
       first.horizontal = 0;
       first.tab = v.offset;
       first.ks = v.ks;
-      first.col_shift = static_cast<int32_t>(h.lo);
+      first.col_shift = h.lo;
       second.horizontal = 1;
       second.tab = h.offset;
       second.ks = h.ks;
-      second.col_shift = static_cast<int32_t>(-h.lo);
+      second.col_shift = -h.lo;
     } else {
       // Source rows [v.lo, v.hi) along the window's columns, then down the columns.
       mid_rows = v.hi - v.lo;
@@ -590,13 +618,14 @@ const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t 
       first.horizontal = 1;
       first.tab = h.offset;
       first.ks = h.ks;
-      first.row_shift = static_cast<int32_t>(v.lo);
+      first.row_shift = v.lo;
       second.horizontal = 0;
       second.tab = v.offset;
       second.ks = v.ks;
-      second.row_shift = static_cast<int32_t>(-v.lo);
+      second.row_shift = -v.lo;
     }
-    if (mid_rows * mid_cols > kInt32Max || mid_rows * mid_cols > kInt32Max / C) {
+    if (mid_rows > kInt32Max || mid_cols > kInt32Max ||
+        (mid_rows > 0 && mid_cols > kInt32Max / C / mid_rows)) {
       return invalid(which + "the intermediate has 2^31 values or more");
     }
     first.rows = static_cast<int32_t>(mid_rows);

@@ -53,6 +53,11 @@ _HALF = 1 << (_PRECISION_BITS - 1)
 # parallel kernels at once, so launches are serialized (each launch already uses every core).
 _launch_lock = threading.RLock()
 
+# Scratch budget of one axis's filter tables (as the native kernels: mmcore/csrc/cpu/image.cpp),
+# and the output index up to which the nearest filter walks its coordinate as Pillow does.
+_MAX_TAP_BYTES = 1 << 30
+_NEAREST_WALK = 1 << 31
+
 
 # ----------------------------------------------------------------------------------------------
 # filter taps
@@ -86,6 +91,29 @@ def _filter(fid, x):
     return 0.0
 
 
+def _ksize(n_in, n_out, fid, antialias):
+    if fid == 0 or n_in == n_out:
+        return 1
+    scale = n_in / n_out
+    fs = scale if (antialias and scale > 1.0) else 1.0
+    return int(math.ceil((1.0, 2.0, 3.0)[fid - 1] * fs)) * 2 + 1
+
+
+def check_scratch(op, H, W, OH, OW, n_rows, n_cols, fid, antialias):
+    """Raise ShapeError when the filter tables of computing ``n_rows x n_cols`` outputs of the
+    (OH, OW) resize of an (H, W) image exceed the scratch budget (1 GiB per axis; the tables
+    here hold int64 and float64 weights)."""
+    from ..errors import ShapeError
+    for axis, n_in, n_out, n in (("rows", H, OH, n_rows), ("columns", W, OW, n_cols)):
+        nbytes = _ksize(n_in, n_out, fid, antialias) * n * 16
+        if nbytes > _MAX_TAP_BYTES:
+            raise ShapeError(
+                f"[{op}] resizing {n_in} {axis} to {n_out}"
+                f"{' with antialiasing' if antialias else ''} needs {nbytes / 2**30:.1f} GiB of "
+                f"filter tables (limit {_MAX_TAP_BYTES / 2**30:.1f} GiB); resize in several "
+                "smaller steps, or pass antialias=False or filter='nearest'")
+
+
 @njit(cache=True, nogil=True)
 def _taps(n_in, n_out, o0, n, fid, antialias):
     """Taps of outputs ``o0 .. o0 + n - 1`` of one axis: (start, count, fixed, float) with
@@ -99,6 +127,12 @@ def _taps(n_in, n_out, o0, n, fid, antialias):
         if n_in == n_out:
             for i in range(n):
                 start[i] = o0 + i
+            return start, count, wi, wf
+        if o0 + n > _NEAREST_WALK:
+            # beyond Pillow's int32 sizes: the coordinate directly instead of walking there
+            for i in range(n):
+                x = (o0 + i + 0.5) * scale
+                start[i] = int(x) if x < n_in else n_in - 1
             return start, count, wi, wf
         x = scale * 0.5
         for i in range(o0 + n):
@@ -157,7 +191,7 @@ def _hpass_u8(src, r0, start, count, wi, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _vpass_u8(mid, r0, start, count, wi, out):
+def _vpass_u8(mid, r0, start, count, wi, out, x0=0):
     n, W, C = out.shape
     for i in prange(n):
         s = start[i] - r0
@@ -165,7 +199,7 @@ def _vpass_u8(mid, r0, start, count, wi, out):
             for c in range(C):
                 acc = np.int64(_HALF)
                 for t in range(count[i]):
-                    acc += np.int64(mid[s + t, x, c]) * wi[i, t]
+                    acc += np.int64(mid[s + t, x0 + x, c]) * wi[i, t]
                 v = acc >> _PRECISION_BITS
                 out[i, x, c] = 0 if v < 0 else (255 if v > 255 else v)
 
@@ -184,7 +218,7 @@ def _hpass_f32(src, r0, start, count, wf, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _vpass_f32(mid, r0, start, count, wf, out):
+def _vpass_f32(mid, r0, start, count, wf, out, x0=0):
     n, W, C = out.shape
     for i in prange(n):
         s = start[i] - r0
@@ -192,7 +226,7 @@ def _vpass_f32(mid, r0, start, count, wf, out):
             for c in range(C):
                 acc = 0.0
                 for t in range(count[i]):
-                    acc += np.float64(mid[s + t, x, c]) * wf[i, t]
+                    acc += np.float64(mid[s + t, x0 + x, c]) * wf[i, t]
                 out[i, x, c] = acc
 
 
@@ -215,13 +249,13 @@ def _resize_region(src, out, OH, OW, y0, x0, fid, antialias):
     if vertical_first(H, W, OH, OW):
         c0 = int(hs.min())
         c1 = int((hs + hc).max())
-        cols = np.ascontiguousarray(src[:, c0:c1])
+        # the vertical pass reads columns c0 .. c1 of src in place (no copy of the source)
         mid = np.empty((ny, c1 - c0, C), src.dtype)
         if u8:
-            _vpass_u8(cols, 0, vs, vc, vwi, mid)
+            _vpass_u8(src, 0, vs, vc, vwi, mid, c0)
             _hpass_u8(mid, 0, hs - c0, hc, hwi, out)
         else:
-            _vpass_f32(cols, 0, vs, vc, vwf, mid)
+            _vpass_f32(src, 0, vs, vc, vwf, mid, c0)
             _hpass_f32(mid, 0, hs - c0, hc, hwf, out)
         return
     r0 = int(vs.min())
@@ -236,6 +270,8 @@ def _resize_region(src, out, OH, OW, y0, x0, fid, antialias):
 
 
 def _premultiply(img):
+    if img.shape[0] > 1 and img.strides[0] == 0:  # one row repeated: premultiply it once
+        return np.broadcast_to(_premultiply(img[:1]), img.shape)
     v = img.astype(np.uint32)
     a = v[..., 3:4]
     t = v[..., :3] * a + 128
@@ -270,6 +306,9 @@ def resize_numba(srcs, dsts, filter, antialias):
     """Resize every ``srcs[i]`` (H, W, C) into ``dsts[i]`` (OH, OW, C) of the same dtype
     (uint8 or float32); see the module docstring for the arithmetic."""
     fid = FILTER_IDS[filter]
+    for src, dst in zip(srcs, dsts):
+        check_scratch("resize", src.shape[0], src.shape[1], dst.shape[0], dst.shape[1],
+                      dst.shape[0], dst.shape[1], fid, bool(antialias))
     with _launch_lock:
         for src, dst in zip(srcs, dsts):
             _resize_one(src, dst, fid, bool(antialias))
@@ -351,6 +390,10 @@ def preprocess_image_numba(srcs, out, geoms, mean, std, crop_h, crop_w, filter, 
     lut = (np.arange(256, dtype=np.float32)[None, :] * np.float32(scale) - mean[:, None]) \
         / std[:, None]
     chan = np.arange(C)
+    for i, src in enumerate(srcs):
+        RH, RW = int(geoms[i][0]), int(geoms[i][1])
+        check_scratch("preprocess_image", src.shape[0], src.shape[1], RH, RW, min(crop_h, RH),
+                      min(crop_w, RW), fid, bool(antialias))
     with _launch_lock:
         for i, src in enumerate(srcs):
             RH, RW, top, left = (int(v) for v in geoms[i])

@@ -154,15 +154,23 @@ def _rows_readable(a) -> bool:
     s0, s1, s2 = a.strides
     if not ((s2 == item or C == 1) and (s1 == item * C or W == 1)):
         return False
-    return s0 >= 0 and s0 % item == 0 and (H == 1 or s0 >= item * W * C)
+    return s0 >= 0 and s0 % item == 0 and (H == 1 or s0 == 0 or s0 >= item * W * C)
 
 
 def _readable(a, xp):
-    """``a`` (H, W, C) or (N, H, W, C) itself when the kernels can read it, else a copy."""
+    """``a`` (H, W, C) or (N, H, W, C) itself when the kernels can read it, else a copy.
+
+    Leading axes (N, H) with stride 0 (broadcast views) stay broadcast: only one slice along
+    them is copied, so a view repeating one row 2^31 times costs one row of memory.
+    """
     if a.size == 0:
         return a
     if _rows_readable(a if a.ndim == 3 else a[0]):
         return a
+    lead = a.ndim - 2
+    if any(a.strides[i] == 0 for i in range(lead)):
+        one = a[tuple(slice(0, 1) if a.strides[i] == 0 else slice(None) for i in range(lead))]
+        return xp.broadcast_to(xp.ascontiguousarray(one), a.shape)
     # A fresh C-ordered copy: ascontiguousarray hands back views NumPy calls contiguous but
     # whose strides the kernels refuse (a flipped one-row image keeps its negative row stride).
     return xp.array(a, order="C", copy=True)

@@ -1,0 +1,279 @@
+"""Sizes beyond 2^31 and sums beyond 2^24 terms.
+
+* Image axes longer than 2^31 pixels: the kernels index in 64 bits. The inputs are views that
+  cost no memory (zero strides: one row repeated 2^31 times) or untouched ``np.zeros`` pages,
+  and the outputs are small, so the results can be held against a small equivalent.
+* Work whose scratch cannot fit (an antialiased downscale of 2^31 pixels to a few, whose
+  filter tables alone would take tens of GiB) raises :class:`mmcore.errors.ShapeError` with the
+  op's prefix, quickly, instead of exhausting memory or crashing.
+* Reductions over more than 2^24 terms (where a float32 running sum stalls: 2^24 + 1 == 2^24)
+  stay within a few float32 ulps of the float64 reference on every backend.
+* The private native bindings refuse what would make them read out of bounds or overflow.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from mmcore import ops
+from mmcore.errors import MMCoreError, ShapeError
+
+try:
+    import numba  # noqa: F401
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - numba is a dependency
+    HAVE_NUMBA = False
+
+BACKENDS = ["native"] + (["numba"] if HAVE_NUMBA else [])
+
+BIG = 2**31 + 5
+
+
+def _repeated_rows(row: np.ndarray, H: int) -> np.ndarray:
+    """A read-only (H, W, C) view of ``row`` (W, C) repeated H times (row stride 0)."""
+    row = np.ascontiguousarray(row)
+    return np.lib.stride_tricks.as_strided(row, shape=(H,) + row.shape, strides=(0,) + row.strides,
+                                           writeable=False)
+
+
+def _ulps(got, ref) -> np.ndarray:
+    """|got - ref| in units of the float32 spacing at ref."""
+    ref32 = np.asarray(ref, np.float64).astype(np.float32)
+    return np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)) / np.spacing(
+        np.abs(ref32)).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# resize / preprocess_image of images taller or wider than 2^31 pixels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_zero_stride_image_taller_than_2_31(backend):
+    # The example of the issue: every stride 0, one value; the kernels read it in place.
+    img = np.lib.stride_tricks.as_strided(np.full(1, 77, np.uint8), shape=(BIG, 4, 3),
+                                          strides=(0, 0, 0))
+    out = ops.resize(img, (4, 3), filter="nearest", backend=backend)
+    assert out.shape == (4, 3, 3) and out.dtype == np.uint8
+    assert (out == 77).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filt", ["nearest", "bilinear", "bicubic", "lanczos"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_resize_taller_than_2_31_matches_small_equivalent(backend, filt, dtype):
+    rng = np.random.default_rng(0)
+    row = rng.integers(0, 256, (6, 4)).astype(dtype)   # W = 6, RGBA for uint8
+    if dtype == np.float32:
+        row = row[:, :3] / np.float32(255)             # float32: any C
+    big = _repeated_rows(row, BIG)
+    small = _repeated_rows(row, 64).copy()
+    # Every input row is the same, so the vertical filter (weights summing to 1) gives that row
+    # back and only the horizontal filter, the same for both, shapes the result.
+    got = ops.resize(big, (5, 4), filter=filt, antialias=False, backend=backend)
+    want = ops.resize(small, (5, 4), filter=filt, antialias=False, backend=backend)
+    assert got.shape == want.shape == (5, 4, row.shape[1])
+    if dtype == np.uint8:
+        np.testing.assert_array_equal(got, want)
+        assert (got == got[:1]).all()  # every output row is the same
+    else:  # weights summing to 1 within float32 rounding
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, np.broadcast_to(got[:1], got.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_batch_and_list_of_tall_images(backend):
+    row = np.arange(12, dtype=np.uint8).reshape(4, 3)
+    big = _repeated_rows(row, BIG)
+    outs = ops.resize([big, row[None]], (2, 2), filter="bilinear", antialias=False,
+                      backend=backend)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    batch = np.lib.stride_tricks.as_strided(big, shape=(3,) + big.shape, strides=(0,) + big.strides)
+    out = ops.resize(batch, (2, 2), filter="bilinear", antialias=False, backend=backend)
+    assert out.shape == (3, 2, 2, 3)
+    np.testing.assert_array_equal(out[2], outs[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filt", ["bilinear", "bicubic", "lanczos"])
+def test_antialiased_downscale_of_2_31_rows_raises_shape_error(backend, filt):
+    big = _repeated_rows(np.zeros((4, 3), np.uint8), BIG)
+    t0 = time.monotonic()
+    with pytest.raises(ShapeError, match=r"^\[resize\] resizing 2147483653 rows to 4 with "
+                                         r"antialiasing needs .* GiB of filter tables"):
+        ops.resize(big, (4, 4), filter=filt, backend=backend)
+    assert time.monotonic() - t0 < 60  # refused up front, not after filtering (generous bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_wider_than_2_31(backend):
+    # 2 GiB of untouched zero pages: only the pixels the taps read are ever mapped.
+    W = BIG
+    img = np.zeros((1, W, 1), np.uint8)
+    scale = W / 4
+    centres = [int((i + 0.5) * scale) for i in range(4)]
+    for i, c in enumerate(centres):
+        img[0, c - 8:c + 8, 0] = 10 * (i + 1)
+    out = ops.resize(img, (1, 4), filter="nearest", backend=backend)
+    np.testing.assert_array_equal(out[0, :, 0], [10, 20, 30, 40])
+    out = ops.resize(img, (2, 4), filter="bicubic", antialias=False, backend=backend)
+    np.testing.assert_array_equal(out[:, :, 0], [[10, 20, 30, 40]] * 2)
+    with pytest.raises(ShapeError, match=r"^\[resize\] resizing 2147483653 columns to 4"):
+        ops.resize(img, (1, 4), filter="bilinear", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preprocess_image_taller_than_2_31(backend):
+    rng = np.random.default_rng(1)
+    row = rng.integers(0, 256, (8, 3)).astype(np.uint8)
+    # shortest edge 8 -> 16: the resized image has 2^32 + 10 rows and the crop starts past 2^31
+    got = ops.preprocess_image(_repeated_rows(row, BIG), size=16, backend=backend)
+    want = ops.preprocess_image(_repeated_rows(row, 1000), size=16, backend=backend)
+    assert got.shape == want.shape == (3, 16, 16)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rgba_tall_zero_stride_is_not_copied(backend):
+    # uint8 RGBA is premultiplied before filtering: the repeated row is premultiplied once.
+    row = np.array([[200, 100, 50, 128], [10, 20, 30, 255], [0, 0, 0, 0], [255, 255, 255, 64]],
+                   np.uint8)
+    got = ops.resize(_repeated_rows(row, BIG), (3, 3), filter="bicubic", antialias=False,
+                     backend=backend)
+    want = ops.resize(_repeated_rows(row, 16).copy(), (3, 3), filter="bicubic", antialias=False,
+                      backend=backend)
+    np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# the private native bindings
+
+
+def _native():
+    from mmcore import _backend
+    return _backend.native_module()
+
+
+def test_native_preprocess_image_without_geoms_raises():
+    C = _native()
+    img = np.zeros((4, 4, 3), np.uint8)
+    out = np.empty((1, 3, 2, 2), np.float32)
+    m = np.zeros(3, np.float32)
+    s = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"^\[preprocess_image\] geoms is required"):
+        C.preprocess_image([img], out, None, m, s, crop_h=2, crop_w=2, filter="bilinear",
+                           antialias=True, scale=1.0, patch=0, num_threads=1)
+    geoms = np.array([[4, 4, 2**63 - 1, 0]], np.int64)  # crop origin near int64's end
+    with pytest.raises(ValueError, match=r"^\[preprocess_image\] geoms values"):
+        C.preprocess_image([img], out, geoms, m, s, crop_h=2, crop_w=2, filter="bilinear",
+                           antialias=True, scale=1.0, patch=0, num_threads=1)
+
+
+def test_native_bindings_refuse_overflowing_sizes():
+    C = _native()
+    x = np.zeros((1, 100), np.float32)
+    out = np.empty((1, 3, 2), np.float32)
+    win = np.ones(4, np.float32)
+    kw = dict(frame_length=4, frame_offset=0, pad_left=0, pad_mode="constant", n_frames=2,
+              dither=0.0, seed=0, remove_dc=False, preemph=0.0, kind="power", power=2.0,
+              log_mode="none", log_floor=1e-10, whisper_norm=False, num_threads=1)
+    with pytest.raises(ValueError, match=r"^\[spectral\] .*too large"):
+        C.spectral(x, out, win, None, None, None, None, n_fft=4, hop=2**62 + 1, **kw)
+    with pytest.raises(ValueError, match=r"^\[spectral\] the frame"):
+        C.spectral(x, out, win, None, None, None, None, n_fft=4, hop=1,
+                   **{**kw, "frame_offset": 2**63 - 2})
+    # Python ints beyond int64 are refused by the binding itself (a TypeError, no crash).
+    with pytest.raises(TypeError):
+        C.spectral(x, out, win, None, None, None, None, n_fft=4, hop=2**63, **kw)
+    # products of sizes that overflow int64 are refused, not wrapped around
+    with pytest.raises(ValueError, match=r"^\[patchify\] sizes overflow"):
+        C.patchify(np.zeros((1, 0, 1, 0, 0), np.float32), np.empty((1, 0, 1), np.float32),
+                   patch=2**32, temporal_patch=2**32, num_threads=1)
+
+
+def test_native_spectral_n_fft_beyond_the_scratch_budget_raises():
+    C = _native()
+    n_fft = 2**26  # the per-thread FFT scratch (>= 64 x the spectrum) would exceed 2 GiB
+    x = np.zeros((1, 8), np.float32)
+    out = np.empty((1, n_fft // 2 + 1, 1), np.float32)  # 128 MiB, never touched
+    win = np.ones(8, np.float32)
+    kw = dict(frame_length=8, frame_offset=0, pad_left=0, pad_mode="constant", dither=0.0, seed=0,
+              remove_dc=False, preemph=0.0, kind="power", power=2.0, log_mode="none",
+              log_floor=1e-10, whisper_norm=False, num_threads=1)
+    with pytest.raises(ShapeError, match=r"^\[spectral\] n_fft = 67108864 needs .* of FFT scratch"):
+        C.spectral(x, out, win, None, None, None, None, n_fft=n_fft, hop=1, n_frames=1, **kw)
+    # no frames: nothing to compute, nothing refused
+    C.spectral(x, out[:, :, :0], win, None, None, None, None, n_fft=n_fft, hop=1, n_frames=0, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# sums of more than 2^24 terms
+
+
+@pytest.fixture(scope="module")
+def long_ones():
+    return np.ones((1, 2**25, 1), np.float32)
+
+
+@pytest.fixture(scope="module")
+def long_random():
+    rng = np.random.default_rng(7)
+    x = rng.random((1, 2**25 + 7, 1), dtype=np.float32)
+    x += np.float32(0.5)
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_mean_of_2_25_ones_is_one(backend, long_ones):
+    out = ops.masked_mean(long_ones, backend=backend)
+    assert out.tolist() == [[1.0]]
+    mask = np.ones(long_ones.shape[:2], bool)
+    mask[0, 1::2] = False
+    assert ops.masked_mean(long_ones, mask, backend=backend).tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_mean_long_random_within_ulps(backend, long_random):
+    ref = long_random.astype(np.float64).mean(axis=1)
+    got = ops.masked_mean(long_random, backend=backend)
+    assert _ulps(got, ref).max() <= 2
+    mixed = long_random - np.float32(1.0)  # mean near 0: measured against the mean of |x|
+    ref = mixed.astype(np.float64).mean(axis=1)
+    got = ops.masked_mean(mixed, backend=backend)
+    scale = np.abs(mixed).astype(np.float64).mean()
+    assert abs(float(got[0, 0]) - float(ref[0, 0])) <= 4 * np.spacing(np.float32(scale))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", ["mean", "sum", "weighted"])
+def test_fuse_over_2_25_modalities(backend, strategy, long_ones, long_random):
+    kw = {}
+    if strategy == "weighted":
+        kw["weights"] = np.ones(long_ones.shape[1], np.float32)
+    out = ops.fuse(long_ones, strategy=strategy, backend=backend, **kw)
+    want = float(2**25) if strategy == "sum" else 1.0
+    assert out.tolist() == [[want]]
+    if strategy != "weighted":
+        ref = long_random.astype(np.float64).sum(axis=1)
+        if strategy == "mean":
+            ref = ref / long_random.shape[1]
+        got = ops.fuse(long_random, strategy=strategy, backend=backend)
+        assert _ulps(got, ref).max() <= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuse_attention_long_dot_products(backend):
+    # The scores are dot products over D = 2^24 values (float64 totals of float32 partials).
+    D = 2**24
+    rng = np.random.default_rng(3)
+    emb = rng.random((1, 2, D), dtype=np.float32)
+    emb[0, 1] *= np.float32(1.5)
+    q = np.full(D, 2.0**-12, np.float32)
+    out, w = ops.fuse(emb, strategy="attention", query=q, return_weights=True, backend=backend)
+    s = (emb[0].astype(np.float64) @ q.astype(np.float64)) / np.sqrt(D)
+    ref_w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    np.testing.assert_allclose(w[0], ref_w, rtol=1e-5)
+    ref = ref_w @ emb[0, :, :1024].astype(np.float64)
+    np.testing.assert_allclose(out[0, :1024], ref, rtol=1e-5)
