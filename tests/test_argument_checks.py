@@ -85,6 +85,8 @@ def _cases():
          "padding"),
         ("log_mel_spectrogram", lambda **kw: log_mel_spectrogram(SIG, **kw), dict(padding=1.0),
          "padding"),
+        ("log_mel_spectrogram", lambda **kw: log_mel_spectrogram(SIG, **kw),
+         dict(padding=2 ** 26 + 1), "padding"),
         # fbank
         ("fbank", lambda **kw: fbank(SIG, **kw), dict(sr=HUGE), "sr"),
         ("fbank", lambda **kw: fbank(SIG, **kw), dict(sr=1e30), "frame_length_ms"),
@@ -188,6 +190,15 @@ def test_numpy_scalar_types_are_accepted():
                                   attention(Q, Q, Q, scale=0.25))
     np.testing.assert_array_equal(attention(Q, Q, Q, scale=np.array(0.25)),
                                   attention(Q, Q, Q, scale=0.25))
+
+    class ZeroDim:                             # a 0-d array-like (a CPU torch tensor, say)
+        def __array__(self, dtype=None, copy=None):
+            return np.array(0.25)
+
+    np.testing.assert_array_equal(attention(Q, Q, Q, scale=ZeroDim()),
+                                  attention(Q, Q, Q, scale=0.25))
+    with pytest.raises(ArgumentError, match="scale"):
+        attention(Q, Q, Q, scale=np.array([0.25]))       # one value, but not a scalar
     np.testing.assert_array_equal(resize(RGB, (np.int64(4), np.uint16(4))), resize(RGB, (4, 4)))
     np.testing.assert_array_equal(preprocess_image(RGB, size=np.int32(16), scale=Fraction(1, 255)),
                                   preprocess_image(RGB, size=16, scale=1 / 255))

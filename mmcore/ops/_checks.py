@@ -90,8 +90,14 @@ def check_optional_int(name: str, value, *, op: str, lo: Optional[int] = None,
 def _real(name: str, value, op: str) -> float:
     if isinstance(value, (bool, np.bool_)):
         raise ArgumentError(f"[{op}] {name} must be a real number, got {_shown(value)}")
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
-        value = value[()]
+    if not isinstance(value, numbers.Real) and (hasattr(value, "__array__")
+                                                or hasattr(value, "__array_interface__")):
+        try:      # a 0-d array (NumPy, or a CPU torch tensor) holding one real number
+            arr = np.asarray(value)
+        except Exception:
+            arr = None
+        if arr is not None and arr.ndim == 0 and arr.dtype.kind in "fiu":
+            value = arr[()]
     if not isinstance(value, numbers.Real):
         raise ArgumentError(f"[{op}] {name} must be a real number, got {_shown(value)}")
     try:

@@ -64,6 +64,8 @@ _INT16_SCALE = np.float32(1.0 / 32768.0)
 #: at 16 kHz. Larger sizes would only allocate huge windows, filterbanks and spectra (the mel
 #: filters alone are n_mels x (n_fft / 2 + 1) float64 values while they are built).
 MAX_N_FFT = 1 << 20
+#: The most zero samples :func:`log_mel_spectrogram` appends (``padding``): 2**26.
+MAX_PADDING = 1 << 26
 
 
 def _int_arg(op: str, name: str, value, minimum: int, maximum=None) -> int:
@@ -475,7 +477,7 @@ def log_mel_spectrogram(x, *, n_mels=80, preset="whisper", padding=0, backend=No
     preset : {"whisper"}, default "whisper"
     padding : int, default 0
         Zero samples appended to every signal before the transform, like Whisper's own
-        ``padding`` argument.
+        ``padding`` argument; at most ``2**26`` (70 minutes at 16 kHz: Whisper pads to 30 s).
     backend : {"native", "numba", "cuda"}, optional
 
     Returns
@@ -500,7 +502,7 @@ def log_mel_spectrogram(x, *, n_mels=80, preset="whisper", padding=0, backend=No
             or int(n_mels) not in WHISPER_N_MELS:
         raise ArgumentError(f"[{op}] n_mels must be 80 or 128 for preset='whisper', got {n_mels!r}")
     n_mels = int(n_mels)
-    padding = _int_arg(op, "padding", padding, 0)
+    padding = _int_arg(op, "padding", padding, 0, MAX_PADDING)
     sig = _signal(op, x, name)
     if padding:
         xp = sig.xp
