@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from mmcore.errors import BackendError, ShapeError
+from mmcore.errors import ArgumentError, BackendError
 from mmcore.ops import _cuda_common as cc
 
 
@@ -61,7 +61,7 @@ def test_device_array_rules():
     a = _FakeArray([1.0])
     assert cc.device_array(cp, "op", "x", a) is a
     assert isinstance(cc.device_array(cp, "op", "x", _Interface()), _FakeArray)
-    with pytest.raises(ShapeError, match=r"\[op\] x is required"):
+    with pytest.raises(ArgumentError, match=r"\[op\] x is required"):
         cc.device_array(cp, "op", "x", None)
     with pytest.raises(BackendError, match=r"\[op\] mask is a host object \(ndarray\)"):
         cc.device_array(cp, "op", "mask", np.zeros(3))

@@ -9,7 +9,7 @@ import importlib
 from typing import Optional
 
 from .._backend import is_cuda_array
-from ..errors import BackendError, ShapeError
+from ..errors import ArgumentError, BackendError, ShapeError
 
 __all__ = ["cupy_module", "cuda_module", "device_array", "same_device"]
 
@@ -40,7 +40,7 @@ def cuda_module(op: str, kernel: Optional[str] = None):
 def device_array(cp, op: str, name: str, x):
     """``x`` as a CuPy array without copying; host objects raise (never copied implicitly)."""
     if x is None:
-        raise ShapeError(f"[{op}] {name} is required")
+        raise ArgumentError(f"[{op}] {name} is required, got None")
     if isinstance(x, cp.ndarray):
         return x
     if hasattr(x, "__cuda_array_interface__"):
