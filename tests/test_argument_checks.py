@@ -163,6 +163,8 @@ def _cases():
          dict(window=BIG, stride=1), "window"),
         ("temporal_windows", lambda **kw: temporal_windows(100, **kw),
          dict(window=4, stride=np.float32(1)), "stride"),
+        ("temporal_windows", lambda **kw: temporal_windows(**kw),
+         dict(num_frames=2 ** 31 - 1, window=1, stride=1), "num_frames"),
     ]
     return [pytest.param(fn, kw, name, op, id=f"{op}-{name}-{i}")
             for i, (op, fn, kw, name) in enumerate(c)]

@@ -28,6 +28,8 @@ STRATEGIES = ("uniform", "fps")
 #: 2**24. Within them every index is computed exactly in int64.
 MAX_NUM_FRAMES = (1 << 31) - 1
 MAX_COUNT = 1 << 24
+#: The most indices :func:`temporal_windows` returns (num_windows x window): 2**27, 1 GiB.
+MAX_WINDOW_INDICES = 1 << 27
 
 
 def _int_arg(op: str, name: str, value: Any, *, minimum: int = 1, optional: bool = False,
@@ -210,6 +212,11 @@ def temporal_windows(num_frames: int, *, window: int, stride: int) -> np.ndarray
         row = np.minimum(np.arange(window, dtype=np.int64), num_frames - 1)
         return row[None, :]
     last = num_frames - window
+    n_windows = last // stride + 1 + (last % stride != 0)
+    if n_windows * window > MAX_WINDOW_INDICES:
+        raise ArgumentError(f"[{op}] num_frames = {num_frames} with window = {window} and stride = "
+                            f"{stride} gives {n_windows} windows, {n_windows * window} indices; "
+                            f"at most {MAX_WINDOW_INDICES} are returned (use a larger stride)")
     s = np.arange(0, last + 1, stride, dtype=np.int64)
     if s[-1] != last:
         s = np.append(s, np.int64(last))
