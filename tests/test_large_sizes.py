@@ -277,3 +277,67 @@ def test_fuse_attention_long_dot_products(backend):
     np.testing.assert_allclose(w[0], ref_w, rtol=1e-5)
     ref = ref_w @ emb[0, :, :1024].astype(np.float64)
     np.testing.assert_allclose(out[0, :1024], ref, rtol=1e-5)
+
+
+# A valid call of every native binding; the fuzz below replaces one argument at a time.
+_BINDING_CALLS = r'''
+import numpy as np
+from mmcore import _backend
+C = _backend.native_module()
+f32 = lambda *s: np.zeros(s, np.float32)
+img = np.zeros((4, 4, 3), np.uint8)
+calls = {
+    "attention": (C.attention, [f32(1, 1, 2, 4), f32(1, 1, 3, 4), f32(1, 1, 3, 4), f32(1, 1, 2, 4),
+                                None, None, None, None, None], dict(scale=0.5, dropout=False, seed=0,
+                  threshold=0, dropout_scale=1.0, num_threads=1)),
+    "spectral": (C.spectral, [f32(1, 64), f32(1, 9, 5), np.ones(16, np.float32), None, None, None,
+                              None], dict(n_fft=16, hop=8, frame_length=16, frame_offset=0, pad_left=8,
+                  pad_mode="reflect", n_frames=5, dither=0.0, seed=0, remove_dc=False, preemph=0.0,
+                  kind="power", power=2.0, log_mode="none", log_floor=1e-10, whisper_norm=False,
+                  num_threads=1)),
+    "masked_mean": (C.masked_mean, [f32(2, 3, 4), np.ones((2, 3), bool), f32(2, 4)],
+                    dict(num_threads=1)),
+    "masked_max": (C.masked_max, [f32(2, 3, 4), np.ones((2, 3), bool), f32(2, 4)],
+                   dict(num_threads=1)),
+    "linear": (C.linear, [f32(2, 4), f32(3, 4), f32(3), f32(2, 3)], dict(num_threads=1)),
+    "layer_norm": (C.layer_norm, [f32(2, 4), np.ones(4, np.float32), f32(4), f32(2, 4)],
+                   dict(eps=1e-5, num_threads=1)),
+    "fuse": (C.fuse, [f32(2, 3, 4), np.ones((2, 3), bool), np.ones(3, np.float32), None,
+                      f32(2, 4), f32(2, 3)], dict(strategy="weighted", num_threads=1)),
+    "resize": (C.resize, [[img], [np.zeros((2, 2, 3), np.uint8)]],
+               dict(filter="bilinear", antialias=True, num_threads=1)),
+    "normalize": (C.normalize, [img[None], f32(1, 3, 4, 4), np.zeros(3, np.float32),
+                                np.ones(3, np.float32)], dict(scale=1.0, layout="chw", num_threads=1)),
+    "patchify": (C.patchify, [f32(1, 1, 1, 4, 4), f32(1, 4, 4)],
+                 dict(patch=2, temporal_patch=1, num_threads=1)),
+    "preprocess_image": (C.preprocess_image, [[img], f32(1, 3, 2, 2),
+                                              np.array([[4, 4, 1, 1]], np.int64),
+                                              np.zeros(3, np.float32), np.ones(3, np.float32)],
+                         dict(crop_h=2, crop_w=2, filter="bilinear", antialias=True, scale=1.0,
+                              patch=0, num_threads=1)),
+}
+'''
+
+
+def test_native_bindings_survive_none_in_every_argument():
+    # Each binding gets None (and a 0-d array) in place of each of its array arguments, in a
+    # child process: a null dereference would kill the child, not the test run.
+    import subprocess
+    import sys
+    script = _BINDING_CALLS + r'''
+import sys
+bad = []
+for name, (fn, args, kw) in calls.items():
+    fn(*args, **kw)  # the valid call itself works
+    for i in range(len(args)):
+        for repl in (None, np.float32(1.0), np.zeros(0, np.float32)):
+            a = list(args)
+            a[i] = repl
+            try:
+                fn(*a, **kw)
+            except (ValueError, TypeError, RuntimeError):
+                pass
+print("survived")
+'''
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])

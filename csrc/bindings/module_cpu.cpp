@@ -313,6 +313,7 @@ void patchify(py::array src, py::object dst, int64_t patch, int64_t temporal_pat
   const float* s = checked<float>(op, "src", src, {B, T, C, H, W}, false);
   const int64_t np_ = mul_dims(op, {T / temporal_patch, H / patch, W / patch});
   float* d = checked<float>(op, "dst", dst, {B, np_, mul_dims(op, {C, temporal_patch, patch, patch})}, true);
+  if (!s || !d) throw py::value_error("[patchify] src and dst are required");
   py::gil_scoped_release release;
   mmcore::patchify_f32(s, d, B, T, C, H, W, patch, temporal_patch, std::max(num_threads, 1));
 }
