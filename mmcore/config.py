@@ -255,6 +255,9 @@ class ConfigBase:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{cls._owner()}: {os.fspath(path)!s} is not valid JSON "
                               f"(line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        except RecursionError:
+            data = None  # reported by _check_depth below
+        _check_depth(cls, data, path, "JSON")
         return cls.from_dict(_section(cls, data, section, path))
 
     @classmethod
@@ -268,8 +271,11 @@ class ConfigBase:
         text = _read_text(cls, path)
         try:
             data = toml.loads(text)
+        except RecursionError:
+            data = None  # reported by _check_depth below
         except Exception as exc:  # tomllib.TOMLDecodeError / tomli.TOMLDecodeError
             raise ConfigError(f"{cls._owner()}: {os.fspath(path)!s} is not valid TOML ({exc})") from None
+        _check_depth(cls, data, path, "TOML")
         data = _section(cls, data, section, path)
         return cls.from_dict(cls._toml_nones(data, writing=False))
 
@@ -398,13 +404,46 @@ def _plain(v: Any) -> Any:
     return copy.deepcopy(v)
 
 
+#: The deepest nesting of tables/objects and arrays :meth:`ConfigBase.from_json` and
+#: :meth:`ConfigBase.from_toml` accept (a deeper file is refused before it is walked).
+MAX_FILE_DEPTH = 64
+
+
 def _read_text(cls, path: PathLike) -> str:
+    """The UTF-8 text of the config file ``path``: a regular file (a FIFO or a device is
+    refused without blocking)."""
+    from ._files import open_regular
     try:
-        with open(os.fspath(path), "r", encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{cls._owner()}: cannot read config file {os.fspath(path)!s} "
-                          f"({type(exc).__name__}: {exc})") from exc
+        where = os.fspath(path)
+    except TypeError:
+        raise ConfigError(f"{cls._owner()}: the config file must be a path, got "
+                          f"{type(path).__name__}") from None
+    with open_regular(where, what="config file", error=ConfigError, op=cls._owner()) as f:
+        try:
+            return f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{cls._owner()}: cannot read config file {where!s} "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_depth(cls, data: Any, path: PathLike, kind: str) -> None:
+    """ConfigError when parsed ``data`` (None: the parser gave up) nests deeper than
+    :data:`MAX_FILE_DEPTH`; walked without recursion."""
+    stack = [(data, 1)] if data is not None else []
+    deepest = 0 if data is not None else MAX_FILE_DEPTH + 1
+    while stack and deepest <= MAX_FILE_DEPTH:
+        o, d = stack.pop()
+        if isinstance(o, Mapping):
+            children = list(o.values())
+        elif isinstance(o, list):
+            children = o
+        else:
+            continue
+        deepest = max(deepest, d)
+        stack.extend((c, d + 1) for c in children if isinstance(c, (Mapping, list)))
+    if deepest > MAX_FILE_DEPTH:
+        raise ConfigError(f"{cls._owner()}: {os.fspath(path)!s} is not a valid {kind} config "
+                          f"(nested deeper than {MAX_FILE_DEPTH} levels)")
 
 
 def _write_text(cls, path: PathLike, text: str) -> None:

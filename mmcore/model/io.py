@@ -20,6 +20,11 @@ removed, so a failure at any point leaves either the previous directory or the n
 target, never a half-written one. (Should the process die in the instant between the two
 renames, the previous directory survives under ``.<name>.old-*`` next to the target.)
 
+A save killed before it finished (SIGKILL, power loss) leaves ``.<name>.tmp-*`` or
+``.<name>.old-*`` next to the target; the next save to the same target removes them. Each
+save holds a ``flock`` on the directories it is writing or replacing, so a save running
+in another process or thread is never touched (see :func:`_claim_stale`).
+
 Quantization (weight-only)
 --------------------------
 ``quantization`` maps key prefixes (``"encoders.text."``; ``""`` matches every key) to None,
@@ -67,24 +72,29 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
+import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from .._files import check_regular, open_regular
 from .._version import __version__ as _MMCORE_VERSION
 from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..ops.linear import QuantizedTensor
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "QUANTIZATIONS",
-           "save_model_dir", "load_model_dir", "state_nbytes", "dir_nbytes"]
+           "MAX_JSON_DEPTH", "save_model_dir", "load_model_dir", "resolve_dir_file",
+           "stored_weight_counts", "state_nbytes", "dir_nbytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,6 +110,9 @@ _RESERVED_SUFFIXES = (_Q8_SUFFIX, _SCALE_SUFFIX)
 _LOGICAL_DTYPES = ("float32", "float16", "bfloat16", "int8")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+#: The deepest nesting of objects and arrays accepted in ``mmcore.json`` (and in the
+#: safetensors header); a deeper document is refused as malformed before anything walks it.
+MAX_JSON_DEPTH = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +414,11 @@ def save_model_dir(path: PathLike, *, config: Any, state: Mapping[str, Any], nam
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(target)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    with _parent_lock(parent):
+        stale = _claim_stale(parent, base, olds=os.path.isdir(target))
+        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        tmp_lock = _hold(tmp)  # marks the save as live until the directory is renamed in
+    _remove_claimed(stale)
     try:
         from safetensors.numpy import save_file
 
@@ -414,7 +431,9 @@ def save_model_dir(path: PathLike, *, config: Any, state: Mapping[str, Any], nam
                                 "size": os.path.getsize(weights)}}
         for fname, src in extras.items():
             dst = os.path.join(tmp, fname)
-            shutil.copyfile(src, dst)
+            with open_regular(src, what=f"extra file {fname!r}", error=ModelFormatError,
+                              op="save_model_dir") as fin, open(dst, "wb") as fout:
+                shutil.copyfileobj(fin, fout, _CHUNK)
             _fsync_file(dst)
             files[fname] = {"sha256": _file_sha256(dst), "size": os.path.getsize(dst)}
 
@@ -439,30 +458,172 @@ def save_model_dir(path: PathLike, *, config: Any, state: Mapping[str, Any], nam
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        _move_into_place(tmp, target)
+        with _parent_lock(parent):
+            old, old_lock = _move_into_place(tmp, target, tmp_lock)
+            tmp_lock = None  # closed by _move_into_place
+            stale = _claim_stale(parent, base, olds=True)
+        _remove_claimed(stale)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _release(old_lock)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _release(tmp_lock)
         raise
     return metadata
 
 
-def _move_into_place(tmp: str, target: str) -> None:
-    """Rename the finished ``tmp`` directory to ``target``, replacing an existing one safely."""
+def _move_into_place(tmp: str, target: str, tmp_lock: Optional[int]
+                     ) -> Tuple[Optional[str], Optional[int]]:
+    """Rename the finished ``tmp`` directory to ``target``, replacing an existing one safely.
+
+    Returns the previous directory's new name (``.<name>.old-*``, still to be removed) and
+    the lock that keeps it live until then, or ``(None, None)`` when there was none. Called
+    with the parent directory locked; ``tmp_lock`` is released once ``tmp`` is in place.
+    """
     parent = os.path.dirname(target)
     if not os.path.lexists(target):
         os.rename(tmp, target)
+        _release(tmp_lock)
         _fsync_dir(parent)
-        return
+        return None, None
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
     os.rmdir(old)  # only the unique name is wanted
-    os.rename(target, old)
+    old_lock = _hold(target)  # the lock follows the directory to its new name
     try:
-        os.rename(tmp, target)
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)  # put the previous directory back
+            raise
     except BaseException:
-        os.rename(old, target)  # put the previous directory back
+        _release(old_lock)
         raise
+    _release(tmp_lock)
     _fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
+    return old, old_lock
+
+
+# --------------------------------------------------------------------------------------------
+# leftovers of interrupted saves
+#
+# A save killed (SIGKILL, power loss) before it finished leaves ``.<name>.tmp-*`` (the
+# directory being written) or ``.<name>.old-*`` (the previous directory, renamed aside) next to
+# the target. Every save holds an exclusive ``flock`` on the directory it writes and on the
+# previous directory while it renames and removes it; the kernel drops the lock when the
+# process dies. The next save to the same target removes the leftovers whose lock it can take
+# (no live save holds them) -- ``.old-*`` only when a model directory is at the target, so
+# the previous model survives a save killed between its two renames until a save completes.
+# Creating, locking, renaming and claiming happen under a ``flock`` on the parent directory,
+# so a save never claims a directory that another one has just created and not yet locked.
+# Where ``fcntl`` is unavailable (Windows) or a file system refuses locks, nothing is removed.
+# Saves of older mmcore versions take no lock: one running concurrently in the same folder is
+# not recognised as live.
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None
+
+#: How long a save waits for another save in the same folder to finish renaming (seconds).
+_PARENT_LOCK_WAIT_S = 120.0
+_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+              | getattr(os, "O_CLOEXEC", 0))
+
+
+@contextlib.contextmanager
+def _parent_lock(parent: str):
+    """An exclusive ``flock`` on the directory ``parent`` for the duration of the block (no
+    lock where locks are unavailable); TimeoutError after :data:`_PARENT_LOCK_WAIT_S`."""
+    fd = None
+    if _fcntl is not None:
+        try:
+            fd = os.open(parent, _DIR_FLAGS)
+        except OSError:
+            fd = None
+    try:
+        if fd is not None:
+            deadline = time.monotonic() + _PARENT_LOCK_WAIT_S
+            while True:
+                try:
+                    _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"[save_model_dir] {parent}: another process has "
+                                           f"held the folder's lock for over "
+                                           f"{_PARENT_LOCK_WAIT_S:.0f} s") from None
+                    time.sleep(0.01)
+                except OSError:  # the file system refuses locks: proceed without
+                    break
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _hold(path: str) -> Optional[int]:
+    """A descriptor holding an exclusive ``flock`` on the directory ``path``, or None when it
+    is locked elsewhere, is not a directory, or locks are unavailable."""
+    if _fcntl is None:
+        return None
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover
+            pass
+
+
+def _claim_stale(parent: str, base: str, *, olds: bool) -> List[Tuple[str, int]]:
+    """Lock the leftovers of dead saves to ``parent/base``: ``[(path, lock descriptor)]``.
+
+    Candidates are real directories named ``.<base>.tmp-<suffix>`` (and, with ``olds``,
+    ``.<base>.old-<suffix>``) whose lock can be taken, i.e. that no live save holds.
+    """
+    if _fcntl is None:
+        return []
+    kinds = "tmp|old" if olds else "tmp"
+    pattern = re.compile(r"\.%s\.(?:%s)-[A-Za-z0-9_]{1,64}\Z" % (re.escape(base), kinds))
+    claimed: List[Tuple[str, int]] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return claimed
+    for name in names:
+        if not pattern.match(name):
+            continue
+        p = os.path.join(parent, name)
+        try:
+            if not stat.S_ISDIR(os.lstat(p).st_mode):
+                continue
+        except OSError:
+            continue
+        fd = _hold(p)
+        if fd is not None:
+            claimed.append((p, fd))
+    return claimed
+
+
+def _remove_claimed(claimed: List[Tuple[str, int]]) -> None:
+    for p, fd in claimed:
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+        finally:
+            _release(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,11 +638,30 @@ def _read_safetensors_header(data: bytes, where: str) -> Dict[str, Any]:
                                f"file of {len(data)})")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ModelFormatError(f"{where}: corrupt safetensors header") from None
-    if not isinstance(header, dict):
+    if not isinstance(header, dict) or _json_depth(header) > MAX_JSON_DEPTH:
         raise ModelFormatError(f"{where}: corrupt safetensors header")
     return header
+
+
+def _json_depth(obj: Any) -> int:
+    """The nesting depth of parsed JSON (a scalar is 0), walked without recursion."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            children = o.values()
+        elif isinstance(o, list):
+            children = o
+        else:
+            continue
+        deepest = max(deepest, d)
+        if d > MAX_JSON_DEPTH:
+            return d
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def _expect(cond: bool, msg: str) -> None:
@@ -569,6 +749,114 @@ def _decode_tensor(key: str, e: Mapping[str, Any], raw: Mapping[str, np.ndarray]
     return dequantize_int8(qa, sc)
 
 
+def _inside(real_root: str, path: str) -> bool:
+    """Whether ``path`` (already resolved) is ``real_root`` or lies under it."""
+    try:
+        return os.path.commonpath([real_root, path]) == real_root
+    except ValueError:  # different drives (Windows)
+        return False
+
+
+def _dir_member(root: str, real_root: str, fname: str, what: str) -> str:
+    """The path of ``fname`` in the model directory, refused when (through a symbolic link) it
+    resolves outside the directory."""
+    fpath = os.path.join(root, fname)
+    if not _inside(real_root, os.path.realpath(fpath)):
+        raise ModelFormatError(f"{fpath}: {what} is a link to {os.path.realpath(fpath)!r}, "
+                               "outside the model directory; the files a model directory "
+                               "uses must lie inside it")
+    return fpath
+
+
+def _read_member(fpath: str, what: str, op: str, expect_size: Optional[int] = None,
+                 keep: bool = True, digest: bool = False) -> Tuple[Optional[bytes], Optional[str]]:
+    """Read (or hash) a regular file of a model directory: ``(bytes or None, sha256 or None)``.
+
+    FIFOs, devices and directories are refused without blocking; with ``expect_size`` the size
+    of the opened file is checked before anything is read.
+    """
+    with open_regular(fpath, what=what, error=ModelFormatError, op=op) as f:
+        if expect_size is not None:
+            size = os.fstat(f.fileno()).st_size
+            if size != expect_size:
+                raise ModelFormatError(f"{fpath}: size {size} bytes does not match "
+                                       f"{expect_size} recorded in {CONFIG_FILE} (truncated or "
+                                       "replaced)")
+        try:
+            if keep:
+                data = f.read()
+                return data, hashlib.sha256(data).hexdigest() if digest else None
+            h = hashlib.sha256()
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+            return None, h.hexdigest()
+        except OSError as exc:
+            raise ModelFormatError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
+
+
+def stored_weight_counts(meta: Mapping[str, Any]) -> Tuple[int, int]:
+    """``(tensors, values)`` that the ``"tensors"`` entries of ``mmcore.json`` record (logical
+    shapes), for bounding what a config may allocate before it is checked against them."""
+    count = 0
+    values = 0
+    for e in meta.get("tensors", {}).values():
+        n = 1
+        for s in e.get("shape", ()):
+            n *= int(s)
+        count += 1
+        values += n
+    return count, values
+
+
+def resolve_dir_file(path: PathLike, value: Any, *, field: str, meta: Mapping[str, Any],
+                     op: str, default_name: Optional[str] = None) -> str:
+    """The absolute path of the file that ``value`` -- a path found in the config of the model
+    directory ``path`` -- names, checked to be one of the directory's own files.
+
+    ``value`` is taken relative to the model directory (never to the working directory); an
+    absolute path, a path that leaves the directory (``..``, or a symbolic link that resolves
+    outside it), a file not listed (with its checksum) in ``mmcore.json``, or anything but a
+    regular file is refused. When ``value`` names a directory, ``default_name`` inside it is
+    meant (``tokenizer.json``, ``model.onnx``).
+
+    Raises
+    ------
+    ModelFormatError
+        ``[op] <dir>: <field> ...``, naming the field and the value.
+    """
+    root = os.fspath(path)
+    head = f"[{op}] {root}: {field}"
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ModelFormatError(f"{head} must be a file name inside the model directory, got "
+                               f"{value!r}")
+    if os.path.isabs(value) or os.path.splitdrive(value)[0]:
+        raise ModelFormatError(f"{head} = {value!r} is an absolute path; the files a model "
+                               "directory uses must lie inside it (give a name relative to the "
+                               "directory)")
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(real_root, value))
+    if target != real_root and not _inside(real_root, target):
+        raise ModelFormatError(f"{head} = {value!r} resolves to {target!r}, outside the model "
+                               "directory; the files a model directory uses must lie inside it")
+    if default_name is not None and os.path.isdir(target):
+        target = os.path.realpath(os.path.join(target, default_name))
+        if not _inside(real_root, target):
+            raise ModelFormatError(f"{head} = {value!r} resolves to {target!r}, outside the "
+                                   "model directory; the files a model directory uses must lie "
+                                   "inside it")
+    rel = os.path.relpath(target, real_root)
+    files = meta.get("files") if isinstance(meta, Mapping) else None
+    if not isinstance(files, Mapping) or rel.replace(os.sep, "/") not in files:
+        raise ModelFormatError(f"{head} = {value!r} names {rel!r}, which {CONFIG_FILE} does not "
+                               "list with a checksum; a model directory may use only the files "
+                               "it lists")
+    check_regular(target, what=f"{field} file", error=ModelFormatError, op=op)
+    return target
+
+
 def load_model_dir(path: PathLike, *, verify: bool = True, keep_quantized: bool = False
                    ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
     """Read a model directory: ``(config, state, metadata)``.
@@ -583,26 +871,42 @@ def load_model_dir(path: PathLike, *, verify: bool = True, keep_quantized: bool 
     checked; sizes are always checked. Every tensor listed must be present with the recorded
     shape and storage dtype, and the weights file may hold no tensor that is not listed.
 
+    Every file read must be a regular file inside the directory: a FIFO, a device or a
+    symbolic link that resolves outside the directory is refused (without blocking), and so
+    is JSON nested deeper than :data:`MAX_JSON_DEPTH`.
+
     Raises
     ------
     ModelFormatError
-        Naming the file or tensor at fault: a missing directory or file, unreadable or invalid
-        ``mmcore.json``, an unsupported format version, a size or checksum mismatch, a truncated
-        or corrupt safetensors file, a missing, extra or misshapen tensor, an unknown
-        quantization. Nothing is returned in that case (no partly loaded state).
+        ``[load_model_dir] ...``, naming the file or tensor at fault: a missing directory or
+        file, unreadable or invalid ``mmcore.json``, an unsupported format version, a size or
+        checksum mismatch, a truncated or corrupt safetensors file, a missing, extra or
+        misshapen tensor, an unknown quantization. Nothing is returned in that case (no partly
+        loaded state).
     """
-    root = os.fspath(path)
+    try:
+        return _load_model_dir(path, verify=verify, keep_quantized=keep_quantized)
+    except ModelFormatError as exc:
+        msg = str(exc)
+        if msg.startswith("["):
+            raise
+        raise ModelFormatError(f"[load_model_dir] {msg}") from None
+
+
+def _load_model_dir(path: PathLike, *, verify: bool, keep_quantized: bool):
+    op = "load_model_dir"
+    try:
+        root = os.fspath(path)
+    except TypeError:
+        raise ModelFormatError(f"the model directory must be a path, got "
+                               f"{type(path).__name__}") from None
     if not os.path.isdir(root):
         raise ModelFormatError(f"{root}: model directory does not exist or is not a directory")
-    meta_path = os.path.join(root, CONFIG_FILE)
-    try:
-        with open(meta_path, "rb") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ModelFormatError(f"{meta_path}: missing ({CONFIG_FILE} describes the model)"
-                               ) from None
-    except OSError as exc:
-        raise ModelFormatError(f"{meta_path}: cannot be read ({exc.strerror or exc})") from None
+    real_root = os.path.realpath(root)
+    meta_path = _dir_member(root, real_root, CONFIG_FILE, CONFIG_FILE)
+    if not os.path.lexists(meta_path):
+        raise ModelFormatError(f"{meta_path}: missing ({CONFIG_FILE} describes the model)")
+    text, _ = _read_member(meta_path, f"model config ({CONFIG_FILE})", op)
     try:
         meta = json.loads(text.decode("utf-8"))
     except UnicodeDecodeError:
@@ -610,27 +914,29 @@ def load_model_dir(path: PathLike, *, verify: bool = True, keep_quantized: bool 
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"{meta_path}: is not valid JSON (line {exc.lineno}, column "
                                f"{exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise ModelFormatError(f"{meta_path}: is not valid JSON (nested deeper than "
+                               f"{MAX_JSON_DEPTH} levels)") from None
+    if _json_depth(meta) > MAX_JSON_DEPTH:
+        raise ModelFormatError(f"{meta_path}: is not valid JSON (nested deeper than "
+                               f"{MAX_JSON_DEPTH} levels)")
     _check_metadata(meta, meta_path)
 
     weights_path = os.path.join(root, WEIGHTS_FILE)
     weights: Optional[bytes] = None
     for fname, info in meta["files"].items():
-        fpath = os.path.join(root, fname)
-        if not os.path.isfile(fpath):
+        fpath = _dir_member(root, real_root, fname, f"{fname} (listed in {CONFIG_FILE})")
+        if not os.path.lexists(fpath):
             raise ModelFormatError(f"{fpath}: missing (listed in {CONFIG_FILE})")
-        size = os.path.getsize(fpath)
-        if size != info["size"]:
-            raise ModelFormatError(f"{fpath}: size {size} bytes does not match {info['size']} "
-                                   f"recorded in {CONFIG_FILE} (truncated or replaced)")
-        try:
-            if fname == WEIGHTS_FILE:  # read once: the bytes checked are the bytes parsed
-                with open(fpath, "rb") as f:
-                    weights = f.read()
-                digest = hashlib.sha256(weights).hexdigest() if verify else None
-            else:
-                digest = _file_sha256(fpath) if verify else None
-        except OSError as exc:
-            raise ModelFormatError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
+        if fname == WEIGHTS_FILE:  # read once: the bytes checked are the bytes parsed
+            weights, digest = _read_member(fpath, f"weights file ({fname})", op,
+                                           expect_size=info["size"], digest=verify)
+        elif verify:
+            _, digest = _read_member(fpath, f"file {fname!r} of the model", op,
+                                     expect_size=info["size"], keep=False)
+        else:
+            _check_size(fpath, fname, info["size"], op)
+            digest = None
         if verify and digest != info["sha256"]:
             raise ModelFormatError(f"{fpath}: checksum mismatch (sha256 {digest}, "
                                    f"{CONFIG_FILE} records {info['sha256']}); the file is "
@@ -661,3 +967,12 @@ def load_model_dir(path: PathLike, *, verify: bool = True, keep_quantized: bool 
         raise ModelFormatError(f"{weights_path}: holds tensor(s) not listed in {CONFIG_FILE}: "
                                f"{shown}")
     return meta["config"], state, meta
+
+
+def _check_size(fpath: str, fname: str, size: int, op: str) -> None:
+    """Without reading it: ``fpath`` is a regular file of the recorded size."""
+    check_regular(fpath, what=f"file {fname!r} of the model", error=ModelFormatError, op=op)
+    have = os.path.getsize(fpath)
+    if have != size:
+        raise ModelFormatError(f"{fpath}: size {have} bytes does not match {size} recorded in "
+                               f"{CONFIG_FILE} (truncated or replaced)")

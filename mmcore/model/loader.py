@@ -47,13 +47,14 @@ from ..config import MultiModalConfig
 from ..errors import ConfigError, MMCoreError, ModelFormatError, ShapeError
 from ..modality import Modality
 from ..ops import masked_mean
-from .io import CONFIG_FILE, load_model_dir
-from .model import (MultiModalModel, _check_state_modalities, _config_from_dir,
-                    _served_externally)
+from .io import CONFIG_FILE, load_model_dir, stored_weight_counts
+from .model import (MultiModalModel, _build, _check_layer_counts, _check_state_modalities,
+                    _config_from_dir, _served_externally, _WeightBudget)
 from .nn import Module
 
 __all__ = ["MultiModalLoader", "DistributedUnavailableError"]
 
+_OP = "MultiModalLoader"
 _LOAD_OPTIONS = ("verify", "seed")
 # ModalityConfig fields that decide the shapes of an encoder's tensors
 _SHAPE_FIELDS = ("embed_dim", "encoder_config")
@@ -314,12 +315,14 @@ class MultiModalLoader:
         """
         state: Optional[Dict[str, np.ndarray]] = None
         config = self._config
+        stored = [0, 0]  # tensors and values of the directories read
         if self._weights is not None:
             cfg_dict, state, meta = load_model_dir(self._weights, verify=self._verify,
                                                    keep_quantized=True)
             if config is None:
-                config = _config_from_dir(cfg_dict, self._weights, meta)
+                config = _config_from_dir(cfg_dict, self._weights, meta, op=_OP)
             _check_state_modalities(state, config, self._weights)
+            stored = [a + b for a, b in zip(stored, stored_weight_counts(meta))]
         if config is None:
             raise ConfigError("[MultiModalLoader] no config: pass one to MultiModalLoader or "
                               "give a model directory with with_weights")
@@ -328,7 +331,8 @@ class MultiModalLoader:
 
         pieces: Dict[Modality, Dict[str, np.ndarray]] = {}
         for m, path in self._modality_paths.items():
-            pieces[m] = self._modality_state(config, m, path)
+            pieces[m], counts = self._modality_state(config, m, path)
+            stored = [a + b for a, b in zip(stored, counts)]
 
         encoders = {}
         for m, fn in self._encoders.items():
@@ -336,7 +340,18 @@ class MultiModalLoader:
                 encoders[m] = fn
             else:
                 encoders[m] = _ExternalEncoder(m, fn, config.modalities[m].embed_dim)
-        model = MultiModalModel(config, seed=self._seed, encoders=encoders)
+        if state is None:  # the caller's own config: built as it says
+            model = MultiModalModel(config, seed=self._seed, encoders=encoders)
+        else:  # every built-in module must come from the directories: build no more
+            merged = dict(state)
+            for m, piece in pieces.items():
+                merged = {k: v for k, v in merged.items() if not k.startswith(f"encoders.{m}.")}
+                merged.update(piece)
+            _check_layer_counts(config, merged, set(encoders), self._weights, _OP)
+            seed = self._seed if self._seed is not None else np.random.SeedSequence()
+            model = _build(MultiModalModel, config,
+                           _WeightBudget(seed, *stored, where=self._weights, op=_OP),
+                           encoders, self._weights, _OP)
 
         full = model.state_dict() if state is None else {
             k: v for k, v in state.items() if not _served_externally(k, model._external)}
@@ -364,9 +379,9 @@ class MultiModalLoader:
                 model, self._distributed, model_dir=self._weights)
         return model
 
-    def _modality_state(self, config: MultiModalConfig, m: Modality, path: str
-                        ) -> Dict[str, np.ndarray]:
-        """The ``encoders.<m>.*`` tensors of the model directory ``path``, checked."""
+    def _modality_state(self, config: MultiModalConfig, m: Modality, path: str):
+        """The ``encoders.<m>.*`` tensors of the model directory ``path``, checked, and the
+        ``(tensors, values)`` the directory stores."""
         mc = config.modalities[m]
         if m in self._encoders and not isinstance(self._encoders[m], Module):
             raise ConfigError(f"[MultiModalLoader] modality {str(m)!r} has both an encoder "
@@ -381,7 +396,7 @@ class MultiModalLoader:
                               f"{mc.encoder!r}; with_modality_path loads built-in encoder "
                               "weights, or an ONNX encoder for encoder='onnx'")
         cfg_dict, state, meta = load_model_dir(path, verify=self._verify, keep_quantized=True)
-        other = _config_from_dir(cfg_dict, path, meta)
+        other = _config_from_dir(cfg_dict, path, meta, op=_OP)
         if m not in other.modalities:
             raise ModelFormatError(f"{path}: has no modality {str(m)!r} (it has "
                                    f"{', '.join(str(k) for k in other.modalities)})")
@@ -394,4 +409,5 @@ class MultiModalLoader:
                 raise ModelFormatError(f"{path}: modality {str(m)!r} has {fname}={b!r}, but the "
                                        f"config being loaded has {fname}={a!r}")
         prefix = f"encoders.{m}."
-        return {k: v for k, v in state.items() if k.startswith(prefix)}
+        return ({k: v for k, v in state.items() if k.startswith(prefix)},
+                stored_weight_counts(meta))

@@ -1591,6 +1591,10 @@ class MultiModalModel(Module):
         tokenizer : path-like, optional
             A ``tokenizer.json`` copied into the directory; text preprocessing that uses a
             tokenizer file then refers to the copy, so the directory is self-contained.
+            Without it, the tokenizer file each text modality uses (if any) is copied, and so
+            is the ONNX graph of each ``encoder="onnx"`` modality (``encoder.<m>.onnx``): the
+            directory's config names them relative to the directory, where
+            :meth:`from_pretrained` requires them to be.
 
         Returns
         -------
@@ -1604,21 +1608,22 @@ class MultiModalModel(Module):
         for m, mc in config.modalities.items():
             if mc.quantization is not None:
                 rules[f"encoders.{m}."] = mc.quantization
-        extra = None
+        extra: Dict[str, str] = {}
         if tokenizer is not None:
             tok = os.fspath(tokenizer)
             if os.path.isdir(tok):
                 tok = os.path.join(tok, _TOKENIZER_FILE)
-            extra = {_TOKENIZER_FILE: tok}
+            extra[_TOKENIZER_FILE] = tok
             for mcfg in cfg.get("modalities", {}).values():
                 pre = mcfg.get("preprocessing") if isinstance(mcfg, dict) else None
                 if (isinstance(pre, dict) and pre.get("modality") == "text"
                         and pre.get("tokenizer") not in (None, "byte")):
                     pre["tokenizer"] = _TOKENIZER_FILE
+        _bundle_files(self, cfg, extra)
         return save_model_dir(path, config=cfg, state=self.state_dict(),
                               name=name if name is not None else config.name,
                               version=version if version is not None else config.version,
-                              quantization=rules or None, extra_files=extra)
+                              quantization=rules or None, extra_files=extra or None)
 
     @classmethod
     def from_pretrained(cls, path, *, verify: bool = True,
@@ -1650,20 +1655,28 @@ class MultiModalModel(Module):
             The directory is missing or corrupt, its config is invalid (the message names the
             field), or its tensors do not fit the config: a missing tensor, a tensor of an
             unknown modality, a wrong shape (the message names the tensor). No model is
-            returned in that case.
+            returned in that case. The config's sizes are checked against the stored tensors
+            before the modules are built: a config that implies more layers, tensors or
+            values than ``model.safetensors`` holds fails at once, with little memory used.
+            A tokenizer or ONNX file named by the config must be one of the directory's own
+            files (a name relative to it, listed in ``mmcore.json`` with its checksum).
         ModalityError
             ``modalities`` names a modality the directory does not have.
         """
-        from .io import load_model_dir
+        from .io import load_model_dir, stored_weight_counts
+        op = "MultiModalModel.from_pretrained"
         cfg_dict, state, meta = load_model_dir(path, verify=verify, keep_quantized=True)
-        config = _config_from_dir(cfg_dict, path, meta)
+        config = _config_from_dir(cfg_dict, path, meta, op=op)
         _check_state_modalities(state, config, os.fspath(path))
         keep = None
         if modalities is not None:
             config, keep = _restrict_config(config, modalities, os.fspath(path))
             state = {k: v for k, v in state.items()
                      if any(k.startswith(f"encoders.{m}.") for m in keep)}
-        model = cls(config, seed=0, encoders=encoders)
+        given = {Modality(k) for k in (encoders or {})}
+        _check_layer_counts(config, state, given, os.fspath(path), op)
+        budget = _WeightBudget(0, *stored_weight_counts(meta), where=os.fspath(path), op=op)
+        model = _build(cls, config, budget, encoders, os.fspath(path), op)
         state = {k: v for k, v in state.items()
                  if not _served_externally(k, model._external)}
         if keep is not None:       # the substitute fusion layer keeps its own parameters
@@ -1672,7 +1685,7 @@ class MultiModalModel(Module):
         try:
             model.load_state_dict(state, strict=True)
         except ModelFormatError as exc:
-            raise ModelFormatError(f"{os.fspath(path)}: {exc}") from None
+            raise ModelFormatError(f"[{op}] {os.fspath(path)}: {exc}") from None
         if distributed is not None:
             import importlib
             importlib.import_module("mmcore.distributed").attach(model, distributed,
@@ -1691,27 +1704,196 @@ class MultiModalModel(Module):
 _TOKENIZER_FILE = "tokenizer.json"
 
 
-def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any]
-                     ) -> MultiModalConfig:
-    """The :class:`MultiModalConfig` stored in a model directory (ModelFormatError if invalid)."""
+def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any], *,
+                     op: str = "MultiModalModel.from_pretrained") -> MultiModalConfig:
+    """The :class:`MultiModalConfig` stored in a model directory (ModelFormatError if invalid).
+
+    The files the config names -- a text modality's ``preprocessing.tokenizer`` (other than
+    ``"byte"``), a modality's ``encoder_config.extra["onnx_path"]`` or ``extra["onnx_path"]``
+    -- are taken relative to the directory (never the working directory) and must be files of
+    the directory listed in ``mmcore.json`` (see :func:`~mmcore.model.io.resolve_dir_file`);
+    the config returned names them by absolute path.
+    """
+    from .io import resolve_dir_file
     root = os.fspath(path)
     data = dict(cfg_dict)
-    files = meta.get("files") or {}
-    if _TOKENIZER_FILE in files and isinstance(data.get("modalities"), Mapping):
+    if isinstance(data.get("modalities"), Mapping):
         mods = {}
         for key, mcfg in data["modalities"].items():
             if isinstance(mcfg, Mapping):
                 mcfg = dict(mcfg)
                 pre = mcfg.get("preprocessing")
-                if isinstance(pre, Mapping) and pre.get("tokenizer") == _TOKENIZER_FILE:
-                    mcfg["preprocessing"] = dict(pre, tokenizer=os.path.join(root,
-                                                                             _TOKENIZER_FILE))
+                tok = pre.get("tokenizer") if isinstance(pre, Mapping) else None
+                if tok is not None and not (isinstance(tok, str) and tok.lower() == "byte"):
+                    tok = resolve_dir_file(root, tok, meta=meta, op=op,
+                                           field=f"modalities.{key}.preprocessing.tokenizer",
+                                           default_name=_TOKENIZER_FILE)
+                    mcfg["preprocessing"] = dict(pre, tokenizer=tok)
+                for where in ("encoder_config", None):
+                    holder = mcfg.get(where) if where else mcfg
+                    extra = holder.get("extra") if isinstance(holder, Mapping) else None
+                    if not isinstance(extra, Mapping) or extra.get(_ONNX_KEY) is None:
+                        continue
+                    field = (f"modalities.{key}.{where + '.' if where else ''}"
+                             f"extra[{_ONNX_KEY!r}]")
+                    onnx = resolve_dir_file(root, extra[_ONNX_KEY], meta=meta, op=op,
+                                            field=field, default_name=_ONNX_FILE)
+                    extra = dict(extra, **{_ONNX_KEY: onnx})
+                    if where:
+                        mcfg[where] = dict(holder, extra=extra)
+                    else:
+                        mcfg["extra"] = extra
             mods[key] = mcfg
         data["modalities"] = mods
     try:
         return MultiModalConfig.from_dict(data)
     except (ConfigError, ModalityError, ShapeError, TypeError, KeyError) as exc:
-        raise ModelFormatError(f"{root}: the config in mmcore.json is invalid: {exc}") from None
+        raise ModelFormatError(f"[{op}] {root}: the config in mmcore.json is invalid: "
+                               f"{exc}") from None
+    except RecursionError:
+        raise ModelFormatError(f"[{op}] {root}: the config in mmcore.json is nested too "
+                               "deeply") from None
+
+
+_ONNX_KEY = "onnx_path"
+_ONNX_FILE = "model.onnx"
+
+
+def _safe_file_part(key: str) -> str:
+    """A modality key as part of a plain file name (``custom:7`` -> ``custom-7``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(key))
+
+
+def _bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str, str]) -> None:
+    """Add to ``extra`` (file name -> source) the tokenizer and ONNX files ``model`` uses, and
+    point ``cfg`` (a ``to_dict()`` copy, edited in place) at the copies."""
+    mods = cfg.get("modalities")
+    if not isinstance(mods, dict):
+        return
+    for key, mcfg in mods.items():
+        if not isinstance(mcfg, dict):
+            continue
+        m = Modality(key)
+        pre = mcfg.get("preprocessing")
+        tok = pre.get("tokenizer") if isinstance(pre, dict) else None
+        if (isinstance(tok, str) and tok.lower() != "byte" and tok not in extra):
+            used = getattr(getattr(model.preprocessors.get(m), "tokenizer", None), "path", None)
+            src = used if isinstance(used, str) else tok
+            fname = (_TOKENIZER_FILE if _TOKENIZER_FILE not in extra
+                     else f"tokenizer.{_safe_file_part(key)}.json")
+            extra[fname] = src
+            pre["tokenizer"] = fname
+        if mcfg.get("encoder") != "onnx":
+            continue
+        holders = [h for h in (mcfg.get("encoder_config"), mcfg)
+                   if isinstance(h, dict) and isinstance(h.get("extra"), dict)
+                   and isinstance(h["extra"].get(_ONNX_KEY), str)]
+        if not holders:
+            continue
+        used = getattr(model._external.get(m), "path", None)
+        if isinstance(used, str):
+            src = used
+        else:
+            from .onnx_encoder import onnx_file
+            src = onnx_file(holders[0]["extra"][_ONNX_KEY], "MultiModalModel.save")
+        fname = f"encoder.{_safe_file_part(key)}.onnx"
+        extra[fname] = src
+        for h in holders:
+            h["extra"][_ONNX_KEY] = fname
+
+
+class _WeightBudget(np.random.Generator):
+    """The generator a model is built with when its weights come from a model directory.
+
+    It draws exactly what ``numpy.random.default_rng(seed)`` draws, but refuses -- before
+    anything is allocated -- a draw that would take the tensors or values drawn past what the
+    directory stores. The built-in modules draw every weight matrix, embedding table and
+    position table from the generator they are given (biases and norm scales, drawn from
+    nothing, follow a drawn matrix of the same width), and every module they build must then
+    be loaded from the stored tensors, so a config whose sizes (``num_layers``,
+    ``vocab_size``, ``max_positions``, widths) exceed the stored weights fails at the first
+    draw that does not fit: quickly, and with little memory.
+    """
+
+    def __init__(self, seed: Any, tensors: int, values: int, *, where: str, op: str):
+        super().__init__(np.random.PCG64(seed))
+        self._tensors_left = int(tensors)
+        self._values_left = int(values)
+        self._stored = (int(tensors), int(values))
+        self._where = where
+        self._op = op
+
+    def _charge(self, size: Any) -> None:
+        if size is None:
+            n = 1
+            shape: Tuple[int, ...] = ()
+        else:
+            shape = tuple(int(d) for d in np.atleast_1d(np.asarray(size, dtype=object)))
+            n = 1
+            for d in shape:
+                n *= max(d, 0)
+        self._tensors_left -= 1
+        self._values_left -= n
+        if self._tensors_left < 0 or self._values_left < 0:
+            t, v = self._stored
+            raise ModelFormatError(
+                f"[{self._op}] {self._where}: the config in mmcore.json implies more weights "
+                f"than model.safetensors holds ({t} tensors, {v} values): a tensor of shape "
+                f"{shape} does not fit; check its sizes (num_layers, vocab_size, "
+                f"max_positions, hidden_dim, embed_dim, mlp_ratio, patch sizes)")
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        self._charge(size)
+        return super().uniform(low, high, size)
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        self._charge(size)
+        return super().normal(loc, scale, size)
+
+    def standard_normal(self, size=None, dtype=np.float64, out=None):
+        self._charge(size if out is None else np.shape(out))
+        return super().standard_normal(size, dtype=dtype, out=out)
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        self._charge(size if out is None else np.shape(out))
+        return super().random(size, dtype=dtype, out=out)
+
+
+def _build(cls, config: MultiModalConfig, budget: "_WeightBudget", encoders, where: str,
+           op: str):
+    """``cls(config, rng=budget, encoders=encoders)``; MemoryError becomes ModelFormatError."""
+    try:
+        return cls(config, rng=budget, encoders=encoders)
+    except MemoryError:
+        raise ModelFormatError(f"[{op}] {where}: the config in mmcore.json implies more memory "
+                               "than is available; check its sizes (num_layers, vocab_size, "
+                               "max_positions, widths)") from None
+
+
+def _check_layer_counts(config: MultiModalConfig, state: Mapping[str, Any], skip, where: str,
+                        op: str) -> None:
+    """ModelFormatError naming ``encoder_config.num_layers`` of a built-in encoder whose
+    stored tensors hold another number of layers (checked before anything is built)."""
+    layers: Dict[str, set] = {}
+    present: set = set()
+    for key in state:
+        if not key.startswith("encoders."):
+            continue
+        for m in config.modalities:
+            prefix = f"encoders.{m}."
+            if key.startswith(prefix):
+                present.add(str(m))
+                rest = key[len(prefix):].split(".")
+                if len(rest) > 2 and rest[0] == "encoder" and rest[1] == "layers":
+                    layers.setdefault(str(m), set()).add(rest[2])
+    for m, mc in config.modalities.items():
+        if mc.encoder != "builtin" or m in skip or str(m) not in present:
+            continue
+        n = len(layers.get(str(m), ()))
+        if mc.encoder_config.num_layers != n:
+            raise ModelFormatError(f"[{op}] {where}: modalities.{m}.encoder_config.num_layers = "
+                                   f"{mc.encoder_config.num_layers}, but model.safetensors holds "
+                                   f"{n} layers of that encoder")
 
 
 def _check_state_modalities(state: Mapping[str, Any], config: MultiModalConfig,

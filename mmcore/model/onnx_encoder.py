@@ -14,8 +14,12 @@ Where the graph comes from (``ONNX_FILE`` is ``"model.onnx"``):
   ``model.onnx``; the loader records its path in the modality's
   ``encoder_config.extra["onnx_path"]``;
 * ``encoder_config.extra["onnx_path"]`` or the modality's ``extra["onnx_path"]`` in the config:
-  a ``.onnx`` file, or a directory holding ``model.onnx`` (a relative path is relative to the
-  working directory).
+  a ``.onnx`` file, or a directory holding ``model.onnx``. In a config built in code a relative
+  path is relative to the working directory. In the config of a model directory it is relative
+  to that directory and must name one of its own files, listed with its checksum in
+  ``mmcore.json`` (an absolute path, a ``..`` or a symbolic link leading outside, or an unlisted
+  file is refused with :class:`~mmcore.errors.ModelFormatError`); :meth:`MultiModalModel.save`
+  copies the graph into the directory (``encoder.<modality>.onnx``) and names it so.
 
 The session runs on the CPU with ``intra_op_num_threads`` = :func:`mmcore.get_num_threads` at
 the time it is created. ``ModalityConfig.quantization`` does not apply (quantize the graph
@@ -50,6 +54,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from .._files import check_regular
 from ..config import ModalityConfig
 from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..modality import Modality
@@ -92,10 +97,14 @@ def onnx_file(path: Any, what: str = "OnnxEncoder") -> str:
                                ) from None
     if os.path.isfile(root):
         return root
+    if os.path.exists(root) and not os.path.isdir(root):  # a FIFO, a device: refused, not read
+        check_regular(root, what="ONNX file", error=ModelFormatError, op=what)
     if not os.path.isdir(root):
         raise ModelFormatError(f"[{what}] {root!r} does not exist (expected a directory holding "
                                f"{ONNX_FILE}, or an ONNX file)")
     file = os.path.join(root, ONNX_FILE)
+    if os.path.exists(file) and not os.path.isfile(file):
+        check_regular(file, what="ONNX file", error=ModelFormatError, op=what)
     if not os.path.isfile(file):
         raise ModelFormatError(f"[{what}] {file!r} does not exist: the directory {root!r} has no "
                                f"{ONNX_FILE}")

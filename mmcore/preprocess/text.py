@@ -236,10 +236,18 @@ class HFTokenizer:
         fname = os.fspath(path)
         if os.path.isdir(fname):
             fname = os.path.join(fname, "tokenizer.json")
-        if not os.path.isfile(fname):
-            raise ModelFormatError(f"[HFTokenizer] tokenizer file {fname!r} does not exist")
+        from .._files import open_regular
+        # read here (a FIFO or device is refused without blocking) and parsed from memory:
+        # the bytes checked are the bytes used
+        with open_regular(fname, what="tokenizer file", error=ModelFormatError,
+                          op="HFTokenizer") as f:
+            try:
+                data = f.read()
+            except OSError as exc:
+                raise ModelFormatError(f"[HFTokenizer] cannot read tokenizer file {fname!r}: "
+                                       f"{exc.strerror or exc}") from None
         try:
-            self._tok = tokenizers.Tokenizer.from_file(fname)
+            self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         except Exception as exc:  # the library raises a plain Exception for bad JSON
             raise ModelFormatError(f"[HFTokenizer] cannot load tokenizer file {fname!r}: "
                                    f"{exc}") from None
