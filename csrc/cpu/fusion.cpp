@@ -214,45 +214,46 @@ void fuse_row(const FuseParams& p, int64_t b) {
     }
     return;
   }
-  // float32 partial sums over up to kFlush modalities, added into float64 totals (with at most
-  // kFlush modalities the result is the float32 sum itself).
-  for (int64_t d = 0; d < D; d += kWidth) {
-    const int64_t n = std::min<int64_t>(kWidth, D - d);
-    if (n == kWidth) {
-      vf a = vf{};
+  auto used = [&](int64_t m) { return w[m] != 0.0f || w[m] != w[m]; };  // NaN weights too
+  if (M <= kFlush) {  // few modalities (the usual case): one float32 sum
+    for (int64_t d = 0; d < D; d += kWidth) {
+      const int64_t n = std::min<int64_t>(kWidth, D - d);
+      if (n == kWidth) {
+        vf a = vf{};
+        for (int64_t m = 0; m < M; ++m)
+          if (used(m)) a += simd::splat(w[m]) * simd::load(e + m * D + d);
+        simd::store(out + d, a);
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          float a = 0.0f;
+          for (int64_t m = 0; m < M; ++m)
+            if (used(m)) a += w[m] * e[m * D + d + i];
+          out[d + i] = a;
+        }
+      }
+    }
+  } else {
+    // float32 partial sums over kFlush modalities at a time, added into float64 totals.
+    for (int64_t d = 0; d < D; d += kWidth) {
+      const int64_t n = std::min<int64_t>(kWidth, D - d);
       double tot[kWidth] = {};
-      int64_t pending = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        if (!(w[m] != 0.0f || w[m] != w[m])) continue;
-        if (pending == kFlush) {
+      for (int64_t m0 = 0; m0 < M; m0 += kFlush) {
+        const int64_t m1 = std::min(M, m0 + kFlush);
+        if (n == kWidth) {
+          vf a = vf{};
+          for (int64_t m = m0; m < m1; ++m)
+            if (used(m)) a += simd::splat(w[m]) * simd::load(e + m * D + d);
           for (int i = 0; i < kWidth; ++i) tot[i] += static_cast<double>(a[i]);
-          a = vf{};
-          pending = 0;
-        }
-        ++pending;
-        a += simd::splat(w[m]) * simd::load(e + m * D + d);
-      }
-      if (M > kFlush) {
-        for (int i = 0; i < kWidth; ++i) a[i] = static_cast<float>(tot[i] + static_cast<double>(a[i]));
-      }
-      simd::store(out + d, a);
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        float a = 0.0f;
-        double tot = 0.0;
-        int64_t pending = 0;
-        for (int64_t m = 0; m < M; ++m) {
-          if (!(w[m] != 0.0f || w[m] != w[m])) continue;
-          if (pending == kFlush) {
-            tot += static_cast<double>(a);
-            a = 0.0f;
-            pending = 0;
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            float a = 0.0f;
+            for (int64_t m = m0; m < m1; ++m)
+              if (used(m)) a += w[m] * e[m * D + d + i];
+            tot[i] += static_cast<double>(a);
           }
-          ++pending;
-          a += w[m] * e[m * D + d + i];
         }
-        out[d + i] = static_cast<float>(tot + static_cast<double>(a));
       }
+      for (int64_t i = 0; i < n; ++i) out[d + i] = static_cast<float>(tot[i]);
     }
   }
   if (p.out_weights) std::copy(w.begin(), w.end(), p.out_weights + b * M);
