@@ -277,6 +277,8 @@ def test_fifo_in_place_of_a_file_is_refused(saved, tmp_path, name):
     assert "FIFO" in str(err) and name in str(err)
     err = _no_hang(lambda: load_model_dir(d, verify=False), [d / name])
     assert isinstance(err, ModelFormatError) and "FIFO" in str(err)
+    err = _no_hang(lambda: MultiModalLoader().with_weights(d).load(), [d / name])
+    assert isinstance(err, ModelFormatError) and "FIFO" in str(err)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
@@ -693,3 +695,19 @@ def test_other_hidden_entries_are_left_alone(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         [".m.tmp-keep me", ".m.tmpx", ".other.tmp-abc12345", ".m.old-x.y", ".m.tmp-file1234",
          ".m.tmp-link1234", "m"])
+
+
+def test_oversized_mmcore_json_is_refused_before_it_is_read(saved, tmp_path, monkeypatch):
+    d = _copy(saved, tmp_path)
+    monkeypatch.setattr(mio, "MAX_CONFIG_BYTES", 1000)
+    with pytest.raises(ModelFormatError, match=r"mmcore\.json.*more than the 1000"):
+        load_model_dir(d)
+
+
+def test_oversized_safetensors_header_claim_is_refused(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    w = d / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes((10 ** 12).to_bytes(8, "little") + data[8:])
+    with pytest.raises(ModelFormatError, match="safetensors header"):
+        load_model_dir(d, verify=False)

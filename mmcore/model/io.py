@@ -93,8 +93,8 @@ from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..ops.linear import QuantizedTensor
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "QUANTIZATIONS",
-           "MAX_JSON_DEPTH", "save_model_dir", "load_model_dir", "resolve_dir_file",
-           "stored_weight_counts", "state_nbytes", "dir_nbytes"]
+           "MAX_JSON_DEPTH", "MAX_CONFIG_BYTES", "save_model_dir", "load_model_dir",
+           "resolve_dir_file", "stored_weight_counts", "state_nbytes", "dir_nbytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -113,6 +113,10 @@ _CHUNK = 1 << 20
 #: The deepest nesting of objects and arrays accepted in ``mmcore.json`` (and in the
 #: safetensors header); a deeper document is refused as malformed before anything walks it.
 MAX_JSON_DEPTH = 64
+#: The largest ``mmcore.json`` read (bytes); a larger one is refused before it is read.
+MAX_CONFIG_BYTES = 64 << 20
+#: The largest safetensors header parsed (bytes), as the safetensors library allows.
+MAX_HEADER_BYTES = 100_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,6 +637,9 @@ def _read_safetensors_header(data: bytes, where: str) -> Dict[str, Any]:
     if len(data) < 8:
         raise ModelFormatError(f"{where}: truncated safetensors file ({len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise ModelFormatError(f"{where}: corrupt safetensors header (it claims {n} bytes, "
+                               f"more than the {MAX_HEADER_BYTES} allowed)")
     if n > len(data) - 8:
         raise ModelFormatError(f"{where}: truncated safetensors file (header of {n} bytes, "
                                f"file of {len(data)})")
@@ -769,15 +776,19 @@ def _dir_member(root: str, real_root: str, fname: str, what: str) -> str:
 
 
 def _read_member(fpath: str, what: str, op: str, expect_size: Optional[int] = None,
-                 keep: bool = True, digest: bool = False) -> Tuple[Optional[bytes], Optional[str]]:
+                 keep: bool = True, digest: bool = False, max_size: Optional[int] = None
+                 ) -> Tuple[Optional[bytes], Optional[str]]:
     """Read (or hash) a regular file of a model directory: ``(bytes or None, sha256 or None)``.
 
-    FIFOs, devices and directories are refused without blocking; with ``expect_size`` the size
-    of the opened file is checked before anything is read.
+    FIFOs, devices and directories are refused without blocking; with ``expect_size`` (or
+    ``max_size``) the size of the opened file is checked before anything is read.
     """
     with open_regular(fpath, what=what, error=ModelFormatError, op=op) as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_size is not None and size > max_size:
+            raise ModelFormatError(f"{fpath}: {size} bytes, more than the {max_size} a "
+                                   f"{what} may hold")
         if expect_size is not None:
-            size = os.fstat(f.fileno()).st_size
             if size != expect_size:
                 raise ModelFormatError(f"{fpath}: size {size} bytes does not match "
                                        f"{expect_size} recorded in {CONFIG_FILE} (truncated or "
@@ -906,7 +917,8 @@ def _load_model_dir(path: PathLike, *, verify: bool, keep_quantized: bool):
     meta_path = _dir_member(root, real_root, CONFIG_FILE, CONFIG_FILE)
     if not os.path.lexists(meta_path):
         raise ModelFormatError(f"{meta_path}: missing ({CONFIG_FILE} describes the model)")
-    text, _ = _read_member(meta_path, f"model config ({CONFIG_FILE})", op)
+    text, _ = _read_member(meta_path, f"model config ({CONFIG_FILE})", op,
+                           max_size=MAX_CONFIG_BYTES)
     try:
         meta = json.loads(text.decode("utf-8"))
     except UnicodeDecodeError:

@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 
+from .._files import check_regular
 from ..config import MultiModalConfig
 from ..errors import ConfigError, MMCoreError, ModelFormatError, ShapeError
 from ..modality import Modality
@@ -73,7 +74,11 @@ def _check_dir(path: Any, what: str) -> str:
                                f"{type(path).__name__}") from None
     if not os.path.isdir(root):
         raise ModelFormatError(f"{what}: {root!r} does not exist or is not a directory")
-    if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
+    meta = os.path.join(root, CONFIG_FILE)
+    if os.path.lexists(meta) and not os.path.isfile(meta):  # a FIFO, a device: refused
+        check_regular(meta, what=f"model config ({CONFIG_FILE})", error=ModelFormatError,
+                      op=f"MultiModalLoader.{what}")
+    if not os.path.isfile(meta):
         hint = (" (it holds model.onnx: for a modality with encoder='onnx', give the config "
                 "to MultiModalLoader(config) first)"
                 if os.path.isfile(os.path.join(root, "model.onnx")) else "")
