@@ -711,3 +711,34 @@ def test_oversized_safetensors_header_claim_is_refused(saved, tmp_path):
     w.write_bytes((10 ** 12).to_bytes(8, "little") + data[8:])
     with pytest.raises(ModelFormatError, match="safetensors header"):
         load_model_dir(d, verify=False)
+
+
+def _graph_with_external_data(folder, location="weights.bin"):
+    onnx = pytest.importorskip("onnx")
+    g = _graph(folder / "model.onnx")
+    m = onnx.load(str(g))
+    onnx.save_model(m, str(g), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    assert (folder / location).exists()
+    return g
+
+
+def test_onnx_external_data_is_bundled_and_must_be_listed(tmp_path, monkeypatch):
+    g = _graph_with_external_data(tmp_path / "graphs")
+    d = tmp_path / "m"
+    meta = MultiModalModel(_onnx_config(g), seed=0).save(d)
+    assert "weights.bin" in meta["files"] and "encoder.custom-3.onnx" in meta["files"]
+    shutil.rmtree(tmp_path / "graphs")
+    monkeypatch.chdir(tmp_path)
+    from mmcore.modality import Modality
+    out = MultiModalModel.from_pretrained(d).infer({"custom:3": np.ones((1, 2, 4), np.float32)})
+    np.testing.assert_allclose(out.embeddings[Modality("custom:3")], np.ones((1, 2, 16)),
+                               rtol=1e-6)
+    # the same file, present but no longer listed (so not covered by the checksums)
+    p = d / "mmcore.json"
+    meta = json.loads(p.read_text())
+    del meta["files"]["weights.bin"]
+    p.write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match=r"extra\['onnx_path'\] \(external data "
+                                               r"'weights.bin'.*does not list"):
+        MultiModalModel.from_pretrained(d)

@@ -1738,6 +1738,7 @@ def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any],
                              f"extra[{_ONNX_KEY!r}]")
                     onnx = resolve_dir_file(root, extra[_ONNX_KEY], meta=meta, op=op,
                                             field=field, default_name=_ONNX_FILE)
+                    _check_onnx_external(root, onnx, meta, field, op)
                     extra = dict(extra, **{_ONNX_KEY: onnx})
                     if where:
                         mcfg[where] = dict(holder, extra=extra)
@@ -1757,6 +1758,21 @@ def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any],
 
 _ONNX_KEY = "onnx_path"
 _ONNX_FILE = "model.onnx"
+
+
+def _check_onnx_external(root: str, graph: str, meta: Mapping[str, Any], field: str,
+                         op: str) -> None:
+    """The external-data files of the ONNX graph ``graph`` (a file of the model directory
+    ``root``) must be files of the directory too (skipped without the ``onnx`` package)."""
+    from .io import resolve_dir_file
+    from .onnx_encoder import onnx_external_files
+    real_root = os.path.realpath(root)
+    for loc in onnx_external_files(graph) or ():
+        rel = os.path.relpath(os.path.join(os.path.dirname(graph), loc), real_root)
+        if os.path.isabs(loc):
+            rel = loc
+        resolve_dir_file(root, rel, meta=meta, op=op,
+                         field=f"{field} (external data {loc!r} of {os.path.basename(graph)})")
 
 
 def _safe_file_part(key: str) -> str:
@@ -1800,6 +1816,14 @@ def _bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str
         extra[fname] = src
         for h in holders:
             h["extra"][_ONNX_KEY] = fname
+        from .onnx_encoder import onnx_external_files
+        for loc in onnx_external_files(src) or ():  # copied under the same names
+            data = os.path.join(os.path.dirname(src), loc)
+            if extra.get(loc, data) != data:
+                raise ModelFormatError(f"[MultiModalModel.save] the ONNX graphs of two "
+                                       f"modalities keep different external data under the "
+                                       f"same name {loc!r}")
+            extra[loc] = data
 
 
 class _WeightBudget(np.random.Generator):

@@ -19,7 +19,9 @@ Where the graph comes from (``ONNX_FILE`` is ``"model.onnx"``):
   to that directory and must name one of its own files, listed with its checksum in
   ``mmcore.json`` (an absolute path, a ``..`` or a symbolic link leading outside, or an unlisted
   file is refused with :class:`~mmcore.errors.ModelFormatError`); :meth:`MultiModalModel.save`
-  copies the graph into the directory (``encoder.<modality>.onnx``) and names it so.
+  copies the graph into the directory (``encoder.<modality>.onnx``) and names it so. The same
+  holds for the external-data files a graph refers to, where the ``onnx`` package (which reads
+  them) is installed; onnxruntime itself refuses external data outside the graph's folder.
 
 The session runs on the CPU with ``intra_op_num_threads`` = :func:`mmcore.get_num_threads` at
 the time it is created. ``ModalityConfig.quantization`` does not apply (quantize the graph
@@ -50,17 +52,17 @@ Examples
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .._files import check_regular
+from .._files import check_regular, open_regular
 from ..config import ModalityConfig
 from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..modality import Modality
 from .loader import _ExternalEncoder
 
-__all__ = ["OnnxEncoder", "ONNX_FILE", "onnx_file", "onnx_path_of"]
+__all__ = ["OnnxEncoder", "ONNX_FILE", "onnx_file", "onnx_path_of", "onnx_external_files"]
 
 ONNX_FILE = "model.onnx"
 _PATH_KEY = "onnx_path"
@@ -109,6 +111,40 @@ def onnx_file(path: Any, what: str = "OnnxEncoder") -> str:
         raise ModelFormatError(f"[{what}] {file!r} does not exist: the directory {root!r} has no "
                                f"{ONNX_FILE}")
     return file
+
+
+def onnx_external_files(path: str) -> Optional[List[str]]:
+    """The external-data files (``location``, relative to the graph's folder) that the ONNX
+    graph at ``path`` refers to, in order of first use; None when the ``onnx`` package, which
+    reads them, is not installed.
+
+    Raises
+    ------
+    ModelFormatError
+        The file is not an ONNX model the ``onnx`` package can parse.
+    """
+    try:
+        import onnx
+        from onnx import external_data_helper as edh
+    except ImportError:
+        return None
+    try:
+        with open_regular(path, what="ONNX file", error=ModelFormatError,
+                          op="OnnxEncoder") as f:
+            model = onnx.load_model_from_string(f.read())
+    except ModelFormatError:
+        raise
+    except Exception as exc:  # protobuf DecodeError and the like
+        raise ModelFormatError(f"[OnnxEncoder] {path!r} is not a loadable ONNX model: "
+                               f"{type(exc).__name__}: {exc}") from None
+    tensors = getattr(edh, "_get_all_tensors", None)
+    found: List[str] = []
+    for t in (tensors(model) if tensors is not None else model.graph.initializer):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc is not None and loc not in found:
+                found.append(loc)
+    return found
 
 
 def onnx_path_of(mc: ModalityConfig) -> Optional[str]:
