@@ -376,9 +376,17 @@ def save_model_dir(path: PathLike, *, config: Any, state: Mapping[str, Any], nam
     ConfigError
         A bad config, quantization or name.
     ModelFormatError
-        The target is a file or an unrelated non-empty directory, or an extra file is missing.
+        The target is a file or an unrelated non-empty directory, or an extra file is missing
+        or not a regular file.
     OSError
-        The write itself failed (the previous directory, if any, is left as it was).
+        The write itself failed (the previous directory, if any, is left as it was);
+        TimeoutError when another save in the same folder held the folder's lock for over
+        two minutes.
+
+    Notes
+    -----
+    Leftovers of saves to the same target that were killed before they finished
+    (``.<name>.tmp-*``, ``.<name>.old-*``) are removed, unless a live save holds them.
     """
     target = os.path.abspath(os.fspath(path))
     for what, value in (("name", name), ("version", version)):
