@@ -21,7 +21,7 @@ import pytest
 
 from mmcore.config import LateFusion, ModalityConfig, MultiModalConfig
 from mmcore.errors import ConfigError, ModelFormatError
-from mmcore.model import MultiModalLoader, MultiModalModel, default_config
+from mmcore.model import MultiModalLoader, MultiModalModel
 from mmcore.model import io as mio
 from mmcore.model.io import load_model_dir, save_model_dir
 
