@@ -161,20 +161,18 @@ void fuse_row(const FuseParams& p, int64_t b) {
       for (int64_t m = 0; m < M; ++m) {
         if (!present(m)) continue;
         const float* em = e + m * D;
-        // float32 partial dot products flushed into a float64 total every kFlush vectors
-        vf acc = vf{};
+        // float32 partial dot products over kDotChunk values, added into a float64 total
+        constexpr int64_t kDotChunk = 64 * kWidth;
+        const int64_t nv = D / kWidth * kWidth;
         double dot = 0.0;
-        int64_t d = 0, pending = 0;
-        for (; d + kWidth <= D; d += kWidth) {
-          acc += simd::load(q + d) * simd::load(em + d);
-          if (++pending == kFlush) {
-            dot += static_cast<double>(simd::hsum(acc));
-            acc = vf{};
-            pending = 0;
-          }
+        for (int64_t c0 = 0; c0 < nv; c0 += kDotChunk) {
+          const int64_t c1 = std::min(nv, c0 + kDotChunk);
+          vf acc = vf{};
+          for (int64_t d = c0; d < c1; d += kWidth) acc += simd::load(q + d) * simd::load(em + d);
+          dot += static_cast<double>(simd::hsum(acc));
         }
-        float t = simd::hsum(acc);
-        for (; d < D; ++d) t += q[d] * em[d];
+        float t = 0.0f;
+        for (int64_t d = nv; d < D; ++d) t += q[d] * em[d];
         s[m] = static_cast<float>(dot + static_cast<double>(t)) * scale;
         if (s[m] != s[m]) nan = true;
         mx = std::max(mx, s[m]);

@@ -26,6 +26,11 @@ samples resized to ``n_out``, ``scale = n_in / n_out``:
   by alpha (``t = v a + 128; (t + (t >> 8)) >> 8``) before filtering and divided by it after
   (``min(255 v // a, 255)``, pixels with alpha 0 or 255 kept), as Pillow does.
 * float32: the same weights in float64 arithmetic, a float32 intermediate, no clamping.
+* sizes: indices are int64, so an axis may be longer than 2^31 pixels (a view repeating one row,
+  stride 0, is read in place); filter tables beyond 1 GiB per axis (an antialiased downscale of
+  hundreds of millions of pixels to a few) raise ``ShapeError`` up front, as the native kernels
+  do. Beyond Pillow's int32 sizes the nearest filter computes ``(i + 0.5) * scale`` directly
+  instead of walking there by repeated addition.
 
 ``normalize``: ``(float32(v) * scale - mean[c]) / std[c]``, every operation rounded to float32.
 ``preprocess_image``: the resize restricted to the crop window, then the normalization of the

@@ -15,7 +15,11 @@ void attention_cpu(const AttentionParams& p);
 void spectral_cpu(const SpectralParams& p);
 
 // Image kernels (see image.h). Batches run in parallel over images, or over row bands of one
-// image when there are fewer images than threads.
+// image when there are fewer images than threads. Sizes and indices are 64-bit; a source may
+// repeat one row (stride 0). resize / preprocess throw SizeError (size_error.h) before any work
+// when the filter tables of one axis would exceed 1 GiB (an antialiased downscale of hundreds of
+// millions of pixels to a few). spectral_cpu throws it when the FFT scratch of one thread would
+// exceed 2 GiB, linear_cpu when its packed weight panel would.
 void resize_u8(const ImageView<const uint8_t>* srcs, const ImageView<uint8_t>* dsts, int64_t n, ResizeFilter f,
                bool antialias, int num_threads);
 void resize_f32(const ImageView<const float>* srcs, const ImageView<float>* dsts, int64_t n, ResizeFilter f,
