@@ -293,7 +293,8 @@ def _node(args) -> int:
     try:
         return run_node(args.model, args.modality, host=args.host, port=args.port,
                         token_file=args.token_file, certfile=args.certfile,
-                        keyfile=args.keyfile, drain_timeout_s=args.drain_timeout)
+                        keyfile=args.keyfile, drain_timeout_s=args.drain_timeout,
+                        max_inflight_bytes=args.max_inflight_bytes)
     except (ConfigError, ModalityError, ModelFormatError, OSError) as exc:
         print(f"mmcore node: {exc}", file=sys.stderr)
         return 2
@@ -385,6 +386,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_node.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
     p_node.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds to finish requests in flight on SIGTERM")
+    p_node.add_argument("--max-inflight-bytes", type=_positive_int, default=2 << 30,
+                        metavar="N", help="bytes of request frames held at once, node-wide "
+                                          "(default: %(default)s); a request beyond it gets "
+                                          "an error")
     p_node.add_argument("--threads", type=_positive_int, default=None,
                         help="thread count for the native kernels")
     p_node.add_argument("--log-level", default="WARNING", help="logging level")

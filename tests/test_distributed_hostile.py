@@ -637,6 +637,41 @@ def test_cli_node_warns_on_stderr(model_dir, tmp_path):
     assert "SecurityWarning" in err and "0644" in err and "fewer than 16" in err
 
 
+def test_cli_node_takes_the_memory_budget(model_dir, tmp_path):
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN)
+    os.chmod(tok, 0o600)
+    p = subprocess.Popen([sys.executable, "-m", "mmcore", "node", "--model", model_dir,
+                          "--modality", "text", "--token-file", str(tok), "--threads", "1",
+                          "--max-inflight-bytes", "1048576"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=str(tmp_path))
+    try:
+        line = []
+        t = threading.Thread(target=lambda: line.append(p.stdout.readline()), daemon=True)
+        t.start()
+        t.join(60)
+        assert line and line[0].startswith(READY_PREFIX), line
+        host, port = line[0][len(READY_PREFIX):].strip().rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=20)
+        try:
+            client_handshake(s, TOKEN.encode())
+            send_frame(s, MsgType.HEALTH, {"id": "big"}, [np.zeros(2 << 20, np.uint8)])
+            r = recv_frame(s)
+            assert r.type == MsgType.ERROR and r.header["id"] == "big"
+            assert "max_inflight_bytes=1048576" in r.header["message"]
+        finally:
+            s.close()
+    finally:
+        p.terminate()
+        try:
+            p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
 def test_new_node_settings_are_checked(model_dir):
     for kw in ({"max_pending": 0}, {"max_inflight_bytes": -1}, {"frame_timeout_s": 0},
                {"min_bytes_per_s": float("nan")}, {"handshake_timeout_s": True}):
@@ -656,3 +691,17 @@ def _self_signed(tmp_path):
         pytest.skip(f"openssl cannot make a self-signed certificate: {r.stderr[-300:]!r}")
     os.chmod(key, stat.S_IRUSR | stat.S_IWUSR)
     return cert, key
+
+
+def test_ray_actor_body_never_opens_paths_either(model_dir, tmp_path):
+    from PIL import Image
+    from mmcore.distributed.ray_backend import _EncoderActorImpl
+    png = tmp_path / "exists.png"
+    Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(png)
+    actor = _EncoderActorImpl(model_dir, "image")
+    for path in (png, tmp_path / "missing.png"):
+        with pytest.raises(ProtocolError, match="modality 'image'"):
+            actor.encode({"value": {"form": "str", "value": str(path)}}, [])
+    text = _EncoderActorImpl(model_dir, "text")
+    tokens, mask, pooled = text.encode({"value": {"form": "str", "value": "a cat"}}, [])
+    assert pooled.shape[0] == 1

@@ -62,7 +62,7 @@ from .. import __version__
 from ..errors import ConfigError, MMCoreError, ProtocolError
 from ..modality import Modality
 from .auth import SecurityWarning, resolve_token, server_handshake, server_ssl_context
-from .payload import unpack_input
+from .payload import accepted_forms, unpack_input
 from .protocol import (ConnectionClosed, FrameLimits, FrameRefused, MsgType, Pace, recv_frame,
                        send_frame)
 
@@ -71,8 +71,8 @@ __all__ = ["NodeServer", "run_node", "READY_PREFIX"]
 log = logging.getLogger("mmcore.node")
 READY_PREFIX = "mmcore node listening on "
 #: error classes a node reports by name, so that the client raises the same class
-REPORTED_ERRORS = ("ShapeError", "ModalityError", "ConfigError", "AudioDecodeError",
-                   "ImageDecodeError", "VideoDecodeError", "ProtocolError", "BackendError")
+REPORTED_ERRORS = ("ShapeError", "ArgumentError", "ModalityError", "ConfigError",
+                   "AudioDecodeError", "ImageDecodeError", "VideoDecodeError", "ProtocolError", "BackendError")
 
 
 #: accept() errors that pass (out of descriptors, buffers or memory; a connection aborted)
@@ -214,12 +214,9 @@ class NodeServer:
         self.model = MultiModalModel.from_pretrained(model_dir, modalities=mods,
                                                      verify=verify)
         self.modalities = tuple(self.model.modalities)
-        # the preprocessor kind of each modality ("text", "image", ...; None: none), which
-        # decides the input forms a request may use
-        self._kinds: Dict[Modality, Optional[str]] = {}
-        for m in self.modalities:
-            pre = self.model.config.modalities[m].preprocessing
-            self._kinds[m] = None if pre is None else str(pre.modality)
+        # the input forms each modality accepts (remote inputs are data: strings only where
+        # the preprocessor takes them as text, files only as their bytes)
+        self._forms = {m: accepted_forms(self.model, m) for m in self.modalities}
         self._ssl = server_ssl_context(certfile, keyfile) if certfile is not None else None
         self._limits = limits or FrameLimits()
         self._max_connections = int(max_connections)
@@ -508,14 +505,9 @@ class NodeServer:
                                         f"{', '.join(map(str, self.modalities))}, not "
                                         f"{str(m)!r}")
                 tmpdir = tempfile.mkdtemp(dir=self._tmp_root)
-                # remote inputs are data: strings only where the preprocessor takes them
-                # as text, files only as their bytes (written under tmpdir)
-                kind = self._kinds.get(m)
                 value, mask = unpack_input(frame.header.get("input"), frame.arrays,
                                            tmpdir=tmpdir, with_mask=True,
-                                           strings=kind == "text",
-                                           files=kind not in (None, "text"),
-                                           what=f"modality {str(m)!r}")
+                                           what=f"modality {str(m)!r}", **self._forms[m])
                 t0 = time.perf_counter()
                 timings: Dict[str, float] = {}
                 tokens, tmask, pooled = self.model.encode_modality(m, value,

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import ProtocolError, ShapeError
 
-__all__ = ["pack_input", "unpack_input", "MAX_ITEMS"]
+__all__ = ["pack_input", "unpack_input", "accepted_forms", "MAX_ITEMS"]
 
 MAX_ITEMS = 65536
 _PATH_TYPES = (str, bytes, os.PathLike)
@@ -148,6 +148,16 @@ def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: 
         return [_unpack_one(x, arrays, tmpdir, depth + 1, counter, refuse, used)
                 for x in items]
     raise ProtocolError(f"[distributed] unknown input form {form!r}")
+
+
+def accepted_forms(model: Any, modality: Any) -> dict:
+    """The ``strings`` / ``files`` keywords of :func:`unpack_input` for one modality of a
+    serving model: strings (and bytes) only where the modality's preprocessor takes them as
+    text, files (as their bytes) only where it decodes files. A server never lets a client's
+    string reach a preprocessor that would open it as a path on the server."""
+    pre = model.config.modalities[modality].preprocessing
+    kind = None if pre is None else str(pre.modality)
+    return {"strings": kind == "text", "files": kind not in (None, "text")}
 
 
 def unpack_input(desc: Any, arrays: List[np.ndarray], *, tmpdir: Optional[str],

@@ -68,10 +68,12 @@ class _EncoderActorImpl:
         return {"modalities": [str(self.modality)], "pid": os.getpid()}
 
     def encode(self, desc: Dict[str, Any], arrays: List[Any]):
-        from .payload import unpack_input
+        from .payload import accepted_forms, unpack_input
         tmpdir = tempfile.mkdtemp(prefix="mmcore-ray-")
         try:
-            value, mask = unpack_input(desc, list(arrays), tmpdir=tmpdir, with_mask=True)
+            value, mask = unpack_input(desc, list(arrays), tmpdir=tmpdir, with_mask=True,
+                                       what=f"modality {str(self.modality)!r}",
+                                       **accepted_forms(self.model, self.modality))
             return self.model.encode_modality(self.modality, value, attention_mask=mask)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
