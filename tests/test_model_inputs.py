@@ -99,6 +99,34 @@ def test_cache_keying_reads_only_regular_files(tmp_path):
         _item_data("audio", missing)
 
 
+def test_cache_keys_a_large_file_in_bounded_memory(tmp_path):
+    """The key of a path item is a digest read in chunks: a 256 MB input file costs the
+    cache a chunk, not the file (then the decoder refuses it as not an image)."""
+    import tracemalloc
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(256 << 20)
+    model = default_model()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError, match="big.png"):
+            model.infer({"image": [str(big)]})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak
+    # equal bytes, equal key; other bytes, another key
+    from mmcore.model.model import _item_data
+    same = tmp_path / "same.bin"
+    same.write_bytes(b"x" * 5000)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x" * 4999 + b"y")
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(b"x" * 5000)
+    assert _item_data("image", str(same)) == _item_data("image", str(copy))
+    assert _item_data("image", str(same)) != _item_data("image", str(other))
+
+
 @pytest.mark.parametrize("cache", CACHE)
 def test_bytes_paths_and_devices(models, cache, tmp_path):
     with pytest.raises(ImageDecodeError, match="does not exist"):

@@ -569,13 +569,15 @@ def _decode_error(kind: Optional[str]):
 
 
 def _item_data(kind: Optional[str], item: Any, owner: str = "MultiModalModel") -> Any:
-    """What a raw item's key is made of (the file's bytes for a path; a pair's waveform and
-    rate). A path that is not a readable regular file raises the modality's decode error."""
+    """What a raw item's key is made of (a digest of the file's bytes for a path, read in
+    chunks so that memory stays bounded; a pair's waveform and rate). A path that is not a
+    readable regular file raises the modality's decode error."""
     if isinstance(item, _PATH_TYPES) and not (kind == "text" and isinstance(item, (str, bytes))):
         from .._files import open_regular
+        from ..cache import digest_file
         with open_regular(os.fsdecode(item), what=f"{kind or 'input'} file",
                           error=_decode_error(kind), op=owner) as fh:
-            return ("file", fh.read())
+            return ("file-digest", digest_file(fh))
     if isinstance(item, str):
         return ("str", item)
     if isinstance(item, bytes):
