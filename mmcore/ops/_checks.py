@@ -175,6 +175,23 @@ def check_choice(name: str, value, choices, *, op: str) -> str:
     return value
 
 
+def check_limit(name: str, value, *, op: str, default: float, lo: float = 1.0) -> float:
+    """A size limit argument (``max_pixels``, ``max_samples``...): None means ``default``,
+    ``math.inf`` turns the limit off, else a number > 0 and >= ``lo``; ArgumentError
+    otherwise."""
+    if value is None:
+        return float(default)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
+                            f"got {_shown(value)}")
+    v = float(value)
+    if math.isnan(v) or v <= 0 or v < lo:
+        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
+                            f"got {_shown(value)}")
+    return v
+
+
 def as_host_array(op: str, name: str, x) -> np.ndarray:
     """Turn ``x`` into a NumPy array or raise a ShapeError naming ``name`` (ArgumentError for
     ``None``)."""

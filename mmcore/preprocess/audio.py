@@ -24,6 +24,7 @@ import numpy as np
 from .. import ops
 from .._files import open_regular
 from ..config import PreprocessingConfig
+from ..ops._checks import check_limit
 from ..errors import ArgumentError, AudioDecodeError, ConfigError, ShapeError
 
 __all__ = ["load_audio", "load_audio_with_rate", "resample", "AudioPreprocessor"]
@@ -128,20 +129,6 @@ def _wav_truncation(f: BinaryIO) -> Optional[str]:
             f.seek(0)
         except OSError:
             pass
-
-
-def _check_limit(op: str, name: str, value: Any, default: float) -> float:
-    """A size limit argument: None -> ``default``; a positive number or ``math.inf``."""
-    if value is None:
-        return float(default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
-                            f"got {value!r}")
-    v = float(value)
-    if math.isnan(v) or v <= 0:
-        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
-                            f"got {value!r}")
-    return v
 
 
 def _raise_hint(name: str) -> str:
@@ -380,8 +367,9 @@ def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: boo
     sr = _check_rate(op, "sr", sr, optional=True)
     if not isinstance(mono, (bool, np.bool_)):
         raise ArgumentError(f"[{op}] mono must be True or False, got {mono!r}")
-    max_duration_s = _check_limit(op, "max_duration_s", max_duration_s, MAX_AUDIO_DURATION_S)
-    max_samples = _check_limit(op, "max_samples", max_samples, MAX_AUDIO_SAMPLES)
+    max_duration_s = check_limit("max_duration_s", max_duration_s, op=op,
+                                 default=MAX_AUDIO_DURATION_S, lo=0.0)
+    max_samples = check_limit("max_samples", max_samples, op=op, default=MAX_AUDIO_SAMPLES)
     data, rate = _decode(path, op, sr=sr, mono=bool(mono), max_duration_s=max_duration_s,
                          max_samples=max_samples)   # (frames, channels kept)
     audio = data[:, 0] if mono else data.T          # (frames,) or (channels, frames)
@@ -533,8 +521,8 @@ def _check_clip(op: str, where: str, clip: Any) -> None:
     if arr.ndim != 1:
         hint = ""
         if arr.ndim == 2 and min(arr.shape) <= CHANNEL_LIKE_MAX:
-            hint = (f"; for a multichannel clip (T, C) or (C, T), average the channels to one "
-                    f"mono clip (x.mean(axis=1) for (T, C), x.mean(axis=0) for (C, T))")
+            hint = ("; for a multichannel clip (T, C) or (C, T), average the channels to one "
+                    "mono clip (x.mean(axis=1) for (T, C), x.mean(axis=0) for (C, T))")
         raise ShapeError(f"[{op}] {where} has shape {arr.shape}, expected a 1-D waveform "
                          f"(T,){hint}")
     if arr.dtype.kind != "f":

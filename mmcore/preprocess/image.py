@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import ops
 from ..config import PreprocessingConfig
+from ..ops._checks import check_limit
 from .._files import open_regular
 from ..errors import ArgumentError, ConfigError, ImageDecodeError, ShapeError
 
@@ -45,17 +46,9 @@ def _import_pil():
 
 
 def _check_max_pixels(value: Any, Image) -> float:
-    if value is None:
-        limit = Image.MAX_IMAGE_PIXELS
-        return math.inf if limit is None else float(limit)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ArgumentError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
-                            f"got {value!r}")
-    v = float(value)
-    if math.isnan(v) or v < 1:
-        raise ArgumentError(f"[load_image] max_pixels must be a positive int, math.inf or None, "
-                            f"got {value!r}")
-    return v
+    limit = Image.MAX_IMAGE_PIXELS
+    return check_limit("max_pixels", value, op="load_image",
+                       default=math.inf if limit is None else limit)
 
 
 def _check_background(value: Any) -> Optional[Tuple[int, int, int]]:

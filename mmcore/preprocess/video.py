@@ -30,6 +30,7 @@ import numpy as np
 from .. import ops
 from .._files import check_regular
 from ..config import PreprocessingConfig
+from ..ops._checks import check_limit
 from ..errors import ArgumentError, ConfigError, ShapeError, VideoDecodeError
 from .image import _as_config, config_image_kwargs, preprocess_image_op
 
@@ -126,20 +127,6 @@ def _ffmpeg_max_pixels(limit: float) -> int:
     ``(sqrt(limit) + 512) ** 2``, the exact limit being checked by mmcore itself (the default
     8192 x 4320 gives FFmpeg 41.7 M pixels, still below an 8192 x 8192 frame's 67.1 M)."""
     return int(min((math.sqrt(limit) + 512.0) ** 2, _FFMPEG_MAX_PIXELS))
-
-
-def _check_limit(op: str, name: str, value: Any, default: float) -> float:
-    """A size limit argument: None -> ``default``; a positive number or ``math.inf``."""
-    if value is None:
-        return float(default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
-                            f"got {value!r}")
-    v = float(value)
-    if math.isnan(v) or v < 1:
-        raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
-                            f"got {value!r}")
-    return v
 
 
 def _import_av():
@@ -664,8 +651,8 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
     """
     op = "load_video"
     max_threads = _int_arg(op, "max_threads", max_threads)
-    max_pixels = _check_limit(op, "max_pixels", max_pixels, MAX_VIDEO_FRAME_PIXELS)
-    max_bytes = _check_limit(op, "max_bytes", max_bytes, MAX_VIDEO_BYTES)
+    max_pixels = check_limit("max_pixels", max_pixels, op=op, default=MAX_VIDEO_FRAME_PIXELS)
+    max_bytes = check_limit("max_bytes", max_bytes, op=op, default=MAX_VIDEO_BYTES)
     with _VideoReader(path, max_threads=max_threads, op=op, max_pixels=max_pixels,
                       max_bytes=max_bytes) as reader:
         idx = _video_indices(reader, n, fps, strategy, min_frames, max_frames, temporal_patch,
@@ -732,8 +719,9 @@ class VideoPreprocessor:
                  max_bytes: Optional[float] = None):
         self.config = _as_config(config, "video", "VideoPreprocessor")
         self.max_threads = _int_arg("VideoPreprocessor", "max_threads", max_threads)
-        _check_limit("VideoPreprocessor", "max_pixels", max_pixels, MAX_VIDEO_FRAME_PIXELS)
-        _check_limit("VideoPreprocessor", "max_bytes", max_bytes, MAX_VIDEO_BYTES)
+        check_limit("max_pixels", max_pixels, op="VideoPreprocessor",
+                    default=MAX_VIDEO_FRAME_PIXELS)
+        check_limit("max_bytes", max_bytes, op="VideoPreprocessor", default=MAX_VIDEO_BYTES)
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
 
@@ -762,8 +750,9 @@ class VideoPreprocessor:
         video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
         fn = preprocess_image_op()
         if isinstance(video, (str, bytes, os.PathLike)) or hasattr(video, "read"):
-            max_pixels = _check_limit(op, "max_pixels", self.max_pixels, MAX_VIDEO_FRAME_PIXELS)
-            max_bytes = _check_limit(op, "max_bytes", self.max_bytes, MAX_VIDEO_BYTES)
+            max_pixels = check_limit("max_pixels", self.max_pixels, op=op,
+                                     default=MAX_VIDEO_FRAME_PIXELS)
+            max_bytes = check_limit("max_bytes", self.max_bytes, op=op, default=MAX_VIDEO_BYTES)
             with _VideoReader(video, max_threads=self.max_threads, op=op, max_pixels=max_pixels,
                               max_bytes=max_bytes) as reader:
                 idx = self._sample(reader.num_frames, reader.fps)
