@@ -341,3 +341,37 @@ print("survived")
 '''
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------------------------
+# FFT sizes with a large prime factor (Bluestein instead of an O(n p) direct DFT stage)
+
+
+@pytest.fixture(params=["baseline", "avx2", "avx512"])
+def isa(request):
+    C = _native()
+    before = C.isa_level()
+    if request.param not in C.compiled_isas() or not C.set_isa_cap(request.param):
+        C.set_isa_cap(before)
+        pytest.skip(f"{request.param} not available here")
+    yield request.param
+    C.set_isa_cap(before)
+
+
+@pytest.mark.parametrize("n_fft", [131, 254, 4099, 65521, 2 * 65521])
+def test_stft_large_prime_n_fft_is_fast_and_accurate(isa, n_fft):
+    # A prime n_fft of 65521 took minutes per call (a direct DFT stage of n * p work); Bluestein
+    # makes it O(n log n).
+    rng = np.random.default_rng(n_fft)
+    x = rng.standard_normal(n_fft + 160 * 12).astype(np.float32)
+    t0 = time.monotonic()
+    got = ops.stft(x, n_fft=n_fft, hop_length=160, center=False, backend="native")
+    assert time.monotonic() - t0 < 30  # generous: well under a second here
+    # float64 reference: frames times the periodic Hann window, NumPy's FFT
+    win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    frames = np.stack([x[f * 160:f * 160 + n_fft].astype(np.float64) * win
+                       for f in range(got.shape[-1])], axis=1)
+    ref = np.fft.rfft(frames, axis=0)
+    assert got.shape == ref.shape == (n_fft // 2 + 1, 13)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 2e-6 * scale * np.log2(n_fft)

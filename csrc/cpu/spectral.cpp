@@ -219,12 +219,13 @@ float run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes
   const int64_t csize = real_split ? n_fft / 2 : n_fft;
   const int64_t n_bins = n_fft / 2 + 1;
   const FftPlan& plan = fft_plan(csize);
+  const int64_t work = plan.conv ? plan.conv : csize;  // Bluestein works in longer buffers
 
   Scratch& sc = Scratch::get();
-  vf* ar = grow(sc.ar, static_cast<size_t>(csize));
-  vf* ai = grow(sc.ai, static_cast<size_t>(csize));
-  vf* br = grow(sc.br, static_cast<size_t>(csize));
-  vf* bi = grow(sc.bi, static_cast<size_t>(csize));
+  vf* ar = grow(sc.ar, static_cast<size_t>(work));
+  vf* ai = grow(sc.ai, static_cast<size_t>(work));
+  vf* br = grow(sc.br, static_cast<size_t>(work));
+  vf* bi = grow(sc.bi, static_cast<size_t>(work));
   float* tmp = grow(sc.frame, static_cast<size_t>(p.frame_length));
 
   float* fre = reinterpret_cast<float*>(ar);
@@ -336,8 +337,8 @@ void whisper_normalize(const SpectralParams& p, int64_t sig, int64_t m0, int64_t
 void spectral_f32(const SpectralParams& p) {
   if (p.n_signals == 0 || p.n_frames == 0) return;
   {
-    const double csize = static_cast<double>(p.n_fft % 2 == 0 ? p.n_fft / 2 : p.n_fft);
-    const double bytes = (4.0 * csize + static_cast<double>(p.n_fft / 2 + 1)) * sizeof(vf) +
+    const double work = static_cast<double>(fft_work_length(p.n_fft % 2 == 0 ? p.n_fft / 2 : p.n_fft));
+    const double bytes = (4.0 * work + static_cast<double>(p.n_fft / 2 + 1)) * sizeof(vf) +
                          static_cast<double>(p.frame_length) * sizeof(float);
     if (bytes > kMaxScratchBytes)
       throw SizeError("n_fft = " + std::to_string(p.n_fft) + " needs " + bytes_str(bytes) +

@@ -119,9 +119,44 @@ inline void stage_generic(const FftPlan& plan, const FftStage& st, const vf* xr,
   }
 }
 
-// Transforms (xr, xi) in place of lanes; (yr, yi) is scratch of the same size. Returns true if
-// the result ended up in (yr, yi) instead of (xr, xi).
+inline bool forward(const FftPlan& plan, vf* xr, vf* xi, vf* yr, vf* yi);
+
+// Bluestein: X_k = chirp_k conj(FFT_m(conj(FFT_m(a) kernel)))_k with a_j = x_j chirp_j zero-padded
+// to m = plan.conv. The buffers hold m values each; the result goes back to (xr, xi).
+inline bool bluestein(const FftPlan& plan, vf* xr, vf* xi, vf* yr, vf* yi) {
+  const int64_t n = plan.size, m = plan.conv;
+  for (int64_t j = 0; j < n; ++j) {
+    const Cx a = mul(Cx{xr[j], xi[j]}, plan.chirp_re[j], plan.chirp_im[j]);
+    xr[j] = a.re;
+    xi[j] = a.im;
+  }
+  for (int64_t j = n; j < m; ++j) xr[j] = xi[j] = vf{};
+  const bool s1 = forward(*plan.inner, xr, xi, yr, yi);
+  vf* ar = s1 ? yr : xr;
+  vf* ai = s1 ? yi : xi;
+  vf* br = s1 ? xr : yr;
+  vf* bi = s1 ? xi : yi;
+  for (int64_t k = 0; k < m; ++k) {
+    const Cx t = mul(Cx{ar[k], ai[k]}, plan.kernel_re[k], plan.kernel_im[k]);
+    ar[k] = t.re;
+    ai[k] = -t.im;
+  }
+  const bool s2 = forward(*plan.inner, ar, ai, br, bi);
+  const vf* cr = s2 ? br : ar;
+  const vf* ci = s2 ? bi : ai;
+  for (int64_t k = 0; k < n; ++k) {
+    const Cx t = mul(Cx{cr[k], -ci[k]}, plan.chirp_re[k], plan.chirp_im[k]);
+    xr[k] = t.re;
+    xi[k] = t.im;
+  }
+  return false;
+}
+
+// Transforms (xr, xi) in place of lanes; (yr, yi) is scratch of the same size (at least
+// fft_work_length(plan.size) values each). Returns true if the result ended up in (yr, yi)
+// instead of (xr, xi).
 inline bool forward(const FftPlan& plan, vf* xr, vf* xi, vf* yr, vf* yi) {
+  if (plan.conv) return bluestein(plan, xr, xi, yr, yi);
   bool swapped = false;
   for (const FftStage& st : plan.stages) {
     switch (st.radix) {
