@@ -72,7 +72,8 @@ log = logging.getLogger("mmcore.node")
 READY_PREFIX = "mmcore node listening on "
 #: error classes a node reports by name, so that the client raises the same class
 REPORTED_ERRORS = ("ShapeError", "ArgumentError", "ModalityError", "ConfigError",
-                   "AudioDecodeError", "ImageDecodeError", "VideoDecodeError", "ProtocolError", "BackendError")
+                   "AudioDecodeError", "ImageDecodeError", "VideoDecodeError", "ProtocolError",
+                   "BackendError")
 
 
 #: accept() errors that pass (out of descriptors, buffers or memory; a connection aborted)
