@@ -49,8 +49,9 @@ from ..errors import ConfigError, MMCoreError, ModelFormatError, ShapeError
 from ..modality import Modality
 from ..ops import masked_mean
 from .io import CONFIG_FILE, load_model_dir, stored_weight_counts
-from .model import (MultiModalModel, _build, _check_layer_counts, _check_state_modalities,
-                    _config_from_dir, _served_externally, _WeightBudget)
+from .directory import (_build, _check_layer_counts, _check_state_modalities, _config_from_dir,
+                        _served_externally, _WeightBudget)
+from .model import MultiModalModel
 from .nn import Module
 
 __all__ = ["MultiModalLoader", "DistributedUnavailableError"]
