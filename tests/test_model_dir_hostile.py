@@ -663,6 +663,31 @@ def test_a_live_save_in_another_thread_is_never_touched(tmp_path, monkeypatch):
 
 
 @needs_flock
+def test_parent_folder_behind_a_symlink_is_locked_too(tmp_path):
+    """A save through a symlinked folder locks the real folder (two saves exclude each
+    other), so leftovers are still claimed safely and removed."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    with mio._parent_lock(str(link)) as locked:
+        assert locked
+        fd = os.open(str(real), os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                mio._fcntl.flock(fd, mio._fcntl.LOCK_EX | mio._fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    target = link / "m"
+    _save(target, "0")
+    _kill(_start_parked_save(real, real / "m", "tmp"))
+    assert any(".tmp-" in n for n in _leftovers(real))
+    _save(target, "1")
+    assert _leftovers(real) == []
+    assert load_model_dir(target)[2]["version"] == "1"
+
+
+@needs_flock
 def test_concurrent_saves_to_one_target(tmp_path):
     target = tmp_path / "m"
     errors = []

@@ -426,8 +426,8 @@ def save_model_dir(path: PathLike, *, config: Any, state: Mapping[str, Any], nam
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(target)
-    with _parent_lock(parent):
-        stale = _claim_stale(parent, base, olds=os.path.isdir(target))
+    with _parent_lock(parent) as locked:
+        stale = _claim_stale(parent, base, olds=os.path.isdir(target)) if locked else []
         tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
         tmp_lock = _hold(tmp)  # marks the save as live until the directory is renamed in
     _remove_claimed(stale)
@@ -470,10 +470,10 @@ def save_model_dir(path: PathLike, *, config: Any, state: Mapping[str, Any], nam
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        with _parent_lock(parent):
+        with _parent_lock(parent) as locked:
             old, old_lock = _move_into_place(tmp, target, tmp_lock)
             tmp_lock = None  # closed by _move_into_place
-            stale = _claim_stale(parent, base, olds=True)
+            stale = _claim_stale(parent, base, olds=True) if locked else []
         _remove_claimed(stale)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -529,7 +529,8 @@ def _move_into_place(tmp: str, target: str, tmp_lock: Optional[int]
 # the previous model survives a save killed between its two renames until a save completes.
 # Creating, locking, renaming and claiming happen under a ``flock`` on the parent directory,
 # so a save never claims a directory that another one has just created and not yet locked.
-# Where ``fcntl`` is unavailable (Windows) or a file system refuses locks, nothing is removed.
+# Where ``fcntl`` is unavailable (Windows) or a file system refuses locks (the parent folder's
+# lock included), nothing is removed.
 # Saves of older mmcore versions take no lock: one running concurrently in the same folder is
 # not recognised as live.
 
@@ -546,12 +547,14 @@ _DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOL
 
 @contextlib.contextmanager
 def _parent_lock(parent: str):
-    """An exclusive ``flock`` on the directory ``parent`` for the duration of the block (no
-    lock where locks are unavailable); TimeoutError after :data:`_PARENT_LOCK_WAIT_S`."""
+    """An exclusive ``flock`` on the directory ``parent`` (symlinks resolved) for the duration
+    of the block; the block gets True when the lock is held, False where locks are unavailable
+    (then nothing may be claimed as stale). TimeoutError after :data:`_PARENT_LOCK_WAIT_S`."""
     fd = None
+    locked = False
     if _fcntl is not None:
         try:
-            fd = os.open(parent, _DIR_FLAGS)
+            fd = os.open(os.path.realpath(parent), _DIR_FLAGS)
         except OSError:
             fd = None
     try:
@@ -560,6 +563,7 @@ def _parent_lock(parent: str):
             while True:
                 try:
                     _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    locked = True
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
@@ -569,7 +573,7 @@ def _parent_lock(parent: str):
                     time.sleep(0.01)
                 except OSError:  # the file system refuses locks: proceed without
                     break
-        yield
+        yield locked
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
