@@ -503,3 +503,41 @@ def test_features_output_must_not_be_a_fifo_or_device(fifo, tmp_path):
         assert isinstance(r, ConfigError), r
         assert str(r).startswith("[extract_features]") and kind in str(r)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)     # left as it was
+
+
+def test_video_playlists_never_open_the_files_they_name(tmp_path):
+    """An HLS playlist naming a file of this machine is refused (FFmpeg's HLS demuxer would
+    open and decode it); the same .ts file opened directly still decodes."""
+    from mmcore.preprocess import load_video
+    secret = write_video(tmp_path / "secret.ts")
+    frames, _ = load_video(secret, n=2)
+    assert frames.shape[0] == 2
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n"
+                        f"{secret}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(VideoDecodeError, match="list.m3u8"):
+        load_video(playlist, n=2)
+
+
+def test_received_files_keep_only_media_suffixes(tmp_path):
+    from mmcore.distributed.payload import pack_input, unpack_input
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text("#EXTM3U\n")
+    for name, suffix in (("list.m3u8", ""), ("clip.MP4", ".mp4"), ("a.wav", ".wav"),
+                         ("x.concat", ""), ("noext", "")):
+        target = tmp_path / name
+        target.write_bytes(b"data")
+        desc, arrays = pack_input("video", str(target))
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        path = unpack_input(desc, arrays, tmpdir=str(out))
+        assert os.path.basename(path) == f"input1{suffix}", path
+
+
+def test_decoder_threads_are_capped():
+    from mmcore.preprocess import VideoPreprocessor, load_video
+    from mmcore.preprocess.video import MAX_DECODER_THREADS
+    with pytest.raises(ArgumentError, match="max_threads"):
+        load_video("unused.mp4", max_threads=MAX_DECODER_THREADS + 1)
+    with pytest.raises(ArgumentError, match="max_threads"):
+        VideoPreprocessor(max_threads=3000)

@@ -27,7 +27,8 @@ import numpy as np
 
 from ..errors import ProtocolError, ShapeError
 
-__all__ = ["pack_input", "unpack_input", "accepted_forms", "MAX_ITEMS"]
+__all__ = ["pack_input", "unpack_input", "accepted_forms", "safe_suffix", "MEDIA_SUFFIXES",
+           "MAX_ITEMS"]
 
 MAX_ITEMS = 65536
 _PATH_TYPES = (str, bytes, os.PathLike)
@@ -107,6 +108,33 @@ def _array(arrays: List[np.ndarray], index: Any, used: Optional[set] = None) -> 
     return arrays[index]
 
 
+#: File name suffixes a received file keeps (decoders sniff them); anything else is dropped.
+#: Playlist and list formats are left out on purpose: FFmpeg's HLS demuxer, probed by an
+#: ``.m3u8`` suffix, would open the files a playlist names, which are paths on the server.
+MEDIA_SUFFIXES = frozenset(
+    ".png .jpg .jpeg .jpe .jfif .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga "
+    ".jp2 .j2k .wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .au .snd .caf .w64 .rf64 "
+    ".mp4 .m4v .m4a .mov .qt .mkv .mka .webm .avi .mpg .mpeg .m2v .ts .mts .m2ts .flv "
+    ".3gp .3g2 .ogv .wmv .asf .y4m .h264 .264 .h265 .265 .hevc .ivf".split())
+
+
+def safe_suffix(name: Any) -> str:
+    """The suffix of a client's file name if it is a known media suffix (lower-cased), else
+    ``""``: a received file is written under a name the server chooses, and its suffix can
+    never make a decoder follow references to other files.
+
+    Examples
+    --------
+    >>> from mmcore.distributed.payload import safe_suffix
+    >>> safe_suffix("clip.MP4"), safe_suffix("list.m3u8"), safe_suffix("x.png\\x00"), safe_suffix(3)
+    ('.mp4', '', '', '')
+    """
+    if not isinstance(name, str):
+        return ""
+    suffix = os.path.splitext(os.path.basename(name))[1].lower()
+    return suffix if suffix in MEDIA_SUFFIXES else ""
+
+
 def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: int,
                 counter: List[int], refuse: Mapping[str, str], used: set) -> Any:
     if not isinstance(d, dict):
@@ -128,10 +156,8 @@ def _unpack_one(d: Any, arrays: List[np.ndarray], tmpdir: Optional[str], depth: 
         data = _array(arrays, d.get("index"), used)
         if tmpdir is None:
             raise ProtocolError("[distributed] file input where none is accepted")
-        name = d.get("name")
-        name = os.path.basename(name) if isinstance(name, str) else ""
-        suffix = os.path.splitext(name)[1][:16]
         counter[0] += 1
+        suffix = safe_suffix(d.get("name"))
         path = os.path.join(tmpdir, f"input{counter[0]}{suffix}")
         with open(path, "wb") as fh:
             fh.write(data.tobytes())

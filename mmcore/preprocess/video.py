@@ -53,6 +53,16 @@ MAX_VIDEO_BYTES = 8 << 30
 # FFmpeg's own max_pixels option is an int
 _FFMPEG_MAX_PIXELS = 2 ** 31 - 1
 
+#: The most decoder threads load_video / VideoPreprocessor take (``max_threads``).
+MAX_DECODER_THREADS = 16
+
+#: The FFmpeg demuxers load_video opens (FFmpeg's ``format_whitelist``): containers of one
+#: file. Playlist and list demuxers (HLS ``.m3u8``, DASH, ``concat``) are left out on purpose:
+#: they open the files a playlist names, so a file from a stranger could make the decoder read
+#: other files of the machine.
+DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,mpegvideo,flv,ogg,asf,"
+            "h264,hevc,m4v,ivf,yuv4mpegpipe,gif,mjpeg,nut,dv,mxf,rawvideo")
+
 
 from ..ops.video import STRATEGIES, _int_arg, _rate_arg, sample_frame_indices, temporal_windows  # noqa: E402,F401
 
@@ -173,7 +183,8 @@ class _VideoReader:
         self._ff_opts = ({} if math.isinf(max_pixels) else
                          {"max_pixels": str(_ffmpeg_max_pixels(max_pixels))})
         try:
-            self.container = av.open(source, mode="r", options=dict(self._ff_opts))
+            self.container = av.open(source, mode="r",
+                                     options=dict(self._ff_opts, format_whitelist=DEMUXERS))
         except Exception as exc:  # av.FFmpegError subclasses, OSError, ValueError ...
             raise self._error(f"not a video file FFmpeg can open ({_describe(exc)})",
                               exc) from None
@@ -285,7 +296,8 @@ class _VideoReader:
         """(width, height) of the first video stream, opening the file again with the
         decoder skipping every frame; (0, 0) when unknown."""
         try:
-            with self.av.open(self._path, mode="r", options={"skip_frame": "all"}) as c:
+            with self.av.open(self._path, mode="r", options={"skip_frame": "all",
+                                                                "format_whitelist": DEMUXERS}) as c:
                 cc = c.streams.video[0].codec_context
                 return int(cc.width or 0), int(cc.height or 0)
         except Exception:  # the first open worked; a failure here leaves the size unknown
@@ -579,7 +591,9 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
     indices : sequence of int, optional
         Explicit frame indices instead (any order, repeats allowed).
     max_threads : int, default 2
-        Decoder threads (``codec_context.thread_count``, ``thread_type="AUTO"``).
+        Decoder threads (``codec_context.thread_count``, ``thread_type="AUTO"``), at most
+        :data:`MAX_DECODER_THREADS` (16, FFmpeg's own cap for most decoders): each one holds
+        its own decoder state.
     return_indices : bool, default False
         Also return the frame indices.
     max_pixels : int, math.inf or None, default None
@@ -650,7 +664,7 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
     ((4, 48, 64, 3), [0.233, 0.733, 1.233, 1.733])
     """
     op = "load_video"
-    max_threads = _int_arg(op, "max_threads", max_threads)
+    max_threads = _int_arg(op, "max_threads", max_threads, maximum=MAX_DECODER_THREADS)
     max_pixels = check_limit("max_pixels", max_pixels, op=op, default=MAX_VIDEO_FRAME_PIXELS)
     max_bytes = check_limit("max_bytes", max_bytes, op=op, default=MAX_VIDEO_BYTES)
     with _VideoReader(path, max_threads=max_threads, op=op, max_pixels=max_pixels,
@@ -718,7 +732,8 @@ class VideoPreprocessor:
                  max_threads: int = 2, max_pixels: Optional[float] = None,
                  max_bytes: Optional[float] = None):
         self.config = _as_config(config, "video", "VideoPreprocessor")
-        self.max_threads = _int_arg("VideoPreprocessor", "max_threads", max_threads)
+        self.max_threads = _int_arg("VideoPreprocessor", "max_threads", max_threads,
+                                    maximum=MAX_DECODER_THREADS)
         check_limit("max_pixels", max_pixels, op="VideoPreprocessor",
                     default=MAX_VIDEO_FRAME_PIXELS)
         check_limit("max_bytes", max_bytes, op="VideoPreprocessor", default=MAX_VIDEO_BYTES)
