@@ -410,3 +410,12 @@ def test_run_refuses_a_fifo_without_blocking(tmp_path, capsys):
     done, exc = _run_bounded(lambda: box.setdefault("rc", main(["run", "--audio", fifo])))
     assert done and exc is None and box["rc"] == 1
     assert "FIFO" in capsys.readouterr().err
+
+
+def test_preprocessor_sampling_rate_is_bounded_like_pairs():
+    pre = AudioPreprocessor()
+    clip = np.zeros(1600, np.float32)
+    for bad in (1, 999, 768001):
+        with pytest.raises(ArgumentError, match="sampling_rate"):
+            pre(clip, sampling_rate=bad)
+    assert pre(clip, sampling_rate=8000)["input_features"].shape[0] == 1

@@ -185,7 +185,10 @@ def check_limit(name: str, value, *, op: str, default: float, lo: float = 1.0) -
                                                                      np.floating)):
         raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
                             f"got {_shown(value)}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:                    # an int beyond float: no limit at all
+        v = math.inf if value > 0 else -math.inf
     if math.isnan(v) or v <= 0 or v < lo:
         raise ArgumentError(f"[{op}] {name} must be a positive number, math.inf or None, "
                             f"got {_shown(value)}")

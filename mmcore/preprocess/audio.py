@@ -641,7 +641,8 @@ class AudioPreprocessor:
 
     Files are decoded with :func:`load_audio` at ``config.sample_rate`` (mixed to mono when
     ``config.mono``). A pair's waveform is at the pair's rate; other arrays are taken to be
-    at ``sampling_rate`` Hz (default ``config.sample_rate``). Either is resampled to
+    at ``sampling_rate`` Hz (default ``config.sample_rate``; like a pair's rate it must lie in
+    [1000, 768000] Hz, so that no rate can multiply a clip's length). Either is resampled to
     ``config.sample_rate`` with :func:`resample` (soxr "HQ", as :func:`load_audio` does) when
     it differs. Arrays must be floating point (float16/32/64, computed in float32) and finite;
     integer PCM must be scaled first (int16: divide by 32768).
@@ -863,6 +864,12 @@ class AudioPreprocessor:
         """Features and frame mask of ``audio`` (see the class docstring)."""
         sampling_rate = _check_rate("AudioPreprocessor", "sampling_rate", sampling_rate,
                                     optional=True)
+        if sampling_rate is not None and not (
+                MIN_ITEM_SAMPLE_RATE <= sampling_rate <= MAX_ITEM_SAMPLE_RATE):
+            # as for (waveform, rate) pairs: a tiny rate would multiply the clip's length
+            raise ArgumentError(f"[AudioPreprocessor] sampling_rate must be in "
+                                f"[{MIN_ITEM_SAMPLE_RATE}, {MAX_ITEM_SAMPLE_RATE}] Hz, got "
+                                f"{sampling_rate}")
         items = self._items(audio, sampling_rate)
         batch, lengths = self._fit_lengths(items)
         feats = self._features(batch)

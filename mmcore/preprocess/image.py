@@ -179,7 +179,7 @@ def load_image(path: Any, *, max_pixels: Optional[float] = None,
         The message names the file. (When other code in the process sets Pillow's
         ``ImageFile.LOAD_TRUNCATED_IMAGES = True``, Pillow fills truncated images in gray
         instead of failing; that setting is respected.)
-    ShapeError
+    ArgumentError
         For a bad ``path`` type, ``max_pixels`` or ``background``.
 
     Examples

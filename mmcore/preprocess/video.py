@@ -640,10 +640,11 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
         than ``max_pixels`` or would decode to more than ``max_bytes``, or decoding fails
         (corrupt data, or a stream that ends well before the frame count it declares). The
         message names the file (and the limit, with how to raise it).
-    ShapeError
-        For bad sampling arguments (naming them).
     ArgumentError
-        For a bad ``max_pixels`` or ``max_bytes``.
+        For bad sampling arguments, ``max_threads``, ``max_pixels`` or ``max_bytes`` (naming
+        them).
+    ShapeError
+        For ``indices`` that are not a non-empty 1-D integer array within the stream.
     ImportError
         When PyAV is not installed.
 
