@@ -544,6 +544,53 @@ def test_busy_node_is_retried_elsewhere_and_stays_in_rotation(model_dir):
         _legit_client(busy)
 
 
+def test_a_small_frame_carrying_a_huge_batch_is_charged_for_its_items(model_dir):
+    """100,000 1x1 images are 300 kB on the wire but ~6 GB once encoded: the node charges
+    each item's decoded and encoded size against its budget, refuses the batch before
+    preprocessing it, and keeps serving."""
+    with serving(model_dir, ["image"], max_inflight_bytes=1 << 20) as node:
+        s = _authenticated(node, timeout=20)
+        try:
+            x = np.zeros((100_000, 1, 1, 3), np.uint8)
+            t0 = time.monotonic()
+            send_frame(s, MsgType.ENCODE, {"id": "amp", "modality": "image", "input": {
+                "value": {"form": "array", "index": 0}}}, [x])
+            r = recv_frame(s)
+            assert time.monotonic() - t0 < 10
+            assert r.type == MsgType.ERROR and r.header["error"] == "ProtocolError"
+            assert "100000 image items" in r.header["message"]
+            assert "max_inflight_bytes=1048576" in r.header["message"]
+            send_frame(s, MsgType.ENCODE, {"id": "ok", "modality": "image", "input": {
+                "value": {"form": "array", "index": 0}}}, [x[:4]])
+            r = recv_frame(s)
+            assert r.type == MsgType.RESULT and r.arrays[2].shape[0] == 4
+        finally:
+            s.close()
+        _wait_released(node)
+
+
+def test_a_momentarily_busy_only_node_is_tried_again(model_dir):
+    with serving(model_dir, max_inflight_bytes=1 << 20, frame_timeout_s=0.3) as node:
+        with node._budget:
+            node._inflight_bytes = 1 << 20                 # as if frames filled the budget
+
+        def release():
+            with node._budget:
+                node._inflight_bytes = 0
+                node._budget.notify_all()
+        timer = threading.Timer(0.5, release)
+        timer.start()
+        try:
+            req = {"input": {"value": {"form": "str", "value": "hello"}}}
+            cfg = DistributedConfig(sharding_strategy=ShardingStrategy.modality_specific(
+                {"text": [_addr(node)]}), token=TOKEN, heartbeat_s=60)
+            with Coordinator(cfg) as coord:
+                assert coord.encode("text", req, [])[2].shape == (1, 64)
+        finally:
+            timer.cancel()
+            release()
+
+
 def test_many_connections_declaring_huge_frames_allocate_nothing(model_dir):
     """Eight connections declare 1 GiB frames and stall: the budget (64 MiB) refuses all of
     them before anything is allocated, the node keeps serving, then closes them."""
@@ -705,3 +752,17 @@ def test_ray_actor_body_never_opens_paths_either(model_dir, tmp_path):
     text = _EncoderActorImpl(model_dir, "text")
     tokens, mask, pooled = text.encode({"value": {"form": "str", "value": "a cat"}}, [])
     assert pooled.shape[0] == 1
+
+
+def test_failed_node_start_leaves_no_socket_or_directory(model_dir, tmp_path, monkeypatch):
+    import tempfile as _tempfile
+    monkeypatch.setattr(_tempfile, "tempdir", str(tmp_path))
+    with serving(model_dir) as node:
+        taken = node.address[1]
+        with pytest.raises(OSError):                     # the port is in use
+            NodeServer(model_dir, ["text"], token=TOKEN, port=taken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SecurityWarning)
+        with pytest.raises(SecurityWarning):
+            NodeServer(model_dir, ["text"], token=TOKEN, host="0.0.0.0", port=0)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("mmcore-node-")]

@@ -23,6 +23,7 @@ import concurrent.futures
 import logging
 import socket
 import threading
+import time
 import uuid
 from typing import Any, Dict, List, Optional
 
@@ -252,10 +253,17 @@ class Coordinator:
             raise NodeUnavailableError(f"[coordinator] no node serves modality {str(m)!r}")
         attempts = self.config.max_attempts or max(2, len(nodes))
         tried: set = set()
+        busy: set = set()
         errors_seen = []
         header = dict(header, id=uuid.uuid4().hex, modality=str(m))
-        for _ in range(attempts):
+        for attempt in range(attempts):
             node = self._pick(m, tried)
+            if node is None and busy:
+                # every node left was out of memory budget: try those again after a pause
+                time.sleep(min(1.0, 0.1 * (attempt + 1)))
+                tried -= busy
+                busy.clear()
+                node = self._pick(m, tried)
             if node is None:
                 break
             tried.add(node)
@@ -278,8 +286,10 @@ class Coordinator:
                 errors_seen.append(f"{node.address}: draining")
                 continue
             if frame.type == MsgType.ERROR and frame.header.get("error") == "Busy":
-                # out of memory budget for now: another node may have room; still healthy
+                # out of memory budget for now: another node may have room (or this one, a
+                # little later); still healthy
                 errors_seen.append(f"{node.address}: {str(frame.header.get('message'))[:300]}")
+                busy.add(node)
                 continue
             if frame.type == MsgType.ERROR:
                 _raise_remote(frame.header)

@@ -106,6 +106,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: what one item of a request is charged against the memory budget once decoded and encoded,
+#: as a multiple of its output tokens (the encoder's intermediates: QKV, MLP, attention)
+_ITEM_EXPANSION = 16
+
+
+class _Busy(MMCoreError):
+    """A request that found no room in the node's memory budget (answered as ``Busy``)."""
+
+
+def _item_bytes(model: Any, m: Modality) -> int:
+    """What one item of modality ``m`` may take while it is preprocessed and encoded: its
+    output tokens (the encoder's positions, else 4096) x width x 4 bytes x
+    :data:`_ITEM_EXPANSION`."""
+    emb = getattr(model.encoder(m), "embedder", None)
+    pos = getattr(emb, "position_embedding", None)
+    tokens = int(pos.shape[0]) if getattr(pos, "ndim", 0) == 2 else 4096
+    return _ITEM_EXPANSION * tokens * int(model.config.modalities[m].embed_dim) * 4
+
+
 def _hardware() -> Dict[str, Any]:
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -169,10 +188,13 @@ class NodeServer:
         Node-wide budget for the bytes of request frames being received or served. A frame
         reserves its payload's size plus 32 times its JSON header's (what parsing it may
         take) from its fixed header on, before anything is allocated, and releases it when
-        its answer is sent. A frame that does not fit waits up to
-        ``frame_timeout_s`` for room, then gets an ERROR frame naming the limit (``Busy``; a
-        frame larger than the whole budget gets ``ProtocolError`` at once); its payload is
-        then read and dropped in small chunks, never buffered, and the connection stays open.
+        its answer is sent; once its input is unpacked, the request also reserves what its
+        items take when decoded and encoded (each: the encoder's output tokens x width x 4
+        bytes x 16, so a small frame cannot carry a huge batch). A frame (or batch) that does
+        not fit waits up to ``frame_timeout_s`` for room, then gets an ERROR frame naming the
+        limit (``Busy``, which a coordinator retries; one larger than the whole budget gets
+        ``ProtocolError`` at once); a refused frame's payload is read and dropped in small
+        chunks, never buffered, and the connection stays open.
     drain_timeout_s : float, default 30, keyword-only
         How long :meth:`stop` waits for requests in flight.
     verify : bool, default True, keyword-only
@@ -218,6 +240,9 @@ class NodeServer:
         # the input forms each modality accepts (remote inputs are data: strings only where
         # the preprocessor takes them as text, files only as their bytes)
         self._forms = {m: accepted_forms(self.model, m) for m in self.modalities}
+        from ..model.inputs import batch_size
+        self._batch_size = batch_size
+        self._item_bytes = {m: _item_bytes(self.model, m) for m in self.modalities}
         self._ssl = server_ssl_context(certfile, keyfile) if certfile is not None else None
         self._limits = limits or FrameLimits()
         self._max_connections = int(max_connections)
@@ -241,16 +266,21 @@ class NodeServer:
         self._pending: "OrderedDict[int, socket.socket]" = OrderedDict()   # oldest first
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._tmp_root = tempfile.mkdtemp(prefix="mmcore-node-")
         self._sock = socket.create_server(
             (host, int(port)), backlog=max(128, min(4096, self._max_pending)))
-        self._sock.settimeout(0.2)
-        h, p = self._sock.getsockname()[:2]
-        self.address: Tuple[str, int] = (h, int(p))
-        if self._ssl is None and not _is_loopback(h):
-            warnings.warn(f"[NodeServer] listening on {h}:{p}, which is not a loopback "
-                          "address, without TLS: requests, inputs and embeddings travel in "
-                          "clear (pass certfile= and keyfile=)", SecurityWarning, stacklevel=2)
+        try:                       # nothing is left behind when the constructor fails
+            self._sock.settimeout(0.2)
+            h, p = self._sock.getsockname()[:2]
+            self.address: Tuple[str, int] = (h, int(p))
+            if self._ssl is None and not _is_loopback(h):
+                warnings.warn(f"[NodeServer] listening on {h}:{p}, which is not a loopback "
+                              "address, without TLS: requests, inputs and embeddings travel "
+                              "in clear (pass certfile= and keyfile=)", SecurityWarning,
+                              stacklevel=2)
+            self._tmp_root = tempfile.mkdtemp(prefix="mmcore-node-")
+        except BaseException:
+            self._sock.close()
+            raise
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -404,6 +434,29 @@ class NodeServer:
                 held.append(need)
         raise FrameRefused(message, error=error, read_json=read_json)
 
+    def _reserve_items(self, m: Modality, items: int, held: List[int]) -> None:
+        """Reserve what ``items`` items of ``m`` take once decoded and encoded (a small frame
+        can carry a large batch); ProtocolError when the whole budget is too small, ``Busy``
+        when no room is found within ``frame_timeout_s``."""
+        need = items * self._item_bytes[m]
+        limit = self._max_inflight_bytes
+        what = f"{items} {m} items (about {need} bytes once decoded and encoded)"
+        if need > limit:
+            raise ProtocolError(f"[node] {what} exceed this node's memory budget for requests "
+                                f"(max_inflight_bytes={limit}); send smaller batches")
+        with self._budget:
+            deadline = time.monotonic() + self._pace.base_s
+            while self._inflight_bytes + need > limit and not self._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._budget.wait(min(left, 0.5))
+            if self._inflight_bytes + need > limit:
+                raise _Busy(f"[node] busy: {self._inflight_bytes} of max_inflight_bytes="
+                            f"{limit} bytes are in flight, no room for {what}")
+            self._inflight_bytes += need
+            held.append(need)
+
     def _release(self, held: List[int]) -> None:
         if held:
             with self._budget:
@@ -446,7 +499,8 @@ class NodeServer:
                             "id": rid if isinstance(rid, (str, int)) else None,
                             "error": exc.error, "message": str(exc)}, pace=self._pace)
                         continue
-                    if not self._handle(conn, frame, late=bool(counted and counted[0])):
+                    if not self._handle(conn, frame, late=bool(counted and counted[0]),
+                                        held=held):
                         return
                 finally:
                     self._release(held)
@@ -480,9 +534,11 @@ class NodeServer:
                 "hardware": self._hardware, "pid": os.getpid(), "version": __version__,
                 "draining": self._stopping.is_set()}
 
-    def _handle(self, conn: socket.socket, frame, late: bool = False) -> bool:
+    def _handle(self, conn: socket.socket, frame, late: bool = False,
+                held: Optional[List[int]] = None) -> bool:
         """Answer one frame (``late``: it began to arrive after the drain started, so it is
-        refused with a Draining error); False closes the connection."""
+        refused with a Draining error; ``held``: the request's budget reservations, to which
+        its items' cost is added); False closes the connection."""
         rid = frame.header.get("id")
         if not isinstance(rid, (str, int, type(None))):
             raise ProtocolError("[node] request id must be a string or an integer")
@@ -509,6 +565,9 @@ class NodeServer:
                 value, mask = unpack_input(frame.header.get("input"), frame.arrays,
                                            tmpdir=tmpdir, with_mask=True,
                                            what=f"modality {str(m)!r}", **self._forms[m])
+                items = self._batch_size(m, self.model.config.modalities[m].preprocessing,
+                                         value, where=f"modality {str(m)!r}")
+                self._reserve_items(m, items, held if held is not None else [])
                 t0 = time.perf_counter()
                 timings: Dict[str, float] = {}
                 tokens, tmask, pooled = self.model.encode_modality(m, value,
@@ -520,10 +579,10 @@ class NodeServer:
                 # unexpected error is logged with its traceback and reported as RemoteError)
                 if not isinstance(exc, (MMCoreError, ValueError, TypeError, OSError)):
                     log.exception("request %s failed", rid)
-                name = type(exc).__name__
+                name = "Busy" if isinstance(exc, _Busy) else type(exc).__name__
                 with self._lock:
                     self._failed += 1
-                reported = name in REPORTED_ERRORS
+                reported = name in REPORTED_ERRORS or name == "Busy"
                 send_frame(conn, MsgType.ERROR, {
                     "id": rid, "error": name if reported else "RemoteError",
                     "message": (str(exc) if reported else f"{name}: {exc}")[:2000]},

@@ -129,6 +129,13 @@ def _classify(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
     return is_raw, b
 
 
+def batch_size(modality: Modality, pre: Optional[PreprocessingConfig], value: Any, *,
+               where: str = "input") -> int:
+    """The batch size of one input of ``modality`` (preprocessed per ``pre``), with the checks
+    of ``infer`` (ShapeError for what it would refuse)."""
+    return _classify(_kind_of(modality, pre), value, where)[1]
+
+
 def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
     if isinstance(value, Mapping):
         for v in value.values():
