@@ -66,6 +66,10 @@ __all__ = [
     "ModalityMap", "register_fusion", "unregister_fusion", "get_fusion", "registered_fusions",
 ]
 
+#: The longest ``chunk_length_s`` / ``max_length_s`` of an audio configuration, in seconds
+#: (4 h: the default ``max_duration_s`` of :func:`mmcore.preprocess.load_audio`).
+MAX_AUDIO_ITEM_S = 4 * 3600.0
+
 PathLike = Union[str, "os.PathLike[str]"]
 _C = TypeVar("_C", bound="ConfigBase")
 
@@ -629,7 +633,7 @@ class PreprocessingConfig(ConfigBase):
         Samples between frames (fbank: frame shift).
     chunk_length_s : float or None, default: 30.0 for "whisper", None otherwise
         Length every item is padded or cut to when ``padding="max_length"``. Ignored by the
-        other padding modes.
+        other padding modes. At most :data:`MAX_AUDIO_ITEM_S` (4 h), as ``max_length_s``.
     padding : {"max_length", "longest", "none"}, default: "max_length" for "whisper", else "longest"
         ``"max_length"``: every item is zero-padded (or cut) to ``chunk_length_s``, or to
         ``max_length_s`` when ``chunk_length_s`` is None; one of them must be set.
@@ -859,6 +863,13 @@ class PreprocessingConfig(ConfigBase):
                   check_positive_float(owner, "chunk_length_s", self.chunk_length_s, optional=True))
         self._set("max_length_s",
                   check_positive_float(owner, "max_length_s", self.max_length_s, optional=True))
+        for name in ("chunk_length_s", "max_length_s"):
+            v = getattr(self, name)
+            if v is not None and v > MAX_AUDIO_ITEM_S:
+                # every item may be padded to it: a config (or a model directory's) must not
+                # make each clip take gigabytes
+                raise ConfigError(f"[{owner}] {name} = {v} s is longer than {MAX_AUDIO_ITEM_S:g} s"
+                                  " (4 h, the longest audio load_audio decodes by default)")
         pad = self.padding
         if pad is MODALITY_DEFAULT:
             pad = "max_length" if whisper else "longest"

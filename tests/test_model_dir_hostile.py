@@ -19,9 +19,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from mmcore.config import LateFusion, ModalityConfig, MultiModalConfig
+from mmcore.config import LateFusion, ModalityConfig, MultiModalConfig, PreprocessingConfig
 from mmcore.errors import ConfigError, ModelFormatError
-from mmcore.model import MultiModalLoader, MultiModalModel
+from mmcore.model import MultiModalLoader, MultiModalModel, default_model
 from mmcore.model import io as mio
 from mmcore.model.io import load_model_dir, save_model_dir
 
@@ -767,3 +767,20 @@ def test_onnx_external_data_is_bundled_and_must_be_listed(tmp_path, monkeypatch)
     with pytest.raises(ModelFormatError, match=r"extra\['onnx_path'\] \(external data "
                                                r"'weights.bin'.*does not list"):
         MultiModalModel.from_pretrained(d)
+
+
+def test_audio_chunk_lengths_beyond_four_hours_are_refused(tmp_path):
+    """A model directory whose audio preprocessing pads every clip to 20,000 s (and a frame
+    stride that keeps the positions consistent) would make each item take gigabytes."""
+    d = tmp_path / "m"
+    default_model().save(d)
+
+    def edit(cfg):
+        audio = cfg["modalities"]["audio"]
+        audio["preprocessing"]["chunk_length_s"] = 20000
+        audio["encoder_config"].setdefault("extra", {})["frame_stride"] = 40000
+    _edit_config(d, edit)
+    exc, took, peak = _bounded(lambda: MultiModalModel.from_pretrained(d))
+    assert isinstance(exc, ModelFormatError) and "chunk_length_s" in str(exc), exc
+    with pytest.raises(ConfigError, match="max_length_s"):
+        PreprocessingConfig("audio", max_length_s=4 * 3600 + 1)

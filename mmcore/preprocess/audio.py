@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import ops
 from .._files import open_regular
-from ..config import PreprocessingConfig
+from ..config import MAX_AUDIO_ITEM_S, PreprocessingConfig
 from ..ops._checks import check_limit
 from ..errors import ArgumentError, AudioDecodeError, ConfigError, ShapeError
 
@@ -47,7 +47,7 @@ LOG_MEL_FLOOR = 1e-10
 
 #: Default ``max_duration_s`` of :func:`load_audio`: 4 hours, read from the file's header
 #: (frames / sample rate) before decoding.
-MAX_AUDIO_DURATION_S = 4 * 3600.0
+MAX_AUDIO_DURATION_S = MAX_AUDIO_ITEM_S
 #: Default ``max_samples`` of :func:`load_audio`: 2**29 samples (2 GiB as float32), counted
 #: over the channels kept (1 with ``mono=True``), both as decoded at the file's rate and as
 #: returned after resampling: 9.3 hours at 16 kHz, 3.1 hours at 48 kHz.
