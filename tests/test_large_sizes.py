@@ -147,6 +147,102 @@ def test_rgba_tall_zero_stride_is_not_copied(backend):
     np.testing.assert_array_equal(got, want)
 
 
+_RSS_CHILD = r"""
+import resource, sys
+import numpy as np
+from mmcore import ops
+backend, case = sys.argv[1], sys.argv[2]
+def run(scale):
+    if case == "horizontal_first":
+        # 32768 rows of 1 x 1 x 3 pixels -> (1, 16384): the intermediate of the first pass
+        # would hold every source row at the output width (1.5 GiB)
+        x = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (32768 // scale, 32768 // scale, 3))
+        out = ops.resize(x, (1, 16384 // scale), filter="bilinear", backend=backend)
+        assert out.shape == (1, 16384 // scale, 3) and not out.any()
+    else:
+        # 2^20 rows of one 96 KiB row -> (8192, 4) nearest: vertical pass first, whose
+        # intermediate would hold every output row at the span of the 4 columns (576 MiB)
+        row = np.full((1, 32768 // scale, 3), 9, np.uint8)
+        x = np.broadcast_to(row, (2**20 // scale, 32768 // scale, 3))
+        out = ops.resize(x, (8192 // scale, 4), filter="nearest", backend=backend)
+        assert out.shape == (8192 // scale, 4, 3) and (out == 9).all()
+run(64)  # the same code paths, small: compiled and warmed before measuring
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(1)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("growth_kib", after - before)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["horizontal_first", "vertical_first"])
+def test_resize_of_repeated_rows_keeps_memory_bounded(backend, case):
+    # A tiny broadcast image (row stride 0) made resize allocate an intermediate image of the
+    # whole (virtual) source height, or of every output row at the source width: ~0.5-0.8 GiB
+    # here, gigabytes for slightly larger sizes. Now one repeated row stands for all of them
+    # (horizontal pass first), and the vertical-first order runs in bands of output rows.
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _RSS_CHILD, backend, case], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    growth_mib = int(r.stdout.split("growth_kib")[1]) / 1024
+    assert growth_mib < 200, growth_mib
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("filt", ["nearest", "bilinear", "bicubic", "lanczos"])
+@pytest.mark.parametrize("size", [(7, 50), (5, 3), (40, 9)])
+def test_resize_of_repeated_rows_matches_a_copy(backend, dtype, filt, size):
+    # (300, 40) -> (7, 50): vertical pass first; (5, 3) and (40, 9) from (300, 400): horizontal
+    # first (the stride-0 shortcut); each must equal the resize of the materialized image.
+    rng = np.random.default_rng(7)
+    W = 40 if size == (7, 50) else 400
+    row = (rng.random((W, 4)) * 255).astype(dtype)
+    view = _repeated_rows(row, 300)
+    got = ops.resize(view, size, filter=filt, backend=backend)
+    want = ops.resize(view.copy(), size, filter=filt, backend=backend)
+    np.testing.assert_array_equal(got, want)
+    if filt != "nearest":
+        got = ops.resize(view, size, filter=filt, antialias=False, backend=backend)
+        want = ops.resize(view.copy(), size, filter=filt, antialias=False, backend=backend)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_numba_vertical_first_bands_match_one_piece(monkeypatch, dtype):
+    from mmcore._numba import image as nb_image
+    rng = np.random.default_rng(3)
+    img = (rng.random((300, 40, 3)) * 255).astype(dtype)
+    want = ops.resize(img, (37, 50), filter="bicubic", backend="numba")
+    # intermediate rows of 40 columns: a band of 3 rows at a time, the last band shorter
+    monkeypatch.setattr(nb_image, "_MAX_INTER_BYTES", 3 * 40 * 3 * img.itemsize)
+    got = ops.resize(img, (37, 50), filter="bicubic", backend="numba")
+    np.testing.assert_array_equal(got, want)
+    if dtype == np.uint8:  # fixed point: the native kernels give the same numbers
+        np.testing.assert_array_equal(got, ops.resize(img, (37, 50), filter="bicubic",
+                                                      backend="native"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filt,H", [("bicubic", 2**62), ("lanczos", 2**61), ("bilinear", 2**62),
+                                    ("bilinear", 2**62 - 1)])
+def test_resize_tap_count_beyond_int64_raises(backend, filt, H):
+    # A stride-0 view of 2^61-2^62 rows costs one byte; the antialiased kernel of a 2^62:1
+    # downscale has ~1e19 taps, whose integer count overflowed (UB): a silent [0] or a raw
+    # "cannot create std::vector larger than max_size()".
+    x = np.broadcast_to(np.full((1, 1, 1), 200, np.uint8), (H, 1, 1))
+    with pytest.raises(ShapeError, match=rf"^\[resize\] resizing {H} rows to 1 with antialiasing "
+                                         r"needs "):
+        ops.resize(x, (1, 1), filter=filt, backend=backend)
+    # float32 (a quarter of the rows, to stay within NumPy's byte count) and another output size
+    xf = np.broadcast_to(np.full((1, 1, 1), 0.5, np.float32), (H // 4, 1, 1))
+    with pytest.raises(ShapeError, match=rf"^\[resize\] resizing {H // 4} rows to 3 with "):
+        ops.resize(xf, (3, 2), filter=filt, backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------
 # the private native bindings
 
@@ -191,6 +287,21 @@ def test_native_bindings_refuse_overflowing_sizes():
     with pytest.raises(ValueError, match=r"^\[patchify\] sizes overflow"):
         C.patchify(np.zeros((1, 0, 1, 0, 0), np.float32), np.empty((1, 0, 1), np.float32),
                    patch=2**32, temporal_patch=2**32, num_threads=1)
+
+
+def test_native_spectral_refuses_huge_n_fft():
+    # The FFT plan lengths (a power of two above 2 n_fft for odd sizes) overflow or loop for
+    # n_fft near 2^62; the binding refuses n_fft beyond 2^40 up front.
+    C = _native()
+    x = np.zeros((1, 8), np.float32)
+    out = np.empty((1, 5, 1), np.float32)
+    win = np.ones(8, np.float32)
+    kw = dict(frame_length=8, frame_offset=0, pad_left=0, pad_mode="constant", dither=0.0, seed=0,
+              remove_dc=False, preemph=0.0, kind="power", power=2.0, log_mode="none",
+              log_floor=1e-10, whisper_norm=False, num_threads=1)
+    for n_fft in (2**40 + 1, 2**61 + 1, 2**62 - 1, 2**62):
+        with pytest.raises(ValueError, match=r"^\[spectral\] n_fft must be <= 2\^40"):
+            C.spectral(x, out, win, None, None, None, None, n_fft=n_fft, hop=1, n_frames=1, **kw)
 
 
 def test_native_spectral_n_fft_beyond_the_scratch_budget_raises():

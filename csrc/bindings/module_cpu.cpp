@@ -142,6 +142,9 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   p.T = xa.shape(1);
   p.x = checked<float>(op, "x", x, {p.n_signals, p.T}, false);
   if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
+  // The FFT plan (work and Bluestein lengths, powers of two above 2 n_fft) must stay far from
+  // int64 overflow; 2^40 samples per frame is already beyond any memory.
+  if (n_fft > (int64_t{1} << 40)) throw py::value_error("[spectral] n_fft must be <= 2^40, got " + std::to_string(n_fft));
   if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
   if (frame_length < 1 || frame_offset < 0 || frame_length > n_fft || frame_offset > n_fft - frame_length)
     throw py::value_error("[spectral] the frame must lie inside the FFT buffer");

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -55,12 +56,34 @@ struct Taps {
   std::vector<float> wf;              // float, n * ksize
 };
 
-// Taps per output of a resize from in_size to out_size (the table width of make_taps).
-int64_t taps_ksize(int64_t in_size, int64_t out_size, ResizeFilter f, bool antialias) {
-  if (f == ResizeFilter::nearest) return 1;
+// Most taps per output a resize builds tables for; wider kernels (an antialiased ratio of about
+// 2^29 and more) raise SizeError before the count is converted to an integer.
+constexpr double kMaxTaps = 2147483648.0;
+// Memory budget of the intermediate image between the two passes of a band of output rows
+// (the vertical-first order runs its outputs in bands that fit).
+constexpr double kMaxInterBytes = 64.0 * 1024.0 * 1024.0;
+
+// Taps per output of a resize from in_size to out_size, as a double (exact below 2^53).
+double taps_ksize_d(int64_t in_size, int64_t out_size, ResizeFilter f, bool antialias) {
+  if (f == ResizeFilter::nearest) return 1.0;
   double filterscale = static_cast<double>(in_size) / static_cast<double>(out_size);
   if (filterscale < 1.0 || !antialias) filterscale = 1.0;
-  return static_cast<int64_t>(std::ceil(resample::support(f) * filterscale)) * 2 + 1;
+  return std::ceil(resample::support(f) * filterscale) * 2.0 + 1.0;
+}
+
+std::string too_many_taps(int64_t in_size, int64_t out_size, const char* axis, bool aa, double ks) {
+  char taps[32];
+  std::snprintf(taps, sizeof(taps), "%.3g", ks);
+  return "resizing " + std::to_string(in_size) + " " + axis + " to " + std::to_string(out_size) +
+         (aa ? " with antialiasing" : "") + " needs " + taps + " taps per output (limit 2^31); " +
+         "resize in several smaller steps, or pass antialias=False or filter='nearest'";
+}
+
+// Taps per output of a resize from in_size to out_size (the table width of make_taps).
+int64_t taps_ksize(int64_t in_size, int64_t out_size, ResizeFilter f, bool antialias) {
+  const double ks = taps_ksize_d(in_size, out_size, f, antialias);
+  if (!(ks <= kMaxTaps)) throw SizeError(too_many_taps(in_size, out_size, "pixels", antialias, ks));
+  return static_cast<int64_t>(ks);
 }
 
 // Throws SizeError when the scratch of resizing (H, W, C) to (RH, RW), computing n_rows x
@@ -71,7 +94,9 @@ void check_resize_scratch(int64_t H, int64_t W, int64_t C, int64_t RH, int64_t R
   const int64_t in[2] = {H, W}, out[2] = {RH, RW}, n[2] = {n_rows, n_cols};
   for (int a = 0; a < 2; ++a) {
     if (in[a] == out[a] && f != ResizeFilter::nearest) continue;
-    const double ks = static_cast<double>(taps_ksize(in[a], out[a], f, aa));
+    // In double: the table of a kernel of 2^31 taps and more is over the budget anyway, and
+    // the integer count of ~1e19 taps would overflow.
+    const double ks = taps_ksize_d(in[a], out[a], f, aa);
     const double table = ks * static_cast<double>(n[a]) * (sizeof(int32_t) + sizeof(float));
     const double band = a == 1 && u8 ? ks * static_cast<double>(C) * sizeof(simd::vi) : 0.0;
     if (table > kMaxTapBytes || band > kMaxBandBytes) {
@@ -94,7 +119,8 @@ Taps make_taps(int64_t in_size, int64_t out_size, int64_t o0, int64_t n, ResizeF
     t.wf.assign(n, 1.0f);
     // Pillow's nearest resize walks the source coordinate by repeated addition from 0.5 * scale
     // (not (i + 0.5) * scale), which decides the ties; do the same within Pillow's sizes.
-    const bool walk = o0 + n <= kNearestWalk;
+    // The choice depends on the output size only, never on the window [o0, o0 + n).
+    const bool walk = out_size <= kNearestWalk;
     double xo = 0.5 * scale;
     for (int64_t i = walk ? 0 : o0; i < o0 + n; ++i, xo += scale) {
       if (i < o0) continue;
@@ -373,6 +399,15 @@ void resize_region(const ImageView<const T>& src, int64_t RH, int64_t RW, int64_
     int64_t r0, r1;
     needed_rows(tv, &r0, &r1);
     const int64_t rowlen = nx * C;
+    if (src.stride == 0) {
+      // One row repeated (a broadcast view): the horizontal pass of that row stands for all
+      // r1 - r0 rows, and the vertical pass reads it with stride 0, which gives the same
+      // numbers without an intermediate of the whole (possibly huge) source height.
+      inter.resize(static_cast<size_t>(rowlen));
+      hpass_rows(src, r0, 1, th, nx, inter.data(), rowlen, threads);
+      vpass_rows(inter.data(), int64_t{0}, r0, tv, ny, 0, rowlen, out, out_stride, threads);
+      return;
+    }
     inter.resize(static_cast<size_t>((r1 - r0) * rowlen));
     hpass_rows(src, r0, r1 - r0, th, nx, inter.data(), rowlen, threads);
     vpass_rows(inter.data(), rowlen, r0, tv, ny, 0, rowlen, out, out_stride, threads);
@@ -380,15 +415,30 @@ void resize_region(const ImageView<const T>& src, int64_t RH, int64_t RW, int64_
     int64_t c0, c1;
     tap_span(th, &c0, &c1);
     const int64_t rowlen = (c1 - c0) * C;
-    inter.resize(static_cast<size_t>(ny * rowlen));
-    vpass_rows(src.data, src.stride, 0, tv, ny, c0 * C, rowlen, inter.data(), rowlen, threads);
-    ImageView<const T> mid;
-    mid.data = inter.data();
-    mid.H = ny;
-    mid.W = c1 - c0;
-    mid.C = C;
-    mid.stride = rowlen;
-    hpass_rows(mid, 0, ny, shifted(th, c0), nx, out, out_stride, threads);
+    const Taps ths = shifted(th, c0);
+    // Output rows in bands whose intermediate (band x rowlen) fits kMaxInterBytes: the
+    // vertical pass of a band of outputs does not depend on the other bands.
+    const double row_bytes = static_cast<double>(rowlen) * sizeof(T);
+    const int64_t band =
+        std::max<int64_t>(1, static_cast<int64_t>(std::min(static_cast<double>(ny), kMaxInterBytes / row_bytes)));
+    inter.resize(static_cast<size_t>(band * rowlen));
+    for (int64_t y0 = 0; y0 < ny; y0 += band) {
+      const int64_t nb = std::min(band, ny - y0);
+      Taps tb;
+      tb.ksize = tv.ksize;
+      tb.start.assign(tv.start.begin() + y0, tv.start.begin() + y0 + nb);
+      tb.count.assign(tv.count.begin() + y0, tv.count.begin() + y0 + nb);
+      if (!tv.wi.empty()) tb.wi.assign(tv.wi.begin() + y0 * tv.ksize, tv.wi.begin() + (y0 + nb) * tv.ksize);
+      if (!tv.wf.empty()) tb.wf.assign(tv.wf.begin() + y0 * tv.ksize, tv.wf.begin() + (y0 + nb) * tv.ksize);
+      vpass_rows(src.data, src.stride, 0, tb, nb, c0 * C, rowlen, inter.data(), rowlen, threads);
+      ImageView<const T> mid;
+      mid.data = inter.data();
+      mid.H = nb;
+      mid.W = c1 - c0;
+      mid.C = C;
+      mid.stride = rowlen;
+      hpass_rows(mid, 0, nb, ths, nx, out + y0 * out_stride, out_stride, threads);
+    }
   }
 }
 

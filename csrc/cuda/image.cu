@@ -395,7 +395,13 @@ class TableSet {
     if (!identity && f_ != ResizeFilter::nearest) {
       filterscale = (antialias_ && scale > 1.0) ? scale : 1.0;
       support = resample::support(f_) * filterscale;
-      ks = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
+      // In double first: past a ratio of about 1.5e18 the integer product would overflow.
+      const double ksd = std::ceil(support) * 2.0 + 1.0;
+      if (!(ksd <= static_cast<double>(kInt32Max))) {
+        return invalid("the filter tables of this resize exceed 2^31 taps per output (output size " +
+                       str(out_size) + " from " + str(in_size) + ")");
+      }
+      ks = static_cast<int64_t>(ksd);
     }
     while (data_.size() % kEntryInts != 0) data_.push_back(0);  // int4 alignment of the entries
     const int64_t offset = static_cast<int64_t>(data_.size());
@@ -430,8 +436,9 @@ class TableSet {
     } else if (f_ == ResizeFilter::nearest) {
       // Pillow walks the source coordinate by repeated addition from 0.5 * scale, which decides
       // the ties; do the same within Pillow's sizes (and clamp to the last pixel).
+      // The choice depends on the output size only (as on the CPU), never on the window.
       const int64_t end = std::min(out_size, o0 + n);
-      const bool walk = end <= kNearestWalk;
+      const bool walk = out_size <= kNearestWalk;
       double x = 0.5 * scale;
       for (int64_t i = walk ? 0 : std::max<int64_t>(o0, 0); i < end; ++i, x += scale) {
         if (i < o0) continue;

@@ -61,6 +61,8 @@ _launch_lock = threading.RLock()
 # Scratch budget of one axis's filter tables (as the native kernels: mmcore/csrc/cpu/image.cpp),
 # and the output index up to which the nearest filter walks its coordinate as Pillow does.
 _MAX_TAP_BYTES = 1 << 30
+# Budget of the intermediate between the passes of one band of output rows (vertical first).
+_MAX_INTER_BYTES = 1 << 26
 _NEAREST_WALK = 1 << 31
 
 
@@ -133,8 +135,9 @@ def _taps(n_in, n_out, o0, n, fid, antialias):
             for i in range(n):
                 start[i] = o0 + i
             return start, count, wi, wf
-        if o0 + n > _NEAREST_WALK:
+        if n_out > _NEAREST_WALK:
             # beyond Pillow's int32 sizes: the coordinate directly instead of walking there
+            # (decided by the output size, never by the window o0 .. o0 + n)
             for i in range(n):
                 x = (o0 + i + 0.5) * scale
                 start[i] = int(x) if x < n_in else n_in - 1
@@ -254,17 +257,36 @@ def _resize_region(src, out, OH, OW, y0, x0, fid, antialias):
     if vertical_first(H, W, OH, OW):
         c0 = int(hs.min())
         c1 = int((hs + hc).max())
-        # the vertical pass reads columns c0 .. c1 of src in place (no copy of the source)
-        mid = np.empty((ny, c1 - c0, C), src.dtype)
-        if u8:
-            _vpass_u8(src, 0, vs, vc, vwi, mid, c0)
-            _hpass_u8(mid, 0, hs - c0, hc, hwi, out)
-        else:
-            _vpass_f32(src, 0, vs, vc, vwf, mid, c0)
-            _hpass_f32(mid, 0, hs - c0, hc, hwf, out)
+        # the vertical pass reads columns c0 .. c1 of src in place (no copy of the source), for
+        # bands of output rows whose intermediate fits _MAX_INTER_BYTES
+        band = max(1, min(ny, _MAX_INTER_BYTES // max(1, (c1 - c0) * C * src.itemsize)))
+        mid = np.empty((band, c1 - c0, C), src.dtype)
+        for b0 in range(0, ny, band):
+            b1 = min(ny, b0 + band)
+            m = mid[:b1 - b0]
+            if u8:
+                _vpass_u8(src, 0, vs[b0:b1], vc[b0:b1], vwi[b0:b1], m, c0)
+                _hpass_u8(m, 0, hs - c0, hc, hwi, out[b0:b1])
+            else:
+                _vpass_f32(src, 0, vs[b0:b1], vc[b0:b1], vwf[b0:b1], m, c0)
+                _hpass_f32(m, 0, hs - c0, hc, hwf, out[b0:b1])
         return
     r0 = int(vs.min())
     r1 = int((vs + vc).max())
+    if H > 1 and src.strides[0] == 0:
+        # one row repeated (a broadcast view): the horizontal pass of that row, read back with
+        # stride 0 by the vertical pass, instead of an intermediate of the whole source height
+        mid = np.empty((1, nx, C), src.dtype)
+        if u8:
+            _hpass_u8(src, r0, hs, hc, hwi, mid)
+        else:
+            _hpass_f32(src, r0, hs, hc, hwf, mid)
+        mid = np.broadcast_to(mid, (r1 - r0, nx, C))
+        if u8:
+            _vpass_u8(mid, r0, vs, vc, vwi, out)
+        else:
+            _vpass_f32(mid, r0, vs, vc, vwf, out)
+        return
     mid = np.empty((r1 - r0, nx, C), src.dtype)
     if u8:
         _hpass_u8(src, r0, hs, hc, hwi, mid)
