@@ -412,15 +412,7 @@ class NodeServer:
                 message = (f"[node] {size} exceeds this node's memory budget for requests "
                            f"(max_inflight_bytes={limit}); send smaller batches")
             else:
-                deadline = time.monotonic() + self._pace.base_s
-                while self._inflight_bytes + need > limit and not self._stopping.is_set():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._budget.wait(min(left, 0.5))
-                if self._inflight_bytes + need <= limit:
-                    self._inflight_bytes += need
-                    held.append(need)
+                if self._take(need, held):
                     return
                 error = "Busy"
                 message = (f"[node] busy: {self._inflight_bytes} of max_inflight_bytes="
@@ -445,17 +437,25 @@ class NodeServer:
             raise ProtocolError(f"[node] {what} exceed this node's memory budget for requests "
                                 f"(max_inflight_bytes={limit}); send smaller batches")
         with self._budget:
-            deadline = time.monotonic() + self._pace.base_s
-            while self._inflight_bytes + need > limit and not self._stopping.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._budget.wait(min(left, 0.5))
-            if self._inflight_bytes + need > limit:
+            if not self._take(need, held):
                 raise _Busy(f"[node] busy: {self._inflight_bytes} of max_inflight_bytes="
                             f"{limit} bytes are in flight, no room for {what}")
-            self._inflight_bytes += need
-            held.append(need)
+
+    def _take(self, need: int, held: List[int]) -> bool:
+        """With ``self._budget`` held: wait up to ``frame_timeout_s`` for ``need`` bytes of
+        room and take them (True), or give up (False)."""
+        limit = self._max_inflight_bytes
+        deadline = time.monotonic() + self._pace.base_s
+        while self._inflight_bytes + need > limit and not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._budget.wait(min(left, 0.5))
+        if self._inflight_bytes + need > limit:
+            return False
+        self._inflight_bytes += need
+        held.append(need)
+        return True
 
     def _release(self, held: List[int]) -> None:
         if held:
