@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import subprocess
+import tempfile
 import sys
 import textwrap
 import threading
@@ -57,6 +58,9 @@ def run_child(code: str, *, timeout: float = TIMEOUT, **kw) -> dict:
     """)
     env = dict(os.environ)
     env.setdefault("MMCORE_NUM_THREADS", "1")
+    # outside the source tree, so that the child imports the installed package (with its
+    # native module), not the checkout's mmcore/ that "-c" would put first on sys.path
+    kw.setdefault("cwd", tempfile.gettempdir())
     proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
                           capture_output=True, text=True, timeout=timeout, env=env, **kw)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,13 +13,18 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import numpy as np
 import pytest
 
 from mmcore import ops
-from mmcore.errors import MMCoreError, ShapeError
+from mmcore.errors import ShapeError
+
+# children run outside the checkout, so that "-c" does not put its mmcore/ (which lacks the
+# native module in a regular install) before the installed package
+_OUTSIDE_SOURCE = tempfile.gettempdir()
 
 try:
     import numba  # noqa: F401
@@ -184,7 +189,7 @@ def test_resize_of_repeated_rows_keeps_memory_bounded(backend, case):
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-c", _RSS_CHILD, backend, case], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, cwd=_OUTSIDE_SOURCE)
     assert r.returncode == 0, r.stderr[-2000:]
     growth_mib = int(r.stdout.split("growth_kib")[1]) / 1024
     assert growth_mib < 200, growth_mib
@@ -450,7 +455,8 @@ for name, (fn, args, kw) in calls.items():
                 pass
 print("survived")
 '''
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=_OUTSIDE_SOURCE)
     assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -24,8 +25,6 @@ from mmcore.errors import ConfigError, ModelFormatError
 from mmcore.model import MultiModalLoader, MultiModalModel, default_model
 from mmcore.model import io as mio
 from mmcore.model.io import load_model_dir, save_model_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small_config(preprocessing=None):
@@ -120,7 +119,8 @@ def _load_in_child(path, how="from_pretrained"):
     """Load ``path`` in a child process (3 GiB address space, 120 s), so that a regression
     fails the test instead of exhausting the machine: the child's report."""
     out = subprocess.run([sys.executable, "-c", _SIZE_CHILD, how, str(path)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120,
+                         cwd=tempfile.gettempdir())   # the installed package, not the checkout
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -533,7 +533,6 @@ def test_an_explicit_onnx_directory_may_lie_elsewhere(tmp_path):
 _CHILD = textwrap.dedent("""
     import json, os, sys, time
     import numpy as np
-    sys.path.insert(0, {root!r})
     from mmcore.model import io as mio
     target, ready, stage = sys.argv[1], sys.argv[2], sys.argv[3]
     real_rename, real_dump = os.rename, json.dump
@@ -563,7 +562,7 @@ _CHILD = textwrap.dedent("""
 def _start_parked_save(tmp_path, target, stage):
     ready = tmp_path / f"ready-{stage}-{time.monotonic_ns()}"
     script = tmp_path / "child_save.py"
-    script.write_text(_CHILD.format(root=ROOT))
+    script.write_text(_CHILD.format())
     proc = subprocess.Popen([sys.executable, str(script), str(target), str(ready), stage],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
