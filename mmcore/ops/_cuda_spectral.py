@@ -19,13 +19,12 @@ a missing CuPy or CUDA module.
 
 from __future__ import annotations
 
-import math
-import operator
 
 import numpy as np
 
 from .._backend import is_cuda_array
-from ..errors import BackendError, ShapeError
+from ..errors import ArgumentError, BackendError, ShapeError
+from ._checks import check_choice, check_float, check_int
 from ._cuda_common import cuda_module, cupy_module, device_array, same_device
 
 __all__ = ["spectral_cuda", "MAX_N_FFT"]
@@ -55,34 +54,17 @@ def _same_device(name: str, a, device: int) -> None:
 
 
 def _int(name: str, value, lo=None, hi=None) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise ShapeError(f"[{_OP}] {name} must be an int, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ShapeError(f"[{_OP}] {name} must be an int, got {value!r}") from None
-    if lo is not None and v < lo:
-        raise ShapeError(f"[{_OP}] {name} must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ShapeError(f"[{_OP}] {name} must be <= {hi}, got {v}")
-    return int(v)
+    """An int argument in ``[lo, hi]`` (None: unbounded); ArgumentError otherwise."""
+    return check_int(name, value, op=_OP, lo=lo, hi=hi)
 
 
 def _float(name: str, value) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ShapeError(f"[{_OP}] {name} must be a real number, got {value!r}") from None
-    if not math.isfinite(f):
-        raise ShapeError(f"[{_OP}] {name} must be finite, got {f}")
-    return f
+    """A finite float argument (finite in float32 too: the kernel takes float32)."""
+    return check_float(name, value, op=_OP)
 
 
 def _choice(name: str, value, options: dict) -> int:
-    if not isinstance(value, str) or value not in options:
-        raise ShapeError(f"[{_OP}] {name} must be one of {', '.join(map(repr, options))}, "
-                         f"got {value!r}")
-    return options[value]
+    return options[check_choice(name, value, tuple(options), op=_OP)]
 
 
 def _table(cp, name: str, a, device: int, kind: str):
@@ -229,12 +211,12 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
     log_floor_f = _float("log_floor", log_floor)
     if kind_i == 0:
         if log_i != 0 or whisper_norm:
-            raise ShapeError(f"[{_OP}] log_mode and whisper_norm apply to kind 'power' and "
-                             "'mel', not 'complex'")
+            raise ArgumentError(f"[{_OP}] log_mode and whisper_norm apply to kind 'power' and "
+                                "'mel', not 'complex'")
     elif power_f <= 0:
-        raise ShapeError(f"[{_OP}] power must be > 0, got {power_f}")
+        raise ArgumentError(f"[{_OP}] power must be > 0, got {power_f}")
     if log_i != 0 and log_floor_f < 0:
-        raise ShapeError(f"[{_OP}] log_floor must be >= 0, got {log_floor_f}")
+        raise ArgumentError(f"[{_OP}] log_floor must be >= 0, got {log_floor_f}")
 
     # ---- x and out
     if x.ndim != 2:
