@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import pytest
 
@@ -31,3 +33,50 @@ def need_backend(name):
     """Skip when an optional backend is not installed (numba); native is always built."""
     if name == "numba":
         pytest.importorskip("numba")
+
+
+def call_bounded(fn, *fifos, bound: float = 30.0):
+    """``fn()``'s return value, or the exception it raised, failing the test when it has not
+    returned within ``bound`` seconds. A call blocked in ``open()`` of one of ``fifos`` is
+    released first (a writer is opened and closed on them), so the suite goes on."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(bound)
+    if t.is_alive():
+        for f in fifos:
+            try:
+                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        t.join(5)
+        pytest.fail(f"the call did not return within {bound} s (blocked on a FIFO?)")
+    return box["error"] if "error" in box else box.get("value")
+
+
+@contextlib.contextmanager
+def serving_node(model_dir, modalities, **kwargs):
+    """An in-process shard node (``NodeServer(model_dir, modalities, **kwargs)``) served by a
+    daemon thread; stopped and joined on exit."""
+    from mmcore.distributed.node import NodeServer
+    node = NodeServer(model_dir, list(modalities), **kwargs)
+    t = threading.Thread(target=node.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        t.join(20)
+        assert not t.is_alive(), "node did not stop"
+
+
+def node_address(node) -> str:
+    """``"host:port"`` of a node, as shard configs name it."""
+    return f"{node.address[0]}:{node.address[1]}"

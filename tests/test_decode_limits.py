@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ import pytest
 
 sf = pytest.importorskip("soundfile")
 
+from _helpers import call_bounded  # noqa: E402
 from mmcore.errors import (ArgumentError, AudioDecodeError, ConfigError,  # noqa: E402
                            ImageDecodeError, VideoDecodeError)
 from mmcore.features import extract_features  # noqa: E402
@@ -32,7 +32,6 @@ from mmcore.preprocess import load_audio, load_audio_with_rate, load_image  # no
 from mmcore.preprocess import audio as audio_mod  # noqa: E402
 
 TIMEOUT = 120      # seconds: the bound on a child process (generous; the calls take < 2 s)
-HANG_BOUND = 30    # seconds: a call on a FIFO that takes longer than this counts as hung
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -65,36 +64,6 @@ def run_child(code: str, *, timeout: float = TIMEOUT, **kw) -> dict:
                           capture_output=True, text=True, timeout=timeout, env=env, **kw)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def bounded(fn, *fifos, bound: float = HANG_BOUND):
-    """``fn()``'s result or exception, failing the test if it runs longer than ``bound``.
-
-    If it hangs in ``open()`` of one of ``fifos``, a writer is opened and closed on them so the
-    blocked thread gets end-of-file and the suite goes on.
-    """
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(bound)
-    if t.is_alive():
-        for f in fifos:
-            try:
-                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-        t.join(5)
-        pytest.fail(f"the call did not return within {bound} s (blocked on a FIFO?)")
-    if "error" in box:
-        return box["error"]
-    return box["value"]
 
 
 def write_video(path, *, n: int = 6, w: int = 64, h: int = 48):
@@ -397,15 +366,15 @@ def _is_refusal(result, error, path, kind):
 
 
 def test_load_image_audio_video_refuse_a_fifo(fifo, tmp_path):
-    r = bounded(lambda: load_image(fifo), fifo)
+    r = call_bounded(lambda: load_image(fifo), fifo)
     assert _is_refusal(r, ImageDecodeError, fifo, "a FIFO").startswith("[load_image]")
-    r = bounded(lambda: load_audio(fifo), fifo)
+    r = call_bounded(lambda: load_audio(fifo), fifo)
     assert _is_refusal(r, AudioDecodeError, fifo, "a FIFO").startswith("[load_audio]")
     av = pytest.importorskip("av")  # noqa: F841
     from mmcore.preprocess import load_video, video_info
-    r = bounded(lambda: load_video(fifo), fifo)
+    r = call_bounded(lambda: load_video(fifo), fifo)
     assert _is_refusal(r, VideoDecodeError, fifo, "a FIFO").startswith("[load_video]")
-    r = bounded(lambda: video_info(fifo), fifo)
+    r = call_bounded(lambda: video_info(fifo), fifo)
     assert _is_refusal(r, VideoDecodeError, fifo, "a FIFO").startswith("[video_info]")
 
 
@@ -424,7 +393,7 @@ def test_symlink_to_fifo_directory_and_devices_are_refused(fifo, tmp_path):
         pass
     for path, kind in cases:
         for fn, error in loaders:
-            r = bounded(lambda: fn(path), fifo)
+            r = call_bounded(lambda: fn(path), fifo)
             _is_refusal(r, error, path, kind)
 
 
@@ -471,7 +440,7 @@ def test_extract_features_lists_a_fifo_and_goes_on(fifo, tmp_path):
     except ImportError:
         pass
     for modality, good, error in runs:
-        rep = bounded(lambda: extract_features(modality, [good, fifo, tmp_path], None,
+        rep = call_bounded(lambda: extract_features(modality, [good, fifo, tmp_path], None,
                                                progress=False), fifo)
         assert not isinstance(rep, BaseException), rep
         assert list(rep.keys.values()) == [str(good)]
@@ -503,7 +472,7 @@ def test_features_output_must_not_be_a_fifo_or_device(fifo, tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(good)
     for target, kind in [(fifo, "a FIFO")] + ([("/dev/null", "a character device")]
                                               if os.path.exists("/dev/null") else []):
-        r = bounded(lambda: extract_features("image", [good], target, progress=False), fifo)
+        r = call_bounded(lambda: extract_features("image", [good], target, progress=False), fifo)
         assert isinstance(r, ConfigError), r
         assert str(r).startswith("[extract_features]") and kind in str(r)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)     # left as it was

@@ -19,12 +19,13 @@ import wave
 import numpy as np
 import pytest
 
+from _helpers import node_address, serving_node
 from mmcore import Modality
 from mmcore.distributed import (Coordinator, DistributedConfig, LocalCluster, RemoteError,
                                 ShardingStrategy)
 from mmcore.distributed.auth import server_handshake
 from mmcore.distributed.coordinator import NodeClient
-from mmcore.distributed.node import READY_PREFIX, NodeServer
+from mmcore.distributed.node import READY_PREFIX
 from mmcore.distributed.protocol import HEADER, MAGIC, VERSION, MsgType, recv_frame, send_frame
 from mmcore.errors import (AuthError, ConfigError, ModalityError, NodeUnavailableError,
                            ShapeError)
@@ -76,23 +77,13 @@ def workdir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cwd"))
 
 
-@contextlib.contextmanager
 def serving(model_dir, modalities, **kwargs):
     """An in-process node, served by a daemon thread; stopped and joined on exit."""
     kwargs.setdefault("token", TOKEN)
-    node = NodeServer(model_dir, modalities, **kwargs)
-    t = threading.Thread(target=node.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield node
-    finally:
-        node.stop()
-        t.join(15)
-        assert not t.is_alive(), "node did not stop"
+    return serving_node(model_dir, modalities, **kwargs)
 
 
-def _addr(node):
-    return f"{node.address[0]}:{node.address[1]}"
+_addr = node_address
 
 
 def _config(nodes, **kwargs):

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import pytest
 
+from _helpers import node_address, serving_node
 from mmcore.distributed import Coordinator, DistributedConfig, ShardingStrategy
 from mmcore.distributed.auth import SecurityWarning, client_handshake, resolve_token
 from mmcore.distributed.node import READY_PREFIX, NodeServer
@@ -39,22 +40,12 @@ def model_dir(tmp_path_factory):
     return str(d)
 
 
-@contextlib.contextmanager
 def serving(model_dir, modalities=("text",), **kwargs):
     kwargs.setdefault("token", TOKEN)
-    node = NodeServer(model_dir, list(modalities), **kwargs)
-    t = threading.Thread(target=node.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield node
-    finally:
-        node.stop()
-        t.join(20)
-        assert not t.is_alive(), "node did not stop"
+    return serving_node(model_dir, modalities, **kwargs)
 
 
-def _addr(node):
-    return f"{node.address[0]}:{node.address[1]}"
+_addr = node_address
 
 
 def _frame_bytes(mtype, header, arrays=()):
@@ -661,38 +652,19 @@ def test_non_loopback_without_tls_warns(model_dir, tmp_path, monkeypatch):
         NodeServer(model_dir, ["text"], token=TOKEN, certfile=cert, keyfile=key).close()
 
 
-def test_cli_node_warns_on_stderr(model_dir, tmp_path):
+@contextlib.contextmanager
+def cli_node(model_dir, tmp_path, token, mode, *extra):
+    """``mmcore node`` in a child process with a token file of ``mode``: yields
+    ``(address, stderr_box)``; the stderr text is in ``stderr_box[0]`` after the block."""
     tok = tmp_path / "token"
-    tok.write_text("short\n")
-    os.chmod(tok, 0o644)
-    p = subprocess.Popen([sys.executable, "-m", "mmcore", "node", "--model", model_dir,
-                          "--modality", "text", "--token-file", str(tok), "--threads", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=str(tmp_path))
-    try:
-        line = []
-        t = threading.Thread(target=lambda: line.append(p.stdout.readline()), daemon=True)
-        t.start()
-        t.join(60)
-        assert line and line[0].startswith(READY_PREFIX), line
-        p.terminate()
-        _, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-    assert "SecurityWarning" in err and "0644" in err and "fewer than 16" in err
-
-
-def test_cli_node_takes_the_memory_budget(model_dir, tmp_path):
-    tok = tmp_path / "token"
-    tok.write_text(TOKEN)
-    os.chmod(tok, 0o600)
+    tok.write_text(token)
+    os.chmod(tok, mode)
     p = subprocess.Popen([sys.executable, "-m", "mmcore", "node", "--model", model_dir,
                           "--modality", "text", "--token-file", str(tok), "--threads", "1",
-                          "--max-inflight-bytes", "1048576"],
+                          *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=str(tmp_path))
+    err = []
     try:
         line = []
         t = threading.Thread(target=lambda: line.append(p.stdout.readline()), daemon=True)
@@ -700,7 +672,25 @@ def test_cli_node_takes_the_memory_budget(model_dir, tmp_path):
         t.join(60)
         assert line and line[0].startswith(READY_PREFIX), line
         host, port = line[0][len(READY_PREFIX):].strip().rsplit(":", 1)
-        s = socket.create_connection((host, int(port)), timeout=20)
+        yield (host, int(port)), err
+        p.terminate()
+        err.append(p.communicate(timeout=30)[1])
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def test_cli_node_warns_on_stderr(model_dir, tmp_path):
+    with cli_node(model_dir, tmp_path, "short\n", 0o644) as (_, err):
+        pass
+    assert "SecurityWarning" in err[0] and "0644" in err[0] and "fewer than 16" in err[0]
+
+
+def test_cli_node_takes_the_memory_budget(model_dir, tmp_path):
+    with cli_node(model_dir, tmp_path, TOKEN, 0o600, "--max-inflight-bytes", "1048576") as (
+            address, _):
+        s = socket.create_connection(address, timeout=20)
         try:
             client_handshake(s, TOKEN.encode())
             send_frame(s, MsgType.HEALTH, {"id": "big"}, [np.zeros(2 << 20, np.uint8)])
@@ -709,14 +699,6 @@ def test_cli_node_takes_the_memory_budget(model_dir, tmp_path):
             assert "max_inflight_bytes=1048576" in r.header["message"]
         finally:
             s.close()
-    finally:
-        p.terminate()
-        try:
-            p.communicate(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
 
 
 def test_new_node_settings_are_checked(model_dir):

@@ -20,6 +20,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from _helpers import call_bounded
 from mmcore.config import LateFusion, ModalityConfig, MultiModalConfig, PreprocessingConfig
 from mmcore.errors import ConfigError, ModelFormatError
 from mmcore.model import MultiModalLoader, MultiModalModel, default_model
@@ -240,44 +241,19 @@ def test_deep_config_files_are_config_errors(tmp_path, kind, depth):
 # --------------------------------------------------------------------------------------------
 # item: FIFOs are refused without blocking
 
-def _no_hang(fn, fifo_paths, timeout=20.0):
-    """fn() in a thread; should it block (on a FIFO) past ``timeout``, the FIFOs are opened
-    for writing to release it and the test fails instead of hanging."""
-    box = {}
-
-    def run():
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            box["err"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        for p in fifo_paths:
-            try:
-                fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
-                os.close(fd)
-            except OSError:
-                pass
-        t.join(5)
-        pytest.fail(f"blocked on a FIFO for more than {timeout} s")
-    return box.get("err")
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 @pytest.mark.parametrize("name", ["mmcore.json", "model.safetensors"])
 def test_fifo_in_place_of_a_file_is_refused(saved, tmp_path, name):
     d = _copy(saved, tmp_path)
     os.remove(d / name)
     os.mkfifo(d / name)
-    err = _no_hang(lambda: MultiModalModel.from_pretrained(d), [d / name])
+    err = call_bounded(lambda: MultiModalModel.from_pretrained(d), d / name, bound=20.0)
     assert isinstance(err, ModelFormatError), repr(err)
     assert "FIFO" in str(err) and name in str(err)
-    err = _no_hang(lambda: load_model_dir(d, verify=False), [d / name])
+    err = call_bounded(lambda: load_model_dir(d, verify=False), d / name, bound=20.0)
     assert isinstance(err, ModelFormatError) and "FIFO" in str(err)
-    err = _no_hang(lambda: MultiModalLoader().with_weights(d).load(), [d / name])
+    err = call_bounded(lambda: MultiModalLoader().with_weights(d).load(), d / name,
+                       bound=20.0)
     assert isinstance(err, ModelFormatError) and "FIFO" in str(err)
 
 
@@ -291,7 +267,8 @@ def test_fifo_extra_file_is_refused_with_and_without_verify(saved, tmp_path):
     os.remove(d / "tokenizer.json")
     os.mkfifo(d / "tokenizer.json")
     for verify in (True, False):
-        err = _no_hang(lambda: load_model_dir(d, verify=verify), [d / "tokenizer.json"])
+        err = call_bounded(lambda: load_model_dir(d, verify=verify), d / "tokenizer.json",
+                           bound=20.0)
         assert isinstance(err, ModelFormatError) and "FIFO" in str(err), repr(err)
 
 
@@ -300,7 +277,7 @@ def test_fifo_config_file_is_refused(tmp_path):
     p = tmp_path / "c.json"
     os.mkfifo(p)
     for load in (MultiModalConfig.from_json, MultiModalConfig.from_toml):
-        err = _no_hang(lambda: load(p), [p])
+        err = call_bounded(lambda: load(p), p, bound=20.0)
         assert isinstance(err, ConfigError) and "FIFO" in str(err), repr(err)
 
 
@@ -310,7 +287,7 @@ def test_fifo_tokenizer_is_refused(tmp_path):
     from mmcore.preprocess.text import HFTokenizer
     p = tmp_path / "tokenizer.json"
     os.mkfifo(p)
-    err = _no_hang(lambda: HFTokenizer(p), [p])
+    err = call_bounded(lambda: HFTokenizer(p), p, bound=20.0)
     assert isinstance(err, ModelFormatError) and "FIFO" in str(err), repr(err)
 
 

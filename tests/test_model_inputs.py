@@ -4,11 +4,11 @@ sample rates, channels-last float images, and what ``mmcore run`` cuts."""
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
 
+from _helpers import call_bounded  # noqa: E402
 from mmcore.errors import (ArgumentError, AudioDecodeError, ImageDecodeError, MMCoreError,
                            ShapeError, VideoDecodeError)
 from mmcore.model import MultiModalInput, default_model
@@ -51,22 +51,6 @@ def test_missing_file_raises_the_modalitys_decode_error(models, cache, kind, as_
         models[cache].encode_modality(kind, value)        # what a shard node runs
 
 
-def _run_bounded(fn, seconds=30.0):
-    """fn() in a daemon thread; (finished, exception)."""
-    box = {}
-
-    def target():
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            box["exc"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(seconds)
-    return not t.is_alive(), box.get("exc")
-
-
 @pytest.mark.parametrize("cache", CACHE)
 @pytest.mark.parametrize("kind", ["image", "audio", "video"])
 def test_fifo_and_directory_are_refused_without_blocking(models, cache, kind, tmp_path):
@@ -76,8 +60,7 @@ def test_fifo_and_directory_are_refused_without_blocking(models, cache, kind, tm
     folder.mkdir()
     try:
         for path, what in ((fifo, "FIFO"), (str(folder), "directory")):
-            done, exc = _run_bounded(lambda: models[cache].infer({kind: [path]}))
-            assert done, f"infer blocked on a {what}"
+            exc = call_bounded(lambda: models[cache].infer({kind: [path]}), fifo)
             assert isinstance(exc, ERRORS[kind]), repr(exc)
             assert what in str(exc) and os.path.basename(path) in str(exc)
     finally:
@@ -92,8 +75,8 @@ def test_cache_keying_reads_only_regular_files(tmp_path):
     from mmcore.model.model import _item_data
     fifo = str(tmp_path / "p.png")
     os.mkfifo(fifo)
-    done, exc = _run_bounded(lambda: _item_data("image", fifo))
-    assert done and isinstance(exc, ImageDecodeError) and "FIFO" in str(exc)
+    exc = call_bounded(lambda: _item_data("image", fifo), fifo)
+    assert isinstance(exc, ImageDecodeError) and "FIFO" in str(exc)
     missing = str(tmp_path / "gone.wav")
     with pytest.raises(AudioDecodeError, match="gone.wav"):
         _item_data("audio", missing)
@@ -131,8 +114,8 @@ def test_cache_keys_a_large_file_in_bounded_memory(tmp_path):
 def test_bytes_paths_and_devices(models, cache, tmp_path):
     with pytest.raises(ImageDecodeError, match="does not exist"):
         models[cache].infer({"image": os.fsencode(tmp_path / "none.png")})
-    done, exc = _run_bounded(lambda: models[cache].infer({"audio": ["/dev/zero"]}))
-    assert done and isinstance(exc, AudioDecodeError) and "character device" in str(exc)
+    exc = call_bounded(lambda: models[cache].infer({"audio": ["/dev/zero"]}))
+    assert isinstance(exc, AudioDecodeError) and "character device" in str(exc)
 
 
 @pytest.mark.parametrize("cache", CACHE)
@@ -165,8 +148,7 @@ def test_text_path_object_is_refused(models, tmp_path):
                                    (88200, 64), (5000, 1000)])
 def test_channels_last_audio_is_refused_not_taken_as_tiny_clips(models, cache, shape):
     stereo = np.zeros(shape, np.float32)      # as soundfile.read returns multichannel audio
-    done, exc = _run_bounded(lambda: models[cache].infer({"audio": stereo}), seconds=20)
-    assert done
+    exc = call_bounded(lambda: models[cache].infer({"audio": stereo}), bound=20)
     assert isinstance(exc, ShapeError), repr(exc)
     msg = str(exc)
     assert msg.startswith("[MultiModalInput] modality_inputs['audio']")
@@ -406,9 +388,8 @@ def test_run_refuses_a_fifo_without_blocking(tmp_path, capsys):
     from mmcore.cli import main
     fifo = str(tmp_path / "pipe.wav")
     os.mkfifo(fifo)
-    box = {}
-    done, exc = _run_bounded(lambda: box.setdefault("rc", main(["run", "--audio", fifo])))
-    assert done and exc is None and box["rc"] == 1
+    rc = call_bounded(lambda: main(["run", "--audio", fifo]), fifo)
+    assert rc == 1
     assert "FIFO" in capsys.readouterr().err
 
 
