@@ -72,14 +72,14 @@ def test_fifo_and_directory_are_refused_without_blocking(models, cache, kind, tm
 
 def test_cache_keying_reads_only_regular_files(tmp_path):
     """The cache's own file read (the key of a path item) refuses a FIFO too."""
-    from mmcore.model.model import _item_data
+    from mmcore.model.inputs import item_data
     fifo = str(tmp_path / "p.png")
     os.mkfifo(fifo)
-    exc = call_bounded(lambda: _item_data("image", fifo), fifo)
+    exc = call_bounded(lambda: item_data("image", fifo), fifo)
     assert isinstance(exc, ImageDecodeError) and "FIFO" in str(exc)
     missing = str(tmp_path / "gone.wav")
     with pytest.raises(AudioDecodeError, match="gone.wav"):
-        _item_data("audio", missing)
+        item_data("audio", missing)
 
 
 def test_cache_keys_a_large_file_in_bounded_memory(tmp_path):
@@ -99,15 +99,15 @@ def test_cache_keys_a_large_file_in_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert peak < 32 << 20, peak
     # equal bytes, equal key; other bytes, another key
-    from mmcore.model.model import _item_data
+    from mmcore.model.inputs import item_data
     same = tmp_path / "same.bin"
     same.write_bytes(b"x" * 5000)
     other = tmp_path / "other.bin"
     other.write_bytes(b"x" * 4999 + b"y")
     copy = tmp_path / "copy.bin"
     copy.write_bytes(b"x" * 5000)
-    assert _item_data("image", str(same)) == _item_data("image", str(copy))
-    assert _item_data("image", str(same)) != _item_data("image", str(other))
+    assert item_data("image", str(same)) == item_data("image", str(copy))
+    assert item_data("image", str(same)) != item_data("image", str(other))
 
 
 @pytest.mark.parametrize("cache", CACHE)

@@ -10,7 +10,8 @@ an error that names the input, the shape received and what was expected.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -19,7 +20,12 @@ from ..errors import ModalityError, ShapeError
 from ..modality import Modality
 from .encoders import ModalityEncoder
 
-_PATH_TYPES = (str, bytes, os.PathLike)
+__all__ = ["MultiModalInput", "MultiModalOutput", "ACCEPTED_INPUTS", "PATH_TYPES", "kind_of",
+           "classify", "batch_size", "decode_error", "check_files", "check_preprocessed",
+           "resolve_audio_pairs", "stack_clips", "raw_items", "raw_subset", "item_data"]
+
+#: What counts as a path among the inputs.
+PATH_TYPES = (str, bytes, os.PathLike)
 
 #: What each modality accepts, raw (through the preprocessor) and preprocessed (straight to
 #: the encoder); quoted by the input errors.
@@ -37,7 +43,7 @@ ACCEPTED_INPUTS = {
 }
 
 
-def _kind_of(modality: Modality, pre: Optional[PreprocessingConfig] = None) -> Optional[str]:
+def kind_of(modality: Modality, pre: Optional[PreprocessingConfig] = None) -> Optional[str]:
     """The preprocessor family of a modality ("text", "image", "audio", "video") or None."""
     if pre is not None:
         return pre.modality
@@ -118,7 +124,7 @@ def _classify_video(a: np.ndarray, where: str) -> Tuple[bool, int]:
     raise _bad_input(where, a, "video", hint)
 
 
-def _classify(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
+def classify(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
     """``(is_raw, batch_size)`` of one modality input (see the module docstring); ShapeError
     naming ``where``, the shape and dtype received and what the modality accepts, or saying
     the batch is empty."""
@@ -133,7 +139,7 @@ def batch_size(modality: Modality, pre: Optional[PreprocessingConfig], value: An
                where: str = "input") -> int:
     """The batch size of one input of ``modality`` (preprocessed per ``pre``), with the checks
     of ``infer`` (ShapeError for what it would refuse)."""
-    return _classify(_kind_of(modality, pre), value, where)[1]
+    return classify(kind_of(modality, pre), value, where)[1]
 
 
 def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool, int]:
@@ -151,7 +157,7 @@ def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool,
     if kind == "audio" and not (isinstance(value, np.ndarray) and value.ndim == 3):
         from ..preprocess.audio import audio_batch_size
         return True, audio_batch_size(value, op="MultiModalInput", where=where)
-    if isinstance(value, _PATH_TYPES):
+    if isinstance(value, PATH_TYPES):
         if kind == "text" and isinstance(value, (str, bytes)):
             return True, 1
         if kind in ("image", "audio", "video", "text"):
@@ -201,14 +207,14 @@ def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool,
     return False, a.shape[0]
 
 
-def _decode_error(kind: Optional[str]):
+def decode_error(kind: Optional[str]):
     """The decode error of a modality kind (what a missing or unreadable file raises)."""
     from ..errors import AudioDecodeError, ImageDecodeError, VideoDecodeError
     return {"image": ImageDecodeError, "audio": AudioDecodeError,
             "video": VideoDecodeError}.get(kind, ModalityError)
 
 
-def _check_files(owner: str, m: Modality, kind: Optional[str], value: Any) -> None:
+def check_files(owner: str, m: Modality, kind: Optional[str], value: Any) -> None:
     """The modality's decode error for a path (or a path in a list) that is not an existing
     regular file: the same error, naming the file, whether the cache reads it, the decoder
     does or a node is sent it. A stat, no open: a FIFO or a device is refused without
@@ -218,8 +224,8 @@ def _check_files(owner: str, m: Modality, kind: Optional[str], value: Any) -> No
     from .._files import check_regular
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
-        if isinstance(item, _PATH_TYPES):
-            check_regular(os.fsdecode(item), what=f"{kind} file", error=_decode_error(kind),
+        if isinstance(item, PATH_TYPES):
+            check_regular(os.fsdecode(item), what=f"{kind} file", error=decode_error(kind),
                           op=owner)
 
 
@@ -232,7 +238,7 @@ def _preprocessed_array(value: Any) -> Optional[np.ndarray]:
     return np.asarray(value)
 
 
-def _check_preprocessed(owner: str, m: Modality, enc: Any, value: Any) -> None:
+def check_preprocessed(owner: str, m: Modality, enc: Any, value: Any) -> None:
     """ShapeError, naming the modality, the shape received and the one expected, for a
     preprocessed input that the built-in encoder ``enc`` cannot take (checked where the input
     enters, not layers deep in the encoder). Other encoders are left to check their inputs."""
@@ -282,7 +288,7 @@ def _check_preprocessed(owner: str, m: Modality, enc: Any, value: Any) -> None:
     raise ShapeError(f"{what}, {expected}{hint}")
 
 
-def _resolve_audio_pairs(kind: Optional[str], pre: Optional[PreprocessingConfig],
+def resolve_audio_pairs(kind: Optional[str], pre: Optional[PreprocessingConfig],
                          value: Any) -> Any:
     """``value`` with its ``(waveform, sample_rate)`` pairs replaced by the waveforms resampled
     to the config's rate (:func:`~mmcore.preprocess.resample`, what the preprocessor does), for
@@ -305,3 +311,210 @@ def _resolve_audio_pairs(kind: Optional[str], pre: Optional[PreprocessingConfig]
     if any(split_audio_pair(it, op="MultiModalModel") is not None for it in value):
         return [resolved(it) for it in value]
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# the batch of one request
+
+
+def stack_clips(clips: List[np.ndarray], owner: str
+                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Pad (T_i, 3, S, S) clips to one (B, T, 3, S, S) batch and a (B, T) frame mask."""
+    T = max(c.shape[0] for c in clips)
+    shape = clips[0].shape[1:]
+    for i, c in enumerate(clips):
+        if c.shape[1:] != shape:
+            raise ShapeError(f"[{owner}] video {i} preprocessed to frames of shape "
+                             f"{c.shape[1:]}, expected {shape}")
+    x = np.zeros((len(clips), T) + tuple(shape), np.float32)
+    mask = np.zeros((len(clips), T), np.bool_)
+    for i, c in enumerate(clips):
+        x[i, :c.shape[0]] = c
+        mask[i, :c.shape[0]] = True
+    return x, (None if mask.all() else mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch items (what the per-item cache keys)
+
+_ITEM_NDIM = {"image": 3, "audio": 1, "video": 4}
+
+
+def raw_items(kind: Optional[str], value: Any, batch: int) -> Optional[list]:
+    """The ``batch`` items of a raw input (None when it cannot be split)."""
+    if isinstance(value, (list, tuple)):
+        return list(value) if len(value) == batch else (
+            [value] if batch == 1 else None)
+    if isinstance(value, np.ndarray) and kind in _ITEM_NDIM:
+        nd = _ITEM_NDIM[kind]
+        if value.ndim == nd and batch == 1:
+            return [value]
+        if value.ndim == nd + 1 and value.shape[0] == batch:
+            return [value[i] for i in range(batch)]
+        return None
+    return [value] if batch == 1 else None
+
+
+def raw_subset(value: Any, batch: int, idx: list) -> Any:
+    """The raw input restricted to the items ``idx``, in the form of the original."""
+    if len(idx) == batch:
+        return value
+    if isinstance(value, np.ndarray):
+        return value[np.asarray(idx, np.intp)]
+    return [value[i] for i in idx]
+
+
+def item_data(kind: Optional[str], item: Any, owner: str = "MultiModalModel") -> Any:
+    """What a raw item's key is made of (a digest of the file's bytes for a path, read in
+    chunks so that memory stays bounded; a pair's waveform and rate). A path that is not a
+    readable regular file raises the modality's decode error."""
+    if isinstance(item, PATH_TYPES) and not (kind == "text" and isinstance(item, (str, bytes))):
+        from .._files import open_regular
+        from ..cache import digest_file
+        with open_regular(os.fsdecode(item), what=f"{kind or 'input'} file",
+                          error=decode_error(kind), op=owner) as fh:
+            return ("file-digest", digest_file(fh))
+    if isinstance(item, str):
+        return ("str", item)
+    if isinstance(item, bytes):
+        return ("bytes", item)
+    if kind == "audio":
+        from ..preprocess.audio import split_audio_pair
+        pair = split_audio_pair(item, op=owner)
+        if pair is not None:
+            return ("array", np.asarray(pair[0]), np.int64(pair[1]))
+    return ("array", np.asarray(item))
+
+
+# ----------------------------------------------------------------------------------------------
+# requests and results
+
+
+@dataclass
+class MultiModalInput:
+    """One request: inputs per modality, optional masks and the batch size.
+
+    Parameters
+    ----------
+    modality_inputs : dict of Modality or str -> input
+        Raw or preprocessed inputs (see the table in :mod:`mmcore.model.model`).
+    attention_masks : dict of Modality or str -> (B, L) array, optional
+        Masks of preprocessed inputs (True/1 = real): text (B, L), audio (B, frames),
+        video (B, T) frames, image (B, N) patches.
+    batch_size : int, optional
+        Checked against the inputs; inferred when None.
+
+    Raises
+    ------
+    ModalityError
+        A key is not a modality (``"text"``, ``"custom:7"``, ...) or a mask names a modality
+        without input.
+    ShapeError
+        Inputs disagree on the batch size (or with ``batch_size``), a mask is given for a raw
+        input, or an input is empty or of an unusable type.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.model import MultiModalInput
+    >>> MultiModalInput({"text": ["a", "b"], "audio": np.zeros((2, 800), np.float32)}).batch_size
+    2
+    """
+
+    modality_inputs: Dict[Any, Any]
+    attention_masks: Optional[Dict[Any, Any]] = None
+    batch_size: Optional[int] = None
+    raw: Dict[Modality, bool] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        owner = "MultiModalInput"
+        if not isinstance(self.modality_inputs, Mapping):
+            raise ShapeError(f"[{owner}] modality_inputs must be a dict of modality -> input, "
+                             f"got {type(self.modality_inputs).__name__}")
+        inputs: Dict[Modality, Any] = {}
+        for key, value in self.modality_inputs.items():
+            m = Modality(key)               # ModalityError for unknown names
+            if m in inputs:
+                raise ModalityError(f"[{owner}] modality {str(m)!r} is given twice")
+            if value is not None:
+                inputs[m] = value
+        masks: Dict[Modality, np.ndarray] = {}
+        for key, value in (self.attention_masks or {}).items():
+            m = Modality(key)
+            if m not in inputs:
+                raise ModalityError(f"[{owner}] attention_masks names modality {str(m)!r}, "
+                                    "which has no input")
+            if value is not None:
+                masks[m] = np.asarray(value)
+        B = None
+        first = None
+        raw = {}
+        for m, value in inputs.items():
+            is_raw, b = classify(kind_of(m), value, f"modality_inputs[{str(m)!r}]")
+            raw[m] = is_raw
+            if is_raw and m in masks:
+                raise ShapeError(f"[{owner}] attention_masks[{str(m)!r}] applies to "
+                                 "preprocessed inputs only (raw inputs get their mask from "
+                                 "the preprocessor)")
+            if m in masks and (masks[m].ndim != 2 or masks[m].shape[0] != b):
+                raise ShapeError(f"[{owner}] attention_masks[{str(m)!r}] has shape "
+                                 f"{masks[m].shape}, expected ({b}, L)")
+            if B is None:
+                B, first = b, m
+            elif b != B:
+                raise ShapeError(f"[{owner}] modality_inputs[{str(m)!r}] has batch size {b}, "
+                                 f"but modality_inputs[{str(first)!r}] has {B}")
+        if self.batch_size is not None:
+            bs = self.batch_size
+            if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs < 1:
+                raise ShapeError(f"[{owner}] batch_size must be an integer >= 1, got {bs!r}")
+            if B is not None and int(bs) != B:
+                raise ShapeError(f"[{owner}] batch_size={bs}, but the inputs have batch size "
+                                 f"{B}")
+            B = int(bs)
+        self.modality_inputs = inputs
+        self.attention_masks = masks
+        self.batch_size = B
+        self.raw = raw
+
+    @property
+    def modalities(self) -> Tuple[Modality, ...]:
+        """The modalities with input."""
+        return tuple(self.modality_inputs)
+
+
+@dataclass
+class MultiModalOutput:
+    """What :meth:`MultiModalModel.infer` returns.
+
+    Attributes
+    ----------
+    fused : float32 (B, output_dim)
+        The fused embedding.
+    embeddings : dict of Modality -> float32 (B, L_m, D)
+        Per-modality token embeddings: the encoder outputs (late, attention, custom fusion),
+        or the modality's slice of the joint encoder output (early, middle fusion).
+    pooled : dict of Modality -> float32 (B, D)
+        Per-modality pooled embeddings (the encoder's pooling; for early/middle fusion the
+        masked mean of the joint slice).
+    attention_weights : dict or None
+        With ``return_weights=True``: the fusion layer's weights (see
+        :meth:`FusionLayer.__call__`); else None.
+    masks : dict of Modality -> bool (B, L_m)
+        Token masks (True = real) of ``embeddings``.
+    stats : dict of str -> float
+        Seconds spent by this call per stage: ``"preprocess:<m>"``, ``"encode:<m>"``,
+        ``"fusion"``, ``"total"``.
+    """
+
+    fused: np.ndarray
+    embeddings: Dict[Modality, np.ndarray]
+    pooled: Dict[Modality, np.ndarray]
+    attention_weights: Optional[Dict[Any, np.ndarray]]
+    masks: Dict[Modality, np.ndarray]
+    stats: Dict[str, float]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.fused.shape[0])
+

@@ -74,7 +74,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -90,145 +89,16 @@ from .directory import (_TOKENIZER_FILE, _build, _bundle_files, _check_layer_cou
 from .encoders import ModalityEncoder
 from .fusion import FusionLayer
 from .inputs import ACCEPTED_INPUTS  # noqa: F401  (re-exported)
-from .inputs import (_check_files, _check_preprocessed, _classify, _decode_error, _kind_of,
-                     _resolve_audio_pairs)
+from .inputs import (PATH_TYPES, MultiModalInput, MultiModalOutput, check_files,
+                     check_preprocessed, item_data, kind_of, raw_items, raw_subset,
+                     resolve_audio_pairs, stack_clips)
 from .nn import Module, RngLike, as_generator
 from .stats import LatencyStats, prometheus_collector
 
 __all__ = ["MultiModalInput", "MultiModalOutput", "MultiModalModel", "LatencyStats",
            "default_model"]
 
-_PATH_TYPES = (str, bytes, os.PathLike)
 
-
-
-@dataclass
-class MultiModalInput:
-    """One request: inputs per modality, optional masks and the batch size.
-
-    Parameters
-    ----------
-    modality_inputs : dict of Modality or str -> input
-        Raw or preprocessed inputs (see the table in :mod:`mmcore.model.model`).
-    attention_masks : dict of Modality or str -> (B, L) array, optional
-        Masks of preprocessed inputs (True/1 = real): text (B, L), audio (B, frames),
-        video (B, T) frames, image (B, N) patches.
-    batch_size : int, optional
-        Checked against the inputs; inferred when None.
-
-    Raises
-    ------
-    ModalityError
-        A key is not a modality (``"text"``, ``"custom:7"``, ...) or a mask names a modality
-        without input.
-    ShapeError
-        Inputs disagree on the batch size (or with ``batch_size``), a mask is given for a raw
-        input, or an input is empty or of an unusable type.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from mmcore.model import MultiModalInput
-    >>> MultiModalInput({"text": ["a", "b"], "audio": np.zeros((2, 800), np.float32)}).batch_size
-    2
-    """
-
-    modality_inputs: Dict[Any, Any]
-    attention_masks: Optional[Dict[Any, Any]] = None
-    batch_size: Optional[int] = None
-    raw: Dict[Modality, bool] = field(default_factory=dict, init=False, repr=False)
-
-    def __post_init__(self):
-        owner = "MultiModalInput"
-        if not isinstance(self.modality_inputs, Mapping):
-            raise ShapeError(f"[{owner}] modality_inputs must be a dict of modality -> input, "
-                             f"got {type(self.modality_inputs).__name__}")
-        inputs: Dict[Modality, Any] = {}
-        for key, value in self.modality_inputs.items():
-            m = Modality(key)               # ModalityError for unknown names
-            if m in inputs:
-                raise ModalityError(f"[{owner}] modality {str(m)!r} is given twice")
-            if value is not None:
-                inputs[m] = value
-        masks: Dict[Modality, np.ndarray] = {}
-        for key, value in (self.attention_masks or {}).items():
-            m = Modality(key)
-            if m not in inputs:
-                raise ModalityError(f"[{owner}] attention_masks names modality {str(m)!r}, "
-                                    "which has no input")
-            if value is not None:
-                masks[m] = np.asarray(value)
-        B = None
-        first = None
-        raw = {}
-        for m, value in inputs.items():
-            is_raw, b = _classify(_kind_of(m), value, f"modality_inputs[{str(m)!r}]")
-            raw[m] = is_raw
-            if is_raw and m in masks:
-                raise ShapeError(f"[{owner}] attention_masks[{str(m)!r}] applies to "
-                                 "preprocessed inputs only (raw inputs get their mask from "
-                                 "the preprocessor)")
-            if m in masks and (masks[m].ndim != 2 or masks[m].shape[0] != b):
-                raise ShapeError(f"[{owner}] attention_masks[{str(m)!r}] has shape "
-                                 f"{masks[m].shape}, expected ({b}, L)")
-            if B is None:
-                B, first = b, m
-            elif b != B:
-                raise ShapeError(f"[{owner}] modality_inputs[{str(m)!r}] has batch size {b}, "
-                                 f"but modality_inputs[{str(first)!r}] has {B}")
-        if self.batch_size is not None:
-            bs = self.batch_size
-            if isinstance(bs, bool) or not isinstance(bs, (int, np.integer)) or bs < 1:
-                raise ShapeError(f"[{owner}] batch_size must be an integer >= 1, got {bs!r}")
-            if B is not None and int(bs) != B:
-                raise ShapeError(f"[{owner}] batch_size={bs}, but the inputs have batch size "
-                                 f"{B}")
-            B = int(bs)
-        self.modality_inputs = inputs
-        self.attention_masks = masks
-        self.batch_size = B
-        self.raw = raw
-
-    @property
-    def modalities(self) -> Tuple[Modality, ...]:
-        """The modalities with input."""
-        return tuple(self.modality_inputs)
-
-
-@dataclass
-class MultiModalOutput:
-    """What :meth:`MultiModalModel.infer` returns.
-
-    Attributes
-    ----------
-    fused : float32 (B, output_dim)
-        The fused embedding.
-    embeddings : dict of Modality -> float32 (B, L_m, D)
-        Per-modality token embeddings: the encoder outputs (late, attention, custom fusion),
-        or the modality's slice of the joint encoder output (early, middle fusion).
-    pooled : dict of Modality -> float32 (B, D)
-        Per-modality pooled embeddings (the encoder's pooling; for early/middle fusion the
-        masked mean of the joint slice).
-    attention_weights : dict or None
-        With ``return_weights=True``: the fusion layer's weights (see
-        :meth:`FusionLayer.__call__`); else None.
-    masks : dict of Modality -> bool (B, L_m)
-        Token masks (True = real) of ``embeddings``.
-    stats : dict of str -> float
-        Seconds spent by this call per stage: ``"preprocess:<m>"``, ``"encode:<m>"``,
-        ``"fusion"``, ``"total"``.
-    """
-
-    fused: np.ndarray
-    embeddings: Dict[Modality, np.ndarray]
-    pooled: Dict[Modality, np.ndarray]
-    attention_weights: Optional[Dict[Any, np.ndarray]]
-    masks: Dict[Modality, np.ndarray]
-    stats: Dict[str, float]
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.fused.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,22 +125,6 @@ def _make_preprocessor(pre: Optional[PreprocessingConfig]):
             pre = pre.replace(patch_size=None)
         return P.VideoPreprocessor(pre)
     raise ConfigError(f"no preprocessor for modality kind {kind!r}")  # pragma: no cover
-
-
-def _stack_clips(clips, owner: str):
-    """Pad (T_i, 3, S, S) clips to one (B, T, 3, S, S) batch and a (B, T) frame mask."""
-    T = max(c.shape[0] for c in clips)
-    shape = clips[0].shape[1:]
-    for i, c in enumerate(clips):
-        if c.shape[1:] != shape:
-            raise ShapeError(f"[{owner}] video {i} preprocessed to frames of shape "
-                             f"{c.shape[1:]}, expected {shape}")
-    x = np.zeros((len(clips), T) + tuple(shape), np.float32)
-    mask = np.zeros((len(clips), T), np.bool_)
-    for i, c in enumerate(clips):
-        x[i, :c.shape[0]] = c
-        mask[i, :c.shape[0]] = True
-    return x, (None if mask.all() else mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,55 +154,6 @@ def _make_cache_manager(config: MultiModalConfig, cache: Any, owner: str):
         raise ConfigError(f"[{owner}] cache must be None, a bool, a CacheConfig or a "
                           f"CacheManager, got {type(cache).__name__}")
     return mgr if mgr.config.enabled else None
-
-
-_ITEM_NDIM = {"image": 3, "audio": 1, "video": 4}
-
-
-def _raw_items(kind: Optional[str], value: Any, batch: int) -> Optional[list]:
-    """The ``batch`` items of a raw input (None when it cannot be split)."""
-    if isinstance(value, (list, tuple)):
-        return list(value) if len(value) == batch else (
-            [value] if batch == 1 else None)
-    if isinstance(value, np.ndarray) and kind in _ITEM_NDIM:
-        nd = _ITEM_NDIM[kind]
-        if value.ndim == nd and batch == 1:
-            return [value]
-        if value.ndim == nd + 1 and value.shape[0] == batch:
-            return [value[i] for i in range(batch)]
-        return None
-    return [value] if batch == 1 else None
-
-
-def _raw_subset(value: Any, batch: int, idx: list) -> Any:
-    """The raw input restricted to the items ``idx``, in the form of the original."""
-    if len(idx) == batch:
-        return value
-    if isinstance(value, np.ndarray):
-        return value[np.asarray(idx, np.intp)]
-    return [value[i] for i in idx]
-
-
-def _item_data(kind: Optional[str], item: Any, owner: str = "MultiModalModel") -> Any:
-    """What a raw item's key is made of (a digest of the file's bytes for a path, read in
-    chunks so that memory stays bounded; a pair's waveform and rate). A path that is not a
-    readable regular file raises the modality's decode error."""
-    if isinstance(item, _PATH_TYPES) and not (kind == "text" and isinstance(item, (str, bytes))):
-        from .._files import open_regular
-        from ..cache import digest_file
-        with open_regular(os.fsdecode(item), what=f"{kind or 'input'} file",
-                          error=_decode_error(kind), op=owner) as fh:
-            return ("file-digest", digest_file(fh))
-    if isinstance(item, str):
-        return ("str", item)
-    if isinstance(item, bytes):
-        return ("bytes", item)
-    if kind == "audio":
-        from ..preprocess.audio import split_audio_pair
-        pair = split_audio_pair(item, op=owner)
-        if pair is not None:
-            return ("array", np.asarray(pair[0]), np.int64(pair[1]))
-    return ("array", np.asarray(item))
 
 
 def _zero_padding(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -744,20 +549,20 @@ class MultiModalModel(Module):
         built-in encoder (ShapeError)."""
         owner = type(self).__name__
         value = inputs.modality_inputs[m]
-        kind = _kind_of(m, mc.preprocessing)
+        kind = kind_of(m, mc.preprocessing)
         if inputs.raw[m] and not isinstance(value, Mapping):
-            _check_files(owner, m, kind, value)
+            check_files(owner, m, kind, value)
         elif m in self._external:
             return
         else:
-            _check_preprocessed(owner, m, self.encoders._modules.get(str(m)), value)
+            check_preprocessed(owner, m, self.encoders._modules.get(str(m)), value)
 
     def _prepare(self, m: Modality, mc: ModalityConfig, value: Any, is_raw: bool,
                  mask: Optional[np.ndarray]):
         """Encoder inputs and mask of one modality."""
         owner = type(self).__name__
         pre = self.preprocessors.get(m)
-        kind = _kind_of(m, mc.preprocessing)
+        kind = kind_of(m, mc.preprocessing)
         if isinstance(value, Mapping):
             if mask is None and value.get("attention_mask") is not None:
                 mask = np.asarray(value["attention_mask"])
@@ -792,12 +597,12 @@ class MultiModalModel(Module):
         if kind == "video":
             if isinstance(value, (list, tuple)):
                 clips = list(value)
-            elif isinstance(value, _PATH_TYPES):
+            elif isinstance(value, PATH_TYPES):
                 clips = [value]
             else:
                 arr = np.asarray(value)
                 clips = [arr] if arr.ndim == 4 else list(arr)
-            return _stack_clips([pre(c)["pixel_values"] for c in clips], owner)
+            return stack_clips([pre(c)["pixel_values"] for c in clips], owner)
         raise ShapeError(f"[{owner}] cannot preprocess modality {str(m)!r}")  # pragma: no cover
 
     def _encode_cached(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
@@ -810,16 +615,16 @@ class MultiModalModel(Module):
         is_raw = inputs.raw[m] and not isinstance(value, Mapping)
         n_items = int(inputs.batch_size)
         pre = mc.preprocessing
-        pkind = _kind_of(m, pre)
+        pkind = kind_of(m, pre)
         if pre is not None and pkind == "text" and pre.padding_side == "left":
             return None
         t_pre = 0.0
         t0 = time.perf_counter()
         if is_raw:
-            items = _raw_items(pkind, value, n_items)
+            items = raw_items(pkind, value, n_items)
             if items is None:
                 return None
-            datas = [("raw", _item_data(pkind, it)) for it in items]
+            datas = [("raw", item_data(pkind, it)) for it in items]
             fixed = pre is not None and pre.padding == "max_length"
             x = mask = None
         else:
@@ -854,7 +659,7 @@ class MultiModalModel(Module):
         if missing:
             t0 = time.perf_counter()
             if is_raw:
-                xs, ms = self._prepare(m, mc, _raw_subset(value, n_items, missing), True, None)
+                xs, ms = self._prepare(m, mc, raw_subset(value, n_items, missing), True, None)
             else:
                 idx = np.asarray(missing, np.intp)
                 xs = x[idx]
@@ -1121,7 +926,7 @@ class MultiModalModel(Module):
                 if m in remote:
                     value = inputs.modality_inputs[m]
                     if inputs.raw[m]:
-                        value = _resolve_audio_pairs(_kind_of(m, mods[m].preprocessing),
+                        value = resolve_audio_pairs(kind_of(m, mods[m].preprocessing),
                                                      mods[m].preprocessing, value)
                     futures[m] = (time.perf_counter(), remote[m].submit(
                         value, is_raw=inputs.raw[m],
