@@ -18,8 +18,10 @@ from .layers import (CrossModalAttention, MultiHeadSelfAttention, TransformerEnc
 from .encoders import (FeatureEmbedder, MelFrameEmbedder, ModalityEncoder, ModuleList,
                        PatchEmbedder, TokenEmbedder, TransformerEncoder, VideoEmbedder)
 from .fusion import FusionLayer
-from .model import (LatencyStats, MultiModalInput, MultiModalModel, MultiModalOutput,
-                    default_config, default_model)
+from .inputs import MultiModalInput, MultiModalOutput
+from .stats import LatencyStats
+from .model import MultiModalModel
+from .defaults import default_config, default_model
 from .loader import DistributedUnavailableError, MultiModalLoader
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",

@@ -78,25 +78,48 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..config import (AttentionFusion, CrossModalAttentionConfig, EarlyFusion, EncoderConfig,
-                      MiddleFusion, ModalityConfig, MultiModalConfig, PreprocessingConfig)
+from ..config import (
+    EarlyFusion,
+    MiddleFusion,
+    ModalityConfig,
+    MultiModalConfig,
+    PreprocessingConfig,
+)
 from ..errors import ConfigError, ModalityError, ModelFormatError, ShapeError
 from ..modality import Modality
 from ..ops import masked_mean
-from .directory import (_TOKENIZER_FILE, _build, _bundle_files, _check_layer_counts,
-                        _check_state_modalities, _config_from_dir, _restrict_config,
-                        _served_externally, _WeightBudget)
+from .directory import (
+    _TOKENIZER_FILE,
+    _build,
+    _bundle_files,
+    _check_layer_counts,
+    _check_state_modalities,
+    _config_from_dir,
+    _restrict_config,
+    _served_externally,
+    _WeightBudget,
+)
 from .encoders import ModalityEncoder
 from .fusion import FusionLayer
-from .inputs import ACCEPTED_INPUTS  # noqa: F401  (re-exported)
-from .inputs import (PATH_TYPES, MultiModalInput, MultiModalOutput, check_files,
-                     check_preprocessed, item_data, kind_of, raw_items, raw_subset,
-                     resolve_audio_pairs, stack_clips)
+from .inputs import (
+    ACCEPTED_INPUTS,  # noqa: F401  (re-exported)
+    PATH_TYPES,
+    MultiModalInput,
+    MultiModalOutput,
+    check_files,
+    check_preprocessed,
+    item_data,
+    kind_of,
+    raw_items,
+    raw_subset,
+    resolve_audio_pairs,
+    stack_clips,
+)
 from .nn import Module, RngLike, as_generator
 from .stats import LatencyStats, prometheus_collector
 
-__all__ = ["MultiModalInput", "MultiModalOutput", "MultiModalModel", "LatencyStats",
-           "default_model"]
+__all__ = ["MultiModalInput", "MultiModalOutput", "MultiModalModel", "LatencyStats",  # noqa: F822
+           "default_model"]  # default_model: through __getattr__, from mmcore.model.defaults
 
 
 
@@ -509,7 +532,7 @@ class MultiModalModel(Module):
         return ident, version
 
     def _compute_identity(self) -> str:
-        from ..cache import _new_hasher, _field
+        from ..cache import _field, _new_hasher
         h = _new_hasher()
         _field(h, b"class", type(self).__name__.encode())
         for name, arr in sorted(self.named_parameters()):
@@ -1135,61 +1158,10 @@ class MultiModalModel(Module):
                 f"fusion={self.fusion.kind!r}, output_dim={self.output_dim}")
 
 
-# ----------------------------------------------------------------------------------------------
-# the default model
-
-
-def default_config(*, embed_dim: int = 64, num_layers: int = 2, num_heads: int = 4,
-                   fusion: Any = None) -> MultiModalConfig:
-    """The config of :func:`default_model` (``fusion`` None: ``AttentionFusion``)."""
-    def enc(**kw):
-        return EncoderConfig(num_layers=num_layers, num_heads=num_heads, mlp_ratio=2.0, **kw)
-
-    mods = [
-        ModalityConfig("text", embed_dim=embed_dim, encoder_config=enc(),
-                       preprocessing=PreprocessingConfig(modality="text", max_length=64)),
-        ModalityConfig("image", embed_dim=embed_dim, encoder_config=enc(patch_size=16),
-                       preprocessing=PreprocessingConfig(modality="image", size=64)),
-        ModalityConfig("audio", embed_dim=embed_dim,
-                       encoder_config=enc(extra={"frame_stride": 4}),
-                       preprocessing=PreprocessingConfig(modality="audio", preset="whisper",
-                                                         n_mels=80, chunk_length_s=2.0)),
-        ModalityConfig("video", embed_dim=embed_dim, encoder_config=enc(patch_size=16),
-                       preprocessing=PreprocessingConfig(modality="video", size=32,
-                                                         num_frames=8, temporal_patch=2)),
-    ]
-    if fusion is None:
-        fusion = AttentionFusion(attention_dim=embed_dim, num_heads=num_heads)
-    cross = None
-    if isinstance(fusion, AttentionFusion):
-        cross = CrossModalAttentionConfig(num_heads=num_heads, pairs=[("text", "image")])
-    return MultiModalConfig(mods, fusion=fusion, cross_attention=cross, name="mmcore-default")
-
-
-def default_model(seed: int = 0, *, cache: Any = None, **kwargs) -> MultiModalModel:
-    """A small, deterministic, **untrained** model with all four built-in modalities.
-
-    Its weights are random (drawn from ``seed``): the outputs have the right shapes and are
-    reproducible, but carry no meaning. It is meant for demos, tests and benchmarks.
-
-    * text: :class:`~mmcore.preprocess.ByteTokenizer`, ``max_length=64``;
-    * image: CLIP preprocessing at 64 x 64, 16 x 16 patches (16 tokens);
-    * audio: Whisper log-mel, 80 bands, 2 s chunks (200 frames), 4 frames per token (50);
-    * video: 8 uniformly sampled frames at 32 x 32, 16 x 16 patches, 2 frames per tubelet
-      (16 tokens);
-    * encoders 64 wide, 2 layers, 4 heads; text -> image cross-attention and
-      :class:`~mmcore.config.AttentionFusion` to a 64-wide fused vector.
-
-    Keyword arguments go to :func:`default_config` (``embed_dim``, ``num_layers``,
-    ``num_heads``, ``fusion``); ``cache`` goes to :class:`MultiModalModel` (False: no
-    per-item cache).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from mmcore.model import default_model
-    >>> m = default_model()
-    >>> m.infer({"audio": np.zeros(16000, np.float32)}).fused.shape
-    (1, 64)
-    """
-    return MultiModalModel(default_config(**kwargs), seed=seed, cache=cache)
+def __getattr__(name: str) -> Any:
+    # default_config / default_model live in mmcore.model.defaults (which builds on this
+    # module); they stay importable from here
+    if name in ("default_config", "default_model"):
+        from . import defaults
+        return getattr(defaults, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
