@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmcore.errors import ArgumentError, BackendError
-from mmcore.ops import _cuda_common as cc
+from mmcore.backends.cuda import common as cc
 
 
 class _Device:
@@ -73,11 +73,11 @@ def test_same_device():
         cc.same_device("op", "k", _FakeArray([1], device=1), 0, "q")
 
 
-@pytest.mark.parametrize("module,fn", [("_cuda_impl", "attention_cuda"), ("_cuda_image", "resize_cuda"),
-                                       ("_cuda_fusion", "fuse_cuda"), ("_cuda_spectral", "spectral_cuda")])
+@pytest.mark.parametrize("module,fn", [("attention", "attention_cuda"), ("image", "resize_cuda"),
+                                       ("fusion", "fuse_cuda"), ("spectral", "spectral_cuda")])
 def test_cuda_paths_import_without_a_gpu(module, fn):
     import importlib
-    mod = importlib.import_module(f"mmcore.ops.{module}")
+    mod = importlib.import_module(f"mmcore.backends.cuda.{module}")
     assert callable(getattr(mod, fn))
 
 
@@ -110,7 +110,7 @@ class _Bf16Tensor:
 
 
 def test_attention_reads_foreign_bfloat16_as_uint16_view():
-    from mmcore.ops import _cuda_impl
+    from mmcore.backends.cuda import attention as _cuda_impl
 
     cp = _fake_cupy()
     seen = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _backend
+from ..backends import launcher
 from ..errors import ShapeError
 from ._checks import (as_host_array, attention_scalars, broadcast_view, attention_results,
                       check_bool, check_qkv_shapes, dropout_threshold, float32_contiguous)
@@ -95,7 +96,7 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     return_lse = check_bool("return_lse", return_lse, op=_OP)
     name = _backend.resolve_backend(_OP, (q, k, v), backend)
     if name == "cuda":
-        from ._cuda_impl import attention_cuda
+        from ..backends.cuda.attention import attention_cuda
         return attention_cuda(q, k, v, mask=mask, key_lengths=key_lengths, bias=bias, scale=scale,
                               temperature=temperature, dropout_p=dropout_p, seed=seed,
                               return_weights=return_weights, return_lse=return_lse)
@@ -144,13 +145,8 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     weights = np.empty(full, np.float32) if return_weights else None
     lse = np.empty((B, H, Lq), np.float32) if return_lse else None
 
-    if name == "native":
-        C = _backend.native_module()
-        C.attention(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale,
-                    sc.use_dropout, sc.seed, sc.threshold, sc.drop_scale, _backend.get_num_threads())
-    else:  # numba
-        from .._numba.attention import attention_numba
-        attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale,
-                        sc.use_dropout, sc.seed, sc.threshold, sc.drop_scale)
+    launch = launcher(_OP, name, "attention", "attention")
+    launch(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale, sc.use_dropout, sc.seed,
+           sc.threshold, sc.drop_scale)
 
     return attention_results(out, weights, lse)

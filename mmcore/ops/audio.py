@@ -34,13 +34,14 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _backend
-from ..errors import ArgumentError, BackendError, ShapeError
+from ..backends import launcher
+from ..backends.cuda.common import cupy_module
+from ..errors import ArgumentError, ShapeError
 from ._audio_filters import (KALDI_WINDOWS, STFT_WINDOWS, SparseMel, kaldi_mel_filters,
                              kaldi_mel_filters_sparse, kaldi_window, mel_filters,
                              mel_filters_sparse, window_function)
 from ._checks import (INT64_MAX, as_host_array, check_bool, check_choice, check_int,
                       finite_float, optional_seed)
-from ._cuda_common import cupy_module
 
 __all__ = ["stft", "mel_filterbank", "mel_spectrogram", "log_mel_spectrogram", "fbank"]
 
@@ -250,18 +251,8 @@ def _run_spectral(op: str, backend_name: str, sig: _Signal, out, window: np.ndar
               n_frames=fr.n_frames, dither=float(dither), seed=int(seed),
               remove_dc=bool(remove_dc), preemph=float(preemph), kind=kind, power=float(power),
               log_mode=log_mode, log_floor=float(log_floor), whisper_norm=bool(whisper_norm))
-    if backend_name == "native":
-        C = _backend.native_module()
-        if not hasattr(C, "spectral"):
-            raise BackendError(f"[{op}] this build of mmcore._C has no spectral kernel: rebuild "
-                               "mmcore (`pip install .`) or use backend='numba'")
-        C.spectral(sig.x, out, window, *mel, num_threads=_backend.get_num_threads(), **kw)
-    elif backend_name == "numba":
-        from .._numba.spectral import spectral_numba
-        spectral_numba(sig.x, out, window, *mel, **kw)
-    else:  # cuda
-        from ._cuda_spectral import spectral_cuda
-        spectral_cuda(sig.x, out, window, *mel, **kw)   # copies the small tables to the device
+    # the cuda launcher copies the small tables (window, mel filters) to the device
+    launcher(op, backend_name, "spectral", "spectral")(sig.x, out, window, *mel, **kw)
     return out
 
 

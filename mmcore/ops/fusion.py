@@ -20,9 +20,10 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from .. import _backend
-from ..errors import ArgumentError, BackendError, ShapeError
+from ..backends import launcher
+from ..backends.cuda.common import cupy_module, device_array
+from ..errors import ArgumentError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES, check_bool, check_choice, check_rank
-from ._cuda_common import cupy_module, device_array
 
 __all__ = ["masked_mean", "masked_max", "fuse", "FUSE_STRATEGIES"]
 
@@ -110,23 +111,6 @@ def _out_array(op: str, out, shape, xp, name_side: str):
     return out
 
 
-def _native(op: str):
-    C = _backend.native_module()
-    if not hasattr(C, op):
-        raise BackendError(f"[{op}] this build of mmcore._C has no {op} kernel: rebuild mmcore "
-                           "(`pip install .`) or use backend='numba'")
-    return C
-
-
-def _cuda_fusion(op: str):
-    try:
-        from . import _cuda_fusion
-    except ImportError as exc:
-        raise BackendError(f"[{op}] this build of mmcore has no CUDA fusion kernels "
-                           f"(mmcore.ops._cuda_fusion): {exc}") from exc
-    return _cuda_fusion
-
-
 # ----------------------------------------------------------------------------------------------
 # masked_mean / masked_max
 
@@ -150,15 +134,8 @@ def _masked_reduce(op: str, x, mask, backend, out=None):
     if a.size == 0:                     # no rows, no features, or no tokens (all padding)
         res[...] = 0
         return res
-    out = res
-    if name == "native":
-        getattr(_native(op), op)(a, m, out, num_threads=_backend.get_num_threads())
-    elif name == "numba":
-        from .._numba import fusion as nb
-        getattr(nb, op + "_numba")(a, m, out)
-    else:
-        getattr(_cuda_fusion(op), op + "_cuda")(a, m, out)
-    return out
+    launcher(op, name, "fusion", op)(a, m, res)
+    return res
 
 
 def masked_mean(x, mask=None, *, out=None, backend=None):
@@ -473,14 +450,8 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
         stacked = xp.ascontiguousarray(emb.stacked, dtype=xp.float32)
 
     w_out = xp.empty((B, M), xp.float32) if has_weights else None
-    if name == "native":
-        _native(op).fuse(stacked, pres, w_arr, q_arr, out, w_out, strategy=strategy,
-                         num_threads=_backend.get_num_threads())
-    elif name == "numba":
-        from .._numba.fusion import fuse_numba
-        fuse_numba(stacked, pres, w_arr, q_arr, out, w_out, strategy=strategy)
-    else:
-        _cuda_fusion(op).fuse_cuda(stacked, pres, w_arr, q_arr, out, w_out, strategy=strategy)
+    launcher(op, name, "fusion", "fuse")(stacked, pres, w_arr, q_arr, out, w_out,
+                                         strategy=strategy)
     return _fuse_results(strategy, out, w_out, return_weights)
 
 

@@ -29,9 +29,10 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from .. import _backend
-from ..errors import ArgumentError, BackendError, ShapeError
+from ..backends import launcher
+from ..backends.cuda.common import cupy_module, device_array
+from ..errors import ArgumentError, ShapeError
 from ._checks import as_host_array, check_bool, check_choice, check_int, finite_float
-from ._cuda_common import cupy_module, device_array
 
 __all__ = ["resize", "normalize", "patchify", "preprocess_image", "FILTERS", "RESIZE_MODES",
            "PRESETS", "ImagePreset"]
@@ -244,23 +245,6 @@ def _images(op: str, img, backend, *, floats: bool) -> _Images:
     return _Images([_readable(a, xp)], kind, xp, name)
 
 
-def _cuda_image(op: str):
-    try:
-        from . import _cuda_image
-    except ImportError as exc:
-        raise BackendError(f"[{op}] this build of mmcore has no CUDA image kernels "
-                           f"(mmcore.ops._cuda_image): {exc}") from exc
-    return _cuda_image
-
-
-def _native(op: str):
-    C = _backend.native_module()
-    if not hasattr(C, op):
-        raise BackendError(f"[{op}] this build of mmcore._C has no {op} kernel: rebuild mmcore "
-                           "(`pip install .`) or use backend='numba'")
-    return C
-
-
 # ----------------------------------------------------------------------------------------------
 # resize
 
@@ -341,23 +325,12 @@ def resize(img, size, *, filter="bicubic", antialias=True, backend=None):
     else:
         dsts = [xp.empty((oh, ow, a.shape[2]), a.dtype) for a in ims.items]
     if ims.items:
-        _run_resize(op, ims.backend, ims.items, dsts, filt, aa)
+        launcher(op, ims.backend, "image", "resize")(ims.items, dsts, filter=filt, antialias=aa)
     if ims.kind == "batch":
         return out
     if ims.kind == "list":
         return dsts
     return dsts[0][:, :, 0] if ims.kind == "gray" else dsts[0]
-
-
-def _run_resize(op, name, srcs, dsts, filt, aa):
-    if name == "native":
-        _native(op).resize(srcs, dsts, filter=filt, antialias=aa,
-                           num_threads=_backend.get_num_threads())
-    elif name == "numba":
-        from .._numba.image import resize_numba
-        resize_numba(srcs, dsts, filt, aa)
-    else:
-        _cuda_image(op).resize_cuda(srcs, dsts, filter=filt, antialias=aa)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,14 +391,7 @@ def normalize(img, *, mean, std, scale=1.0 / 255.0, layout="chw", backend=None):
     out = xp.empty((N, C, H, W) if lay == "chw" else (N, H, W, C), xp.float32)
     if N:
         src = xp.ascontiguousarray(a)
-        if name == "native":
-            _native(op).normalize(src, out, m, s, scale=sc, layout=lay,
-                                  num_threads=_backend.get_num_threads())
-        elif name == "numba":
-            from .._numba.image import normalize_numba
-            normalize_numba(src, out, m, s, sc, lay)
-        else:
-            _cuda_image(op).normalize_cuda(src, out, m, s, scale=sc, layout=lay)
+        launcher(op, name, "image", "normalize")(src, out, m, s, scale=sc, layout=lay)
     return out[0] if single else out
 
 
@@ -502,14 +468,7 @@ def patchify(x, patch_size, *, temporal_patch=1, backend=None):
     out = xp.empty((B, n_patches, C * tp * p * p), xp.float32)
     if B:
         src = xp.ascontiguousarray(a, dtype=xp.float32).reshape(B, T, C, H, W)
-        if name == "native":
-            _native(op).patchify(src, out, patch=p, temporal_patch=tp,
-                                 num_threads=_backend.get_num_threads())
-        elif name == "numba":
-            from .._numba.image import patchify_numba
-            patchify_numba(src, out, p, tp)
-        else:
-            _cuda_image(op).patchify_cuda(src, out, patch=p, temporal_patch=tp)
+        launcher(op, name, "image", "patchify")(src, out, patch=p, temporal_patch=tp)
     return out.reshape(lead + out.shape[1:])
 
 
@@ -694,13 +653,6 @@ def preprocess_image(img, *, preset="clip", size=224, crop_size=None, resize_mod
     if N:
         kw = dict(crop_h=ch, crop_w=cw, filter=pl.filter, antialias=True, scale=pl.scale,
                   patch=p)
-        if ims.backend == "native":
-            _native(op).preprocess_image(srcs, out, geoms, pl.mean, pl.std,
-                                         num_threads=_backend.get_num_threads(), **kw)
-        elif ims.backend == "numba":
-            from .._numba.image import preprocess_image_numba
-            preprocess_image_numba(srcs, out, geoms, pl.mean, pl.std, ch, cw, pl.filter, True,
-                                   pl.scale, p)
-        else:
-            _cuda_image(op).preprocess_image_cuda(srcs, out, geoms, pl.mean, pl.std, **kw)
+        launcher(op, ims.backend, "image", "preprocess_image")(srcs, out, geoms, pl.mean, pl.std,
+                                                               **kw)
     return out[0] if ims.kind in ("image", "gray") else out

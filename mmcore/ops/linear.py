@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from .. import _backend
+from ..backends import launcher
 from ..errors import ArgumentError, BackendError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES, check_float
 
@@ -249,20 +250,11 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
     x2 = _rows(x2, K)
     w = _rows(w, K)
     out = np.empty((x2.shape[0], N), np.float32)
-    if name == "native":
-        C = _backend.native_module()
-        if not hasattr(C, "linear"):
-            raise BackendError("[linear] this build of mmcore._C has no linear kernel: rebuild "
-                               "mmcore (`pip install .`) or use backend='numba'")
-        if qw is not None:
-            C.linear(x2, w, b, out, activation=act, weight_kind=_KINDS[qw.kind],
-                     weight_scale=qw.scale, num_threads=_backend.get_num_threads())
-        else:
-            C.linear(x2, w, b, out, activation=act, num_threads=_backend.get_num_threads())
+    launch = launcher(op, name, "linear", "linear")
+    if qw is not None:              # native only: the numba backend got the dequantized weight
+        launch(x2, w, b, out, activation=act, weight_kind=_KINDS[qw.kind], weight_scale=qw.scale)
     else:
-        from .._numba.linear import linear_numba
-        linear_numba(np.ascontiguousarray(x2), np.ascontiguousarray(w),
-                     np.zeros(N, np.float32) if b is None else b, out, act)
+        launch(x2, w, b, out, activation=act)
     return out.reshape(*lead, N)
 
 
@@ -323,16 +315,5 @@ def layer_norm(x, weight=None, bias=None, *, eps: float = 1e-5, backend=None) ->
     if rows == 0 or D == 0:
         return out.reshape(xa.shape)
     x2 = _rows(xa.reshape(rows, D), D)
-    if name == "native":
-        C = _backend.native_module()
-        if not hasattr(C, "layer_norm"):
-            raise BackendError("[layer_norm] this build of mmcore._C has no layer_norm kernel: "
-                               "rebuild mmcore (`pip install .`) or use backend='numba'")
-        C.layer_norm(x2, w, b, out, eps=float(eps), num_threads=_backend.get_num_threads())
-    else:
-        from .._numba.linear import layer_norm_numba
-        empty = np.zeros(D, np.float32)
-        layer_norm_numba(np.ascontiguousarray(x2), empty if w is None else w,
-                         empty if b is None else b, w is not None, b is not None, float(eps),
-                         out)
+    launcher(op, name, "linear", "layer_norm")(x2, w, b, out, eps=float(eps))
     return out.reshape(xa.shape)

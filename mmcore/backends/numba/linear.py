@@ -9,6 +9,7 @@ both backends against float64 references.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from numba import njit, prange, types
@@ -38,7 +39,7 @@ def _act(v, code):  # pragma: no cover - compiled
 
 @njit(types.void(_f32c2_ro, _f32c2_ro, _f32c1_ro, _f32c2, types.int64), parallel=True,
       cache=False, nogil=True)
-def linear_numba(x, w, b, out, act):  # pragma: no cover - compiled
+def _linear_kernel(x, w, b, out, act):  # pragma: no cover - compiled
     M, K = x.shape
     N = w.shape[0]
     for m in prange(M):
@@ -51,7 +52,7 @@ def linear_numba(x, w, b, out, act):  # pragma: no cover - compiled
 
 @njit(types.void(_f32c2_ro, _f32c1_ro, _f32c1_ro, types.boolean, types.boolean, types.float64,
                  _f32c2), parallel=True, cache=False, nogil=True)
-def layer_norm_numba(x, weight, bias, has_weight, has_bias, eps, out):  # pragma: no cover
+def _layer_norm_kernel(x, weight, bias, has_weight, has_bias, eps, out):  # pragma: no cover
     R, D = x.shape
     for r in prange(R):
         s = 0.0
@@ -70,3 +71,22 @@ def layer_norm_numba(x, weight, bias, has_weight, has_bias, eps, out):  # pragma
             if has_bias:
                 v = v + bias[i]
             out[r, i] = np.float32(v)
+
+
+def linear_numba(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray,
+                 *, activation: int) -> None:
+    """``out = act(x @ weight.T + bias)`` of float32 (M, K) rows and an (N, K) float32 weight
+    (the arguments of ``mmcore._C.linear``, quantized weights excluded)."""
+    N = weight.shape[0]
+    _linear_kernel(np.ascontiguousarray(x), np.ascontiguousarray(weight),
+                   np.zeros(N, np.float32) if bias is None else bias, out, activation)
+
+
+def layer_norm_numba(x: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
+                     out: np.ndarray, *, eps: float) -> None:
+    """Layer norm of float32 (rows, D) rows into ``out`` (the arguments of
+    ``mmcore._C.layer_norm``)."""
+    empty = np.zeros(x.shape[1], np.float32)
+    _layer_norm_kernel(np.ascontiguousarray(x), empty if weight is None else weight,
+                       empty if bias is None else bias, weight is not None, bias is not None,
+                       float(eps), out)

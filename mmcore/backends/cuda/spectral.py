@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import is_cuda_array
-from ..errors import ArgumentError, BackendError, ShapeError
-from ._checks import check_choice, check_float, check_int
-from ._cuda_common import cuda_module, cupy_module, device_array, same_device
+from ..._backend import is_cuda_array
+from ...errors import ArgumentError, BackendError, ShapeError
+from ...ops._checks import check_choice, check_float, check_int
+from .common import cuda_module, cupy_module, device_array, same_device
 
 __all__ = ["spectral_cuda", "MAX_N_FFT"]
 
@@ -126,7 +126,7 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
                   remove_dc, preemph, kind, power, log_mode, log_floor, whisper_norm):
     """Fill ``out`` with the short-time spectrum of every row of ``x`` on the GPU.
 
-    The semantics are those of ``mmcore._C.spectral`` and :func:`mmcore._numba.spectral
+    The semantics are those of ``mmcore._C.spectral`` and :func:`mmcore.backends.numba.spectral
     .spectral_numba` (framing with ``frame_offset`` / ``pad_left`` / ``pad_mode``, dither, DC
     removal and pre-emphasis in Kaldi's order, window, FFT, then complex / power / mel output,
     optional log and Whisper's per-signal normalization).
@@ -166,7 +166,7 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
     Examples
     --------
     >>> import cupy as cp, numpy as np                                  # doctest: +SKIP
-    >>> from mmcore.ops._cuda_spectral import spectral_cuda             # doctest: +SKIP
+    >>> from mmcore.backends.cuda.spectral import spectral_cuda             # doctest: +SKIP
     >>> x = cp.random.standard_normal((1, 16000), dtype=cp.float32)     # doctest: +SKIP
     >>> out = cp.empty((1, 201, 101), cp.float32)                       # doctest: +SKIP
     >>> w = np.hanning(402)[1:-1].astype(np.float32)                    # doctest: +SKIP

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import is_cuda_array
-from ..errors import ShapeError
-from ._cuda_common import cuda_module as _cuda_module
-from ._cuda_common import cupy_module as _cupy
-from ._cuda_common import device_array as _device_array
-from ._cuda_common import same_device as _same_device
-from ._checks import as_host_array, attention_results, attention_scalars, check_qkv_shapes
+from ..._backend import is_cuda_array
+from ...errors import ShapeError
+from .common import cuda_module as _cuda_module
+from .common import cupy_module as _cupy
+from .common import device_array as _device_array
+from .common import same_device as _same_device
+from ...ops._checks import as_host_array, attention_results, attention_scalars, check_qkv_shapes
 
 __all__ = ["attention_cuda"]
 

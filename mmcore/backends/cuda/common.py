@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
-from .._backend import is_cuda_array
-from ..errors import ArgumentError, BackendError, ShapeError
+from ..._backend import is_cuda_array
+from ...errors import ArgumentError, BackendError, ShapeError
 
 __all__ = ["cupy_module", "cuda_module", "device_array", "same_device"]
 

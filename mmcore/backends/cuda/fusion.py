@@ -28,12 +28,12 @@ Outputs must not overlap the inputs.
 from __future__ import annotations
 
 
-from ..errors import ArgumentError, BackendError, ShapeError
-from ._checks import check_choice
-from ._cuda_common import cuda_module as _cuda_module
-from ._cuda_common import cupy_module as _cupy
-from ._cuda_common import device_array as _device_array
-from ._cuda_common import same_device as _same_device
+from ...errors import ArgumentError, BackendError, ShapeError
+from ...ops._checks import check_choice
+from .common import cuda_module as _cuda_module
+from .common import cupy_module as _cupy
+from .common import device_array as _device_array
+from .common import same_device as _same_device
 
 __all__ = ["masked_mean_cuda", "masked_max_cuda", "fuse_cuda"]
 
@@ -174,7 +174,7 @@ def fuse_cuda(emb, present, weights, query, out, out_weights, *, strategy):
     >>> w = cp.empty((2, 2), cp.float32)                                 # doctest: +SKIP
     >>> out, w = fuse_cuda(emb, None, cp.array([1.0, 3.0], cp.float32), None,
     ...                    cp.empty((2, 4), cp.float32), w, strategy="weighted")  # doctest: +SKIP
-    >>> w
+    >>> w                                                                # doctest: +SKIP
     array([[0.25, 0.75],
            [0.25, 0.75]], dtype=float32)
     """

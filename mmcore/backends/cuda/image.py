@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._backend import is_cuda_array
-from ..errors import BackendError, ShapeError
-from ._checks import check_choice, check_float, check_int
-from ._cuda_common import cuda_module as _cuda_module
-from ._cuda_common import cupy_module as _cupy
-from ._cuda_common import device_array as _device_array
-from ._cuda_common import same_device as _same_device
+from ..._backend import is_cuda_array
+from ...errors import BackendError, ShapeError
+from ...ops._checks import check_choice, check_float, check_int
+from .common import cuda_module as _cuda_module
+from .common import cupy_module as _cupy
+from .common import device_array as _device_array
+from .common import same_device as _same_device
 
 __all__ = ["resize_cuda", "normalize_cuda", "patchify_cuda", "preprocess_image_cuda"]
 

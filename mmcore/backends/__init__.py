@@ -1,0 +1,76 @@
+"""The kernel launchers behind :mod:`mmcore.ops`, one place per backend.
+
+Every public op follows the same three steps (see :mod:`mmcore.ops`):
+
+1. pick the backend (:func:`mmcore._backend.resolve_backend`);
+2. validate its arguments once, against the array module of that backend (NumPy for
+   ``native`` and ``numba``, CuPy for ``cuda``), with the shared checks of
+   :mod:`mmcore.ops._checks`, producing normalized arrays (dtype, layout, outputs allocated);
+3. call a launcher of this package, which only launches the kernel:
+
+   ``native``
+       :mod:`mmcore.backends.cpu`, one function per kernel of ``mmcore._C``;
+   ``numba``
+       :mod:`mmcore.backends.numba`, one module per op family (``<kernel>_numba``);
+   ``cuda``
+       :mod:`mmcore.backends.cuda`, one module per op family (``<kernel>_cuda``), which reads
+       device pointers and checks only what is specific to the device (same device, kernel
+       limits of the GPU).
+
+:func:`launcher` finds the function of one kernel on one backend; the numba and cuda modules are
+imported only when a call selects them, so neither numba nor CuPy is imported by
+``import mmcore``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from ..errors import BackendError
+
+__all__ = ["launcher"]
+
+
+def launcher(op: str, backend: str, family: str, kernel: str) -> Callable:
+    """The launcher of ``kernel`` (of the op family ``family``) on ``backend``.
+
+    Parameters
+    ----------
+    op : str
+        The public op (for error messages).
+    backend : {"native", "numba", "cuda"}
+        A backend :func:`mmcore._backend.resolve_backend` chose.
+    family : str
+        The module of the numba and cuda launchers (``"attention"``, ``"fusion"``,
+        ``"image"``, ``"spectral"``, ``"linear"``, ``"encoder_layer"``).
+    kernel : str
+        The kernel: ``cpu.<kernel>`` (which calls ``mmcore._C.<kernel>``), ``numba.<family>.<kernel>_numba`` or
+        ``cuda.<family>.<kernel>_cuda``.
+
+    Raises
+    ------
+    BackendError
+        The backend has no such kernel in this build.
+
+    Examples
+    --------
+    >>> from mmcore.backends import launcher
+    >>> launcher("fuse", "native", "fusion", "fuse").__module__
+    'mmcore.backends.cpu'
+    """
+    if backend == "native":
+        from . import cpu
+        cpu.native(op, kernel)          # a build without the kernel: the message names ``op``
+        return getattr(cpu, kernel)
+    try:
+        mod = importlib.import_module(f"{__name__}.{backend}.{family}")
+    except ImportError as exc:
+        if backend == "cuda":
+            raise BackendError(f"[{op}] this build of mmcore has no CUDA {family} kernels "
+                               f"(mmcore.backends.cuda.{family}): {exc}") from exc
+        raise
+    fn = getattr(mod, f"{kernel}_{backend}", None)
+    if fn is None:
+        raise BackendError(f"[{op}] the {backend} backend has no {kernel} kernel")
+    return fn

@@ -1,0 +1,139 @@
+"""Launchers of the native CPU kernels (``mmcore._C``), the ``native`` backend.
+
+One function per kernel, taking the arguments the public op has already validated and laid out
+(NumPy arrays of the kernel's dtype and layout, outputs allocated) and adding the thread count
+of :func:`mmcore.set_num_threads`. Nothing here validates: the bindings keep their own checks
+as the last line of defence against a caller that bypasses :mod:`mmcore.ops`.
+
+The numba launchers (:mod:`mmcore.backends.numba`) and the cuda ones
+(:mod:`mmcore.backends.cuda`) of a kernel take the same arguments.
+
+Examples
+--------
+>>> import numpy as np
+>>> from mmcore.backends import cpu
+>>> x = np.ones((1, 2, 3), np.float32); out = np.empty((1, 3), np.float32)
+>>> cpu.masked_mean(x, None, out)
+array([[1., 1., 1.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import _backend
+from ..errors import BackendError
+
+__all__ = ["native", "attention", "masked_mean", "masked_max", "fuse", "spectral", "resize",
+           "normalize", "patchify", "preprocess_image", "linear", "layer_norm", "encoder_layer"]
+
+Array = np.ndarray
+
+
+def native(op: str, kernel: str) -> Any:
+    """``mmcore._C``, checked to have ``kernel`` (a BackendError naming ``op`` otherwise)."""
+    C = _backend.native_module()
+    if not hasattr(C, kernel):
+        raise BackendError(f"[{op}] this build of mmcore._C has no {kernel} kernel: rebuild "
+                           "mmcore (`pip install .`) or use backend='numba'")
+    return C
+
+
+def _threads() -> int:
+    return _backend.get_num_threads()
+
+
+def attention(q: Array, k: Array, v: Array, out: Array, weights: Optional[Array],
+              lse: Optional[Array], mask: Optional[Array], bias: Optional[Array],
+              key_lengths: Optional[Array], scale: float, dropout: bool, seed: int,
+              threshold: int, dropout_scale: float) -> None:
+    """:func:`mmcore.ops.attention` (fills ``out``, ``weights`` and ``lse``)."""
+    native("attention", "attention").attention(
+        q, k, v, out, weights, lse, mask, bias, key_lengths, scale, dropout, seed, threshold,
+        dropout_scale, _threads())
+
+
+def masked_mean(x: Array, mask: Optional[Array], out: Array) -> Array:
+    """:func:`mmcore.ops.masked_mean` into ``out``."""
+    native("masked_mean", "masked_mean").masked_mean(x, mask, out, num_threads=_threads())
+    return out
+
+
+def masked_max(x: Array, mask: Optional[Array], out: Array) -> Array:
+    """:func:`mmcore.ops.masked_max` into ``out``."""
+    native("masked_max", "masked_max").masked_max(x, mask, out, num_threads=_threads())
+    return out
+
+
+def fuse(emb: Array, present: Optional[Array], weights: Optional[Array],
+         query: Optional[Array], out: Array, out_weights: Optional[Array], *,
+         strategy: str) -> None:
+    """:func:`mmcore.ops.fuse` of a stacked (B, M, D) input."""
+    native("fuse", "fuse").fuse(emb, present, weights, query, out, out_weights,
+                                strategy=strategy, num_threads=_threads())
+
+
+def spectral(x: Array, out: Array, window: Array, mel_start: Optional[Array],
+             mel_len: Optional[Array], mel_offset: Optional[Array],
+             mel_weights: Optional[Array], **options: Any) -> None:
+    """The framing + FFT + (mel) + (log) kernel of the audio ops."""
+    native("spectral", "spectral").spectral(x, out, window, mel_start, mel_len, mel_offset, mel_weights,
+                                    num_threads=_threads(), **options)
+
+
+def resize(srcs: list, dsts: list, *, filter: str, antialias: bool) -> None:
+    """:func:`mmcore.ops.resize` of (H, W, C) images into preallocated outputs."""
+    native("resize", "resize").resize(srcs, dsts, filter=filter, antialias=antialias,
+                                      num_threads=_threads())
+
+
+def normalize(src: Array, dst: Array, mean: Array, std: Array, *, scale: float,
+              layout: str) -> None:
+    """:func:`mmcore.ops.normalize` of an (N, H, W, C) batch."""
+    native("normalize", "normalize").normalize(src, dst, mean, std, scale=scale, layout=layout,
+                                               num_threads=_threads())
+
+
+def patchify(src: Array, dst: Array, *, patch: int, temporal_patch: int) -> None:
+    """:func:`mmcore.ops.patchify` of a (B, T, C, H, W) array."""
+    native("patchify", "patchify").patchify(src, dst, patch=patch, temporal_patch=temporal_patch,
+                                            num_threads=_threads())
+
+
+def preprocess_image(srcs: list, out: Array, geoms: Array, mean: Array, std: Array, *,
+                     crop_h: int, crop_w: int, filter: str, antialias: bool, scale: float,
+                     patch: int) -> None:
+    """:func:`mmcore.ops.preprocess_image` of uint8 RGB images."""
+    native("preprocess_image", "preprocess_image").preprocess_image(
+        srcs, out, geoms, mean, std, crop_h=crop_h, crop_w=crop_w, filter=filter,
+        antialias=antialias, scale=scale, patch=patch, num_threads=_threads())
+
+
+def linear(x: Array, weight: Array, bias: Optional[Array], out: Array, *, activation: int,
+           weight_kind: int = 0, weight_scale: Optional[Array] = None) -> None:
+    """:func:`mmcore.ops.linear` of (M, K) rows; ``weight_kind`` / ``weight_scale`` describe a
+    quantized weight (see :class:`mmcore.ops.linear.QuantizedTensor`)."""
+    C = native("linear", "linear")
+    if weight_kind:
+        C.linear(x, weight, bias, out, activation=activation, weight_kind=weight_kind,
+                 weight_scale=weight_scale, num_threads=_threads())
+    else:
+        C.linear(x, weight, bias, out, activation=activation, num_threads=_threads())
+
+
+def layer_norm(x: Array, weight: Optional[Array], bias: Optional[Array], out: Array, *,
+               eps: float) -> None:
+    """:func:`mmcore.ops.layer_norm` of (rows, D) rows."""
+    native("layer_norm", "layer_norm").layer_norm(x, weight, bias, out, eps=eps,
+                                                  num_threads=_threads())
+
+
+def encoder_layer(x: Array, out: Array, key_lengths: Optional[Array], *, num_heads: int,
+                  weights: tuple, biases: tuple, norms: tuple, eps1: float, eps2: float,
+                  activation: int, scale: float) -> None:
+    """:func:`mmcore.ops.encoder_layer`: the pre-norm block in one native call."""
+    native("encoder_layer", "encoder_layer").encoder_layer(
+        x, out, key_lengths, num_heads=num_heads, weights=weights, biases=biases, norms=norms,
+        eps1=eps1, eps2=eps2, activation=activation, scale=scale, num_threads=_threads())
