@@ -66,7 +66,7 @@ import numpy as np
 from .errors import MMCoreError
 
 __all__ = ["TensorCache", "CacheStats", "CacheItemTooLarge", "content_key", "digest_bytes",
-           "digest_file",
+           "digest_file", "new_hasher", "hash_field",
            "HASH_ALGORITHM", "CacheManager", "POLICIES", "STORAGE_DTYPES", "nbytes_of"]
 
 POLICIES = ("lru", "lfu", "fifo", "ttl")
@@ -93,7 +93,26 @@ HASH_ALGORITHM = "blake3" if _blake3_mod is not None else "blake2b"
 _DOMAIN = b"mmcore.cache.content_key.v1"
 
 
-def _new_hasher(algorithm: Optional[str] = None):
+def new_hasher(algorithm: Optional[str] = None) -> Any:
+    """A fresh hasher (``update`` / ``hexdigest``) of the cache's keys, seeded with their domain.
+
+    ``algorithm`` is ``"blake3"`` or ``"blake2b"`` (None: :data:`HASH_ALGORITHM`); the name
+    is hashed first, so digests of the two never coincide. Feed it with :func:`hash_field`
+    for unambiguous records (what :func:`content_key` does).
+
+    Raises
+    ------
+    ValueError
+        An unknown algorithm, or ``"blake3"`` without the blake3 package.
+
+    Examples
+    --------
+    >>> from mmcore.cache import hash_field, new_hasher
+    >>> h = new_hasher("blake2b")
+    >>> hash_field(h, b"name", b"weights")
+    >>> len(h.hexdigest())
+    64
+    """
     algo = algorithm or HASH_ALGORITHM
     if algo == "blake3":
         if _blake3_mod is None:
@@ -108,10 +127,15 @@ def _new_hasher(algorithm: Optional[str] = None):
     return h
 
 
-def _field(h, tag: bytes, payload: bytes) -> None:
-    """Write one tagged, length-prefixed field."""
+def hash_field(h: Any, tag: bytes, payload: bytes) -> None:
+    """Write one tagged, length-prefixed field into the hasher ``h`` (see :func:`new_hasher`)."""
     h.update(struct.pack("<B", len(tag)) + tag + struct.pack("<Q", len(payload)))
     h.update(payload)
+
+
+# the names these two had before they were public
+_new_hasher = new_hasher
+_field = hash_field
 
 
 def _as_byte_view(arr: np.ndarray) -> np.ndarray:
@@ -128,29 +152,29 @@ def _hash_data(h, data: Any, depth: int = 0) -> None:
         h.update(b)
         return
     if isinstance(data, str):
-        _field(h, b"str", data.encode("utf-8", "surrogatepass"))
+        hash_field(h, b"str", data.encode("utf-8", "surrogatepass"))
         return
     if isinstance(data, Mapping):
         keys = sorted(data, key=lambda k: (type(k).__name__, str(k)))
-        _field(h, b"map", struct.pack("<Q", len(keys)))
+        hash_field(h, b"map", struct.pack("<Q", len(keys)))
         for k in keys:
-            _field(h, b"mkey", f"{type(k).__name__}:{k}".encode())
+            hash_field(h, b"mkey", f"{type(k).__name__}:{k}".encode())
             _hash_data(h, data[k], depth + 1)
         return
     if isinstance(data, (list, tuple)):
-        _field(h, b"seq", struct.pack("<Q", len(data)))
+        hash_field(h, b"seq", struct.pack("<Q", len(data)))
         for item in data:
             _hash_data(h, item, depth + 1)
         return
     if data is None:
-        _field(h, b"none", b"")
+        hash_field(h, b"none", b"")
         return
     arr = np.asarray(data)
     if arr.dtype.hasobject:
         raise TypeError(f"[content_key] cannot hash an array of dtype {arr.dtype} "
                         f"(from {type(data).__name__}); pass numeric arrays, bytes or str")
-    _field(h, b"dtype", arr.dtype.str.encode())
-    _field(h, b"shape", struct.pack(f"<Q{arr.ndim}q", arr.ndim, *arr.shape))
+    hash_field(h, b"dtype", arr.dtype.str.encode())
+    hash_field(h, b"shape", struct.pack(f"<Q{arr.ndim}q", arr.ndim, *arr.shape))
     view = _as_byte_view(arr)
     h.update(b"\x05array" + struct.pack("<Q", view.nbytes))
     h.update(view)
@@ -184,7 +208,7 @@ def _canonical(obj: Any) -> bytes:
 
 def digest_bytes(data: Any, *, algorithm: Optional[str] = None) -> str:
     """Hex digest of a plain bytes-like object (no domain fields; for benchmarks and helpers)."""
-    h = _new_hasher(algorithm)
+    h = new_hasher(algorithm)
     h.update(data)
     return h.hexdigest()
 
@@ -201,7 +225,7 @@ def digest_file(fh: Any, *, algorithm: Optional[str] = None, chunk_bytes: int = 
     >>> digest_file(io.BytesIO(b"abc" * 1000), chunk_bytes=7) == digest_bytes(b"abc" * 1000)
     True
     """
-    h = _new_hasher(algorithm)
+    h = new_hasher(algorithm)
     buf = bytearray(max(1, int(chunk_bytes)))
     view = memoryview(buf)
     while True:
@@ -254,16 +278,16 @@ def content_key(data: Any, *, modality: Any, config: Any = None, model: Any = No
     >>> len(content_key(b"hello", modality="text", model="bert-base"))
     64
     """
-    h = _new_hasher(algorithm)
-    _field(h, b"modality", str(modality).encode("utf-8"))
-    _field(h, b"config", _canonical(config))
-    _field(h, b"model", _canonical(model))
+    h = new_hasher(algorithm)
+    hash_field(h, b"modality", str(modality).encode("utf-8"))
+    hash_field(h, b"config", _canonical(config))
+    hash_field(h, b"model", _canonical(model))
     if item_id is not None:
-        _field(h, b"item_id", _canonical(item_id if isinstance(item_id, (str, bytes))
+        hash_field(h, b"item_id", _canonical(item_id if isinstance(item_id, (str, bytes))
                                          else f"{type(item_id).__name__}:{item_id}"))
     else:
-        _field(h, b"no_item_id", b"")
-    _field(h, b"data", b"")
+        hash_field(h, b"no_item_id", b"")
+    hash_field(h, b"data", b"")
     _hash_data(h, data)
     return h.hexdigest()
 
@@ -853,29 +877,29 @@ class CacheManager:
                       model: Any = None) -> str:
         """Key of a cross-modal attention result: both sides' content digests, their
         modalities, the layer and the model identity (the order of the sides matters)."""
-        h = _new_hasher()
-        _field(h, b"kind", b"cross_attention")
-        _field(h, b"query_modality", str(query_modality).encode())
-        _field(h, b"query", str(query_digest).encode())
-        _field(h, b"context_modality", str(context_modality).encode())
-        _field(h, b"context", str(context_digest).encode())
-        _field(h, b"layer", _canonical(layer if isinstance(layer, str) else repr(layer)))
-        _field(h, b"model", _canonical(model))
+        h = new_hasher()
+        hash_field(h, b"kind", b"cross_attention")
+        hash_field(h, b"query_modality", str(query_modality).encode())
+        hash_field(h, b"query", str(query_digest).encode())
+        hash_field(h, b"context_modality", str(context_modality).encode())
+        hash_field(h, b"context", str(context_digest).encode())
+        hash_field(h, b"layer", _canonical(layer if isinstance(layer, str) else repr(layer)))
+        hash_field(h, b"model", _canonical(model))
         return h.hexdigest()
 
     @staticmethod
     def fusion_key(digests: Mapping[Any, str], *, strategy: Any = None, model: Any = None) -> str:
         """Key of a fusion result: the content digest of each modality, the fusion strategy
         (a config or name) and the model identity."""
-        h = _new_hasher()
-        _field(h, b"kind", b"fusion")
+        h = new_hasher()
+        hash_field(h, b"kind", b"fusion")
         items = sorted((str(m), str(d)) for m, d in digests.items())
-        _field(h, b"count", struct.pack("<Q", len(items)))
+        hash_field(h, b"count", struct.pack("<Q", len(items)))
         for m, d in items:
-            _field(h, b"modality", m.encode())
-            _field(h, b"digest", d.encode())
-        _field(h, b"strategy", _canonical(strategy))
-        _field(h, b"model", _canonical(model))
+            hash_field(h, b"modality", m.encode())
+            hash_field(h, b"digest", d.encode())
+        hash_field(h, b"strategy", _canonical(strategy))
+        hash_field(h, b"model", _canonical(model))
         return h.hexdigest()
 
     # ---- operations ----------------------------------------------------------------------

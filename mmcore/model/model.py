@@ -78,43 +78,21 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..config import (
-    EarlyFusion,
-    MiddleFusion,
-    ModalityConfig,
-    MultiModalConfig,
-    PreprocessingConfig,
-)
+from ..cache import CacheManager
+from ..config import (EarlyFusion, MiddleFusion, ModalityConfig, MultiModalConfig,
+                      PreprocessingConfig)
 from ..errors import ConfigError, ModalityError, ModelFormatError, ShapeError
 from ..modality import Modality
 from ..ops import masked_mean
-from .directory import (
-    _TOKENIZER_FILE,
-    _build,
-    _bundle_files,
-    _check_layer_counts,
-    _check_state_modalities,
-    _config_from_dir,
-    _restrict_config,
-    _served_externally,
-    _WeightBudget,
-)
+from .directory import (_TOKENIZER_FILE, _build, _bundle_files, _check_layer_counts,
+                        _check_state_modalities, _config_from_dir, _restrict_config,
+                        _served_externally, _WeightBudget)
 from .encoders import ModalityEncoder
 from .fusion import FusionLayer
-from .inputs import (
-    ACCEPTED_INPUTS,  # noqa: F401  (re-exported)
-    PATH_TYPES,
-    MultiModalInput,
-    MultiModalOutput,
-    check_files,
-    check_preprocessed,
-    item_data,
-    kind_of,
-    raw_items,
-    raw_subset,
-    resolve_audio_pairs,
-    stack_clips,
-)
+from .inputs import ACCEPTED_INPUTS  # noqa: F401  (re-exported)
+from .inputs import (PATH_TYPES, MultiModalInput, MultiModalOutput, check_files,
+                     check_preprocessed, kind_of, resolve_audio_pairs, stack_clips)
+from .item_cache import ItemCache
 from .nn import Module, RngLike, as_generator
 from .stats import LatencyStats, prometheus_collector
 
@@ -150,48 +128,11 @@ def _make_preprocessor(pre: Optional[PreprocessingConfig]):
     raise ConfigError(f"no preprocessor for modality kind {kind!r}")  # pragma: no cover
 
 
-# ----------------------------------------------------------------------------------------------
-# per-item caching
-
-
-# where ``item_keys`` (the per-request record of item cache keys) notes the weights versions
-# the keys were computed at
-_KEYS_VERSIONS = "__weights_versions__"
-
-
-def _make_cache_manager(config: MultiModalConfig, cache: Any, owner: str):
-    """The CacheManager of a model (None when caching is off)."""
-    from ..cache import CacheManager
-    from ..config import CacheConfig
-    if cache is False:
-        return None
-    if isinstance(cache, CacheManager):
-        mgr = cache
-    elif cache is None or cache is True:
-        mgr = CacheManager.from_multimodal_config(config)
-    elif isinstance(cache, CacheConfig):
-        policies = {m: (mc.cache if mc.cache is not None else cache.policy_for(m))
-                    for m, mc in config.modalities.items()}
-        mgr = CacheManager(cache, policies=policies)
-    else:
-        raise ConfigError(f"[{owner}] cache must be None, a bool, a CacheConfig or a "
-                          f"CacheManager, got {type(cache).__name__}")
-    return mgr if mgr.config.enabled else None
-
-
 def _zero_padding(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Token embeddings with the padding positions set to zero."""
     if mask.ndim == 2 and mask.shape == tokens.shape[:2] and not mask.all():
         tokens = np.where(mask[..., None], tokens, np.float32(0)).astype(np.float32, copy=False)
     return tokens
-
-
-def _real_length(row: np.ndarray) -> Optional[int]:
-    """Length of the True prefix of a mask row (None if the row is not right-padded)."""
-    n = int(row.sum())
-    if not row[:n].all():
-        return None
-    return n
 
 
 def _check_remote_result(owner: str, m: Modality, mc: ModalityConfig, res) -> tuple:
@@ -282,7 +223,8 @@ class MultiModalModel(Module):
 
     Thread safety: :meth:`infer` keeps no shared mutable state besides the statistics and
     the cache (both thread-safe; concurrent calls with overlapping items may both compute an
-    item that neither found, and store equal results) and can be called from many threads at once; :meth:`enable` / :meth:`disable`
+    item that neither found, and store equal results) and can be called from many threads at
+    once; :meth:`enable` / :meth:`disable`
     swap the config atomically (a call in flight finishes with the config it started with).
     Do not call :meth:`load_state_dict` while other threads infer.
 
@@ -326,7 +268,6 @@ class MultiModalModel(Module):
         self.preprocessors: Dict[Modality, Any] = {}
         self._external: Dict[Modality, Callable] = {}
         self._remote: Dict[Modality, Any] = {}
-        self._config_keys: Dict[int, Tuple[Any, str]] = {}
         encs = _ModuleDict()
         for m, mc in config.modalities.items():
             self.preprocessors[m] = _make_preprocessor(mc.preprocessing)
@@ -354,9 +295,8 @@ class MultiModalModel(Module):
         self.add_module("encoders", encs)
         self.add_module("fusion", FusionLayer.from_config(config, rng=gen))
         self._stats = LatencyStats(stats_window)
-        self._cache = _make_cache_manager(config, cache, owner)
-        self._identity_state = None
-        self._current_identity()
+        self._items = ItemCache.for_config(config, cache, owner=owner)
+        self._identity_and_version()
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -489,9 +429,15 @@ class MultiModalModel(Module):
     # -- cache ----------------------------------------------------------------------------------
 
     @property
-    def cache(self):
+    def cache(self) -> Optional[CacheManager]:
         """The :class:`~mmcore.cache.CacheManager` of encoder outputs (None when off)."""
-        return self._cache
+        return self._items.manager
+
+    @property
+    def item_cache(self) -> ItemCache:
+        """The :class:`~mmcore.model.item_cache.ItemCache`: keys, identity and lookups of the
+        per-item cache (present when caching is off too, with no manager)."""
+        return self._items
 
     @property
     def identity(self) -> str:
@@ -506,63 +452,26 @@ class MultiModalModel(Module):
         the cache). Encoders given as plain callables (not modules) are identified by object
         only: replace the model, or call :meth:`clear_cache`, if such an encoder changes.
         """
-        return self._current_identity()
-
-    def _current_identity(self) -> str:
-        """The identity of the weights as they are now (see :meth:`_identity_and_version`)."""
         return self._identity_and_version()[0]
 
     def _identity_and_version(self) -> Tuple[str, int]:
-        """``(identity, weights_version)`` as they are now. O(1) while no module anywhere has
-        changed (the weights clock); else the tree's version is compared and the digest of
-        every parameter recomputed only when a parameter of this model was replaced. The
-        version lets a caller check that the weights did not change while it computed a
-        result it is about to cache."""
-        from .nn import weights_clock
-        clock = weights_clock()                 # read first: a later change is seen next time
-        state = self.__dict__.get("_identity_state")
-        if state is not None and state[0] == clock:
-            return state[2], state[1]
-        version = self.weights_version
-        if state is not None and state[1] == version:
-            ident = state[2]
-        else:
-            ident = self._compute_identity()
-        self._identity_state = (clock, version, ident)
-        return ident, version
-
-    def _compute_identity(self) -> str:
-        from ..cache import _field, _new_hasher
-        h = _new_hasher()
-        _field(h, b"class", type(self).__name__.encode())
-        for name, arr in sorted(self.named_parameters()):
-            a = np.ascontiguousarray(arr)
-            _field(h, b"name", name.encode())
-            _field(h, b"meta", f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.reshape(-1).view(np.uint8))
-        for m, fn in sorted(self._external.items(), key=lambda kv: str(kv[0])):
-            _field(h, b"external", f"{m}:{type(fn).__qualname__}:{id(fn)}".encode())
-        return h.hexdigest()
+        """``(identity, weights_version)`` as they are now (see
+        :meth:`ItemCache.identity_and_version
+        <mmcore.model.item_cache.ItemCache.identity_and_version>`)."""
+        return self._items.identity_and_version(self, self._external)
 
     def load_state_dict(self, state_dict, *, prefix: str = "", strict: bool = True):
         out = super().load_state_dict(state_dict, prefix=prefix, strict=strict)
-        self._current_identity()                # recompute now rather than on the next call
+        self._identity_and_version()            # recompute now rather than on the next call
         return out
 
     def cache_stats(self) -> Dict[str, Any]:
         """:meth:`CacheManager.stats` of the cache, plus ``"enabled"`` (False when off)."""
-        if self._cache is None:
-            return {"enabled": False, "caches": {},
-                    "total": {k: 0 for k in ("hits", "misses", "evictions", "expired",
-                                             "rejected", "bytes", "items")}}
-        st = self._cache.stats()
-        st["enabled"] = bool(self._cache.config.enabled)
-        return st
+        return self._items.stats()
 
     def clear_cache(self) -> None:
         """Drop every cached entry (the counters are kept)."""
-        if self._cache is not None:
-            self._cache.clear()
+        self._items.clear()
 
     # -- inference ------------------------------------------------------------------------------
 
@@ -628,115 +537,14 @@ class MultiModalModel(Module):
             return stack_clips([pre(c)["pixel_values"] for c in clips], owner)
         raise ShapeError(f"[{owner}] cannot preprocess modality {str(m)!r}")  # pragma: no cover
 
-    def _encode_cached(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
-                       timings: Dict[str, float], item_keys: Optional[Dict] = None):
-        """``(tokens, mask, pooled)`` of one modality through the per-item cache, or None when
-        the input cannot be cached item by item (the caller then takes the uncached path)."""
-        from ..cache import content_key
-        owner = type(self).__name__
-        value = inputs.modality_inputs[m]
-        is_raw = inputs.raw[m] and not isinstance(value, Mapping)
-        n_items = int(inputs.batch_size)
-        pre = mc.preprocessing
-        pkind = kind_of(m, pre)
-        if pre is not None and pkind == "text" and pre.padding_side == "left":
-            return None
-        t_pre = 0.0
-        t0 = time.perf_counter()
-        if is_raw:
-            items = raw_items(pkind, value, n_items)
-            if items is None:
-                return None
-            datas = [("raw", item_data(pkind, it)) for it in items]
-            fixed = pre is not None and pre.padding == "max_length"
-            x = mask = None
-        else:
-            x, mask = self._prepare(m, mc, value, False, inputs.attention_masks.get(m))
-            x = np.asarray(x)
-            if x.ndim < 1 or x.shape[0] != n_items:
-                return None
-            if mask is not None:
-                mask = np.asarray(mask)
-            datas = [("pre", x[i], None if mask is None else mask[i].astype(np.bool_))
-                     for i in range(n_items)]
-            fixed = True
-        identity, wversion = self._identity_and_version()
-        cfg = self._config_key(mc)
-        keys = [content_key(d, modality=m, config=cfg, model=identity) for d in datas]
-        t_pre += time.perf_counter() - t0
-
-        entries: Dict[str, Any] = {}
-        for k in keys:
-            if k not in entries:
-                hit = self._cache.get(m, k)
-                if hit is not None:
-                    entries[k] = hit
-        missing = []
-        seen = set()
-        for i, k in enumerate(keys):
-            if k not in entries and k not in seen:
-                seen.add(k)
-                missing.append(i)
-
-        t_enc = 0.0
-        if missing:
-            t0 = time.perf_counter()
-            if is_raw:
-                xs, ms = self._prepare(m, mc, raw_subset(value, n_items, missing), True, None)
-            else:
-                idx = np.asarray(missing, np.intp)
-                xs = x[idx]
-                ms = None if mask is None else mask[idx]
-            t_pre += time.perf_counter() - t0
-            if int(np.shape(xs)[0]) != len(missing):
-                raise ShapeError(f"[{owner}] modality {str(m)!r} has batch size "
-                                 f"{int(np.shape(xs)[0])} after preprocessing, expected "
-                                 f"{len(missing)}")
-            t0 = time.perf_counter()
-            tokens, tmask, pool = self.encoder(m)(xs, attention_mask=ms)
-            tokens = np.asarray(tokens, np.float32)
-            tmask = np.asarray(tmask).astype(np.bool_)
-            pool = np.asarray(pool, np.float32)
-            L_sub = int(tokens.shape[1])
-            fresh = {}
-            for j, i in enumerate(missing):
-                n = _real_length(tmask[j])
-                if n is None:
-                    return None
-                fresh[keys[i]] = (np.ascontiguousarray(tokens[j, :n]), pool[j],
-                                  np.int64(L_sub if fixed else n))
-            # weights replaced meanwhile (another thread): return the results, cache nothing
-            if self._identity_and_version()[1] == wversion:
-                for k, e in fresh.items():
-                    self._cache.put(m, k, e)
-            entries.update(fresh)
-            t_enc = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        rows = [entries[k] for k in keys]
-        L = max(int(e[2]) for e in rows)
-        D = int(rows[0][1].shape[-1])
-        out_tokens = np.zeros((n_items, L, D), np.float32)
-        out_mask = np.zeros((n_items, L), np.bool_)
-        for i, e in enumerate(rows):
-            n = int(e[0].shape[0])
-            out_tokens[i, :n] = e[0]
-            out_mask[i, :n] = True
-        out_pool = np.stack([np.asarray(e[1], np.float32) for e in rows])
-        t_enc += time.perf_counter() - t0
-        timings[f"preprocess:{m}"] = t_pre
-        timings[f"encode:{m}"] = t_enc
-        if item_keys is not None:
-            item_keys[m] = keys
-            item_keys.setdefault(_KEYS_VERSIONS, set()).add(wversion)
-        return out_tokens, out_mask, out_pool
-
     def _encode_one(self, m: Modality, mc: ModalityConfig, inputs: MultiModalInput,
                     timings: Dict[str, float], use_cache: bool,
                     item_keys: Optional[Dict] = None):
         """``(tokens, mask, pooled)`` of one modality (late, attention and custom fusion)."""
-        if use_cache and self._cache.enabled_for(m):
-            res = self._encode_cached(m, mc, inputs, timings, item_keys)
+        if use_cache and self._items.enabled_for(m):
+            res = self._items.encoded(m, mc, inputs, prepare=self._prepare, encoder=self.encoder,
+                                      weights=self._identity_and_version, timings=timings,
+                                      item_keys=item_keys)
             if res is not None:
                 return res
         t0 = time.perf_counter()
@@ -801,69 +609,12 @@ class MultiModalModel(Module):
         self._check_input(m, config.modalities[m], inputs)
         t = {} if timings is None else timings
         return self._encode_one(m, config.modalities[m], inputs, t,
-                                self._cache is not None)
+                                self._items.enabled)
 
     def _config_key(self, cfg) -> str:
-        """A digest of what, in a ModalityConfig (preprocessing and encoder) or a
-        MultiModalConfig (fusion and cross-attention), decides the cached values; computed
-        once per config object (configs are replaced, never changed, by enable / disable)."""
-        memo = self._config_keys
-        hit = memo.get(id(cfg))
-        if hit is not None and hit[0] is cfg:
-            return hit[1]
-        from ..cache import digest_bytes
-        if isinstance(cfg, ModalityConfig):
-            fields = {"modality": str(cfg.modality),
-                      "preprocessing": (None if cfg.preprocessing is None
-                                        else cfg.preprocessing.to_dict()),
-                      "encoder": cfg.encoder, "embed_dim": cfg.embed_dim,
-                      "encoder_config": cfg.encoder_config.to_dict(),
-                      "quantization": cfg.quantization, "extra": cfg.extra}
-        else:
-            fields = {"fusion": cfg.fusion.to_dict(), "fused_dim": cfg.fused_dim,
-                      "cross_attention": (None if cfg.cross_attention is None
-                                          else cfg.cross_attention.to_dict())}
-        import json
-        key = "config:" + digest_bytes(json.dumps(fields, sort_keys=True, default=str)
-                                       .encode("utf-8"))
-        if len(memo) > 64:
-            memo.clear()
-        memo[id(cfg)] = (cfg, key)
-        return key
-
-    def _fuse_cached(self, config: MultiModalConfig, present, fusion_in, item_keys, B: int):
-        """``{"fused": ...}`` through the per-item fusion result cache (late and attention
-        fusion: every row is fused on its own). Only the rows not found are fused, with the
-        batch's padding; None when the fusion cache is off."""
-        from ..cache import CacheManager
-        cache = self._cache
-        if not cache.enabled_for(CacheManager.FUSION):
-            return None
-        strategy = self._config_key(config)
-        identity, wversion = self._identity_and_version()
-        keys = [CacheManager.fusion_key({m: item_keys[m][i] for m in present},
-                                        strategy=strategy, model=identity)
-                for i in range(B)]
-        rows: Dict[int, np.ndarray] = {}
-        for i, k in enumerate(keys):
-            hit = cache.get(CacheManager.FUSION, k)
-            if hit is not None:
-                rows[i] = hit
-        missing = [i for i in range(B) if i not in rows]
-        if missing:
-            idx = np.asarray(missing, np.intp)
-            sub = {m: tuple(np.ascontiguousarray(a[idx]) for a in fusion_in[m])
-                   for m in fusion_in}
-            fused = np.asarray(self.fusion(sub)["fused"], np.float32)
-            # cache only when the item keys, the fusion key and the fused rows all come from
-            # the same weights (none replaced meanwhile by another thread)
-            store = (self._identity_and_version()[1] == wversion
-                     and item_keys.get(_KEYS_VERSIONS, {wversion}) == {wversion})
-            for j, i in enumerate(missing):
-                rows[i] = fused[j]
-                if store:
-                    cache.put(CacheManager.FUSION, keys[i], np.ascontiguousarray(fused[j]))
-        return {"fused": np.stack([np.asarray(rows[i], np.float32) for i in range(B)])}
+        """The cache's digest of a ModalityConfig or MultiModalConfig (see
+        :meth:`ItemCache.config_key <mmcore.model.item_cache.ItemCache.config_key>`)."""
+        return self._items.config_key(cfg)
 
     def infer(self, inputs, *, return_weights: bool = False) -> MultiModalOutput:
         """Preprocess, encode and fuse one request.
@@ -958,7 +709,7 @@ class MultiModalModel(Module):
         done = {}
         item_keys: Dict[Modality, list] = {}
         B = None
-        use_cache = self._cache is not None and kind not in ("early", "middle")
+        use_cache = self._items.enabled and kind not in ("early", "middle")
         for m in present:
             if m in futures:
                 continue
@@ -1010,7 +761,8 @@ class MultiModalModel(Module):
         res = None
         if (use_cache and not return_weights and kind in ("late", "attention")
                 and all(m in item_keys for m in present)):
-            res = self._fuse_cached(config, present, fusion_in, item_keys, B)
+            res = self._items.fused(config, present, fusion_in, item_keys, B, fuse=self.fusion,
+                                    weights=self._identity_and_version)
         if res is None:
             res = self.fusion(fusion_in, return_weights=return_weights)
         if kind in ("early", "middle"):
@@ -1090,7 +842,8 @@ class MultiModalModel(Module):
                         encoders: Optional[Mapping[Any, Any]] = None,
                         modalities: Optional[Any] = None,
                         distributed: Any = None) -> "MultiModalModel":
-        """Load a model directory written by :meth:`save` (or :func:`~mmcore.model.io.save_model_dir`).
+        """Load a model directory written by :meth:`save` (or
+        :func:`~mmcore.model.io.save_model_dir`).
 
         Parameters
         ----------
