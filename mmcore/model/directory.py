@@ -3,29 +3,45 @@
 Helpers of :meth:`MultiModalModel.save` / :meth:`~MultiModalModel.from_pretrained` and of
 :class:`~mmcore.model.loader.MultiModalLoader`: the config read from ``mmcore.json``, files a
 directory uses (tokenizers, ONNX graphs) kept inside it and under its checksums, and a model
-built without trusting the sizes its config states (:class:`_WeightBudget` refuses to draw
+built without trusting the sizes its config states (:class:`WeightBudget` refuses to draw
 more weights than the directory stores, before allocating them).
+:func:`save_model` and :func:`load_pretrained` are what ``save`` and ``from_pretrained`` run.
+
+Examples
+--------
+>>> import os, tempfile
+>>> from mmcore.model import MultiModalModel, default_model
+>>> from mmcore.model.directory import load_pretrained, save_model
+>>> d = os.path.join(tempfile.mkdtemp(), "m")
+>>> meta = save_model(default_model(seed=0), d)
+>>> meta["modalities"], load_pretrained(MultiModalModel, d).output_dim
+(['text', 'image', 'audio', 'video'], 64)
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Type
 
 import numpy as np
 
 from ..config import MultiModalConfig
 from ..errors import ConfigError, ModalityError, ModelFormatError, ShapeError
 from ..modality import Modality
+from .io import load_model_dir, resolve_dir_file, save_model_dir, stored_weight_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import MultiModalModel
 
+__all__ = ["TOKENIZER_FILE", "config_from_dir", "bundle_files", "WeightBudget", "build_model",
+           "check_layer_counts", "check_state_modalities", "restrict_config",
+           "served_externally", "save_model", "load_pretrained"]
 
-_TOKENIZER_FILE = "tokenizer.json"
+#: The name of a model directory's tokenizer file.
+TOKENIZER_FILE = "tokenizer.json"
 
 
-def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any], *,
+def config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any], *,
                      op: str = "MultiModalModel.from_pretrained") -> MultiModalConfig:
     """The :class:`MultiModalConfig` stored in a model directory (ModelFormatError if invalid).
 
@@ -35,7 +51,6 @@ def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any],
     the directory listed in ``mmcore.json`` (see :func:`~mmcore.model.io.resolve_dir_file`);
     the config returned names them by absolute path.
     """
-    from .io import resolve_dir_file
     root = os.fspath(path)
     data = dict(cfg_dict)
     if isinstance(data.get("modalities"), Mapping):
@@ -48,7 +63,7 @@ def _config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any],
                 if tok is not None and not (isinstance(tok, str) and tok.lower() == "byte"):
                     tok = resolve_dir_file(root, tok, meta=meta, op=op,
                                            field=f"modalities.{key}.preprocessing.tokenizer",
-                                           default_name=_TOKENIZER_FILE)
+                                           default_name=TOKENIZER_FILE)
                     mcfg["preprocessing"] = dict(pre, tokenizer=tok)
                 for where in ("encoder_config", None):
                     holder = mcfg.get(where) if where else mcfg
@@ -85,7 +100,6 @@ def _check_onnx_external(root: str, graph: str, meta: Mapping[str, Any], field: 
                          op: str) -> None:
     """The external-data files of the ONNX graph ``graph`` (a file of the model directory
     ``root``) must be files of the directory too (skipped without the ``onnx`` package)."""
-    from .io import resolve_dir_file
     from .onnx_encoder import onnx_external_files
     real_root = os.path.realpath(root)
     for loc in onnx_external_files(graph) or ():
@@ -101,7 +115,7 @@ def _safe_file_part(key: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(key))
 
 
-def _bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str, str]) -> None:
+def bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str, str]) -> None:
     """Add to ``extra`` (file name -> source) the tokenizer and ONNX files ``model`` uses, and
     point ``cfg`` (a ``to_dict()`` copy, edited in place) at the copies."""
     mods = cfg.get("modalities")
@@ -116,7 +130,7 @@ def _bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str
         if (isinstance(tok, str) and tok.lower() != "byte" and tok not in extra):
             used = getattr(getattr(model.preprocessors.get(m), "tokenizer", None), "path", None)
             src = used if isinstance(used, str) else tok
-            fname = (_TOKENIZER_FILE if _TOKENIZER_FILE not in extra
+            fname = (TOKENIZER_FILE if TOKENIZER_FILE not in extra
                      else f"tokenizer.{_safe_file_part(key)}.json")
             extra[fname] = src
             pre["tokenizer"] = fname
@@ -127,7 +141,7 @@ def _bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str
                    and isinstance(h["extra"].get(_ONNX_KEY), str)]
         if not holders:
             continue
-        used = getattr(model._external.get(m), "path", None)
+        used = getattr(model.external_encoders.get(m), "path", None)
         if isinstance(used, str):
             src = used
         else:
@@ -147,7 +161,7 @@ def _bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str
             extra[loc] = data
 
 
-class _WeightBudget(np.random.Generator):
+class WeightBudget(np.random.Generator):
     """The generator a model is built with when its weights come from a model directory.
 
     It draws exactly what ``numpy.random.default_rng(seed)`` draws, but refuses -- before
@@ -204,8 +218,8 @@ class _WeightBudget(np.random.Generator):
         return super().random(size, dtype=dtype, out=out)
 
 
-def _build(cls, config: MultiModalConfig, budget: "_WeightBudget", encoders, where: str,
-           op: str):
+def build_model(cls: Type["MultiModalModel"], config: MultiModalConfig, budget: "WeightBudget",
+                encoders: Optional[Mapping[Any, Any]], where: str, op: str) -> "MultiModalModel":
     """``cls(config, rng=budget, encoders=encoders)``; MemoryError becomes ModelFormatError."""
     try:
         return cls(config, rng=budget, encoders=encoders)
@@ -215,7 +229,7 @@ def _build(cls, config: MultiModalConfig, budget: "_WeightBudget", encoders, whe
                                "max_positions, widths)") from None
 
 
-def _check_layer_counts(config: MultiModalConfig, state: Mapping[str, Any], skip, where: str,
+def check_layer_counts(config: MultiModalConfig, state: Mapping[str, Any], skip, where: str,
                         op: str) -> None:
     """ModelFormatError naming ``encoder_config.num_layers`` of a built-in encoder whose
     stored tensors hold another number of layers (checked before anything is built)."""
@@ -241,7 +255,7 @@ def _check_layer_counts(config: MultiModalConfig, state: Mapping[str, Any], skip
                                    f"{n} layers of that encoder")
 
 
-def _check_state_modalities(state: Mapping[str, Any], config: MultiModalConfig,
+def check_state_modalities(state: Mapping[str, Any], config: MultiModalConfig,
                             where: str) -> None:
     """ModelFormatError for encoder tensors of a modality the config does not have."""
     known = {str(m) for m in config.modalities}
@@ -255,7 +269,7 @@ def _check_state_modalities(state: Mapping[str, Any], config: MultiModalConfig,
                                        f"{', '.join(sorted(known))})")
 
 
-def _restrict_config(config: MultiModalConfig, modalities: Any, where: str):
+def restrict_config(config: MultiModalConfig, modalities: Any, where: str):
     """``(config, kept modalities)``: ``config`` cut down to ``modalities`` (late concat fusion)."""
     from ..config import LateFusion
     if isinstance(modalities, (str, Modality)):
@@ -279,5 +293,64 @@ def _restrict_config(config: MultiModalConfig, modalities: Any, where: str):
     return sub, keep
 
 
-def _served_externally(key: str, external: Mapping[Modality, Any]) -> bool:
+def served_externally(key: str, external: Mapping[Modality, Any]) -> bool:
+    """Whether the tensor ``key`` belongs to a modality served by an ``external`` encoder."""
     return any(key.startswith(f"encoders.{m}.") for m in external)
+
+
+def save_model(model: "MultiModalModel", path: Any, *, name: Optional[str] = None,
+               version: Optional[str] = None, tokenizer: Any = None) -> Dict[str, Any]:
+    """Write ``model`` to a model directory: what :meth:`MultiModalModel.save` does (see there
+    for the parameters); returns the metadata written to ``mmcore.json``."""
+    config = model.config
+    cfg = config.to_dict()
+    rules: Dict[str, Optional[str]] = {}
+    for m, mc in config.modalities.items():
+        if mc.quantization is not None:
+            rules[f"encoders.{m}."] = mc.quantization
+    extra: Dict[str, str] = {}
+    if tokenizer is not None:
+        tok = os.fspath(tokenizer)
+        if os.path.isdir(tok):
+            tok = os.path.join(tok, TOKENIZER_FILE)
+        extra[TOKENIZER_FILE] = tok
+        for mcfg in cfg.get("modalities", {}).values():
+            pre = mcfg.get("preprocessing") if isinstance(mcfg, dict) else None
+            if (isinstance(pre, dict) and pre.get("modality") == "text"
+                    and pre.get("tokenizer") not in (None, "byte")):
+                pre["tokenizer"] = TOKENIZER_FILE
+    bundle_files(model, cfg, extra)
+    return save_model_dir(path, config=cfg, state=model.state_dict(),
+                          name=name if name is not None else config.name,
+                          version=version if version is not None else config.version,
+                          quantization=rules or None, extra_files=extra or None)
+
+
+def load_pretrained(cls: Type["MultiModalModel"], path: Any, *, verify: bool = True,
+                    encoders: Optional[Mapping[Any, Any]] = None, modalities: Any = None,
+                    op: str = "MultiModalModel.from_pretrained") -> "MultiModalModel":
+    """An instance of ``cls`` loaded from the model directory ``path``: what
+    :meth:`MultiModalModel.from_pretrained` does without ``distributed`` (see there for the
+    parameters and errors); ``op`` prefixes the error messages."""
+    cfg_dict, state, meta = load_model_dir(path, verify=verify, keep_quantized=True)
+    config = config_from_dir(cfg_dict, path, meta, op=op)
+    check_state_modalities(state, config, os.fspath(path))
+    keep = None
+    if modalities is not None:
+        config, keep = restrict_config(config, modalities, os.fspath(path))
+        state = {k: v for k, v in state.items()
+                 if any(k.startswith(f"encoders.{m}.") for m in keep)}
+    given = {Modality(k) for k in (encoders or {})}
+    check_layer_counts(config, state, given, os.fspath(path), op)
+    budget = WeightBudget(0, *stored_weight_counts(meta), where=os.fspath(path), op=op)
+    model = build_model(cls, config, budget, encoders, os.fspath(path), op)
+    state = {k: v for k, v in state.items()
+             if not served_externally(k, model.external_encoders)}
+    if keep is not None:       # the substitute fusion layer keeps its own parameters
+        state = dict(state, **{k: v for k, v in model.state_dict().items()
+                               if k.startswith("fusion.")})
+    try:
+        model.load_state_dict(state, strict=True)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"[{op}] {os.fspath(path)}: {exc}") from None
+    return model

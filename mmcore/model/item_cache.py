@@ -228,7 +228,9 @@ class ItemCache:
             if items is None:
                 return None
             datas = [("raw", item_data(pkind, it)) for it in items]
-            fixed = pre is not None and pre.padding == "max_length"
+            # text and audio configs pad to a fixed length with padding="max_length"
+            fixed = (pre is not None and pkind in ("text", "audio")
+                     and pre.padding == "max_length")
             x = mask = None
         else:
             x, mask = prepare(m, mc, value, False, inputs.attention_masks.get(m))

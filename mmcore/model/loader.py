@@ -37,7 +37,6 @@ Examples
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -45,16 +44,19 @@ import numpy as np
 
 from .._files import check_regular
 from ..config import MultiModalConfig
-from ..errors import ConfigError, MMCoreError, ModelFormatError, ShapeError
+from ..errors import ConfigError, MMCoreError, ModelFormatError
 from ..modality import Modality
-from ..ops import masked_mean
 from .io import CONFIG_FILE, load_model_dir, stored_weight_counts
-from .directory import (_build, _check_layer_counts, _check_state_modalities, _config_from_dir,
-                        _served_externally, _WeightBudget)
+from .directory import (WeightBudget, build_model, check_layer_counts, check_state_modalities,
+                        config_from_dir, served_externally)
+from .external import ExternalEncoder
 from .model import MultiModalModel
 from .nn import Module
 
 __all__ = ["MultiModalLoader", "DistributedUnavailableError"]
+
+#: The former name of :class:`~mmcore.model.external.ExternalEncoder`.
+_ExternalEncoder = ExternalEncoder
 
 _OP = "MultiModalLoader"
 _LOAD_OPTIONS = ("verify", "seed")
@@ -86,92 +88,6 @@ def _check_dir(path: Any, what: str) -> str:
         raise ModelFormatError(f"{what}: {root!r} has no {CONFIG_FILE}; it is not a model "
                                f"directory{hint}")
     return root
-
-
-def _takes_mask(fn: Callable) -> bool:
-    """Whether ``fn`` accepts ``attention_mask=`` (or two positional arguments)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return True
-    params = list(sig.parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params) or "attention_mask" in sig.parameters:
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
-
-
-class _ExternalEncoder:
-    """Adapts a user callable to the encoder protocol of :class:`MultiModalModel`.
-
-    The callable gets the preprocessed batch (and the mask, when it accepts one) and returns
-    token embeddings ``(B, L, D)``, ``(tokens, mask)``, ``(tokens, mask, pooled)`` or a pooled
-    embedding ``(B, D)`` (taken as one token).
-    """
-
-    def __init__(self, modality: Modality, fn: Callable, embed_dim: int):
-        self.modality = modality
-        self.fn = fn
-        self.embed_dim = int(embed_dim)
-        self._mask_arg = _takes_mask(fn)
-        self._by_keyword = False
-        if self._mask_arg:
-            try:
-                self._by_keyword = "attention_mask" in inspect.signature(fn).parameters
-            except (TypeError, ValueError):
-                self._by_keyword = False
-
-    def _fail(self, msg: str) -> ShapeError:
-        return ShapeError(f"[MultiModalLoader] encoder of modality {str(self.modality)!r} "
-                          f"{msg}")
-
-    def __call__(self, x, attention_mask=None):
-        if not self._mask_arg:
-            out = self.fn(x)
-        elif self._by_keyword:
-            out = self.fn(x, attention_mask=attention_mask)
-        else:
-            out = self.fn(x, attention_mask)
-        pooled = None
-        if isinstance(out, tuple):
-            if len(out) == 3:
-                tokens, mask, pooled = out
-            elif len(out) == 2:
-                tokens, mask = out
-            else:
-                raise self._fail(f"returned a tuple of {len(out)} items, expected (tokens, "
-                                 "mask) or (tokens, mask, pooled)")
-        else:
-            tokens, mask = out, None
-        tokens = np.asarray(tokens, dtype=np.float32)
-        D = self.embed_dim
-        if tokens.ndim == 2:  # pooled (B, D): one token per row
-            if mask is not None:
-                raise self._fail("returned a 2-D embedding with a mask; return (B, L, D) tokens "
-                                 "with a (B, L) mask, or a pooled (B, D) array alone")
-            tokens = tokens[:, None, :]
-        if tokens.ndim != 3 or tokens.shape[-1] != D:
-            raise self._fail(f"returned embeddings of shape {tokens.shape}, expected (B, L, {D}) "
-                             f"or (B, {D})")
-        B, L = tokens.shape[:2]
-        if mask is None:
-            mask = np.ones((B, L), np.bool_)
-        mask = np.asarray(mask)
-        if mask.shape != (B, L):
-            raise self._fail(f"returned a mask of shape {mask.shape}, expected {(B, L)}")
-        mask = mask.astype(np.bool_)
-        if not np.isfinite(tokens).all():
-            raise self._fail("returned NaN or infinite embeddings")
-        if pooled is None:
-            pooled = masked_mean(tokens, mask)
-        pooled = np.asarray(pooled, dtype=np.float32)
-        if pooled.shape != (B, D):
-            raise self._fail(f"returned pooled embeddings of shape {pooled.shape}, expected "
-                             f"{(B, D)}")
-        return tokens, mask, pooled
-
-    def __repr__(self) -> str:
-        return f"ExternalEncoder({self.fn!r}, embed_dim={self.embed_dim})"
 
 
 class MultiModalLoader:
@@ -326,8 +242,8 @@ class MultiModalLoader:
             cfg_dict, state, meta = load_model_dir(self._weights, verify=self._verify,
                                                    keep_quantized=True)
             if config is None:
-                config = _config_from_dir(cfg_dict, self._weights, meta, op=_OP)
-            _check_state_modalities(state, config, self._weights)
+                config = config_from_dir(cfg_dict, self._weights, meta, op=_OP)
+            check_state_modalities(state, config, self._weights)
             stored = [a + b for a, b in zip(stored, stored_weight_counts(meta))]
         if config is None:
             raise ConfigError("[MultiModalLoader] no config: pass one to MultiModalLoader or "
@@ -345,7 +261,7 @@ class MultiModalLoader:
             if isinstance(fn, Module):
                 encoders[m] = fn
             else:
-                encoders[m] = _ExternalEncoder(m, fn, config.modalities[m].embed_dim)
+                encoders[m] = ExternalEncoder(m, fn, config.modalities[m].embed_dim)
         if state is None:  # the caller's own config: built as it says
             model = MultiModalModel(config, seed=self._seed, encoders=encoders)
         else:  # every built-in module must come from the directories: build no more
@@ -353,14 +269,14 @@ class MultiModalLoader:
             for m, piece in pieces.items():
                 merged = {k: v for k, v in merged.items() if not k.startswith(f"encoders.{m}.")}
                 merged.update(piece)
-            _check_layer_counts(config, merged, set(encoders), self._weights, _OP)
+            check_layer_counts(config, merged, set(encoders), self._weights, _OP)
             seed = self._seed if self._seed is not None else np.random.SeedSequence()
-            model = _build(MultiModalModel, config,
-                           _WeightBudget(seed, *stored, where=self._weights, op=_OP),
+            model = build_model(MultiModalModel, config,
+                           WeightBudget(seed, *stored, where=self._weights, op=_OP),
                            encoders, self._weights, _OP)
 
         full = model.state_dict() if state is None else {
-            k: v for k, v in state.items() if not _served_externally(k, model._external)}
+            k: v for k, v in state.items() if not served_externally(k, model.external_encoders)}
         for m, piece in pieces.items():
             prefix = f"encoders.{m}."
             want = {k for k in model.state_dict() if k.startswith(prefix)}
@@ -402,7 +318,7 @@ class MultiModalLoader:
                               f"{mc.encoder!r}; with_modality_path loads built-in encoder "
                               "weights, or an ONNX encoder for encoder='onnx'")
         cfg_dict, state, meta = load_model_dir(path, verify=self._verify, keep_quantized=True)
-        other = _config_from_dir(cfg_dict, path, meta, op=_OP)
+        other = config_from_dir(cfg_dict, path, meta, op=_OP)
         if m not in other.modalities:
             raise ModelFormatError(f"{path}: has no modality {str(m)!r} (it has "
                                    f"{', '.join(str(k) for k in other.modalities)})")

@@ -74,6 +74,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import types
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -81,12 +82,10 @@ import numpy as np
 from ..cache import CacheManager
 from ..config import (EarlyFusion, MiddleFusion, ModalityConfig, MultiModalConfig,
                       PreprocessingConfig)
-from ..errors import ConfigError, ModalityError, ModelFormatError, ShapeError
+from ..errors import ConfigError, ModalityError, ShapeError
 from ..modality import Modality
 from ..ops import masked_mean
-from .directory import (_TOKENIZER_FILE, _build, _bundle_files, _check_layer_counts,
-                        _check_state_modalities, _config_from_dir, _restrict_config,
-                        _served_externally, _WeightBudget)
+from .directory import load_pretrained, save_model
 from .encoders import ModalityEncoder
 from .fusion import FusionLayer
 from .inputs import ACCEPTED_INPUTS  # noqa: F401  (re-exported)
@@ -324,6 +323,12 @@ class MultiModalModel(Module):
         if m in self._external:
             return self._external[m]
         return self.encoders._modules[str(m)]
+
+    @property
+    def external_encoders(self) -> Mapping[Modality, Callable]:
+        """The encoders that are plain callables (not modules: outside the state dict), by
+        modality (read-only view)."""
+        return types.MappingProxyType(self._external)
 
     def set_enabled(self, modality, enabled: bool = True) -> None:
         """Switch ``modality`` on or off (thread-safe; see :meth:`MultiModalConfig.with_enabled`).
@@ -813,29 +818,7 @@ class MultiModalModel(Module):
         dict
             The metadata written to ``mmcore.json``.
         """
-        from .io import save_model_dir
-        config = self._config
-        cfg = config.to_dict()
-        rules: Dict[str, Optional[str]] = {}
-        for m, mc in config.modalities.items():
-            if mc.quantization is not None:
-                rules[f"encoders.{m}."] = mc.quantization
-        extra: Dict[str, str] = {}
-        if tokenizer is not None:
-            tok = os.fspath(tokenizer)
-            if os.path.isdir(tok):
-                tok = os.path.join(tok, _TOKENIZER_FILE)
-            extra[_TOKENIZER_FILE] = tok
-            for mcfg in cfg.get("modalities", {}).values():
-                pre = mcfg.get("preprocessing") if isinstance(mcfg, dict) else None
-                if (isinstance(pre, dict) and pre.get("modality") == "text"
-                        and pre.get("tokenizer") not in (None, "byte")):
-                    pre["tokenizer"] = _TOKENIZER_FILE
-        _bundle_files(self, cfg, extra)
-        return save_model_dir(path, config=cfg, state=self.state_dict(),
-                              name=name if name is not None else config.name,
-                              version=version if version is not None else config.version,
-                              quantization=rules or None, extra_files=extra or None)
+        return save_model(self, path, name=name, version=version, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(cls, path, *, verify: bool = True,
@@ -876,29 +859,8 @@ class MultiModalModel(Module):
         ModalityError
             ``modalities`` names a modality the directory does not have.
         """
-        from .io import load_model_dir, stored_weight_counts
-        op = "MultiModalModel.from_pretrained"
-        cfg_dict, state, meta = load_model_dir(path, verify=verify, keep_quantized=True)
-        config = _config_from_dir(cfg_dict, path, meta, op=op)
-        _check_state_modalities(state, config, os.fspath(path))
-        keep = None
-        if modalities is not None:
-            config, keep = _restrict_config(config, modalities, os.fspath(path))
-            state = {k: v for k, v in state.items()
-                     if any(k.startswith(f"encoders.{m}.") for m in keep)}
-        given = {Modality(k) for k in (encoders or {})}
-        _check_layer_counts(config, state, given, os.fspath(path), op)
-        budget = _WeightBudget(0, *stored_weight_counts(meta), where=os.fspath(path), op=op)
-        model = _build(cls, config, budget, encoders, os.fspath(path), op)
-        state = {k: v for k, v in state.items()
-                 if not _served_externally(k, model._external)}
-        if keep is not None:       # the substitute fusion layer keeps its own parameters
-            state = dict(state, **{k: v for k, v in model.state_dict().items()
-                                   if k.startswith("fusion.")})
-        try:
-            model.load_state_dict(state, strict=True)
-        except ModelFormatError as exc:
-            raise ModelFormatError(f"[{op}] {os.fspath(path)}: {exc}") from None
+        model = load_pretrained(cls, path, verify=verify, encoders=encoders,
+                                modalities=modalities)
         if distributed is not None:
             import importlib
             importlib.import_module("mmcore.distributed").attach(model, distributed,

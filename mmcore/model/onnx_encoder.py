@@ -60,7 +60,7 @@ from .._files import check_regular, open_regular
 from ..config import ModalityConfig
 from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..modality import Modality
-from .loader import _ExternalEncoder
+from .external import ExternalEncoder
 
 __all__ = ["OnnxEncoder", "ONNX_FILE", "onnx_file", "onnx_path_of", "onnx_external_files"]
 
@@ -307,8 +307,9 @@ class OnnxEncoder:
                 f"embed_dim={self.embed_dim}, num_threads={self.num_threads})")
 
 
-class _OnnxAdapter(_ExternalEncoder):
-    """The output checks of :class:`_ExternalEncoder`, with messages naming the ONNX file."""
+class _OnnxAdapter(ExternalEncoder):
+    """The output checks of :class:`~mmcore.model.external.ExternalEncoder`, with messages
+    naming the ONNX file."""
 
     def __init__(self, modality, fn, embed_dim, path):
         super().__init__(modality, fn, embed_dim)
