@@ -8,6 +8,11 @@ import pytest
 
 from _helpers import HOST_BACKENDS, need_backend
 
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (the older MMCORE_HYPOTHESIS_PROFILE is read
+# too): "dev" (the default) draws new examples on each run and keeps failures in the local
+# example database; "ci" (set by .ci/run) draws the same examples on every run, keeps no
+# database and prints the blob that reproduces a failure (@reproduce_failure). Both keep the
+# example counts that each test sets (scaled by MMCORE_TEST_EXAMPLES, see _helpers.examples).
 try:
     from hypothesis import HealthCheck, settings
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
@@ -15,9 +20,12 @@ except ImportError:  # pragma: no cover - hypothesis is a test dependency
 else:
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                          HealthCheck.data_too_large])
-    settings.register_profile("default", **_common)
-    settings.register_profile("ci", derandomize=True, **_common)
-    settings.load_profile(os.environ.get("MMCORE_HYPOTHESIS_PROFILE", "default"))
+    settings.register_profile("dev", **_common)
+    settings.register_profile("default", **_common)      # the former name of "dev"
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
+                              **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
+                          or os.environ.get("MMCORE_HYPOTHESIS_PROFILE") or "dev")
 
 
 def _cuda_reason():
