@@ -23,10 +23,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "mmcore/attention.h"
 #include "mmcore/dropout.h"
+#include "mmcore/gemm_tile.h"
 #include "mmcore/parallel.h"
 #include "mmcore/simd.h"
 
@@ -46,132 +48,47 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-#if defined(__AVX512F__)
-constexpr int MR = 6;  // rows of a register tile (keys in S^T, queries in P.V)
-constexpr int NV = 4;  // vectors per register tile row
-#elif defined(__AVX2__)
-constexpr int MR = 6;
-constexpr int NV = 2;
-#else
-constexpr int MR = 4;
-constexpr int NV = 2;
-#endif
+constexpr int MR = gemm::kTileRows;  // rows of a register tile (keys in S^T, queries in P.V)
+constexpr int NV = gemm::kTileVecs;  // vectors per register tile row
 constexpr int kGroup = kWidth * NV;    // queries per S^T tile (one query group)
 constexpr int kKeyBlock = 128;         // keys per block
 constexpr int64_t kQueryChunk = 256;   // query rows per task at most
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// st[r, :] = sum_d k[r, d] * qt[d, :] for R keys and NQ vectors of queries.
-template <int R, int NQ>
-void score_tile(const float* __restrict k, int64_t D, const float* __restrict qt, int64_t ldq,
-                float* __restrict st) {
-  vf acc[R][NQ];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int c = 0; c < NQ; ++c) acc[r][c] = vf{};
-  for (int64_t d = 0; d < D; ++d) {
-    vf qv[NQ];
-#pragma GCC unroll 8
-    for (int c = 0; c < NQ; ++c) qv[c] = simd::load(qt + d * ldq + c * kWidth);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vf kb = simd::splat(k[r * D + d]);
-#pragma GCC unroll 8
-      for (int c = 0; c < NQ; ++c) acc[r][c] += kb * qv[c];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int c = 0; c < NQ; ++c) simd::store(st + r * kGroup + c * kWidth, acc[r][c]);
-}
-
-template <int NQ>
-void score_rows(int R, const float* k, int64_t D, const float* qt, int64_t ldq, float* st) {
-  switch (R) {
-    case 1: score_tile<1, NQ>(k, D, qt, ldq, st); break;
-    case 2: score_tile<2, NQ>(k, D, qt, ldq, st); break;
-    case 3: score_tile<3, NQ>(k, D, qt, ldq, st); break;
-    case 4: score_tile<4, NQ>(k, D, qt, ldq, st); break;
-    case 5: score_tile<5, NQ>(k, D, qt, ldq, st); break;
-    case 6: score_tile<6, NQ>(k, D, qt, ldq, st); break;
-    default: break;
-  }
-}
-
-// S^T for keys [0, nkeys) of a block and nq query vectors.
+// S^T for keys [0, nkeys) of a block and nq query vectors:
+// st[j, :] = sum_d k[j, d] * qt[d, :] (register tiles of R <= MR keys x nq vectors).
 void score_block(const float* k, int64_t D, int nkeys, const float* qt, int64_t ldq, int nq, float* st) {
   for (int j = 0; j < nkeys; j += MR) {
     const int R = std::min(MR, nkeys - j);
-    const float* kj = k + j * D;
-    float* sj = st + j * kGroup;
-    switch (nq) {
-      case 1: score_rows<1>(R, kj, D, qt, ldq, sj); break;
-      case 2: score_rows<2>(R, kj, D, qt, ldq, sj); break;
-#if defined(__AVX512F__)
-      case 3: score_rows<3>(R, kj, D, qt, ldq, sj); break;
-      case 4: score_rows<4>(R, kj, D, qt, ldq, sj); break;
-#endif
-      default: break;
-    }
+    gemm::with_count<MR>(R, [&](auto rows) {
+      gemm::with_count<NV>(nq, [&](auto vecs) {
+        gemm::Tile<decltype(rows)::value, decltype(vecs)::value> t;
+        t.zero();
+        t.multiply_add(k + j * D, D, 1, qt, ldq, D);
+        t.store(st + j * kGroup, kGroup);
+      });
+    });
   }
 }
 
-// o[r, cols] = alpha[r] * o[r, cols] + sum_j p[j, r] * v[j, cols] for NC vectors of columns;
-// p is the S^T tile (row stride kGroup) after the softmax.
-template <int R, int NC>
-void pv_block(const float* __restrict p, const float* __restrict alpha, const float* __restrict v,
-              int64_t vstride, int nkeys, float* __restrict o, int64_t ostride) {
-  vf acc[R][NC];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const vf a = simd::splat(alpha[r]);
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) acc[r][c] = simd::load(o + r * ostride + c * kWidth) * a;
-  }
-  for (int j = 0; j < nkeys; ++j) {
-    vf vv[NC];
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) vv[c] = simd::load(v + j * vstride + c * kWidth);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vf pb = simd::splat(p[j * kGroup + r]);
-#pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c) acc[r][c] += pb * vv[c];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) simd::store(o + r * ostride + c * kWidth, acc[r][c]);
-}
-
-template <int R>
-void pv_tile(const float* p, const float* alpha, const float* v, int64_t vstride, int nkeys, float* o,
-             int64_t Dvp) {
-  int64_t c0 = 0;
-  for (; c0 + kGroup <= Dvp; c0 += kGroup) pv_block<R, NV>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp);
-  switch (static_cast<int>((Dvp - c0) / kWidth)) {
-    case 1: pv_block<R, 1>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp); break;
-    case 2: pv_block<R, 2>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp); break;
-    case 3: pv_block<R, 3>(p, alpha, v + c0, vstride, nkeys, o + c0, Dvp); break;
-    default: break;
-  }
-}
-
+// o[r, cols] = alpha[r] * o[r, cols] + sum_j p[j, r] * v[j, cols] for R <= MR query rows and
+// all Dvp columns (register tiles of NV vectors, then the remaining vectors); p is the S^T tile
+// (row stride kGroup) after the softmax.
 void pv_rows(int R, const float* p, const float* alpha, const float* v, int64_t vstride, int nkeys, float* o,
              int64_t Dvp) {
-  switch (R) {
-    case 1: pv_tile<1>(p, alpha, v, vstride, nkeys, o, Dvp); break;
-    case 2: pv_tile<2>(p, alpha, v, vstride, nkeys, o, Dvp); break;
-    case 3: pv_tile<3>(p, alpha, v, vstride, nkeys, o, Dvp); break;
-    case 4: pv_tile<4>(p, alpha, v, vstride, nkeys, o, Dvp); break;
-    case 5: pv_tile<5>(p, alpha, v, vstride, nkeys, o, Dvp); break;
-    case 6: pv_tile<6>(p, alpha, v, vstride, nkeys, o, Dvp); break;
-    default: break;
-  }
+  gemm::with_count<MR>(R, [&](auto rows) {
+    constexpr int kR = decltype(rows)::value;
+    auto block = [&](auto vecs, int64_t c0) {
+      gemm::Tile<kR, decltype(vecs)::value> t;
+      t.load_scaled(o + c0, Dvp, alpha);
+      t.multiply_add(p, 1, kGroup, v + c0, vstride, nkeys);
+      t.store(o + c0, Dvp);
+    };
+    int64_t c0 = 0;
+    for (; c0 + kGroup <= Dvp; c0 += kGroup) block(std::integral_constant<int, NV>{}, c0);
+    gemm::with_count<NV - 1>(static_cast<int>((Dvp - c0) / kWidth), [&](auto vecs) { block(vecs, c0); });
+  });
 }
 
 // Per-thread scratch, grown on demand and kept for the thread's lifetime.

@@ -6,7 +6,7 @@
 //
 // One task = (a chunk of at most kRowChunk rows, a block of kCols output columns). The task
 // packs its block of W transposed (K x kCols, columns along the vector lanes) into thread-local
-// scratch, then walks its rows in register tiles of MR rows x NV vectors:
+// scratch, then walks its rows in register tiles of MR rows x NV vectors (gemm_tile.h):
 //   acc[r][c] = b[cols] + sum_k x[r, k] * Wt[k, cols]
 // Each output element is one sum over k in increasing order, accumulated in float32 (with
 // fused multiply-adds where the target has them), then the optional activation.
@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "mmcore/gemm_tile.h"
 #include "mmcore/linear.h"
 #include "mmcore/parallel.h"
 #include "mmcore/simd.h"
@@ -36,71 +37,24 @@ using simd::vf;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int MR = 6;
-constexpr int NV = 4;
-#elif defined(__AVX2__)
-constexpr int MR = 6;
-constexpr int NV = 2;
-#else
-constexpr int MR = 4;
-constexpr int NV = 2;
-#endif
+constexpr int MR = gemm::kTileRows;
+constexpr int NV = gemm::kTileVecs;
 constexpr int kCols = kWidth * NV;      // output columns per task block
 constexpr int64_t kRowChunk = 192;      // rows per task at most
 constexpr int64_t kSerialWork = 1 << 18;  // multiply-adds below which one thread does it all
 
-// R rows x NC vectors of columns: y[r, c] = bias[c] + sum_k x[r, k] * wt[k, c].
-template <int R, int NC>
-void tile(const float* __restrict x, int64_t ldx, const float* __restrict wt, const float* __restrict bias,
-          int64_t K, float* __restrict out, int64_t ldo) {
-  vf acc[R][NC];
-#pragma GCC unroll 8
-  for (int c = 0; c < NC; ++c) {
-    const vf b = bias ? simd::load(bias + c * kWidth) : vf{};
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][c] = b;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    vf w[NC];
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) w[c] = simd::load(wt + k * kCols + c * kWidth);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vf xb = simd::splat(x[r * ldx + k]);
-#pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c) acc[r][c] += xb * w[c];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) simd::store(out + r * ldo + c * kWidth, acc[r][c]);
-}
-
-template <int NC>
-void rows_tile(int R, const float* x, int64_t ldx, const float* wt, const float* bias, int64_t K, float* out,
-               int64_t ldo) {
-  switch (R) {
-    case 1: tile<1, NC>(x, ldx, wt, bias, K, out, ldo); break;
-    case 2: tile<2, NC>(x, ldx, wt, bias, K, out, ldo); break;
-    case 3: tile<3, NC>(x, ldx, wt, bias, K, out, ldo); break;
-    case 4: tile<4, NC>(x, ldx, wt, bias, K, out, ldo); break;
-    case 5: tile<5, NC>(x, ldx, wt, bias, K, out, ldo); break;
-    case 6: tile<6, NC>(x, ldx, wt, bias, K, out, ldo); break;
-    default: break;
-  }
-}
-
+// R rows x nvec vectors of columns (R <= MR, nvec <= NV):
+// out[r, c] = bias[c] + sum_k x[r, k] * wt[k, c].
 void rows_block(int R, int nvec, const float* x, int64_t ldx, const float* wt, const float* bias, int64_t K,
                 float* out, int64_t ldo) {
-  switch (nvec) {
-    case 1: rows_tile<1>(R, x, ldx, wt, bias, K, out, ldo); break;
-    case 2: rows_tile<2>(R, x, ldx, wt, bias, K, out, ldo); break;
-    case 3: rows_tile<3>(R, x, ldx, wt, bias, K, out, ldo); break;
-    case 4: rows_tile<4>(R, x, ldx, wt, bias, K, out, ldo); break;
-    default: break;
-  }
+  gemm::with_count<MR>(R, [&](auto rows) {
+    gemm::with_count<NV>(nvec, [&](auto vecs) {
+      gemm::Tile<decltype(rows)::value, decltype(vecs)::value> t;
+      t.broadcast_row(bias);
+      t.multiply_add(x, ldx, 1, wt, kCols, K);
+      t.store(out, ldo);
+    });
+  });
 }
 
 // The activation on n floats in place (scalar libm: exact to float rounding, as PyTorch's

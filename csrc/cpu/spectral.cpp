@@ -86,7 +86,9 @@ struct LaneWriter {
 // Lanes i of the result: base[idx[i]].
 inline vf gather(const float* base, simd::vi idx) {
 #if defined(__AVX512F__)
-  return (vf)_mm512_i32gather_ps((__m512i)idx, base, 4);
+  // The masked form with a zero source: the plain one starts from an undefined register, which
+  // GCC reports as maybe-uninitialized. All 16 lanes are gathered either way.
+  return (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(0xffff), (__m512i)idx, base, 4);
 #elif defined(__AVX2__)
   return (vf)_mm256_i32gather_ps(base, (__m256i)idx, 4);
 #else

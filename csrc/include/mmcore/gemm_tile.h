@@ -1,0 +1,120 @@
+// The register-tiled micro-kernel of the CPU matrix products (linear.cpp, attention.cpp): an
+// R x NC tile of float32 vector accumulators, R rows by NC vectors of kWidth columns, updated
+// with rank-1 steps
+//   acc[r][c] += splat(a[r * a_row + k * a_k]) * b[k * ldb + c * kWidth],   k = 0, 1, ..., K - 1
+// so every output element is one float32 sum over k in increasing order (one multiply-add per
+// step, fused where the target has FMA). A caller picks how the tile starts (zero, a bias row,
+// scaled earlier output) and where it is stored; the strides of `a` let the same code read A
+// row-major (a_k = 1) or transposed (a_row = 1). For per-target kernel files only.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "mmcore/simd.h"
+
+namespace mmcore {
+namespace MMCORE_TARGET {
+namespace gemm {
+
+using simd::kWidth;
+using simd::vf;
+
+// Largest tile of the target: kTileRows rows x kTileVecs vectors of accumulators leave enough
+// registers for the row broadcasts and the loaded vectors (32 zmm, 16 ymm / xmm registers).
+#if defined(__AVX512F__)
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = 4;
+#elif defined(__AVX2__)
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = 2;
+#else
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 2;
+#endif
+
+#define MMCORE_TILE_INLINE inline __attribute__((always_inline))
+
+template <int R, int NC>
+struct Tile {
+  static_assert(R >= 1 && R <= kTileRows && NC >= 1 && NC <= kTileVecs, "tile beyond the target's registers");
+  vf acc[R][NC];
+
+  MMCORE_TILE_INLINE void zero() {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] = vf{};
+  }
+
+  // Every row starts as the same NC vectors (a bias row); null: zero.
+  MMCORE_TILE_INLINE void broadcast_row(const float* __restrict row) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const vf b = row ? simd::load(row + c * kWidth) : vf{};
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][c] = b;
+    }
+  }
+
+  // acc[r][c] = src[r * ld + c * kWidth] * scale[r] (rescaling a running sum).
+  MMCORE_TILE_INLINE void load_scaled(const float* __restrict src, int64_t ld, const float* __restrict scale) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf s = simd::splat(scale[r]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] = simd::load(src + r * ld + c * kWidth) * s;
+    }
+  }
+
+  // The K rank-1 updates described at the top of this file.
+  MMCORE_TILE_INLINE void multiply_add(const float* __restrict a, int64_t a_row, int64_t a_k,
+                                       const float* __restrict b, int64_t ldb, int64_t K) {
+    for (int64_t k = 0; k < K; ++k) {
+      vf bv[NC];
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) bv[c] = simd::load(b + k * ldb + c * kWidth);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const vf av = simd::splat(a[r * a_row + k * a_k]);
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; ++c) acc[r][c] += av * bv[c];
+      }
+    }
+  }
+
+  MMCORE_TILE_INLINE void store(float* __restrict dst, int64_t ld) const {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) simd::store(dst + r * ld + c * kWidth, acc[r][c]);
+  }
+};
+
+#undef MMCORE_TILE_INLINE
+
+// Calls f(std::integral_constant<int, n>{}) for a run-time n in [1, N]; other n do nothing.
+// Turns a row or vector count into the template argument of a Tile.
+template <int N, class F>
+inline void with_count(int n, F&& f) {
+  static_assert(N >= 1 && N <= 8, "with_count handles counts 1..8");
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+#define MMCORE_COUNT_CASE(i) \
+  case i:                    \
+    if constexpr (N >= i) f(std::integral_constant<int, i>{}); \
+    break;
+    MMCORE_COUNT_CASE(2)
+    MMCORE_COUNT_CASE(3)
+    MMCORE_COUNT_CASE(4)
+    MMCORE_COUNT_CASE(5)
+    MMCORE_COUNT_CASE(6)
+    MMCORE_COUNT_CASE(7)
+    MMCORE_COUNT_CASE(8)
+#undef MMCORE_COUNT_CASE
+    default: break;
+  }
+}
+
+}  // namespace gemm
+}  // namespace MMCORE_TARGET
+}  // namespace mmcore
