@@ -591,7 +591,7 @@ def preprocess_image_ref(img, *, size, crop, mode, filter, mean, std, scale=1.0 
 # Everything in float64, materialized; padding tokens and absent modalities are replaced before
 # any arithmetic so that whatever they hold (NaN included) never matters.
 
-__all__ += ["masked_mean_ref", "masked_max_ref", "fuse_ref", "FUSE_STRATEGIES_REF"]
+__all__ += ["masked_mean_ref", "masked_max_ref", "fuse_ref", "FUSE_STRATEGIES_REF", "encoder_layer_ref"]
 
 FUSE_STRATEGIES_REF = ("concat", "mean", "sum", "max", "weighted", "attention")
 
@@ -728,3 +728,40 @@ def layer_norm_ref(x, weight=None, bias=None, eps=1e-5):
     if bias is not None:
         y = y + np.asarray(bias, np.float64)
     return y
+
+
+def encoder_layer_ref(x, *, num_heads, in_proj_weight, out_proj_weight, linear1_weight,
+                      linear2_weight, in_proj_bias=None, out_proj_bias=None, linear1_bias=None,
+                      linear2_bias=None, norm1_weight=None, norm1_bias=None, norm2_weight=None,
+                      norm2_bias=None, key_lengths=None, activation="gelu", eps1=1e-5,
+                      eps2=1e-5, scale=None, temperature=1.0):
+    """A pre-norm transformer encoder block (``torch.nn.TransformerEncoderLayer``,
+    ``norm_first=True``, eval mode) in float64; a row with ``key_lengths[b] == 0`` gets a zero
+    attention output."""
+    x = np.asarray(x, np.float64)
+    B, L, E = x.shape
+    if x.size == 0:
+        return x.copy()
+    H = num_heads
+    hd = E // H
+    h = layer_norm_ref(x, norm1_weight, norm1_bias, eps1)
+    qkv = linear_ref(h, in_proj_weight, in_proj_bias).reshape(B, L, 3, H, hd)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))     # (B, H, L, hd)
+    s = (1.0 / math.sqrt(hd) if scale is None else scale) / temperature
+    scores = np.einsum("bhqd,bhkd->bhqk", q, k) * s
+    if key_lengths is not None:
+        keep = np.arange(L)[None, :] < np.asarray(key_lengths)[:, None]   # (B, L)
+        scores = np.where(keep[:, None, None, :], scores, -np.inf)
+    m = scores.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(scores - m)
+    tot = p.sum(axis=-1, keepdims=True)
+    w = np.divide(p, tot, out=np.zeros_like(p), where=tot > 0)
+    o = (w @ v).transpose(0, 2, 1, 3).reshape(B, L, E)
+    a = linear_ref(o, out_proj_weight, out_proj_bias)
+    if key_lengths is not None:
+        a[np.asarray(key_lengths) == 0] = 0.0
+    y = x + a
+    h = layer_norm_ref(y, norm2_weight, norm2_bias, eps2)
+    f = activation_ref(linear_ref(h, linear1_weight, linear1_bias), activation)
+    return y + linear_ref(f, linear2_weight, linear2_bias)

@@ -45,8 +45,8 @@ def launcher(op: str, backend: str, family: str, kernel: str) -> Callable:
         The module of the numba and cuda launchers (``"attention"``, ``"fusion"``,
         ``"image"``, ``"spectral"``, ``"linear"``, ``"encoder_layer"``).
     kernel : str
-        The kernel: ``cpu.<kernel>`` (which calls ``mmcore._C.<kernel>``), ``numba.<family>.<kernel>_numba`` or
-        ``cuda.<family>.<kernel>_cuda``.
+        The kernel: ``cpu.<kernel>`` (which calls ``mmcore._C.<kernel>``),
+        ``numba.<family>.<kernel>_numba`` or ``cuda.<family>.<kernel>_cuda``.
 
     Raises
     ------

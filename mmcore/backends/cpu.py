@@ -79,8 +79,8 @@ def spectral(x: Array, out: Array, window: Array, mel_start: Optional[Array],
              mel_len: Optional[Array], mel_offset: Optional[Array],
              mel_weights: Optional[Array], **options: Any) -> None:
     """The framing + FFT + (mel) + (log) kernel of the audio ops."""
-    native("spectral", "spectral").spectral(x, out, window, mel_start, mel_len, mel_offset, mel_weights,
-                                    num_threads=_threads(), **options)
+    native("spectral", "spectral").spectral(x, out, window, mel_start, mel_len, mel_offset,
+                                            mel_weights, num_threads=_threads(), **options)
 
 
 def resize(srcs: list, dsts: list, *, filter: str, antialias: bool) -> None:

@@ -31,30 +31,20 @@ Examples
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError, ModelFormatError, ShapeError
+from ..errors import BackendError, ConfigError, ModelFormatError, ShapeError
 from ..ops import attention
+from ..ops import encoder_layer as _ops_encoder_layer
 from ..ops import linear as _ops_linear
-from ..ops.linear import ACTIVATIONS as _ACT_CODES
-from ..ops.linear import _KINDS as _WEIGHT_KINDS
-from ..ops.linear import QuantizedTensor
 from .nn import (_NO_INIT, LayerNorm, Linear, Module, RngLike, _check_positive, _check_prob,
                  _state_entry, _to_numpy, as_float_input, as_generator, check_features,
                  fused_activation, get_activation, linear, xavier_uniform)
 
 __all__ = ["CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
            "padding_mask_to_attention"]
-
-
-def _weight_ref(w):
-    """``(array, kind code, scale)`` of a weight for the native encoder block."""
-    if isinstance(w, QuantizedTensor):
-        return (w.data, _WEIGHT_KINDS[w.kind], w.scale)
-    return (np.ascontiguousarray(w, dtype=np.float32), 0, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -676,9 +666,10 @@ class TransformerEncoderLayer(Module):
         return mod.load_state_dict(sd, strict=strict)
 
     def _native_block(self, x: np.ndarray, attention_mask) -> Optional[np.ndarray]:
-        """The whole pre-norm block in one native call (the same kernels as the step-by-step
-        path, so the same results), or None when it does not apply: another backend, an
-        activation the kernel does not fuse, or a padding mask that is not right-padded."""
+        """The whole pre-norm block in one call of :func:`mmcore.ops.encoder_layer` on the
+        native backend (the same kernels as the step-by-step path, so the same results), or
+        None when it does not apply: another backend, an activation the kernel does not fuse, a
+        padding mask that is not right-padded, or a build without the fused kernel."""
         from .. import _backend
         attn = self.self_attn
         # the call's arguments are kept while the objects they come from are the same ones
@@ -697,22 +688,19 @@ class TransformerEncoderLayer(Module):
             args = cached[2]
         if args is None:
             act = fused_activation(self._act)
-            C = _backend.native_module()
-            if act is None or not attn.packed or not hasattr(C, "encoder_layer"):
+            if act is None or not attn.packed:
                 args = False
             else:
                 args = dict(
                     num_heads=attn.num_heads,
-                    weights=tuple(_weight_ref(w) for w in (
-                        attn.in_proj_weight, attn.out_proj.weight, self.linear1.weight,
-                        self.linear2.weight)),
-                    biases=(attn.in_proj_bias, attn.out_proj.bias, self.linear1.bias,
-                            self.linear2.bias),
-                    norms=(self.norm1.weight, self.norm1.bias, self.norm2.weight,
-                           self.norm2.bias),
-                    eps1=float(self.norm1.eps), eps2=float(self.norm2.eps),
-                    activation=_ACT_CODES[act],
-                    scale=(1.0 / math.sqrt(attn.head_dim)) / attn.temperature)
+                    in_proj_weight=attn.in_proj_weight, in_proj_bias=attn.in_proj_bias,
+                    out_proj_weight=attn.out_proj.weight, out_proj_bias=attn.out_proj.bias,
+                    linear1_weight=self.linear1.weight, linear1_bias=self.linear1.bias,
+                    linear2_weight=self.linear2.weight, linear2_bias=self.linear2.bias,
+                    norm1_weight=self.norm1.weight, norm1_bias=self.norm1.bias,
+                    norm2_weight=self.norm2.weight, norm2_bias=self.norm2.bias,
+                    eps1=float(self.norm1.eps), eps2=float(self.norm2.eps), activation=act,
+                    temperature=attn.temperature)
             self.__dict__["_native_args"] = (sig, scalars, args)
         if args is False or _backend.resolve_backend("encoder_layer", (x,), None) != "native":
             return None
@@ -722,13 +710,11 @@ class TransformerEncoderLayer(Module):
                                                       name="attention_mask")
         if keep is not None:
             return None
-        if key_lengths is not None:
-            key_lengths = np.ascontiguousarray(key_lengths, dtype=np.int64)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty_like(x)
-        _backend.native_module().encoder_layer(x, out, key_lengths, **args,
-                                               num_threads=_backend.get_num_threads())
-        return out
+        try:
+            return _ops_encoder_layer(x, key_lengths=key_lengths, backend="native", **args)
+        except BackendError:            # a build of mmcore._C without the fused kernel
+            self.__dict__["_native_args"] = (sig, scalars, False)
+            return None
 
     def _mlp(self, x: np.ndarray) -> np.ndarray:
         fused = fused_activation(self._act)
