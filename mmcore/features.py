@@ -201,7 +201,7 @@ def _resolve_config(name: str, model: Any, preprocessing: Any) -> PreprocessingC
     if "modality" in changes and changes["modality"] != name:
         raise ConfigError(f"[{_OP}] preprocessing['modality'] must be {name!r}, got "
                           f"{changes['modality']!r}")
-    fields = {f.name for f in dataclasses.fields(PreprocessingConfig)}
+    fields = PreprocessingConfig.field_names()  # of every modality
     unknown = sorted(k for k in changes if k not in fields)
     if unknown:
         raise ConfigError(f"[{_OP}] preprocessing has unknown field {unknown[0]!r}")

@@ -78,12 +78,21 @@ from .fusion import (
 )
 from .mapping import ModalityMap
 from .model import CrossModalAttentionConfig, EncoderConfig, ModalityConfig, MultiModalConfig
-from .preprocessing import MAX_AUDIO_ITEM_S, MODALITY_DEFAULT, PreprocessingConfig  # noqa: F401
+from .preprocessing import (  # noqa: F401
+    MAX_AUDIO_ITEM_S,
+    MODALITY_DEFAULT,
+    AudioPreprocessingConfig,
+    ImagePreprocessingConfig,
+    PreprocessingConfig,
+    TextPreprocessingConfig,
+    VideoPreprocessingConfig,
+)
 from .serialization import MAX_FILE_DEPTH, PathLike  # noqa: F401
 
 __all__ = [
-    "ConfigBase", "PreprocessingConfig", "EncoderConfig", "CachePolicy", "CacheConfig",
-    "ModalityConfig", "CrossModalAttentionConfig", "FusionStrategy", "EarlyFusion",
+    "ConfigBase", "PreprocessingConfig", "AudioPreprocessingConfig", "ImagePreprocessingConfig",
+    "VideoPreprocessingConfig", "TextPreprocessingConfig", "EncoderConfig", "CachePolicy",
+    "CacheConfig", "ModalityConfig", "CrossModalAttentionConfig", "FusionStrategy", "EarlyFusion",
     "MiddleFusion", "LateFusion", "AttentionFusion", "CustomFusion", "MultiModalConfig",
     "ModalityMap", "register_fusion", "unregister_fusion", "get_fusion", "registered_fusions",
 ]

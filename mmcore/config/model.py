@@ -244,8 +244,8 @@ class ModalityConfig(ConfigBase):
             raise fail(owner, "encoder_config.patch_size", "does not apply to text",
                         ec.patch_size)
         pre = self.preprocessing
-        if (pre is not None and ec.patch_size is not None and pre.patch_size is not None
-                and pre.patch_size != ec.patch_size):
+        if (pre is not None and pre.modality in ("image", "video") and ec.patch_size is not None
+                and pre.patch_size is not None and pre.patch_size != ec.patch_size):
             raise fail(owner, "encoder_config.patch_size", "must equal preprocessing."
                         f"patch_size={pre.patch_size} (the inputs arrive patchified)",
                         ec.patch_size)
