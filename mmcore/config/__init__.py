@@ -54,7 +54,7 @@ from . import cache as cache  # noqa: F401  (submodules, importable as attribute
 from . import mapping as mapping  # noqa: F401
 from . import model as model  # noqa: F401
 from . import preprocessing as preprocessing  # noqa: F401
-from .base import ConfigBase
+from .base import ConfigBase, config_digest
 from .cache import CacheConfig, CachePolicy
 from .checks import (  # noqa: F401
     check_any_int,
@@ -95,6 +95,7 @@ __all__ = [
     "CacheConfig", "ModalityConfig", "CrossModalAttentionConfig", "FusionStrategy", "EarlyFusion",
     "MiddleFusion", "LateFusion", "AttentionFusion", "CustomFusion", "MultiModalConfig",
     "ModalityMap", "register_fusion", "unregister_fusion", "get_fusion", "registered_fusions",
+    "config_digest",
 ]
 
 # helpers that were private module attributes of mmcore.config -> their public home

@@ -1,6 +1,16 @@
 """The shared base of the config classes: validation on construction, conversion to and from
 plain dictionaries, JSON and TOML files, ``replace``, and hashing.
 
+Hashing: configs have one scheme with two forms.
+
+* ``hash(cfg)`` (in-process, for dict keys and sets): equal configs hash equal, dict and list
+  fields included (:func:`hash_part` turns every field into a hashable stand-in);
+  :func:`config_dataclass` installs it. Like every Python hash it may differ between
+  processes.
+* :meth:`ConfigBase.digest` / :func:`config_digest` (stable, for keys that outlive a process
+  or cross machines): a BLAKE2b digest of the canonical JSON (:func:`canonical_json`) of the
+  plain form (:meth:`ConfigBase.to_dict`), the same in every process and on every machine.
+
 Examples
 --------
 >>> from dataclasses import field
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -41,7 +52,11 @@ from .serialization import (
     write_text_atomic,
 )
 
-__all__ = ["ConfigBase", "config_dataclass", "hash_part", "to_plain"]
+__all__ = ["ConfigBase", "config_dataclass", "hash_part", "to_plain", "canonical_json",
+           "config_digest"]
+
+# domain of config_digest: a digest of a config never equals one of other bytes
+_DIGEST_DOMAIN = b"mmcore.config.digest.v1\x00"
 
 _C = TypeVar("_C", bound="ConfigBase")
 
@@ -216,7 +231,27 @@ class ConfigBase:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
+    def digest(self) -> str:
+        """A stable hex digest of this config: equal configs (of the same class) give equal
+        digests in every process; any change of a field changes it.
+
+        It covers the class name and :meth:`to_dict` (see :func:`config_digest`), so a config
+        that cannot be written (a :class:`CustomFusion` of an unregistered function) raises
+        :class:`ConfigError` here too.
+
+        Examples
+        --------
+        >>> from mmcore.config import CachePolicy
+        >>> CachePolicy().digest() == CachePolicy(policy="LRU").digest()
+        True
+        >>> CachePolicy().digest() == CachePolicy(priority=1).digest()
+        False
+        """
+        return config_digest({"type": type(self).__name__, "fields": self})
+
     def _hash_key(self) -> Any:
+        """The hashable stand-in of the fields that ``hash()`` covers (a subclass may narrow
+        it, as :class:`CustomFusion` does for its function)."""
         return tuple(hash_part(getattr(self, f.name)) for f in dataclasses.fields(self))
 
 
@@ -263,3 +298,48 @@ def to_plain(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     return copy.deepcopy(v)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return {"__array__": o.dtype.str, "shape": list(o.shape), "values": o.tolist()}
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
+        return o.item()
+    return f"{type(o).__name__}:{o}"
+
+
+def canonical_json(value: Any) -> str:
+    """The canonical JSON text of ``value`` (configs as :meth:`~ConfigBase.to_dict`,
+    modalities as strings): sorted keys, no spaces, UTF-8 kept; a value JSON cannot hold is
+    written as ``"<type name>:<str(value)>"``.
+
+    Examples
+    --------
+    >>> from mmcore.config.base import canonical_json
+    >>> from mmcore.modality import Modality
+    >>> canonical_json({"b": (1, 2.5), "a": Modality.TEXT})
+    '{"a":"text","b":[1,2.5]}'
+    """
+    return json.dumps(to_plain(value), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, default=_json_default)
+
+
+def config_digest(value: Any) -> str:
+    """The stable digest of a config, or of a mapping / sequence of configs and plain values:
+    64 hex characters of BLAKE2b (32 bytes) over :func:`canonical_json`, after a domain tag.
+
+    Use it for keys that describe configuration (cache keys, say) instead of ``hash()``,
+    which changes between processes.
+
+    Examples
+    --------
+    >>> from mmcore.config import EncoderConfig
+    >>> from mmcore.config.base import config_digest
+    >>> key = config_digest({"encoder": EncoderConfig(), "embed_dim": 512})
+    >>> len(key), key == config_digest({"embed_dim": 512, "encoder": EncoderConfig()})
+    (64, True)
+    """
+    h = hashlib.blake2b(digest_size=32)
+    h.update(_DIGEST_DOMAIN)
+    h.update(canonical_json(value).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
