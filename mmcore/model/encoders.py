@@ -638,7 +638,7 @@ class ModalityEncoder(Module):
         pre = mcfg.preprocessing
         kind = pre.modality if pre is not None else None
         if ec.vocab_size is not None or kind == "text" or m == Modality.TEXT:
-            max_pos = ec.max_positions or (pre.max_length if pre is not None and pre.max_length
+            max_pos = ec.max_positions or (pre.max_length if kind == "text" and pre.max_length
                                            else 512)
             emb = TokenEmbedder(ec.vocab_size or 259, width, max_pos, rng=sub)
         elif kind == "image":
