@@ -224,12 +224,13 @@ def finite_float(op: str, name: str, value, *, positive: bool = False) -> float:
     return check_float(name, value, op=op, lo=0.0 if positive else None, lo_open=positive)
 
 
-def broadcast_view(op: str, name: str, x: np.ndarray, shape: Sequence[int], dims: str) -> np.ndarray:
-    """A read-only broadcast view of ``x`` with ``shape`` (zero strides, no copy)."""
+def broadcast_view(op: str, name: str, x, shape: Sequence[int], dims: str, *, xp=np):
+    """A read-only broadcast view of ``x`` with ``shape`` (zero strides, no copy); ``xp`` is
+    the array module of ``x`` (NumPy or CuPy)."""
     if x.ndim > len(shape):
         raise ShapeError(f"[{op}] {name} has {x.ndim} dims, expected at most {len(shape)} {dims}")
     try:
-        return np.broadcast_to(x, tuple(shape))
+        return xp.broadcast_to(x, tuple(shape))
     except ValueError:
         raise ShapeError(f"[{op}] {name} of shape {tuple(x.shape)} is not broadcastable to "
                          f"{dims} = {tuple(shape)}") from None

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import _backend
 from ..backends import launcher
 from ..errors import ShapeError
-from ._checks import (as_host_array, attention_scalars, broadcast_view, attention_results,
-                      check_bool, check_qkv_shapes, dropout_threshold, float32_contiguous)
+from ._checks import (
+    FLOAT_INPUT_DTYPES,
+    as_host_array,
+    attention_results,
+    attention_scalars,
+    broadcast_view,
+    check_bool,
+    check_qkv_shapes,
+    dropout_threshold,
+)
 
 __all__ = ["attention", "dropout_threshold"]
 
@@ -94,59 +104,87 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     """
     return_weights = check_bool("return_weights", return_weights, op=_OP)
     return_lse = check_bool("return_lse", return_lse, op=_OP)
+    # (1) the backend and its array module
     name = _backend.resolve_backend(_OP, (q, k, v), backend)
     if name == "cuda":
-        from ..backends.cuda.attention import attention_cuda
-        return attention_cuda(q, k, v, mask=mask, key_lengths=key_lengths, bias=bias, scale=scale,
-                              temperature=temperature, dropout_p=dropout_p, seed=seed,
-                              return_weights=return_weights, return_lse=return_lse)
+        from ..backends.cuda import attention as dev
+        xp = dev.cupy_module(_OP)
+        q, k, v, bf16 = dev.read_qkv(xp, _OP, q, k, v)      # same device; bfloat16 as uint16
+        where = dev.on_device(xp, q)
+    else:
+        dev, xp, bf16 = None, np, (False, False, False)
+        q, k, v = (as_host_array(_OP, n, a) for n, a in (("q", q), ("k", k), ("v", v)))
+        where = contextlib.nullcontext()
 
-    q = as_host_array(_OP, "q", q)
-    k = as_host_array(_OP, "k", k)
-    v = as_host_array(_OP, "v", v)
+    # (2) the arguments, once, against xp
     B, H, Lq, Lk, D, Dv = check_qkv_shapes(_OP, q, k, v)
-    q = float32_contiguous(_OP, "q", q)
-    k = float32_contiguous(_OP, "k", k)
-    v = float32_contiguous(_OP, "v", v)
-
+    for n, a, is_bf16 in (("q", q, bf16[0]), ("k", k, bf16[1]), ("v", v, bf16[2])):
+        if not is_bf16 and np.dtype(a.dtype) not in FLOAT_INPUT_DTYPES:
+            accepted = "float32, float16 or bfloat16" if dev else "float32 or float16"
+            raise ShapeError(f"[{_OP}] {n} has dtype {a.dtype}, expected {accepted} (float64 is "
+                             "cast)")
     sc = attention_scalars(_OP, D, scale, temperature, dropout_p, seed)
 
     full = (B, H, Lq, Lk)
     dims = "(B, H, Lq, Lk)"
-    mask_v = None
-    if mask is not None:
-        m = as_host_array(_OP, "mask", mask)
-        if m.dtype != np.bool_:
-            raise ShapeError(f"[{_OP}] mask has dtype {m.dtype}, expected bool (True = may attend); "
-                             "pass additive masks as bias")
-        mask_v = broadcast_view(_OP, "mask", m, full, dims)
-    bias_v = None
-    if bias is not None:
-        bb = as_host_array(_OP, "bias", bias)
-        if bb.dtype not in (np.float16, np.float32, np.float64):
-            raise ShapeError(f"[{_OP}] bias has dtype {bb.dtype}, expected a float dtype")
-        bb = bb.astype(np.float32, copy=False)
-        if np.isnan(bb).any() or np.isposinf(bb).any():
-            raise ShapeError(f"[{_OP}] bias contains NaN or +inf; use -inf (or mask) to exclude keys")
-        bias_v = broadcast_view(_OP, "bias", bb, full, dims)
-    kl = None
-    if key_lengths is not None:
-        kl = as_host_array(_OP, "key_lengths", key_lengths)
-        if kl.dtype.kind not in "iu":
-            raise ShapeError(f"[{_OP}] key_lengths has dtype {kl.dtype}, expected an integer dtype")
-        if kl.shape != (B,):
-            raise ShapeError(f"[{_OP}] key_lengths has shape {kl.shape}, expected ({B},) = (B,)")
-        kl = np.ascontiguousarray(kl, dtype=np.int64)
-        if kl.size and (kl.min() < 0 or kl.max() > Lk):
-            raise ShapeError(f"[{_OP}] key_lengths must lie in [0, Lk = {Lk}], got values in "
-                             f"[{int(kl.min())}, {int(kl.max())}]")
+    with where:
+        if dev is None:
+            q, k, v = (xp.ascontiguousarray(a, dtype=xp.float32) for a in (q, k, v))
+        else:       # float16 / bfloat16 stay as they are when all three agree
+            q, k, v = dev.kernel_inputs(xp, q, k, v, bf16)
+        mask_v = None
+        if mask is not None:
+            m = _array(dev, xp, "mask", mask, q)
+            if m.dtype != xp.bool_:
+                raise ShapeError(f"[{_OP}] mask has dtype {m.dtype}, expected bool (True = may "
+                                 "attend); pass additive masks as bias")
+            mask_v = broadcast_view(_OP, "mask", m, full, dims, xp=xp)
+        bias_v = None
+        if bias is not None:
+            if dev is None:
+                bb, bb_bf16 = as_host_array(_OP, "bias", bias), False
+            else:
+                bb, bb_bf16 = dev.read_float(xp, _OP, "bias", bias, q)
+            if bb_bf16:
+                bb = dev.bf16_to_float32(xp, bb)
+            elif np.dtype(bb.dtype) not in FLOAT_INPUT_DTYPES:
+                raise ShapeError(f"[{_OP}] bias has dtype {bb.dtype}, expected a float dtype")
+            bb = bb.astype(xp.float32, copy=False)
+            # NaN and +inf both fail `x < inf`: one reduction (one flag read back on a device)
+            if bb.size and bool((~(bb < xp.inf)).any()):
+                raise ShapeError(f"[{_OP}] bias contains NaN or +inf; use -inf (or mask) to "
+                                 "exclude keys")
+            bias_v = broadcast_view(_OP, "bias", bb, full, dims, xp=xp)
+        kl = None
+        if key_lengths is not None:
+            # a host sequence of B lengths is copied to the device (it is tiny)
+            on_device = dev is not None and _backend.is_cuda_array(key_lengths)
+            kl = (_array(dev, xp, "key_lengths", key_lengths, q) if on_device
+                  else as_host_array(_OP, "key_lengths", key_lengths))
+            if kl.dtype.kind not in "iu":
+                raise ShapeError(f"[{_OP}] key_lengths has dtype {kl.dtype}, expected an integer "
+                                 "dtype")
+            if tuple(kl.shape) != (B,):
+                raise ShapeError(f"[{_OP}] key_lengths has shape {tuple(kl.shape)}, expected "
+                                 f"({B},) = (B,)")
+            if kl.size and bool(((kl < 0) | (kl > Lk)).any()):
+                raise ShapeError(f"[{_OP}] key_lengths must lie in [0, Lk = {Lk}], got values "
+                                 f"in [{int(kl.min())}, {int(kl.max())}]")
+            kl = xp.ascontiguousarray(xp.asarray(kl), dtype=xp.int64)
 
-    out = np.empty((B, H, Lq, Dv), np.float32)
-    weights = np.empty(full, np.float32) if return_weights else None
-    lse = np.empty((B, H, Lq), np.float32) if return_lse else None
+        out = xp.empty((B, H, Lq, Dv), xp.float32)
+        weights = xp.empty(full, xp.float32) if return_weights else None
+        lse = xp.empty((B, H, Lq), xp.float32) if return_lse else None
 
-    launch = launcher(_OP, name, "attention", "attention")
-    launch(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale, sc.use_dropout, sc.seed,
-           sc.threshold, sc.drop_scale)
-
+        # (3) the kernel
+        launch = launcher(_OP, name, "attention", "attention")
+        launch(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale, sc.use_dropout,
+               sc.seed, sc.threshold, sc.drop_scale)
     return attention_results(out, weights, lse)
+
+
+def _array(dev, xp, name: str, x, q):
+    """``x`` as an array of ``xp``; on a device, on the device of ``q``."""
+    if dev is None:
+        return as_host_array(_OP, name, x)
+    return dev.device_input(xp, _OP, name, x, q)

@@ -1,9 +1,10 @@
-"""CUDA paths of the public ops: argument checks for device arrays, then ``mmcore._cuda``.
+"""CUDA launcher of :func:`mmcore.ops.attention`, and the device-side reading of its inputs.
 
-The public ops (:mod:`mmcore.ops`) call into this module when their inputs live on a CUDA
-device. Arguments are validated here with the same rules and messages as the host path, device
-arrays are handled through CuPy, and the kernels run asynchronously on CuPy's current stream of
-the inputs' device. Results are CuPy arrays on that device.
+:func:`mmcore.ops.attention` validates every argument once, against CuPy for device arrays; the
+helpers here are the device-specific parts of that: reading foreign CUDA arrays (bfloat16
+included, as ``uint16`` views of the same memory), checking that every array lives on the
+device of ``q``, and the dtypes the kernel reads in place. :func:`attention_cuda` only launches:
+it runs asynchronously on CuPy's current stream of the inputs' device.
 
 Data never moves between host and device implicitly. The one exception is ``key_lengths``: a
 host integer sequence of ``B`` entries is copied to the device because it is a tiny argument
@@ -15,43 +16,20 @@ the NaN/+inf check of ``bias`` and the range check of a device ``key_lengths``.
 
 from __future__ import annotations
 
-
-import numpy as np
-
-from ..._backend import is_cuda_array
-from ...errors import ShapeError
 from .common import cuda_module as _cuda_module
 from .common import cupy_module as _cupy
 from .common import device_array as _device_array
 from .common import same_device as _same_device
-from ...ops._checks import as_host_array, attention_results, attention_scalars, check_qkv_shapes
 
-__all__ = ["attention_cuda"]
+__all__ = ["attention_cuda", "read_qkv", "read_float", "device_input", "kernel_inputs",
+           "bf16_to_float32", "on_device", "cupy_module"]
 
-_FLOAT_DTYPES = ("float16", "float32", "float64")
-
-
-def _broadcast(cp, op: str, name: str, x, shape, dims: str):
-    """A broadcast view of ``x`` with ``shape`` (zero strides, no copy)."""
-    if x.ndim > len(shape):
-        raise ShapeError(f"[{op}] {name} has {x.ndim} dims, expected at most {len(shape)} {dims}")
-    try:
-        return cp.broadcast_to(x, tuple(shape))
-    except ValueError:
-        raise ShapeError(f"[{op}] {name} of shape {tuple(x.shape)} is not broadcastable to "
-                         f"{dims} = {tuple(shape)}") from None
-
+cupy_module = _cupy
 
 def _element_strides(x):
     """Strides in elements (the kernels index with element strides; 0 = broadcast)."""
     item = x.dtype.itemsize
     return tuple(int(s) // item for s in x.strides)
-
-
-def _check_float(op: str, name: str, x) -> None:
-    if x.dtype.name not in _FLOAT_DTYPES:
-        raise ShapeError(f"[{op}] {name} has dtype {x.dtype}, expected float32, float16 or "
-                         "bfloat16 (float64 is cast)")
 
 
 # The __cuda_array_interface__ typestr of bfloat16 data (PyTorch and ml_dtypes write "<V2").
@@ -96,123 +74,77 @@ def _float_input(cp, op: str, name: str, x):
     return x, False
 
 
-def _bf16_to_float32(cp, u):
+def bf16_to_float32(cp, u):
     """float32 values of bfloat16 bits held as uint16 (exact: bfloat16 is truncated float32)."""
     return (cp.ascontiguousarray(u).astype(cp.uint32) << 16).view(cp.float32)
 
 
-def attention_cuda(q, k, v, *, mask, key_lengths, bias, scale, temperature, dropout_p, seed,
-                   return_weights, return_lse):
-    """Attention on CUDA device arrays; the semantics of :func:`mmcore.ops.attention`.
+def read_float(cp, op: str, name: str, x, first):
+    """``(array, is_bfloat16)`` of a float input on the device of ``first`` (see
+    :func:`_float_input`)."""
+    a, bf = _float_input(cp, op, name, x)
+    _same_device(op, name, a, first.device.id, "q")
+    return a, bf
 
-    q, k and v must be CuPy arrays (or expose ``__cuda_array_interface__`` / CUDA DLPack) on one
-    device. If all three are float16 (or all bfloat16: CuPy bfloat16 arrays, or foreign arrays
-    such as PyTorch tensors whose ``__cuda_array_interface__`` typestr is ``"<V2"``) they are read
-    as such and computed with float32 accumulation (tensor cores on compute capability 8.0 and
-    newer); otherwise they are cast to float32 on the device (float64 included). ``mask`` (bool) and
-    ``bias`` (float) must be device arrays on the same device and are read through broadcast
-    strides without copies (bias is cast to float32 first when needed). ``key_lengths`` may be a
-    device integer array or a host sequence (copied, it is only ``B`` integers). Outputs are
-    new float32 CuPy arrays on the same device, written asynchronously on CuPy's current stream.
+
+def read_qkv(cp, op: str, q, k, v):
+    """q, k and v as CuPy arrays on one device: ``(q, k, v, (q_bf16, k_bf16, v_bf16))``."""
+    q, q_bf = _float_input(cp, op, "q", q)
+    k, k_bf = read_float(cp, op, "k", k, q)
+    v, v_bf = read_float(cp, op, "v", v, q)
+    return q, k, v, (q_bf, k_bf, v_bf)
+
+
+def device_input(cp, op: str, name: str, x, first):
+    """A device array ``x`` (never a host one) on the device of ``first``."""
+    a = _device_array(cp, op, name, x)
+    _same_device(op, name, a, first.device.id, "q")
+    return a
+
+
+def on_device(cp, x):
+    """The context that makes the device of ``x`` current (allocations land next to it)."""
+    return cp.cuda.Device(x.device.id)
+
+
+def kernel_inputs(cp, q, k, v, bf16):
+    """q, k, v in a dtype the kernel reads: all bfloat16 (as uint16) or all float16 stay as
+    they are (C-contiguous), anything else becomes float32."""
+    if all(bf16):
+        return tuple(cp.ascontiguousarray(a) for a in (q, k, v))
+    if not any(bf16) and q.dtype == k.dtype == v.dtype == cp.float16:
+        return tuple(cp.ascontiguousarray(a) for a in (q, k, v))
+    return tuple(bf16_to_float32(cp, a) if bf else cp.ascontiguousarray(a, dtype=cp.float32)
+                 for a, bf in zip((q, k, v), bf16, strict=True))
+
+
+def _ptr(x) -> int:
+    return 0 if x is None or x.size == 0 else int(x.data.ptr)
+
+
+_NO_STRIDES = (0, 0, 0, 0)
+
+
+def attention_cuda(q, k, v, out, weights, lse, mask, bias, key_lengths, scale, dropout, seed,
+                   threshold, dropout_scale):
+    """Launch the attention kernel: the arguments of ``mmcore._C.attention`` as CuPy arrays on
+    one device (validated and laid out by :func:`mmcore.ops.attention`).
+
+    q, k, v are C-contiguous and all float32, all float16 or all bfloat16 held as ``uint16``;
+    ``mask`` (bool) and ``bias`` (float32) are read through their strides (broadcast views);
+    ``key_lengths`` is int64. Outputs are written asynchronously on CuPy's current stream.
     """
     op = "attention"
     cp = _cupy(op)
     mod = _cuda_module(op)
-
-    q, q_bf = _float_input(cp, op, "q", q)
-    k, k_bf = _float_input(cp, op, "k", k)
-    v, v_bf = _float_input(cp, op, "v", v)
+    dtype_flag = 2 if q.dtype == cp.uint16 else 1 if q.dtype == cp.float16 else 0
+    B, H, Lq, D = (int(n) for n in q.shape)
+    Lk, Dv = int(k.shape[2]), int(v.shape[3])
     device = q.device.id
-    _same_device(op, "k", k, device, "q")
-    _same_device(op, "v", v, device, "q")
-
-    B, H, Lq, Lk, D, Dv = check_qkv_shapes(op, q, k, v)
-    for name, x, bf in (("q", q, q_bf), ("k", k, k_bf), ("v", v, v_bf)):
-        if not bf:
-            _check_float(op, name, x)
-
-    sc = attention_scalars(op, D, scale, temperature, dropout_p, seed)
-
-    full = (B, H, Lq, Lk)
-    dims = "(B, H, Lq, Lk)"
     with cp.cuda.Device(device):
-        if q_bf and k_bf and v_bf:
-            dtype_flag = 2
-            q = cp.ascontiguousarray(q)
-            k = cp.ascontiguousarray(k)
-            v = cp.ascontiguousarray(v)
-        elif not (q_bf or k_bf or v_bf) and q.dtype == k.dtype == v.dtype == cp.float16:
-            dtype_flag = 1
-            q = cp.ascontiguousarray(q)
-            k = cp.ascontiguousarray(k)
-            v = cp.ascontiguousarray(v)
-        else:
-            dtype_flag = 0
-            q = _bf16_to_float32(cp, q) if q_bf else cp.ascontiguousarray(q, dtype=cp.float32)
-            k = _bf16_to_float32(cp, k) if k_bf else cp.ascontiguousarray(k, dtype=cp.float32)
-            v = _bf16_to_float32(cp, v) if v_bf else cp.ascontiguousarray(v, dtype=cp.float32)
-
-        mask_v = None
-        if mask is not None:
-            m = _device_array(cp, op, "mask", mask)
-            _same_device(op, "mask", m, device, "q")
-            if m.dtype != cp.bool_:
-                raise ShapeError(f"[{op}] mask has dtype {m.dtype}, expected bool (True = may "
-                                 "attend); pass additive masks as bias")
-            mask_v = _broadcast(cp, op, "mask", m, full, dims)
-
-        bias_v = None
-        if bias is not None:
-            bb, bb_bf = _float_input(cp, op, "bias", bias)
-            _same_device(op, "bias", bb, device, "q")
-            if bb_bf:
-                bb = _bf16_to_float32(cp, bb)
-            elif bb.dtype.name not in _FLOAT_DTYPES:
-                raise ShapeError(f"[{op}] bias has dtype {bb.dtype}, expected a float dtype")
-            bb = bb.astype(cp.float32, copy=False)
-            # NaN and +inf both fail `x < inf`: one reduction, one flag read back.
-            if bb.size and bool((~(bb < cp.inf)).any()):
-                raise ShapeError(f"[{op}] bias contains NaN or +inf; use -inf (or mask) to "
-                                 "exclude keys")
-            bias_v = _broadcast(cp, op, "bias", bb, full, dims)
-
-        kl = None
-        if key_lengths is not None:
-            if is_cuda_array(key_lengths):
-                kl = _device_array(cp, op, "key_lengths", key_lengths)
-                _same_device(op, "key_lengths", kl, device, "q")
-            else:
-                kl = as_host_array(op, "key_lengths", key_lengths)
-            if kl.dtype.kind not in "iu":
-                raise ShapeError(f"[{op}] key_lengths has dtype {kl.dtype}, expected an integer "
-                                 "dtype")
-            if tuple(kl.shape) != (B,):
-                raise ShapeError(f"[{op}] key_lengths has shape {tuple(kl.shape)}, expected "
-                                 f"({B},) = (B,)")
-            if isinstance(kl, np.ndarray):
-                if kl.size and (kl.min() < 0 or kl.max() > Lk):
-                    raise ShapeError(f"[{op}] key_lengths must lie in [0, Lk = {Lk}], got values "
-                                     f"in [{int(kl.min())}, {int(kl.max())}]")
-                kl = cp.asarray(np.ascontiguousarray(kl, dtype=np.int64))
-            else:
-                if kl.size and bool(((kl < 0) | (kl > Lk)).any()):
-                    raise ShapeError(f"[{op}] key_lengths must lie in [0, Lk = {Lk}], got values "
-                                     f"in [{int(kl.min())}, {int(kl.max())}]")
-                kl = cp.ascontiguousarray(kl, dtype=cp.int64)
-
-        out = cp.empty((B, H, Lq, Dv), dtype=cp.float32)
-        weights = cp.empty(full, dtype=cp.float32) if return_weights else None
-        lse = cp.empty((B, H, Lq), dtype=cp.float32) if return_lse else None
-
-        def ptr(x):
-            return 0 if x is None or x.size == 0 else int(x.data.ptr)
-
-        zero = (0, 0, 0, 0)
         stream = cp.cuda.get_current_stream()
-        mod.attention(ptr(q), ptr(k), ptr(v), ptr(out), ptr(weights), ptr(lse),
-                      ptr(mask_v), _element_strides(mask_v) if mask_v is not None else zero,
-                      ptr(bias_v), _element_strides(bias_v) if bias_v is not None else zero,
-                      ptr(kl), B, H, Lq, Lk, D, Dv, sc.eff_scale, sc.use_dropout, sc.seed, sc.threshold,
-                      sc.drop_scale, dtype_flag, int(stream.ptr), device)
-
-    return attention_results(out, weights, lse)
+        mod.attention(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(weights), _ptr(lse),
+                      _ptr(mask), _element_strides(mask) if mask is not None else _NO_STRIDES,
+                      _ptr(bias), _element_strides(bias) if bias is not None else _NO_STRIDES,
+                      _ptr(key_lengths), B, H, Lq, Lk, D, Dv, scale, dropout, seed, threshold,
+                      dropout_scale, dtype_flag, int(stream.ptr), device)
