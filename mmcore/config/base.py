@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, TypeVar
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
 import numpy as np
 
@@ -71,6 +71,11 @@ class ConfigBase:
     nested dictionaries back in :meth:`validate`.
     """
 
+    # set on every subclass by @dataclass; declared for type checkers
+    __dataclass_fields__: ClassVar[Dict[str, Any]]
+    # the fields that accept None (TOML writes None as "none" in them)
+    _OPTIONAL_FIELDS: ClassVar[Tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -94,7 +99,7 @@ class ConfigBase:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]):
+    def from_dict(cls: Type[_C], data: Mapping[str, Any]) -> _C:
         """Build a config from a mapping of field names to values (missing fields get defaults).
 
         Unknown keys raise :class:`ConfigError` naming them.
@@ -118,7 +123,7 @@ class ConfigBase:
         return cls(**dict(data))
 
     @classmethod
-    def from_json(cls, path: PathLike, *, section: Optional[str] = None):
+    def from_json(cls: Type[_C], path: PathLike, *, section: Optional[str] = None) -> _C:
         """Load from a JSON file: an object of field names, or such an object at ``section``.
 
         ``section`` is a dotted path of nested objects (``"preprocessing.audio"``).
@@ -135,7 +140,7 @@ class ConfigBase:
         return cls.from_dict(read_section(cls._owner(), data, section, path))
 
     @classmethod
-    def from_toml(cls, path: PathLike, *, section: Optional[str] = None):
+    def from_toml(cls: Type[_C], path: PathLike, *, section: Optional[str] = None) -> _C:
         """Load from a TOML file: top-level keys, or the table at ``section`` (dotted path).
 
         TOML has no null: for a field that may be None, write the string ``"none"``. Parsing
@@ -229,7 +234,7 @@ class ConfigBase:
 
     def replace(self: _C, **changes: Any) -> _C:
         """A copy with ``changes`` applied, validated again."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(self, **changes)
 
     def digest(self) -> str:
         """A stable hex digest of this config: equal configs (of the same class) give equal

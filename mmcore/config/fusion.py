@@ -7,7 +7,7 @@ import math
 import numbers
 import threading
 from dataclasses import field
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, ModalityError
 from ..modality import Modality
@@ -139,7 +139,7 @@ class FusionStrategy(ConfigBase):
 
     TYPE: ClassVar[str] = ""
 
-    def __new__(cls, *args: Any, **kwargs: Any):
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is FusionStrategy:
             raise TypeError("FusionStrategy is abstract: use EarlyFusion(), MiddleFusion(k), "
                             "LateFusion(reduce), AttentionFusion(attention_dim) or "
@@ -171,7 +171,7 @@ class FusionStrategy(ConfigBase):
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]):
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
         """Build a strategy from its tagged dictionary (the tag is optional on a subclass)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{cls.__name__}.from_dict expects a mapping of field names, "
@@ -295,7 +295,7 @@ class LateFusion(FusionStrategy):
                         f"reduce={self.reduce!r})", w)
         if not isinstance(w, Mapping) or not w:
             raise fail(owner, "weights", "must be a non-empty dict of Modality -> weight", w)
-        items = []
+        items: List[Tuple[Modality, float]] = []
         for key, value in w.items():
             m = check_modality(owner, "weights", key)
             if (isinstance(value, bool) or not isinstance(value, numbers.Real)

@@ -12,7 +12,7 @@ from ..modality import Modality
 __all__ = ["ModalityMap"]
 
 
-class ModalityMap(collections.abc.Mapping):
+class ModalityMap(collections.abc.Mapping):  # type: ignore[type-arg, unused-ignore]
     """An immutable mapping keyed by :class:`~mmcore.modality.Modality`, in Modality order.
 
     Lookups and ``in`` also take the string form of a modality. Configs use it for every
@@ -28,6 +28,7 @@ class ModalityMap(collections.abc.Mapping):
     """
 
     __slots__ = ("_data",)
+    _data: Dict[Modality, Any]
 
     def __init__(self, items: Union[Mapping[Any, Any], Iterable[Tuple[Any, Any]]] = ()) -> None:
         pairs = items.items() if isinstance(items, Mapping) else items
@@ -73,5 +74,5 @@ class ModalityMap(collections.abc.Mapping):
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("ModalityMap is immutable")
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
         return (ModalityMap, (list(self._data.items()),))

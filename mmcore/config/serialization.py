@@ -205,7 +205,7 @@ def toml_module(owner: str) -> Any:
         import tomllib
         return tomllib
     try:
-        import tomli  # type: ignore[import-not-found]
+        import tomli  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         raise ConfigError(f"{owner}.from_toml needs Python 3.11+ (tomllib) or the 'tomli' "
                           "package: pip install tomli") from None

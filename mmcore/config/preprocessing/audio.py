@@ -149,6 +149,8 @@ class AudioPreprocessingConfig(PreprocessingConfig):
         if self.padding != "max_length":
             return None
         secs = self.chunk_length_s if self.chunk_length_s is not None else self.max_length_s
+        if secs is None:  # pragma: no cover - validate() refuses max_length without a length
+            return None
         return int(round(secs * self.sample_rate))
 
     @property

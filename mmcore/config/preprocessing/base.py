@@ -340,7 +340,7 @@ class PreprocessingConfig(ConfigBase):
             values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
             values.update(changes)
             return PreprocessingConfig(**values)  # type: ignore[return-value]
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(self, **changes)
 
 
 def preprocessing_dataclass(cls: Any) -> Any:
