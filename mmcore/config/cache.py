@@ -127,7 +127,7 @@ class CacheConfig(ConfigBase):
         self._set("default", check_nested(owner, "default", self.default, CachePolicy))
         if not isinstance(self.per_modality, Mapping):
             raise fail(owner, "per_modality", "must be a dict of Modality -> CachePolicy",
-                        self.per_modality)
+                       self.per_modality)
         items = []
         seen = set()
         for key, value in self.per_modality.items():
@@ -143,11 +143,11 @@ class CacheConfig(ConfigBase):
         for where, pol in named:
             if pol.budget_bytes is not None and pol.budget_bytes > limit:
                 raise fail(owner, f"{where}.budget_bytes",
-                            f"must be <= global_budget_bytes={limit}", pol.budget_bytes)
+                           f"must be <= global_budget_bytes={limit}", pol.budget_bytes)
         total = sum(p.budget_bytes or 0 for p in self.per_modality.values())
         if total > limit:
             raise fail(owner, "global_budget_bytes",
-                        f"must be >= the sum of the per-modality budgets ({total})", limit)
+                       f"must be >= the sum of the per-modality budgets ({total})", limit)
 
     def policy_for(self, modality: Any) -> CachePolicy:
         """The policy of ``modality``: its entry in :attr:`per_modality`, else :attr:`default`."""

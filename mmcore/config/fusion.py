@@ -301,7 +301,7 @@ class LateFusion(FusionStrategy):
             if (isinstance(value, bool) or not isinstance(value, numbers.Real)
                     or not math.isfinite(float(value)) or float(value) < 0):
                 raise fail(owner, f"weights[{str(m)!r}]", "must be a finite number >= 0",
-                            value)
+                           value)
             items.append((m, float(value)))
         try:
             wm = ModalityMap(items)
@@ -343,7 +343,7 @@ class AttentionFusion(FusionStrategy):
         self._set("num_heads", check_int(owner, "num_heads", self.num_heads))
         if self.attention_dim % self.num_heads:
             raise fail(owner, "attention_dim", f"must be divisible by num_heads="
-                        f"{self.num_heads}", self.attention_dim)
+                       f"{self.num_heads}", self.attention_dim)
 
 
 @config_dataclass
@@ -397,7 +397,7 @@ class CustomFusion(FusionStrategy):
                 self._set("fn", name)
         else:
             raise fail(owner, "fn", "must be a callable or the name of a registered fusion",
-                        fn)
+                       fn)
         self._set("options", check_extra(owner, "options", self.options))
 
     @property

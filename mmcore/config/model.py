@@ -120,7 +120,7 @@ class EncoderConfig(ConfigBase):
         self._set("extra", check_extra(owner, "extra", self.extra))
         if self.hidden_dim is not None and self.hidden_dim % self.num_heads:
             raise fail(owner, "hidden_dim", f"must be divisible by num_heads={self.num_heads}",
-                        self.hidden_dim)
+                       self.hidden_dim)
 
 
 
@@ -216,17 +216,17 @@ class ModalityConfig(ConfigBase):
         self._set("required", check_bool(owner, "required", self.required))
         if self.required and not self.enabled:
             raise fail(owner, "enabled", f"cannot be False for modality {str(m)!r}, which is "
-                        "required (required=True)", self.enabled)
+                       "required (required=True)", self.enabled)
         self._set("encoder", check_choice(owner, "encoder", self.encoder, self.ENCODERS))
         self._set("embed_dim", check_int(owner, "embed_dim", self.embed_dim))
         self._set("encoder_config", check_nested(owner, "encoder_config", self.encoder_config,
-                                            EncoderConfig))
+                                                 EncoderConfig))
         self._set("priority", check_any_int(owner, "priority", self.priority))
         self._set("quantization", check_choice(owner, "quantization", self.quantization,
                                                self.QUANTIZATIONS + (None,)))
         if self.quantization is not None and self.encoder == "external":
             raise fail(owner, "quantization", "applies to 'builtin', 'onnx' and 'remote' "
-                        "encoders, not encoder='external'", self.quantization)
+                       "encoders, not encoder='external'", self.quantization)
         self._set("cache", check_nested(owner, "cache", self.cache, CachePolicy, optional=True))
         self._set("extra", check_extra(owner, "extra", self.extra))
         self._validate_preprocessing(m)
@@ -236,19 +236,19 @@ class ModalityConfig(ConfigBase):
             width = ec.hidden_dim if ec.hidden_dim is not None else self.embed_dim
             if width % ec.num_heads:
                 raise fail(owner, "encoder_config.num_heads", f"must divide the encoder width "
-                            f"{width} (encoder_config.hidden_dim, else embed_dim)", ec.num_heads)
+                           f"{width} (encoder_config.hidden_dim, else embed_dim)", ec.num_heads)
         if ec.vocab_size is not None and m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
             raise fail(owner, "encoder_config.vocab_size", "applies to text and custom "
-                        f"modalities only (this is {str(m)!r})", ec.vocab_size)
+                       f"modalities only (this is {str(m)!r})", ec.vocab_size)
         if ec.patch_size is not None and m == Modality.TEXT:
             raise fail(owner, "encoder_config.patch_size", "does not apply to text",
-                        ec.patch_size)
+                       ec.patch_size)
         pre = self.preprocessing
         if (pre is not None and pre.modality in ("image", "video") and ec.patch_size is not None
                 and pre.patch_size is not None and pre.patch_size != ec.patch_size):
             raise fail(owner, "encoder_config.patch_size", "must equal preprocessing."
-                        f"patch_size={pre.patch_size} (the inputs arrive patchified)",
-                        ec.patch_size)
+                       f"patch_size={pre.patch_size} (the inputs arrive patchified)",
+                       ec.patch_size)
 
     def _validate_preprocessing(self, m: Modality) -> None:
         owner = self._owner()
@@ -258,13 +258,13 @@ class ModalityConfig(ConfigBase):
         elif isinstance(pre, Mapping) and "modality" not in pre:
             if m.is_custom:
                 raise fail(owner, "preprocessing", f"of custom modality {str(m)!r} must name "
-                            "the preprocessor it borrows ('modality': 'audio', 'image', "
-                            "'video' or 'text')", dict(pre))
+                           "the preprocessor it borrows ('modality': 'audio', 'image', "
+                           "'video' or 'text')", dict(pre))
             pre = dict(pre, modality=str(m))
         pre = check_nested(owner, "preprocessing", pre, PreprocessingConfig, optional=True)
         if pre is not None and not m.is_custom and pre.modality != str(m):
             raise fail(owner, "preprocessing", f"must be for modality {str(m)!r}, it is for "
-                        f"{pre.modality!r}", pre.modality)
+                       f"{pre.modality!r}", pre.modality)
         self._set("preprocessing", pre)
 
 
@@ -347,7 +347,7 @@ class CrossModalAttentionConfig(ConfigBase):
             raise fail(owner, "pairs", expected, pairs)
         if not pairs:
             raise fail(owner, "pairs", "must hold at least one (query, context) pair, or be "
-                        "'all'", pairs)
+                       "'all'", pairs)
         out: List[Tuple[Modality, Modality]] = []
         for i, pair in enumerate(pairs):
             where = f"pairs[{i}]"
@@ -357,12 +357,12 @@ class CrossModalAttentionConfig(ConfigBase):
                 items = pair
             if isinstance(items, str) or not isinstance(items, (list, tuple)) or len(items) != 2:
                 raise fail(owner, where, "must be a (query, context) pair of modalities or "
-                            "'query->context'", pair)
+                           "'query->context'", pair)
             q = check_modality(owner, where, items[0])
             c = check_modality(owner, where, items[1])
             if q == c:
                 raise fail(owner, where, "must pair two different modalities",
-                            (str(q), str(c)))
+                           (str(q), str(c)))
             if (q, c) in out:
                 raise fail(owner, where, "repeats an earlier pair", (str(q), str(c)))
             out.append((q, c))
@@ -486,7 +486,7 @@ class MultiModalConfig(ConfigBase):
                 raise ConfigError(f"{owner}.fusion: {exc}") from None
         self._set("fusion", check_nested(owner, "fusion", fusion, FusionStrategy))
         self._set("cross_attention", check_nested(owner, "cross_attention", self.cross_attention,
-                                             CrossModalAttentionConfig, optional=True))
+                                                  CrossModalAttentionConfig, optional=True))
         self._set("fused_dim", check_opt_int(owner, "fused_dim", self.fused_dim))
         self._set("cache", check_nested(owner, "cache", self.cache, CacheConfig))
         self._set("name", check_text(owner, "name", self.name))
@@ -509,12 +509,12 @@ class MultiModalConfig(ConfigBase):
                         given_m = None
                     if given_m != m:
                         raise fail(owner, f"{where}.modality", f"must be {str(m)!r} (its key)",
-                                    given)
+                                   given)
                     value = dict(value, modality=m)
                 mc = check_nested(owner, where, value, ModalityConfig)
                 if mc.modality != m:
                     raise fail(owner, f"{where}.modality", f"must be {str(m)!r} (its key)",
-                                str(mc.modality))
+                               str(mc.modality))
                 items.append((m, mc))
         elif isinstance(mods, (list, tuple)):
             for i, value in enumerate(mods):
@@ -522,14 +522,14 @@ class MultiModalConfig(ConfigBase):
                 items.append((mc.modality, mc))
         else:
             raise fail(owner, "modalities", "must be a dict of Modality -> ModalityConfig or "
-                        "a list of ModalityConfig", mods)
+                       "a list of ModalityConfig", mods)
         if not items:
             raise fail(owner, "modalities", "must configure at least one modality", mods)
         seen = set()
         for m, _ in items:
             if m in seen:
                 raise fail(owner, "modalities", f"configures modality {str(m)!r} more than "
-                            "once", [str(x) for x, _ in items])
+                           "once", [str(x) for x, _ in items])
             seen.add(m)
         return ModalityMap(items)
 
@@ -539,7 +539,7 @@ class MultiModalConfig(ConfigBase):
         configured = modality_names(mods)
         if not any(mc.enabled for mc in mods.values()):
             raise fail(owner, "modalities", "must have at least one enabled modality",
-                        {str(m): "disabled" for m in mods})
+                       {str(m): "disabled" for m in mods})
 
         ca = self.cross_attention
         if ca is not None:
@@ -548,63 +548,63 @@ class MultiModalConfig(ConfigBase):
                     for m in (q, c):
                         if m not in mods:
                             raise fail(owner, "cross_attention.pairs", f"must name configured "
-                                        f"modalities ({configured}); {str(m)!r} is not",
-                                        (str(q), str(c)))
+                                       f"modalities ({configured}); {str(m)!r} is not",
+                                       (str(q), str(c)))
             if ca.head_dim is None:
                 for q, _ in ca.resolve_pairs(mods):
                     d = mods[q].embed_dim
                     if d % ca.num_heads:
                         raise fail(owner, "cross_attention.num_heads", "must divide the "
-                                    f"embed_dim of query modality {str(q)!r} ({d}) when "
-                                    "head_dim is None", ca.num_heads)
+                                   f"embed_dim of query modality {str(q)!r} ({d}) when "
+                                   "head_dim is None", ca.num_heads)
 
         fusion = self.fusion
         if isinstance(fusion, MiddleFusion):
             for m, mc in mods.items():
                 if mc.encoder != "builtin":
                     raise fail(owner, "fusion", "MiddleFusion needs built-in encoders "
-                                f"(modality {str(m)!r} uses encoder={mc.encoder!r})",
-                                fusion)
+                               f"(modality {str(m)!r} uses encoder={mc.encoder!r})",
+                               fusion)
                 if fusion.fusion_layer > mc.encoder_config.num_layers:
                     raise fail(owner, "fusion.fusion_layer", "must be <= the encoder layers "
-                                f"of every modality ({str(m)!r} has encoder_config.num_layers="
-                                f"{mc.encoder_config.num_layers})", fusion.fusion_layer)
+                               f"of every modality ({str(m)!r} has encoder_config.num_layers="
+                               f"{mc.encoder_config.num_layers})", fusion.fusion_layer)
         if isinstance(fusion, LateFusion) and fusion.weights is not None:
             for m in fusion.weights:
                 if m not in mods:
                     raise fail(owner, "fusion.weights", f"must name configured modalities "
-                                f"({configured}); {str(m)!r} is not", str(m))
+                               f"({configured}); {str(m)!r} is not", str(m))
         if self.fused_dim is None and not self._is_concat():
             dims = {mc.embed_dim for mc in mods.values()}
             if len(dims) > 1:
                 shown = ", ".join(f"{str(m)!r}={mc.embed_dim}" for m, mc in mods.items())
                 raise fail(owner, "fused_dim", f"must be set when the modality embed dims "
-                            f"differ ({shown}): each modality is projected to fused_dim "
-                            "before fusion", None)
+                           f"differ ({shown}): each modality is projected to fused_dim "
+                           "before fusion", None)
 
         cache = self.cache
         for m in cache.per_modality:
             if m not in mods:
                 raise fail(owner, "cache.per_modality", f"must name configured modalities "
-                            f"({configured}); {str(m)!r} is not", str(m))
+                           f"({configured}); {str(m)!r} is not", str(m))
         total = 0
         for m, mc in mods.items():
             pol = cache.policy_for(m) if m in cache.per_modality else mc.cache
             if mc.cache is not None:
                 if m in cache.per_modality:
                     raise fail(owner, f"modalities[{str(m)!r}].cache", "conflicts with "
-                                f"cache.per_modality[{str(m)!r}]; set the policy in one place",
-                                mc.cache)
+                               f"cache.per_modality[{str(m)!r}]; set the policy in one place",
+                               mc.cache)
                 if (mc.cache.budget_bytes is not None
                         and mc.cache.budget_bytes > cache.global_budget_bytes):
                     raise fail(owner, f"modalities[{str(m)!r}].cache.budget_bytes",
-                                f"must be <= cache.global_budget_bytes="
-                                f"{cache.global_budget_bytes}", mc.cache.budget_bytes)
+                               f"must be <= cache.global_budget_bytes="
+                               f"{cache.global_budget_bytes}", mc.cache.budget_bytes)
             if pol is not None and pol.budget_bytes is not None:
                 total += pol.budget_bytes
         if total > cache.global_budget_bytes:
             raise fail(owner, "cache.global_budget_bytes", "must be >= the sum of the "
-                        f"per-modality budgets ({total})", cache.global_budget_bytes)
+                       f"per-modality budgets ({total})", cache.global_budget_bytes)
 
     def _is_concat(self) -> bool:
         return isinstance(self.fusion, LateFusion) and self.fusion.reduce == "concat"
