@@ -267,9 +267,14 @@ void resize(py::list srcs, py::list dsts, const std::string& filter, bool antial
       d[i] = image_view<uint8_t>(op, "dsts", dsts[i], true);
       check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
     }
-    run_kernel(op, [&] {
-      mmcore::resize_u8(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
-    });
+    mmcore::ResizeParams<uint8_t> p;
+    p.srcs = s.data();
+    p.dsts = d.data();
+    p.n = static_cast<int64_t>(n);
+    p.filter = f;
+    p.antialias = antialias;
+    p.num_threads = std::max(num_threads, 1);
+    run_kernel(op, [&] { mmcore::resize_u8_cpu(p); });
   } else {
     std::vector<mmcore::ImageView<const float>> s(n);
     std::vector<mmcore::ImageView<float>> d(n);
@@ -278,9 +283,14 @@ void resize(py::list srcs, py::list dsts, const std::string& filter, bool antial
       d[i] = image_view<float>(op, "dsts", dsts[i], true);
       check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
     }
-    run_kernel(op, [&] {
-      mmcore::resize_f32(s.data(), d.data(), static_cast<int64_t>(n), f, antialias, std::max(num_threads, 1));
-    });
+    mmcore::ResizeParams<float> p;
+    p.srcs = s.data();
+    p.dsts = d.data();
+    p.n = static_cast<int64_t>(n);
+    p.filter = f;
+    p.antialias = antialias;
+    p.num_threads = std::max(num_threads, 1);
+    run_kernel(op, [&] { mmcore::resize_f32_cpu(p); });
   }
 }
 
@@ -295,15 +305,28 @@ void normalize(py::array src, py::object dst, py::object mean, py::object stdv, 
   const float* m = checked<float>(op, "mean", mean, {C}, false);
   const float* sd = checked<float>(op, "std", stdv, {C}, false);
   if (!d || !m || !sd) throw py::value_error("[normalize] dst, mean and std are required");
-  const int nt = std::max(num_threads, 1);
+  auto run = [&](auto p, auto kernel) {
+    p.dst = d;
+    p.N = N;
+    p.H = H;
+    p.W = W;
+    p.C = C;
+    p.mean = m;
+    p.std = sd;
+    p.scale = static_cast<float>(scale);
+    p.chw = chw;
+    p.num_threads = std::max(num_threads, 1);
+    py::gil_scoped_release release;
+    kernel(p);
+  };
   if (same_dtype(src.dtype(), py::dtype::of<uint8_t>())) {
-    const uint8_t* s = checked<uint8_t>(op, "src", src, {N, H, W, C}, false);
-    py::gil_scoped_release release;
-    mmcore::normalize_u8(s, d, N, H, W, C, m, sd, static_cast<float>(scale), chw, nt);
+    mmcore::NormalizeParams<uint8_t> p;
+    p.src = checked<uint8_t>(op, "src", src, {N, H, W, C}, false);
+    run(p, mmcore::normalize_u8_cpu);
   } else {
-    const float* s = checked<float>(op, "src", src, {N, H, W, C}, false);
-    py::gil_scoped_release release;
-    mmcore::normalize_f32(s, d, N, H, W, C, m, sd, static_cast<float>(scale), chw, nt);
+    mmcore::NormalizeParams<float> p;
+    p.src = checked<float>(op, "src", src, {N, H, W, C}, false);
+    run(p, mmcore::normalize_f32_cpu);
   }
 }
 
@@ -317,8 +340,19 @@ void patchify(py::array src, py::object dst, int64_t patch, int64_t temporal_pat
   const int64_t np_ = mul_dims(op, {T / temporal_patch, H / patch, W / patch});
   float* d = checked<float>(op, "dst", dst, {B, np_, mul_dims(op, {C, temporal_patch, patch, patch})}, true);
   if (!s || !d) throw py::value_error("[patchify] src and dst are required");
+  mmcore::PatchifyParams p;
+  p.src = s;
+  p.dst = d;
+  p.B = B;
+  p.T = T;
+  p.C = C;
+  p.H = H;
+  p.W = W;
+  p.patch = patch;
+  p.temporal_patch = temporal_patch;
+  p.num_threads = std::max(num_threads, 1);
   py::gil_scoped_release release;
-  mmcore::patchify_f32(s, d, B, T, C, H, W, patch, temporal_patch, std::max(num_threads, 1));
+  mmcore::patchify_f32_cpu(p);
 }
 
 void preprocess_image(py::list srcs, py::object out, py::object geoms, py::object mean, py::object stdv,
@@ -360,9 +394,18 @@ void preprocess_image(py::list srcs, py::object out, py::object geoms, py::objec
                                          {n, mul_dims(op, {crop_h / patch, crop_w / patch}), mul_dims(op, {C, patch, patch})},
                                          true);
   if (!o || !g || !norm.mean || !norm.std) throw py::value_error("[preprocess_image] out, geoms, mean, std are required");
-  run_kernel(op, [&] {
-    mmcore::preprocess_u8(s.data(), n, g, crop_h, crop_w, f, antialias, norm, o, std::max(num_threads, 1));
-  });
+  mmcore::PreprocessParams p;
+  p.srcs = s.data();
+  p.n = n;
+  p.geoms = g;
+  p.crop_h = crop_h;
+  p.crop_w = crop_w;
+  p.filter = f;
+  p.antialias = antialias;
+  p.norm = norm;
+  p.out = o;
+  p.num_threads = std::max(num_threads, 1);
+  run_kernel(op, [&] { mmcore::preprocess_u8_cpu(p); });
 }
 
 void masked_reduce(const char* op, py::object x, py::object mask, py::object out, int num_threads, bool is_max) {

@@ -548,8 +548,13 @@ void resize_rgba_aware(const ImageView<const uint8_t>& src, const ImageView<uint
 
 }  // namespace
 
-void resize_u8(const ImageView<const uint8_t>* srcs, const ImageView<uint8_t>* dsts, int64_t n, ResizeFilter f,
-               bool antialias, int num_threads) {
+void resize_u8(const ResizeParams<uint8_t>& p) {
+  const auto* srcs = p.srcs;
+  const auto* dsts = p.dsts;
+  const int64_t n = p.n;
+  const ResizeFilter f = p.filter;
+  const bool antialias = p.antialias;
+  const int num_threads = p.num_threads;
   for (int64_t i = 0; i < n; ++i)
     check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, dsts[i].H, dsts[i].W, dsts[i].H, dsts[i].W, f, antialias,
                          true);
@@ -560,8 +565,13 @@ void resize_u8(const ImageView<const uint8_t>* srcs, const ImageView<uint8_t>* d
   }
 }
 
-void resize_f32(const ImageView<const float>* srcs, const ImageView<float>* dsts, int64_t n, ResizeFilter f,
-                bool antialias, int num_threads) {
+void resize_f32(const ResizeParams<float>& p) {
+  const auto* srcs = p.srcs;
+  const auto* dsts = p.dsts;
+  const int64_t n = p.n;
+  const ResizeFilter f = p.filter;
+  const bool antialias = p.antialias;
+  const int num_threads = p.num_threads;
   for (int64_t i = 0; i < n; ++i)
     check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, dsts[i].H, dsts[i].W, dsts[i].H, dsts[i].W, f, antialias,
                          false);
@@ -572,9 +582,16 @@ void resize_f32(const ImageView<const float>* srcs, const ImageView<float>* dsts
   }
 }
 
-void preprocess_u8(const ImageView<const uint8_t>* srcs, int64_t n, const int64_t* geoms, int64_t crop_h,
-                   int64_t crop_w, ResizeFilter f, bool antialias, const NormalizeSpec& norm, float* out,
-                   int num_threads) {
+void preprocess_u8(const PreprocessParams& p) {
+  const auto* srcs = p.srcs;
+  const int64_t n = p.n;
+  const int64_t* geoms = p.geoms;
+  const int64_t crop_h = p.crop_h, crop_w = p.crop_w;
+  const ResizeFilter f = p.filter;
+  const bool antialias = p.antialias;
+  const NormalizeSpec& norm = p.norm;
+  float* out = p.out;
+  const int num_threads = p.num_threads;
   if (n == 0) return;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* g = geoms + 4 * i;
@@ -628,18 +645,20 @@ void normalize_impl(const T* src, float* dst, int64_t N, int64_t H, int64_t W, i
   });
 }
 
-void normalize_u8(const uint8_t* src, float* dst, int64_t N, int64_t H, int64_t W, int64_t C, const float* mean,
-                  const float* stdv, float scale, bool chw, int num_threads) {
-  normalize_impl(src, dst, N, H, W, C, mean, stdv, scale, chw, num_threads);
+void normalize_u8(const NormalizeParams<uint8_t>& p) {
+  normalize_impl(p.src, p.dst, p.N, p.H, p.W, p.C, p.mean, p.std, p.scale, p.chw, p.num_threads);
 }
 
-void normalize_f32(const float* src, float* dst, int64_t N, int64_t H, int64_t W, int64_t C, const float* mean,
-                   const float* stdv, float scale, bool chw, int num_threads) {
-  normalize_impl(src, dst, N, H, W, C, mean, stdv, scale, chw, num_threads);
+void normalize_f32(const NormalizeParams<float>& p) {
+  normalize_impl(p.src, p.dst, p.N, p.H, p.W, p.C, p.mean, p.std, p.scale, p.chw, p.num_threads);
 }
 
-void patchify_f32(const float* src, float* dst, int64_t B, int64_t T, int64_t C, int64_t H, int64_t W, int64_t p,
-                  int64_t tp, int num_threads) {
+void patchify_f32(const PatchifyParams& params) {
+  const float* src = params.src;
+  float* dst = params.dst;
+  const int64_t B = params.B, T = params.T, C = params.C, H = params.H, W = params.W;
+  const int64_t p = params.patch, tp = params.temporal_patch;
+  const int num_threads = params.num_threads;
   const int64_t gt = T / tp, gh = H / p, gw = W / p;
   const int64_t psize = C * tp * p * p;
   const int64_t npatch = gt * gh * gw;
