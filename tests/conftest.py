@@ -1,4 +1,4 @@
-"""Shared test configuration: the ``cuda`` marker and hypothesis profiles."""
+"""Shared test configuration: the ``cuda`` and ``slow`` markers and the hypothesis profiles."""
 
 from __future__ import annotations
 
@@ -40,7 +40,18 @@ def _cuda_reason():
     return None
 
 
+def _is_property_test(item):
+    """A hypothesis test: @given, or the runTest of a rule-based state machine."""
+    return bool(getattr(getattr(item, "obj", None), "is_hypothesis_test", False))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    # The property tests take most of the suite's time (many examples each, Numba compiles);
+    # they are all `slow`, so that `pytest -m "not slow"` gives a quick run. CI runs everything.
+    for item in items:
+        if _is_property_test(item):
+            item.add_marker(pytest.mark.slow)
     cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
     if not cuda_items:
         return

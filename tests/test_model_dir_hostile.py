@@ -361,9 +361,16 @@ def test_tokenizer_resolves_against_the_directory_not_the_cwd(saved, tmp_path, m
 
 def test_symlinked_model_directory_and_internal_links_are_fine(saved, tmp_path):
     d = _copy(saved, tmp_path, "real")
+    direct = MultiModalModel.from_pretrained(d).state_dict()
+    (d / "blobs").mkdir()
+    shutil.move(d / "model.safetensors", d / "blobs" / "weights")
+    os.symlink(os.path.join("blobs", "weights"), d / "model.safetensors")  # stays inside
     link = tmp_path / "current"
     os.symlink(d, link)
-    MultiModalModel.from_pretrained(link)
+    via_link = MultiModalModel.from_pretrained(link).state_dict()
+    assert direct and sorted(via_link) == sorted(direct)
+    for k, v in direct.items():
+        np.testing.assert_array_equal(via_link[k], v, err_msg=k)
 
 
 def test_listed_file_linked_outside_is_refused(saved, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -284,4 +285,6 @@ def test_works_without_matplotlib():
             "viz.attention_heatmap(np.eye(3)); viz.spectrogram_image(np.eye(3))\n"
             "try:\n    viz.plot_attention(np.eye(3))\nexcept ImportError as e:\n"
             "    assert 'matplotlib' in str(e)\nelse:\n    raise SystemExit('no ImportError')\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # outside the checkout, so that the child imports the installed package
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir(),
+                   timeout=120)
