@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 import mmcore  # noqa: E402
+import mmcore.distributed  # noqa: E402
 from mmcore.distributed import LocalCluster  # noqa: E402
 from mmcore.distributed.protocol import MsgType, recv_frame, send_frame  # noqa: E402
 from mmcore.model import MultiModalModel, default_model  # noqa: E402
@@ -108,7 +109,7 @@ def bench_round_trip(model_dir: str, quick: bool) -> None:
     rows = []
     with LocalCluster(model_dir, {"text": 1, "audio": 1, "image": 1},
                       threads_per_node=T.default_threads()) as cluster:
-        remote = MultiModalModel.from_pretrained(model_dir, distributed=cluster.config())
+        remote = mmcore.distributed.load(model_dir, cluster.config())
         try:
             coord = remote.distributed
             for mod, label, x in cases:
@@ -196,7 +197,7 @@ def bench_scaling(model_dir: str, quick: bool) -> None:
     base = rps
     for n in (1, 2):
         with LocalCluster(model_dir, {"image": n, "audio": n}, threads_per_node=1) as cluster:
-            model = MultiModalModel.from_pretrained(model_dir, distributed=cluster.config())
+            model = mmcore.distributed.load(model_dir, cluster.config())
             try:
                 model.infer(batches[0])
                 rps = _throughput(model, batches, 4, secs)

@@ -96,21 +96,12 @@ _DOMAIN = b"mmcore.cache.content_key.v1"
 def new_hasher(algorithm: Optional[str] = None) -> Any:
     """A fresh hasher (``update`` / ``hexdigest``) of the cache's keys, seeded with their domain.
 
-    ``algorithm`` is ``"blake3"`` or ``"blake2b"`` (None: :data:`HASH_ALGORITHM`); the name
-    is hashed first, so digests of the two never coincide. Feed it with :func:`hash_field`
-    for unambiguous records (what :func:`content_key` does).
+    ``algorithm``: ``"blake3"`` or ``"blake2b"`` (None: :data:`HASH_ALGORITHM`); it is hashed
+    first, so the digests of the two never coincide. Feed it :func:`hash_field` records, as
+    :func:`content_key` does. ValueError for an unknown algorithm (or blake3 not installed).
 
-    Raises
-    ------
-    ValueError
-        An unknown algorithm, or ``"blake3"`` without the blake3 package.
-
-    Examples
-    --------
     >>> from mmcore.cache import hash_field, new_hasher
-    >>> h = new_hasher("blake2b")
-    >>> hash_field(h, b"name", b"weights")
-    >>> len(h.hexdigest())
+    >>> h = new_hasher("blake2b"); hash_field(h, b"name", b"weights"); len(h.hexdigest())
     64
     """
     algo = algorithm or HASH_ALGORITHM
@@ -133,9 +124,7 @@ def hash_field(h: Any, tag: bytes, payload: bytes) -> None:
     h.update(payload)
 
 
-# the names these two had before they were public
-_new_hasher = new_hasher
-_field = hash_field
+_new_hasher, _field = new_hasher, hash_field    # the names these had before they were public
 
 
 def _as_byte_view(arr: np.ndarray) -> np.ndarray:

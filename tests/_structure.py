@@ -69,7 +69,19 @@ def _imports_of(name: str, files: Dict[str, pathlib.Path]) -> Iterator[Tuple[str
             if (called in ("import_module", "__import__") and node.args
                     and isinstance(node.args[0], ast.Constant)
                     and isinstance(node.args[0].value, str)):
-                yield node.args[0].value, node.lineno
+                target = node.args[0].value
+                if target.startswith(".") and len(node.args) > 1:
+                    # import_module(".x", __name__ / __package__): relative to that package
+                    anchor_arg = node.args[1]
+                    anchor_name = anchor_arg.id if isinstance(anchor_arg, ast.Name) else None
+                    if anchor_name in ("__name__", "__package__"):
+                        pkg = name.split(".") if (anchor_name == "__name__"
+                                                  or _is_package(name, files)) else base
+                        level = len(target) - len(target.lstrip("."))
+                        rest = target.lstrip(".")
+                        anchor = pkg[:len(pkg) - (level - 1)]
+                        target = ".".join(anchor + ([rest] if rest else []))
+                yield target, node.lineno
 
 
 def top_level(name: str) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from _helpers import node_address, serving_node
+import mmcore.distributed
 from mmcore import Modality
 from mmcore.distributed import (Coordinator, DistributedConfig, LocalCluster, RemoteError,
                                 ShardingStrategy)
@@ -27,8 +28,8 @@ from mmcore.distributed.auth import server_handshake
 from mmcore.distributed.coordinator import NodeClient
 from mmcore.distributed.node import READY_PREFIX
 from mmcore.distributed.protocol import HEADER, MAGIC, VERSION, MsgType, recv_frame, send_frame
-from mmcore.errors import (AuthError, ConfigError, ModalityError, NodeUnavailableError,
-                           ShapeError)
+from mmcore.errors import (ArgumentError, AuthError, ConfigError, ModalityError,
+                           NodeUnavailableError, ShapeError)
 from mmcore.model import MultiModalModel, default_model
 from mmcore.model.loader import MultiModalLoader
 
@@ -97,7 +98,7 @@ def _config(nodes, **kwargs):
 
 @contextlib.contextmanager
 def remote_model(model_dir, cfg):
-    model = MultiModalModel.from_pretrained(model_dir, distributed=cfg)
+    model = mmcore.distributed.load(model_dir, cfg)
     try:
         yield model
     finally:
@@ -185,8 +186,10 @@ def test_cluster_equals_local_preprocessed_inputs(cluster, local, model_dir):
 
 def test_loader_with_distributed_and_health(cluster, local, model_dir):
     cfg = cluster.config(heartbeat_s=0.2)
-    model = MultiModalLoader(default_model().config).with_weights(model_dir) \
-        .with_distributed(cfg).load()
+    with pytest.warns(DeprecationWarning, match="mmcore.distributed.attach"):
+        loader = MultiModalLoader(default_model().config).with_weights(model_dir) \
+            .with_distributed(cfg)
+    model = loader.load()
     try:
         assert model.distributed is not None
         _assert_same(model.infer(RAW), local.infer(RAW))
@@ -796,3 +799,93 @@ def test_local_cluster_relative_model_dir(model_dir, tmp_path, monkeypatch):
     assert not os.path.exists(tmp)
     with pytest.raises(Exception):
         LocalCluster("missing", {"text": 1}, threads_per_node=1, start_timeout_s=60)
+
+
+# -- attaching a model: mmcore.distributed.load / attach, and the deprecated model-side entries ----
+
+
+def test_load_and_attach_serve_the_named_modalities(text_node, model_dir, local):
+    cfg = _config({"text": [_addr(text_node)]})
+    inputs = {"text": ["a cat", "a dog"], "image": RAW["image"]}
+    model = mmcore.distributed.load(model_dir, cfg)
+    try:
+        assert model.remote_modalities == (Modality.TEXT,)
+        assert isinstance(model.distributed, Coordinator)
+        _assert_same(model.infer(inputs), local.infer(inputs))
+    finally:
+        model.close()
+    assert model.distributed is None and model.remote_modalities == ()
+    # attach: a model already loaded; the backend is returned and kept on the model
+    model = MultiModalModel.from_pretrained(model_dir)
+    backend = mmcore.distributed.attach(model, cfg, model_dir=model_dir)
+    try:
+        assert model.distributed is backend and model.remote_modalities == (Modality.TEXT,)
+        _assert_same(model.infer(inputs), local.infer(inputs))
+    finally:
+        model.close()
+
+
+def test_load_checks_its_arguments_before_reading(tmp_path, model_dir, text_node):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match=r"^\[distributed.load\] expected a DistributedConfig"):
+        mmcore.distributed.load(missing, {"text": ["127.0.0.1:1"]})
+    with pytest.raises(ArgumentError, match="distributed="):
+        mmcore.distributed.load(model_dir, _config({"text": [_addr(text_node)]}),
+                                distributed=_config({"text": [_addr(text_node)]}))
+    with pytest.raises(ConfigError, match="expected a DistributedConfig"):
+        mmcore.distributed.attach(default_model(), {"text": ["127.0.0.1:1"]})
+
+
+def test_deprecated_from_pretrained_distributed_still_attaches(text_node, model_dir, local):
+    cfg = _config({"text": [_addr(text_node)]})
+    with pytest.warns(DeprecationWarning, match=r"mmcore\.distributed\.load"):
+        model = MultiModalModel.from_pretrained(model_dir, distributed=cfg)
+    try:
+        assert model.remote_modalities == (Modality.TEXT,)
+        assert isinstance(model.distributed, Coordinator)
+        _assert_same(model.infer({"text": ["hello"]}), local.infer({"text": ["hello"]}))
+    finally:
+        model.close()
+    # the model hands the object it was given its attach(): anything else is refused
+    with pytest.warns(DeprecationWarning), \
+            pytest.raises(ConfigError, match=r"^\[MultiModalModel.from_pretrained\] expected a "
+                                             r"DistributedConfig \(from mmcore.distributed\), "
+                                             r"got dict"):
+        MultiModalModel.from_pretrained(model_dir, distributed={"text": 1})
+
+
+def test_distributed_config_attach_is_the_model_side_hook(model_dir):
+    """DistributedConfig.attach(model, model_dir=) is what the deprecated model-side entries
+    call (the model never imports mmcore.distributed)."""
+    calls = []
+
+    class Recorder:
+        def attach(self, model, *, model_dir=None):
+            calls.append((model, model_dir))
+            return "backend"
+
+    from mmcore.model.model import attach_remote
+    model = default_model()
+    assert attach_remote(model, Recorder(), model_dir="d", op="op") == "backend"
+    assert calls == [(model, "d")]
+    with pytest.raises(ConfigError, match=r"^\[op\] expected a DistributedConfig"):
+        attach_remote(model, DistributedConfig, model_dir=None, op="op")
+    cfg = _config({"text": ["127.0.0.1:1"]}, connect_timeout_s=0.2)
+    backend = cfg.attach(model, model_dir=model_dir)
+    try:
+        assert model.distributed is backend and model.remote_modalities == (Modality.TEXT,)
+    finally:
+        model.close()
+
+
+def test_distributed_unavailable_error_is_a_deprecated_alias():
+    import mmcore.model
+    import mmcore.model.loader
+    for mod in (mmcore.model, mmcore.model.loader):
+        with pytest.warns(DeprecationWarning, match="DistributedUnavailableError is deprecated"):
+            cls = mod.DistributedUnavailableError
+        assert cls is NodeUnavailableError
+    with pytest.warns(DeprecationWarning):
+        exec("from mmcore.model import DistributedUnavailableError", {})
+    assert "DistributedUnavailableError" not in mmcore.model.__all__
+    assert not hasattr(mmcore.model, "NoSuchName") and not hasattr(mmcore.model.loader, "Nope")

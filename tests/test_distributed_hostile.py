@@ -27,6 +27,7 @@ from mmcore.distributed.node import READY_PREFIX, NodeServer
 from mmcore.distributed.protocol import (HEADER, MAGIC, VERSION, FrameLimits, MsgType,
                                          encode_frame, recv_frame, send_frame)
 from mmcore.errors import ConfigError, ProtocolError
+import mmcore.distributed
 from mmcore.model import MultiModalModel, default_model
 
 TOKEN = "hostile-tests-cluster-token"
@@ -408,7 +409,7 @@ def test_coordinator_path_inputs_still_travel_as_bytes(model_dir, tmp_path):
     with serving(model_dir, ["image"]) as node:
         cfg = DistributedConfig(sharding_strategy=ShardingStrategy.modality_specific(
             {"image": [_addr(node)]}), token=TOKEN, heartbeat_s=5)
-        model = MultiModalModel.from_pretrained(model_dir, distributed=cfg)
+        model = mmcore.distributed.load(model_dir, cfg)
         try:
             np.testing.assert_allclose(model.infer({"image": str(png)}).fused,
                                        local.infer({"image": str(png)}).fused, atol=1e-5)

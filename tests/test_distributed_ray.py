@@ -9,6 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+import mmcore.distributed  # noqa: E402
 from mmcore.distributed import DistributedConfig, ShardingStrategy  # noqa: E402
 from mmcore.errors import ConfigError, ShapeError  # noqa: E402
 from mmcore.model import MultiModalLoader, MultiModalModel, default_model  # noqa: E402
@@ -31,7 +32,7 @@ def ray_model(model_dir, tmp_path_factory):
         sharding_strategy=ShardingStrategy.modality_specific({"image": 2, "audio": 1}),
         ray_resources={"image": {"mmcore_vision": 1}}, request_timeout_s=60)
     try:
-        model = MultiModalModel.from_pretrained(model_dir, distributed=cfg)
+        model = mmcore.distributed.load(model_dir, cfg)
         try:
             yield model
         finally:
@@ -91,7 +92,11 @@ def test_ray_backend_needs_a_model_directory():
     cfg = DistributedConfig(backend="ray",
                             sharding_strategy=ShardingStrategy.modality_specific({"text": 1}))
     with pytest.raises(ConfigError, match="model directory"):
-        MultiModalLoader(default_model().config).with_distributed(cfg).load()
+        mmcore.distributed.attach(default_model(), cfg)
+    with pytest.warns(DeprecationWarning):
+        loader = MultiModalLoader(default_model().config).with_distributed(cfg)
+    with pytest.raises(ConfigError, match="model directory"):
+        loader.load()
 
 
 def test_ray_backend_refuses_a_shadowing_source_tree(model_dir, tmp_path, monkeypatch):
@@ -102,4 +107,4 @@ def test_ray_backend_refuses_a_shadowing_source_tree(model_dir, tmp_path, monkey
     cfg = DistributedConfig(backend="ray",
                             sharding_strategy=ShardingStrategy.modality_specific({"text": 1}))
     with pytest.raises(ConfigError, match="source tree"):
-        MultiModalModel.from_pretrained(model_dir, distributed=cfg)
+        mmcore.distributed.load(model_dir, cfg)

@@ -13,8 +13,7 @@ import pytest
 
 import mmcore
 from mmcore.errors import ConfigError, ModalityError, ModelFormatError, ShapeError
-from mmcore.model import (DistributedUnavailableError, MultiModalLoader, MultiModalModel,
-                          default_config, default_model)
+from mmcore.model import MultiModalLoader, MultiModalModel, default_config, default_model
 from mmcore.model import io as mio
 from mmcore.model.io import dir_nbytes, load_model_dir, save_model_dir
 
@@ -353,10 +352,11 @@ def test_verify_option(small_dir, tmp_path):
 
 
 def test_with_distributed_checks_the_config(base):
-    loader = MultiModalLoader(base.config).with_distributed({"nodes": 2})
+    with pytest.warns(DeprecationWarning, match="with_distributed is deprecated"):
+        loader = MultiModalLoader(base.config).with_distributed({"nodes": 2})
     with pytest.raises(ConfigError, match="DistributedConfig"):
         loader.load()
-    with pytest.raises(ConfigError, match="None"):
+    with pytest.raises(ConfigError, match="None"), pytest.warns(DeprecationWarning):
         MultiModalLoader(base.config).with_distributed(None)
 
 

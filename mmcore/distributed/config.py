@@ -198,3 +198,15 @@ class DistributedConfig:
     def modalities(self) -> Tuple[Modality, ...]:
         """The modalities encoded remotely."""
         return self.sharding_strategy.modalities
+
+    def attach(self, model: Any, *, model_dir: Optional[Any] = None) -> Any:
+        """Serve ``model``'s modalities named by this config remotely: same as
+        :func:`mmcore.distributed.attach(model, self, model_dir=model_dir)
+        <mmcore.distributed.api.attach>`, whose backend it returns.
+
+        This is the hook through which the deprecated ``from_pretrained(..., distributed=cfg)``
+        and ``MultiModalLoader.with_distributed(cfg)`` reach this package (the model calls it
+        and never imports :mod:`mmcore.distributed`).
+        """
+        from .api import attach
+        return attach(model, self, model_dir=model_dir)

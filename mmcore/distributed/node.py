@@ -58,7 +58,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ConfigError, MMCoreError, ProtocolError
 from ..modality import Modality
 from .auth import SecurityWarning, resolve_token, server_handshake, server_ssl_context

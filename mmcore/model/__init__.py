@@ -22,7 +22,7 @@ from .inputs import MultiModalInput, MultiModalOutput
 from .stats import LatencyStats
 from .model import MultiModalModel
 from .defaults import default_config, default_model
-from .loader import DistributedUnavailableError, MultiModalLoader
+from .loader import MultiModalLoader
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
@@ -30,4 +30,11 @@ __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_a
            "MelFrameEmbedder", "VideoEmbedder", "FeatureEmbedder", "TransformerEncoder",
            "ModalityEncoder", "FusionLayer", "MultiModalInput", "MultiModalOutput",
            "MultiModalModel", "LatencyStats", "default_config", "default_model",
-           "MultiModalLoader", "DistributedUnavailableError"]
+           "MultiModalLoader"]
+
+
+def __getattr__(name: str):
+    if name == "DistributedUnavailableError":   # deprecated (with a DeprecationWarning)
+        from .loader import _distributed_unavailable_error
+        return _distributed_unavailable_error(2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

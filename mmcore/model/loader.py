@@ -18,9 +18,9 @@ Weights are resolved in this order, later sources replacing earlier ones:
 Modalities given an encoder with :meth:`~MultiModalLoader.with_encoder` use it instead of a
 built-in one; tensors of such a modality in a model directory are ignored.
 
-With :meth:`~MultiModalLoader.with_distributed`, :meth:`~MultiModalLoader.load` attaches the
-model to :mod:`mmcore.distributed` (shard nodes or Ray actors encode the modalities the
-config names).
+:meth:`~MultiModalLoader.with_distributed` is deprecated: load the model, then attach it with
+``mmcore.distributed.attach(model, config, model_dir=...)`` (shard nodes or Ray actors encode
+the modalities the config names).
 
 Examples
 --------
@@ -36,24 +36,24 @@ Examples
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import warnings
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 
 from .._files import check_regular
 from ..config import MultiModalConfig
-from ..errors import ConfigError, MMCoreError, ModelFormatError
+from ..errors import ConfigError, ModelFormatError, NodeUnavailableError
 from ..modality import Modality
 from .io import CONFIG_FILE, load_model_dir, stored_weight_counts
 from .directory import (WeightBudget, build_model, check_layer_counts, check_state_modalities,
                         config_from_dir, served_externally)
 from .external import ExternalEncoder
-from .model import MultiModalModel
+from .model import MultiModalModel, attach_remote
 from .nn import Module
 
-__all__ = ["MultiModalLoader", "DistributedUnavailableError"]
+__all__ = ["MultiModalLoader"]
 
 #: The former name of :class:`~mmcore.model.external.ExternalEncoder`.
 _ExternalEncoder = ExternalEncoder
@@ -62,11 +62,6 @@ _OP = "MultiModalLoader"
 _LOAD_OPTIONS = ("verify", "seed")
 # ModalityConfig fields that decide the shapes of an encoder's tensors
 _SHAPE_FIELDS = ("embed_dim", "encoder_config")
-
-
-class DistributedUnavailableError(MMCoreError, NotImplementedError):
-    """Distributed encoders unavailable. No longer raised (:mod:`mmcore.distributed` is part of
-    the package); kept so that code catching it still imports."""
 
 
 def _check_dir(path: Any, what: str) -> str:
@@ -208,11 +203,19 @@ class MultiModalLoader:
         return self
 
     def with_distributed(self, distributed_config: Any) -> "MultiModalLoader":
-        """Serve the modalities named by a :class:`mmcore.distributed.DistributedConfig`
+        """Deprecated: load the model, then call ``mmcore.distributed.attach(model, config,
+        model_dir=...)``.
+
+        Serve the modalities named by a :class:`mmcore.distributed.DistributedConfig`
         remotely: :meth:`load` attaches the model to shard nodes (or Ray actors), which
         preprocess and encode those modalities; cross-modal attention and fusion stay local.
         The Ray backend also needs :meth:`with_weights` (its actors load that directory).
+        :meth:`load` calls the config's ``attach(model, model_dir=...)`` (see
+        :class:`~mmcore.model.model.RemoteAttacher`).
         """
+        warnings.warn("[MultiModalLoader] with_distributed is deprecated; load the model, then "
+                      "call mmcore.distributed.attach(model, config, model_dir=...)",
+                      DeprecationWarning, stacklevel=2)
         if distributed_config is None:
             raise ConfigError("[MultiModalLoader] with_distributed needs a distributed config, "
                               "got None")
@@ -297,8 +300,7 @@ class MultiModalLoader:
             where = self._weights or "MultiModalLoader"
             raise ModelFormatError(f"{where}: {exc}") from None
         if self._distributed is not None:
-            importlib.import_module("mmcore.distributed").attach(
-                model, self._distributed, model_dir=self._weights)
+            attach_remote(model, self._distributed, model_dir=self._weights, op=_OP)
         return model
 
     def _modality_state(self, config: MultiModalConfig, m: Modality, path: str):
@@ -333,3 +335,18 @@ class MultiModalLoader:
         prefix = f"encoders.{m}."
         return ({k: v for k, v in state.items() if k.startswith(prefix)},
                 stored_weight_counts(meta))
+
+
+def _distributed_unavailable_error(stacklevel: int) -> type:
+    """The retired DistributedUnavailableError: NodeUnavailableError, with a warning."""
+    warnings.warn("[mmcore.model] DistributedUnavailableError is deprecated and never raised "
+                  "(mmcore.distributed is part of the package); it is now an alias of "
+                  "mmcore.errors.NodeUnavailableError, what an unavailable distributed encoder "
+                  "raises", DeprecationWarning, stacklevel=stacklevel + 1)
+    return NodeUnavailableError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DistributedUnavailableError":
+        return _distributed_unavailable_error(2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,7 +75,8 @@ import os
 import threading
 import time
 import types
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+import warnings
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -156,6 +157,37 @@ def _check_remote_result(owner: str, m: Modality, mc: ModalityConfig, res) -> tu
                          f"(B, {D}) (does the node serve the same model?)")
     return (tokens.astype(np.float32, copy=False), mask.astype(np.bool_, copy=False),
             pooled.astype(np.float32, copy=False))
+
+
+class RemoteAttacher(Protocol):
+    """What serves a model's modalities remotely: an object with ``attach(model, *,
+    model_dir=None)`` that gives the model its remote encoders
+    (:meth:`MultiModalModel.set_remote_encoders`) and returns the backend.
+    :class:`mmcore.distributed.DistributedConfig` is one. The model only calls this method
+    (:func:`attach_remote`): :mod:`mmcore.model` never imports :mod:`mmcore.distributed`.
+    """
+
+    def attach(self, model: "MultiModalModel", *, model_dir: Optional[str] = None) -> Any:
+        ...  # pragma: no cover
+
+
+def attach_remote(model: "MultiModalModel", target: Any, *, model_dir: Optional[str],
+                  op: str) -> Any:
+    """``target.attach(model, model_dir=model_dir)`` (see :class:`RemoteAttacher`); what the
+    deprecated ``from_pretrained(..., distributed=)`` and ``MultiModalLoader.with_distributed``
+    run. Returns the backend.
+
+    Raises
+    ------
+    ConfigError
+        ``target`` has no ``attach`` method (the message, prefixed ``[op]``, asks for a
+        DistributedConfig).
+    """
+    attach = getattr(target, "attach", None)
+    if isinstance(target, type) or not callable(attach):
+        raise ConfigError(f"[{op}] expected a DistributedConfig (from mmcore.distributed), got "
+                          f"{type(target).__name__}")
+    return attach(model, model_dir=model_dir)
 
 
 def _check_batch(owner: str, m: Modality, b: int, B: Optional[int]) -> int:
@@ -359,8 +391,8 @@ class MultiModalModel(Module):
         A remote encoder is an object with ``submit(value, *, is_raw, attention_mask)``
         returning a :class:`concurrent.futures.Future` of ``(tokens, mask, pooled)`` (or of
         None: the modality is dropped from the request); it preprocesses and encodes
-        elsewhere. :mod:`mmcore.distributed` provides them (``MultiModalLoader.with_distributed``
-        and ``from_pretrained(..., distributed=...)`` call this). :meth:`infer` submits every
+        elsewhere. :mod:`mmcore.distributed` provides them (:func:`mmcore.distributed.attach`
+        and :func:`mmcore.distributed.load` call this). :meth:`infer` submits every
         remote modality first, encodes the local ones meanwhile, then fuses locally; the
         per-item cache of this model is not used for remote modalities (nodes keep their own).
 
@@ -842,8 +874,10 @@ class MultiModalModel(Module):
             ``LateFusion("concat")`` in place of the stored fusion, and serves
             :meth:`encode_modality`; the other tensors are not kept.
         distributed : DistributedConfig, optional
-            Serve the modalities it names through :mod:`mmcore.distributed` (remote nodes or
-            Ray actors); cross-modal attention and fusion stay local.
+            Deprecated: use ``mmcore.distributed.load(path, config)``. Serve the modalities
+            it names through :mod:`mmcore.distributed` (remote nodes or Ray actors);
+            cross-modal attention and fusion stay local. The model calls its
+            ``attach(model, model_dir=path)`` (see :func:`attach_remote`).
 
         Raises
         ------
@@ -862,9 +896,12 @@ class MultiModalModel(Module):
         model = load_pretrained(cls, path, verify=verify, encoders=encoders,
                                 modalities=modalities)
         if distributed is not None:
-            import importlib
-            importlib.import_module("mmcore.distributed").attach(model, distributed,
-                                                                 model_dir=os.fspath(path))
+            warnings.warn("[MultiModalModel.from_pretrained] distributed= is deprecated; use "
+                          "mmcore.distributed.load(path, config) instead (or "
+                          "mmcore.distributed.attach(model, config, model_dir=path))",
+                          DeprecationWarning, stacklevel=2)
+            attach_remote(model, distributed, model_dir=os.fspath(path),
+                          op="MultiModalModel.from_pretrained")
         return model
 
     def extra_repr(self) -> str:
