@@ -37,11 +37,26 @@ from .. import _backend
 from ..backends import launcher
 from ..backends.cuda.common import cupy_module
 from ..errors import ArgumentError, ShapeError
-from ._audio_filters import (KALDI_WINDOWS, STFT_WINDOWS, SparseMel, kaldi_mel_filters,
-                             kaldi_mel_filters_sparse, kaldi_window, mel_filters,
-                             mel_filters_sparse, window_function)
-from ._checks import (INT64_MAX, as_host_array, check_bool, check_choice, check_int,
-                      finite_float, optional_seed)
+from ._audio_filters import (
+    KALDI_WINDOWS,
+    STFT_WINDOWS,
+    SparseMel,
+    kaldi_mel_filters,
+    kaldi_mel_filters_sparse,
+    kaldi_window,
+    mel_filters,
+    mel_filters_sparse,
+    window_function,
+)
+from ._checks import (
+    INT64_MAX,
+    as_host_array,
+    check_bool,
+    check_choice,
+    check_int,
+    finite_float,
+    optional_seed,
+)
 
 __all__ = ["stft", "mel_filterbank", "mel_spectrogram", "log_mel_spectrogram", "fbank"]
 
@@ -69,20 +84,6 @@ MAX_N_FFT = 1 << 20
 MAX_PADDING = 1 << 26
 
 
-def _int_arg(op: str, name: str, value, minimum: int, maximum=None) -> int:
-    if maximum is None:
-        return check_int(name, value, op=op, lo=minimum)
-    return check_int(name, value, op=op, lo=minimum, hi=maximum)
-
-
-def _bool_arg(op: str, name: str, value) -> bool:
-    return check_bool(name, value, op=op)
-
-
-def _choice(op: str, name: str, value, choices) -> str:
-    return check_choice(name, value, choices, op=op)
-
-
 def _sample_rate(op: str, sr) -> float:
     return finite_float(op, "sr", sr, positive=True)
 
@@ -94,8 +95,8 @@ def _power(op: str, power) -> float:
 def _mel_args(op, sr, n_fft, n_mels, fmin, fmax, htk, norm):
     """Validated ``(sr, n_fft, n_mels, fmin, fmax, htk, norm)`` of a librosa-style filterbank."""
     sr = _sample_rate(op, sr)
-    n_fft = _int_arg(op, "n_fft", n_fft, 2, MAX_N_FFT)
-    n_mels = _int_arg(op, "n_mels", n_mels, 1)
+    n_fft = check_int("n_fft", n_fft, op=op, lo=2, hi=MAX_N_FFT)
+    n_mels = check_int("n_mels", n_mels, op=op, lo=1)
     n_bins = n_fft // 2 + 1
     if n_mels > n_bins:
         raise ArgumentError(f"[{op}] n_mels = {n_mels} is larger than the number of frequency bins "
@@ -109,7 +110,7 @@ def _mel_args(op, sr, n_fft, n_mels, fmin, fmax, htk, norm):
         raise ArgumentError(f"[{op}] fmax = {fmax} is above the Nyquist frequency sr/2 = {nyquist}")
     if fmax <= fmin:
         raise ArgumentError(f"[{op}] fmax = {fmax} must be greater than fmin = {fmin}")
-    htk = _bool_arg(op, "htk", htk)
+    htk = check_bool("htk", htk, op=op)
     if norm is not None and norm != "slaney":
         raise ArgumentError(f"[{op}] norm must be 'slaney' or None, got {norm!r}")
     return sr, n_fft, n_mels, fmin, fmax, htk, norm
@@ -191,7 +192,7 @@ def _signal(op: str, x, backend_name: str, *, scale_int16: bool = True) -> _Sign
 
 def _window_arg(op: str, window, win_length: int, *, kaldi: bool = False) -> np.ndarray:
     if isinstance(window, str):
-        _choice(op, "window", window, KALDI_WINDOWS if kaldi else STFT_WINDOWS)
+        check_choice("window", window, op=op, choices=KALDI_WINDOWS if kaldi else STFT_WINDOWS)
         return kaldi_window(window, win_length) if kaldi else window_function(window, win_length)
     if kaldi:
         raise ArgumentError(f"[{op}] window must be one of {', '.join(map(repr, KALDI_WINDOWS))}, "
@@ -317,14 +318,15 @@ def stft(x, *, n_fft, hop_length=None, win_length=None, window="hann", center=Tr
     """
     op = "stft"
     name = _resolve(op, x, backend)
-    n_fft = _int_arg(op, "n_fft", n_fft, 2, MAX_N_FFT)
-    hop = max(1, n_fft // 4) if hop_length is None else _int_arg(op, "hop_length", hop_length, 1)
-    win_length = n_fft if win_length is None else _int_arg(op, "win_length", win_length, 1)
+    n_fft = check_int("n_fft", n_fft, op=op, lo=2, hi=MAX_N_FFT)
+    hop = (max(1, n_fft // 4) if hop_length is None
+           else check_int("hop_length", hop_length, op=op, lo=1))
+    win_length = n_fft if win_length is None else check_int("win_length", win_length, op=op, lo=1)
     if win_length > n_fft:
         raise ArgumentError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
     w = _window_arg(op, window, win_length)
-    center = _bool_arg(op, "center", center)
-    pad_mode = _choice(op, "pad_mode", pad_mode, ("reflect", "constant"))
+    center = check_bool("center", center, op=op)
+    pad_mode = check_choice("pad_mode", pad_mode, op=op, choices=("reflect", "constant"))
     sig = _signal(op, x, name)
     fr = _stft_framing(op, sig.T, n_fft, hop, win_length, center, pad_mode)
     out = sig.xp.empty((sig.x.shape[0], n_fft // 2 + 1, fr.n_frames), sig.xp.complex64)
@@ -428,13 +430,13 @@ def mel_spectrogram(x, *, sr=16000, n_fft=400, hop_length=160, win_length=None, 
     name = _resolve(op, x, backend)
     sr, n_fft, n_mels, fmin, fmax, htk, norm = _mel_args(op, sr, n_fft, n_mels, fmin, fmax,
                                                          htk, norm)
-    hop = _int_arg(op, "hop_length", hop_length, 1)
-    win_length = n_fft if win_length is None else _int_arg(op, "win_length", win_length, 1)
+    hop = check_int("hop_length", hop_length, op=op, lo=1)
+    win_length = n_fft if win_length is None else check_int("win_length", win_length, op=op, lo=1)
     if win_length > n_fft:
         raise ArgumentError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
     w = _window_arg(op, window, win_length)
-    center = _bool_arg(op, "center", center)
-    pad_mode = _choice(op, "pad_mode", pad_mode, ("reflect", "constant"))
+    center = check_bool("center", center, op=op)
+    pad_mode = check_choice("pad_mode", pad_mode, op=op, choices=("reflect", "constant"))
     power = _power(op, power)
     sig = _signal(op, x, name)
     fr = _stft_framing(op, sig.T, n_fft, hop, win_length, center, pad_mode)
@@ -488,12 +490,12 @@ def log_mel_spectrogram(x, *, n_mels=80, preset="whisper", padding=0, backend=No
     """
     op = "log_mel_spectrogram"
     name = _resolve(op, x, backend)
-    _choice(op, "preset", preset, ("whisper",))
+    check_choice("preset", preset, op=op, choices=("whisper",))
     if isinstance(n_mels, bool) or not isinstance(n_mels, (int, np.integer)) \
             or int(n_mels) not in WHISPER_N_MELS:
         raise ArgumentError(f"[{op}] n_mels must be 80 or 128 for preset='whisper', got {n_mels!r}")
     n_mels = int(n_mels)
-    padding = _int_arg(op, "padding", padding, 0, MAX_PADDING)
+    padding = check_int("padding", padding, op=op, lo=0, hi=MAX_PADDING)
     sig = _signal(op, x, name)
     if padding:
         xp = sig.xp
@@ -606,7 +608,7 @@ def fbank(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10.0, 
     op = "fbank"
     name = _resolve(op, x, backend)
     sr = _sample_rate(op, sr)
-    n_mels = _int_arg(op, "n_mels", n_mels, 1)
+    n_mels = check_int("n_mels", n_mels, op=op, lo=1)
     length_ms = finite_float(op, "frame_length_ms", frame_length_ms, positive=True)
     shift_ms = finite_float(op, "frame_shift_ms", frame_shift_ms, positive=True)
     L = _kaldi_samples(sr, length_ms)
@@ -630,13 +632,13 @@ def fbank(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10.0, 
     preemph = finite_float(op, "preemphasis", preemphasis)
     if not 0.0 <= preemph <= 1.0:
         raise ArgumentError(f"[{op}] preemphasis must lie in [0, 1], got {preemph}")
-    remove_dc = _bool_arg(op, "remove_dc_offset", remove_dc_offset)
+    remove_dc = check_bool("remove_dc_offset", remove_dc_offset, op=op)
     if not isinstance(window, str):
         raise ArgumentError(f"[{op}] window must be one of {', '.join(map(repr, KALDI_WINDOWS))}, "
                             f"got {window!r}")
     w = _window_arg(op, window, L, kaldi=True)
-    pow2 = _bool_arg(op, "round_to_power_of_two", round_to_power_of_two)
-    snip = _bool_arg(op, "snip_edges", snip_edges)
+    pow2 = check_bool("round_to_power_of_two", round_to_power_of_two, op=op)
+    snip = check_bool("snip_edges", snip_edges, op=op)
     n_fft = 1 << (L - 1).bit_length() if pow2 else L
     if n_fft < 2 or n_fft % 2:
         raise ArgumentError(f"[{op}] the FFT size must be even and >= 2, got {n_fft} (frame of {L} "
@@ -650,8 +652,8 @@ def fbank(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10.0, 
         raise ArgumentError(f"[{op}] need 0 <= low_freq < high_freq <= sr/2 = {nyquist}, got "
                             f"low_freq = {low} and high_freq = {high} (high_freq <= 0 means "
                             "sr/2 + high_freq)")
-    use_log = _bool_arg(op, "use_log", use_log)
-    use_power = _bool_arg(op, "use_power", use_power)
+    use_log = check_bool("use_log", use_log, op=op)
+    use_power = check_bool("use_power", use_power, op=op)
     if n_mels > n_fft // 2:
         raise ArgumentError(f"[{op}] n_mels = {n_mels} is larger than the number of FFT bins "
                             f"n_fft/2 = {n_fft // 2} (n_fft = {n_fft})")

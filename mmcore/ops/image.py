@@ -80,16 +80,9 @@ _NO_PRESET = ImagePreset("shortest_edge", "bicubic", (0.0, 0.0, 0.0), (1.0, 1.0,
 MAX_SIDE = 1 << 16
 
 
-def _choice(op: str, name: str, value, choices) -> str:
-    return check_choice(name, value, choices, op=op)
-
-
-def _bool_arg(op: str, name: str, value) -> bool:
-    return check_bool(name, value, op=op)
-
-
-def _int_arg(op: str, name: str, value, minimum: int = 1) -> int:
-    return check_int(name, value, op=op, lo=minimum, hi=MAX_SIDE)
+def _side(op: str, name: str, value) -> int:
+    """A size or patch size: an int in ``[1, MAX_SIDE]``."""
+    return check_int(name, value, op=op, lo=1, hi=MAX_SIDE)
 
 
 def _pair_arg(op: str, name: str, value, *, allow_int: bool) -> Tuple[int, int]:
@@ -101,7 +94,7 @@ def _pair_arg(op: str, name: str, value, *, allow_int: bool) -> Tuple[int, int]:
         if not allow_int:
             raise ArgumentError(f"[{op}] {name} must be a pair (height, width), got the int "
                                 f"{value!r}; pass ({value}, {value}) for a square")
-        v = _int_arg(op, name, value)
+        v = _side(op, name, value)
         return v, v
     try:
         items = list(value)
@@ -110,7 +103,7 @@ def _pair_arg(op: str, name: str, value, *, allow_int: bool) -> Tuple[int, int]:
                             f"got {value!r}") from None
     if len(items) != 2:
         raise ArgumentError(f"[{op}] {name} must be a pair (height, width) of ints, got {value!r}")
-    return _int_arg(op, f"{name}[0]", items[0]), _int_arg(op, f"{name}[1]", items[1])
+    return _side(op, f"{name}[0]", items[0]), _side(op, f"{name}[1]", items[1])
 
 
 def _channel_values(op: str, name: str, value, C: int) -> np.ndarray:
@@ -310,8 +303,8 @@ def resize(img, size, *, filter="bicubic", antialias=True, backend=None):
     op = "resize"
     ims = _images(op, img, backend, floats=True)
     oh, ow = _pair_arg(op, "size", size, allow_int=False)
-    filt = _choice(op, "filter", filter, FILTERS)
-    aa = _bool_arg(op, "antialias", antialias)
+    filt = check_choice("filter", filter, FILTERS, op=op)
+    aa = check_bool("antialias", antialias, op=op)
     xp = ims.xp
     for i, a in enumerate(ims.items if ims.kind != "batch" else [ims.batch]):
         if a.dtype == np.uint8 and a.shape[-1] not in _U8_CHANNELS:
@@ -387,7 +380,7 @@ def normalize(img, *, mean, std, scale=1.0 / 255.0, layout="chw", backend=None):
     m = _channel_values(op, "mean", mean, C)
     s = _channel_values(op, "std", std, C)
     sc = finite_float(op, "scale", scale)
-    lay = _choice(op, "layout", layout, LAYOUTS)
+    lay = check_choice("layout", layout, LAYOUTS, op=op)
     out = xp.empty((N, C, H, W) if lay == "chw" else (N, H, W, C), xp.float32)
     if N:
         src = xp.ascontiguousarray(a)
@@ -442,8 +435,8 @@ def patchify(x, patch_size, *, temporal_patch=1, backend=None):
     name = _backend.resolve_backend(op, (x,), backend)
     xp = cupy_module(op) if name == "cuda" else np
     a = _array(op, "x", x, xp)
-    p = _int_arg(op, "patch_size", patch_size)
-    tp = _int_arg(op, "temporal_patch", temporal_patch)
+    p = _side(op, "patch_size", patch_size)
+    tp = _side(op, "temporal_patch", temporal_patch)
     need = 3 if tp == 1 else 4
     if a.ndim < need:
         dims = "(..., C, H, W)" if tp == 1 else "(..., T, C, H, W) with temporal_patch > 1"
@@ -492,9 +485,9 @@ def _pipeline(op, preset, size, crop_size, resize_mode, filter, mean, std, scale
     if preset is None:
         pre = _NO_PRESET
     else:
-        pre = PRESETS[_choice(op, "preset", preset, tuple(PRESETS))]
+        pre = PRESETS[check_choice("preset", preset, tuple(PRESETS), op=op)]
     if resize_mode is not None:
-        _choice(op, "resize_mode", resize_mode, RESIZE_MODES)
+        check_choice("resize_mode", resize_mode, RESIZE_MODES, op=op)
     pair = not (isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)))
     if pair:
         h, w = _pair_arg(op, "size", size, allow_int=False)
@@ -503,7 +496,7 @@ def _pipeline(op, preset, size, crop_size, resize_mode, filter, mean, std, scale
                                 "resize_mode='squash'; give one int for the shortest edge")
         mode, target, crop = "squash", (h, w), (h, w)
     else:
-        s = _int_arg(op, "size", size)
+        s = _side(op, "size", size)
         mode = resize_mode if resize_mode is not None else pre.resize_mode
         crop = (s, s)
         if mode == "squash":
@@ -512,13 +505,14 @@ def _pipeline(op, preset, size, crop_size, resize_mode, filter, mean, std, scale
             target = (int(s / pre.crop_pct) if pre.crop_pct else s,)
     if crop_size is not None:
         crop = _pair_arg(op, "crop_size", crop_size, allow_int=True)
-    filt = _choice(op, "filter", filter if filter is not None else pre.filter, FILTERS)
+    filt = check_choice("filter", filter if filter is not None else pre.filter, FILTERS,
+                        op=op)
     m = _channel_values(op, "mean", pre.mean if mean is None else mean, 3)
     sd = _channel_values(op, "std", pre.std if std is None else std, 3)
     sc = finite_float(op, "scale", scale)
     p = 0
     if patch_size is not None:
-        p = _int_arg(op, "patch_size", patch_size)
+        p = _side(op, "patch_size", patch_size)
         if crop[0] % p or crop[1] % p:
             raise ArgumentError(f"[{op}] patch_size = {p} does not divide the crop "
                                 f"(height, width) = {crop}")

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import ArgumentError
-from ._checks import check_float, check_int
+from ._checks import check_float, check_int, check_optional_int
 
 __all__ = ["sample_frame_indices", "temporal_windows"]
 
@@ -30,13 +30,6 @@ MAX_NUM_FRAMES = (1 << 31) - 1
 MAX_COUNT = 1 << 24
 #: The most indices :func:`temporal_windows` returns (num_windows x window): 2**27, 1 GiB.
 MAX_WINDOW_INDICES = 1 << 27
-
-
-def _int_arg(op: str, name: str, value: Any, *, minimum: int = 1, optional: bool = False,
-             maximum: int = MAX_COUNT) -> Optional[int]:
-    if value is None and optional:
-        return None
-    return check_int(name, value, op=op, lo=minimum, hi=maximum)
 
 
 def _rate_arg(op: str, name: str, value: Any, *, optional: bool = False) -> Optional[float]:
@@ -125,14 +118,14 @@ def sample_frame_indices(num_frames: int, *, n: Optional[int] = None,
     [0, 33, 66, 100, 133, 166, 199, 233, 266, 299]
     """
     op = "sample_frame_indices"
-    num_frames = _int_arg(op, "num_frames", num_frames, maximum=MAX_NUM_FRAMES)
-    n = _int_arg(op, "n", n, optional=True)
+    num_frames = check_int("num_frames", num_frames, op=op, lo=1, hi=MAX_NUM_FRAMES)
+    n = check_optional_int("n", n, op=op, lo=1, hi=MAX_COUNT)
     fps = _rate_arg(op, "fps", fps, optional=True)
     video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
     strategy = _strategy_arg(op, strategy, n, fps)
-    min_frames = _int_arg(op, "min_frames", min_frames)
-    max_frames = _int_arg(op, "max_frames", max_frames)
-    tp = _int_arg(op, "temporal_patch", temporal_patch)
+    min_frames = check_int("min_frames", min_frames, op=op, lo=1, hi=MAX_COUNT)
+    max_frames = check_int("max_frames", max_frames, op=op, lo=1, hi=MAX_COUNT)
+    tp = check_int("temporal_patch", temporal_patch, op=op, lo=1, hi=MAX_COUNT)
     if max_frames < min_frames:
         raise ArgumentError(f"[{op}] max_frames must be >= min_frames={min_frames}, "
                             f"got {max_frames}")
@@ -205,9 +198,9 @@ def temporal_windows(num_frames: int, *, window: int, stride: int) -> np.ndarray
     [[0, 1, 2, 2, 2]]
     """
     op = "temporal_windows"
-    num_frames = _int_arg(op, "num_frames", num_frames, maximum=MAX_NUM_FRAMES)
-    window = _int_arg(op, "window", window)
-    stride = _int_arg(op, "stride", stride)
+    num_frames = check_int("num_frames", num_frames, op=op, lo=1, hi=MAX_NUM_FRAMES)
+    window = check_int("window", window, op=op, lo=1, hi=MAX_COUNT)
+    stride = check_int("stride", stride, op=op, lo=1, hi=MAX_COUNT)
     if num_frames < window:
         row = np.minimum(np.arange(window, dtype=np.int64), num_frames - 1)
         return row[None, :]

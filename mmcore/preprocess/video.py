@@ -30,7 +30,7 @@ import numpy as np
 from .. import ops
 from .._files import check_regular
 from ..config import PreprocessingConfig
-from ..ops._checks import check_limit
+from ..ops._checks import check_int, check_limit
 from ..errors import ArgumentError, ConfigError, ShapeError, VideoDecodeError
 from .image import _as_config, config_image_kwargs, preprocess_image_op
 
@@ -64,7 +64,7 @@ DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,mpegvideo,flv
             "h264,hevc,m4v,ivf,yuv4mpegpipe,gif,mjpeg,nut,dv,mxf,rawvideo")
 
 
-from ..ops.video import STRATEGIES, _int_arg, _rate_arg, sample_frame_indices, temporal_windows  # noqa: E402,F401
+from ..ops.video import STRATEGIES, _rate_arg, sample_frame_indices, temporal_windows  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +665,7 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
     ((4, 48, 64, 3), [0.233, 0.733, 1.233, 1.733])
     """
     op = "load_video"
-    max_threads = _int_arg(op, "max_threads", max_threads, maximum=MAX_DECODER_THREADS)
+    max_threads = check_int("max_threads", max_threads, op=op, lo=1, hi=MAX_DECODER_THREADS)
     max_pixels = check_limit("max_pixels", max_pixels, op=op, default=MAX_VIDEO_FRAME_PIXELS)
     max_bytes = check_limit("max_bytes", max_bytes, op=op, default=MAX_VIDEO_BYTES)
     with _VideoReader(path, max_threads=max_threads, op=op, max_pixels=max_pixels,
@@ -733,8 +733,8 @@ class VideoPreprocessor:
                  max_threads: int = 2, max_pixels: Optional[float] = None,
                  max_bytes: Optional[float] = None):
         self.config = _as_config(config, "video", "VideoPreprocessor")
-        self.max_threads = _int_arg("VideoPreprocessor", "max_threads", max_threads,
-                                    maximum=MAX_DECODER_THREADS)
+        self.max_threads = check_int("max_threads", max_threads, op="VideoPreprocessor", lo=1,
+                                     hi=MAX_DECODER_THREADS)
         check_limit("max_pixels", max_pixels, op="VideoPreprocessor",
                     default=MAX_VIDEO_FRAME_PIXELS)
         check_limit("max_bytes", max_bytes, op="VideoPreprocessor", default=MAX_VIDEO_BYTES)

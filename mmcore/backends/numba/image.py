@@ -110,7 +110,7 @@ def check_scratch(op, H, W, OH, OW, n_rows, n_cols, fid, antialias):
     """Raise ShapeError when the filter tables of computing ``n_rows x n_cols`` outputs of the
     (OH, OW) resize of an (H, W) image exceed the scratch budget (1 GiB per axis; the tables
     here hold int64 and float64 weights)."""
-    from ..errors import ShapeError
+    from ...errors import ShapeError
     for axis, n_in, n_out, n in (("rows", H, OH, n_rows), ("columns", W, OW, n_cols)):
         nbytes = _ksize(n_in, n_out, fid, antialias) * n * 16
         if nbytes > _MAX_TAP_BYTES:
