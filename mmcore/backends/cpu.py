@@ -31,6 +31,12 @@ __all__ = ["native", "attention", "masked_mean", "masked_max", "fuse", "spectral
 
 Array = np.ndarray
 
+# mmcore._C takes every enum argument by name (csrc/bindings/enum_args.h); the launchers here
+# take the integer codes the numba kernels use: mmcore.ops.linear.ACTIVATIONS for the
+# activation, 0 (float32) and mmcore.ops.linear's kind codes for a weight.
+_ACTIVATION_NAMES = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu")
+_WEIGHT_KIND_NAMES = ("float32", "float16", "bfloat16", "int8")
+
 
 def native(op: str, kernel: str) -> Any:
     """``mmcore._C``, checked to have ``kernel`` (a BackendError naming ``op`` otherwise)."""
@@ -51,8 +57,8 @@ def attention(q: Array, k: Array, v: Array, out: Array, weights: Optional[Array]
               threshold: int, dropout_scale: float) -> None:
     """:func:`mmcore.ops.attention` (fills ``out``, ``weights`` and ``lse``)."""
     native("attention", "attention").attention(
-        q, k, v, out, weights, lse, mask, bias, key_lengths, scale, dropout, seed, threshold,
-        dropout_scale, _threads())
+        q, k, v, out, weights, lse, mask, bias, key_lengths, scale=scale, dropout=dropout,
+        seed=seed, threshold=threshold, dropout_scale=dropout_scale, num_threads=_threads())
 
 
 def masked_mean(x: Array, mask: Optional[Array], out: Array) -> Array:
@@ -116,11 +122,9 @@ def linear(x: Array, weight: Array, bias: Optional[Array], out: Array, *, activa
     """:func:`mmcore.ops.linear` of (M, K) rows; ``weight_kind`` / ``weight_scale`` describe a
     quantized weight (see :class:`mmcore.ops.linear.QuantizedTensor`)."""
     C = native("linear", "linear")
-    if weight_kind:
-        C.linear(x, weight, bias, out, activation=activation, weight_kind=weight_kind,
-                 weight_scale=weight_scale, num_threads=_threads())
-    else:
-        C.linear(x, weight, bias, out, activation=activation, num_threads=_threads())
+    C.linear(x, weight, bias, out, activation=_ACTIVATION_NAMES[activation],
+             weight_kind=_WEIGHT_KIND_NAMES[weight_kind], weight_scale=weight_scale,
+             num_threads=_threads())
 
 
 def layer_norm(x: Array, weight: Optional[Array], bias: Optional[Array], out: Array, *,
@@ -134,6 +138,8 @@ def encoder_layer(x: Array, out: Array, key_lengths: Optional[Array], *, num_hea
                   weights: tuple, biases: tuple, norms: tuple, eps1: float, eps2: float,
                   activation: int, scale: float) -> None:
     """:func:`mmcore.ops.encoder_layer`: the pre-norm block in one native call."""
+    weights = tuple((w, _WEIGHT_KIND_NAMES[kind], s) for w, kind, s in weights)
     native("encoder_layer", "encoder_layer").encoder_layer(
         x, out, key_lengths, num_heads=num_heads, weights=weights, biases=biases, norms=norms,
-        eps1=eps1, eps2=eps2, activation=activation, scale=scale, num_threads=_threads())
+        eps1=eps1, eps2=eps2, activation=_ACTIVATION_NAMES[activation], scale=scale,
+        num_threads=_threads())

@@ -62,4 +62,5 @@ def same_device(op: str, name: str, x, device: int, first: str = "the first inpu
     """Raise unless CuPy array ``x`` lives on ``device`` (the device of ``first``)."""
     dev = x.device.id
     if dev != device:
-        raise BackendError(f"[{op}] {name} is on CUDA device {dev} but {first} is on device {device}")
+        raise BackendError(f"[{op}] {name} is on CUDA device {dev} but {first} is on device "
+                           f"{device}")

@@ -27,9 +27,7 @@ Outputs must not overlap the inputs.
 
 from __future__ import annotations
 
-
 from ...errors import ArgumentError, BackendError, ShapeError
-from ...ops._checks import check_choice
 from .common import cuda_module as _cuda_module
 from .common import cupy_module as _cupy
 from .common import device_array as _device_array
@@ -179,7 +177,6 @@ def fuse_cuda(emb, present, weights, query, out, out_weights, *, strategy):
            [0.25, 0.75]], dtype=float32)
     """
     op = "fuse"
-    check_choice("strategy", strategy, tuple(_STRATEGIES), op=op)
     cp = _cupy(op)
     mod = _cuda_module(op, "fuse")
     e = _device_array(cp, op, "emb", emb)

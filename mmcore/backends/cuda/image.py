@@ -1,4 +1,7 @@
-"""CUDA paths of the image ops: argument checks for device arrays, then ``mmcore._cuda``.
+"""CUDA launchers of the image ops: device arrays and pointers for ``mmcore._cuda``.
+
+Options (filter, layout, scale, sizes) arrive validated by :mod:`mmcore.ops.image`; only the
+device-side facts (same device, row layouts the kernels read) are checked here.
 
 :func:`resize_cuda`, :func:`normalize_cuda`, :func:`patchify_cuda` and
 :func:`preprocess_image_cuda` take the same arguments as the native kernels ``mmcore._C.resize``,
@@ -38,7 +41,6 @@ import numpy as np
 
 from ..._backend import is_cuda_array
 from ...errors import BackendError, ShapeError
-from ...ops._checks import check_choice, check_float, check_int
 from .common import cuda_module as _cuda_module
 from .common import cupy_module as _cupy
 from .common import device_array as _device_array
@@ -49,18 +51,6 @@ __all__ = ["resize_cuda", "normalize_cuda", "patchify_cuda", "preprocess_image_c
 _FILTERS = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos": 3}
 _LAYOUTS = {"chw": 0, "hwc": 1}
 _DTYPES = {"uint8": 0, "float32": 1}
-
-
-def _int(op: str, name: str, value, lo=None) -> int:
-    return check_int(name, value, op=op, lo=lo)
-
-
-def _float(op: str, name: str, value) -> float:
-    return check_float(name, value, op=op)
-
-
-def _choice(op: str, name: str, value, options: dict) -> int:
-    return options[check_choice(name, value, tuple(options), op=op)]
 
 
 def _ptr(a) -> int:
@@ -174,7 +164,7 @@ def resize_cuda(srcs, dsts, *, filter, antialias):
     op = "resize"
     cp = _cupy(op)
     mod = _cuda_module(op, "resize")
-    filt = _choice(op, "filter", filter, _FILTERS)
+    filt = _FILTERS[filter]
     aa = bool(antialias)
     src_list = _image_list(cp, op, "srcs", srcs)
     dst_list = _image_list(cp, op, "dsts", dsts)
@@ -187,7 +177,7 @@ def resize_cuda(srcs, dsts, *, filter, antialias):
     if dtype.name not in _DTYPES:
         raise ShapeError(f"[{op}] srcs[0] has dtype {dtype}, expected uint8 or float32")
     groups = {}  # channel count -> [(src, dst), ...]
-    for i, (s, d) in enumerate(zip(src_list, dst_list)):
+    for i, (s, d) in enumerate(zip(src_list, dst_list, strict=True)):
         _same_device(op, f"srcs[{i}]", s, device)
         _same_device(op, f"dsts[{i}]", d, device)
         if s.dtype != dtype:
@@ -252,8 +242,8 @@ def normalize_cuda(src, dst, mean, std, *, scale, layout):
     op = "normalize"
     cp = _cupy(op)
     mod = _cuda_module(op, "normalize")
-    lay = _choice(op, "layout", layout, _LAYOUTS)
-    sc = _float(op, "scale", scale)
+    lay = _LAYOUTS[layout]
+    sc = float(scale)
     x = _device_array(cp, op, "src", src)
     out = _device_array(cp, op, "dst", dst)
     device = x.device.id
@@ -302,8 +292,8 @@ def patchify_cuda(src, dst, *, patch, temporal_patch):
     op = "patchify"
     cp = _cupy(op)
     mod = _cuda_module(op, "patchify")
-    p = _int(op, "patch", patch, 1)
-    tp = _int(op, "temporal_patch", temporal_patch, 1)
+    p = int(patch)
+    tp = int(temporal_patch)
     x = _device_array(cp, op, "src", src)
     out = _device_array(cp, op, "dst", dst)
     device = x.device.id
@@ -397,12 +387,12 @@ def preprocess_image_cuda(srcs, out, geoms, mean, std, *, crop_h, crop_w, filter
     op = "preprocess_image"
     cp = _cupy(op)
     mod = _cuda_module(op, "preprocess_image")
-    filt = _choice(op, "filter", filter, _FILTERS)
+    filt = _FILTERS[filter]
     aa = bool(antialias)
-    sc = _float(op, "scale", scale)
-    ch = _int(op, "crop_h", crop_h, 1)
-    cw = _int(op, "crop_w", crop_w, 1)
-    p = _int(op, "patch", patch, 0)
+    sc = float(scale)
+    ch = int(crop_h)
+    cw = int(crop_w)
+    p = int(patch)
     if p > 0 and (ch % p or cw % p):
         raise ShapeError(f"[{op}] the crop {ch} x {cw} must be a multiple of patch = {p}")
     images = _image_list(cp, op, "srcs", srcs)
@@ -437,7 +427,7 @@ def preprocess_image_cuda(srcs, out, geoms, mean, std, *, crop_h, crop_w, filter
     if not o.flags.c_contiguous:
         raise ShapeError(f"[{op}] out must be C-contiguous")
     shapes = [(int(a.shape[0]), int(a.shape[1]), _row_stride(a), int(r[0]), int(r[1]), int(r[2]),
-               int(r[3])) for a, r in zip(images, g)]
+               int(r[3])) for a, r in zip(images, g, strict=True)]
     with cp.cuda.Device(device):
         m = _channel_table(cp, op, "mean", mean, C, device)
         s = _channel_table(cp, op, "std", std, C, device)

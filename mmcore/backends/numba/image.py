@@ -333,11 +333,11 @@ def resize_numba(srcs, dsts, filter, antialias):
     """Resize every ``srcs[i]`` (H, W, C) into ``dsts[i]`` (OH, OW, C) of the same dtype
     (uint8 or float32); see the module docstring for the arithmetic."""
     fid = FILTER_IDS[filter]
-    for src, dst in zip(srcs, dsts):
+    for src, dst in zip(srcs, dsts, strict=True):
         check_scratch("resize", src.shape[0], src.shape[1], dst.shape[0], dst.shape[1],
                       dst.shape[0], dst.shape[1], fid, bool(antialias))
     with _launch_lock:
-        for src, dst in zip(srcs, dsts):
+        for src, dst in zip(srcs, dsts, strict=True):
             _resize_one(src, dst, fid, bool(antialias))
 
 
