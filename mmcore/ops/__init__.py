@@ -1,8 +1,8 @@
 """Public kernels. Each op validates its arguments, picks a backend and calls it."""
 
 from .attention import attention
-from .encoder_layer import encoder_layer
 from .audio import fbank, log_mel_spectrogram, mel_filterbank, mel_spectrogram, stft
+from .encoder_layer import encoder_layer
 from .fusion import fuse, masked_max, masked_mean
 from .image import normalize, patchify, preprocess_image, resize
 from .linear import layer_norm, linear

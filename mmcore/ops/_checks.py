@@ -27,8 +27,9 @@ Examples
 >>> try:
 ...     check_float("scale", 1e300, op="attention")
 ... except ValueError as exc:
-...     print(exc)
-[attention] scale = 1e+300 is beyond the float32 range (|x| <= 3.4028234663852886e+38) the kernels compute in
+...     print(exc)  # doctest: +NORMALIZE_WHITESPACE
+[attention] scale = 1e+300 is beyond the float32 range (|x| <= 3.4028234663852886e+38)
+the kernels compute in
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def check_rank(op: str, name: str, x: np.ndarray, ndim: int, dims: str) -> None:
 def float32_contiguous(op: str, name: str, x: np.ndarray) -> np.ndarray:
     """float16/float32/float64 -> C-contiguous float32 (copies only when needed)."""
     if x.dtype not in FLOAT_INPUT_DTYPES:
-        raise ShapeError(f"[{op}] {name} has dtype {x.dtype}, expected float32 or float16 (float64 is cast)")
+        raise ShapeError(f"[{op}] {name} has dtype {x.dtype}, expected float32 or float16 "
+                         "(float64 is cast)")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -260,7 +262,8 @@ def check_qkv_shapes(op: str, q, k, v):
         raise ShapeError(f"[{op}] k has D = {k.shape[3]}, expected {D} from q")
     Lk = int(k.shape[2])
     if tuple(v.shape[:3]) != (B, H, Lk):
-        raise ShapeError(f"[{op}] v has (B, H, Lk) = {tuple(v.shape[:3])}, expected {(B, H, Lk)} from k")
+        raise ShapeError(f"[{op}] v has (B, H, Lk) = {tuple(v.shape[:3])}, expected "
+                         f"{(B, H, Lk)} from k")
     if D < 1:
         raise ShapeError(f"[{op}] q has D = 0, expected at least 1")
     return B, H, Lq, Lk, D, int(v.shape[3])
@@ -302,7 +305,7 @@ def attention_scalars(op: str, D: int, scale, temperature, dropout_p, seed) -> A
 
 
 def attention_results(out, weights, lse):
-    """``out`` alone, or the tuple ``(out[, weights][, lse])`` of the outputs that were asked for."""
+    """``out`` alone, or the tuple ``(out[, weights][, lse])`` of the outputs asked for."""
     if weights is None and lse is None:
         return out
     return tuple(x for x in (out, weights, lse) if x is not None)

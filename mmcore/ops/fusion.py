@@ -164,8 +164,9 @@ def masked_mean(x, mask=None, *, out=None, backend=None):
     -----
     Padding tokens may hold anything (NaN included); a NaN in a real token propagates to its
     column of the row. The sum runs in float32 on the native backend, so real tokens near the
-    float32 limit (~3.4e38) may overflow to inf. Equivalent to PyTorch's ``(x * mask[..., None]).sum(1) /
-    mask.sum(1, keepdim=True)`` for rows with at least one real token and finite padding.
+    float32 limit (~3.4e38) may overflow to inf. Equivalent to PyTorch's
+    ``(x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)`` for rows with at least one
+    real token and finite padding.
 
     Examples
     --------
