@@ -89,6 +89,15 @@ def test_docstring_examples(name, pytestconfig, record_property):
             raise
         pytest.skip(f"{name} needs {missing}, which is not installed")
 
+    # Examples may change process-wide settings (set_num_threads does); later tests see none of it.
+    threads = mmcore.get_num_threads()
+    try:
+        _run_examples(module, name, pytestconfig, record_property)
+    finally:
+        mmcore.set_num_threads(threads)
+
+
+def _run_examples(module, name, pytestconfig, record_property):
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=_optionflags(pytestconfig), verbose=False)
     report = io.StringIO()
