@@ -163,7 +163,8 @@ def test_native_pool_never_starts_more_threads_than_the_cap():
         C.masked_mean(x, None, out, num_threads=100000)
         q = np.ones((4, 8, 64, 16), np.float32)
         o = np.empty_like(q)
-        C.attention(q, q, q, o, None, None, None, None, None, 0.25, False, 0, 0, 1.0, 2 ** 31 - 1)
+        C.attention(q, q, q, o, None, None, None, None, None, scale=0.25, dropout=False, seed=0,
+                    threshold=0, dropout_scale=1.0, num_threads=2 ** 31 - 1)
         assert np.allclose(out, 1.0) and np.allclose(o, 1.0)
         print(before, len(os.listdir("/proc/self/task")), _backend.max_num_threads())
     """

@@ -1,6 +1,12 @@
 // pybind11 bindings of the CPU kernels: mmcore._C. Argument checks that matter to users live in
 // mmcore/ops; here we only guard the memory contract (dtype, contiguity, shapes) so that a
 // wrong call can never read or write out of bounds.
+//
+// Conventions of both binding modules (this one and module_cuda.cpp):
+//   - arrays (inputs, then outputs) are positional, in the kernel's order; every other
+//     argument comes after py::kw_only() and is passed by keyword, with its py::arg name;
+//   - an enum is passed as its name, a str (enum_args.h), never as an integer code;
+//   - messages start with "[op] "; kernels run with the GIL released.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "enum_args.h"
 #include "mmcore/cpu_features.h"
 #include "mmcore/kernels.h"
 #include "mmcore/encoder_layer.h"
@@ -21,6 +28,7 @@
 #include "mmcore/size_error.h"
 
 namespace py = pybind11;
+using mmcore::bindings::parse_enum;
 
 namespace {
 
@@ -60,9 +68,18 @@ void run_kernel(const char* op, F&& f) {
 // their own descriptor instances).
 inline bool same_dtype(const py::dtype& a, const py::dtype& b) { return a.is(b) || a.equal(b); }
 
+// What checked() requires of an array besides its dtype and shape.
+struct ArrayOpts {
+  bool writable = false;       // an output: the array must be writable
+  bool contiguous = true;      // must be C-contiguous (false: any strides, see `strides`)
+  int64_t* strides = nullptr;  // receives the element strides (ndim values) when set
+};
+
+// The data of `obj` as T*, or null for None, after checking that it is a numpy array of dtype
+// T and shape `shape` meeting `opts` (e.g. {.writable = true} for an output,
+// {.contiguous = false, .strides = s} for a strided input).
 template <class T>
-T* checked(const char* op, const char* name, py::object obj, const Shape& shape, bool writable,
-           bool contiguous = true, int64_t* strides = nullptr) {
+T* checked(const char* op, const char* name, py::object obj, const Shape& shape, const ArrayOpts& opts = {}) {
   if (obj.is_none()) return nullptr;
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string("[") + op + "] " + name + " must be a numpy array");
   py::array a = obj.cast<py::array>();
@@ -73,14 +90,15 @@ T* checked(const char* op, const char* name, py::object obj, const Shape& shape,
   if (got != shape)
     throw py::value_error(std::string("[") + op + "] " + name + " has shape " + shape_str(got) + ", expected " +
                           shape_str(shape));
-  if (contiguous && !(a.flags() & py::array::c_style))
+  if (opts.contiguous && !(a.flags() & py::array::c_style))
     throw py::value_error(std::string("[") + op + "] " + name + " must be C-contiguous");
-  if (writable && !a.writeable()) throw py::value_error(std::string("[") + op + "] " + name + " must be writable");
-  if (strides) {
+  if (opts.writable && !a.writeable())
+    throw py::value_error(std::string("[") + op + "] " + name + " must be writable");
+  if (opts.strides) {
     for (py::ssize_t d = 0; d < a.ndim(); ++d) {
       if (a.strides(d) % static_cast<py::ssize_t>(sizeof(T)) != 0)
         throw py::value_error(std::string("[") + op + "] " + name + " has unaligned strides");
-      strides[d] = a.strides(d) / static_cast<py::ssize_t>(sizeof(T));
+      opts.strides[d] = a.strides(d) / static_cast<py::ssize_t>(sizeof(T));
     }
   }
   return static_cast<T*>(const_cast<void*>(a.data()));
@@ -102,17 +120,17 @@ void attention(py::object q, py::object k, py::object v, py::object out, py::obj
   p.D = qa.shape(3);
   p.Lk = ka.shape(2);
   p.Dv = va.shape(3);
-  p.q = checked<float>(op, "q", q, {p.B, p.H, p.Lq, p.D}, false);
-  p.k = checked<float>(op, "k", k, {p.B, p.H, p.Lk, p.D}, false);
-  p.v = checked<float>(op, "v", v, {p.B, p.H, p.Lk, p.Dv}, false);
-  p.out = checked<float>(op, "out", out, {p.B, p.H, p.Lq, p.Dv}, true);
+  p.q = checked<float>(op, "q", q, {p.B, p.H, p.Lq, p.D});
+  p.k = checked<float>(op, "k", k, {p.B, p.H, p.Lk, p.D});
+  p.v = checked<float>(op, "v", v, {p.B, p.H, p.Lk, p.Dv});
+  p.out = checked<float>(op, "out", out, {p.B, p.H, p.Lq, p.Dv}, {.writable = true});
   if (!p.out && p.B * p.H * p.Lq * p.Dv > 0) throw py::value_error("[attention] out is required");
-  p.weights = checked<float>(op, "weights", weights, {p.B, p.H, p.Lq, p.Lk}, true);
-  p.lse = checked<float>(op, "lse", lse, {p.B, p.H, p.Lq}, true);
+  p.weights = checked<float>(op, "weights", weights, {p.B, p.H, p.Lq, p.Lk}, {.writable = true});
+  p.lse = checked<float>(op, "lse", lse, {p.B, p.H, p.Lq}, {.writable = true});
   const Shape full{p.B, p.H, p.Lq, p.Lk};
-  p.mask = reinterpret_cast<const uint8_t*>(checked<bool>(op, "mask", mask, full, false, false, p.mask_strides));
-  p.bias = checked<float>(op, "bias", bias, full, false, false, p.bias_strides);
-  p.key_lengths = checked<int64_t>(op, "key_lengths", key_lengths, {p.B}, false);
+  p.mask = reinterpret_cast<const uint8_t*>(checked<bool>(op, "mask", mask, full, {.contiguous = false, .strides = p.mask_strides}));
+  p.bias = checked<float>(op, "bias", bias, full, {.contiguous = false, .strides = p.bias_strides});
+  p.key_lengths = checked<int64_t>(op, "key_lengths", key_lengths, {p.B});
   if (p.key_lengths)
     for (int64_t b = 0; b < p.B; ++b)
       if (p.key_lengths[b] < 0 || p.key_lengths[b] > p.Lk)
@@ -140,7 +158,7 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   mmcore::SpectralParams p;
   p.n_signals = xa.shape(0);
   p.T = xa.shape(1);
-  p.x = checked<float>(op, "x", x, {p.n_signals, p.T}, false);
+  p.x = checked<float>(op, "x", x, {p.n_signals, p.T});
   if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
   // The FFT plan (work and Bluestein lengths, powers of two above 2 n_fft) must stay far from
   // int64 overflow; 2^40 samples per frame is already beyond any memory.
@@ -160,10 +178,8 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   p.frame_offset = frame_offset;
   p.pad_left = pad_left;
   p.n_frames = n_frames;
-  if (pad_mode == "reflect") p.pad_mode = mmcore::PadMode::reflect;
-  else if (pad_mode == "constant") p.pad_mode = mmcore::PadMode::constant;
-  else throw py::value_error("[spectral] pad_mode must be 'reflect' or 'constant'");
-  p.window = checked<float>(op, "window", window, {frame_length}, false);
+  p.pad_mode = parse_enum(op, "pad_mode", pad_mode, mmcore::bindings::kPadModes);
+  p.window = checked<float>(op, "window", window, {frame_length});
   if (!p.window) throw py::value_error("[spectral] window is required");
   p.dither = static_cast<float>(dither);
   p.seed = seed;
@@ -171,55 +187,40 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   p.preemph = static_cast<float>(preemph);
   p.power = static_cast<float>(power);
   if (!(p.power > 0.0f)) throw py::value_error("[spectral] power must be > 0");
-  if (log_mode == "none") p.log_mode = mmcore::LogMode::none;
-  else if (log_mode == "log10") p.log_mode = mmcore::LogMode::log10;
-  else if (log_mode == "ln") p.log_mode = mmcore::LogMode::ln;
-  else throw py::value_error("[spectral] log_mode must be 'none', 'log10' or 'ln'");
+  p.log_mode = parse_enum(op, "log_mode", log_mode, mmcore::bindings::kLogModes);
   p.log_floor = static_cast<float>(log_floor);
   if (p.log_mode != mmcore::LogMode::none && !(p.log_floor > 0.0f))
     throw py::value_error("[spectral] log_floor must be > 0");
   p.whisper_norm = whisper_norm;
   const int64_t n_bins = n_fft / 2 + 1;
-  if (kind == "complex") {
-    p.kind = mmcore::SpectralKind::complex_stft;
+  p.kind = parse_enum(op, "kind", kind, mmcore::bindings::kSpectralKinds);
+  if (p.kind == mmcore::SpectralKind::complex_stft) {
     p.out = reinterpret_cast<float*>(
-        checked<std::complex<float>>(op, "out", out, {p.n_signals, n_bins, n_frames}, true));
-  } else if (kind == "power") {
-    p.kind = mmcore::SpectralKind::power;
-    p.out = checked<float>(op, "out", out, {p.n_signals, n_bins, n_frames}, true);
-  } else if (kind == "mel") {
-    p.kind = mmcore::SpectralKind::mel;
+        checked<std::complex<float>>(op, "out", out, {p.n_signals, n_bins, n_frames}, {.writable = true}));
+  } else if (p.kind == mmcore::SpectralKind::power) {
+    p.out = checked<float>(op, "out", out, {p.n_signals, n_bins, n_frames}, {.writable = true});
+  } else {
     if (mel_start.is_none()) throw py::value_error("[spectral] kind 'mel' needs the mel filters");
     p.n_mels = mel_start.cast<py::array>().shape(0);
-    p.mel_start = checked<int32_t>(op, "mel_start", mel_start, {p.n_mels}, false);
-    p.mel_len = checked<int32_t>(op, "mel_len", mel_len, {p.n_mels}, false);
-    p.mel_offset = checked<int64_t>(op, "mel_offset", mel_offset, {p.n_mels}, false);
+    p.mel_start = checked<int32_t>(op, "mel_start", mel_start, {p.n_mels});
+    p.mel_len = checked<int32_t>(op, "mel_len", mel_len, {p.n_mels});
+    p.mel_offset = checked<int64_t>(op, "mel_offset", mel_offset, {p.n_mels});
     if (!py::isinstance<py::array>(mel_weights)) throw py::type_error("[spectral] mel_weights must be an array");
     const int64_t nw = mel_weights.cast<py::array>().size();
-    p.mel_weights = checked<float>(op, "mel_weights", mel_weights, {nw}, false);
+    p.mel_weights = checked<float>(op, "mel_weights", mel_weights, {nw});
     for (int64_t m = 0; m < p.n_mels; ++m) {
       if (!p.mel_start || !p.mel_len || !p.mel_offset) throw py::value_error("[spectral] mel filters are incomplete");
       if (p.mel_start[m] < 0 || p.mel_len[m] < 0 || p.mel_start[m] + p.mel_len[m] > n_bins || p.mel_offset[m] < 0 ||
           p.mel_offset[m] + p.mel_len[m] > nw)
         throw py::value_error("[spectral] mel filter " + std::to_string(m) + " is out of bounds");
     }
-    p.out = checked<float>(op, "out", out, {p.n_signals, p.n_mels, n_frames}, true);
-  } else {
-    throw py::value_error("[spectral] kind must be 'complex', 'power' or 'mel'");
+    p.out = checked<float>(op, "out", out, {p.n_signals, p.n_mels, n_frames}, {.writable = true});
   }
   if (!p.out && p.n_signals * n_frames > 0) throw py::value_error("[spectral] out is required");
   if (whisper_norm && (p.kind != mmcore::SpectralKind::mel || p.log_mode != mmcore::LogMode::log10))
     throw py::value_error("[spectral] whisper_norm needs kind 'mel' and log_mode 'log10'");
   p.num_threads = num_threads < 1 ? 1 : num_threads;
   run_kernel(op, [&] { mmcore::spectral_cpu(p); });
-}
-
-mmcore::ResizeFilter parse_filter(const char* op, const std::string& f) {
-  if (f == "nearest") return mmcore::ResizeFilter::nearest;
-  if (f == "bilinear") return mmcore::ResizeFilter::bilinear;
-  if (f == "bicubic") return mmcore::ResizeFilter::bicubic;
-  if (f == "lanczos") return mmcore::ResizeFilter::lanczos;
-  throw py::value_error(std::string("[") + op + "] filter must be nearest, bilinear, bicubic or lanczos");
 }
 
 // An (H, W, C) image whose rows may be strided but whose (W, C) part is contiguous.
@@ -250,7 +251,7 @@ mmcore::ImageView<T> image_view(const char* op, const char* name, py::handle obj
 
 void resize(py::list srcs, py::list dsts, const std::string& filter, bool antialias, int num_threads) {
   const char* op = "resize";
-  const auto f = parse_filter(op, filter);
+  const auto f = parse_enum(op, "filter", filter, mmcore::bindings::kResizeFilters);
   if (srcs.size() != dsts.size()) throw py::value_error("[resize] srcs and dsts differ in length");
   const size_t n = srcs.size();
   if (n == 0) return;
@@ -294,16 +295,18 @@ void resize(py::list srcs, py::list dsts, const std::string& filter, bool antial
   }
 }
 
+// layout "chw" gives planes (N, C, H, W), "hwc" keeps (N, H, W, C).
+constexpr mmcore::bindings::EnumName<bool> kLayouts[] = {{"chw", true}, {"hwc", false}};
+
 void normalize(py::array src, py::object dst, py::object mean, py::object stdv, double scale,
                const std::string& layout, int num_threads) {
   const char* op = "normalize";
   if (src.ndim() != 4) throw py::value_error("[normalize] src must have 4 dims (N, H, W, C)");
   const int64_t N = src.shape(0), H = src.shape(1), W = src.shape(2), C = src.shape(3);
-  const bool chw = layout == "chw";
-  if (!chw && layout != "hwc") throw py::value_error("[normalize] layout must be 'chw' or 'hwc'");
-  float* d = checked<float>(op, "dst", dst, chw ? Shape{N, C, H, W} : Shape{N, H, W, C}, true);
-  const float* m = checked<float>(op, "mean", mean, {C}, false);
-  const float* sd = checked<float>(op, "std", stdv, {C}, false);
+  const bool chw = parse_enum(op, "layout", layout, kLayouts);
+  float* d = checked<float>(op, "dst", dst, chw ? Shape{N, C, H, W} : Shape{N, H, W, C}, {.writable = true});
+  const float* m = checked<float>(op, "mean", mean, {C});
+  const float* sd = checked<float>(op, "std", stdv, {C});
   if (!d || !m || !sd) throw py::value_error("[normalize] dst, mean and std are required");
   auto run = [&](auto p, auto kernel) {
     p.dst = d;
@@ -321,11 +324,11 @@ void normalize(py::array src, py::object dst, py::object mean, py::object stdv, 
   };
   if (same_dtype(src.dtype(), py::dtype::of<uint8_t>())) {
     mmcore::NormalizeParams<uint8_t> p;
-    p.src = checked<uint8_t>(op, "src", src, {N, H, W, C}, false);
+    p.src = checked<uint8_t>(op, "src", src, {N, H, W, C});
     run(p, mmcore::normalize_u8_cpu);
   } else {
     mmcore::NormalizeParams<float> p;
-    p.src = checked<float>(op, "src", src, {N, H, W, C}, false);
+    p.src = checked<float>(op, "src", src, {N, H, W, C});
     run(p, mmcore::normalize_f32_cpu);
   }
 }
@@ -336,9 +339,9 @@ void patchify(py::array src, py::object dst, int64_t patch, int64_t temporal_pat
   const int64_t B = src.shape(0), T = src.shape(1), C = src.shape(2), H = src.shape(3), W = src.shape(4);
   if (patch < 1 || temporal_patch < 1 || H % patch || W % patch || T % temporal_patch)
     throw py::value_error("[patchify] sizes must be multiples of the patch sizes");
-  const float* s = checked<float>(op, "src", src, {B, T, C, H, W}, false);
+  const float* s = checked<float>(op, "src", src, {B, T, C, H, W});
   const int64_t np_ = mul_dims(op, {T / temporal_patch, H / patch, W / patch});
-  float* d = checked<float>(op, "dst", dst, {B, np_, mul_dims(op, {C, temporal_patch, patch, patch})}, true);
+  float* d = checked<float>(op, "dst", dst, {B, np_, mul_dims(op, {C, temporal_patch, patch, patch})}, {.writable = true});
   if (!s || !d) throw py::value_error("[patchify] src and dst are required");
   mmcore::PatchifyParams p;
   p.src = s;
@@ -359,7 +362,7 @@ void preprocess_image(py::list srcs, py::object out, py::object geoms, py::objec
                       int64_t crop_h, int64_t crop_w, const std::string& filter, bool antialias, double scale,
                       int64_t patch, int num_threads) {
   const char* op = "preprocess_image";
-  const auto f = parse_filter(op, filter);
+  const auto f = parse_enum(op, "filter", filter, mmcore::bindings::kResizeFilters);
   const int64_t n = static_cast<int64_t>(srcs.size());
   if (n == 0) return;
   std::vector<mmcore::ImageView<const uint8_t>> s(n);
@@ -372,7 +375,7 @@ void preprocess_image(py::list srcs, py::object out, py::object geoms, py::objec
   if (crop_h < 1 || crop_w < 1) throw py::value_error("[preprocess_image] crop sizes must be >= 1");
   if (patch < 0 || (patch > 0 && (crop_h % patch || crop_w % patch)))
     throw py::value_error("[preprocess_image] the crop must be a multiple of the patch size");
-  const int64_t* g = checked<int64_t>(op, "geoms", geoms, {n, 4}, false);
+  const int64_t* g = checked<int64_t>(op, "geoms", geoms, {n, 4});
   if (!g) throw py::value_error("[preprocess_image] geoms is required: an (n, 4) int64 array");
   // |sizes and offsets| <= 2^62 keeps every sum of an offset and a crop size within int64.
   constexpr int64_t kMaxGeom = int64_t{1} << 62;
@@ -384,15 +387,14 @@ void preprocess_image(py::list srcs, py::object out, py::object geoms, py::objec
         throw py::value_error("[preprocess_image] geoms values must lie within +-2^62");
   }
   mmcore::NormalizeSpec norm;
-  norm.mean = checked<float>(op, "mean", mean, {C}, false);
-  norm.std = checked<float>(op, "std", stdv, {C}, false);
+  norm.mean = checked<float>(op, "mean", mean, {C});
+  norm.std = checked<float>(op, "std", stdv, {C});
   norm.scale = static_cast<float>(scale);
   norm.patch = patch;
   mul_dims(op, {n, C, crop_h, crop_w});
-  float* o = patch == 0 ? checked<float>(op, "out", out, {n, C, crop_h, crop_w}, true)
+  float* o = patch == 0 ? checked<float>(op, "out", out, {n, C, crop_h, crop_w}, {.writable = true})
                         : checked<float>(op, "out", out,
-                                         {n, mul_dims(op, {crop_h / patch, crop_w / patch}), mul_dims(op, {C, patch, patch})},
-                                         true);
+                                         {n, mul_dims(op, {crop_h / patch, crop_w / patch}), mul_dims(op, {C, patch, patch})}, {.writable = true});
   if (!o || !g || !norm.mean || !norm.std) throw py::value_error("[preprocess_image] out, geoms, mean, std are required");
   mmcore::PreprocessParams p;
   p.srcs = s.data();
@@ -416,9 +418,9 @@ void masked_reduce(const char* op, py::object x, py::object mask, py::object out
   p.B = xa.shape(0);
   p.L = xa.shape(1);
   p.D = xa.shape(2);
-  p.x = checked<float>(op, "x", x, {p.B, p.L, p.D}, false);
-  p.mask = reinterpret_cast<const uint8_t*>(checked<bool>(op, "mask", mask, {p.B, p.L}, false));
-  p.out = checked<float>(op, "out", out, {p.B, p.D}, true);
+  p.x = checked<float>(op, "x", x, {p.B, p.L, p.D});
+  p.mask = reinterpret_cast<const uint8_t*>(checked<bool>(op, "mask", mask, {p.B, p.L}));
+  p.out = checked<float>(op, "out", out, {p.B, p.D}, {.writable = true});
   if (!p.out && p.B * p.D > 0) throw py::value_error(std::string("[") + op + "] out is required");
   p.num_threads = std::max(num_threads, 1);
   py::gil_scoped_release release;
@@ -436,39 +438,32 @@ void fuse(py::object emb, py::object present, py::object weights, py::object que
   p.B = ea.shape(0);
   p.M = ea.shape(1);
   p.D = ea.shape(2);
-  p.emb = checked<float>(op, "emb", emb, {p.B, p.M, p.D}, false);
-  p.present = reinterpret_cast<const uint8_t*>(checked<bool>(op, "present", present, {p.B, p.M}, false));
-  if (strategy == "concat") p.strategy = mmcore::FuseStrategy::concat;
-  else if (strategy == "mean") p.strategy = mmcore::FuseStrategy::mean;
-  else if (strategy == "sum") p.strategy = mmcore::FuseStrategy::sum;
-  else if (strategy == "max") p.strategy = mmcore::FuseStrategy::max;
-  else if (strategy == "weighted") p.strategy = mmcore::FuseStrategy::weighted;
-  else if (strategy == "attention") p.strategy = mmcore::FuseStrategy::attention;
-  else throw py::value_error("[fuse] strategy must be concat, mean, sum, max, weighted or attention");
+  p.emb = checked<float>(op, "emb", emb, {p.B, p.M, p.D});
+  p.present = reinterpret_cast<const uint8_t*>(checked<bool>(op, "present", present, {p.B, p.M}));
+  p.strategy = parse_enum(op, "strategy", strategy, mmcore::bindings::kFuseStrategies);
   if (p.strategy == mmcore::FuseStrategy::weighted) {
     if (weights.is_none()) throw py::value_error("[fuse] strategy 'weighted' needs weights");
     py::array wa = weights.cast<py::array>();
     p.weights_per_batch = wa.ndim() == 2;
-    p.weights = checked<float>(op, "weights", weights, p.weights_per_batch ? Shape{p.B, p.M} : Shape{p.M}, false);
+    p.weights = checked<float>(op, "weights", weights, p.weights_per_batch ? Shape{p.B, p.M} : Shape{p.M});
   }
   if (p.strategy == mmcore::FuseStrategy::attention) {
     if (query.is_none()) throw py::value_error("[fuse] strategy 'attention' needs a query");
     py::array qa = query.cast<py::array>();
     p.query_per_batch = qa.ndim() == 2;
-    p.query = checked<float>(op, "query", query, p.query_per_batch ? Shape{p.B, p.D} : Shape{p.D}, false);
+    p.query = checked<float>(op, "query", query, p.query_per_batch ? Shape{p.B, p.D} : Shape{p.D});
   }
   p.out = checked<float>(op, "out", out,
-                         p.strategy == mmcore::FuseStrategy::concat ? Shape{p.B, mul_dims(op, {p.M, p.D})} : Shape{p.B, p.D},
-                         true);
+                         p.strategy == mmcore::FuseStrategy::concat ? Shape{p.B, mul_dims(op, {p.M, p.D})} : Shape{p.B, p.D}, {.writable = true});
   if (!p.out) throw py::value_error("[fuse] out is required");
-  p.out_weights = checked<float>(op, "out_weights", out_weights, {p.B, p.M}, true);
+  p.out_weights = checked<float>(op, "out_weights", out_weights, {p.B, p.M}, {.writable = true});
   p.num_threads = std::max(num_threads, 1);
   py::gil_scoped_release release;
   mmcore::fuse_cpu(p);
 }
 
-void linear(py::object x, py::object w, py::object bias, py::object y, int activation, int weight_kind,
-            py::object weight_scale, int num_threads) {
+void linear(py::object x, py::object w, py::object bias, py::object y, const std::string& activation,
+            const std::string& weight_kind, py::object weight_scale, int num_threads) {
   const char* op = "linear";
   if (!py::isinstance<py::array>(x) || !py::isinstance<py::array>(w))
     throw py::type_error("[linear] x and weight must be numpy arrays");
@@ -479,60 +474,59 @@ void linear(py::object x, py::object w, py::object bias, py::object y, int activ
   p.K = xa.shape(1);
   p.N = wa.shape(0);
   int64_t xs[2], ws[2];
-  p.x = checked<float>(op, "x", x, {p.M, p.K}, false, false, xs);
-  switch (weight_kind) {
-    case 0: p.w = checked<float>(op, "weight", w, {p.N, p.K}, false, false, ws); break;
-    case 1:
-    case 2: p.w = checked<uint16_t>(op, "weight", w, {p.N, p.K}, false, false, ws); break;
-    case 3:
-      p.w = checked<int8_t>(op, "weight", w, {p.N, p.K}, false, false, ws);
-      p.w_scale = checked<float>(op, "weight_scale", weight_scale, {p.N}, false);
+  p.x = checked<float>(op, "x", x, {p.M, p.K}, {.contiguous = false, .strides = xs});
+  p.w_kind = parse_enum(op, "weight_kind", weight_kind, mmcore::bindings::kWeightKinds);
+  const ArrayOpts strided{.contiguous = false, .strides = ws};
+  switch (p.w_kind) {
+    case mmcore::WeightKind::f32: p.w = checked<float>(op, "weight", w, {p.N, p.K}, strided); break;
+    case mmcore::WeightKind::f16:
+    case mmcore::WeightKind::bf16: p.w = checked<uint16_t>(op, "weight", w, {p.N, p.K}, strided); break;
+    case mmcore::WeightKind::i8:
+      p.w = checked<int8_t>(op, "weight", w, {p.N, p.K}, strided);
+      p.w_scale = checked<float>(op, "weight_scale", weight_scale, {p.N});
       if (!p.w_scale) throw py::value_error("[linear] int8 weights need weight_scale");
       break;
-    default: throw py::value_error("[linear] unknown weight kind");
   }
-  p.w_kind = static_cast<mmcore::WeightKind>(weight_kind);
   if ((p.K > 1 && (xs[1] != 1 || ws[1] != 1)) || (p.M > 1 && xs[0] < p.K) || (p.N > 1 && ws[0] < p.K))
     throw py::value_error("[linear] x and weight need unit stride along the last axis and non-overlapping rows");
   p.ldx = p.M > 1 ? xs[0] : p.K;
   p.ldw = p.N > 1 ? ws[0] : p.K;
-  p.bias = checked<float>(op, "bias", bias, {p.N}, false);
-  p.y = checked<float>(op, "out", y, {p.M, p.N}, true);
+  p.bias = checked<float>(op, "bias", bias, {p.N});
+  p.y = checked<float>(op, "out", y, {p.M, p.N}, {.writable = true});
   if (!p.y) throw py::value_error("[linear] out is required");
   p.ldy = p.N;
-  if (activation < 0 || activation > 4) throw py::value_error("[linear] unknown activation code");
-  p.activation = static_cast<mmcore::Activation>(activation);
+  p.activation = parse_enum(op, "activation", activation, mmcore::bindings::kActivations);
   p.num_threads = std::max(num_threads, 1);
   run_kernel(op, [&] { mmcore::linear_cpu(p); });
 }
 
-mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, int kind, py::object scale,
-                             int64_t rows, int64_t cols) {
+mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, const std::string& kind,
+                             py::object scale, int64_t rows, int64_t cols) {
   mmcore::WeightRef r;
   int64_t st[2];
-  switch (kind) {
-    case 0: r.data = checked<float>(op, name, w, {rows, cols}, false, false, st); break;
-    case 1:
-    case 2: r.data = checked<uint16_t>(op, name, w, {rows, cols}, false, false, st); break;
-    case 3:
-      r.data = checked<int8_t>(op, name, w, {rows, cols}, false, false, st);
-      r.scale = checked<float>(op, "weight_scale", scale, {rows}, false);
+  const ArrayOpts strided{.contiguous = false, .strides = st};
+  r.kind = parse_enum(op, "weight kind", kind, mmcore::bindings::kWeightKinds);
+  switch (r.kind) {
+    case mmcore::WeightKind::f32: r.data = checked<float>(op, name, w, {rows, cols}, strided); break;
+    case mmcore::WeightKind::f16:
+    case mmcore::WeightKind::bf16: r.data = checked<uint16_t>(op, name, w, {rows, cols}, strided); break;
+    case mmcore::WeightKind::i8:
+      r.data = checked<int8_t>(op, name, w, {rows, cols}, strided);
+      r.scale = checked<float>(op, "weight_scale", scale, {rows});
       if (!r.scale) throw py::value_error(std::string("[") + op + "] int8 " + name + " needs a scale");
       break;
-    default: throw py::value_error(std::string("[") + op + "] unknown weight kind");
   }
   if (!r.data) throw py::value_error(std::string("[") + op + "] " + name + " is required");
   if ((cols > 1 && st[1] != 1) || (rows > 1 && st[0] < cols))
     throw py::value_error(std::string("[") + op + "] " + name + " needs unit stride along its last axis");
-  r.kind = static_cast<mmcore::WeightKind>(kind);
   r.ld = rows > 1 ? st[0] : cols;
   return r;
 }
 
-// weights: a tuple (w_in, w_out, w1, w2), each (array, kind, scale or None)
+// weights: a tuple (w_in, w_out, w1, w2), each (array, kind name, scale or None)
 void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t num_heads, py::tuple weights,
-                   py::tuple biases, py::tuple norms, double eps1, double eps2, int activation, double scale,
-                   int num_threads) {
+                   py::tuple biases, py::tuple norms, double eps1, double eps2, const std::string& activation,
+                   double scale, int num_threads) {
   const char* op = "encoder_layer";
   if (!py::isinstance<py::array>(x)) throw py::type_error("[encoder_layer] x must be a numpy array");
   py::array xa = x.cast<py::array>();
@@ -543,10 +537,10 @@ void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t n
   p.E = xa.shape(2);
   p.H = num_heads;
   if (p.H < 1 || p.E % p.H) throw py::value_error("[encoder_layer] num_heads must divide E");
-  p.x = checked<float>(op, "x", x, {p.B, p.L, p.E}, false);
-  p.y = checked<float>(op, "out", y, {p.B, p.L, p.E}, true);
+  p.x = checked<float>(op, "x", x, {p.B, p.L, p.E});
+  p.y = checked<float>(op, "out", y, {p.B, p.L, p.E}, {.writable = true});
   if (p.x == p.y) throw py::value_error("[encoder_layer] out must not be x");
-  p.key_lengths = checked<int64_t>(op, "key_lengths", key_lengths, {p.B}, false);
+  p.key_lengths = checked<int64_t>(op, "key_lengths", key_lengths, {p.B});
   if (p.key_lengths)
     for (int64_t b = 0; b < p.B; ++b)
       if (p.key_lengths[b] < 0 || p.key_lengths[b] > p.L)
@@ -560,20 +554,19 @@ void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t n
   const int64_t rows[4] = {mul_dims(op, {3, p.E}), p.E, p.F, p.E}, cols[4] = {p.E, p.E, p.E, p.F};
   mmcore::WeightRef* refs[4] = {&p.w_in, &p.w_out, &p.w1, &p.w2};
   for (int i = 0; i < 4; ++i)
-    *refs[i] = weight_ref(op, wnames[i], wt(i)[0], wt(i)[1].cast<int>(), wt(i)[2], rows[i], cols[i]);
+    *refs[i] = weight_ref(op, wnames[i], wt(i)[0], wt(i)[1].cast<std::string>(), wt(i)[2], rows[i], cols[i]);
   const float** bs[4] = {&p.b_in, &p.b_out, &p.b1, &p.b2};
   const char* bnames[4] = {"b_in", "b_out", "b1", "b2"};
-  for (int i = 0; i < 4; ++i) *bs[i] = checked<float>(op, bnames[i], biases[i], {rows[i]}, false);
-  p.ln1_w = checked<float>(op, "ln1_w", norms[0], {p.E}, false);
-  p.ln1_b = checked<float>(op, "ln1_b", norms[1], {p.E}, false);
-  p.ln2_w = checked<float>(op, "ln2_w", norms[2], {p.E}, false);
-  p.ln2_b = checked<float>(op, "ln2_b", norms[3], {p.E}, false);
+  for (int i = 0; i < 4; ++i) *bs[i] = checked<float>(op, bnames[i], biases[i], {rows[i]});
+  p.ln1_w = checked<float>(op, "ln1_w", norms[0], {p.E});
+  p.ln1_b = checked<float>(op, "ln1_b", norms[1], {p.E});
+  p.ln2_w = checked<float>(op, "ln2_w", norms[2], {p.E});
+  p.ln2_b = checked<float>(op, "ln2_b", norms[3], {p.E});
   if ((p.ln1_b && !p.ln1_w) || (p.ln2_b && !p.ln2_w)) throw py::value_error("[encoder_layer] a norm bias needs its weight");
   if (!(eps1 > 0.0) || !(eps2 > 0.0)) throw py::value_error("[encoder_layer] eps must be > 0");
   p.eps1 = eps1;
   p.eps2 = eps2;
-  if (activation < 0 || activation > 4) throw py::value_error("[encoder_layer] unknown activation code");
-  p.activation = static_cast<mmcore::Activation>(activation);
+  p.activation = parse_enum(op, "activation", activation, mmcore::bindings::kActivations);
   p.scale = static_cast<float>(scale);
   p.num_threads = std::max(num_threads, 1);
   run_kernel(op, [&] { mmcore::encoder_layer_cpu(p); });
@@ -588,14 +581,14 @@ void layer_norm(py::object x, py::object weight, py::object bias, py::object y, 
   p.rows = xa.shape(0);
   p.D = xa.shape(1);
   int64_t xs[2];
-  p.x = checked<float>(op, "x", x, {p.rows, p.D}, false, false, xs);
+  p.x = checked<float>(op, "x", x, {p.rows, p.D}, {.contiguous = false, .strides = xs});
   if ((p.D > 1 && xs[1] != 1) || (p.rows > 1 && xs[0] < p.D))
     throw py::value_error("[layer_norm] x needs unit stride along the last axis and non-overlapping rows");
   p.ldx = p.rows > 1 ? xs[0] : p.D;
-  p.weight = checked<float>(op, "weight", weight, {p.D}, false);
-  p.bias = checked<float>(op, "bias", bias, {p.D}, false);
+  p.weight = checked<float>(op, "weight", weight, {p.D});
+  p.bias = checked<float>(op, "bias", bias, {p.D});
   if (p.bias && !p.weight) throw py::value_error("[layer_norm] bias needs a weight");
-  p.y = checked<float>(op, "out", y, {p.rows, p.D}, true);
+  p.y = checked<float>(op, "out", y, {p.rows, p.D}, {.writable = true});
   if (!p.y) throw py::value_error("[layer_norm] out is required");
   if (!(eps > 0.0)) throw py::value_error("[layer_norm] eps must be > 0");
   p.eps = eps;
@@ -632,7 +625,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa_cap", &mmcore::set_isa_cap, py::arg("name"),
         "Cap the instruction-set level (tests, benchmarks); returns False if not available.");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("weights"),
-        py::arg("lse"), py::arg("mask"), py::arg("bias"), py::arg("key_lengths"), py::arg("scale"),
+        py::arg("lse"), py::arg("mask"), py::arg("bias"), py::arg("key_lengths"), py::kw_only(), py::arg("scale"),
         py::arg("dropout"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_scale"),
         py::arg("num_threads"));
   m.def("spectral", &spectral, py::arg("x"), py::arg("out"), py::arg("window"), py::arg("mel_start"),
@@ -654,7 +647,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("mask"), py::arg("out"), py::kw_only(), py::arg("num_threads"));
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
-        py::arg("activation") = 0, py::arg("weight_kind") = 0, py::arg("weight_scale") = py::none(),
+        py::arg("activation") = "none", py::arg("weight_kind") = "float32", py::arg("weight_scale") = py::none(),
         py::arg("num_threads"));
   m.def("encoder_layer", &encoder_layer, py::arg("x"), py::arg("out"), py::arg("key_lengths"),
         py::kw_only(), py::arg("num_heads"), py::arg("weights"), py::arg("biases"), py::arg("norms"),
