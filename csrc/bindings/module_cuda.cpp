@@ -1,8 +1,8 @@
 // pybind11 bindings of the CUDA kernels: mmcore._cuda.
 //
 // Thin by design: arguments arrive as raw device pointers (Python ints, 0 = null), shapes and
-// element strides; all checking of user input happens in mmcore/ops/_cuda_impl.py,
-// mmcore/ops/_cuda_spectral.py, mmcore/ops/_cuda_image.py and mmcore/ops/_cuda_fusion.py.
+// element strides, and enums as their names (enum_args.h, as in mmcore._C); all checking of
+// user input happens in mmcore/ops before the launchers of mmcore/backends/cuda call this.
 // Importing this module never needs a GPU or a driver: device_info() reports why CUDA is
 // unusable instead of raising.
 #include <pybind11/pybind11.h>
@@ -21,10 +21,20 @@
 #include "../cuda/fusion_cuda.h"
 #include "../cuda/image_cuda.h"
 #include "../cuda/spectral_cuda.h"
+#include "enum_args.h"
 
 namespace py = pybind11;
+using mmcore::bindings::EnumName;
+using mmcore::bindings::parse_enum;
 
 namespace {
+
+// Enum arguments are names, as in mmcore._C (enum_args.h); these are the CUDA-only ones.
+constexpr EnumName<int> kAttentionDtypes[] = {{"float32", mmcore::cuda::kAttentionFloat32},
+                                              {"float16", mmcore::cuda::kAttentionFloat16},
+                                              {"bfloat16", mmcore::cuda::kAttentionBFloat16}};
+constexpr EnumName<int> kImageDtypes[] = {{"uint8", mmcore::cuda::kImageUint8}, {"float32", mmcore::cuda::kImageFloat32}};
+constexpr EnumName<int> kImageLayouts[] = {{"chw", mmcore::cuda::kLayoutCHW}, {"hwc", mmcore::cuda::kLayoutHWC}};
 
 // 12080 -> "12.8"
 std::string version_string(int v) {
@@ -129,7 +139,8 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t w
                uintptr_t bias, const std::array<int64_t, 4>& bias_strides,
                uintptr_t key_lengths, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D,
                int64_t Dv, double scale, bool dropout, uint64_t seed, uint32_t threshold,
-               double dropout_scale, int dtype, uintptr_t stream, int device) {
+               double dropout_scale, const std::string& dtype_name, uintptr_t stream, int device) {
+  const int dtype = parse_enum("attention", "dtype", dtype_name, kAttentionDtypes);
   mmcore::AttentionParams p;
   p.q = as_ptr<const float>(q);
   p.k = as_ptr<const float>(k);
@@ -173,9 +184,11 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t w
 void spectral(uintptr_t x, uintptr_t out, uintptr_t window, uintptr_t mel_start, uintptr_t mel_len,
               uintptr_t mel_offset, uintptr_t mel_weights, int64_t n_signals, int64_t T,
               int64_t n_fft, int64_t hop, int64_t frame_length, int64_t frame_offset,
-              int64_t pad_left, int pad_mode, int64_t n_frames, double dither, uint64_t seed,
-              bool remove_dc, double preemph, int kind, double power, int64_t n_mels,
-              int log_mode, double log_floor, bool whisper_norm, uintptr_t stream, int device) {
+              int64_t pad_left, const std::string& pad_mode, int64_t n_frames, double dither,
+              uint64_t seed, bool remove_dc, double preemph, const std::string& kind, double power,
+              int64_t n_mels, const std::string& log_mode, double log_floor, bool whisper_norm,
+              uintptr_t stream, int device) {
+  const char* op = "spectral";
   mmcore::SpectralParams p;
   p.x = as_ptr<const float>(x);
   p.out = as_ptr<float>(out);
@@ -191,16 +204,16 @@ void spectral(uintptr_t x, uintptr_t out, uintptr_t window, uintptr_t mel_start,
   p.frame_length = frame_length;
   p.frame_offset = frame_offset;
   p.pad_left = pad_left;
-  p.pad_mode = static_cast<mmcore::PadMode>(pad_mode);
+  p.pad_mode = parse_enum(op, "pad_mode", pad_mode, mmcore::bindings::kPadModes);
   p.n_frames = n_frames;
   p.dither = static_cast<float>(dither);
   p.seed = seed;
   p.remove_dc = remove_dc;
   p.preemph = static_cast<float>(preemph);
-  p.kind = static_cast<mmcore::SpectralKind>(kind);
+  p.kind = parse_enum(op, "kind", kind, mmcore::bindings::kSpectralKinds);
   p.power = static_cast<float>(power);
   p.n_mels = n_mels;
-  p.log_mode = static_cast<mmcore::LogMode>(log_mode);
+  p.log_mode = parse_enum(op, "log_mode", log_mode, mmcore::bindings::kLogModes);
   p.log_floor = static_cast<float>(log_floor);
   p.whisper_norm = whisper_norm;
 
@@ -220,13 +233,8 @@ void spectral(uintptr_t x, uintptr_t out, uintptr_t window, uintptr_t mel_start,
 
 // ---- image ops ----------------------------------------------------------------------------------
 
-mmcore::ResizeFilter to_filter(const char* op, int filter) {
-  if (filter < 0 || filter > 3) {
-    throw std::invalid_argument(std::string("[") + op + "] filter must be 0 (nearest), " +
-                                "1 (bilinear), 2 (bicubic) or 3 (lanczos), got " +
-                                std::to_string(filter));
-  }
-  return static_cast<mmcore::ResizeFilter>(filter);
+mmcore::ResizeFilter to_filter(const char* op, const std::string& filter) {
+  return parse_enum(op, "filter", filter, mmcore::bindings::kResizeFilters);
 }
 
 // Resize shapes (H, W, src_stride, OH, OW, dst_stride) with the image pointers (may be empty
@@ -289,19 +297,20 @@ void run_on_device(const char* op, int device, Fn&& fn) {
 }
 
 mmcore::cuda::ResizeBatch resize_batch(const std::vector<mmcore::cuda::ImageDesc>& d, int64_t C,
-                                       int dtype, int filter, bool antialias) {
+                                       const std::string& dtype, const std::string& filter,
+                                       bool antialias) {
   mmcore::cuda::ResizeBatch p;
   p.images = d.data();
   p.count = static_cast<int64_t>(d.size());
   p.C = C;
-  p.dtype = dtype;
+  p.dtype = parse_enum("resize", "dtype", dtype, kImageDtypes);
   p.filter = to_filter("resize", filter);
   p.antialias = antialias;
   return p;
 }
 
-size_t resize_workspace(const std::vector<std::array<int64_t, 6>>& shapes, int64_t C, int dtype,
-                        int filter, bool antialias) {
+size_t resize_workspace(const std::vector<std::array<int64_t, 6>>& shapes, int64_t C,
+                        const std::string& dtype, const std::string& filter, bool antialias) {
   const auto d = resize_descs({}, {}, shapes);
   const auto p = resize_batch(d, C, dtype, filter, antialias);
   size_t bytes = 0;
@@ -311,8 +320,8 @@ size_t resize_workspace(const std::vector<std::array<int64_t, 6>>& shapes, int64
 }
 
 void resize(const std::vector<uintptr_t>& srcs, const std::vector<uintptr_t>& dsts,
-            const std::vector<std::array<int64_t, 6>>& shapes, int64_t C, int dtype, int filter,
-            bool antialias, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
+            const std::vector<std::array<int64_t, 6>>& shapes, int64_t C, const std::string& dtype,
+            const std::string& filter, bool antialias, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream,
             int device) {
   const auto d = resize_descs(srcs, dsts, shapes);
   const auto p = resize_batch(d, C, dtype, filter, antialias);
@@ -324,7 +333,8 @@ void resize(const std::vector<uintptr_t>& srcs, const std::vector<uintptr_t>& ds
 
 mmcore::cuda::PreprocessBatch preprocess_batch(const std::vector<mmcore::cuda::ImageDesc>& d,
                                                int64_t C, int64_t crop_h, int64_t crop_w,
-                                               int filter, bool antialias, int64_t patch) {
+                                               const std::string& filter, bool antialias,
+                                               int64_t patch) {
   mmcore::cuda::PreprocessBatch p;
   p.images = d.data();
   p.count = static_cast<int64_t>(d.size());
@@ -338,8 +348,8 @@ mmcore::cuda::PreprocessBatch preprocess_batch(const std::vector<mmcore::cuda::I
 }
 
 size_t preprocess_image_workspace(const std::vector<std::array<int64_t, 7>>& shapes, int64_t C,
-                                  int64_t crop_h, int64_t crop_w, int filter, bool antialias,
-                                  int64_t patch) {
+                                  int64_t crop_h, int64_t crop_w, const std::string& filter,
+                                  bool antialias, int64_t patch) {
   const auto d = preprocess_descs({}, shapes);
   const auto p = preprocess_batch(d, C, crop_h, crop_w, filter, antialias, patch);
   size_t bytes = 0;
@@ -350,7 +360,8 @@ size_t preprocess_image_workspace(const std::vector<std::array<int64_t, 7>>& sha
 
 void preprocess_image(const std::vector<uintptr_t>& srcs,
                       const std::vector<std::array<int64_t, 7>>& shapes, int64_t C, uintptr_t out,
-                      int64_t crop_h, int64_t crop_w, int filter, bool antialias, uintptr_t mean,
+                      int64_t crop_h, int64_t crop_w, const std::string& filter, bool antialias,
+                      uintptr_t mean,
                       uintptr_t stdv, double scale, int64_t patch, uintptr_t workspace,
                       size_t workspace_bytes, uintptr_t stream, int device) {
   const auto d = preprocess_descs(srcs, shapes);
@@ -365,12 +376,12 @@ void preprocess_image(const std::vector<uintptr_t>& srcs,
   });
 }
 
-void normalize(uintptr_t src, uintptr_t dst, int64_t N, int64_t H, int64_t W, int64_t C, int dtype,
-               uintptr_t mean, uintptr_t stdv, double scale, int layout, uintptr_t stream,
-               int device) {
+void normalize(uintptr_t src, uintptr_t dst, int64_t N, int64_t H, int64_t W, int64_t C,
+               const std::string& dtype, uintptr_t mean, uintptr_t stdv, double scale,
+               const std::string& layout, uintptr_t stream, int device) {
   mmcore::cuda::NormalizeCall p;
   p.src = as_ptr<const void>(src);
-  p.dtype = dtype;
+  p.dtype = parse_enum("normalize", "dtype", dtype, kImageDtypes);
   p.dst = as_ptr<float>(dst);
   p.N = N;
   p.H = H;
@@ -379,7 +390,7 @@ void normalize(uintptr_t src, uintptr_t dst, int64_t N, int64_t H, int64_t W, in
   p.mean = as_ptr<const float>(mean);
   p.std = as_ptr<const float>(stdv);
   p.scale = static_cast<float>(scale);
-  p.layout = layout;
+  p.layout = parse_enum("normalize", "layout", layout, kImageLayouts);
   run_on_device("normalize", device, [&] {
     return mmcore::cuda::normalize(p, reinterpret_cast<cudaStream_t>(stream));
   });
@@ -434,7 +445,7 @@ void masked_max(uintptr_t x, uintptr_t mask, uintptr_t out, int64_t B, int64_t L
 
 void fuse(uintptr_t emb, uintptr_t present, uintptr_t weights, bool weights_per_batch,
           uintptr_t query, bool query_per_batch, uintptr_t out, uintptr_t out_weights, int64_t B,
-          int64_t M, int64_t D, int strategy, uintptr_t stream, int device) {
+          int64_t M, int64_t D, const std::string& strategy, uintptr_t stream, int device) {
   mmcore::FuseParams p;
   p.emb = as_ptr<const float>(emb);
   p.present = as_ptr<const uint8_t>(present);
@@ -447,7 +458,7 @@ void fuse(uintptr_t emb, uintptr_t present, uintptr_t weights, bool weights_per_
   p.B = B;
   p.M = M;
   p.D = D;
-  p.strategy = static_cast<mmcore::FuseStrategy>(strategy);  // range-checked by the kernel
+  p.strategy = parse_enum("fuse", "strategy", strategy, mmcore::bindings::kFuseStrategies);
   run_on_device("fuse", device, [&] {
     return mmcore::cuda::fuse(p, reinterpret_cast<cudaStream_t>(stream));
   });
@@ -471,8 +482,8 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("dropout_scale"), py::arg("dtype"), py::arg("stream"), py::arg("device") = -1,
         "Queue attention on `stream` (a cudaStream_t as int, 0 = legacy default stream) of "
         "`device` (-1 = the current device). Pointers are device addresses as ints (0 = null); "
-        "strides are in elements over (B, H, Lq, Lk); dtype 0 = float32, 1 = float16, "
-        "2 = bfloat16 q/k/v. "
+        "strides are in elements over (B, H, Lq, Lk); dtype 'float32', 'float16' or 'bfloat16' "
+        "(of q/k/v). "
         "Raises RuntimeError('[attention] ...') on invalid arguments or CUDA errors.");
 
   m.def("spectral", &spectral, py::arg("x"), py::arg("out"), py::arg("window"),
@@ -488,15 +499,15 @@ PYBIND11_MODULE(_cuda, m) {
         "device addresses as ints (0 = null; a null window is rectangular): x float32 (n_signals, "
         "T), out float32 (n_signals, rows, n_frames[, 2]), window float32 (frame_length,), "
         "mel_start/mel_len int32 and mel_offset int64 (n_mels,), mel_weights float32. "
-        "pad_mode 0 = constant, 1 = reflect; kind 0 = complex (interleaved pairs), 1 = power, "
-        "2 = mel; log_mode 0 = none, 1 = log10, 2 = ln. Raises RuntimeError('[spectral] ...') "
+        "pad_mode 'constant' or 'reflect'; kind 'complex' (interleaved pairs), 'power' or 'mel'; "
+        "log_mode 'none', 'log10' or 'ln'. Raises RuntimeError('[spectral] ...') "
         "on invalid arguments or CUDA errors.");
 
   m.def("resize_workspace", &resize_workspace, py::arg("shapes"), py::arg("C"), py::arg("dtype"),
         py::arg("filter"), py::arg("antialias"),
         "Bytes of device workspace that resize needs for images with `shapes`, a list of "
-        "(H, W, src_stride, OH, OW, dst_stride) (strides in elements). dtype 0 = uint8, "
-        "1 = float32; filter 0 = nearest, 1 = bilinear, 2 = bicubic, 3 = lanczos.");
+        "(H, W, src_stride, OH, OW, dst_stride) (strides in elements). dtype 'uint8' or "
+        "'float32'; filter 'nearest', 'bilinear', 'bicubic' or 'lanczos'.");
 
   m.def("resize", &resize, py::arg("srcs"), py::arg("dsts"), py::arg("shapes"), py::arg("C"),
         py::arg("dtype"), py::arg("filter"), py::arg("antialias"), py::arg("workspace"),
@@ -528,9 +539,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("normalize", &normalize, py::arg("src"), py::arg("dst"), py::arg("N"), py::arg("H"),
         py::arg("W"), py::arg("C"), py::arg("dtype"), py::arg("mean"), py::arg("std"),
         py::arg("scale"), py::arg("layout"), py::arg("stream"), py::arg("device") = -1,
-        "Queue (x * scale - mean[c]) / std[c] of a contiguous (N, H, W, C) uint8 (dtype 0) or "
-        "float32 (dtype 1) batch into float32 dst laid out (N, C, H, W) (layout 0) or "
-        "(N, H, W, C) (layout 1). Raises RuntimeError('[normalize] ...') on invalid arguments "
+        "Queue (x * scale - mean[c]) / std[c] of a contiguous (N, H, W, C) uint8 or float32 "
+        "(dtype 'uint8' / 'float32') batch into float32 dst laid out (N, C, H, W) (layout "
+        "'chw') or (N, H, W, C) (layout 'hwc'). Raises RuntimeError('[normalize] ...') on invalid arguments "
         "or CUDA errors.");
 
   m.def("patchify", &patchify, py::arg("src"), py::arg("dst"), py::arg("B"), py::arg("T"),
@@ -564,6 +575,6 @@ PYBIND11_MODULE(_cuda, m) {
         "weights float32 (B, M) or (M,) (weights_per_batch false), query float32 (B, D) or (D,) "
         "(query_per_batch false), out float32 (B, M * D) for concat else (B, D), out_weights "
         "float32 (B, M) or 0 (written by weighted and attention only), all contiguous device "
-        "addresses as ints. strategy 0 = concat, 1 = mean, 2 = sum, 3 = max, 4 = weighted, "
-        "5 = attention. Raises RuntimeError('[fuse] ...') on invalid arguments or CUDA errors.");
+        "addresses as ints. strategy 'concat', 'mean', 'sum', 'max', 'weighted' or "
+        "'attention'. Raises RuntimeError('[fuse] ...') on invalid arguments or CUDA errors.");
 }

@@ -50,27 +50,13 @@ constexpr int kDimChunk = 32;                      // head dims staged per step
 constexpr int kQStride = kBlockRows + 4;           // keeps float4 alignment, fewer bank conflicts
 constexpr int kKStride = kDimChunk + 1;            // conflict-free column reads
 
-// Everything the kernel needs, with the derived launch geometry.
+// Everything the kernel needs: the call (q, k and v point to T, see attention_cuda.h) and the
+// derived scale and launch geometry.
 struct KernelArgs {
-  const void* q;
-  const void* k;
-  const void* v;
-  float* out;
-  float* weights;
-  float* lse;
-  const uint8_t* mask;
-  int64_t mask_strides[4];
-  const float* bias;
-  int64_t bias_strides[4];
-  const int64_t* key_lengths;
-  int64_t B, H, Lq, Lk, D, Dv;
-  float scale_log2;  // scale * log2(e)
-  bool dropout;
-  uint64_t seed;
-  uint32_t dropout_threshold;
-  float dropout_scale;
-  int64_t q_tiles;    // ceil(Lq / kBlockRows)
-  int64_t dv_chunks;  // ceil(Dv / (32 * NC)), at least 1
+  AttentionParams p;
+  float scale_log2;   // p.scale * log2(e)
+  int64_t q_tiles;    // ceil(Lq / rows per block)
+  int64_t dv_chunks;  // ceil(Dv / (32 * NC)), at least 1 (float32 kernel)
   int64_t total_blocks;
 };
 
@@ -95,7 +81,7 @@ __device__ __forceinline__ void tile_dots(const KernelArgs& a, SharedTiles<NC>& 
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) s[r] = 0.0f;
 
-  const int64_t n_chunks = a.D > 0 ? (a.D + kDimChunk - 1) / kDimChunk : 1;
+  const int64_t n_chunks = a.p.D > 0 ? (a.p.D + kDimChunk - 1) / kDimChunk : 1;
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t d0 = c * kDimChunk;
     __syncthreads();  // the previous users of the shared tiles are done
@@ -105,7 +91,7 @@ __device__ __forceinline__ void tile_dots(const KernelArgs& a, SharedTiles<NC>& 
         const int key = e / kVCols;
         const int col = e % kVCols;
         float x = 0.0f;
-        if (key < jn && col < dvn) x = load_float(vb + (j0 + key) * a.Dv + dv0 + col);
+        if (key < jn && col < dvn) x = load_float(vb + (j0 + key) * a.p.Dv + dv0 + col);
         sm.v[key][col] = x;
       }
     }
@@ -113,14 +99,14 @@ __device__ __forceinline__ void tile_dots(const KernelArgs& a, SharedTiles<NC>& 
       const int row = e / kDimChunk;
       const int dd = e % kDimChunk;
       float x = 0.0f;
-      if (row0 + row < a.Lq && d0 + dd < a.D) x = load_float(qb + (row0 + row) * a.D + d0 + dd);
+      if (row0 + row < a.p.Lq && d0 + dd < a.p.D) x = load_float(qb + (row0 + row) * a.p.D + d0 + dd);
       sm.q[dd][row] = x;
     }
     for (int e = tid; e < kKeyTile * kDimChunk; e += kThreads) {
       const int key = e / kDimChunk;
       const int dd = e % kDimChunk;
       float x = 0.0f;
-      if (key < jn && d0 + dd < a.D) x = load_float(kb + (j0 + key) * a.D + d0 + dd);
+      if (key < jn && d0 + dd < a.p.D) x = load_float(kb + (j0 + key) * a.p.D + d0 + dd);
       sm.k[key][dd] = x;
     }
     __syncthreads();
@@ -149,16 +135,16 @@ __device__ __forceinline__ void finish_scores(const KernelArgs& a, int64_t b, in
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int64_t i = row0 + warp * kRowsPerWarp + r;
     float x = s[r] * a.scale_log2;
-    if (lane >= jn || i >= a.Lq) {
+    if (lane >= jn || i >= a.p.Lq) {
       x = neg_inf;
     } else {
-      if (a.bias != nullptr) {
-        const int64_t* st = a.bias_strides;
-        x = fmaf(__ldg(a.bias + b * st[0] + h * st[1] + i * st[2] + j * st[3]), kLog2e, x);
+      if (a.p.bias != nullptr) {
+        const int64_t* st = a.p.bias_strides;
+        x = fmaf(__ldg(a.p.bias + b * st[0] + h * st[1] + i * st[2] + j * st[3]), kLog2e, x);
       }
-      if (a.mask != nullptr) {
-        const int64_t* st = a.mask_strides;
-        if (__ldg(a.mask + b * st[0] + h * st[1] + i * st[2] + j * st[3]) == 0) x = neg_inf;
+      if (a.p.mask != nullptr) {
+        const int64_t* st = a.p.mask_strides;
+        if (__ldg(a.p.mask + b * st[0] + h * st[1] + i * st[2] + j * st[3]) == 0) x = neg_inf;
       }
     }
     s[r] = x;
@@ -167,8 +153,8 @@ __device__ __forceinline__ void finish_scores(const KernelArgs& a, int64_t b, in
 
 __device__ __forceinline__ bool dropout_keep(const KernelArgs& a, int64_t b, int64_t h, int64_t i,
                                              int64_t j) {
-  return dropout_bits(a.seed, static_cast<uint64_t>(b), static_cast<uint64_t>(h),
-                      static_cast<uint64_t>(i), static_cast<uint64_t>(j)) >= a.dropout_threshold;
+  return dropout_bits(a.p.seed, static_cast<uint64_t>(b), static_cast<uint64_t>(h),
+                      static_cast<uint64_t>(i), static_cast<uint64_t>(j)) >= a.p.dropout_threshold;
 }
 
 template <typename T, int NC>
@@ -180,24 +166,24 @@ __device__ void attention_block(const KernelArgs& a, SharedTiles<NC>& sm, int64_
   int64_t rest = blk / a.q_tiles;
   const int64_t chunk = rest % a.dv_chunks;
   rest /= a.dv_chunks;
-  const int64_t h = rest % a.H;
-  const int64_t b = rest / a.H;
+  const int64_t h = rest % a.p.H;
+  const int64_t b = rest / a.p.H;
 
   const int64_t row0 = q_tile * kBlockRows;
   const int64_t dv0 = chunk * (32 * NC);
-  const int64_t dv_left = a.Dv - dv0;
+  const int64_t dv_left = a.p.Dv - dv0;
   const int dvn = dv_left <= 0 ? 0 : (dv_left < 32 * NC ? static_cast<int>(dv_left) : 32 * NC);
 
-  int64_t klen = a.Lk;
-  if (a.key_lengths != nullptr) {
-    klen = a.key_lengths[b];
-    klen = klen < 0 ? 0 : (klen > a.Lk ? a.Lk : klen);
+  int64_t klen = a.p.Lk;
+  if (a.p.key_lengths != nullptr) {
+    klen = a.p.key_lengths[b];
+    klen = klen < 0 ? 0 : (klen > a.p.Lk ? a.p.Lk : klen);
   }
 
-  const int64_t bh = b * a.H + h;
-  const T* qb = static_cast<const T*>(a.q) + bh * a.Lq * a.D;
-  const T* kb = static_cast<const T*>(a.k) + bh * a.Lk * a.D;
-  const T* vb = static_cast<const T*>(a.v) + bh * a.Lk * a.Dv;
+  const int64_t bh = b * a.p.H + h;
+  const T* qb = reinterpret_cast<const T*>(a.p.q) + bh * a.p.Lq * a.p.D;
+  const T* kb = reinterpret_cast<const T*>(a.p.k) + bh * a.p.Lk * a.p.D;
+  const T* vb = reinterpret_cast<const T*>(a.p.v) + bh * a.p.Lk * a.p.Dv;
 
   float m[kRowsPerWarp];  // running row maximum (log2 domain), uniform over the warp
   float l[kRowsPerWarp];  // this lane's share of the running row sum
@@ -231,9 +217,9 @@ __device__ void attention_block(const KernelArgs& a, SharedTiles<NC>& sm, int64_
 #pragma unroll
       for (int c = 0; c < NC; ++c) acc[r][c] *= alpha;
       m[r] = m_new;
-      if (a.dropout && p > 0.0f) {
+      if (a.p.dropout && p > 0.0f) {
         const int64_t i = row0 + warp * kRowsPerWarp + r;
-        p = dropout_keep(a, b, h, i, j0 + lane) ? p * a.dropout_scale : 0.0f;
+        p = dropout_keep(a, b, h, i, j0 + lane) ? p * a.p.dropout_scale : 0.0f;
       }
       pd[r] = p;
     }
@@ -264,24 +250,24 @@ __device__ void attention_block(const KernelArgs& a, SharedTiles<NC>& sm, int64_
     const bool live = m[r] != -INFINITY && l_row > 0.0f;
     inv_l[r] = live ? 1.0f / l_row : 0.0f;
     const int64_t i = row0 + warp * kRowsPerWarp + r;
-    if (i < a.Lq) {
-      float* o = a.out + (bh * a.Lq + i) * a.Dv + dv0;
+    if (i < a.p.Lq) {
+      float* o = a.p.out + (bh * a.p.Lq + i) * a.p.Dv + dv0;
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         const int col = lane + 32 * c;
         // Explicit zero for dead rows: p = 0 times a non-finite value would still be NaN.
         if (col < dvn) o[col] = live ? acc[r][c] * inv_l[r] : 0.0f;
       }
-      if (chunk == 0 && a.lse != nullptr && lane == 0) {
-        a.lse[bh * a.Lq + i] = live ? fmaf(m[r], kLn2, logf(l_row)) : -INFINITY;
+      if (chunk == 0 && a.p.lse != nullptr && lane == 0) {
+        a.p.lse[bh * a.p.Lq + i] = live ? fmaf(m[r], kLn2, logf(l_row)) : -INFINITY;
       }
     }
   }
 
-  if (chunk != 0 || a.weights == nullptr) return;
+  if (chunk != 0 || a.p.weights == nullptr) return;
 
   // Second pass: normalized, post-dropout weights for every key (zeros past key_lengths).
-  const int64_t all_tiles = (a.Lk + kKeyTile - 1) / kKeyTile;
+  const int64_t all_tiles = (a.p.Lk + kKeyTile - 1) / kKeyTile;
   for (int64_t kt = 0; kt < all_tiles; ++kt) {
     const int64_t j0 = kt * kKeyTile;
     float s[kRowsPerWarp];
@@ -297,13 +283,13 @@ __device__ void attention_block(const KernelArgs& a, SharedTiles<NC>& sm, int64_
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int64_t i = row0 + warp * kRowsPerWarp + r;
-      if (i < a.Lq && j < a.Lk) {
+      if (i < a.p.Lq && j < a.p.Lk) {
         float w = 0.0f;
         if (inv_l[r] > 0.0f && s[r] != -INFINITY) {
           w = exp2f(s[r] - m[r]) * inv_l[r];
-          if (a.dropout) w = dropout_keep(a, b, h, i, j) ? w * a.dropout_scale : 0.0f;
+          if (a.p.dropout) w = dropout_keep(a, b, h, i, j) ? w * a.p.dropout_scale : 0.0f;
         }
-        a.weights[(bh * a.Lq + i) * a.Lk + j] = w;
+        a.p.weights[(bh * a.p.Lq + i) * a.p.Lk + j] = w;
       }
     }
   }
@@ -320,8 +306,8 @@ __global__ void __launch_bounds__(kThreads, 4) attention_kernel(const KernelArgs
 
 template <typename T, int NC>
 const char* launch(KernelArgs a, cudaStream_t stream) {
-  a.dv_chunks = a.Dv > 0 ? (a.Dv + 32 * NC - 1) / (32 * NC) : 1;
-  a.total_blocks = a.B * a.H * a.dv_chunks * a.q_tiles;
+  a.dv_chunks = a.p.Dv > 0 ? (a.p.Dv + 32 * NC - 1) / (32 * NC) : 1;
+  a.total_blocks = a.p.B * a.p.H * a.dv_chunks * a.q_tiles;
   const int64_t max_grid = std::numeric_limits<int32_t>::max();
   const unsigned grid = static_cast<unsigned>(a.total_blocks < max_grid ? a.total_blocks : max_grid);
   attention_kernel<T, NC><<<grid, kThreads, 0, stream>>>(a);
@@ -331,8 +317,8 @@ const char* launch(KernelArgs a, cudaStream_t stream) {
 
 template <typename T>
 const char* dispatch_columns(const KernelArgs& a, cudaStream_t stream) {
-  if (a.Dv <= 64) return launch<T, 2>(a, stream);
-  if (a.Dv <= 128) return launch<T, 4>(a, stream);
+  if (a.p.Dv <= 64) return launch<T, 2>(a, stream);
+  if (a.p.Dv <= 128) return launch<T, 4>(a, stream);
   return launch<T, 8>(a, stream);  // wider values are split into chunks of 256 columns
 }
 
@@ -459,22 +445,22 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const Kernel
   for (int64_t blk = blockIdx.x; blk < a.total_blocks; blk += gridDim.x) {
     const int64_t q_tile = blk % a.q_tiles;
     const int64_t bh = blk / a.q_tiles;
-    const int64_t h = bh % a.H;
-    const int64_t b = bh / a.H;
+    const int64_t h = bh % a.p.H;
+    const int64_t b = bh / a.p.H;
     const int64_t row0 = q_tile * kMmaRows;
 
-    int64_t klen = a.Lk;
-    if (a.key_lengths != nullptr) {
-      klen = a.key_lengths[b];
-      klen = klen < 0 ? 0 : (klen > a.Lk ? a.Lk : klen);
+    int64_t klen = a.p.Lk;
+    if (a.p.key_lengths != nullptr) {
+      klen = a.p.key_lengths[b];
+      klen = klen < 0 ? 0 : (klen > a.p.Lk ? a.p.Lk : klen);
     }
-    const T* qb = static_cast<const T*>(a.q) + (bh * a.Lq + row0) * a.D;
-    const T* kb = static_cast<const T*>(a.k) + bh * a.Lk * a.D;
-    const T* vb = static_cast<const T*>(a.v) + bh * a.Lk * a.Dv;
+    const T* qb = reinterpret_cast<const T*>(a.p.q) + (bh * a.p.Lq + row0) * a.p.D;
+    const T* kb = reinterpret_cast<const T*>(a.p.k) + bh * a.p.Lk * a.p.D;
+    const T* vb = reinterpret_cast<const T*>(a.p.v) + bh * a.p.Lk * a.p.Dv;
 
     __syncthreads();  // the previous block's users of the shared tiles are done
-    const int64_t q_rows = a.Lq - row0 < kMmaRows ? a.Lq - row0 : kMmaRows;
-    stage_tile<T>(sm.q, Sm::kQK, kMmaRows, 16 * KD, qb, q_rows, a.D, vec);
+    const int64_t q_rows = a.p.Lq - row0 < kMmaRows ? a.p.Lq - row0 : kMmaRows;
+    stage_tile<T>(sm.q, Sm::kQK, kMmaRows, 16 * KD, qb, q_rows, a.p.D, vec);
     __syncthreads();
 
     // The warp's 16 query rows as A fragments, kept in registers for the whole key loop.
@@ -506,8 +492,8 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const Kernel
       const int64_t j0 = kt * kMmaKeys;
       const int64_t jn = klen - j0 < kMmaKeys ? klen - j0 : kMmaKeys;
       __syncthreads();
-      stage_tile<T>(sm.k, Sm::kQK, kMmaKeys, 16 * KD, kb + j0 * a.D, jn, a.D, vec);
-      stage_tile<T>(sm.v, Sm::kV, kMmaKeys, 8 * NV, vb + j0 * a.Dv, jn, a.Dv, vec);
+      stage_tile<T>(sm.k, Sm::kQK, kMmaKeys, 16 * KD, kb + j0 * a.p.D, jn, a.p.D, vec);
+      stage_tile<T>(sm.v, Sm::kV, kMmaKeys, 8 * NV, vb + j0 * a.p.Dv, jn, a.p.Dv, vec);
       __syncthreads();
 
       // S = Q K^T: four 8-key column tiles.
@@ -535,16 +521,16 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const Kernel
           const int64_t i = rows[r];
           const int64_t j = j0 + jj;
           float x = s[nt][e] * a.scale_log2;
-          if (jj >= jn || i >= a.Lq) {
+          if (jj >= jn || i >= a.p.Lq) {
             x = -INFINITY;
           } else {
-            if (a.bias != nullptr) {
-              const int64_t* st = a.bias_strides;
-              x = fmaf(__ldg(a.bias + b * st[0] + h * st[1] + i * st[2] + j * st[3]), kLog2e, x);
+            if (a.p.bias != nullptr) {
+              const int64_t* st = a.p.bias_strides;
+              x = fmaf(__ldg(a.p.bias + b * st[0] + h * st[1] + i * st[2] + j * st[3]), kLog2e, x);
             }
-            if (a.mask != nullptr) {
-              const int64_t* st = a.mask_strides;
-              if (__ldg(a.mask + b * st[0] + h * st[1] + i * st[2] + j * st[3]) == 0) x = -INFINITY;
+            if (a.p.mask != nullptr) {
+              const int64_t* st = a.p.mask_strides;
+              if (__ldg(a.p.mask + b * st[0] + h * st[1] + i * st[2] + j * st[3]) == 0) x = -INFINITY;
             }
           }
           s[nt][e] = x;
@@ -611,17 +597,17 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const Kernel
       const bool live = m[r] != -INFINITY && l_row > 0.0f;
       const float inv_l = live ? 1.0f / l_row : 0.0f;
       const int64_t i = rows[r];
-      if (i < a.Lq) {
-        float* out = a.out + (bh * a.Lq + i) * a.Dv;
+      if (i < a.p.Lq) {
+        float* out = a.p.out + (bh * a.p.Lq + i) * a.p.Dv;
 #pragma unroll
         for (int n = 0; n < NV; ++n) {
           const int col = 8 * n + 2 * t;
           // Explicit zero for dead rows: p = 0 times a non-finite value would still be NaN.
-          if (col < a.Dv) out[col] = live ? o[n][2 * r] * inv_l : 0.0f;
-          if (col + 1 < a.Dv) out[col + 1] = live ? o[n][2 * r + 1] * inv_l : 0.0f;
+          if (col < a.p.Dv) out[col] = live ? o[n][2 * r] * inv_l : 0.0f;
+          if (col + 1 < a.p.Dv) out[col + 1] = live ? o[n][2 * r + 1] * inv_l : 0.0f;
         }
-        if (a.lse != nullptr && t == 0) {
-          a.lse[bh * a.Lq + i] = live ? fmaf(m[r], kLn2, logf(l_row)) : -INFINITY;
+        if (a.p.lse != nullptr && t == 0) {
+          a.p.lse[bh * a.p.Lq + i] = live ? fmaf(m[r], kLn2, logf(l_row)) : -INFINITY;
         }
       }
     }
@@ -634,8 +620,8 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const Kernel
 
 template <typename T, int KD, int NV>
 const char* launch_mma(KernelArgs a, bool vec, cudaStream_t stream) {
-  a.q_tiles = (a.Lq + kMmaRows - 1) / kMmaRows;
-  a.total_blocks = a.B * a.H * a.q_tiles;
+  a.q_tiles = (a.p.Lq + kMmaRows - 1) / kMmaRows;
+  a.total_blocks = a.p.B * a.p.H * a.q_tiles;
   const int64_t max_grid = std::numeric_limits<int32_t>::max();
   const unsigned grid = static_cast<unsigned>(a.total_blocks < max_grid ? a.total_blocks : max_grid);
   attention_mma_kernel<T, KD, NV><<<grid, kMmaThreads, 0, stream>>>(a, vec);
@@ -648,7 +634,7 @@ const char* launch_mma(KernelArgs a, bool vec, cudaStream_t stream) {
 template <typename T>
 const char* try_mma(const KernelArgs& a, bool* used, cudaStream_t stream) {
   *used = false;
-  if (a.weights != nullptr || a.dropout || a.D > 128 || a.Dv > 128 || a.Lk == 0) return nullptr;
+  if (a.p.weights != nullptr || a.p.dropout || a.p.D > 128 || a.p.Dv > 128 || a.p.Lk == 0) return nullptr;
   int device = 0;
   int major = 0;
   MMCORE_CUDA_TRY(cudaGetDevice(&device), "querying the current device");
@@ -656,9 +642,9 @@ const char* try_mma(const KernelArgs& a, bool* used, cudaStream_t stream) {
                   "querying the compute capability");
   if (major < 8) return nullptr;
   const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
-  const bool vec = a.D % 8 == 0 && a.Dv % 8 == 0 && aligned(a.q) && aligned(a.k) && aligned(a.v);
+  const bool vec = a.p.D % 8 == 0 && a.p.Dv % 8 == 0 && aligned(a.p.q) && aligned(a.p.k) && aligned(a.p.v);
   *used = true;
-  if (a.D <= 64 && a.Dv <= 64) return launch_mma<T, 4, 8>(a, vec, stream);
+  if (a.p.D <= 64 && a.p.Dv <= 64) return launch_mma<T, 4, 8>(a, vec, stream);
   return launch_mma<T, 8, 16>(a, vec, stream);
 }
 
@@ -683,30 +669,9 @@ const char* attention(const AttentionParams& p, int dtype, cudaStream_t stream) 
   if (p.Dv > 0 && p.out == nullptr) return invalid("out is null");
 
   KernelArgs a{};
-  a.q = p.q;
-  a.k = p.k;
-  a.v = p.v;
-  a.out = p.out;
-  a.weights = p.Lk > 0 ? p.weights : nullptr;
-  a.lse = p.lse;
-  a.mask = p.mask;
-  a.bias = p.bias;
-  for (int d = 0; d < 4; ++d) {
-    a.mask_strides[d] = p.mask_strides[d];
-    a.bias_strides[d] = p.bias_strides[d];
-  }
-  a.key_lengths = p.key_lengths;
-  a.B = p.B;
-  a.H = p.H;
-  a.Lq = p.Lq;
-  a.Lk = p.Lk;
-  a.D = p.D;
-  a.Dv = p.Dv;
+  a.p = p;
+  if (p.Lk == 0) a.p.weights = nullptr;  // no key: the weights are an empty array
   a.scale_log2 = p.scale * kLog2e;
-  a.dropout = p.dropout;
-  a.seed = p.seed;
-  a.dropout_threshold = p.dropout_threshold;
-  a.dropout_scale = p.dropout_scale;
   a.q_tiles = (p.Lq + kBlockRows - 1) / kBlockRows;
 
   (void)cudaGetLastError();  // do not report an earlier, unrelated failure as ours

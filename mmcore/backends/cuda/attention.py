@@ -137,7 +137,8 @@ def attention_cuda(q, k, v, out, weights, lse, mask, bias, key_lengths, scale, d
     op = "attention"
     cp = _cupy(op)
     mod = _cuda_module(op)
-    dtype_flag = 2 if q.dtype == cp.uint16 else 1 if q.dtype == cp.float16 else 0
+    dtype = ("bfloat16" if q.dtype == cp.uint16 else "float16" if q.dtype == cp.float16
+             else "float32")
     B, H, Lq, D = (int(n) for n in q.shape)
     Lk, Dv = int(k.shape[2]), int(v.shape[3])
     device = q.device.id
@@ -147,4 +148,4 @@ def attention_cuda(q, k, v, out, weights, lse, mask, bias, key_lengths, scale, d
                       _ptr(mask), _element_strides(mask) if mask is not None else _NO_STRIDES,
                       _ptr(bias), _element_strides(bias) if bias is not None else _NO_STRIDES,
                       _ptr(key_lengths), B, H, Lq, Lk, D, Dv, scale, dropout, seed, threshold,
-                      dropout_scale, dtype_flag, int(stream.ptr), device)
+                      dropout_scale, dtype, int(stream.ptr), device)

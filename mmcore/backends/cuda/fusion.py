@@ -35,7 +35,6 @@ from .common import same_device as _same_device
 
 __all__ = ["masked_mean_cuda", "masked_max_cuda", "fuse_cuda"]
 
-_STRATEGIES = {"concat": 0, "mean": 1, "sum": 2, "max": 3, "weighted": 4, "attention": 5}
 _MASK_DTYPES = ("bool", "uint8")
 ATTENTION_MAX_MODALITIES = 8192  # kFuseAttentionMaxModalities in csrc/cuda/fusion_cuda.h
 
@@ -236,5 +235,5 @@ def fuse_cuda(emb, present, weights, query, out, out_weights, *, strategy):
     with cp.cuda.Device(device):
         stream = cp.cuda.get_current_stream()
         _run(mod.fuse, _ptr(e), _ptr(p), _ptr(w), weights_per_batch, _ptr(q), query_per_batch,
-             _ptr(o), _ptr(ow), B, M, D, _STRATEGIES[strategy], int(stream.ptr), device)
+             _ptr(o), _ptr(ow), B, M, D, strategy, int(stream.ptr), device)
     return out, out_weights

@@ -48,7 +48,6 @@ from .common import same_device as _same_device
 
 __all__ = ["resize_cuda", "normalize_cuda", "patchify_cuda", "preprocess_image_cuda"]
 
-_FILTERS = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos": 3}
 _LAYOUTS = {"chw": 0, "hwc": 1}
 _DTYPES = {"uint8": 0, "float32": 1}
 
@@ -164,7 +163,7 @@ def resize_cuda(srcs, dsts, *, filter, antialias):
     op = "resize"
     cp = _cupy(op)
     mod = _cuda_module(op, "resize")
-    filt = _FILTERS[filter]
+    filt = filter
     aa = bool(antialias)
     src_list = _image_list(cp, op, "srcs", srcs)
     dst_list = _image_list(cp, op, "dsts", dsts)
@@ -199,7 +198,7 @@ def resize_cuda(srcs, dsts, *, filter, antialias):
         if C > 0:
             groups.setdefault(C, []).append((s, d))
 
-    dt = _DTYPES[dtype.name]
+    dt = dtype.name
     with cp.cuda.Device(device):
         stream = cp.cuda.get_current_stream()
         for C, pairs in groups.items():
@@ -268,8 +267,8 @@ def normalize_cuda(src, dst, mean, std, *, scale, layout):
             return dst
         x = cp.ascontiguousarray(x)
         stream = cp.cuda.get_current_stream()
-        _run(op, mod.normalize, _ptr(x), _ptr(out), N, H, W, C, _DTYPES[x.dtype.name], _ptr(m),
-             _ptr(s), sc, lay, int(stream.ptr), device)
+        _run(op, mod.normalize, _ptr(x), _ptr(out), N, H, W, C, x.dtype.name, _ptr(m),
+             _ptr(s), sc, layout, int(stream.ptr), device)
     return dst
 
 
@@ -387,7 +386,7 @@ def preprocess_image_cuda(srcs, out, geoms, mean, std, *, crop_h, crop_w, filter
     op = "preprocess_image"
     cp = _cupy(op)
     mod = _cuda_module(op, "preprocess_image")
-    filt = _FILTERS[filter]
+    filt = filter
     aa = bool(antialias)
     sc = float(scale)
     ch = int(crop_h)

@@ -31,7 +31,6 @@ MAX_N_FFT = 8192
 
 _OP = "spectral"
 _KINDS = {"complex": 0, "power": 1, "mel": 2}
-_LOG_MODES = {"none": 0, "log10": 1, "ln": 2}
 _PAD_MODES = {"constant": 0, "reflect": 1}
 
 
@@ -180,7 +179,7 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
                            f"{MAX_N_FFT}; use the native or numba backend on the host")
     hop, frame_length, frame_offset = int(hop), int(frame_length), int(frame_offset)
     pad_left, n_frames = int(pad_left), int(n_frames)
-    pad_i, kind_i, log_i = _PAD_MODES[pad_mode], _KINDS[kind], _LOG_MODES[log_mode]
+    pad_i, kind_i = _PAD_MODES[pad_mode], _KINDS[kind]
     dither_f, preemph_f = float(dither), float(preemph)
     seed_i = int(seed) % (1 << 64)
     remove_dc = bool(remove_dc)
@@ -253,8 +252,8 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
         try:
             mod.spectral(int(x.data.ptr) if x.size else 0, int(out.data.ptr),
                          0 if win is None else int(win.data.ptr), *tables,
-                         N, T, n_fft, hop, frame_length, frame_offset, pad_left, pad_i, n_frames,
-                         dither_f, seed_i, remove_dc, preemph_f, kind_i, power_f, n_mels, log_i,
+                         N, T, n_fft, hop, frame_length, frame_offset, pad_left, pad_mode, n_frames,
+                         dither_f, seed_i, remove_dc, preemph_f, kind, power_f, n_mels, log_mode,
                          log_floor_f, whisper_norm, int(stream.ptr), device)
         except RuntimeError as exc:
             # The arguments were checked above; what the kernel still rejects is a limit of
