@@ -291,3 +291,24 @@ def test_switching_other_modalities_keeps_the_cache_warm():
     model.enable("audio")
     model.infer(full)
     assert model.cache_stats()["caches"]["text"]["hits"] == hits + 2
+
+
+def test_config_keys_follow_the_config_values():
+    import dataclasses
+
+    items = default_model(seed=0).item_cache
+    cfg = default_config()
+    mc = cfg.modalities[T]
+    same = dataclasses.replace(mc)
+    assert same is not mc
+    assert items.config_key(same) == items.config_key(mc)
+    assert items.config_key(mc).startswith("config:")
+    # settings that do not decide the cached values leave the key alone
+    assert items.config_key(dataclasses.replace(mc, priority=mc.priority + 1)) == \
+        items.config_key(mc)
+    assert items.config_key(dataclasses.replace(mc, embed_dim=mc.embed_dim * 2)) != \
+        items.config_key(mc)
+    assert items.config_key(cfg.modalities[I]) != items.config_key(mc)
+    assert items.config_key(default_config()) == items.config_key(cfg)
+    assert items.config_key(dataclasses.replace(cfg, fused_dim=1024)) != \
+        items.config_key(cfg)

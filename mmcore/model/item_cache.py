@@ -30,14 +30,13 @@ True
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..cache import CacheManager, content_key, digest_bytes, hash_field, new_hasher
-from ..config import CacheConfig, ModalityConfig, MultiModalConfig
+from ..cache import CacheManager, content_key, hash_field, new_hasher
+from ..config import CacheConfig, ModalityConfig, MultiModalConfig, config_digest
 from ..errors import ConfigError, ShapeError
 from ..modality import Modality
 from .inputs import MultiModalInput, item_data, kind_of, raw_items, raw_subset
@@ -178,19 +177,16 @@ class ItemCache:
         hit = memo.get(id(cfg))
         if hit is not None and hit[0] is cfg:
             return hit[1]
+        fields: Dict[str, Any]
         if isinstance(cfg, ModalityConfig):
-            fields = {"modality": str(cfg.modality),
-                      "preprocessing": (None if cfg.preprocessing is None
-                                        else cfg.preprocessing.to_dict()),
+            fields = {"modality": cfg.modality, "preprocessing": cfg.preprocessing,
                       "encoder": cfg.encoder, "embed_dim": cfg.embed_dim,
-                      "encoder_config": cfg.encoder_config.to_dict(),
+                      "encoder_config": cfg.encoder_config,
                       "quantization": cfg.quantization, "extra": cfg.extra}
         else:
-            fields = {"fusion": cfg.fusion.to_dict(), "fused_dim": cfg.fused_dim,
-                      "cross_attention": (None if cfg.cross_attention is None
-                                          else cfg.cross_attention.to_dict())}
-        key = "config:" + digest_bytes(json.dumps(fields, sort_keys=True, default=str)
-                                       .encode("utf-8"))
+            fields = {"fusion": cfg.fusion, "fused_dim": cfg.fused_dim,
+                      "cross_attention": cfg.cross_attention}
+        key = "config:" + config_digest(fields)
         if len(memo) > 64:
             memo.clear()
         memo[id(cfg)] = (cfg, key)
