@@ -8,16 +8,27 @@ Examples
 (1, 2, 3, 8)
 """
 
-from ._version import __version__
-from . import errors, ops
+from . import config, errors, ops, preprocess
 from ._backend import backends, get_num_threads, set_num_threads, use_backend
-from . import config, preprocess
-from .modality import Modality
+from ._version import __version__
 from .cache import TensorCache
-from .config import (AttentionFusion, CacheConfig, CachePolicy, CrossModalAttentionConfig,
-                     CustomFusion, EarlyFusion, EncoderConfig, FusionStrategy, LateFusion,
-                     MiddleFusion, ModalityConfig, MultiModalConfig, PreprocessingConfig,
-                     register_fusion)
+from .config import (
+    AttentionFusion,
+    CacheConfig,
+    CachePolicy,
+    CrossModalAttentionConfig,
+    CustomFusion,
+    EarlyFusion,
+    EncoderConfig,
+    FusionStrategy,
+    LateFusion,
+    MiddleFusion,
+    ModalityConfig,
+    MultiModalConfig,
+    PreprocessingConfig,
+    register_fusion,
+)
+from .modality import Modality
 
 __all__ = ["__version__", "errors", "ops", "config", "preprocess", "backends", "use_backend",
            "set_num_threads", "get_num_threads", "Modality", "TensorCache", "MultiModalConfig",

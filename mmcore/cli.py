@@ -69,11 +69,13 @@ def _info(args) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0 if ok else 1
     nat, cuda, nb = info["backends"]["native"], info["backends"]["cuda"], info["backends"]["numba"]
-    print(f"mmcore {__version__} (Python {info['python']}, NumPy {info['numpy']}, {info['machine']})")
+    print(f"mmcore {__version__} (Python {info['python']}, NumPy {info['numpy']}, "
+          f"{info['machine']})")
     print(f"  native : ISA {nat['isa']} (compiled: {', '.join(nat['compiled_isas'])}; "
           f"CPU: {', '.join(nat['cpu_features']) or 'no AVX'}), threads {nat['threads']}")
     if cuda["available"]:
-        devs = "; ".join(f"{d.get('index')}: {d.get('name')} (sm {d.get('compute_capability')})" for d in cuda["devices"])
+        devs = "; ".join(f"{d.get('index')}: {d.get('name')} (sm {d.get('compute_capability')})"
+                         for d in cuda["devices"])
         print(f"  cuda   : available, devices {devs}")
     else:
         print(f"  cuda   : absent ({cuda.get('reason')})")
@@ -81,7 +83,8 @@ def _info(args) -> int:
         print(f"  numba  : available (numba {nb['version']})")
     else:
         print(f"  numba  : absent ({nb.get('reason')})")
-    print(f"  attention self-check vs NumPy float64: max abs err {err:.2e} ({'ok' if ok else 'FAILED'})")
+    print(f"  attention self-check vs NumPy float64: max abs err {err:.2e} "
+          f"({'ok' if ok else 'FAILED'})")
     return 0 if ok else 1
 
 
@@ -210,8 +213,8 @@ def _run(args) -> int:
     except (MMCoreError, OSError, ImportError) as exc:
         return _fail(f"{type(exc).__name__}: {exc}")
     stats = _vector_stats(out.fused)
-    print(f"mmcore run: {'model ' + args.model if args.model else 'default_model(seed=%d)' % args.seed}"
-          f", inputs: {', '.join(inputs)}")
+    model_desc = "model " + args.model if args.model else "default_model(seed=%d)" % args.seed
+    print(f"mmcore run: {model_desc}, inputs: {', '.join(inputs)}")
     print(f"  fused  {tuple(out.fused.shape)}  mean {stats['mean']:+.4f}  std {stats['std']:.4f}  "
           f"min {stats['min']:+.4f}  max {stats['max']:+.4f}  "
           f"L2 {', '.join(f'{v:.4f}' for v in stats['l2_norm_per_row'])}")
@@ -283,6 +286,7 @@ def _features(args) -> int:
 
 def _node(args) -> int:
     import logging
+
     from .distributed.node import run_node
     from .errors import ConfigError, ModalityError, ModelFormatError
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
@@ -316,7 +320,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command")
     p_info = sub.add_parser("info", help="version, backends, ISA, threads, CUDA devices")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    p_info.add_argument("--threads", type=int, default=None, help="thread count for the native kernels")
+    p_info.add_argument("--threads", type=int, default=None,
+                        help="thread count for the native kernels")
 
     p_demo = sub.add_parser("demo", help="run the default model on generated inputs, print "
                                          "timings and write pictures")

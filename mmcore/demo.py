@@ -150,9 +150,9 @@ def run_demo(out_dir: str = "mmcore-demo", *, batch: int = 1, seed: int = 0, war
     ``repeat`` timed calls), ``shapes`` (``fused``, ``pooled`` and ``embeddings`` per modality),
     ``attention`` (a few numbers per weight map), ``files`` (the PNGs written) and the settings.
     """
+    from . import viz
     from .model import default_model
     from .ops import log_mel_spectrogram
-    from . import viz
 
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
@@ -164,6 +164,7 @@ def run_demo(out_dir: str = "mmcore-demo", *, batch: int = 1, seed: int = 0, war
     model.reset_stats()
     for _ in range(max(repeat, 1)):
         out = model.infer(inputs, return_weights=True)
+    assert out is not None  # the timed loop runs at least once
     snap = model.stats()
     order = ([k for k in snap if k.startswith("preprocess:")]
              + [k for k in snap if k.startswith("encode:")]
@@ -202,7 +203,8 @@ def format_report(rep: Dict[str, Any]) -> str:
     """The human-readable form of :func:`run_demo`'s result."""
     lines = [f"mmcore demo: default_model(seed={rep['seed']}), batch {rep['batch']}, "
              f"{rep['warmup']} warm-up + {rep['repeat']} timed infer(return_weights=True) calls",
-             f"  inputs: text {rep['inputs']['text']!r}; image uint8 {tuple(rep['inputs']['image'])}; "
+             f"  inputs: text {rep['inputs']['text']!r}; "
+             f"image uint8 {tuple(rep['inputs']['image'])}; "
              f"audio chirp {tuple(rep['inputs']['audio'])} at {rep['inputs']['audio_sr']} Hz; "
              f"video uint8 {tuple(rep['inputs']['video'])}",
              ""]

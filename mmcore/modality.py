@@ -109,9 +109,13 @@ class Modality:
     Traceback (most recent call last):
     ...
     mmcore.errors.ModalityError: unknown modality 'smell': expected 'text', 'image', 'audio', 'video' or 'custom:<id>'
-    """
+    """  # noqa: E501
 
     __slots__ = ("_name", "_id", "_key")
+    # the slots' types (set once, in _make, through object.__setattr__)
+    _name: str
+    _id: Union[int, str, None]
+    _key: Tuple[Any, ...]
 
     TEXT: ClassVar["Modality"]
     IMAGE: ClassVar["Modality"]
@@ -160,7 +164,7 @@ class Modality:
         Traceback (most recent call last):
         ...
         mmcore.errors.ModalityError: custom modality id must be an integer in [0, 2147483647] or a name, got -1
-        """
+        """  # noqa: E501
         ident = _custom_id(id)
         return cls._make(f"{_CUSTOM_PREFIX}{ident}", ident)
 

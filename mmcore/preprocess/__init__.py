@@ -26,8 +26,14 @@ Examples
 from .audio import AudioPreprocessor, load_audio, load_audio_with_rate, resample
 from .image import ImagePreprocessor, load_image
 from .text import ByteTokenizer, HFTokenizer, TextPreprocessor, load_tokenizer
-from .video import (VideoPreprocessor, load_video, sample_frame_indices, sample_video_array,
-                    temporal_windows, video_info)
+from .video import (
+    VideoPreprocessor,
+    load_video,
+    sample_frame_indices,
+    sample_video_array,
+    temporal_windows,
+    video_info,
+)
 
 __all__ = ["AudioPreprocessor", "load_audio", "load_audio_with_rate", "resample",
            "ImagePreprocessor", "load_image",

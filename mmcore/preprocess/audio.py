@@ -17,15 +17,27 @@ from __future__ import annotations
 import math
 import os
 import struct
-from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    BinaryIO,
+    Dict,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    overload,
+)
 
 import numpy as np
 
 from .. import ops
 from .._files import open_regular
 from ..config import MAX_AUDIO_ITEM_S, PreprocessingConfig
-from ..ops._checks import check_limit
 from ..errors import ArgumentError, AudioDecodeError, ConfigError, ShapeError
+from ..ops._checks import check_limit
 
 __all__ = ["load_audio", "load_audio_with_rate", "resample", "AudioPreprocessor"]
 
@@ -79,6 +91,14 @@ def _import_soxr():
         raise ImportError("mmcore.preprocess needs the 'soxr' package to resample "
                           f"(pip install soxr): {exc}") from exc
     return soxr
+
+
+@overload
+def _check_rate(op: str, name: str, value: Any, *, optional: Literal[False]) -> int: ...
+
+
+@overload
+def _check_rate(op: str, name: str, value: Any, *, optional: bool) -> Optional[int]: ...
 
 
 def _check_rate(op: str, name: str, value: Any, *, optional: bool) -> Optional[int]:
@@ -687,17 +707,20 @@ class AudioPreprocessor:
     """
 
     def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None):
+        cfg: PreprocessingConfig
         if config is None:
-            config = PreprocessingConfig()
+            cfg = PreprocessingConfig()
         elif isinstance(config, Mapping):
-            config = PreprocessingConfig.from_dict(config)
-        elif not isinstance(config, PreprocessingConfig):
+            cfg = PreprocessingConfig.from_dict(config)
+        elif isinstance(config, PreprocessingConfig):
+            cfg = config
+        else:
             raise ConfigError(f"AudioPreprocessor.config must be a PreprocessingConfig, a mapping "
                               f"or None, got {type(config).__name__}")
-        if config.modality != "audio":
+        if cfg.modality != "audio":
             raise ConfigError(f"AudioPreprocessor.config.modality must be 'audio', "
-                              f"got {config.modality!r}")
-        self.config = config
+                              f"got {cfg.modality!r}")
+        self.config = cfg
 
     def __repr__(self) -> str:
         return f"AudioPreprocessor({self.config!r})"
@@ -847,7 +870,7 @@ class AudioPreprocessor:
         np.log(mel, out=mel)
         return mel
 
-    def frame_mask(self, lengths: Sequence[int], n_frames: int) -> np.ndarray:
+    def frame_mask(self, lengths: Union[Sequence[int], np.ndarray], n_frames: int) -> np.ndarray:
         """The ``attention_mask`` for items of ``lengths`` real samples and ``n_frames`` frames.
 
         See the class docstring for the rule (a frame is real when its window overlaps a real

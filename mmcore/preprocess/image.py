@@ -21,10 +21,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import ops
-from ..config import PreprocessingConfig
-from ..ops._checks import check_limit
 from .._files import open_regular
+from ..config import PreprocessingConfig
 from ..errors import ArgumentError, ConfigError, ImageDecodeError, ShapeError
+from ..ops._checks import check_limit
 
 __all__ = ["load_image", "ImagePreprocessor"]
 
@@ -207,8 +207,8 @@ def load_image(path: Any, *, max_pixels: Optional[float] = None,
         source = path
         shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
     else:
-        raise ArgumentError(f"[load_image] path must be a str, os.PathLike or a binary file object, "
-                            f"got {type(path).__name__}")
+        raise ArgumentError(f"[load_image] path must be a str, os.PathLike or a binary file "
+                            f"object, got {type(path).__name__}")
 
     def fail(msg: str, exc: Optional[BaseException] = None) -> ImageDecodeError:
         err = ImageDecodeError(f"[load_image] cannot decode image file {shown}: {msg}")

@@ -33,7 +33,8 @@ def _check_max_length(op: str, max_length: Any) -> Optional[int]:
         return None
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) \
             or max_length < 1:
-        raise ArgumentError(f"[{op}] max_length must be an integer >= 1 or None, got {max_length!r}")
+        raise ArgumentError(f"[{op}] max_length must be an integer >= 1 or None, "
+                            f"got {max_length!r}")
     return int(max_length)
 
 
@@ -325,7 +326,8 @@ class HFTokenizer:
         """Ids of ``text`` as an int64 array (see the class notes for ``max_length``)."""
         max_length = _check_max_length("HFTokenizer.encode", max_length)
         if not isinstance(text, str):
-            raise ArgumentError(f"[HFTokenizer.encode] text must be a str, got {type(text).__name__}")
+            raise ArgumentError(f"[HFTokenizer.encode] text must be a str, "
+                                f"got {type(text).__name__}")
         return self._encode_many([text], add_eos=add_eos, max_length=max_length)[0]
 
     def encode_batch(self, texts: Sequence[str], *, add_eos: bool = False,

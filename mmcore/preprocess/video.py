@@ -23,15 +23,15 @@ import bisect
 import math
 import os
 from fractions import Fraction
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import ops
 from .._files import check_regular
 from ..config import PreprocessingConfig
-from ..ops._checks import check_int, check_limit
 from ..errors import ArgumentError, ConfigError, ShapeError, VideoDecodeError
+from ..ops._checks import check_int, check_limit
 from .image import _as_config, config_image_kwargs, preprocess_image_op
 
 __all__ = ["sample_frame_indices", "temporal_windows", "load_video", "sample_video_array",
@@ -65,7 +65,6 @@ DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,mpegvideo,flv
 
 
 from ..ops.video import STRATEGIES, _rate_arg, sample_frame_indices, temporal_windows  # noqa: E402,F401
-
 
 # --------------------------------------------------------------------------------------------
 # arrays
@@ -350,9 +349,11 @@ class _VideoReader:
         return pos or None
 
     def _index_of_pts(self, pts: int) -> int:
+        assert self.time_base is not None and self.rate is not None  # _setup checked both
         return int(math.floor(float((pts - self.start) * self.time_base * self.rate) + 0.5))
 
     def _pts_of_index(self, i: int) -> int:
+        assert self.time_base is not None and self.rate is not None  # _setup checked both
         return self.start + int(math.floor(Fraction(i) / self.rate / self.time_base))
 
     def _should_seek(self, last: Optional[int], t: int) -> bool:
@@ -396,7 +397,7 @@ class _VideoReader:
                     self._note_keyframe(kf, False)
                 self.index_complete = True
 
-    def _decode(self):
+    def _decode(self) -> Iterator[Tuple[int, Any]]:
         """Frames from the current position, as (index, frame), noting key frames."""
         first = True
         for frame in self.container.decode(self.stream):
@@ -432,7 +433,8 @@ class _VideoReader:
             return frames, times
         return np.ascontiguousarray(frames[inverse.ravel()]), times[inverse.ravel()]
 
-    def _seek_before(self, t: int, last: Optional[Tuple[int, Any]]):
+    def _seek_before(self, t: int, last: Optional[Tuple[int, Any]]
+                     ) -> Tuple[Iterator[Tuple[int, Any]], Optional[Tuple[int, Any]]]:
         """Seek so that decoding starts at or before frame ``t``; returns the iterator and
         its first (index, frame), or None at the end of the stream."""
         back = 0
@@ -455,8 +457,8 @@ class _VideoReader:
         out: Optional[np.ndarray] = None
         times = np.zeros(len(targets), np.float64)
         shape: Optional[Tuple[int, int]] = None
-        it = iter(())           # (index, frame) iterator since the last seek
-        last = None             # (index, frame) decoded last
+        it: Iterator[Tuple[int, Any]] = iter(())   # (index, frame) iterator since the last seek
+        last: Optional[Tuple[int, Any]] = None     # (index, frame) decoded last
         # frames that may be missing at the end before the stream counts as truncated
         tol = max(2, self.num_frames // 50) if self.exact_count else self.num_frames
 
@@ -475,13 +477,14 @@ class _VideoReader:
                 out = np.empty((len(targets),) + img.shape, np.uint8)
             out[k] = img
             pts = frame.pts if frame.pts is not None else self._pts_of_index(targets[k])
+            assert self.time_base is not None  # _setup checked it
             times[k] = float((pts - self.start) * self.time_base)
 
         for k, t in enumerate(targets):
             if last is not None and last[0] >= t:
                 store(k, last[1])     # irregular timestamps: the frame already decoded
                 continue
-            found = None
+            found: Optional[Tuple[int, Any]] = None
             if self._should_seek(last[0] if last else None, t):
                 it, first = self._seek_before(t, last)
                 if first is not None:
@@ -765,6 +768,7 @@ class VideoPreprocessor:
         op = "VideoPreprocessor"
         video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
         fn = preprocess_image_op()
+        times: Optional[np.ndarray]
         if isinstance(video, (str, bytes, os.PathLike)) or hasattr(video, "read"):
             max_pixels = check_limit("max_pixels", self.max_pixels, op=op,
                                      default=MAX_VIDEO_FRAME_PIXELS)
