@@ -63,6 +63,19 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """How many docstring examples ran (tests/test_doctests.py)."""
+    count = modules = 0
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for key, value in getattr(report, "user_properties", ()):
+                if key == "doctest_examples" and getattr(report, "when", "") == "call":
+                    count += value
+                    modules += value > 0
+    if modules:
+        terminalreporter.write_line(f"docstring examples run: {count} in {modules} modules")
+
+
 @pytest.fixture(params=HOST_BACKENDS)
 def backend(request):
     """Each host backend in turn (numba skipped when it is not installed)."""

@@ -80,7 +80,7 @@ def test_modules_are_found():
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name, pytestconfig, record_property):
+def test_docstring_examples(name, pytestconfig, request):
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -92,12 +92,12 @@ def test_docstring_examples(name, pytestconfig, record_property):
     # Examples may change process-wide settings (set_num_threads does); later tests see none of it.
     threads = mmcore.get_num_threads()
     try:
-        _run_examples(module, name, pytestconfig, record_property)
+        _run_examples(module, name, pytestconfig, request.node)
     finally:
         mmcore.set_num_threads(threads)
 
 
-def _run_examples(module, name, pytestconfig, record_property):
+def _run_examples(module, name, pytestconfig, node):
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=_optionflags(pytestconfig), verbose=False)
     report = io.StringIO()
@@ -117,7 +117,7 @@ def _run_examples(module, name, pytestconfig, record_property):
             runner.run(test, out=report.write, clear_globs=True)
         finally:
             test.globs.clear()
-    record_property("doctest_examples", runner.tries)
+    node.user_properties.append(("doctest_examples", runner.tries))  # summed in conftest.py
     assert runner.failures == 0, (
         f"{runner.failures} of {runner.tries} examples failed in {name}:\n" + report.getvalue())
     if skipped:
