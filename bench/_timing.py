@@ -21,6 +21,7 @@ same helper, so their numbers can be compared directly:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib
 import math
@@ -136,14 +137,14 @@ def machine_ceilings(*, gemm_n: int = 2048, copy_mb: int = 256, repeat: int = 5,
     a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
     b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
     c = np.empty((gemm_n, gemm_n), np.float32)
-    t = timeit(lambda: np.matmul(a, b, out=c), warmup=1, repeat=repeat)
+    t = timeit(functools.partial(np.matmul, a, b, out=c), warmup=1, repeat=repeat)
     gemm = 2.0 * gemm_n ** 3 / t.median / 1e9
     del a, b, c
 
     n = copy_mb * (1 << 20) // 4
     src = np.ones(n, np.float32)
     dst = np.zeros(n, np.float32)  # written once by zeros + first-touch in warm-up
-    tc = timeit(lambda: np.copyto(dst, src), warmup=1, repeat=repeat)
+    tc = timeit(functools.partial(np.copyto, dst, src), warmup=1, repeat=repeat)
     copy = 2.0 * src.nbytes / tc.median / 1e9
     nbytes = src.nbytes
     del src, dst
@@ -234,8 +235,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, backends: Sequence[str] = ("native", "numba")
-                    ) -> argparse.ArgumentParser:
+def add_common_args(parser: argparse.ArgumentParser, *,
+                    backends: Sequence[str] = ("native", "numba")) -> argparse.ArgumentParser:
     """Add ``--threads``, ``--quick`` and ``--backend`` to a benchmark's argument parser."""
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="threads for mmcore, torch and (with threadpoolctl) numpy's BLAS "

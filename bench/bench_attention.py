@@ -38,11 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 try:
-    import mmcore  # noqa: E402
     from mmcore.ops import attention  # noqa: E402
 except ImportError as _exc:  # pragma: no cover - not installed
     raise SystemExit(f"mmcore is not importable ({_exc}); build and install it first: "
-                     "pip install --no-build-isolation -Cbuild-dir=build -e .")
+                     "pip install --no-build-isolation -Cbuild-dir=build -e .") from _exc
 
 
 class Case(NamedTuple):
@@ -215,7 +214,8 @@ def main(argv=None) -> int:
     if speedups_torch:
         gm = T.geomean([s for s, _ in speedups_torch])
         worst, worst_case = min(speedups_torch, key=lambda t: t[0])
-        print(f"  geometric mean speedup vs torch SDPA over {len(speedups_torch)} shapes: {gm:.2f}x")
+        print(f"  geometric mean speedup vs torch SDPA over {len(speedups_torch)} shapes: "
+              f"{gm:.2f}x")
         target = [s for s, c in speedups_torch if not c.note.startswith("decode")]
         if len(target) != len(speedups_torch):
             print(f"  geometric mean speedup vs torch SDPA over the {len(target)} target shapes "
@@ -229,7 +229,8 @@ def main(argv=None) -> int:
     if big is not None:
         g_big = gf(big.case, big.mm)
         print(f"  largest shape {big.case.label}: mmcore {g_big:.1f} GFLOP/s = "
-              f"{100.0 * g_big / ceil.gemm_gflops:.1f}% of float32 GEMM ({ceil.gemm_gflops:.1f} GFLOP/s)")
+              f"{100.0 * g_big / ceil.gemm_gflops:.1f}% of float32 GEMM "
+              f"({ceil.gemm_gflops:.1f} GFLOP/s)")
     if failed:
         print(f"  CORRECTNESS CHECK FAILED (max abs diff > {ATOL:g}) on: "
               + ", ".join(c.label for c in failed))

@@ -54,7 +54,7 @@ try:
     from mmcore.ops import fbank, log_mel_spectrogram  # noqa: E402
 except ImportError as _exc:  # pragma: no cover - not installed or ops missing
     raise SystemExit(f"mmcore (with its audio ops) is not importable ({_exc}); build and install "
-                     "it first: pip install --no-build-isolation -Cbuild-dir=build -e .")
+                     "it first: pip install --no-build-isolation -Cbuild-dir=build -e .") from _exc
 
 SR = 16000
 N_FFT = 400

@@ -34,7 +34,7 @@ try:
     from mmcore.ops import log_mel_spectrogram, preprocess_image  # noqa: E402
 except ImportError as _exc:  # pragma: no cover
     raise SystemExit(f"mmcore is not importable ({_exc}); build and install it first: "
-                     "pip install -e .")
+                     "pip install -e .") from _exc
 
 HASH_TARGET_GBPS = 1.0
 HIT_TARGET_FRACTION = 0.05
@@ -50,14 +50,16 @@ def bench_hashing(quick: bool):
     for mb in (1, 16):
         x = rng.standard_normal(mb * (1 << 20) // 4, dtype=np.float32)
         for algo in algos:
-            t = T.timeit(lambda: mc.content_key(x, modality="image", model="m", algorithm=algo),
+            # the timed callables bind this iteration's x and algo (timed right here)
+            t = T.timeit(lambda x=x, algo=algo: mc.content_key(x, modality="image", model="m",
+                                                               algorithm=algo),
                          warmup=1, repeat=3 if quick else 9, min_time=0 if quick else 0.5)
             if algo == "blake2b":
-                raw = T.timeit(lambda: hashlib.blake2b(x, digest_size=32).digest(), warmup=1,
+                raw = T.timeit(lambda x=x: hashlib.blake2b(x, digest_size=32).digest(), warmup=1,
                                repeat=3 if quick else 9)
             else:
-                raw = T.timeit(lambda: mc._blake3_mod.blake3(x.view(np.uint8)).digest(), warmup=1,
-                               repeat=3 if quick else 9)
+                raw = T.timeit(lambda x=x: mc._blake3_mod.blake3(x.view(np.uint8)).digest(),
+                               warmup=1, repeat=3 if quick else 9)
             gbps = x.nbytes / t.median / 1e9
             best[(algo, mb)] = gbps
             rows.append([f"{mb} MB float32", algo, T.fmt(gbps), T.fmt(x.nbytes / raw.median / 1e9),
@@ -121,9 +123,10 @@ def bench_hits(quick: bool):
         key = mc.content_key(x, modality="m", config=cfg, model="bench")
         cache.put(key, fn())
         t_compute = T.timeit(fn, **rep)
-        t_hit = T.timeit(lambda: cache.get_or_compute(
+        # the timed callables bind this case's data, cfg, fn and key (timed right here)
+        t_hit = T.timeit(lambda data=data, cfg=cfg, fn=fn: cache.get_or_compute(
             mc.content_key(data(), modality="m", config=cfg, model="bench"), fn), **rep)
-        t_lookup = T.timeit(lambda: cache.get(key), warmup=10, repeat=200, number=100)
+        t_lookup = T.timeit(lambda key=key: cache.get(key), warmup=10, repeat=200, number=100)
         frac = t_hit.median / t_compute.median
         ok = frac < HIT_TARGET_FRACTION
         verdicts.append((name, ok))
@@ -133,7 +136,8 @@ def bench_hits(quick: bool):
                      f"{100 * frac:.2f} %", f"{100 * t_lookup.median / t_compute.median:.3f} %",
                      "MET" if ok else "NOT MET"])
     T.print_table(["input", "MB", "recompute ms", "hit (hash+get) ms", "get only us",
-                   "hit / recompute", "get / recompute", f"hit < {100 * HIT_TARGET_FRACTION:.0f} %"], rows)
+                   "hit / recompute", "get / recompute",
+                   f"hit < {100 * HIT_TARGET_FRACTION:.0f} %"], rows)
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     print("hit = content_key of what the model keys (the array; for a path, the file's bytes, "

@@ -29,7 +29,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
-
 import mmcore  # noqa: E402
 import mmcore.distributed  # noqa: E402
 from mmcore.distributed import LocalCluster  # noqa: E402
@@ -115,11 +114,12 @@ def bench_round_trip(model_dir: str, quick: bool) -> None:
             for mod, label, x in cases:
                 enc = remote._remote[mmcore.Modality(mod)]
 
-                def run_local():
+                # the timed functions bind this case's mod, x, enc and it (timed right here)
+                def run_local(mod=mod, x=x):
                     local.clear_cache()
                     return local.encode_modality(mod, x)
 
-                def health():
+                def health(mod=mod):
                     coord.check_health(coord.nodes[mmcore.Modality(mod)][0])
 
                 # node-side cache: every remote call sends new bytes (made before timing)
@@ -134,7 +134,7 @@ def bench_round_trip(model_dir: str, quick: bool) -> None:
                         fresh.append(y)
                 it = iter(fresh)
 
-                def run_remote_fresh():
+                def run_remote_fresh(enc=enc, it=it):
                     return enc.submit(next(it), is_raw=True, attention_mask=None).result()
 
                 tl = T.timeit(run_local, warmup=2, repeat=rep)

@@ -57,7 +57,7 @@ try:
     from mmcore.ops import fuse, masked_max, masked_mean  # noqa: E402
 except ImportError as _exc:  # pragma: no cover - not installed
     raise SystemExit(f"mmcore is not importable ({_exc}); build and install it first: "
-                     "pip install --no-build-isolation -Cbuild-dir=build -e .")
+                     "pip install --no-build-isolation -Cbuild-dir=build -e .") from _exc
 
 
 class Case(NamedTuple):

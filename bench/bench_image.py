@@ -59,7 +59,7 @@ try:
     from mmcore.preprocess import load_image, load_video, sample_frame_indices  # noqa: E402
 except ImportError as _exc:  # pragma: no cover - not installed or ops missing
     raise SystemExit(f"mmcore (with its image ops) is not importable ({_exc}); build and install "
-                     "it first: pip install --no-build-isolation -Cbuild-dir=build -e .")
+                     "it first: pip install --no-build-isolation -Cbuild-dir=build -e .") from _exc
 
 H_IMG, W_IMG = 480, 640
 SIZE = 224
@@ -287,8 +287,9 @@ def run_video(av, tkw, gop: int) -> None:
             with _VideoReader(path, max_threads=DECODER_THREADS, op="bench") as r:
                 r.read(idx)
                 stats = f"{r.frames_decoded} decoded, {r.seeks} seek(s)"
-            t_mm = T.timeit(lambda: load_video(path, n=n, max_threads=DECODER_THREADS), **tkw)
-            t_all = T.timeit(lambda: pyav_decode_all(av, path, idx), **tkw)
+            # the timed callables bind this iteration's n and idx (timed right here)
+            t_mm = T.timeit(lambda n=n: load_video(path, n=n, max_threads=DECODER_THREADS), **tkw)
+            t_all = T.timeit(lambda idx=idx: pyav_decode_all(av, path, idx), **tkw)
             rows.append([f"{n} frames (uniform)", _ms(t_mm), _ms(t_all), _x(_ratio(t_all, t_mm)),
                          stats, str(diff)])
         print(f"load_video on a {VIDEO_S} s {VIDEO_W}x{VIDEO_H} {VIDEO_FPS} fps {codec} clip, "
@@ -374,8 +375,9 @@ def main(argv=None) -> int:
         print(f"  measuring {name}", file=sys.stderr, flush=True)
         ref_single[name] = np.asarray(fn(img), np.float32)
         ref_batch[name] = np.stack([np.asarray(fn(x), np.float32) for x in batch])
-        times_single[name] = T.timeit(lambda: fn(img), **tkw)
-        times_batch[name] = T.timeit(lambda: [fn(x) for x in batch], **tkw_batch)
+        # the timed callables bind this anchor's fn (timed right here)
+        times_single[name] = T.timeit(lambda fn=fn: fn(img), **tkw)
+        times_batch[name] = T.timeit(lambda fn=fn: [fn(x) for x in batch], **tkw_batch)
 
     mm1 = t_single[args.threads]
     mmb = t_batch[args.threads]

@@ -2,9 +2,9 @@
 
 The model is :func:`mmcore.model.default_model` (untrained, all four modalities, text -> image
 cross-attention and attention fusion), with its per-item cache off so that every call runs
-every stage (``bench/bench_cache.py`` measures the cache). The inputs are generated (see :mod:`mmcore.demo`): a
-caption, a 480 x 640 RGB image, a 2 s 16 kHz chirp and an 8-frame 64 x 64 clip per batch item.
-For batch 1 and batch 8 the script measures two variants:
+every stage (``bench/bench_cache.py`` measures the cache). The inputs are generated (see
+:mod:`mmcore.demo`): a caption, a 480 x 640 RGB image, a 2 s 16 kHz chirp and an 8-frame
+64 x 64 clip per batch item. For batch 1 and batch 8 the script measures two variants:
 
 * ``raw``: the raw inputs, so ``infer`` runs the preprocessors (tokenizer, image resize /
   crop / normalize, log-mel, frame sampling) and then the encoders and the fusion;
@@ -53,7 +53,7 @@ try:
     from mmcore.model import default_model  # noqa: E402
 except ImportError as _exc:  # pragma: no cover - not installed
     raise SystemExit(f"mmcore is not importable ({_exc}); build and install it first: "
-                     "pip install --no-build-isolation -Cbuild-dir=build -e .")
+                     "pip install --no-build-isolation -Cbuild-dir=build -e .") from _exc
 
 BATCHES = (1, 8)
 SEED = 0
@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     print("summary")
     for r in results:
         tot = sum(r.shares.values()) or 1e-12
-        print(f"  batch {r.batch} {r.variant}: total p50 {r.stages.get('total', float('nan')) * 1e3:.3f} ms "
+        total_ms = r.stages.get('total', float('nan')) * 1e3
+        print(f"  batch {r.batch} {r.variant}: total p50 {total_ms:.3f} ms "
               f"({r.wall.median * 1e3 / r.batch:.3f} ms/item); inside mmcore kernels "
               f"{100.0 * r.shares['kernels'] / tot:.1f}% (+ops wrappers "
               f"{100.0 * r.shares['ops'] / tot:.1f}%), Python glue and NumPy "
