@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import mmcore
-from mmcore.cache import (CacheItemTooLarge, CacheManager, TensorCache, content_key, nbytes_of)
+from mmcore.cache import CacheItemTooLarge, CacheManager, TensorCache, content_key, nbytes_of
 from mmcore.config import CacheConfig, CachePolicy
 
 
@@ -192,7 +192,10 @@ def test_ttl_pressure_evicts_oldest_and_ttl_with_lru():
 def test_get_or_compute_counts_and_replace():
     c = TensorCache(1000)
     calls = []
-    f = lambda: calls.append(1) or arr(3, 2.0)
+
+    def f():
+        return calls.append(1) or arr(3, 2.0)
+
     c.get_or_compute("k", f)
     c.get_or_compute("k", f)
     assert len(calls) == 1 and c.stats().hits == 1 and c.stats().misses == 1

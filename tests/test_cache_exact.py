@@ -21,7 +21,8 @@ from mmcore.modality import Modality
 from mmcore.model import MultiModalInput, default_model
 from mmcore.ops import attention
 
-T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+# short names of the modalities (I is the image one)
+T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO  # noqa: E741
 N_ITEMS = 10
 
 

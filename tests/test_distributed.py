@@ -19,17 +19,28 @@ import wave
 import numpy as np
 import pytest
 
-from _helpers import node_address, serving_node
 import mmcore.distributed
+from _helpers import node_address, serving_node
 from mmcore import Modality
-from mmcore.distributed import (Coordinator, DistributedConfig, LocalCluster, RemoteError,
-                                ShardingStrategy)
+from mmcore.distributed import (
+    Coordinator,
+    DistributedConfig,
+    LocalCluster,
+    RemoteError,
+    ShardingStrategy,
+)
 from mmcore.distributed.auth import server_handshake
 from mmcore.distributed.coordinator import NodeClient
 from mmcore.distributed.node import READY_PREFIX
 from mmcore.distributed.protocol import HEADER, MAGIC, VERSION, MsgType, recv_frame, send_frame
-from mmcore.errors import (ArgumentError, AuthError, ConfigError, ModalityError,
-                           NodeUnavailableError, ShapeError)
+from mmcore.errors import (
+    ArgumentError,
+    AuthError,
+    ConfigError,
+    ModalityError,
+    NodeUnavailableError,
+    ShapeError,
+)
 from mmcore.model import MultiModalModel, default_model
 from mmcore.model.loader import MultiModalLoader
 
@@ -797,7 +808,7 @@ def test_local_cluster_relative_model_dir(model_dir, tmp_path, monkeypatch):
         assert cluster.model_dir == str(tmp_path / "m")
         tmp = cluster._tmp
     assert not os.path.exists(tmp)
-    with pytest.raises(Exception):
+    with pytest.raises(NodeUnavailableError):     # the node exits: no such model directory
         LocalCluster("missing", {"text": 1}, threads_per_node=1, start_timeout_s=60)
 
 

@@ -20,14 +20,22 @@ import warnings
 import numpy as np
 import pytest
 
+import mmcore.distributed
 from _helpers import node_address, serving_node
 from mmcore.distributed import Coordinator, DistributedConfig, ShardingStrategy
 from mmcore.distributed.auth import SecurityWarning, client_handshake, resolve_token
 from mmcore.distributed.node import READY_PREFIX, NodeServer
-from mmcore.distributed.protocol import (HEADER, MAGIC, VERSION, FrameLimits, MsgType,
-                                         encode_frame, recv_frame, send_frame)
+from mmcore.distributed.protocol import (
+    HEADER,
+    MAGIC,
+    VERSION,
+    FrameLimits,
+    MsgType,
+    encode_frame,
+    recv_frame,
+    send_frame,
+)
 from mmcore.errors import ConfigError, ProtocolError
-import mmcore.distributed
 from mmcore.model import MultiModalModel, default_model
 
 TOKEN = "hostile-tests-cluster-token"
@@ -725,6 +733,7 @@ def _self_signed(tmp_path):
 
 def test_ray_actor_body_never_opens_paths_either(model_dir, tmp_path):
     from PIL import Image
+
     from mmcore.distributed.ray_backend import _EncoderActorImpl
     png = tmp_path / "exists.png"
     Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(png)

@@ -15,13 +15,23 @@ from hypothesis import strategies as st
 from _helpers import PROPERTY_SETTINGS, examples
 from mmcore import Modality
 from mmcore.distributed import DistributedConfig, ShardingStrategy
-from mmcore.distributed.auth import (TOKEN_ENV, client_handshake, resolve_token,
-                                     server_handshake)
+from mmcore.distributed.auth import TOKEN_ENV, client_handshake, resolve_token, server_handshake
 from mmcore.distributed.config import parse_address
 from mmcore.distributed.payload import MAX_ITEMS, pack_input, unpack_input
-from mmcore.distributed.protocol import (ALLOWED_DTYPES, HEADER, MAGIC, VERSION,
-                                         ConnectionClosed, Frame, FrameLimits, MsgType,
-                                         decode_frame, encode_frame, recv_frame, send_frame)
+from mmcore.distributed.protocol import (
+    ALLOWED_DTYPES,
+    HEADER,
+    MAGIC,
+    VERSION,
+    ConnectionClosed,
+    Frame,
+    FrameLimits,
+    MsgType,
+    decode_frame,
+    encode_frame,
+    recv_frame,
+    send_frame,
+)
 from mmcore.errors import AuthError, ConfigError, ProtocolError, ShapeError
 
 
@@ -362,6 +372,7 @@ def test_recv_frame_deadline_bounds_a_dripping_peer():
 
 def test_recv_frame_pace_drops_a_stalled_frame_and_lets_a_steady_one_through():
     import time
+
     from mmcore.distributed.protocol import Pace
     a, b = socket.socketpair()
     b.settimeout(30)
@@ -396,6 +407,7 @@ def test_recv_frame_pace_drops_a_stalled_frame_and_lets_a_steady_one_through():
 
 def test_send_frame_pace_bounds_a_peer_that_does_not_read():
     import time
+
     from mmcore.distributed.protocol import Pace
     a, b = socket.socketpair()
     a.settimeout(30)
@@ -799,6 +811,7 @@ def test_payload_refused_forms_do_not_depend_on_the_value(tmp_path):
 
 def test_payload_keeps_0d_arrays_and_refuses_paths_as_text():
     import pathlib
+
     from mmcore.distributed.payload import pack_input, unpack_input
     desc, arrays = pack_input("audio", np.float32(3.5), attention_mask=np.bool_(True))
     value, mask = unpack_input(desc, arrays, tmpdir=None, with_mask=True)

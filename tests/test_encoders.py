@@ -1,21 +1,39 @@
-"""Tests of the built-in encoders (mmcore.model.encoders) and the fusion layer (mmcore.model.fusion)."""
+"""Tests of the built-in encoders (mmcore.model.encoders) and the fusion layer
+(mmcore.model.fusion)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mmcore.config import (AttentionFusion, CrossModalAttentionConfig, CustomFusion, EarlyFusion,
-                           EncoderConfig, LateFusion, MiddleFusion, ModalityConfig,
-                           MultiModalConfig)
+from mmcore.config import (
+    AttentionFusion,
+    CrossModalAttentionConfig,
+    CustomFusion,
+    EarlyFusion,
+    EncoderConfig,
+    LateFusion,
+    MiddleFusion,
+    ModalityConfig,
+    MultiModalConfig,
+)
 from mmcore.errors import ConfigError, ModalityError, ModelFormatError, ShapeError
 from mmcore.modality import Modality
-from mmcore.model import (FeatureEmbedder, FusionLayer, MelFrameEmbedder, ModalityEncoder,
-                          PatchEmbedder, TokenEmbedder, TransformerEncoder, VideoEmbedder)
+from mmcore.model import (
+    FeatureEmbedder,
+    FusionLayer,
+    MelFrameEmbedder,
+    ModalityEncoder,
+    PatchEmbedder,
+    TokenEmbedder,
+    TransformerEncoder,
+    VideoEmbedder,
+)
 from mmcore.ops import patchify
 
 ATOL = 1e-5
-T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+# short names of the modalities (I is the image one)
+T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO  # noqa: E741
 
 
 def _rand(rng, shape):
@@ -122,10 +140,12 @@ def test_transformer_encoder_split_equals_full():
     full = enc(x, attention_mask=mask)
     for k in range(5):
         h = enc(x, attention_mask=mask, end_layer=k)
-        np.testing.assert_allclose(enc(h, attention_mask=mask, start_layer=k), full, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(enc(h, attention_mask=mask, start_layer=k), full,
+                                   atol=1e-5, rtol=1e-5)
     h = enc(x, attention_mask=mask, end_layer=1)
     h = enc(h, attention_mask=mask, start_layer=1, end_layer=3)
-    np.testing.assert_allclose(enc(h, attention_mask=mask, start_layer=3), full, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(enc(h, attention_mask=mask, start_layer=3), full,
+                               atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError):
         enc(x, start_layer=3, end_layer=2)
     assert enc.dim_feedforward == 64

@@ -8,17 +8,28 @@ import numpy as np
 import pytest
 
 import mmcore
-from mmcore.config import (AttentionFusion, CrossModalAttentionConfig, CustomFusion,
-                           EarlyFusion, LateFusion, MiddleFusion, ModalityConfig,
-                           MultiModalConfig)
+from mmcore.config import (
+    AttentionFusion,
+    CustomFusion,
+    EarlyFusion,
+    LateFusion,
+    MiddleFusion,
+    ModalityConfig,
+    MultiModalConfig,
+)
 from mmcore.errors import ConfigError, ModalityError, ModelFormatError, ShapeError
 from mmcore.modality import Modality
 from mmcore.model import MultiModalInput, MultiModalModel, MultiModalOutput, default_model
 from mmcore.model.model import LatencyStats, default_config
-from mmcore.preprocess import (AudioPreprocessor, ImagePreprocessor, TextPreprocessor,
-                               VideoPreprocessor)
+from mmcore.preprocess import (
+    AudioPreprocessor,
+    ImagePreprocessor,
+    TextPreprocessor,
+    VideoPreprocessor,
+)
 
-T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+# short names of the modalities (I is the image one)
+T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO  # noqa: E741
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import threading
 import numpy as np
 import pytest
 
-from mmcore.config import AttentionFusion, CacheConfig, LateFusion, MiddleFusion
+from mmcore.config import CacheConfig, LateFusion, MiddleFusion
 from mmcore.modality import Modality
 from mmcore.model import MultiModalInput, MultiModalModel, default_model
 from mmcore.model.encoders import ModalityEncoder
 from mmcore.model.model import default_config
 
-T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+# short names of the modalities (I is the image one)
+T, I, A, V = Modality.TEXT, Modality.IMAGE, Modality.AUDIO, Modality.VIDEO  # noqa: E741
 
 # the encoders mask padding, so an item's outputs do not depend on the other items of its
 # batch; floating-point kernels may still round differently for other batch shapes

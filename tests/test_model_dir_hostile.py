@@ -267,7 +267,8 @@ def test_fifo_extra_file_is_refused_with_and_without_verify(saved, tmp_path):
     os.remove(d / "tokenizer.json")
     os.mkfifo(d / "tokenizer.json")
     for verify in (True, False):
-        err = call_bounded(lambda: load_model_dir(d, verify=verify), d / "tokenizer.json",
+        err = call_bounded(lambda verify=verify: load_model_dir(d, verify=verify),
+                           d / "tokenizer.json",
                            bound=20.0)
         assert isinstance(err, ModelFormatError) and "FIFO" in str(err), repr(err)
 
@@ -277,7 +278,7 @@ def test_fifo_config_file_is_refused(tmp_path):
     p = tmp_path / "c.json"
     os.mkfifo(p)
     for load in (MultiModalConfig.from_json, MultiModalConfig.from_toml):
-        err = call_bounded(lambda: load(p), p, bound=20.0)
+        err = call_bounded(lambda load=load: load(p), p, bound=20.0)
         assert isinstance(err, ConfigError) and "FIFO" in str(err), repr(err)
 
 

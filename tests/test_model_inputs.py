@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from _helpers import call_bounded  # noqa: E402
-from mmcore.errors import (ArgumentError, AudioDecodeError, ImageDecodeError, MMCoreError,
-                           ShapeError, VideoDecodeError)
+from mmcore.errors import (
+    ArgumentError,
+    AudioDecodeError,
+    ImageDecodeError,
+    MMCoreError,
+    ShapeError,
+    VideoDecodeError,
+)
 from mmcore.model import MultiModalInput, default_model
 from mmcore.model.encoders import ModalityEncoder
 
@@ -60,7 +66,7 @@ def test_fifo_and_directory_are_refused_without_blocking(models, cache, kind, tm
     folder.mkdir()
     try:
         for path, what in ((fifo, "FIFO"), (str(folder), "directory")):
-            exc = call_bounded(lambda: models[cache].infer({kind: [path]}), fifo)
+            exc = call_bounded(lambda path=path: models[cache].infer({kind: [path]}), fifo)
             assert isinstance(exc, ERRORS[kind]), repr(exc)
             assert what in str(exc) and os.path.basename(path) in str(exc)
     finally:
@@ -254,6 +260,7 @@ class _PayloadRemote:
 
     def submit(self, value, *, is_raw, attention_mask):
         from concurrent.futures import Future
+
         from mmcore.distributed.payload import pack_input, unpack_input
         fut = Future()
         try:

@@ -40,6 +40,7 @@ Examples
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import itertools
 import logging
@@ -63,8 +64,15 @@ from ..errors import ConfigError, MMCoreError, ProtocolError
 from ..modality import Modality
 from .auth import SecurityWarning, resolve_token, server_handshake, server_ssl_context
 from .payload import accepted_forms, unpack_input
-from .protocol import (ConnectionClosed, FrameLimits, FrameRefused, MsgType, Pace, recv_frame,
-                       send_frame)
+from .protocol import (
+    ConnectionClosed,
+    FrameLimits,
+    FrameRefused,
+    MsgType,
+    Pace,
+    recv_frame,
+    send_frame,
+)
 
 __all__ = ["NodeServer", "run_node", "READY_PREFIX"]
 
@@ -464,6 +472,17 @@ class NodeServer:
                 held.clear()
                 self._budget.notify_all()
 
+    def _frame_started(self, counted: List[bool], held: List[int], mtype: MsgType, jlen: int,
+                       plen: int) -> None:
+        """``on_header`` of a request's frame: an ENCODE request counts as in flight (``counted``
+        notes whether the node was stopping then), and the frame's bytes are reserved into
+        ``held``."""
+        if mtype == MsgType.ENCODE:
+            with self._lock:
+                self._in_flight += 1
+            counted.append(self._stopping.is_set())
+        self._reserve(jlen, plen, held)
+
     def _serve_conn(self, key: int, conn: socket.socket, peer) -> None:
         box = [conn]              # the socket to close: the TLS one once wrapped
         try:
@@ -473,15 +492,9 @@ class NodeServer:
             conn.settimeout(self._idle_timeout)
             while True:
                 # an ENCODE request is in flight from its header on: a drain waits for it
-                counted = []
+                counted: List[bool] = []
                 held: List[int] = []
-
-                def started(mtype, jlen, plen):
-                    if mtype == MsgType.ENCODE:
-                        with self._lock:
-                            self._in_flight += 1
-                        counted.append(self._stopping.is_set())
-                    self._reserve(jlen, plen, held)
+                started = functools.partial(self._frame_started, counted, held)
                 try:
                     try:
                         frame = recv_frame(conn, limits=self._limits, on_header=started,

@@ -1,9 +1,9 @@
 """Model inputs as protocol payloads: a JSON description plus arrays.
 
-Raw inputs are carried as they are: strings as JSON (encoded text as bytes), arrays as arrays, files by their bytes
-(read by the sender; the node writes them to a private temporary directory, keeping the file
-name's suffix so decoders can sniff it, and removes them after the request). Lists of these
-and preprocessed dicts of arrays are carried one level deep.
+Raw inputs are carried as they are: strings as JSON (encoded text as bytes), arrays as arrays,
+files by their bytes (read by the sender; the node writes them to a private temporary
+directory, keeping the file name's suffix so decoders can sniff it, and removes them after the
+request). Lists of these and preprocessed dicts of arrays are carried one level deep.
 
 Remote inputs are data: a node unpacks with ``strings=False`` for a modality whose
 preprocessor would open a string or bytes as a path (image, audio, video), so a client can

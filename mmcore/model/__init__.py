@@ -12,17 +12,29 @@ Examples
 (1, 2, 32)
 """
 
-from .nn import LayerNorm, Linear, Module, gelu, get_activation, quick_gelu, relu
-from .layers import (CrossModalAttention, MultiHeadSelfAttention, TransformerEncoderLayer,
-                     padding_mask_to_attention)
-from .encoders import (FeatureEmbedder, MelFrameEmbedder, ModalityEncoder, ModuleList,
-                       PatchEmbedder, TokenEmbedder, TransformerEncoder, VideoEmbedder)
+from .defaults import default_config, default_model
+from .encoders import (
+    FeatureEmbedder,
+    MelFrameEmbedder,
+    ModalityEncoder,
+    ModuleList,
+    PatchEmbedder,
+    TokenEmbedder,
+    TransformerEncoder,
+    VideoEmbedder,
+)
 from .fusion import FusionLayer
 from .inputs import MultiModalInput, MultiModalOutput
-from .stats import LatencyStats
-from .model import MultiModalModel
-from .defaults import default_config, default_model
+from .layers import (
+    CrossModalAttention,
+    MultiHeadSelfAttention,
+    TransformerEncoderLayer,
+    padding_mask_to_attention,
+)
 from .loader import MultiModalLoader
+from .model import MultiModalModel
+from .nn import LayerNorm, Linear, Module, gelu, get_activation, quick_gelu, relu
+from .stats import LatencyStats
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderLayer",
@@ -35,6 +47,6 @@ __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_a
 
 def __getattr__(name: str):
     if name == "DistributedUnavailableError":   # deprecated (with a DeprecationWarning)
-        from .loader import _distributed_unavailable_error
-        return _distributed_unavailable_error(2)
+        from .loader import distributed_unavailable_error
+        return distributed_unavailable_error(2)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

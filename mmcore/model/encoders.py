@@ -38,7 +38,7 @@ Examples
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -46,23 +46,57 @@ from ..errors import ConfigError, ShapeError
 from ..modality import Modality
 from ..ops import masked_max, masked_mean, patchify
 from .layers import TransformerEncoderLayer
-from .nn import (_NO_INIT, LayerNorm, Linear, Module, RngLike, as_float_input, as_generator,
-                 check_features)
+from .nn import (
+    NO_INIT,
+    LayerNorm,
+    Linear,
+    Module,
+    RngLike,
+    as_float_input,
+    as_generator,
+    check_features,
+)
 
 __all__ = ["ModuleList", "TokenEmbedder", "PatchEmbedder", "MelFrameEmbedder", "VideoEmbedder",
-           "FeatureEmbedder", "TransformerEncoder", "ModalityEncoder"]
+           "FeatureEmbedder", "TransformerEncoder", "ModalityEncoder", "normal_init", "sub_rng"]
 
 _POS_STD = 0.02
 
 
-def _normal(gen: Optional[np.random.Generator], shape, std: float) -> np.ndarray:
+def normal_init(gen: Optional[np.random.Generator], shape, std: float) -> np.ndarray:
+    """Float32 draws from ``N(0, std**2)`` of ``shape``; zeros when ``gen`` is None (weights
+    about to be loaded).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.model.encoders import normal_init
+    >>> normal_init(np.random.default_rng(0), (2, 3), 0.02).dtype
+    dtype('float32')
+    >>> float(np.abs(normal_init(None, (2, 3), 0.02)).max())
+    0.0
+    """
     if gen is None:
         return np.zeros(shape, np.float32)
     return (gen.standard_normal(shape) * std).astype(np.float32)
 
 
-def _sub_rng(gen):
-    return _NO_INIT if gen is None else gen
+def sub_rng(gen: Optional[np.random.Generator]) -> Any:
+    """The ``rng`` argument for a child layer built from ``gen``: ``gen`` itself, or
+    :data:`~mmcore.model.nn.NO_INIT` when ``gen`` is None (no random initialisation).
+
+    Examples
+    --------
+    >>> from mmcore.model.encoders import sub_rng
+    >>> from mmcore.model.nn import NO_INIT
+    >>> sub_rng(None) is NO_INIT
+    True
+    """
+    return NO_INIT if gen is None else gen
+
+
+_normal = normal_init  # the former private names
+_sub_rng = sub_rng
 
 
 def _check_mask(owner: str, mask, batch: int, length: int, name: str = "attention_mask"
@@ -149,9 +183,10 @@ class TokenEmbedder(Module):
         self.dim = check_features(owner, "dim", dim)
         self.max_positions = check_features(owner, "max_positions", max_positions)
         gen = as_generator(rng)
-        self.register_parameter("token_embedding", _normal(gen, (self.vocab_size, self.dim), 1.0))
+        self.register_parameter("token_embedding",
+                                normal_init(gen, (self.vocab_size, self.dim), 1.0))
         self.register_parameter("position_embedding",
-                                _normal(gen, (self.max_positions, self.dim), _POS_STD))
+                                normal_init(gen, (self.max_positions, self.dim), _POS_STD))
 
     def __call__(self, input_ids, *, attention_mask=None) -> Tuple[np.ndarray, np.ndarray]:
         """``input_ids`` int (B, L) -> ``(tokens (B, L, dim), mask (B, L))``."""
@@ -195,9 +230,9 @@ class FeatureEmbedder(Module):
         self.dim = check_features(owner, "dim", dim)
         self.max_positions = check_features(owner, "max_positions", max_positions)
         gen = as_generator(rng)
-        self.add_module("proj", Linear(self.in_features, self.dim, rng=_sub_rng(gen)))
+        self.add_module("proj", Linear(self.in_features, self.dim, rng=sub_rng(gen)))
         self.register_parameter("position_embedding",
-                                _normal(gen, (self.max_positions, self.dim), _POS_STD))
+                                normal_init(gen, (self.max_positions, self.dim), _POS_STD))
 
     def __call__(self, features, *, attention_mask=None):
         owner = type(self).__name__
@@ -216,7 +251,8 @@ class PatchEmbedder(Module):
     weight reshaped to ``(dim, C * p * p)``. Inputs may also arrive already patchified
     (``(B, N, C * p * p)``, the output of a patchifying preprocessor).
 
-    State dict: ``proj.weight`` (dim, C*p*p), ``proj.bias``, ``position_embedding`` (max_patches, dim).
+    State dict: ``proj.weight`` (dim, C*p*p), ``proj.bias``, ``position_embedding``
+    (max_patches, dim).
 
     Examples
     --------
@@ -237,9 +273,9 @@ class PatchEmbedder(Module):
         self.max_patches = check_features(owner, "max_patches", max_patches)
         self.patch_dim = self.in_channels * self.patch_size ** 2
         gen = as_generator(rng)
-        self.add_module("proj", Linear(self.patch_dim, self.dim, rng=_sub_rng(gen)))
+        self.add_module("proj", Linear(self.patch_dim, self.dim, rng=sub_rng(gen)))
         self.register_parameter("position_embedding",
-                                _normal(gen, (self.max_patches, self.dim), _POS_STD))
+                                normal_init(gen, (self.max_patches, self.dim), _POS_STD))
 
     def __call__(self, pixel_values, *, attention_mask=None):
         """``(B, C, H, W)`` or patches ``(B, N, C*p*p)`` -> ``(tokens (B, N, dim), mask)``."""
@@ -296,9 +332,9 @@ class MelFrameEmbedder(Module):
         self.max_frames = check_features(owner, "max_frames", max_frames)
         self.frame_stride = check_features(owner, "frame_stride", frame_stride)
         gen = as_generator(rng)
-        self.add_module("proj", Linear(self.n_mels, self.dim, rng=_sub_rng(gen)))
+        self.add_module("proj", Linear(self.n_mels, self.dim, rng=sub_rng(gen)))
         self.register_parameter("position_embedding",
-                                _normal(gen, (self.max_frames, self.dim), _POS_STD))
+                                normal_init(gen, (self.max_frames, self.dim), _POS_STD))
 
     def __call__(self, features, *, attention_mask=None):
         """``features (B, n_mels, frames)``, ``attention_mask (B, frames)`` -> tokens, mask."""
@@ -391,11 +427,11 @@ class VideoEmbedder(Module):
         self.max_temporal = check_features(owner, "max_temporal", max_temporal)
         self.patch_dim = self.in_channels * self.temporal_patch * self.patch_size ** 2
         gen = as_generator(rng)
-        self.add_module("proj", Linear(self.patch_dim, self.dim, rng=_sub_rng(gen)))
+        self.add_module("proj", Linear(self.patch_dim, self.dim, rng=sub_rng(gen)))
         self.register_parameter("spatial_position",
-                                _normal(gen, (self.max_patches, self.dim), _POS_STD))
+                                normal_init(gen, (self.max_patches, self.dim), _POS_STD))
         self.register_parameter("temporal_position",
-                                _normal(gen, (self.max_temporal, self.dim), _POS_STD))
+                                normal_init(gen, (self.max_temporal, self.dim), _POS_STD))
 
     def __call__(self, frames, *, attention_mask=None):
         owner = type(self).__name__
@@ -501,7 +537,7 @@ class TransformerEncoder(Module):
         for _ in range(self.num_layers):
             layers.append(TransformerEncoderLayer(
                 self.dim, self.num_heads, self.dim_feedforward, activation=activation,
-                layer_norm_eps=layer_norm_eps, norm_first=norm_first, rng=_sub_rng(gen)))
+                layer_norm_eps=layer_norm_eps, norm_first=norm_first, rng=sub_rng(gen)))
         self.add_module("layers", layers)
         self.final_norm = bool(final_norm)
         if self.final_norm:
@@ -600,11 +636,11 @@ class ModalityEncoder(Module):
         self.hidden_dim = encoder.dim
         gen = as_generator(rng)
         self.add_module("embedder", embedder)
-        self.register_parameter("cls_token", _normal(gen, (self.hidden_dim,), _POS_STD)
+        self.register_parameter("cls_token", normal_init(gen, (self.hidden_dim,), _POS_STD)
                                 if pooling == "cls" else None)
         self.add_module("encoder", encoder)
         if self.embed_dim != self.hidden_dim:
-            self.add_module("proj", Linear(self.hidden_dim, self.embed_dim, rng=_sub_rng(gen)))
+            self.add_module("proj", Linear(self.hidden_dim, self.embed_dim, rng=sub_rng(gen)))
 
     @property
     def num_layers(self) -> int:
@@ -634,7 +670,7 @@ class ModalityEncoder(Module):
         ec = mcfg.encoder_config
         width = ec.hidden_dim if ec.hidden_dim is not None else mcfg.embed_dim
         gen = as_generator(rng)
-        sub = _sub_rng(gen)
+        sub = sub_rng(gen)
         pre = mcfg.preprocessing
         kind = pre.modality if pre is not None else None
         if ec.vocab_size is not None or kind == "text" or m == Modality.TEXT:

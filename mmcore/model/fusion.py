@@ -51,12 +51,18 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
-from ..config import (AttentionFusion, CustomFusion, EarlyFusion, LateFusion, MiddleFusion,
-                      MultiModalConfig)
+from ..config import (
+    AttentionFusion,
+    CustomFusion,
+    EarlyFusion,
+    LateFusion,
+    MiddleFusion,
+    MultiModalConfig,
+)
 from ..errors import ConfigError, ModalityError, ShapeError
 from ..modality import Modality
 from ..ops import fuse, masked_mean
-from .encoders import TransformerEncoder, _normal, _sub_rng
+from .encoders import TransformerEncoder, normal_init, sub_rng
 from .layers import CrossModalAttention
 from .nn import Linear, Module, RngLike, as_float_input, as_generator
 
@@ -106,7 +112,7 @@ class FusionLayer(Module):
         self.output_dim = config.output_dim
         self.common_dim = config.common_dim
         gen = as_generator(rng)
-        sub = _sub_rng(gen)
+        sub = sub_rng(gen)
         mods = config.modalities
         s = self.strategy
         first = mods[self.modalities[0]].encoder_config
@@ -130,7 +136,8 @@ class FusionLayer(Module):
             D = self.common_dim
             self.in_widths = widths(True)
             add_input_proj(self.in_widths, D)
-            self.register_parameter("type_embedding", _normal(gen, (len(self.modalities), D), 0.02))
+            self.register_parameter("type_embedding",
+                                    normal_init(gen, (len(self.modalities), D), 0.02))
             deepest = max(mc.encoder_config.num_layers for mc in mods.values())
             depth = max(1, deepest) if isinstance(s, EarlyFusion) else deepest - s.fusion_layer
             self.add_module("joint", TransformerEncoder(
@@ -145,7 +152,7 @@ class FusionLayer(Module):
             if s.reduce == "weighted" and s.weights is None:
                 self.register_parameter("weights", np.ones(len(self.modalities), np.float32))
             if s.reduce == "attention":
-                self.register_parameter("query", _normal(gen, (self.common_dim,), 0.02))
+                self.register_parameter("query", normal_init(gen, (self.common_dim,), 0.02))
         elif isinstance(s, AttentionFusion):
             self.in_widths = widths(False)
             ca = config.cross_attention
@@ -169,7 +176,7 @@ class FusionLayer(Module):
                 if self.in_widths[m] != A:
                     tp.add_module(str(m), Linear(self.in_widths[m], A, rng=sub))
             self.add_module("token_proj", tp)
-            self.register_parameter("query", _normal(gen, (A,), 0.02))
+            self.register_parameter("query", normal_init(gen, (A,), 0.02))
             self.add_module("pool_attn", CrossModalAttention(A, s.num_heads, rng=sub))
             self.add_module("out_proj", Linear(A, self.common_dim, rng=sub))
         elif isinstance(s, CustomFusion):
@@ -368,7 +375,7 @@ class FusionLayer(Module):
         weights = {}
         cross = self._modules.get("cross_attn")
         if cross is not None:
-            for key, layer in cross._modules.items():
+            for key, layer in cross.named_children():
                 q, c = (Modality(p) for p in key.split("->"))
                 if q not in toks or c not in toks:
                     continue

@@ -62,10 +62,23 @@ import numpy as np
 from .._files import check_regular, open_regular
 from .._version import __version__ as _MMCORE_VERSION
 from ..errors import ConfigError, ModelFormatError
-from .tensor_io import (LOGICAL_DTYPES, MAX_JSON_DEPTH, QUANTIZATIONS, bfloat16_bits_to_float32,
-                        check_state, decode_tensor, dequantize_int8, encode_tensor,
-                        float32_to_bfloat16_bits, json_depth, mode_for, normalize_quantization,
-                        quantize_int8, read_safetensors_header, state_nbytes)
+from .tensor_io import (
+    LOGICAL_DTYPES,
+    MAX_JSON_DEPTH,
+    QUANTIZATIONS,
+    bfloat16_bits_to_float32,
+    check_state,
+    decode_tensor,
+    dequantize_int8,
+    encode_tensor,
+    float32_to_bfloat16_bits,
+    json_depth,
+    mode_for,
+    normalize_quantization,
+    quantize_int8,
+    read_safetensors_header,
+    state_nbytes,
+)
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "QUANTIZATIONS",
            "MAX_JSON_DEPTH", "MAX_CONFIG_BYTES", "save_model_dir", "load_model_dir",

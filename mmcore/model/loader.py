@@ -46,10 +46,16 @@ from .._files import check_regular
 from ..config import MultiModalConfig
 from ..errors import ConfigError, ModelFormatError, NodeUnavailableError
 from ..modality import Modality
-from .io import CONFIG_FILE, load_model_dir, stored_weight_counts
-from .directory import (WeightBudget, build_model, check_layer_counts, check_state_modalities,
-                        config_from_dir, served_externally)
+from .directory import (
+    WeightBudget,
+    build_model,
+    check_layer_counts,
+    check_state_modalities,
+    config_from_dir,
+    served_externally,
+)
 from .external import ExternalEncoder
+from .io import CONFIG_FILE, load_model_dir, stored_weight_counts
 from .model import MultiModalModel, attach_remote
 from .nn import Module
 
@@ -337,8 +343,10 @@ class MultiModalLoader:
                 stored_weight_counts(meta))
 
 
-def _distributed_unavailable_error(stacklevel: int) -> type:
-    """The retired DistributedUnavailableError: NodeUnavailableError, with a warning."""
+def distributed_unavailable_error(stacklevel: int) -> type:
+    """The retired DistributedUnavailableError: NodeUnavailableError, after a
+    DeprecationWarning pointing ``stacklevel`` frames above the caller (what the modules'
+    ``__getattr__`` returns for the old name)."""
     warnings.warn("[mmcore.model] DistributedUnavailableError is deprecated and never raised "
                   "(mmcore.distributed is part of the package); it is now an alias of "
                   "mmcore.errors.NodeUnavailableError, what an unavailable distributed encoder "
@@ -346,7 +354,10 @@ def _distributed_unavailable_error(stacklevel: int) -> type:
     return NodeUnavailableError
 
 
+_distributed_unavailable_error = distributed_unavailable_error  # the former private name
+
+
 def __getattr__(name: str) -> Any:
     if name == "DistributedUnavailableError":
-        return _distributed_unavailable_error(2)
+        return distributed_unavailable_error(2)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

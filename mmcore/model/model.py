@@ -81,17 +81,30 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
 import numpy as np
 
 from ..cache import CacheManager
-from ..config import (EarlyFusion, MiddleFusion, ModalityConfig, MultiModalConfig,
-                      PreprocessingConfig)
+from ..config import (
+    EarlyFusion,
+    MiddleFusion,
+    ModalityConfig,
+    MultiModalConfig,
+    PreprocessingConfig,
+)
 from ..errors import ConfigError, ModalityError, ShapeError
 from ..modality import Modality
 from ..ops import masked_mean
 from .directory import load_pretrained, save_model
 from .encoders import ModalityEncoder
 from .fusion import FusionLayer
-from .inputs import ACCEPTED_INPUTS  # noqa: F401  (re-exported)
-from .inputs import (PATH_TYPES, MultiModalInput, MultiModalOutput, check_files,
-                     check_preprocessed, kind_of, resolve_audio_pairs, stack_clips)
+from .inputs import (
+    ACCEPTED_INPUTS,  # noqa: F401  (re-exported)
+    PATH_TYPES,
+    MultiModalInput,
+    MultiModalOutput,
+    check_files,
+    check_preprocessed,
+    kind_of,
+    resolve_audio_pairs,
+    stack_clips,
+)
 from .item_cache import ItemCache
 from .nn import Module, RngLike, as_generator
 from .stats import LatencyStats, prometheus_collector
@@ -354,7 +367,7 @@ class MultiModalModel(Module):
         m = self._config.modality_config(modality).modality
         if m in self._external:
             return self._external[m]
-        return self.encoders._modules[str(m)]
+        return dict(self.encoders.named_children())[str(m)]
 
     @property
     def external_encoders(self) -> Mapping[Modality, Callable]:
@@ -524,7 +537,7 @@ class MultiModalModel(Module):
         elif m in self._external:
             return
         else:
-            check_preprocessed(owner, m, self.encoders._modules.get(str(m)), value)
+            check_preprocessed(owner, m, dict(self.encoders.named_children()).get(str(m)), value)
 
     def _prepare(self, m: Modality, mc: ModalityConfig, value: Any, is_raw: bool,
                  mask: Optional[np.ndarray]):

@@ -47,13 +47,14 @@ from ..ops.linear import linear as _ops_linear
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "ACTIVATIONS", "as_generator", "xavier_uniform", "check_features", "frozen_array",
-           "weights_clock"]
+           "weights_clock", "NO_INIT", "check_prob", "check_positive", "to_numpy", "state_entry"]
 
 RngLike = Union[None, int, np.random.Generator]
 
-# Passed as ``rng`` by ``from_state_dict`` constructors: allocate zeros instead of drawing random
-# weights that are about to be overwritten.
-_NO_INIT = object()
+#: Passed as ``rng`` by ``from_state_dict`` constructors: allocate zeros instead of drawing
+#: random weights that are about to be overwritten (:func:`as_generator` turns it into None).
+NO_INIT = object()
+_NO_INIT = NO_INIT  # the former private name
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -71,7 +72,7 @@ def as_generator(rng) -> Optional[np.random.Generator]:
     >>> float(as_generator(3).random()) == float(as_generator(3).random())
     True
     """
-    if rng is _NO_INIT:
+    if rng is NO_INIT:
         return None
     if isinstance(rng, np.random.Generator):
         return rng
@@ -93,7 +94,8 @@ def _uniform(gen: Optional[np.random.Generator], shape, bound: float) -> np.ndar
 def xavier_uniform(gen: Optional[np.random.Generator], shape: Tuple[int, int]) -> np.ndarray:
     """Glorot/Xavier uniform ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``, float32.
 
-    ``shape`` is ``(fan_out, fan_in)`` (the PyTorch weight layout), as ``torch.nn.init.xavier_uniform_``.
+    ``shape`` is ``(fan_out, fan_in)`` (the PyTorch weight layout), as
+    ``torch.nn.init.xavier_uniform_``.
 
     Examples
     --------
@@ -114,7 +116,15 @@ def check_features(owner: str, name: str, value, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_prob(owner: str, name: str, value) -> float:
+def check_prob(owner: str, name: str, value) -> float:
+    """A probability in ``[0, 1)`` as a float, or a ConfigError naming it.
+
+    Examples
+    --------
+    >>> from mmcore.model.nn import check_prob
+    >>> check_prob("layer", "dropout", 0.1)
+    0.1
+    """
     try:
         p = float(value)
     except (TypeError, ValueError):
@@ -124,7 +134,15 @@ def _check_prob(owner: str, name: str, value) -> float:
     return p
 
 
-def _check_positive(owner: str, name: str, value) -> float:
+def check_positive(owner: str, name: str, value) -> float:
+    """A finite number ``> 0`` as a float, or a ConfigError naming it.
+
+    Examples
+    --------
+    >>> from mmcore.model.nn import check_positive
+    >>> check_positive("layer", "eps", 1e-5)
+    1e-05
+    """
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -132,6 +150,10 @@ def _check_positive(owner: str, name: str, value) -> float:
     if not math.isfinite(f) or f <= 0:
         raise ConfigError(f"[{owner}] {name} must be a finite number > 0, got {f}")
     return f
+
+
+_check_prob = check_prob  # the former private names
+_check_positive = check_positive
 
 
 def as_float_input(owner: str, name: str, x, *, ndim: Optional[int] = None,
@@ -147,7 +169,8 @@ def as_float_input(owner: str, name: str, x, *, ndim: Optional[int] = None,
         raise ShapeError(f"[{owner}] {name} has dtype {a.dtype}, expected float32 "
                          "(float16 and float64 are cast)")
     if ndim is not None and a.ndim != ndim:
-        raise ShapeError(f"[{owner}] {name} has {a.ndim} dims (shape {a.shape}), expected {ndim} {dims}")
+        raise ShapeError(f"[{owner}] {name} has {a.ndim} dims (shape {a.shape}), expected "
+                         f"{ndim} {dims}")
     if a.ndim == 0:
         raise ShapeError(f"[{owner}] {name} is a scalar, expected an array {dims}".rstrip())
     if last is not None and a.shape[-1] != last:
@@ -206,8 +229,16 @@ def _freeze_quantized(q: QuantizedTensor) -> QuantizedTensor:
 # the module base
 
 
-def _to_numpy(owner: str, key: str, value) -> np.ndarray:
-    """A state-dict entry as a NumPy array (accepts objects with ``__array__``/``detach``)."""
+def to_numpy(owner: str, key: str, value) -> np.ndarray:
+    """A state-dict entry as a NumPy array (accepts objects with ``__array__``/``detach``), or
+    a ModelFormatError naming ``key``.
+
+    Examples
+    --------
+    >>> from mmcore.model.nn import to_numpy
+    >>> to_numpy("layer", "weight", [[1.0, 2.0]]).shape
+    (1, 2)
+    """
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a framework tensor
         try:
             value = value.detach().cpu().numpy()
@@ -338,6 +369,19 @@ class Module:
         object.__setattr__(self, name, value)
 
     # -- traversal ------------------------------------------------------------------------------
+
+    def named_children(self) -> Iterator[Tuple[str, "Module"]]:
+        """``(name, module)`` for every direct child, in registration order.
+
+        Examples
+        --------
+        >>> from mmcore.model.nn import Module, Linear
+        >>> m = Module()
+        >>> m.add_module("proj", Linear(2, 2, rng=0))
+        >>> [name for name, _ in m.named_children()]
+        ['proj']
+        """
+        return iter(list(self._modules.items()))
 
     def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, np.ndarray]]:
         """``(dotted name, array)`` for every present parameter, in registration order."""
@@ -528,7 +572,7 @@ def _checked_value(owner: str, full: str, value, current, module: Module, local:
         if not np.isfinite(value.dequantize()).all():
             raise ModelFormatError(f"[{owner}] state dict entry {full!r} contains NaN or Inf")
         return _freeze_quantized(value)
-    a = _to_numpy(owner, full, value)
+    a = to_numpy(owner, full, value)
     if a.dtype not in _FLOAT_DTYPES:
         raise ModelFormatError(f"[{owner}] state dict entry {full!r} has dtype {a.dtype}, "
                                "expected a float dtype")
@@ -545,15 +589,28 @@ def _missing(owner: str, state_dict: Mapping, key: str) -> ModelFormatError:
     return ModelFormatError(f"[{owner}] state dict is missing key {key!r}")
 
 
-def _state_entry(owner: str, state_dict: Mapping, key: str, ndim: int, dims: str) -> np.ndarray:
-    """``state_dict[key]`` as an array of rank ``ndim`` (for inferring sizes), or raise."""
+def state_entry(owner: str, state_dict: Mapping, key: str, ndim: int, dims: str) -> np.ndarray:
+    """``state_dict[key]`` as an array of rank ``ndim`` (for inferring sizes), or a
+    ModelFormatError (missing key, other rank; ``dims`` names the expected dimensions).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mmcore.model.nn import state_entry
+    >>> state_entry("layer", {"w": np.zeros((3, 2))}, "w", 2, "(out, in)").shape
+    (3, 2)
+    """
     if key not in state_dict:
         raise _missing(owner, state_dict, key)
-    a = _to_numpy(owner, key, state_dict[key])
+    a = to_numpy(owner, key, state_dict[key])
     if a.ndim != ndim:
         raise ModelFormatError(f"[{owner}] state dict entry {key!r} has shape {tuple(a.shape)}, "
                                f"expected {ndim} dims {dims}")
     return a
+
+
+_to_numpy = to_numpy  # the former private names
+_state_entry = state_entry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,22 +651,26 @@ class Linear(Module):
 
     _QUANTIZABLE = ("weight",)
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rng: RngLike = None):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 rng: RngLike = None):
         super().__init__()
         self.in_features = check_features("Linear", "in_features", in_features)
         self.out_features = check_features("Linear", "out_features", out_features)
         gen = as_generator(rng)
         bound = 1.0 / math.sqrt(self.in_features)
-        self.register_parameter("weight", _uniform(gen, (self.out_features, self.in_features), bound))
-        self.register_parameter("bias", _uniform(gen, (self.out_features,), bound) if bias else None)
+        self.register_parameter("weight",
+                                _uniform(gen, (self.out_features, self.in_features), bound))
+        self.register_parameter("bias",
+                                _uniform(gen, (self.out_features,), bound) if bias else None)
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping, *, prefix: str = "", strict: bool = True) -> "Linear":
+    def from_state_dict(cls, state_dict: Mapping, *, prefix: str = "",
+                        strict: bool = True) -> "Linear":
         """Build from ``{"weight": (out, in)[, "bias": (out,)]}`` (sizes inferred)."""
         sd = {k[len(prefix):]: v for k, v in state_dict.items()
               if isinstance(k, str) and k.startswith(prefix)}
-        w = _state_entry("Linear", sd, "weight", 2, "(out_features, in_features)")
-        mod = cls(int(w.shape[1]), int(w.shape[0]), bias="bias" in sd, rng=_NO_INIT)
+        w = state_entry("Linear", sd, "weight", 2, "(out_features, in_features)")
+        mod = cls(int(w.shape[1]), int(w.shape[0]), bias="bias" in sd, rng=NO_INIT)
         return mod.load_state_dict(sd, strict=strict)
 
     def __call__(self, x) -> np.ndarray:
@@ -653,7 +714,7 @@ class LayerNorm(Module):
         if isinstance(normalized_shape, (tuple, list)) and len(normalized_shape) == 1:
             normalized_shape = normalized_shape[0]
         self.normalized_shape = check_features("LayerNorm", "normalized_shape", normalized_shape)
-        self.eps = _check_positive("LayerNorm", "eps", eps)
+        self.eps = check_positive("LayerNorm", "eps", eps)
         self.elementwise_affine = bool(elementwise_affine)
         d = self.normalized_shape
         self.register_parameter("weight", np.ones(d, np.float32) if elementwise_affine else None)
@@ -666,16 +727,18 @@ class LayerNorm(Module):
         """Build from ``{"weight": (D,)[, "bias": (D,)]}`` (size inferred)."""
         sd = {k[len(prefix):]: v for k, v in state_dict.items()
               if isinstance(k, str) and k.startswith(prefix)}
-        w = _state_entry("LayerNorm", sd, "weight", 1, "(D,)")
+        w = state_entry("LayerNorm", sd, "weight", 1, "(D,)")
         mod = cls(int(w.shape[0]), eps=eps, bias="bias" in sd)
         return mod.load_state_dict(sd, strict=strict)
 
     def __call__(self, x) -> np.ndarray:
-        x = as_float_input("LayerNorm", "x", x, last=self.normalized_shape, last_name="normalized_shape")
+        x = as_float_input("LayerNorm", "x", x, last=self.normalized_shape,
+                           last_name="normalized_shape")
         return _ops_layer_norm(x, self.weight, self.bias, eps=self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
+        return (f"{self.normalized_shape}, eps={self.eps:g}, "
+                f"elementwise_affine={self.elementwise_affine}")
 
 
 # ----------------------------------------------------------------------------------------------
