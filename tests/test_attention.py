@@ -505,7 +505,7 @@ def test_dropout_bits_reference_known_values():
 
 def test_numba_dropout_bits_match_reference():
     pytest.importorskip("numba")
-    from mmcore.backends.numba.dropout import dropout_bits
+    from mmcore.kernels.numba.dropout import dropout_bits
     rng = np.random.default_rng(8)
     for seed in [0, 1, 2**63, 2**64 - 1, int(rng.integers(0, 2**63))]:
         idx = rng.integers(0, 5000, size=(50, 4))

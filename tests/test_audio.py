@@ -369,7 +369,7 @@ def kernel_cases(draw):
 def test_property_kernel_contract(case):
     _need_backend("numba")
     from mmcore._backend import native_module
-    from mmcore.backends.numba.spectral import spectral_numba
+    from mmcore.kernels.numba.spectral import spectral_numba
     from mmcore.ops._audio_filters import sparse_mel
     N, T, n_mels, seed, kw = case
     rng = np.random.default_rng(seed)
@@ -724,7 +724,7 @@ def test_dither_same_on_both_backends():
 
 def test_dither_normal_statistics_and_reference():
     pytest.importorskip("numba")
-    from mmcore.backends.numba.spectral import dither_normal
+    from mmcore.kernels.numba.spectral import dither_normal
     from reference import dither_normal_ref
     t = np.arange(20000)
     ref = dither_normal_ref(7, 1, 2, t)

@@ -1,5 +1,5 @@
 """Where kernels are reached from: every kernel call goes through ``mmcore.ops`` and the
-launchers of ``mmcore.backends``; the backends sit below the ops."""
+launchers of ``mmcore.kernels``; the kernel launchers sit below the ops."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mmcore
-from mmcore.backends import cpu, launcher
+from mmcore.kernels import cpu, launcher
 from mmcore.errors import BackendError
 
 PACKAGE = pathlib.Path(mmcore.__file__).resolve().parent
@@ -38,7 +38,7 @@ def _imported(tree) -> set:
 
 def test_no_kernel_calls_outside_ops_and_backends():
     offenders = []
-    for rel, tree in _modules("ops", "backends", "_backend.py"):
+    for rel, tree in _modules("ops", "kernels", "_backend.py"):
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "native_module":
                 offenders.append(f"{rel}:{node.lineno} calls native_module()")
@@ -48,9 +48,9 @@ def test_no_kernel_calls_outside_ops_and_backends():
     assert not offenders, offenders
 
 
-def test_backends_do_not_import_the_ops():
-    offenders = [f"backends/{rel}: {name}" for rel, tree in _modules()
-                 if rel.startswith("backends/") for name in _imported(tree)
+def test_kernels_do_not_import_the_ops():
+    offenders = [f"kernels/{rel}: {name}" for rel, tree in _modules()
+                 if rel.startswith("kernels/") for name in _imported(tree)
                  if "ops" in name.split(".")]
     assert not offenders, offenders
 
@@ -59,12 +59,12 @@ def test_launcher_finds_every_backend():
     assert launcher("fuse", "native", "fusion", "fuse") is cpu.fuse
     pytest.importorskip("numba")
     fn = launcher("fuse", "numba", "fusion", "fuse")
-    assert fn.__name__ == "fuse_numba" and fn.__module__ == "mmcore.backends.numba.fusion"
+    assert fn.__name__ == "fuse_numba" and fn.__module__ == "mmcore.kernels.numba.fusion"
 
 
 def test_launcher_errors(monkeypatch):
     import sys
-    monkeypatch.setitem(sys.modules, "mmcore.backends.cuda.fusion", None)
+    monkeypatch.setitem(sys.modules, "mmcore.kernels.cuda.fusion", None)
     with pytest.raises(BackendError, match=r"\[fuse\] this build of mmcore has no CUDA fusion"):
         launcher("fuse", "cuda", "fusion", "fuse")
     with pytest.raises(BackendError, match=r"\[op\] the cuda backend has no nothing kernel"):

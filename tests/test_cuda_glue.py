@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmcore.errors import ArgumentError, BackendError
-from mmcore.backends.cuda import common as cc
+from mmcore.kernels.cuda import common as cc
 
 
 class _Device:
@@ -77,7 +77,7 @@ def test_same_device():
                                        ("fusion", "fuse_cuda"), ("spectral", "spectral_cuda")])
 def test_cuda_paths_import_without_a_gpu(module, fn):
     import importlib
-    mod = importlib.import_module(f"mmcore.backends.cuda.{module}")
+    mod = importlib.import_module(f"mmcore.kernels.cuda.{module}")
     assert callable(getattr(mod, fn))
 
 
@@ -110,7 +110,7 @@ class _Bf16Tensor:
 
 
 def test_attention_reads_foreign_bfloat16_as_uint16_view():
-    from mmcore.backends.cuda import attention as _cuda_impl
+    from mmcore.kernels.cuda import attention as _cuda_impl
 
     cp = _fake_cupy()
     seen = []

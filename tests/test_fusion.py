@@ -905,7 +905,7 @@ def test_public_names():
 def cp():
     cupy = pytest.importorskip("cupy")
     try:
-        from mmcore.backends.cuda import fusion  # noqa: F401
+        from mmcore.kernels.cuda import fusion  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"no CUDA fusion kernels in this build: {exc}")
     return cupy

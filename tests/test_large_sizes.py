@@ -218,7 +218,7 @@ def test_resize_of_repeated_rows_matches_a_copy(backend, dtype, filt, size):
 @pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_numba_vertical_first_bands_match_one_piece(monkeypatch, dtype):
-    from mmcore.backends.numba import image as nb_image
+    from mmcore.kernels.numba import image as nb_image
     rng = np.random.default_rng(3)
     img = (rng.random((300, 40, 3)) * 255).astype(dtype)
     want = ops.resize(img, (37, 50), filter="bicubic", backend="numba")

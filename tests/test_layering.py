@@ -21,7 +21,7 @@ LAYERS = [
     {"mmcore._C", "mmcore._cuda"},                   # the native modules (no Python imports)
     {"mmcore.errors"},
     {"mmcore.modality", "mmcore._files", "mmcore._backend", "mmcore._version"},
-    {"mmcore.backends"},
+    {"mmcore.kernels"},
     {"mmcore.config", "mmcore.ops"},
     {"mmcore.preprocess", "mmcore.cache", "mmcore.viz"},
     {"mmcore.model"},

@@ -7,7 +7,7 @@ import contextlib
 import numpy as np
 
 from .. import _backend
-from ..backends import launcher
+from ..kernels import launcher
 from ..errors import ShapeError
 from ._checks import (
     FLOAT_INPUT_DTYPES,
@@ -107,7 +107,7 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     # (1) the backend and its array module
     name = _backend.resolve_backend(_OP, (q, k, v), backend)
     if name == "cuda":
-        from ..backends.cuda import attention as dev
+        from ..kernels.cuda import attention as dev
         xp = dev.cupy_module(_OP)
         q, k, v, bf16 = dev.read_qkv(xp, _OP, q, k, v)      # same device; bfloat16 as uint16
         where = dev.on_device(xp, q)

@@ -34,8 +34,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _backend
-from ..backends import launcher
-from ..backends.cuda.common import cupy_module
+from ..kernels import launcher
+from ..kernels.cuda.common import cupy_module
 from ..errors import ArgumentError, ShapeError
 from ._audio_filters import (
     KALDI_WINDOWS,

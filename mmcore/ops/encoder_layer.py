@@ -13,7 +13,7 @@ mode, with packed self-attention weights::
 The ``native`` backend runs the whole block in one call of ``mmcore._C.encoder_layer`` (no
 Python between the steps). The ``numba`` backend is that composition of the numba kernels of
 :func:`~mmcore.ops.layer_norm`, :func:`~mmcore.ops.linear` and :func:`~mmcore.ops.attention`
-(:mod:`mmcore.backends.numba.encoder_layer`); both agree to float32 rounding.
+(:mod:`mmcore.kernels.numba.encoder_layer`); both agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .. import _backend
-from ..backends import launcher
+from ..kernels import launcher
 from ..errors import ArgumentError, BackendError, ShapeError
 from ._checks import (
     FLOAT_INPUT_DTYPES,

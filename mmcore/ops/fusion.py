@@ -20,8 +20,8 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from .. import _backend
-from ..backends import launcher
-from ..backends.cuda.common import cupy_module, device_array
+from ..kernels import launcher
+from ..kernels.cuda.common import cupy_module, device_array
 from ..errors import ArgumentError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES, check_bool, check_choice, check_rank
 

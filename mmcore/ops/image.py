@@ -29,8 +29,8 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from .. import _backend
-from ..backends import launcher
-from ..backends.cuda.common import cupy_module, device_array
+from ..kernels import launcher
+from ..kernels.cuda.common import cupy_module, device_array
 from ..errors import ArgumentError, ShapeError
 from ._checks import as_host_array, check_bool, check_choice, check_int, finite_float
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .. import _backend
-from ..backends import launcher
+from ..kernels import launcher
 from ..errors import ArgumentError, BackendError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES, check_float
 

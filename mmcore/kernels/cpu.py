@@ -5,13 +5,13 @@ One function per kernel, taking the arguments the public op has already validate
 of :func:`mmcore.set_num_threads`. Nothing here validates: the bindings keep their own checks
 as the last line of defence against a caller that bypasses :mod:`mmcore.ops`.
 
-The numba launchers (:mod:`mmcore.backends.numba`) and the cuda ones
-(:mod:`mmcore.backends.cuda`) of a kernel take the same arguments.
+The numba launchers (:mod:`mmcore.kernels.numba`) and the cuda ones
+(:mod:`mmcore.kernels.cuda`) of a kernel take the same arguments.
 
 Examples
 --------
 >>> import numpy as np
->>> from mmcore.backends import cpu
+>>> from mmcore.kernels import cpu
 >>> x = np.ones((1, 2, 3), np.float32); out = np.empty((1, 3), np.float32)
 >>> cpu.masked_mean(x, None, out)
 array([[1., 1., 1.]], dtype=float32)

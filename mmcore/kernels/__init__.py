@@ -9,11 +9,11 @@ Every public op follows the same three steps (see :mod:`mmcore.ops`):
 3. call a launcher of this package, which only launches the kernel:
 
    ``native``
-       :mod:`mmcore.backends.cpu`, one function per kernel of ``mmcore._C``;
+       :mod:`mmcore.kernels.cpu`, one function per kernel of ``mmcore._C``;
    ``numba``
-       :mod:`mmcore.backends.numba`, one module per op family (``<kernel>_numba``);
+       :mod:`mmcore.kernels.numba`, one module per op family (``<kernel>_numba``);
    ``cuda``
-       :mod:`mmcore.backends.cuda`, one module per op family (``<kernel>_cuda``), which reads
+       :mod:`mmcore.kernels.cuda`, one module per op family (``<kernel>_cuda``), which reads
        device pointers and checks only what is specific to the device (same device, kernel
        limits of the GPU).
 
@@ -55,9 +55,9 @@ def launcher(op: str, backend: str, family: str, kernel: str) -> Callable:
 
     Examples
     --------
-    >>> from mmcore.backends import launcher
+    >>> from mmcore.kernels import launcher
     >>> launcher("fuse", "native", "fusion", "fuse").__module__
-    'mmcore.backends.cpu'
+    'mmcore.kernels.cpu'
     """
     if backend == "native":
         from . import cpu
@@ -68,7 +68,7 @@ def launcher(op: str, backend: str, family: str, kernel: str) -> Callable:
     except ImportError as exc:
         if backend == "cuda":
             raise BackendError(f"[{op}] this build of mmcore has no CUDA {family} kernels "
-                               f"(mmcore.backends.cuda.{family}): {exc}") from exc
+                               f"(mmcore.kernels.cuda.{family}): {exc}") from exc
         raise
     fn = getattr(mod, f"{kernel}_{backend}", None)
     if fn is None:

@@ -109,7 +109,7 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
                   remove_dc, preemph, kind, power, log_mode, log_floor, whisper_norm):
     """Fill ``out`` with the short-time spectrum of every row of ``x`` on the GPU.
 
-    The semantics are those of ``mmcore._C.spectral`` and :func:`mmcore.backends.numba.spectral
+    The semantics are those of ``mmcore._C.spectral`` and :func:`mmcore.kernels.numba.spectral
     .spectral_numba` (framing with ``frame_offset`` / ``pad_left`` / ``pad_mode``, dither, DC
     removal and pre-emphasis in Kaldi's order, window, FFT, then complex / power / mel output,
     optional log and Whisper's per-signal normalization).
@@ -149,7 +149,7 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
     Examples
     --------
     >>> import cupy as cp, numpy as np                                  # doctest: +SKIP
-    >>> from mmcore.backends.cuda.spectral import spectral_cuda             # doctest: +SKIP
+    >>> from mmcore.kernels.cuda.spectral import spectral_cuda             # doctest: +SKIP
     >>> x = cp.random.standard_normal((1, 16000), dtype=cp.float32)     # doctest: +SKIP
     >>> out = cp.empty((1, 201, 101), cp.float32)                       # doctest: +SKIP
     >>> w = np.hanning(402)[1:-1].astype(np.float32)                    # doctest: +SKIP

@@ -7,7 +7,7 @@ to float.
 
 Examples
 --------
->>> from mmcore.backends.numba.dropout import dropout_bits
+>>> from mmcore.kernels.numba.dropout import dropout_bits
 >>> 0 <= dropout_bits(123, 0, 1, 2, 3) < 2 ** 24
 True
 """
