@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mmcore
-from mmcore.kernels import cpu, launcher
 from mmcore.errors import BackendError
+from mmcore.kernels import cpu, launcher
 
 PACKAGE = pathlib.Path(mmcore.__file__).resolve().parent
 

@@ -12,6 +12,7 @@ import functools
 import textwrap
 
 import pytest
+
 from _structure import PACKAGE_DIR, import_graph, module_files, module_sizes
 
 #: The layers, lowest first: a part imports only parts of lower layers. ``mmcore`` is the

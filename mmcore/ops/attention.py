@@ -7,8 +7,8 @@ import contextlib
 import numpy as np
 
 from .. import _backend
-from ..kernels import launcher
 from ..errors import ShapeError
+from ..kernels import launcher
 from ._checks import (
     FLOAT_INPUT_DTYPES,
     as_host_array,

@@ -34,9 +34,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _backend
+from ..errors import ArgumentError, ShapeError
 from ..kernels import launcher
 from ..kernels.cuda.common import cupy_module
-from ..errors import ArgumentError, ShapeError
 from ._audio_filters import (
     KALDI_WINDOWS,
     STFT_WINDOWS,

@@ -23,8 +23,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .. import _backend
-from ..kernels import launcher
 from ..errors import ArgumentError, BackendError, ShapeError
+from ..kernels import launcher
 from ._checks import (
     FLOAT_INPUT_DTYPES,
     as_host_array,

@@ -20,9 +20,9 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from .. import _backend
+from ..errors import ArgumentError, ShapeError
 from ..kernels import launcher
 from ..kernels.cuda.common import cupy_module, device_array
-from ..errors import ArgumentError, ShapeError
 from ._checks import FLOAT_INPUT_DTYPES, check_bool, check_choice, check_rank
 
 __all__ = ["masked_mean", "masked_max", "fuse", "FUSE_STRATEGIES"]

@@ -29,9 +29,9 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from .. import _backend
+from ..errors import ArgumentError, ShapeError
 from ..kernels import launcher
 from ..kernels.cuda.common import cupy_module, device_array
-from ..errors import ArgumentError, ShapeError
 from ._checks import as_host_array, check_bool, check_choice, check_int, finite_float
 
 __all__ = ["resize", "normalize", "patchify", "preprocess_image", "FILTERS", "RESIZE_MODES",

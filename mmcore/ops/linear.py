@@ -17,8 +17,8 @@ import math
 import numpy as np
 
 from .. import _backend
-from ..kernels import launcher
 from ..errors import ArgumentError, BackendError, ShapeError
+from ..kernels import launcher
 from ._checks import FLOAT_INPUT_DTYPES, check_float
 
 __all__ = ["linear", "layer_norm", "ACTIVATIONS", "QuantizedTensor"]
