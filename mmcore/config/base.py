@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Type, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Tuple, Type, TypeVar
 
 import numpy as np
 
@@ -283,6 +283,14 @@ def _hash_by_dict(self: ConfigBase) -> int:
     return hash((type(self).__name__, self._hash_key()))
 
 
+if TYPE_CHECKING:    # tells type checkers the decorated classes are frozen dataclasses
+    from typing_extensions import dataclass_transform
+else:
+    def dataclass_transform(**kwargs: Any) -> Any:
+        return lambda fn: fn
+
+
+@dataclass_transform(frozen_default=True)
 def config_dataclass(cls: Any) -> Any:
     """``@dataclass(frozen=True)`` with a hash that also covers dict and list fields."""
     cls = dataclass(frozen=True)(cls)

@@ -16,12 +16,16 @@ from typing import Any
 
 from ..config import (
     AttentionFusion,
+    AudioPreprocessingConfig,
     CrossModalAttentionConfig,
     EncoderConfig,
+    ImagePreprocessingConfig,
     ModalityConfig,
     MultiModalConfig,
-    PreprocessingConfig,
+    TextPreprocessingConfig,
+    VideoPreprocessingConfig,
 )
+from ..modality import Modality
 from .model import MultiModalModel
 
 __all__ = ["default_config", "default_model"]
@@ -30,21 +34,21 @@ __all__ = ["default_config", "default_model"]
 def default_config(*, embed_dim: int = 64, num_layers: int = 2, num_heads: int = 4,
                    fusion: Any = None) -> MultiModalConfig:
     """The config of :func:`default_model` (``fusion`` None: ``AttentionFusion``)."""
-    def enc(**kw):
+    def enc(**kw: Any) -> EncoderConfig:
         return EncoderConfig(num_layers=num_layers, num_heads=num_heads, mlp_ratio=2.0, **kw)
 
     mods = [
-        ModalityConfig("text", embed_dim=embed_dim, encoder_config=enc(),
-                       preprocessing=PreprocessingConfig(modality="text", max_length=64)),
-        ModalityConfig("image", embed_dim=embed_dim, encoder_config=enc(patch_size=16),
-                       preprocessing=PreprocessingConfig(modality="image", size=64)),
-        ModalityConfig("audio", embed_dim=embed_dim,
+        ModalityConfig(Modality.TEXT, embed_dim=embed_dim, encoder_config=enc(),
+                       preprocessing=TextPreprocessingConfig(max_length=64)),
+        ModalityConfig(Modality.IMAGE, embed_dim=embed_dim, encoder_config=enc(patch_size=16),
+                       preprocessing=ImagePreprocessingConfig(size=64)),
+        ModalityConfig(Modality.AUDIO, embed_dim=embed_dim,
                        encoder_config=enc(extra={"frame_stride": 4}),
-                       preprocessing=PreprocessingConfig(modality="audio", preset="whisper",
-                                                         n_mels=80, chunk_length_s=2.0)),
-        ModalityConfig("video", embed_dim=embed_dim, encoder_config=enc(patch_size=16),
-                       preprocessing=PreprocessingConfig(modality="video", size=32,
-                                                         num_frames=8, temporal_patch=2)),
+                       preprocessing=AudioPreprocessingConfig(preset="whisper", n_mels=80,
+                                                              chunk_length_s=2.0)),
+        ModalityConfig(Modality.VIDEO, embed_dim=embed_dim, encoder_config=enc(patch_size=16),
+                       preprocessing=VideoPreprocessingConfig(size=32, num_frames=8,
+                                                              temporal_patch=2)),
     ]
     if fusion is None:
         fusion = AttentionFusion(attention_dim=embed_dim, num_heads=num_heads)

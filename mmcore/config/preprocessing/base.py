@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, FrozenSet, Mapping, Optional, Tuple, Type, TypeVar
 
 from ...errors import ConfigError
-from ..base import ConfigBase, config_dataclass
+from ..base import ConfigBase, config_dataclass, dataclass_transform
 from ..checks import check_bool, check_extra, fail
 from ..serialization import TOML_NONE
 
@@ -343,6 +343,7 @@ class PreprocessingConfig(ConfigBase):
         return dataclasses.replace(self, **changes)
 
 
+@dataclass_transform(frozen_default=True)
 def preprocessing_dataclass(cls: Any) -> Any:
     """:func:`~mmcore.config.base.config_dataclass` for a :class:`PreprocessingConfig`
     subclass: construction also drops the neutral fields of other modalities."""
