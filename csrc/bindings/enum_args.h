@@ -42,7 +42,8 @@ inline constexpr EnumName<PadMode> kPadModes[] = {{"constant", PadMode::constant
 inline constexpr EnumName<SpectralKind> kSpectralKinds[] = {
     {"complex", SpectralKind::complex_stft}, {"power", SpectralKind::power}, {"mel", SpectralKind::mel}};
 
-inline constexpr EnumName<LogMode> kLogModes[] = {{"none", LogMode::none}, {"log10", LogMode::log10}, {"ln", LogMode::ln}};
+inline constexpr EnumName<LogMode> kLogModes[] = {
+    {"none", LogMode::none}, {"log10", LogMode::log10}, {"ln", LogMode::ln}};
 
 inline constexpr EnumName<FuseStrategy> kFuseStrategies[] = {
     {"concat", FuseStrategy::concat}, {"mean", FuseStrategy::mean},         {"sum", FuseStrategy::sum},

@@ -7,23 +7,23 @@
 //     argument comes after py::kw_only() and is passed by keyword, with its py::arg name;
 //   - an enum is passed as its name, a str (enum_args.h), never as an integer code;
 //   - messages start with "[op] "; kernels run with the GIL released.
+#include <pybind11/complex.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <pybind11/complex.h>
 
 #include <algorithm>
 #include <complex>
 #include <cstdint>
 #include <initializer_list>
-#include <type_traits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "enum_args.h"
 #include "mmcore/cpu_features.h"
-#include "mmcore/kernels.h"
 #include "mmcore/encoder_layer.h"
+#include "mmcore/kernels.h"
 #include "mmcore/parallel.h"
 #include "mmcore/size_error.h"
 
@@ -81,7 +81,8 @@ struct ArrayOpts {
 template <class T>
 T* checked(const char* op, const char* name, py::object obj, const Shape& shape, const ArrayOpts& opts = {}) {
   if (obj.is_none()) return nullptr;
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string("[") + op + "] " + name + " must be a numpy array");
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string("[") + op + "] " + name + " must be a numpy array");
   py::array a = obj.cast<py::array>();
   if (!same_dtype(a.dtype(), py::dtype::of<T>()))
     throw py::type_error(std::string("[") + op + "] " + name + " has dtype " + std::string(py::str(a.dtype())) +
@@ -92,8 +93,7 @@ T* checked(const char* op, const char* name, py::object obj, const Shape& shape,
                           shape_str(shape));
   if (opts.contiguous && !(a.flags() & py::array::c_style))
     throw py::value_error(std::string("[") + op + "] " + name + " must be C-contiguous");
-  if (opts.writable && !a.writeable())
-    throw py::value_error(std::string("[") + op + "] " + name + " must be writable");
+  if (opts.writable && !a.writeable()) throw py::value_error(std::string("[") + op + "] " + name + " must be writable");
   if (opts.strides) {
     for (py::ssize_t d = 0; d < a.ndim(); ++d) {
       if (a.strides(d) % static_cast<py::ssize_t>(sizeof(T)) != 0)
@@ -105,8 +105,8 @@ T* checked(const char* op, const char* name, py::object obj, const Shape& shape,
 }
 
 void attention(py::object q, py::object k, py::object v, py::object out, py::object weights, py::object lse,
-               py::object mask, py::object bias, py::object key_lengths, double scale, bool dropout,
-               uint64_t seed, uint32_t threshold, double dropout_scale, int num_threads) {
+               py::object mask, py::object bias, py::object key_lengths, double scale, bool dropout, uint64_t seed,
+               uint32_t threshold, double dropout_scale, int num_threads) {
   const char* op = "attention";
   if (!py::isinstance<py::array>(q) || !py::isinstance<py::array>(k) || !py::isinstance<py::array>(v))
     throw py::type_error("[attention] q, k and v must be numpy arrays");
@@ -128,7 +128,8 @@ void attention(py::object q, py::object k, py::object v, py::object out, py::obj
   p.weights = checked<float>(op, "weights", weights, {p.B, p.H, p.Lq, p.Lk}, {.writable = true});
   p.lse = checked<float>(op, "lse", lse, {p.B, p.H, p.Lq}, {.writable = true});
   const Shape full{p.B, p.H, p.Lq, p.Lk};
-  p.mask = reinterpret_cast<const uint8_t*>(checked<bool>(op, "mask", mask, full, {.contiguous = false, .strides = p.mask_strides}));
+  p.mask = reinterpret_cast<const uint8_t*>(
+      checked<bool>(op, "mask", mask, full, {.contiguous = false, .strides = p.mask_strides}));
   p.bias = checked<float>(op, "bias", bias, full, {.contiguous = false, .strides = p.bias_strides});
   p.key_lengths = checked<int64_t>(op, "key_lengths", key_lengths, {p.B});
   if (p.key_lengths)
@@ -144,7 +145,6 @@ void attention(py::object q, py::object k, py::object v, py::object out, py::obj
   py::gil_scoped_release release;
   mmcore::attention_cpu(p);
 }
-
 
 void spectral(py::object x, py::object out, py::object window, py::object mel_start, py::object mel_len,
               py::object mel_offset, py::object mel_weights, int64_t n_fft, int64_t hop, int64_t frame_length,
@@ -162,7 +162,8 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
   // The FFT plan (work and Bluestein lengths, powers of two above 2 n_fft) must stay far from
   // int64 overflow; 2^40 samples per frame is already beyond any memory.
-  if (n_fft > (int64_t{1} << 40)) throw py::value_error("[spectral] n_fft must be <= 2^40, got " + std::to_string(n_fft));
+  if (n_fft > (int64_t{1} << 40))
+    throw py::value_error("[spectral] n_fft must be <= 2^40, got " + std::to_string(n_fft));
   if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
   if (frame_length < 1 || frame_offset < 0 || frame_length > n_fft || frame_offset > n_fft - frame_length)
     throw py::value_error("[spectral] the frame must lie inside the FFT buffer");
@@ -226,7 +227,8 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
 // An (H, W, C) image whose rows may be strided but whose (W, C) part is contiguous.
 template <class T>
 mmcore::ImageView<T> image_view(const char* op, const char* name, py::handle obj, bool writable) {
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string("[") + op + "] " + name + " must hold numpy arrays");
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string("[") + op + "] " + name + " must hold numpy arrays");
   py::array a = py::reinterpret_borrow<py::array>(obj);
   if (!same_dtype(a.dtype(), py::dtype::of<std::remove_const_t<T>>()))
     throw py::type_error(std::string("[") + op + "] " + name + " has dtype " + std::string(py::str(a.dtype())) +
@@ -298,8 +300,8 @@ void resize(py::list srcs, py::list dsts, const std::string& filter, bool antial
 // layout "chw" gives planes (N, C, H, W), "hwc" keeps (N, H, W, C).
 constexpr mmcore::bindings::EnumName<bool> kLayouts[] = {{"chw", true}, {"hwc", false}};
 
-void normalize(py::array src, py::object dst, py::object mean, py::object stdv, double scale,
-               const std::string& layout, int num_threads) {
+void normalize(py::array src, py::object dst, py::object mean, py::object stdv, double scale, const std::string& layout,
+               int num_threads) {
   const char* op = "normalize";
   if (src.ndim() != 4) throw py::value_error("[normalize] src must have 4 dims (N, H, W, C)");
   const int64_t N = src.shape(0), H = src.shape(1), W = src.shape(2), C = src.shape(3);
@@ -341,7 +343,8 @@ void patchify(py::array src, py::object dst, int64_t patch, int64_t temporal_pat
     throw py::value_error("[patchify] sizes must be multiples of the patch sizes");
   const float* s = checked<float>(op, "src", src, {B, T, C, H, W});
   const int64_t np_ = mul_dims(op, {T / temporal_patch, H / patch, W / patch});
-  float* d = checked<float>(op, "dst", dst, {B, np_, mul_dims(op, {C, temporal_patch, patch, patch})}, {.writable = true});
+  float* d =
+      checked<float>(op, "dst", dst, {B, np_, mul_dims(op, {C, temporal_patch, patch, patch})}, {.writable = true});
   if (!s || !d) throw py::value_error("[patchify] src and dst are required");
   mmcore::PatchifyParams p;
   p.src = s;
@@ -358,9 +361,9 @@ void patchify(py::array src, py::object dst, int64_t patch, int64_t temporal_pat
   mmcore::patchify_f32_cpu(p);
 }
 
-void preprocess_image(py::list srcs, py::object out, py::object geoms, py::object mean, py::object stdv,
-                      int64_t crop_h, int64_t crop_w, const std::string& filter, bool antialias, double scale,
-                      int64_t patch, int num_threads) {
+void preprocess_image(py::list srcs, py::object out, py::object geoms, py::object mean, py::object stdv, int64_t crop_h,
+                      int64_t crop_w, const std::string& filter, bool antialias, double scale, int64_t patch,
+                      int num_threads) {
   const char* op = "preprocess_image";
   const auto f = parse_enum(op, "filter", filter, mmcore::bindings::kResizeFilters);
   const int64_t n = static_cast<int64_t>(srcs.size());
@@ -392,10 +395,13 @@ void preprocess_image(py::list srcs, py::object out, py::object geoms, py::objec
   norm.scale = static_cast<float>(scale);
   norm.patch = patch;
   mul_dims(op, {n, C, crop_h, crop_w});
-  float* o = patch == 0 ? checked<float>(op, "out", out, {n, C, crop_h, crop_w}, {.writable = true})
-                        : checked<float>(op, "out", out,
-                                         {n, mul_dims(op, {crop_h / patch, crop_w / patch}), mul_dims(op, {C, patch, patch})}, {.writable = true});
-  if (!o || !g || !norm.mean || !norm.std) throw py::value_error("[preprocess_image] out, geoms, mean, std are required");
+  float* o = patch == 0
+                 ? checked<float>(op, "out", out, {n, C, crop_h, crop_w}, {.writable = true})
+                 : checked<float>(op, "out", out,
+                                  {n, mul_dims(op, {crop_h / patch, crop_w / patch}), mul_dims(op, {C, patch, patch})},
+                                  {.writable = true});
+  if (!o || !g || !norm.mean || !norm.std)
+    throw py::value_error("[preprocess_image] out, geoms, mean, std are required");
   mmcore::PreprocessParams p;
   p.srcs = s.data();
   p.n = n;
@@ -424,8 +430,10 @@ void masked_reduce(const char* op, py::object x, py::object mask, py::object out
   if (!p.out && p.B * p.D > 0) throw py::value_error(std::string("[") + op + "] out is required");
   p.num_threads = std::max(num_threads, 1);
   py::gil_scoped_release release;
-  if (is_max) mmcore::masked_max_cpu(p);
-  else mmcore::masked_mean_cpu(p);
+  if (is_max)
+    mmcore::masked_max_cpu(p);
+  else
+    mmcore::masked_mean_cpu(p);
 }
 
 void fuse(py::object emb, py::object present, py::object weights, py::object query, py::object out,
@@ -453,8 +461,10 @@ void fuse(py::object emb, py::object present, py::object weights, py::object que
     p.query_per_batch = qa.ndim() == 2;
     p.query = checked<float>(op, "query", query, p.query_per_batch ? Shape{p.B, p.D} : Shape{p.D});
   }
-  p.out = checked<float>(op, "out", out,
-                         p.strategy == mmcore::FuseStrategy::concat ? Shape{p.B, mul_dims(op, {p.M, p.D})} : Shape{p.B, p.D}, {.writable = true});
+  p.out = checked<float>(
+      op, "out", out,
+      p.strategy == mmcore::FuseStrategy::concat ? Shape{p.B, mul_dims(op, {p.M, p.D})} : Shape{p.B, p.D},
+      {.writable = true});
   if (!p.out) throw py::value_error("[fuse] out is required");
   p.out_weights = checked<float>(op, "out_weights", out_weights, {p.B, p.M}, {.writable = true});
   p.num_threads = std::max(num_threads, 1);
@@ -500,8 +510,8 @@ void linear(py::object x, py::object w, py::object bias, py::object y, const std
   run_kernel(op, [&] { mmcore::linear_cpu(p); });
 }
 
-mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, const std::string& kind,
-                             py::object scale, int64_t rows, int64_t cols) {
+mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, const std::string& kind, py::object scale,
+                             int64_t rows, int64_t cols) {
   mmcore::WeightRef r;
   int64_t st[2];
   const ArrayOpts strided{.contiguous = false, .strides = st};
@@ -562,7 +572,8 @@ void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t n
   p.ln1_b = checked<float>(op, "ln1_b", norms[1], {p.E});
   p.ln2_w = checked<float>(op, "ln2_w", norms[2], {p.E});
   p.ln2_b = checked<float>(op, "ln2_b", norms[3], {p.E});
-  if ((p.ln1_b && !p.ln1_w) || (p.ln2_b && !p.ln2_w)) throw py::value_error("[encoder_layer] a norm bias needs its weight");
+  if ((p.ln1_b && !p.ln1_w) || (p.ln2_b && !p.ln2_w))
+    throw py::value_error("[encoder_layer] a norm bias needs its weight");
   if (!(eps1 > 0.0) || !(eps2 > 0.0)) throw py::value_error("[encoder_layer] eps must be > 0");
   p.eps1 = eps1;
   p.eps2 = eps2;
@@ -618,16 +629,16 @@ PYBIND11_MODULE(_C, m) {
 #ifdef MMCORE_VERSION
   m.attr("__version__") = MMCORE_VERSION;
 #endif
-  m.def("isa_level", []() { return std::string(mmcore::isa_name(mmcore::active_isa())); },
-        "Instruction-set level the kernels run at: baseline, avx2 or avx512.");
+  m.def(
+      "isa_level", []() { return std::string(mmcore::isa_name(mmcore::active_isa())); },
+      "Instruction-set level the kernels run at: baseline, avx2 or avx512.");
   m.def("compiled_isas", &mmcore::compiled_isas);
   m.def("cpu_features", &mmcore::cpu_feature_list);
   m.def("set_isa_cap", &mmcore::set_isa_cap, py::arg("name"),
         "Cap the instruction-set level (tests, benchmarks); returns False if not available.");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("weights"),
         py::arg("lse"), py::arg("mask"), py::arg("bias"), py::arg("key_lengths"), py::kw_only(), py::arg("scale"),
-        py::arg("dropout"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_scale"),
-        py::arg("num_threads"));
+        py::arg("dropout"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_scale"), py::arg("num_threads"));
   m.def("spectral", &spectral, py::arg("x"), py::arg("out"), py::arg("window"), py::arg("mel_start"),
         py::arg("mel_len"), py::arg("mel_offset"), py::arg("mel_weights"), py::kw_only(), py::arg("n_fft"),
         py::arg("hop"), py::arg("frame_length"), py::arg("frame_offset"), py::arg("pad_left"), py::arg("pad_mode"),
@@ -649,9 +660,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
         py::arg("activation") = "none", py::arg("weight_kind") = "float32", py::arg("weight_scale") = py::none(),
         py::arg("num_threads"));
-  m.def("encoder_layer", &encoder_layer, py::arg("x"), py::arg("out"), py::arg("key_lengths"),
-        py::kw_only(), py::arg("num_heads"), py::arg("weights"), py::arg("biases"), py::arg("norms"),
-        py::arg("eps1"), py::arg("eps2"), py::arg("activation"), py::arg("scale"), py::arg("num_threads"));
+  m.def("encoder_layer", &encoder_layer, py::arg("x"), py::arg("out"), py::arg("key_lengths"), py::kw_only(),
+        py::arg("num_heads"), py::arg("weights"), py::arg("biases"), py::arg("norms"), py::arg("eps1"), py::arg("eps2"),
+        py::arg("activation"), py::arg("scale"), py::arg("num_threads"));
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
         py::arg("eps"), py::arg("num_threads"));
   m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"), py::arg("query"), py::arg("out"),

@@ -48,11 +48,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-constexpr int MR = gemm::kTileRows;  // rows of a register tile (keys in S^T, queries in P.V)
-constexpr int NV = gemm::kTileVecs;  // vectors per register tile row
-constexpr int kGroup = kWidth * NV;    // queries per S^T tile (one query group)
-constexpr int kKeyBlock = 128;         // keys per block
-constexpr int64_t kQueryChunk = 256;   // query rows per task at most
+constexpr int MR = gemm::kTileRows;   // rows of a register tile (keys in S^T, queries in P.V)
+constexpr int NV = gemm::kTileVecs;   // vectors per register tile row
+constexpr int kGroup = kWidth * NV;   // queries per S^T tile (one query group)
+constexpr int kKeyBlock = 128;        // keys per block
+constexpr int64_t kQueryChunk = 256;  // query rows per task at most
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -107,11 +107,10 @@ T* grow(std::vector<T>& v, size_t n) {
 }
 
 // Adds the bias and applies the mask of query row i to column c of an S^T tile.
-void apply_mask_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j0, int nkeys,
-                     float* col) {
+void apply_mask_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j0, int nkeys, float* col) {
   if (p.bias) {
-    const float* br = p.bias + b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2] +
-                      j0 * p.bias_strides[3];
+    const float* br =
+        p.bias + b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2] + j0 * p.bias_strides[3];
     const int64_t bs = p.bias_strides[3];
     // A finite bias stays finite in the base-2 domain (no overflow to -inf near -FLT_MAX).
     const float lo = -std::numeric_limits<float>::max();
@@ -121,8 +120,8 @@ void apply_mask_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, 
     }
   }
   if (p.mask) {
-    const uint8_t* mr = p.mask + b * p.mask_strides[0] + h * p.mask_strides[1] + i * p.mask_strides[2] +
-                        j0 * p.mask_strides[3];
+    const uint8_t* mr =
+        p.mask + b * p.mask_strides[0] + h * p.mask_strides[1] + i * p.mask_strides[2] + j0 * p.mask_strides[3];
     const int64_t ms = p.mask_strides[3];
     for (int j = 0; j < nkeys; ++j)
       if (!mr[j * ms]) col[j * kGroup] = kNegInf;
@@ -220,7 +219,7 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
 
     for (int64_t g0 = 0; g0 < rows; g0 += kGroup) {
       const int nq = static_cast<int>(std::min<int64_t>(kGroup, rows_pad - g0) / kWidth);  // vectors
-      const int nreal = static_cast<int>(std::min<int64_t>(kGroup, rows - g0));           // queries
+      const int nreal = static_cast<int>(std::min<int64_t>(kGroup, rows - g0));            // queries
       score_block(kblk, D, nkeys, qt + g0, rows_pad, nq, st);
       for (int r = 0; r < nreal; ++r) {
         const int64_t i = i0 + g0 + r;
@@ -293,8 +292,7 @@ void attention_f32(const AttentionParams& p) {
   int64_t chunk_rows = (p.Lq + nchunks - 1) / nchunks;
   if (chunk_rows > kWidth) chunk_rows = round_up(chunk_rows, kWidth);
   nchunks = (p.Lq + chunk_rows - 1) / chunk_rows;
-  parallel_for(bh * nchunks, p.num_threads,
-               [&](int64_t task, int) { run_task(p, task, nchunks, chunk_rows); });
+  parallel_for(bh * nchunks, p.num_threads, [&](int64_t task, int) { run_task(p, task, nchunks, chunk_rows); });
 }
 
 }  // namespace MMCORE_TARGET

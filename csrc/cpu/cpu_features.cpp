@@ -57,9 +57,18 @@ bool supported(Isa isa) {
 
 bool parse(const char* s, Isa* out) {
   if (!s) return false;
-  if (!std::strcmp(s, "baseline")) { *out = Isa::baseline; return true; }
-  if (!std::strcmp(s, "avx2")) { *out = Isa::avx2; return true; }
-  if (!std::strcmp(s, "avx512")) { *out = Isa::avx512; return true; }
+  if (!std::strcmp(s, "baseline")) {
+    *out = Isa::baseline;
+    return true;
+  }
+  if (!std::strcmp(s, "avx2")) {
+    *out = Isa::avx2;
+    return true;
+  }
+  if (!std::strcmp(s, "avx512")) {
+    *out = Isa::avx512;
+    return true;
+  }
   return false;
 }
 

@@ -26,15 +26,13 @@ namespace avx512 {
 // The switch cases of the targets compiled into this module (baseline is the default case).
 #if defined(MMCORE_HAVE_TARGET_AVX512)
 #define MMCORE_CASE_AVX512(variant) \
-  case Isa::avx512:                 \
-    return avx512::variant(p);
+  case Isa::avx512: return avx512::variant(p);
 #else
 #define MMCORE_CASE_AVX512(variant)
 #endif
 #if defined(MMCORE_HAVE_TARGET_AVX2)
 #define MMCORE_CASE_AVX2(variant) \
-  case Isa::avx2:                 \
-    return avx2::variant(p);
+  case Isa::avx2: return avx2::variant(p);
 #else
 #define MMCORE_CASE_AVX2(variant)
 #endif
@@ -44,8 +42,7 @@ namespace avx512 {
     switch (active_isa()) {                   \
       MMCORE_CASE_AVX512(variant)             \
       MMCORE_CASE_AVX2(variant)               \
-      default:                                \
-        return baseline::variant(p);          \
+      default: return baseline::variant(p);   \
     }                                         \
   }
 #include "mmcore/kernel_list.h"

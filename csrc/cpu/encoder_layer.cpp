@@ -14,8 +14,8 @@ namespace mmcore {
 
 namespace {
 
-void run_linear(const float* x, int64_t M, int64_t K, const WeightRef& w, int64_t N, const float* bias,
-                float* y, Activation act, int threads) {
+void run_linear(const float* x, int64_t M, int64_t K, const WeightRef& w, int64_t N, const float* bias, float* y,
+                Activation act, int threads) {
   LinearParams lp;
   lp.x = x;
   lp.M = M;

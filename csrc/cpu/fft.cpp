@@ -2,8 +2,8 @@
 // DFT of that length) and the twiddle tables, computed in double precision once per size.
 #include "mmcore/fft.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <complex>
 #include <map>
 #include <memory>
@@ -16,13 +16,25 @@ constexpr double kTwoPi = 6.283185307179586476925286766559;
 
 std::vector<int> factorize(int64_t n) {
   std::vector<int> radices;
-  while (n % 4 == 0) { radices.push_back(4); n /= 4; }
-  while (n % 2 == 0) { radices.push_back(2); n /= 2; }
+  while (n % 4 == 0) {
+    radices.push_back(4);
+    n /= 4;
+  }
+  while (n % 2 == 0) {
+    radices.push_back(2);
+    n /= 2;
+  }
   for (int p : {3, 5}) {
-    while (n % p == 0) { radices.push_back(p); n /= p; }
+    while (n % p == 0) {
+      radices.push_back(p);
+      n /= p;
+    }
   }
   for (int64_t p = 7; p * p <= n; p += 2) {
-    while (n % p == 0) { radices.push_back(static_cast<int>(p)); n /= p; }
+    while (n % p == 0) {
+      radices.push_back(static_cast<int>(p));
+      n /= p;
+    }
   }
   if (n > 1) radices.push_back(static_cast<int>(n));
   return radices;

@@ -34,7 +34,8 @@ constexpr int64_t kFlush = 32;
 // Splits D into chunks so that B * chunks gives the threads enough tasks.
 int64_t d_chunk(int64_t B, int64_t D, int threads) {
   int64_t chunk = std::min<int64_t>(D, kChunk);
-  while (chunk > 2 * kWidth && B * ((D + chunk - 1) / chunk) < 4 * threads) chunk = (chunk / 2 + kWidth - 1) / kWidth * kWidth;
+  while (chunk > 2 * kWidth && B * ((D + chunk - 1) / chunk) < 4 * threads)
+    chunk = (chunk / 2 + kWidth - 1) / kWidth * kWidth;
   return std::max<int64_t>(chunk, 1);
 }
 
@@ -122,8 +123,10 @@ void fuse_row(const FuseParams& p, int64_t b) {
   if (p.strategy == FuseStrategy::concat) {
     float* out = p.out + b * M * D;
     for (int64_t m = 0; m < M; ++m) {
-      if (present(m)) std::memcpy(out + m * D, e + m * D, sizeof(float) * D);
-      else std::fill(out + m * D, out + (m + 1) * D, 0.0f);
+      if (present(m))
+        std::memcpy(out + m * D, e + m * D, sizeof(float) * D);
+      else
+        std::fill(out + m * D, out + (m + 1) * D, 0.0f);
     }
     return;
   }
@@ -187,8 +190,7 @@ void fuse_row(const FuseParams& p, int64_t b) {
       }
       break;
     }
-    default:
-      break;
+    default: break;
   }
   if (p.strategy == FuseStrategy::max) {
     for (int64_t d = 0; d < D; d += kWidth) {

@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "mmcore/image.h"
-#include "mmcore/resample_filters.h"
 #include "mmcore/parallel.h"
+#include "mmcore/resample_filters.h"
 #include "mmcore/simd.h"
 #include "mmcore/size_error.h"
 
@@ -198,8 +198,8 @@ inline void transpose_i32(vi* r) { simd::transpose(reinterpret_cast<vf*>(r)); }
 // Outputs are taken in groups whose taps span at most kSegment values of a row (or one output),
 // so the transposed segment stays bounded however wide the row is.
 // Rows y0 .. y0 + nr - 1 of src (nr <= kWidth) -> out rows 0 .. nr - 1 (out_stride apart).
-void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, const Taps& t, int64_t n,
-                   uint8_t* out, int64_t out_stride, std::vector<vi>& bbuf, std::vector<vi>& obuf) {
+void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, const Taps& t, int64_t n, uint8_t* out,
+                   int64_t out_stride, std::vector<vi>& bbuf, std::vector<vi>& obuf) {
   const int64_t C = src.C;
   vi* O = grow(obuf, static_cast<size_t>(n * C));
   const uint8_t* rows[kWidth];
@@ -269,8 +269,7 @@ void hpass_row_f32(const float* in, const Taps& t, int64_t n, int64_t C, float* 
 
 // Vertical pass of one output row over a row of `len` interleaved values: rows[k] points at
 // the k-th input row of the taps.
-void vpass_row_u8(const uint8_t* const* rows, const int32_t* w, int64_t cnt, int64_t len, int32_t* acc,
-                  uint8_t* out) {
+void vpass_row_u8(const uint8_t* const* rows, const int32_t* w, int64_t cnt, int64_t len, int32_t* acc, uint8_t* out) {
   for (int64_t i = 0; i < len; ++i) acc[i] = 1 << (kPrecisionBits - 1);
   for (int64_t k = 0; k < cnt; ++k) {
     const uint8_t* r = rows[k];
@@ -339,8 +338,8 @@ void hpass_rows(const ImageView<const T>& in, int64_t row0, int64_t nrows, const
 // Vertical pass: output row i (< ny) = taps tv[i] over rows of `in` (tap rows are shifted by
 // -in_row0), values [v0, v0 + len) of each row, into out (rows out_stride apart).
 template <class T>
-void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv, int64_t ny, int64_t v0,
-                int64_t len, T* out, int64_t out_stride, int threads) {
+void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv, int64_t ny, int64_t v0, int64_t len,
+                T* out, int64_t out_stride, int threads) {
   if (ny <= 0) return;
   const int64_t band = std::max<int64_t>(4, ny / (4 * std::max(threads, 1)) + 1);
   parallel_for((ny + band - 1) / band, threads, [&](int64_t b, int) {
@@ -595,25 +594,24 @@ void preprocess_u8(const PreprocessParams& p) {
   if (n == 0) return;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* g = geoms + 4 * i;
-    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, g[0], g[1], std::min(crop_h, g[0]), std::min(crop_w, g[1]),
-                         f, antialias, true);
+    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, g[0], g[1], std::min(crop_h, g[0]), std::min(crop_w, g[1]), f,
+                         antialias, true);
   }
   const int64_t C = srcs[0].C;
   // value(c, v) = (v * scale - mean[c]) / std[c], one float32 rounding as a table.
   std::vector<float> lut(static_cast<size_t>(C * 256));
   for (int64_t c = 0; c < C; ++c)
-    for (int v = 0; v < 256; ++v)
-      lut[c * 256 + v] = (static_cast<float>(v) * norm.scale - norm.mean[c]) / norm.std[c];
+    for (int v = 0; v < 256; ++v) lut[c * 256 + v] = (static_cast<float>(v) * norm.scale - norm.mean[c]) / norm.std[c];
   const int64_t per_image = C * crop_h * crop_w;
   if (n >= num_threads && n > 1) {
     parallel_for(n, num_threads, [&](int64_t i, int) {
-      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch,
-                     out + i * per_image, 1);
+      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch, out + i * per_image,
+                     1);
     });
   } else {
     for (int64_t i = 0; i < n; ++i)
-      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch,
-                     out + i * per_image, num_threads);
+      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch, out + i * per_image,
+                     num_threads);
   }
 }
 
@@ -633,13 +631,13 @@ void normalize_impl(const T* src, float* dst, int64_t N, int64_t H, int64_t W, i
       if (chw) {
         for (int64_t c = 0; c < C; ++c) {
           float* o = dst + ((n * C + c) * H + y) * W;
-          for (int64_t x = 0; x < W; ++x)
-            o[x] = (static_cast<float>(in[x * C + c]) * scale - mean[c]) / stdv[c];
+          for (int64_t x = 0; x < W; ++x) o[x] = (static_cast<float>(in[x * C + c]) * scale - mean[c]) / stdv[c];
         }
       } else {
         float* o = dst + r * W * C;
         for (int64_t x = 0; x < W; ++x)
-          for (int64_t c = 0; c < C; ++c) o[x * C + c] = (static_cast<float>(in[x * C + c]) * scale - mean[c]) / stdv[c];
+          for (int64_t c = 0; c < C; ++c)
+            o[x * C + c] = (static_cast<float>(in[x * C + c]) * scale - mean[c]) / stdv[c];
       }
     }
   });

@@ -39,14 +39,14 @@ namespace {
 
 constexpr int MR = gemm::kTileRows;
 constexpr int NV = gemm::kTileVecs;
-constexpr int kCols = kWidth * NV;      // output columns per task block
-constexpr int64_t kRowChunk = 192;      // rows per task at most
+constexpr int kCols = kWidth * NV;        // output columns per task block
+constexpr int64_t kRowChunk = 192;        // rows per task at most
 constexpr int64_t kSerialWork = 1 << 18;  // multiply-adds below which one thread does it all
 
 // R rows x nvec vectors of columns (R <= MR, nvec <= NV):
 // out[r, c] = bias[c] + sum_k x[r, k] * wt[k, c].
-void rows_block(int R, int nvec, const float* x, int64_t ldx, const float* wt, const float* bias, int64_t K,
-                float* out, int64_t ldo) {
+void rows_block(int R, int nvec, const float* x, int64_t ldx, const float* wt, const float* bias, int64_t K, float* out,
+                int64_t ldo) {
   gemm::with_count<MR>(R, [&](auto rows) {
     gemm::with_count<NV>(nvec, [&](auto vecs) {
       gemm::Tile<decltype(rows)::value, decltype(vecs)::value> t;
@@ -139,30 +139,24 @@ void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
   // pack W[col0 : col0 + ncols, :] transposed, widened to float32; padding columns are zero
   switch (p.w_kind) {
     case WeightKind::f16:
-      pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) {
-        return half_to_float(static_cast<const uint16_t*>(w)[i]);
-      });
+      pack(p, col0, ncols, padded, wt,
+           [](const void* w, int64_t i) { return half_to_float(static_cast<const uint16_t*>(w)[i]); });
       break;
     case WeightKind::bf16:
-      pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) {
-        return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
-      });
+      pack(p, col0, ncols, padded, wt,
+           [](const void* w, int64_t i) { return bf16_to_float(static_cast<const uint16_t*>(w)[i]); });
       break;
     case WeightKind::i8: {
       const float* sc = p.w_scale;
       for (int64_t k = 0; k < p.K; ++k) {
         float* dst = wt + k * kCols;
         const int8_t* q = static_cast<const int8_t*>(p.w);
-        for (int64_t j = 0; j < ncols; ++j)
-          dst[j] = static_cast<float>(q[(col0 + j) * p.ldw + k]) * sc[col0 + j];
+        for (int64_t j = 0; j < ncols; ++j) dst[j] = static_cast<float>(q[(col0 + j) * p.ldw + k]) * sc[col0 + j];
         for (int64_t j = ncols; j < padded; ++j) dst[j] = 0.0f;
       }
       break;
     }
-    default:
-      pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) {
-        return static_cast<const float*>(w)[i];
-      });
+    default: pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) { return static_cast<const float*>(w)[i]; });
   }
   const float* bias = nullptr;
   if (p.bias) {

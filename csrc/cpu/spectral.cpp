@@ -145,8 +145,8 @@ bool gather_frames_fast(const SpectralParams& p, int64_t sig, int64_t frame0, in
 }
 
 // Gathers the frames frame0 .. frame0 + nlanes - 1 of one signal into the lanes.
-void gather_frames(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes, bool real_split,
-                   int64_t csize, float* re, float* im, float* tmp) {
+void gather_frames(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes, bool real_split, int64_t csize,
+                   float* re, float* im, float* tmp) {
   std::memset(re, 0, sizeof(float) * csize * kWidth);
   std::memset(im, 0, sizeof(float) * csize * kWidth);
   const float* x = p.x + sig * p.T;

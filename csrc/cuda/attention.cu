@@ -71,10 +71,9 @@ struct SharedTiles {
 // Raw (unscaled) dot products q_i . k_j for the warp's 4 rows and the lane's key j0 + lane.
 // Also stages the value tile when load_v is set. Contains __syncthreads: call block-uniformly.
 template <typename T, int NC>
-__device__ __forceinline__ void tile_dots(const KernelArgs& a, SharedTiles<NC>& sm, const T* qb,
-                                          const T* kb, const T* vb, int64_t row0, int64_t j0,
-                                          int jn, bool load_v, int64_t dv0, int dvn,
-                                          float (&s)[kRowsPerWarp]) {
+__device__ __forceinline__ void tile_dots(const KernelArgs& a, SharedTiles<NC>& sm, const T* qb, const T* kb,
+                                          const T* vb, int64_t row0, int64_t j0, int jn, bool load_v, int64_t dv0,
+                                          int dvn, float (&s)[kRowsPerWarp]) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -124,9 +123,8 @@ __device__ __forceinline__ void tile_dots(const KernelArgs& a, SharedTiles<NC>& 
 
 // Turns raw dot products into log2-domain scores: scale, bias, mask; -inf for keys outside the
 // tile (lane >= jn) and rows outside the query range.
-__device__ __forceinline__ void finish_scores(const KernelArgs& a, int64_t b, int64_t h,
-                                              int64_t row0, int64_t j0, int jn,
-                                              float (&s)[kRowsPerWarp]) {
+__device__ __forceinline__ void finish_scores(const KernelArgs& a, int64_t b, int64_t h, int64_t row0, int64_t j0,
+                                              int jn, float (&s)[kRowsPerWarp]) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t j = j0 + lane;
@@ -151,10 +149,9 @@ __device__ __forceinline__ void finish_scores(const KernelArgs& a, int64_t b, in
   }
 }
 
-__device__ __forceinline__ bool dropout_keep(const KernelArgs& a, int64_t b, int64_t h, int64_t i,
-                                             int64_t j) {
-  return dropout_bits(a.p.seed, static_cast<uint64_t>(b), static_cast<uint64_t>(h),
-                      static_cast<uint64_t>(i), static_cast<uint64_t>(j)) >= a.p.dropout_threshold;
+__device__ __forceinline__ bool dropout_keep(const KernelArgs& a, int64_t b, int64_t h, int64_t i, int64_t j) {
+  return dropout_bits(a.p.seed, static_cast<uint64_t>(b), static_cast<uint64_t>(h), static_cast<uint64_t>(i),
+                      static_cast<uint64_t>(j)) >= a.p.dropout_threshold;
 }
 
 template <typename T, int NC>
@@ -374,8 +371,7 @@ struct MmaTraits<__nv_bfloat16> {
 
 // c += a (16 x 16, row) * b (16 x 8, col), float32 accumulators.
 template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile(
@@ -402,8 +398,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 // memory rows of `stride` elements, zero-filling up to `rows` x `cols`. Eight elements per step;
 // `vec` says that rows start on 16-byte boundaries (n_cols % 8 == 0 and an aligned base).
 template <typename T>
-__device__ __forceinline__ void stage_tile(T* dst, int stride, int rows, int cols, const T* src,
-                                           int64_t n_rows, int64_t n_cols, bool vec) {
+__device__ __forceinline__ void stage_tile(T* dst, int stride, int rows, int cols, const T* src, int64_t n_rows,
+                                           int64_t n_cols, bool vec) {
   const int groups = cols / 8;
   for (int e = threadIdx.x; e < rows * groups; e += kMmaThreads) {
     const int r = e / groups;
@@ -654,13 +650,12 @@ const char* invalid(const std::string& what) { return set_error_message("invalid
 
 const char* attention(const AttentionParams& p, int dtype, cudaStream_t stream) {
   if (dtype != kAttentionFloat32 && dtype != kAttentionFloat16 && dtype != kAttentionBFloat16) {
-    return invalid("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                   std::to_string(dtype));
+    return invalid("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
   }
   if (p.B < 0 || p.H < 0 || p.Lq < 0 || p.Lk < 0 || p.D < 0 || p.Dv < 0) {
     return invalid("negative size (B=" + std::to_string(p.B) + ", H=" + std::to_string(p.H) +
-                   ", Lq=" + std::to_string(p.Lq) + ", Lk=" + std::to_string(p.Lk) +
-                   ", D=" + std::to_string(p.D) + ", Dv=" + std::to_string(p.Dv) + ")");
+                   ", Lq=" + std::to_string(p.Lq) + ", Lk=" + std::to_string(p.Lk) + ", D=" + std::to_string(p.D) +
+                   ", Dv=" + std::to_string(p.Dv) + ")");
   }
   if (p.B == 0 || p.H == 0 || p.Lq == 0) return nullptr;  // nothing to compute
   if (p.D > 0 && p.q == nullptr) return invalid("q is null");
@@ -677,8 +672,8 @@ const char* attention(const AttentionParams& p, int dtype, cudaStream_t stream) 
   (void)cudaGetLastError();  // do not report an earlier, unrelated failure as ours
   if (dtype == kAttentionFloat16 || dtype == kAttentionBFloat16) {
     bool used = false;
-    const char* err = dtype == kAttentionFloat16 ? try_mma<__half>(a, &used, stream)
-                                                 : try_mma<__nv_bfloat16>(a, &used, stream);
+    const char* err =
+        dtype == kAttentionFloat16 ? try_mma<__half>(a, &used, stream) : try_mma<__nv_bfloat16>(a, &used, stream);
     if (err != nullptr || used) return err;
     if (dtype == kAttentionFloat16) return dispatch_columns<__half>(a, stream);
     return dispatch_columns<__nv_bfloat16>(a, stream);

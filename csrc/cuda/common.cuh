@@ -36,13 +36,13 @@ inline const char* cuda_error_message(cudaError_t err, const char* what) {
 }
 
 // Returns the message from the enclosing function when `expr` does not give cudaSuccess.
-#define MMCORE_CUDA_TRY(expr, what)                                       \
-  do {                                                                    \
-    const cudaError_t mmcore_err_ = (expr);                               \
-    if (mmcore_err_ != cudaSuccess) {                                     \
-      (void)cudaGetLastError();                                           \
-      return ::mmcore::cuda::cuda_error_message(mmcore_err_, (what));     \
-    }                                                                     \
+#define MMCORE_CUDA_TRY(expr, what)                                   \
+  do {                                                                \
+    const cudaError_t mmcore_err_ = (expr);                           \
+    if (mmcore_err_ != cudaSuccess) {                                 \
+      (void)cudaGetLastError();                                       \
+      return ::mmcore::cuda::cuda_error_message(mmcore_err_, (what)); \
+    }                                                                 \
   } while (0)
 
 // ---- device helpers ---------------------------------------------------------------------------

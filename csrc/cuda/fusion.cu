@@ -45,12 +45,12 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowUnroll = 4;            // token rows in flight per thread (masked reductions)
-constexpr int kMinGroup = 8;             // smallest column group (8 x float4 = 128 bytes)
+constexpr int kRowUnroll = 4;  // token rows in flight per thread (masked reductions)
+constexpr int kMinGroup = 8;   // smallest column group (8 x float4 = 128 bytes)
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxFlatBlocks = int64_t{1} << 16;  // larger problems loop inside the kernels
-constexpr int kFlush = 32;  // float32 terms per float64 flush of the sums
+constexpr int kFlush = 32;                            // float32 terms per float64 flush of the sums
 
 // ---- device helpers ---------------------------------------------------------------------------
 
@@ -214,8 +214,10 @@ __global__ void __launch_bounds__(kThreads) masked_reduce_kernel(const MaskedArg
       // Tree over the row groups; row group 0 ends with the totals of its columns.
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        if constexpr (kMax) red[tid * V + k] = acc[k];
-        else red[tid * V + k] = tot[k];
+        if constexpr (kMax)
+          red[tid * V + k] = acc[k];
+        else
+          red[tid * V + k] = tot[k];
       }
       cnt[tid] = n;
       for (int s = R >> 1; s > 0; s >>= 1) {
@@ -485,9 +487,7 @@ __global__ void __launch_bounds__(kThreads) fuse_attention_kernel(const FuseArgs
 
 // ---- host ---------------------------------------------------------------------------------------
 
-const char* invalid(const std::string& what) {
-  return set_error_message("invalid argument: " + what);
-}
+const char* invalid(const std::string& what) { return set_error_message("invalid argument: " + what); }
 
 std::string str(int64_t v) { return std::to_string(v); }
 
@@ -531,8 +531,7 @@ const char* launch_masked(const MaskedArgs& base, int sm_count, cudaStream_t str
   const dim3 grid(static_cast<unsigned>(a.chunks < kMaxGridX ? a.chunks : kMaxGridX),
                   static_cast<unsigned>(a.B < kMaxGridY ? a.B : kMaxGridY), 1);
   masked_reduce_kernel<V, kMax><<<grid, block, 0, stream>>>(a);
-  MMCORE_CUDA_TRY(cudaGetLastError(),
-                  kMax ? "launching the masked_max kernel" : "launching the masked_mean kernel");
+  MMCORE_CUDA_TRY(cudaGetLastError(), kMax ? "launching the masked_max kernel" : "launching the masked_mean kernel");
   return nullptr;
 }
 
@@ -556,8 +555,7 @@ const char* masked_reduce(const MaskedReduceParams& p, cudaStream_t stream) {
   int sm_count = 1;
   if (const char* err = multiprocessors(&sm_count)) return err;
   const bool vec4 = p.D % 4 == 0 && aligned16(p.out) && (p.L == 0 || aligned16(p.x));
-  return vec4 ? launch_masked<4, kMax>(a, sm_count, stream)
-              : launch_masked<1, kMax>(a, sm_count, stream);
+  return vec4 ? launch_masked<4, kMax>(a, sm_count, stream) : launch_masked<1, kMax>(a, sm_count, stream);
 }
 
 template <int V>
@@ -582,20 +580,16 @@ const char* launch_fuse(FuseArgs a, FuseStrategy s, cudaStream_t stream) {
       const unsigned grid = flat_grid(a.total);
       switch (s) {
         case FuseStrategy::mean:
-          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::mean)>
-              <<<grid, kThreads, 0, stream>>>(a);
+          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::mean)><<<grid, kThreads, 0, stream>>>(a);
           break;
         case FuseStrategy::sum:
-          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::sum)>
-              <<<grid, kThreads, 0, stream>>>(a);
+          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::sum)><<<grid, kThreads, 0, stream>>>(a);
           break;
         case FuseStrategy::max:
-          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::max)>
-              <<<grid, kThreads, 0, stream>>>(a);
+          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::max)><<<grid, kThreads, 0, stream>>>(a);
           break;
         default:
-          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::weighted)>
-              <<<grid, kThreads, 0, stream>>>(a);
+          fuse_reduce_kernel<V, static_cast<int>(FuseStrategy::weighted)><<<grid, kThreads, 0, stream>>>(a);
           break;
       }
       break;
@@ -621,19 +615,14 @@ const char* strategy_name(FuseStrategy s) {
 
 // ---- entry points -----------------------------------------------------------------------------
 
-const char* masked_mean(const MaskedReduceParams& p, cudaStream_t stream) {
-  return masked_reduce<false>(p, stream);
-}
+const char* masked_mean(const MaskedReduceParams& p, cudaStream_t stream) { return masked_reduce<false>(p, stream); }
 
-const char* masked_max(const MaskedReduceParams& p, cudaStream_t stream) {
-  return masked_reduce<true>(p, stream);
-}
+const char* masked_max(const MaskedReduceParams& p, cudaStream_t stream) { return masked_reduce<true>(p, stream); }
 
 const char* fuse(const FuseParams& p, cudaStream_t stream) {
   const int strategy = static_cast<int>(p.strategy);
   if (strategy < 0 || strategy > static_cast<int>(FuseStrategy::attention)) {
-    return invalid("unknown strategy " + str(strategy) +
-                   " (0 concat, 1 mean, 2 sum, 3 max, 4 weighted, 5 attention)");
+    return invalid("unknown strategy " + str(strategy) + " (0 concat, 1 mean, 2 sum, 3 max, 4 weighted, 5 attention)");
   }
   const FuseStrategy s = p.strategy;
   if (p.B < 0 || p.M < 0 || p.D < 0) {

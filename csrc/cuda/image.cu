@@ -74,7 +74,7 @@ enum OutMode : int {
 };
 
 // PassJob::flags (uint8 LA and RGBA resizes, as Pillow's "La" / "RGBa" round trip).
-constexpr int32_t kPremultiplyOnLoad = 1;    // first pass: colours times alpha
+constexpr int32_t kPremultiplyOnLoad = 1;     // first pass: colours times alpha
 constexpr int32_t kUnpremultiplyOnStore = 2;  // second pass: colours divided by alpha
 
 // One filtering pass of one image: output pixel (i, j) of the (rows, cols) grid is the sum over
@@ -153,22 +153,17 @@ template <>
 struct Accum<float> {
   using type = float;
   static __device__ __forceinline__ float init() { return 0.0f; }
-  static __device__ __forceinline__ float load_weight(const int32_t* w) {
-    return __int_as_float(__ldg(w));
-  }
-  static __device__ __forceinline__ float mac(float acc, float v, float w) {
-    return fmaf(v, w, acc);
-  }
+  static __device__ __forceinline__ float load_weight(const int32_t* w) { return __int_as_float(__ldg(w)); }
+  static __device__ __forceinline__ float mac(float acc, float v, float w) { return fmaf(v, w, acc); }
   static __device__ __forceinline__ float finish(float acc) { return acc; }
 };
 
 // Store of the second pass.
 template <typename T>
-__device__ __forceinline__ void store_value(const PassArgs& a, const PassJob& job, int32_t i,
-                                            int32_t j, int c, int C, T v) {
+__device__ __forceinline__ void store_value(const PassArgs& a, const PassJob& job, int32_t i, int32_t j, int c, int C,
+                                            T v) {
   if (a.mode == kOutImage) {
-    static_cast<T*>(job.out)[static_cast<int64_t>(i) * job.out_stride +
-                             static_cast<int64_t>(j) * C + c] = v;
+    static_cast<T*>(job.out)[static_cast<int64_t>(i) * job.out_stride + static_cast<int64_t>(j) * C + c] = v;
     return;
   }
   float* out = static_cast<float*>(job.out);
@@ -284,9 +279,8 @@ __global__ void __launch_bounds__(kThreads) pass_kernel(const PassArgs a) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    normalize_kernel(const T* __restrict__ src, float* __restrict__ dst, int64_t N, int64_t HW,
-                     int C, const float* __restrict__ mean, const float* __restrict__ stdv,
-                     float scale, bool chw) {
+    normalize_kernel(const T* __restrict__ src, float* __restrict__ dst, int64_t N, int64_t HW, int C,
+                     const float* __restrict__ mean, const float* __restrict__ stdv, float scale, bool chw) {
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const T* img = src + n * HW * C;
     float* out = dst + n * HW * C;
@@ -352,23 +346,20 @@ __global__ void __launch_bounds__(kThreads) patchify_kernel(const PatchArgs a) {
       const uint32_t gy = a.gw.div(q);
       const uint32_t gx = q - gy * a.gw.d;
       const int64_t plane = (static_cast<int64_t>(t) * a.C + c) * a.H;
-      dst[e] = __ldg(src + (plane + static_cast<int64_t>(gy) * p + py) * a.W +
-                     static_cast<int64_t>(gx) * p + px);
+      dst[e] = __ldg(src + (plane + static_cast<int64_t>(gy) * p + py) * a.W + static_cast<int64_t>(gx) * p + px);
     }
   }
 }
 
 // ---- host: filter tables ----------------------------------------------------------------------
 
-const char* invalid(const std::string& what) {
-  return set_error_message("invalid argument: " + what);
-}
+const char* invalid(const std::string& what) { return set_error_message("invalid argument: " + what); }
 
 std::string str(int64_t v) { return std::to_string(v); }
 
 struct AxisEntry {
-  int32_t offset = 0;  // int32 index of the table
-  int32_t ks = 0;      // weights per output index
+  int32_t offset = 0;      // int32 index of the table
+  int32_t ks = 0;          // weights per output index
   int64_t lo = 0, hi = 0;  // input indices the taps touch: [lo, hi) (0, 0 when none)
 };
 
@@ -398,16 +389,16 @@ class TableSet {
       // In double first: past a ratio of about 1.5e18 the integer product would overflow.
       const double ksd = std::ceil(support) * 2.0 + 1.0;
       if (!(ksd <= static_cast<double>(kInt32Max))) {
-        return invalid("the filter tables of this resize exceed 2^31 taps per output (output size " +
-                       str(out_size) + " from " + str(in_size) + ")");
+        return invalid("the filter tables of this resize exceed 2^31 taps per output (output size " + str(out_size) +
+                       " from " + str(in_size) + ")");
       }
       ks = static_cast<int64_t>(ksd);
     }
     while (data_.size() % kEntryInts != 0) data_.push_back(0);  // int4 alignment of the entries
     const int64_t offset = static_cast<int64_t>(data_.size());
     if (ks > kInt32Max || n > (kInt32Max - offset) / (ks + kEntryInts)) {
-      return invalid("the filter tables of this resize exceed 2^31 entries (output size " +
-                     str(out_size) + " from " + str(in_size) + ")");
+      return invalid("the filter tables of this resize exceed 2^31 entries (output size " + str(out_size) + " from " +
+                     str(in_size) + ")");
     }
     data_.resize(static_cast<size_t>(offset + n * (ks + kEntryInts)), 0);
     int32_t* bounds = data_.data() + offset;
@@ -492,9 +483,9 @@ class TableSet {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t taps = bounds[kEntryInts * j + 2];
       if (taps == 0) continue;
-      const int64_t start = static_cast<int64_t>(
-          (static_cast<uint64_t>(static_cast<uint32_t>(bounds[kEntryInts * j + 1])) << 32) |
-          static_cast<uint32_t>(bounds[kEntryInts * j]));
+      const int64_t start =
+          static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(bounds[kEntryInts * j + 1])) << 32) |
+                               static_cast<uint32_t>(bounds[kEntryInts * j]));
       lo = std::min<int64_t>(lo, start);
       hi = std::max<int64_t>(hi, start + taps);
     }
@@ -536,15 +527,12 @@ bool valid_filter(ResizeFilter f) {
 // Pillow (13 and later) runs the vertical pass first when the height shrinks by more than twice
 // as many pixels as the width does, and the horizontal pass first otherwise. The order changes
 // the uint8 results (the intermediate is rounded), so it is part of the semantics.
-bool vertical_first(int64_t H, int64_t W, int64_t OH, int64_t OW) {
-  return OH < H && H - OH > 2 * (W - OW);
-}
+bool vertical_first(int64_t H, int64_t W, int64_t OH, int64_t OW) { return OH < H && H - OH > 2 * (W - OW); }
 
 // Shared by resize (preprocess == false: the window is the whole output) and preprocess.
 // Pointers are checked only when `launch` is set (a workspace query passes none).
-const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t elem,
-                      bool preprocess, int64_t crop_h, int64_t crop_w, bool launch,
-                      TableSet* tables, Plan* plan) {
+const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t elem, bool preprocess, int64_t crop_h,
+                      int64_t crop_w, bool launch, TableSet* tables, Plan* plan) {
   plan->jobs.assign(static_cast<size_t>(count), Job{});
   plan->mid_offsets.assign(static_cast<size_t>(count), 0);
   size_t mid_bytes = 0;
@@ -563,8 +551,7 @@ const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t 
       return invalid(which + "the output has 2^31 pixels or more");
     }
     if (preprocess && (d.OH < 1 || d.OW < 1)) {
-      return invalid(which + "the resized size must be at least 1 x 1, got " + str(d.OH) + " x " +
-                     str(d.OW));
+      return invalid(which + "the resized size must be at least 1 x 1, got " + str(d.OH) + " x " + str(d.OW));
     }
     if (d.H == 0 || d.W == 0) return invalid(which + "empty source image");
     if (launch && d.src == nullptr) return invalid(which + "src is null");
@@ -576,8 +563,7 @@ const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t 
     if (!preprocess) {
       if (launch && d.dst == nullptr) return invalid(which + "dst is null");
       if (d.OH > 1 && d.dst_stride < d.OW * C) {
-        return invalid(which + "dst_stride " + str(d.dst_stride) + " < OW * C = " +
-                       str(d.OW * C));
+        return invalid(which + "dst_stride " + str(d.dst_stride) + " < OW * C = " + str(d.OW * C));
       }
     }
     const int64_t top = preprocess ? d.top : 0;
@@ -631,8 +617,7 @@ const char* make_plan(const ImageDesc* images, int64_t count, int64_t C, size_t 
       second.ks = v.ks;
       second.row_shift = -v.lo;
     }
-    if (mid_rows > kInt32Max || mid_cols > kInt32Max ||
-        (mid_rows > 0 && mid_cols > kInt32Max / C / mid_rows)) {
+    if (mid_rows > kInt32Max || mid_cols > kInt32Max || (mid_rows > 0 && mid_cols > kInt32Max / C / mid_rows)) {
       return invalid(which + "the intermediate has 2^31 values or more");
     }
     first.rows = static_cast<int32_t>(mid_rows);
@@ -661,22 +646,19 @@ template <typename T, int kC, bool kPremul>
 const char* launch_pair(PassArgs a, const Plan& plan, cudaStream_t stream) {
   if (plan.max_pixels[0] > 0) {
     a.pass = 0;
-    pass_kernel<T, kC, kPremul, false>
-        <<<grid_for(plan.max_pixels[0], a.count), kThreads, 0, stream>>>(a);
+    pass_kernel<T, kC, kPremul, false><<<grid_for(plan.max_pixels[0], a.count), kThreads, 0, stream>>>(a);
     MMCORE_CUDA_TRY(cudaGetLastError(), "launching the first resize pass");
   }
   if (plan.max_pixels[1] > 0) {
     a.pass = 1;
-    pass_kernel<T, kC, kPremul, true>
-        <<<grid_for(plan.max_pixels[1], a.count), kThreads, 0, stream>>>(a);
+    pass_kernel<T, kC, kPremul, true><<<grid_for(plan.max_pixels[1], a.count), kThreads, 0, stream>>>(a);
     MMCORE_CUDA_TRY(cudaGetLastError(), "launching the second resize pass");
   }
   return nullptr;
 }
 
 template <typename T>
-const char* launch_passes(const PassArgs& a, const Plan& plan, bool premultiplied,
-                          cudaStream_t stream) {
+const char* launch_passes(const PassArgs& a, const Plan& plan, bool premultiplied, cudaStream_t stream) {
   switch (a.C) {
     case 1: return launch_pair<T, 1, false>(a, plan, stream);
     case 2:
@@ -696,8 +678,7 @@ const char* launch_passes(const PassArgs& a, const Plan& plan, bool premultiplie
 
 // Copies the records and tables into the workspace and points the records at their
 // intermediates. The host buffer is pageable: cudaMemcpyAsync has consumed it when it returns.
-const char* upload(Plan& plan, const TableSet& tables, void* workspace, size_t workspace_bytes,
-                   cudaStream_t stream) {
+const char* upload(Plan& plan, const TableSet& tables, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (workspace == nullptr) return invalid("workspace is null");
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
     return invalid("workspace must be 16-byte aligned");
@@ -714,8 +695,7 @@ const char* upload(Plan& plan, const TableSet& tables, void* workspace, size_t w
   }
   std::vector<char> host(plan.mids_at, 0);
   std::memcpy(host.data(), plan.jobs.data(), sizeof(Job) * plan.jobs.size());
-  std::memcpy(host.data() + plan.tables_at, tables.data().data(),
-              sizeof(int32_t) * tables.data().size());
+  std::memcpy(host.data() + plan.tables_at, tables.data().data(), sizeof(int32_t) * tables.data().size());
   MMCORE_CUDA_TRY(cudaMemcpyAsync(base, host.data(), host.size(), cudaMemcpyHostToDevice, stream),
                   "copying the resize tables to the device");
   return nullptr;
@@ -738,13 +718,12 @@ const char* check_preprocess(const PreprocessBatch& p) {
   if (p.C < 1 || p.C > kInt32Max) return invalid("C must lie in [1, 2^31), got " + str(p.C));
   if (!valid_filter(p.filter)) return invalid("unknown filter " + str(static_cast<int>(p.filter)));
   if (p.crop_h < 1 || p.crop_w < 1 || p.crop_h > kInt32Max || p.crop_w > kInt32Max) {
-    return invalid("crop sizes must lie in [1, 2^31), got " + str(p.crop_h) + " x " +
-                   str(p.crop_w));
+    return invalid("crop sizes must lie in [1, 2^31), got " + str(p.crop_h) + " x " + str(p.crop_w));
   }
   if (p.norm.patch < 0 || p.norm.patch > kInt32Max) return invalid("negative patch size");
   if (p.norm.patch > 0 && (p.crop_h % p.norm.patch != 0 || p.crop_w % p.norm.patch != 0)) {
-    return invalid("the crop " + str(p.crop_h) + " x " + str(p.crop_w) +
-                   " is not a multiple of the patch size " + str(p.norm.patch));
+    return invalid("the crop " + str(p.crop_h) + " x " + str(p.crop_w) + " is not a multiple of the patch size " +
+                   str(p.norm.patch));
   }
   return nullptr;
 }
@@ -761,23 +740,20 @@ const char* resize_workspace(const ResizeBatch& p, size_t* bytes) {
   TableSet tables(p.filter, p.antialias, p.dtype == kImageUint8, false);
   Plan plan;
   const size_t elem = p.dtype == kImageUint8 ? 1 : 4;
-  if (const char* err =
-          make_plan(p.images, p.count, p.C, elem, false, 0, 0, false, &tables, &plan)) {
+  if (const char* err = make_plan(p.images, p.count, p.C, elem, false, 0, 0, false, &tables, &plan)) {
     return err;
   }
   *bytes = plan.total;
   return nullptr;
 }
 
-const char* resize(const ResizeBatch& p, void* workspace, size_t workspace_bytes,
-                   cudaStream_t stream) {
+const char* resize(const ResizeBatch& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (const char* err = check_resize(p)) return err;
   if (p.count == 0) return nullptr;
   const bool u8 = p.dtype == kImageUint8;
   TableSet tables(p.filter, p.antialias, u8, true);
   Plan plan;
-  if (const char* err =
-          make_plan(p.images, p.count, p.C, u8 ? 1 : 4, false, 0, 0, true, &tables, &plan)) {
+  if (const char* err = make_plan(p.images, p.count, p.C, u8 ? 1 : 4, false, 0, 0, true, &tables, &plan)) {
     return err;
   }
   if (plan.max_pixels[1] == 0) return nullptr;  // every output is empty
@@ -812,24 +788,21 @@ const char* preprocess_image_workspace(const PreprocessBatch& p, size_t* bytes) 
   if (p.count == 0) return nullptr;
   TableSet tables(p.filter, p.antialias, true, false);
   Plan plan;
-  if (const char* err =
-          make_plan(p.images, p.count, p.C, 1, true, p.crop_h, p.crop_w, false, &tables, &plan)) {
+  if (const char* err = make_plan(p.images, p.count, p.C, 1, true, p.crop_h, p.crop_w, false, &tables, &plan)) {
     return err;
   }
   *bytes = plan.total;
   return nullptr;
 }
 
-const char* preprocess_image(const PreprocessBatch& p, void* workspace, size_t workspace_bytes,
-                             cudaStream_t stream) {
+const char* preprocess_image(const PreprocessBatch& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (const char* err = check_preprocess(p)) return err;
   if (p.count == 0) return nullptr;
   if (p.out == nullptr) return invalid("out is null");
   if (p.norm.mean == nullptr || p.norm.std == nullptr) return invalid("mean and std are required");
   TableSet tables(p.filter, p.antialias, true, true);
   Plan plan;
-  if (const char* err =
-          make_plan(p.images, p.count, p.C, 1, true, p.crop_h, p.crop_w, true, &tables, &plan)) {
+  if (const char* err = make_plan(p.images, p.count, p.C, 1, true, p.crop_h, p.crop_w, true, &tables, &plan)) {
     return err;
   }
   // make_plan checked crop_h * crop_w < 2^31, and C < 2^31.
@@ -857,8 +830,7 @@ const char* preprocess_image(const PreprocessBatch& p, void* workspace, size_t w
 
 const char* normalize(const NormalizeCall& p, cudaStream_t stream) {
   if (p.N < 0 || p.H < 0 || p.W < 0 || p.C < 0) {
-    return invalid("negative size (N=" + str(p.N) + ", H=" + str(p.H) + ", W=" + str(p.W) +
-                   ", C=" + str(p.C) + ")");
+    return invalid("negative size (N=" + str(p.N) + ", H=" + str(p.H) + ", W=" + str(p.W) + ", C=" + str(p.C) + ")");
   }
   if (p.dtype != kImageUint8 && p.dtype != kImageFloat32) {
     return invalid("dtype must be 0 (uint8) or 1 (float32), got " + str(p.dtype));
@@ -868,8 +840,7 @@ const char* normalize(const NormalizeCall& p, cudaStream_t stream) {
   }
   if (p.N == 0 || p.H == 0 || p.W == 0 || p.C == 0) return nullptr;
   if (p.C > kInt32Max) return invalid("C must be below 2^31");
-  if (p.H > std::numeric_limits<int64_t>::max() / p.W ||
-      p.H * p.W > std::numeric_limits<int64_t>::max() / p.C / p.N) {
+  if (p.H > std::numeric_limits<int64_t>::max() / p.W || p.H * p.W > std::numeric_limits<int64_t>::max() / p.C / p.N) {
     return invalid("the image size overflows");
   }
   if (p.src == nullptr || p.dst == nullptr) return invalid("src and dst are required");
@@ -880,11 +851,11 @@ const char* normalize(const NormalizeCall& p, cudaStream_t stream) {
   const int C = static_cast<int>(p.C);
   (void)cudaGetLastError();  // do not report an earlier, unrelated failure as ours
   if (p.dtype == kImageUint8) {
-    normalize_kernel<uint8_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const uint8_t*>(p.src), p.dst, p.N, HW, C, p.mean, p.std, p.scale, chw);
+    normalize_kernel<uint8_t><<<grid, kThreads, 0, stream>>>(static_cast<const uint8_t*>(p.src), p.dst, p.N, HW, C,
+                                                             p.mean, p.std, p.scale, chw);
   } else {
-    normalize_kernel<float><<<grid, kThreads, 0, stream>>>(
-        static_cast<const float*>(p.src), p.dst, p.N, HW, C, p.mean, p.std, p.scale, chw);
+    normalize_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(p.src), p.dst, p.N, HW, C, p.mean,
+                                                           p.std, p.scale, chw);
   }
   MMCORE_CUDA_TRY(cudaGetLastError(), "launching the normalize kernel");
   return nullptr;
@@ -892,17 +863,16 @@ const char* normalize(const NormalizeCall& p, cudaStream_t stream) {
 
 const char* patchify(const PatchifyCall& p, cudaStream_t stream) {
   if (p.B < 0 || p.T < 0 || p.C < 0 || p.H < 0 || p.W < 0) {
-    return invalid("negative size (B=" + str(p.B) + ", T=" + str(p.T) + ", C=" + str(p.C) +
-                   ", H=" + str(p.H) + ", W=" + str(p.W) + ")");
+    return invalid("negative size (B=" + str(p.B) + ", T=" + str(p.T) + ", C=" + str(p.C) + ", H=" + str(p.H) +
+                   ", W=" + str(p.W) + ")");
   }
   if (p.patch < 1 || p.temporal_patch < 1 || p.patch > kInt32Max || p.temporal_patch > kInt32Max) {
-    return invalid("patch sizes must be >= 1, got patch=" + str(p.patch) +
-                   ", temporal_patch=" + str(p.temporal_patch));
+    return invalid("patch sizes must be >= 1, got patch=" + str(p.patch) + ", temporal_patch=" + str(p.temporal_patch));
   }
   if (p.H % p.patch != 0 || p.W % p.patch != 0 || p.T % p.temporal_patch != 0) {
     return invalid("(T, H, W) = (" + str(p.T) + ", " + str(p.H) + ", " + str(p.W) +
-                   ") is not a multiple of (temporal_patch, patch, patch) = (" +
-                   str(p.temporal_patch) + ", " + str(p.patch) + ", " + str(p.patch) + ")");
+                   ") is not a multiple of (temporal_patch, patch, patch) = (" + str(p.temporal_patch) + ", " +
+                   str(p.patch) + ", " + str(p.patch) + ")");
   }
   if (p.B == 0 || p.T == 0 || p.C == 0 || p.H == 0 || p.W == 0) return nullptr;
   if (p.src == nullptr || p.dst == nullptr) return invalid("src and dst are required");

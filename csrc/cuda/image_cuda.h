@@ -73,12 +73,10 @@ struct PreprocessBatch {
 // there); the workspace must stay allocated until the queued work has run (stream order) and be
 // 16-byte aligned.
 const char* resize_workspace(const ResizeBatch& p, size_t* bytes);
-const char* resize(const ResizeBatch& p, void* workspace, size_t workspace_bytes,
-                   cudaStream_t stream);
+const char* resize(const ResizeBatch& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 const char* preprocess_image_workspace(const PreprocessBatch& p, size_t* bytes);
-const char* preprocess_image(const PreprocessBatch& p, void* workspace, size_t workspace_bytes,
-                             cudaStream_t stream);
+const char* preprocess_image(const PreprocessBatch& p, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // normalize: src (N, H, W, C) contiguous uint8 or float32 -> dst float32 (N, C, H, W) or
 // (N, H, W, C), value (x * scale - mean[c]) / std[c] with float32 roundings after each

@@ -70,7 +70,7 @@ struct Args {
   int n_bins, n_mels;
   int kind, log_mode;
   int n_stages;
-  int radix[kMaxStages];  // in execution order; the first stage combines length-1 transforms
+  int radix[kMaxStages];                          // in execution order; the first stage combines length-1 transforms
   int table_offset, scratch_offset, perm_offset;  // bytes from the start of shared memory
   float dither, preemph, power, log_floor;
   bool reflect, packed, remove_dc;
@@ -78,15 +78,9 @@ struct Args {
 
 // ---- small helpers -----------------------------------------------------------------------------
 
-__device__ __forceinline__ float2 cadd(float2 a, float2 b) {
-  return make_float2(a.x + b.x, a.y + b.y);
-}
-__device__ __forceinline__ float2 csub(float2 a, float2 b) {
-  return make_float2(a.x - b.x, a.y - b.y);
-}
-__device__ __forceinline__ float2 cscale(float2 a, float s) {
-  return make_float2(a.x * s, a.y * s);
-}
+__device__ __forceinline__ float2 cadd(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
+__device__ __forceinline__ float2 csub(float2 a, float2 b) { return make_float2(a.x - b.x, a.y - b.y); }
+__device__ __forceinline__ float2 cscale(float2 a, float s) { return make_float2(a.x * s, a.y * s); }
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) {
   return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
 }
@@ -117,8 +111,8 @@ __device__ __forceinline__ float warp_nan_max(float x) {
 
 // Sample t of frame `frame` of signal `sig` before DC removal, pre-emphasis and window:
 // s(base + t) extended by the pad mode, plus dither.
-__device__ __forceinline__ float frame_sample(const Args& a, const float* xs, int64_t sig,
-                                              int64_t frame, int64_t base, int t) {
+__device__ __forceinline__ float frame_sample(const Args& a, const float* xs, int64_t sig, int64_t frame, int64_t base,
+                                              int t) {
   int64_t i = base + t;
   float v = 0.0f;
   if (i >= 0 && i < a.T) {
@@ -135,8 +129,7 @@ __device__ __forceinline__ float frame_sample(const Args& a, const float* xs, in
     v = __ldg(xs + i);
   }
   if (a.dither != 0.0f) {
-    v += a.dither * static_cast<float>(dither_normal(a.seed, static_cast<uint64_t>(sig),
-                                                     static_cast<uint64_t>(frame),
+    v += a.dither * static_cast<float>(dither_normal(a.seed, static_cast<uint64_t>(sig), static_cast<uint64_t>(frame),
                                                      static_cast<uint64_t>(t)));
   }
   return v;
@@ -171,13 +164,13 @@ __device__ void build_tables(const Args& a, float2* table, uint16_t* perm) {
 
 // Writes the FFT input of frames f0 .. f0 + nf - 1 of signal `sig` into buf (nf * M points, in
 // digit-reversed order). Contains __syncthreads when remove_dc is set: call block-uniformly.
-__device__ void assemble_frames(const Args& a, float2* buf, const uint16_t* perm, char* scratch,
-                                int64_t sig, int64_t f0, int nf) {
+__device__ void assemble_frames(const Args& a, float2* buf, const uint16_t* perm, char* scratch, int64_t sig,
+                                int64_t f0, int nf) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const float* xs = a.x + sig * a.T;
-  double* partial = reinterpret_cast<double*>(scratch);                       // kMaxFrames
+  double* partial = reinterpret_cast<double*>(scratch);                           // kMaxFrames
   float* mean = reinterpret_cast<float*>(scratch + kMaxFrames * sizeof(double));  // kMaxFrames
 
   if (a.remove_dc) {
@@ -243,16 +236,14 @@ __device__ void assemble_frames(const Args& a, float2* buf, const uint16_t* perm
 // Butterflies: p points at the first of r inputs spaced L apart; e1 is the twiddle exponent of
 // input 1 (input q is multiplied by w^(q * e1) before the r-point DFT).
 
-__device__ __forceinline__ void butterfly2(float2* p, int L, const float2* table, int e1, int n,
-                                           int hn) {
+__device__ __forceinline__ void butterfly2(float2* p, int L, const float2* table, int e1, int n, int hn) {
   const float2 b0 = p[0];
   const float2 b1 = cmul(p[L], twiddle(table, e1, n, hn));
   p[0] = cadd(b0, b1);
   p[L] = csub(b0, b1);
 }
 
-__device__ __forceinline__ void butterfly3(float2* p, int L, const float2* table, int e1, int n,
-                                           int hn) {
+__device__ __forceinline__ void butterfly3(float2* p, int L, const float2* table, int e1, int n, int hn) {
   constexpr float kSin60 = 0.8660254037844386f;
   const float2 b0 = p[0];
   const float2 b1 = cmul(p[L], twiddle(table, e1, n, hn));
@@ -265,8 +256,7 @@ __device__ __forceinline__ void butterfly3(float2* p, int L, const float2* table
   p[2 * L] = make_float2(m.x - d.y, m.y + d.x);  // m + i d
 }
 
-__device__ __forceinline__ void butterfly4(float2* p, int L, const float2* table, int e1, int n,
-                                           int hn) {
+__device__ __forceinline__ void butterfly4(float2* p, int L, const float2* table, int e1, int n, int hn) {
   const float2 b0 = p[0];
   const float2 b1 = cmul(p[L], twiddle(table, e1, n, hn));
   const float2 b2 = cmul(p[2 * L], twiddle(table, 2 * e1, n, hn));
@@ -276,17 +266,16 @@ __device__ __forceinline__ void butterfly4(float2* p, int L, const float2* table
   const float2 t2 = cadd(b1, b3);
   const float2 t3 = csub(b1, b3);
   p[0] = cadd(t0, t2);
-  p[L] = make_float2(t1.x + t3.y, t1.y - t3.x);      // t1 - i t3
+  p[L] = make_float2(t1.x + t3.y, t1.y - t3.x);  // t1 - i t3
   p[2 * L] = csub(t0, t2);
   p[3 * L] = make_float2(t1.x - t3.y, t1.y + t3.x);  // t1 + i t3
 }
 
-__device__ __forceinline__ void butterfly5(float2* p, int L, const float2* table, int e1, int n,
-                                           int hn) {
-  constexpr float kC1 = 0.30901699437494745f;   // cos(2 pi / 5)
-  constexpr float kC2 = -0.8090169943749475f;   // cos(4 pi / 5)
-  constexpr float kS1 = 0.9510565162951535f;    // sin(2 pi / 5)
-  constexpr float kS2 = 0.5877852522924731f;    // sin(4 pi / 5)
+__device__ __forceinline__ void butterfly5(float2* p, int L, const float2* table, int e1, int n, int hn) {
+  constexpr float kC1 = 0.30901699437494745f;  // cos(2 pi / 5)
+  constexpr float kC2 = -0.8090169943749475f;  // cos(4 pi / 5)
+  constexpr float kS1 = 0.9510565162951535f;   // sin(2 pi / 5)
+  constexpr float kS2 = 0.5877852522924731f;   // sin(4 pi / 5)
   const float2 b0 = p[0];
   const float2 b1 = cmul(p[L], twiddle(table, e1, n, hn));
   const float2 b2 = cmul(p[2 * L], twiddle(table, 2 * e1, n, hn));
@@ -312,8 +301,7 @@ __device__ __forceinline__ void butterfly5(float2* p, int L, const float2* table
 // outputs are held in registers until every butterfly of the round has read its inputs.
 // Contains __syncthreads: call block-uniformly.
 template <int kMaxOut>
-__device__ void generic_stage(const Args& a, float2* buf, const float2* table, int nf, int R,
-                              int L) {
+__device__ void generic_stage(const Args& a, float2* buf, const float2* table, int nf, int R, int L) {
   const int tid = threadIdx.x;
   const int n = a.n_fft;
   const int hn = a.half_n;
@@ -438,8 +426,7 @@ __device__ __forceinline__ float apply_log(const Args& a, float y) {
 
 // Splits the FFT of every frame into the spectrum X[0 .. n_fft / 2] and writes it (complex),
 // its power (power) or stores the power in place for the mel projection (mel).
-__device__ void write_spectra(const Args& a, float2* buf, const float2* table, int64_t sig,
-                              int64_t f0, int nf) {
+__device__ void write_spectra(const Args& a, float2* buf, const float2* table, int64_t sig, int64_t f0, int nf) {
   const int tid = threadIdx.x;
   const int M = a.M;
   // Packed: the thread for k also produces bin M - k (k = 0 gives bins 0 and M = n_fft / 2).
@@ -523,8 +510,7 @@ __device__ void project_mel(const Args& a, const float2* buf, int64_t sig, int64
 // The wide variant (prime radices > kThreads) keeps kMaxOut outputs per thread in registers and
 // may use all of them; the common variant stays within 64 registers for 4 resident blocks.
 template <int kMaxOut>
-__global__ void __launch_bounds__(kThreads, kMaxOut == 1 ? 4 : 1)
-    spectral_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads, kMaxOut == 1 ? 4 : 1) spectral_kernel(const Args a) {
   extern __shared__ float4 spectral_smem[];
   char* base = reinterpret_cast<char*>(spectral_smem);
   float2* buf = reinterpret_cast<float2*>(base);
@@ -556,8 +542,7 @@ __global__ void __launch_bounds__(kThreads, kMaxOut == 1 ? 4 : 1)
 }
 
 // y = (max(y, max_all(y) - 8) + 4) / 4 over each signal's per_signal values.
-__global__ void __launch_bounds__(kNormThreads)
-    whisper_norm_kernel(float* out, int64_t n_signals, int64_t per_signal) {
+__global__ void __launch_bounds__(kNormThreads) whisper_norm_kernel(float* out, int64_t n_signals, int64_t per_signal) {
   __shared__ float partial[kNormThreads / 32];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -582,9 +567,7 @@ __global__ void __launch_bounds__(kNormThreads)
 
 // ---- host side -------------------------------------------------------------------------------
 
-const char* invalid(const std::string& what) {
-  return set_error_message("invalid argument: " + what);
-}
+const char* invalid(const std::string& what) { return set_error_message("invalid argument: " + what); }
 
 int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
@@ -610,8 +593,8 @@ const char* spectral(const SpectralParams& p, cudaStream_t stream) {
                    ", n_frames=" + to_string(p.n_frames) + ")");
   }
   if (p.n_fft < 1 || p.n_fft > kSpectralMaxFft) {
-    return invalid("n_fft must lie in [1, " + to_string(kSpectralMaxFft) +
-                   "] for the CUDA backend, got " + to_string(p.n_fft));
+    return invalid("n_fft must lie in [1, " + to_string(kSpectralMaxFft) + "] for the CUDA backend, got " +
+                   to_string(p.n_fft));
   }
   if (p.hop < 1) return invalid("hop must be >= 1, got " + to_string(p.hop));
   if (p.frame_length < 1 || p.frame_length > p.n_fft) {
@@ -619,18 +602,17 @@ const char* spectral(const SpectralParams& p, cudaStream_t stream) {
                    to_string(p.frame_length));
   }
   if (p.frame_offset < 0 || p.frame_offset > p.n_fft - p.frame_length) {
-    return invalid("frame_offset must lie in [0, n_fft - frame_length = " +
-                   to_string(p.n_fft - p.frame_length) + "], got " + to_string(p.frame_offset));
+    return invalid("frame_offset must lie in [0, n_fft - frame_length = " + to_string(p.n_fft - p.frame_length) +
+                   "], got " + to_string(p.frame_offset));
   }
   const int64_t limit = std::numeric_limits<int64_t>::max() / 4;
   if (p.pad_left > limit || p.pad_left < -limit || p.T > limit ||
       (p.n_frames > 0 && p.n_frames - 1 > (limit - p.n_fft) / p.hop)) {
-    return invalid("frame positions overflow int64 (pad_left=" + to_string(p.pad_left) +
-                   ", hop=" + to_string(p.hop) + ", n_frames=" + to_string(p.n_frames) + ")");
+    return invalid("frame positions overflow int64 (pad_left=" + to_string(p.pad_left) + ", hop=" + to_string(p.hop) +
+                   ", n_frames=" + to_string(p.n_frames) + ")");
   }
   if (p.pad_mode != PadMode::constant && p.pad_mode != PadMode::reflect) {
-    return invalid("pad_mode must be 0 (constant) or 1 (reflect), got " +
-                   to_string(static_cast<int>(p.pad_mode)));
+    return invalid("pad_mode must be 0 (constant) or 1 (reflect), got " + to_string(static_cast<int>(p.pad_mode)));
   }
   const int kind = static_cast<int>(p.kind);
   if (kind < 0 || kind > 2) {
@@ -663,8 +645,7 @@ const char* spectral(const SpectralParams& p, cudaStream_t stream) {
   if (reflect && p.T == 0) return invalid("reflect padding needs T >= 1 samples, got T = 0");
   if (p.T > 0 && p.x == nullptr) return invalid("x is null");
   if (p.out == nullptr) return invalid("out is null");
-  if (p.kind == SpectralKind::mel &&
-      (p.mel_start == nullptr || p.mel_len == nullptr || p.mel_offset == nullptr)) {
+  if (p.kind == SpectralKind::mel && (p.mel_start == nullptr || p.mel_len == nullptr || p.mel_offset == nullptr)) {
     return invalid("mel_start, mel_len and mel_offset are required for kind mel");
   }
 
@@ -726,9 +707,8 @@ const char* spectral(const SpectralParams& p, cudaStream_t stream) {
   MMCORE_CUDA_TRY(cudaGetDevice(&device), "querying the current device");
   int smem_limit = 0;
   int sm_count = 0;
-  MMCORE_CUDA_TRY(
-      cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-      "querying the shared memory per block");
+  MMCORE_CUDA_TRY(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "querying the shared memory per block");
   MMCORE_CUDA_TRY(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device),
                   "querying the multiprocessor count");
 
@@ -740,10 +720,9 @@ const char* spectral(const SpectralParams& p, cudaStream_t stream) {
     F = (smem_limit - fixed) / (8 * static_cast<int64_t>(a.M));
     while (F > 0 && shared_bytes(F, a.M, a.half_n, nullptr) > smem_limit) --F;
     if (F < 1) {
-      return invalid("n_fft = " + to_string(p.n_fft) + " needs " +
-                     to_string(shared_bytes(1, a.M, a.half_n, nullptr)) +
-                     " bytes of shared memory per block, this device allows " +
-                     to_string(smem_limit) + "; use a smaller n_fft or the CPU backend");
+      return invalid("n_fft = " + to_string(p.n_fft) + " needs " + to_string(shared_bytes(1, a.M, a.half_n, nullptr)) +
+                     " bytes of shared memory per block, this device allows " + to_string(smem_limit) +
+                     "; use a smaller n_fft or the CPU backend");
     }
   }
   const int64_t smem = shared_bytes(F, a.M, a.half_n, &a);
@@ -756,12 +735,10 @@ const char* spectral(const SpectralParams& p, cudaStream_t stream) {
 
   void (*kernel)(Args) = wide ? spectral_kernel<kWideOut> : spectral_kernel<1>;
   MMCORE_CUDA_TRY(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)),
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                   "raising the shared memory limit of the spectral kernel");
   int per_sm = 0;
-  MMCORE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
-                                                                static_cast<size_t>(smem)),
+  MMCORE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)),
                   "querying the occupancy of the spectral kernel");
   if (per_sm < 1) per_sm = 1;
   if (sm_count < 1) sm_count = 1;
@@ -774,8 +751,7 @@ const char* spectral(const SpectralParams& p, cudaStream_t stream) {
     const int64_t per_signal = n_rows * p.n_frames;
     const int64_t max_grid = std::numeric_limits<int32_t>::max();
     const int64_t norm_grid = p.n_signals < max_grid ? p.n_signals : max_grid;
-    whisper_norm_kernel<<<static_cast<unsigned>(norm_grid), kNormThreads, 0, stream>>>(
-        p.out, p.n_signals, per_signal);
+    whisper_norm_kernel<<<static_cast<unsigned>(norm_grid), kNormThreads, 0, stream>>>(p.out, p.n_signals, per_signal);
     MMCORE_CUDA_TRY(cudaGetLastError(), "launching the Whisper normalization kernel");
   }
   return nullptr;

@@ -91,8 +91,7 @@ void stage(const FftPlan& plan, const FftStage& st, const vf* xr, const vf* xi, 
 }
 
 // A stage of any radix p, as a direct DFT of length p (for sizes with large prime factors).
-inline void stage_generic(const FftPlan& plan, const FftStage& st, const vf* xr, const vf* xi, vf* yr,
-                          vf* yi) {
+inline void stage_generic(const FftPlan& plan, const FftStage& st, const vf* xr, const vf* xi, vf* yr, vf* yi) {
   const int p = st.radix;
   const int64_t m = st.m, s = st.s;
   const float* gr = plan.gen_re.data() + st.gen;

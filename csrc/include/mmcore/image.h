@@ -23,8 +23,8 @@ struct ImageView {
 // Only output rows [y0, y0 + out_h) and columns [x0, x0 + out_w) of the full (OH, OW) output
 // grid are computed (a crop fused into the resize).
 struct ResizeGeometry {
-  int64_t OH = 0, OW = 0;     // full output grid
-  int64_t y0 = 0, x0 = 0;     // crop origin within the output grid
+  int64_t OH = 0, OW = 0;  // full output grid
+  int64_t y0 = 0, x0 = 0;  // crop origin within the output grid
   int64_t out_h = 0, out_w = 0;
   ResizeFilter filter = ResizeFilter::bicubic;
   bool antialias = true;

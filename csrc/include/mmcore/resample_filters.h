@@ -26,9 +26,7 @@ inline double sinc(double x) {
 // Weight at distance x (in units of source pixels / filter scale). Bicubic uses a = -0.5.
 inline double weight(ResizeFilter f, double x) {
   switch (f) {
-    case ResizeFilter::bilinear:
-      x = std::fabs(x);
-      return x < 1.0 ? 1.0 - x : 0.0;
+    case ResizeFilter::bilinear: x = std::fabs(x); return x < 1.0 ? 1.0 - x : 0.0;
     case ResizeFilter::bicubic: {
       constexpr double a = -0.5;
       x = std::fabs(x);
@@ -36,10 +34,8 @@ inline double weight(ResizeFilter f, double x) {
       if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
       return 0.0;
     }
-    case ResizeFilter::lanczos:
-      return (x > -3.0 && x < 3.0) ? sinc(x) * sinc(x / 3.0) : 0.0;
-    default:
-      return 0.0;
+    case ResizeFilter::lanczos: return (x > -3.0 && x < 3.0) ? sinc(x) * sinc(x / 3.0) : 0.0;
+    default: return 0.0;
   }
 }
 

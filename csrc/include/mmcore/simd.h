@@ -57,14 +57,23 @@ inline v4f fold4(vf v, Op op) {
 }
 
 struct AddOp {
-  template <class V> V operator()(V a, V b) const { return a + b; }
+  template <class V>
+  V operator()(V a, V b) const {
+    return a + b;
+  }
 };
 struct MaxOp {
-  template <class V> V operator()(V a, V b) const { return a > b ? a : b; }
+  template <class V>
+  V operator()(V a, V b) const {
+    return a > b ? a : b;
+  }
 };
 // Maximum that lets NaN win, so that a NaN lane is never hidden.
 struct MaxNanOp {
-  template <class V> V operator()(V a, V b) const { return ((b > a) | (b != b)) ? b : a; }
+  template <class V>
+  V operator()(V a, V b) const {
+    return ((b > a) | (b != b)) ? b : a;
+  }
 };
 inline vf vmax_nan(vf a, vf b) { return MaxNanOp{}(a, b); }
 
