@@ -67,8 +67,8 @@ struct Tile {
   }
 
   // The K rank-1 updates described at the top of this file.
-  MMCORE_TILE_INLINE void multiply_add(const float* __restrict a, int64_t a_row, int64_t a_k,
-                                       const float* __restrict b, int64_t ldb, int64_t K) {
+  MMCORE_TILE_INLINE void multiply_add(const float* __restrict a, int64_t a_row, int64_t a_k, const float* __restrict b,
+                                       int64_t ldb, int64_t K) {
     for (int64_t k = 0; k < K; ++k) {
       vf bv[NC];
 #pragma GCC unroll 8
@@ -96,22 +96,9 @@ struct Tile {
 // Turns a row or vector count into the template argument of a Tile.
 template <int N, class F>
 inline void with_count(int n, F&& f) {
-  static_assert(N >= 1 && N <= 8, "with_count handles counts 1..8");
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-#define MMCORE_COUNT_CASE(i) \
-  case i:                    \
-    if constexpr (N >= i) f(std::integral_constant<int, i>{}); \
-    break;
-    MMCORE_COUNT_CASE(2)
-    MMCORE_COUNT_CASE(3)
-    MMCORE_COUNT_CASE(4)
-    MMCORE_COUNT_CASE(5)
-    MMCORE_COUNT_CASE(6)
-    MMCORE_COUNT_CASE(7)
-    MMCORE_COUNT_CASE(8)
-#undef MMCORE_COUNT_CASE
-    default: break;
+  if constexpr (N >= 1) {
+    if (n == N) return f(std::integral_constant<int, N>{});
+    with_count<N - 1>(n, f);
   }
 }
 
