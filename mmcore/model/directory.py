@@ -60,7 +60,8 @@ def config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any], 
                 mcfg = dict(mcfg)
                 pre = mcfg.get("preprocessing")
                 tok = pre.get("tokenizer") if isinstance(pre, Mapping) else None
-                if tok is not None and not (isinstance(tok, str) and tok.lower() == "byte"):
+                if (isinstance(pre, Mapping) and tok is not None
+                        and not (isinstance(tok, str) and tok.lower() == "byte")):
                     tok = resolve_dir_file(root, tok, meta=meta, op=op,
                                            field=f"modalities.{key}.preprocessing.tokenizer",
                                            default_name=TOKENIZER_FILE)
@@ -68,7 +69,8 @@ def config_from_dir(cfg_dict: Mapping[str, Any], path, meta: Mapping[str, Any], 
                 for where in ("encoder_config", None):
                     holder = mcfg.get(where) if where else mcfg
                     extra = holder.get("extra") if isinstance(holder, Mapping) else None
-                    if not isinstance(extra, Mapping) or extra.get(_ONNX_KEY) is None:
+                    if (not isinstance(holder, Mapping) or not isinstance(extra, Mapping)
+                            or extra.get(_ONNX_KEY) is None):
                         continue
                     field = (f"modalities.{key}.{where + '.' if where else ''}"
                              f"extra[{_ONNX_KEY!r}]")
@@ -127,7 +129,8 @@ def bundle_files(model: "MultiModalModel", cfg: Dict[str, Any], extra: Dict[str,
         m = Modality(key)
         pre = mcfg.get("preprocessing")
         tok = pre.get("tokenizer") if isinstance(pre, dict) else None
-        if (isinstance(tok, str) and tok.lower() != "byte" and tok not in extra):
+        if (isinstance(pre, dict) and isinstance(tok, str) and tok.lower() != "byte"
+                and tok not in extra):
             used = getattr(getattr(model.preprocessors.get(m), "tokenizer", None), "path", None)
             src = used if isinstance(used, str) else tok
             fname = (TOKENIZER_FILE if TOKENIZER_FILE not in extra

@@ -673,6 +673,7 @@ class ModalityEncoder(Module):
         sub = sub_rng(gen)
         pre = mcfg.preprocessing
         kind = pre.modality if pre is not None else None
+        emb: Module
         if ec.vocab_size is not None or kind == "text" or m == Modality.TEXT:
             max_pos = ec.max_positions or (pre.max_length if kind == "text" and pre.max_length
                                            else 512)

@@ -47,7 +47,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, cast
 
 import numpy as np
 
@@ -80,6 +80,16 @@ class _Dict(Module):
 
     def get(self, key: str):
         return self._modules[key]
+
+
+def _common_dim(config: MultiModalConfig, owner: str) -> int:
+    """The common width of ``config``, which every strategy but concat has (the config checks
+    this)."""
+    D = config.common_dim
+    if D is None:  # pragma: no cover - the config validates the widths
+        raise ConfigError(f"[{owner}] {type(config.fusion).__name__} needs one common width: "
+                          "set fused_dim or give every modality the same embed_dim")
+    return D
 
 
 def _heads_for(dim: int, wanted: int) -> int:
@@ -133,7 +143,7 @@ class FusionLayer(Module):
             self.add_module("input_proj", projs)
 
         if isinstance(s, (EarlyFusion, MiddleFusion)):
-            D = self.common_dim
+            D = _common_dim(config, owner)
             self.in_widths = widths(True)
             add_input_proj(self.in_widths, D)
             self.register_parameter("type_embedding",
@@ -158,6 +168,7 @@ class FusionLayer(Module):
             ca = config.cross_attention
             cross = _Dict()
             for q, c in config.cross_attention_pairs(enabled_only=False):
+                assert ca is not None   # there are pairs only with a cross-attention config
                 E, Dc = mods[q].embed_dim, mods[c].embed_dim
                 inner = ca.inner_dim(E)
                 if inner != E:
@@ -178,7 +189,7 @@ class FusionLayer(Module):
             self.add_module("token_proj", tp)
             self.register_parameter("query", normal_init(gen, (A,), 0.02))
             self.add_module("pool_attn", CrossModalAttention(A, s.num_heads, rng=sub))
-            self.add_module("out_proj", Linear(A, self.common_dim, rng=sub))
+            self.add_module("out_proj", Linear(A, _common_dim(config, owner), rng=sub))
         elif isinstance(s, CustomFusion):
             self.in_widths = widths(False)
             if config.fused_dim is not None:
@@ -324,7 +335,7 @@ class FusionLayer(Module):
         B = items[0][4].shape[0]
         M = len(self.modalities)
         present = np.zeros((B, M), np.bool_)
-        vecs = [None] * M
+        vecs: List[Optional[np.ndarray]] = [None] * M
         for i, m, _, mask, pooled in items:
             vecs[i] = self._project(m, pooled)
             present[:, i] = True if mask is None else mask.any(axis=1)
@@ -334,10 +345,10 @@ class FusionLayer(Module):
                 if self.config.fused_dim is not None:
                     w = self.config.fused_dim
                 vecs[i] = np.zeros((B, w), np.float32)
-        return vecs, present
+        return cast(List[np.ndarray], vecs), present     # every slot is filled now
 
     def _late(self, embeddings, return_weights):
-        s = self.strategy
+        s = cast(LateFusion, self.strategy)
         items = self._check(embeddings, tokens=False)
         if not items:
             raise self._none_given()
@@ -357,7 +368,7 @@ class FusionLayer(Module):
             fused, w = fuse(vecs, strategy="attention", query=self.query, present=present)
         else:
             fused = fuse(vecs, strategy=reduce, present=present)
-        out = {"fused": np.asarray(fused, np.float32)}
+        out: Dict[str, Any] = {"fused": np.asarray(fused, np.float32)}
         if return_weights:
             out["attention_weights"] = ({} if w is None else
                                         {m: w[:, i] for i, m in enumerate(self.modalities)})
@@ -413,7 +424,7 @@ class FusionLayer(Module):
             x = np.take_along_axis(x, perm[:, :, None], axis=1)
             mask = np.take_along_axis(mask, perm, axis=1)
         B = x.shape[0]
-        A = self.strategy.attention_dim
+        A = cast(AttentionFusion, self.strategy).attention_dim
         q = np.broadcast_to(self.query, (B, 1, A))
         res = self.pool_attn(q, x, context_mask=mask, return_weights=return_weights)
         pooled, w = res if return_weights else (res, None)
@@ -425,9 +436,10 @@ class FusionLayer(Module):
         fused = self.out_proj(pooled[:, 0])
         if empty.any():
             fused[empty] = 0.0
-        out = {"fused": fused}
+        out: Dict[str, Any] = {"fused": fused}
         if return_weights:
-            aw = dict(cross_w)
+            assert w is not None        # the pooling attention returned its weights
+            aw: Dict[Any, np.ndarray] = dict(cross_w)
             off = 0
             for m, L in zip(order, lens):
                 aw[m] = w[:, 0, off:off + L]
@@ -445,13 +457,13 @@ class FusionLayer(Module):
             if mask is not None and not mask.any():
                 continue
             pooled[m] = self._project(m, p)
-        fused = self._fn(pooled, **self.strategy.options)
+        fused = self._fn(pooled, **cast(CustomFusion, self.strategy).options)
         fused = np.asarray(fused)
         B = items[0][4].shape[0]
         if fused.ndim != 2 or fused.shape[0] != B:
             raise ShapeError(f"[{owner}] the custom fusion function returned shape "
                              f"{tuple(fused.shape)}, expected ({B}, D_out)")
-        out = {"fused": fused.astype(np.float32, copy=False)}
+        out: Dict[str, Any] = {"fused": fused.astype(np.float32, copy=False)}
         if return_weights:
             out["attention_weights"] = {}
         return out

@@ -210,8 +210,9 @@ def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool,
 def decode_error(kind: Optional[str]):
     """The decode error of a modality kind (what a missing or unreadable file raises)."""
     from ..errors import AudioDecodeError, ImageDecodeError, VideoDecodeError
-    return {"image": ImageDecodeError, "audio": AudioDecodeError,
-            "video": VideoDecodeError}.get(kind, ModalityError)
+    errors: Dict[Optional[str], type] = {"image": ImageDecodeError, "audio": AudioDecodeError,
+                                         "video": VideoDecodeError}
+    return errors.get(kind, ModalityError)
 
 
 def check_files(owner: str, m: Modality, kind: Optional[str], value: Any) -> None:

@@ -405,7 +405,7 @@ def _move_into_place(tmp: str, target: str, tmp_lock: Optional[int]
 try:
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - Windows
-    _fcntl = None
+    _fcntl = None  # type: ignore[assignment]  # no fcntl here: every use checks for None
 
 #: How long a save waits for another save in the same folder to finish renaming (seconds).
 _PARENT_LOCK_WAIT_S = 120.0
@@ -729,6 +729,7 @@ def _load_model_dir(path: PathLike, *, verify: bool, keep_quantized: bool):
         raise ModelFormatError(f"{meta_path}: missing ({CONFIG_FILE} describes the model)")
     text, _ = _read_member(meta_path, f"model config ({CONFIG_FILE})", op,
                            max_size=MAX_CONFIG_BYTES)
+    assert text is not None                 # read with keep=True: the bytes
     try:
         meta = json.loads(text.decode("utf-8"))
     except UnicodeDecodeError:

@@ -210,6 +210,8 @@ class ItemCache:
         keys under ``m`` and the weights version under :data:`KEYS_VERSIONS`.
         """
         owner = self.owner
+        manager = self.manager
+        assert manager is not None and inputs.batch_size is not None  # (see enabled_for)
         value = inputs.modality_inputs[m]
         is_raw = inputs.raw[m] and not isinstance(value, Mapping)
         n_items = int(inputs.batch_size)
@@ -219,17 +221,18 @@ class ItemCache:
             return None
         t_pre = 0.0
         t0 = time.perf_counter()
+        x: Any = None           # the preprocessed batch and its mask (given preprocessed)
+        mask: Any = None
         if is_raw:
             items = raw_items(pkind, value, n_items)
             if items is None:
                 return None
-            datas = [("raw", item_data(pkind, it)) for it in items]
+            datas: List[Tuple[Any, ...]] = [("raw", item_data(pkind, it)) for it in items]
             # text and audio configs pad to a fixed length with padding="max_length"
             fixed = (pre is not None and pkind in ("text", "audio")
                      and pre.padding == "max_length")
-            x = mask = None
         else:
-            x, mask = prepare(m, mc, value, False, inputs.attention_masks.get(m))
+            x, mask = prepare(m, mc, value, False, (inputs.attention_masks or {}).get(m))
             x = np.asarray(x)
             if x.ndim < 1 or x.shape[0] != n_items:
                 return None
@@ -246,7 +249,7 @@ class ItemCache:
         entries: Dict[str, Any] = {}
         for k in keys:
             if k not in entries:
-                hit = self.manager.get(m, k)
+                hit = manager.get(m, k)
                 if hit is not None:
                     entries[k] = hit
         missing = []
@@ -286,7 +289,7 @@ class ItemCache:
             # weights replaced meanwhile (another thread): return the results, cache nothing
             if weights()[1] == wversion:
                 for k, e in fresh.items():
-                    self.manager.put(m, k, e)
+                    manager.put(m, k, e)
             entries.update(fresh)
             t_enc = time.perf_counter() - t0
 
@@ -320,9 +323,9 @@ class ItemCache:
         Only the rows not found are fused (``fuse(sub_batch)["fused"]``), with the batch's
         padding; ``item_keys`` is what :meth:`encoded` recorded for ``present``.
         """
-        if not self.enabled_for(CacheManager.FUSION):
-            return None
         cache = self.manager
+        if cache is None or not cache.enabled_for(CacheManager.FUSION):
+            return None
         strategy = self.config_key(config)
         identity, wversion = weights()
         keys = [CacheManager.fusion_key({m: item_keys[m][i] for m in present},

@@ -31,7 +31,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -703,7 +703,7 @@ class TransformerEncoderLayer(Module):
                self._act)
         scalars = (self.norm1.eps, self.norm2.eps, attn.temperature, attn.num_heads)
         cached = self.__dict__.get("_native_args")
-        args = None
+        args: Union[None, Literal[False], Dict[str, Any]] = None
         if (cached is not None and cached[1] == scalars
                 and all(a is b for a, b in zip(cached[0], sig))):
             args = cached[2]

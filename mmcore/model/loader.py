@@ -144,7 +144,7 @@ class MultiModalLoader:
                               f"or None, got {seed!r}")
         self._config: Optional[MultiModalConfig] = config
         self._verify = verify
-        self._seed = seed
+        self._seed: Optional[int] = None if seed is None else int(seed)
         self._weights: Optional[str] = None
         self._modality_paths: Dict[Modality, str] = {}
         self._encoders: Dict[Modality, Callable] = {}
@@ -274,15 +274,17 @@ class MultiModalLoader:
         if state is None:  # the caller's own config: built as it says
             model = MultiModalModel(config, seed=self._seed, encoders=encoders)
         else:  # every built-in module must come from the directories: build no more
+            weights = self._weights
+            assert weights is not None      # the state came from there
             merged = dict(state)
             for m, piece in pieces.items():
                 merged = {k: v for k, v in merged.items() if not k.startswith(f"encoders.{m}.")}
                 merged.update(piece)
-            check_layer_counts(config, merged, set(encoders), self._weights, _OP)
+            check_layer_counts(config, merged, set(encoders), weights, _OP)
             seed = self._seed if self._seed is not None else np.random.SeedSequence()
             model = build_model(MultiModalModel, config,
-                           WeightBudget(seed, *stored, where=self._weights, op=_OP),
-                           encoders, self._weights, _OP)
+                                WeightBudget(seed, *stored, where=weights, op=_OP),
+                                encoders, weights, _OP)
 
         full = model.state_dict() if state is None else {
             k: v for k, v in state.items() if not served_externally(k, model.external_encoders)}

@@ -573,7 +573,7 @@ class MultiModalModel(Module):
         if kind == "audio":
             out = pre(value)
             feats = out["input_features"]
-            if mc.preprocessing.preset == "fbank":
+            if mc.preprocessing is not None and mc.preprocessing.preset == "fbank":
                 feats = np.ascontiguousarray(feats.transpose(0, 2, 1))
             return feats, out["attention_mask"]
         if kind == "video":
@@ -599,7 +599,7 @@ class MultiModalModel(Module):
                 return res
         t0 = time.perf_counter()
         x, mask = self._prepare(m, mc, inputs.modality_inputs[m], inputs.raw[m],
-                                inputs.attention_masks.get(m))
+                                (inputs.attention_masks or {}).get(m))
         timings[f"preprocess:{m}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         tokens, tmask, pool = self.encoder(m)(x, attention_mask=mask)
@@ -789,9 +789,10 @@ class MultiModalModel(Module):
         present = [m for m in present if m in done or m in staged]
         if not present:
             raise ModalityError(f"[{owner}] no modality of this request could be encoded")
+        assert B is not None            # every modality left set it
 
         embeddings, masks, pooled = {}, {}, {}
-        fusion_in = {}
+        fusion_in: Dict[Modality, Tuple[Any, ...]] = {}
         for m in present:
             if m in done:
                 tokens, tmask, pool = done[m]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -49,12 +49,26 @@ __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_a
            "ACTIVATIONS", "as_generator", "xavier_uniform", "check_features", "frozen_array",
            "weights_clock", "NO_INIT", "check_prob", "check_positive", "to_numpy", "state_entry"]
 
-RngLike = Union[None, int, np.random.Generator]
+
+class _NoInit:
+    """The type of :data:`NO_INIT` (one instance)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_INIT"
+
 
 #: Passed as ``rng`` by ``from_state_dict`` constructors: allocate zeros instead of drawing
 #: random weights that are about to be overwritten (:func:`as_generator` turns it into None).
-NO_INIT = object()
+NO_INIT = _NoInit()
 _NO_INIT = NO_INIT  # the former private name
+
+#: What an ``rng`` argument takes: None (fresh entropy), an int seed, a Generator, or
+#: :data:`NO_INIT`.
+RngLike = Union[None, int, np.random.Generator, _NoInit]
+
+_M = TypeVar("_M", bound="Module")
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -63,7 +77,7 @@ _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 # initialisation
 
 
-def as_generator(rng) -> Optional[np.random.Generator]:
+def as_generator(rng: object) -> Optional[np.random.Generator]:
     """``None`` / int seed / Generator -> Generator (``None`` for the internal no-init marker).
 
     Examples
@@ -424,8 +438,8 @@ class Module:
                 return child._explain_unexpected(key[len(name) + 1:], full)
         return None
 
-    def load_state_dict(self, state_dict: Mapping[str, object], *, prefix: str = "",
-                        strict: bool = True) -> "Module":
+    def load_state_dict(self: _M, state_dict: Mapping[str, object], *, prefix: str = "",
+                        strict: bool = True) -> _M:
         """Replace every parameter with the entry of ``state_dict`` (validated first, all or none).
 
         Parameters
@@ -486,7 +500,7 @@ class Module:
         self._after_load()
         return self
 
-    def set_parameter(self, name: str, value) -> "Module":
+    def set_parameter(self: _M, name: str, value) -> _M:
         """Replace one parameter, by its dotted state-dict name, validated as
         :meth:`load_state_dict` validates an entry.
 

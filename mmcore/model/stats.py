@@ -133,7 +133,7 @@ def prometheus_collector(snapshot: Callable[[], Mapping[str, Mapping[str, float]
         items = CounterMetricFamily(f"{prefix}_stage_items",
                                     "Rows processed by model stages", labels=["stage"])
         for stage, s in snap.items():
-            lat.add_metric([stage], s["count"], s["total_s"])
+            lat.add_metric([stage], int(s["count"]), s["total_s"])
             for q, key in (("0.5", "p50_s"), ("0.95", "p95_s")):
                 lat.samples.append(Sample(name, {"stage": stage, "quantile": q}, s[key]))
             items.add_metric([stage], s["items"])

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -286,6 +286,7 @@ def json_depth(obj: Any) -> int:
     stack = [(obj, 1)]
     while stack:
         o, d = stack.pop()
+        children: Iterable[Any]
         if isinstance(o, dict):
             children = o.values()
         elif isinstance(o, list):
