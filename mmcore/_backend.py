@@ -35,7 +35,9 @@ __all__ = ["backends", "use_backend", "set_num_threads", "get_num_threads", "max
 
 BACKEND_NAMES = ("native", "cuda", "numba")
 
-_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("mmcore_backend", default=None)
+_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "mmcore_backend", default=None
+)
 _lock = threading.Lock()
 _num_threads: Optional[int] = None
 _cuda_state: Optional[Dict[str, Any]] = None
@@ -86,7 +88,9 @@ def _default_threads() -> int:
         try:
             n = int(env)
         except ValueError:
-            raise BackendError(f"MMCORE_NUM_THREADS must be a positive integer, got {env!r}") from None
+            raise BackendError(
+                f"MMCORE_NUM_THREADS must be a positive integer, got {env!r}"
+            ) from None
         if n < 1:
             raise BackendError(f"MMCORE_NUM_THREADS must be a positive integer, got {env!r}")
         if n > max_num_threads():
@@ -291,7 +295,9 @@ def resolve_backend(op: str, arrays, backend: Optional[str] = None) -> str:
             raise BackendError(f"[{op}] backend={backend!r} cannot take CUDA device arrays")
         status = cuda_status()
         if not status["available"]:
-            raise BackendError(f"[{op}] CUDA arrays given but the cuda backend is absent: {status.get('reason')}")
+            raise BackendError(
+                f"[{op}] CUDA arrays given but the cuda backend is absent: {status.get('reason')}"
+            )
         return "cuda"
     name = backend
     if name is None:

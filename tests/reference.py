@@ -499,7 +499,8 @@ def resize_ref(img, size, filter="bicubic", antialias=True, vertical_first=None)
         t = x[..., :3] * x[..., 3:] + 128
         x = np.concatenate([(t + (t >> 8)) >> 8, x[..., 3:]], axis=-1)
     if vertical_first is None:
-        vertical_first = pillow13_vertical_first(img.shape[0], img.shape[1], int(size[0]), int(size[1]))
+        vertical_first = pillow13_vertical_first(img.shape[0], img.shape[1], int(size[0]),
+                                                 int(size[1]))
     for axis in ((0, 1) if vertical_first else (1, 0)):
         x = _resample_axis_ref(x, axis, int(size[axis]), filter, antialias, fixed)
     if rgba:
@@ -591,7 +592,9 @@ def preprocess_image_ref(img, *, size, crop, mode, filter, mean, std, scale=1.0 
 # Everything in float64, materialized; padding tokens and absent modalities are replaced before
 # any arithmetic so that whatever they hold (NaN included) never matters.
 
-__all__ += ["masked_mean_ref", "masked_max_ref", "fuse_ref", "FUSE_STRATEGIES_REF", "encoder_layer_ref"]
+__all__ += [
+    "masked_mean_ref", "masked_max_ref", "fuse_ref", "FUSE_STRATEGIES_REF", "encoder_layer_ref",
+]
 
 FUSE_STRATEGIES_REF = ("concat", "mean", "sum", "max", "weighted", "attention")
 

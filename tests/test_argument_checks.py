@@ -10,9 +10,24 @@ import numpy as np
 import pytest
 
 from mmcore.errors import ArgumentError, MMCoreError, ShapeError
-from mmcore.ops import (attention, fbank, fuse, layer_norm, linear, log_mel_spectrogram,
-                        masked_mean, mel_filterbank, mel_spectrogram, normalize, patchify,
-                        preprocess_image, resize, sample_frame_indices, stft, temporal_windows)
+from mmcore.ops import (
+    attention,
+    fbank,
+    fuse,
+    layer_norm,
+    linear,
+    log_mel_spectrogram,
+    masked_mean,
+    mel_filterbank,
+    mel_spectrogram,
+    normalize,
+    patchify,
+    preprocess_image,
+    resize,
+    sample_frame_indices,
+    stft,
+    temporal_windows,
+)
 from mmcore.ops._checks import check_bool, check_choice, check_float, check_int
 
 Q = np.ones((1, 2, 3, 8), np.float32)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,14 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
+from _helpers import need_backend as _need_backend
 from mmcore.errors import ArgumentError, BackendError, MMCoreError, ShapeError
 from mmcore.ops import attention
 from mmcore.ops.attention import dropout_threshold
-
-from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
-from _helpers import need_backend as _need_backend
 from reference import attention_ref, dropout_bits_np, dropout_threshold_ref
-
 
 # float32 tolerances on unit-scale data; float16 inputs are compared against the reference on
 # the float16-rounded inputs, so only the float32 compute error remains, with extra slack.
@@ -840,8 +838,8 @@ def test_import_does_not_import_numba():
             "assert 'numba' not in sys.modules, 'numba was imported'\n")
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("MMCORE_BACKEND", None)
-    proc = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 

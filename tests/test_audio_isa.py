@@ -7,7 +7,6 @@ import pytest
 
 from mmcore import _C
 from mmcore.ops import fbank, log_mel_spectrogram, mel_spectrogram, stft
-
 from reference import fbank_ref, mel_spectrogram_ref, stft_ref, whisper_log_mel_ref
 
 
@@ -39,7 +38,8 @@ def test_stft_every_isa(isa, n_fft, hop, win):
 
 
 def test_mel_and_whisper_every_isa(isa):
-    x = np.stack([_signal(48000, 1), _signal(47000, 2)[:47000].tolist() + [0.0] * 1000]).astype(np.float32)
+    x = np.stack([_signal(48000, 1),
+                  _signal(47000, 2)[:47000].tolist() + [0.0] * 1000]).astype(np.float32)
     m = mel_spectrogram(x)
     mr = mel_spectrogram_ref(x)
     assert np.abs(m - mr).max() <= 1e-5 * np.abs(mr).max()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,9 +14,7 @@ import pytest
 import mmcore
 from mmcore import errors
 from mmcore.ops import attention
-
 from reference import attention_ref
-
 
 # Subprocesses run outside the source tree so that they import the installed package
 # (with its compiled modules), not the mmcore/ folder of a checkout.
@@ -48,7 +46,8 @@ def test_isa_matches_cpu():
     from mmcore import _C
     nat = mmcore.backends()["native"]
     feats = set(nat["cpu_features"])
-    if "avx512" in nat["compiled_isas"] and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= feats:
+    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+    if "avx512" in nat["compiled_isas"] and avx512 <= feats:
         assert nat["isa"] == "avx512"
     elif "avx2" in nat["compiled_isas"] and {"avx2", "fma"} <= feats:
         assert nat["isa"] == "avx2"
@@ -86,8 +85,8 @@ def test_every_compiled_isa_matches_reference(isa):
 def test_isa_env_cap_in_subprocess():
     code = "import mmcore; print(mmcore.backends()['native']['isa'])"
     env = dict(os.environ, MMCORE_ISA="baseline")
-    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "baseline"
 
 
@@ -178,8 +177,8 @@ def test_native_pool_never_starts_more_threads_than_the_cap():
 def test_num_threads_env_in_subprocess():
     code = "import mmcore; print(mmcore.get_num_threads())"
     env = dict(os.environ, MMCORE_NUM_THREADS="3")
-    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "3"
 
 
@@ -249,8 +248,9 @@ def test_kernel_releases_gil():
 
 
 def test_cli_info_json():
-    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-m", "mmcore", "info", "--json"], capture_output=True,
-                         text=True, timeout=300, check=True)
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE,
+                         args=[sys.executable, "-m", "mmcore", "info", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
     info = json.loads(out.stdout)
     assert info["version"] == mmcore.__version__
     assert info["backends"]["native"]["available"] is True
@@ -258,7 +258,8 @@ def test_cli_info_json():
 
 
 def test_cli_info_text():
-    out = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-m", "mmcore", "info", "--threads", "1"],
+    out = subprocess.run(cwd=_OUTSIDE_SOURCE,
+                         args=[sys.executable, "-m", "mmcore", "info", "--threads", "1"],
                          capture_output=True, text=True, timeout=300, check=True)
     assert "native" in out.stdout and "cuda" in out.stdout and "threads 1" in out.stdout
 
@@ -291,5 +292,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
     if not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")
-    res = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cwd=_OUTSIDE_SOURCE, args=[sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

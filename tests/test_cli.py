@@ -38,6 +38,7 @@ def workdir(tmp_path):
 def media(workdir):
     """A generated WAV (1.5 s chirp at 22.05 kHz, resampled on load) and PNG in ``workdir``."""
     import soundfile as sf
+
     from mmcore.demo import synthetic_image, tone_sweep
 
     wav = workdir / "tone.wav"

@@ -19,10 +19,20 @@ import pytest
 
 import mmcore
 from mmcore import ops
-
-from reference import (IMAGE_PRESETS_REF, attention_ref, fuse_ref, masked_max_ref,
-                       masked_mean_ref, mel_spectrogram_ref, normalize_ref, patchify_ref,
-                       preprocess_image_ref, resize_ref, stft_ref, whisper_log_mel_ref)
+from reference import (
+    IMAGE_PRESETS_REF,
+    attention_ref,
+    fuse_ref,
+    masked_max_ref,
+    masked_mean_ref,
+    mel_spectrogram_ref,
+    normalize_ref,
+    patchify_ref,
+    preprocess_image_ref,
+    resize_ref,
+    stft_ref,
+    whisper_log_mel_ref,
+)
 
 pytestmark = pytest.mark.cuda
 

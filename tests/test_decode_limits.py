@@ -14,8 +14,8 @@ import math
 import os
 import stat
 import subprocess
-import tempfile
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -25,11 +25,16 @@ import pytest
 sf = pytest.importorskip("soundfile")
 
 from _helpers import call_bounded  # noqa: E402
-from mmcore.errors import (ArgumentError, AudioDecodeError, ConfigError,  # noqa: E402
-                           ImageDecodeError, VideoDecodeError)
+from mmcore.errors import (  # noqa: E402
+    ArgumentError,
+    AudioDecodeError,
+    ConfigError,
+    ImageDecodeError,
+    VideoDecodeError,
+)
 from mmcore.features import extract_features  # noqa: E402
-from mmcore.preprocess import load_audio, load_audio_with_rate, load_image  # noqa: E402
 from mmcore.preprocess import audio as audio_mod  # noqa: E402
+from mmcore.preprocess import load_audio, load_audio_with_rate, load_image  # noqa: E402
 
 TIMEOUT = 120      # seconds: the bound on a child process (generous; the calls take < 2 s)
 
@@ -393,7 +398,9 @@ def test_symlink_to_fifo_directory_and_devices_are_refused(fifo, tmp_path):
         pass
     for path, kind in cases:
         for fn, error in loaders:
-            r = call_bounded(lambda: fn(path), fifo)
+            # call_bounded runs the call before returning: binding the loop variables is for
+            # clarity only
+            r = call_bounded(lambda fn=fn, path=path: fn(path), fifo)
             _is_refusal(r, error, path, kind)
 
 
@@ -423,7 +430,7 @@ def test_dev_stdin_is_refused_without_reading(tmp_path):
         os.close(r)
         os.close(w)
     for name, msg in res.items():
-        assert msg is not None and "/dev/stdin" in msg and "not a regular file" in msg, msg
+        assert msg is not None and "/dev/stdin" in msg and "not a regular file" in msg, (name, msg)
 
 
 def test_extract_features_lists_a_fifo_and_goes_on(fifo, tmp_path):
@@ -440,8 +447,8 @@ def test_extract_features_lists_a_fifo_and_goes_on(fifo, tmp_path):
     except ImportError:
         pass
     for modality, good, error in runs:
-        rep = call_bounded(lambda: extract_features(modality, [good, fifo, tmp_path], None,
-                                               progress=False), fifo)
+        rep = call_bounded(lambda modality=modality, good=good: extract_features(
+            modality, [good, fifo, tmp_path], None, progress=False), fifo)
         assert not isinstance(rep, BaseException), rep
         assert list(rep.keys.values()) == [str(good)]
         assert [p for p, _ in rep.failed] == [str(fifo), str(tmp_path)]
@@ -472,7 +479,8 @@ def test_features_output_must_not_be_a_fifo_or_device(fifo, tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(good)
     for target, kind in [(fifo, "a FIFO")] + ([("/dev/null", "a character device")]
                                               if os.path.exists("/dev/null") else []):
-        r = call_bounded(lambda: extract_features("image", [good], target, progress=False), fifo)
+        r = call_bounded(
+            lambda target=target: extract_features("image", [good], target, progress=False), fifo)
         assert isinstance(r, ConfigError), r
         assert str(r).startswith("[extract_features]") and kind in str(r)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)     # left as it was

@@ -9,11 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
 from mmcore.errors import ArgumentError, BackendError, ShapeError
 from mmcore.ops import encoder_layer
 from mmcore.ops.linear import QuantizedTensor
-
-from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
 from reference import encoder_layer_ref
 
 ACTS = ["gelu", "gelu_tanh", "quick_gelu", "relu", None]

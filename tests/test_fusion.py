@@ -11,11 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from mmcore.errors import ArgumentError, BackendError, MMCoreError, ShapeError
-from mmcore.ops import fuse, masked_max, masked_mean
-
 from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
 from _helpers import need_backend as _need_backend
+from mmcore.errors import ArgumentError, BackendError, MMCoreError, ShapeError
+from mmcore.ops import fuse, masked_max, masked_mean
 from reference import FUSE_STRATEGIES_REF, fuse_ref, masked_max_ref, masked_mean_ref
 
 STRATEGIES = list(FUSE_STRATEGIES_REF)
@@ -457,7 +456,10 @@ def test_fuse_zero_weight_modality_is_not_read(backend):
 def test_fuse_semantics_by_hand(backend):
     e = np.array([[[1.0, 2.0], [3.0, -4.0], [5.0, 0.0]]], np.float32)       # B=1, M=3, D=2
     p = np.array([[True, False, True]])
-    f = lambda s, **kw: fuse(e, strategy=s, backend=backend, **kw)
+
+    def f(s, **kw):
+        return fuse(e, strategy=s, backend=backend, **kw)
+
     np.testing.assert_array_equal(f("concat"), [[1, 2, 3, -4, 5, 0]])
     np.testing.assert_array_equal(f("concat", present=p), [[1, 2, 0, 0, 5, 0]])
     np.testing.assert_array_equal(f("sum"), [[9, -2]])

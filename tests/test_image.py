@@ -12,14 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from mmcore.errors import ArgumentError, BackendError, ShapeError
-from mmcore.ops import normalize, patchify, preprocess_image, resize
-
 from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
 from _helpers import need_backend as _need_backend
-from reference import (IMAGE_PRESETS_REF, center_crop_ref, nearest_indices_ref, normalize_ref,
-                       patchify_ref, pillow13_vertical_first, preprocess_image_ref,
-                       resize_coeffs_ref, resize_ref, shortest_edge_size_ref)
+from mmcore.errors import ArgumentError, BackendError, ShapeError
+from mmcore.ops import normalize, patchify, preprocess_image, resize
+from reference import (
+    IMAGE_PRESETS_REF,
+    center_crop_ref,
+    nearest_indices_ref,
+    normalize_ref,
+    patchify_ref,
+    pillow13_vertical_first,
+    preprocess_image_ref,
+    resize_coeffs_ref,
+    resize_ref,
+    shortest_edge_size_ref,
+)
 
 FILTERS = ["nearest", "bilinear", "bicubic", "lanczos"]
 

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from mmcore.errors import ConfigError, ModelFormatError, ShapeError
-from mmcore.model import (CrossModalAttention, LayerNorm, Linear, MultiHeadSelfAttention,
-                          TransformerEncoderLayer, gelu, padding_mask_to_attention)
+from mmcore.model import (
+    CrossModalAttention,
+    LayerNorm,
+    Linear,
+    MultiHeadSelfAttention,
+    TransformerEncoderLayer,
+    gelu,
+    padding_mask_to_attention,
+)
 from mmcore.model import nn as mnn
 
 ATOL = 1e-5
@@ -646,7 +653,8 @@ def test_init_is_deterministic_and_torch_like():
     assert np.abs(packed).max() <= math.sqrt(6 / (64 + 192))
 
     gen = np.random.default_rng(5)
-    l1, l2 = TransformerEncoderLayer(16, 2, 32, rng=gen), TransformerEncoderLayer(16, 2, 32, rng=gen)
+    l1 = TransformerEncoderLayer(16, 2, 32, rng=gen)
+    l2 = TransformerEncoderLayer(16, 2, 32, rng=gen)
     assert not np.array_equal(l1.linear1.weight, l2.linear1.weight)
     e1 = TransformerEncoderLayer(16, 2, 32, rng=9).state_dict()
     e2 = TransformerEncoderLayer(16, 2, 32, rng=9).state_dict()

@@ -1,5 +1,6 @@
-"""Tests of mmcore.ops.linear (with fused activations) and mmcore.ops.layer_norm: native and Numba against the float64 reference and each other,
-every compiled ISA level, awkward shapes, layouts, dtypes, bad inputs, threads and torch."""
+"""Tests of mmcore.ops.linear (with fused activations) and mmcore.ops.layer_norm: native and Numba
+against the float64 reference and each other, every compiled ISA level, awkward shapes, layouts,
+dtypes, bad inputs, threads and torch."""
 
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
 from mmcore import _C
 from mmcore.errors import ArgumentError, ShapeError
 from mmcore.ops import layer_norm, linear
-
-from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
-from _helpers import need_backend
 from reference import activation_ref, layer_norm_ref, linear_ref
 
 # sizes around the register tiles (4/6 rows; 4/8/16-lane vectors, 2-4 vectors per block)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,8 +15,7 @@ import pytest
 
 import mmcore
 from mmcore.config import PreprocessingConfig
-from mmcore.errors import (ArgumentError, AudioDecodeError, ConfigError, MMCoreError,
-                           ShapeError)
+from mmcore.errors import ArgumentError, AudioDecodeError, ConfigError, MMCoreError, ShapeError
 from mmcore.preprocess import AudioPreprocessor, load_audio, load_audio_with_rate, resample
 
 sf = pytest.importorskip("soundfile")
@@ -168,7 +168,7 @@ def test_config_cross_field_errors(kwargs, field):
 
 def test_config_is_frozen_and_replace_revalidates():
     cfg = PreprocessingConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.n_mels = 128  # type: ignore[misc]
     assert cfg.replace(n_mels=128).n_mels == 128
     with pytest.raises(ConfigError, match="n_mels"):

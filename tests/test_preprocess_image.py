@@ -16,8 +16,7 @@ import pytest
 
 import mmcore
 from mmcore.config import PreprocessingConfig
-from mmcore.errors import (ArgumentError, ConfigError, ImageDecodeError, MMCoreError,
-                           ShapeError)
+from mmcore.errors import ArgumentError, ConfigError, ImageDecodeError, MMCoreError, ShapeError
 from mmcore.preprocess import ImagePreprocessor, load_image
 
 Image = pytest.importorskip("PIL.Image")
@@ -377,7 +376,8 @@ def test_image_config_bad_field_names_it(field, value):
 def test_image_config_patch_must_divide_crop():
     with pytest.raises(ConfigError, match=r"PreprocessingConfig\.patch_size"):
         PreprocessingConfig(modality="image", crop_size=224, patch_size=15)
-    assert PreprocessingConfig(modality="image", crop_size=(224, 336), patch_size=14).patch_size == 14
+    cfg = PreprocessingConfig(modality="image", crop_size=(224, 336), patch_size=14)
+    assert cfg.patch_size == 14
 
 
 def test_image_config_pair_size_needs_squash():

@@ -13,7 +13,6 @@ from mmcore.config import PreprocessingConfig
 from mmcore.errors import ArgumentError, ConfigError, MMCoreError, ModelFormatError, ShapeError
 from mmcore.preprocess import ByteTokenizer, HFTokenizer, TextPreprocessor, load_tokenizer
 
-
 # --------------------------------------------------------------------------------------------
 # ByteTokenizer
 

@@ -1,4 +1,5 @@
-"""One version source: ``mmcore/_version.py``; the build metadata and the native module follow it."""
+"""One version source: ``mmcore/_version.py``; the build metadata and the native module follow
+it."""
 
 from __future__ import annotations
 

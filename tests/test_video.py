@@ -14,8 +14,14 @@ import pytest
 import mmcore
 from mmcore.config import PreprocessingConfig
 from mmcore.errors import ArgumentError, ConfigError, MMCoreError, ShapeError, VideoDecodeError
-from mmcore.preprocess import (VideoPreprocessor, load_video, sample_frame_indices,
-                               sample_video_array, temporal_windows, video_info)
+from mmcore.preprocess import (
+    VideoPreprocessor,
+    load_video,
+    sample_frame_indices,
+    sample_video_array,
+    temporal_windows,
+    video_info,
+)
 from mmcore.preprocess.video import _VideoReader
 
 needs_preprocess_image = pytest.mark.skipif(
