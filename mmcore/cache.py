@@ -85,7 +85,7 @@ class CacheItemTooLarge(MMCoreError, ValueError):
 try:  # pragma: no cover - depends on the environment
     import blake3 as _blake3_mod
 except Exception:  # ImportError or a broken install
-    _blake3_mod = None
+    _blake3_mod = None  # type: ignore[assignment]  # blake3 is optional: uses check for None
 
 #: ``"blake3"`` when the ``blake3`` package is installed, else ``"blake2b"``.
 HASH_ALGORITHM = "blake3" if _blake3_mod is not None else "blake2b"
@@ -105,6 +105,7 @@ def new_hasher(algorithm: Optional[str] = None) -> Any:
     64
     """
     algo = algorithm or HASH_ALGORITHM
+    h: Any
     if algo == "blake3":
         if _blake3_mod is None:
             raise ValueError("[content_key] algorithm 'blake3' needs the blake3 package")
@@ -677,7 +678,7 @@ class TensorCache:
             self._misses += 1
             pending = self._pending.get(key)
             leader = pending is None
-            if leader:
+            if pending is None:
                 pending = self._pending[key] = _Pending()
         if not leader:
             pending.event.wait()

@@ -22,7 +22,7 @@ Examples
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..errors import ArgumentError, ConfigError
 from .config import DistributedConfig
@@ -30,6 +30,7 @@ from .coordinator import Coordinator, RemoteEncoder
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import MultiModalModel
+    from .ray_backend import RayBackend
 
 __all__ = ["attach", "load"]
 
@@ -87,7 +88,7 @@ def attach(model: "MultiModalModel", config: DistributedConfig, *,
             raise ConfigError("[distributed] the Ray backend loads the model in its actors and "
                               "needs a model directory (from_pretrained or with_weights)")
         from .ray_backend import RayBackend
-        backend = RayBackend(config, os.fspath(model_dir))
+        backend: Union[Coordinator, RayBackend] = RayBackend(config, os.fspath(model_dir))
     else:
         backend = Coordinator(config)
     kinds = {m: (model.config.modalities[m].preprocessing.modality

@@ -114,7 +114,7 @@ class LocalCluster:
         procs = [(m, self._spawn(m)) for m, n in self._counts.items() for _ in range(n)]
         deadline = time.monotonic() + self._start_timeout
         try:
-            lines = {}
+            lines: Dict[int, "queue.Queue[Optional[str]]"] = {}
             for _, p in procs:
                 # one reader per node from the start: its lines reach _wait_ready through a
                 # queue (select() on the pipe misses lines already in the reader's buffer)
@@ -134,10 +134,12 @@ class LocalCluster:
             self.addresses = {}
             raise
 
-    def _drain_output(self, p: subprocess.Popen, lines: "queue.Queue") -> None:
+    def _drain_output(self, p: subprocess.Popen,
+                      lines: "Optional[queue.Queue[Optional[str]]]") -> None:
         """Keep reading a node's output (its last lines stay in :attr:`output`); the lines up
         to the ready line also go to ``lines``, then None at the end of the output."""
         log = self.output.setdefault(p.pid, collections.deque(maxlen=200))
+        assert p.stdout is not None         # started with stdout=PIPE
         try:
             for line in p.stdout:
                 log.append(line)
@@ -151,8 +153,9 @@ class LocalCluster:
             if lines is not None:
                 lines.put(None)
 
-    def _wait_ready(self, p: subprocess.Popen, lines: "queue.Queue", deadline: float) -> str:
-        seen = []
+    def _wait_ready(self, p: subprocess.Popen, lines: "queue.Queue[Optional[str]]",
+                    deadline: float) -> str:
+        seen: List[str] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -91,6 +91,42 @@ class ShardingStrategy:
     def modalities(self) -> Tuple[Modality, ...]:
         return tuple(self.nodes)
 
+    def node_addresses(self) -> Dict[Modality, Tuple[str, ...]]:
+        """The socket nodes' addresses per modality (ConfigError for a modality given an
+        actor count: that is a Ray assignment).
+
+        Examples
+        --------
+        >>> from mmcore.distributed import ShardingStrategy
+        >>> ShardingStrategy.modality_specific({"text": "127.0.0.1:7000"}).node_addresses()
+        {Modality.TEXT: ('127.0.0.1:7000',)}
+        """
+        out: Dict[Modality, Tuple[str, ...]] = {}
+        for m, v in self.nodes.items():
+            if isinstance(v, int):
+                raise ConfigError(f"[{_OWNER}] sharding_strategy[{str(m)!r}] is an actor count, "
+                                  "not node addresses")
+            out[m] = v
+        return out
+
+    def actor_counts(self) -> Dict[Modality, int]:
+        """The number of Ray actors per modality (ConfigError for a modality given node
+        addresses: that is a socket assignment).
+
+        Examples
+        --------
+        >>> from mmcore.distributed import ShardingStrategy
+        >>> ShardingStrategy.modality_specific({"image": 2}).actor_counts()
+        {Modality.IMAGE: 2}
+        """
+        out: Dict[Modality, int] = {}
+        for m, v in self.nodes.items():
+            if not isinstance(v, int):
+                raise ConfigError(f"[{_OWNER}] sharding_strategy[{str(m)!r}] gives node "
+                                  "addresses, not an actor count")
+            out[m] = v
+        return out
+
     def to_dict(self) -> Dict[str, Any]:
         return {"type": "modality_specific",
                 "nodes": {str(m): (v if isinstance(v, int) else list(v))

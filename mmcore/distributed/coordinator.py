@@ -196,7 +196,7 @@ class Coordinator:
             m: [NodeClient(a, token, connect_timeout_s=config.connect_timeout_s,
                            request_timeout_s=config.request_timeout_s, ssl_context=ctx)
                 for a in addrs]
-            for m, addrs in config.sharding_strategy.nodes.items()}
+            for m, addrs in config.sharding_strategy.node_addresses().items()}
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix="mmcore-coord")

@@ -129,7 +129,7 @@ def _item_bytes(model: Any, m: Modality) -> int:
     :data:`_ITEM_EXPANSION`."""
     emb = getattr(model.encoder(m), "embedder", None)
     pos = getattr(emb, "position_embedding", None)
-    tokens = int(pos.shape[0]) if getattr(pos, "ndim", 0) == 2 else 4096
+    tokens = int(pos.shape[0]) if pos is not None and getattr(pos, "ndim", 0) == 2 else 4096
     return _ITEM_EXPANSION * tokens * int(model.config.modalities[m].embed_dim) * 4
 
 
@@ -229,15 +229,15 @@ class NodeServer:
                         ("max_inflight_bytes", max_inflight_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"[NodeServer] {name} must be an integer >= 1, got {v!r}")
-        for name, v in (("idle_timeout_s", idle_timeout_s),
+        for name, x in (("idle_timeout_s", idle_timeout_s),
                         ("handshake_timeout_s", handshake_timeout_s),
                         ("frame_timeout_s", frame_timeout_s),
                         ("min_bytes_per_s", min_bytes_per_s),
                         ("drain_timeout_s", drain_timeout_s)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-                    math.isfinite(v) and v > 0):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (
+                    math.isfinite(x) and x > 0):
                 raise ConfigError(f"[NodeServer] {name} must be a finite number > 0, got "
-                                  f"{v!r}")
+                                  f"{x!r}")
         self._token = resolve_token(token, token_file=token_file, owner="NodeServer",
                                     warn=True)
         mods = [Modality(m) for m in ([modalities] if isinstance(modalities, (str, Modality))

@@ -21,7 +21,7 @@ Examples
 from __future__ import annotations
 
 import os
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def pack_input(kind: Optional[str], value: Any, *, attention_mask: Any = None
                ) -> Tuple[dict, List[np.ndarray]]:
     """``(description, arrays)`` of one modality's input (``kind``: "text", "image", ...)."""
     arrays: List[np.ndarray] = []
-    desc = {"value": _pack_one(kind, value, arrays, 0)}
+    desc: Dict[str, Any] = {"value": _pack_one(kind, value, arrays, 0)}
     if attention_mask is not None:
         arrays.append(np.asarray(attention_mask, order="C"))
         desc["mask"] = len(arrays) - 1

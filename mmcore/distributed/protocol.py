@@ -213,7 +213,7 @@ def encode_frame(msg_type: int, header: Optional[Dict[str, Any]] = None,
             offset += pad
         descs.append({"dtype": dt.str, "shape": list(a.shape), "offset": offset})
         if a.nbytes:
-            bufs.append(memoryview(a.reshape(-1)).cast("B"))
+            bufs.append(a.reshape(-1).data.cast("B"))
         offset += a.nbytes
     hdr["arrays"] = descs
     try:
@@ -475,7 +475,7 @@ def recv_frame(sock: socket.socket, *, limits: FrameLimits = DEFAULT_LIMITS,
         specs = _check_arrays(hdr, plen, limits)
         payload = np.empty(plen, np.uint8)        # not zero-filled: every byte is received
         if plen:
-            _recv_exact(sock, memoryview(payload), "payload", clock)
+            _recv_exact(sock, payload.data, "payload", clock)
         return Frame(mtype, hdr, _views(payload, specs), flags)
     finally:
         clock.restore()

@@ -105,12 +105,12 @@ class RayBackend:
         self._ray = ray
         self.config = config
         _check_working_directory()
-        resources = {m: dict(config.ray_resources.get(m) or {f"mmcore_{m}": 1.0})
+        resources = {m: dict((config.ray_resources or {}).get(m) or {f"mmcore_{m}": 1.0})
                      for m in config.modalities}
         self._started_ray = False
         if not ray.is_initialized():
             total: Dict[str, float] = {}
-            for m, n in config.sharding_strategy.nodes.items():
+            for m, n in config.sharding_strategy.actor_counts().items():
                 for k, v in resources[m].items():
                     total[k] = total.get(k, 0.0) + float(v) * int(n)
             ray.init(resources=total, include_dashboard=False, log_to_driver=False,
@@ -118,7 +118,7 @@ class RayBackend:
             self._started_ray = True
         actor_cls = ray.remote(_EncoderActorImpl)
         self.actors: Dict[Modality, List[_Actor]] = {}
-        for m, n in config.sharding_strategy.nodes.items():
+        for m, n in config.sharding_strategy.actor_counts().items():
             self.actors[m] = [
                 _Actor(actor_cls.options(num_cpus=0, resources=resources[m],
                                          max_concurrency=4).remote(model_dir, str(m)))

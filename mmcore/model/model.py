@@ -434,7 +434,7 @@ class MultiModalModel(Module):
         self._remote = table
 
     #: The distributed backend serving :attr:`remote_modalities` (set by mmcore.distributed).
-    distributed = None
+    distributed: Any = None
 
     def close(self) -> None:
         """Release the distributed backend (connections, threads, actors), if any; the
