@@ -2,7 +2,7 @@
 //
 // Thin by design: arguments arrive as raw device pointers (Python ints, 0 = null), shapes and
 // element strides, and enums as their names (enum_args.h, as in mmcore._C); all checking of
-// user input happens in mmcore/ops before the launchers of mmcore/backends/cuda call this.
+// user input happens in mmcore/ops before the launchers of mmcore/kernels/cuda call this.
 // Importing this module never needs a GPU or a driver: device_info() reports why CUDA is
 // unusable instead of raising.
 #include <pybind11/pybind11.h>
