@@ -111,6 +111,18 @@ def test_no_module_over_1000_lines():
     assert not big, f"modules over 1000 lines: {big}"
 
 
+def test_no_zip_strict_while_python_3_9_is_supported():
+    """``zip(..., strict=...)`` is Python 3.10+ (a TypeError on 3.9, which the package supports:
+    requires-python >= 3.9)."""
+    found = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "zip"
+                    and any(kw.arg == "strict" for kw in node.keywords)):
+                found.append(f"{name}:{node.lineno}")
+    assert not found, f"zip(strict=...) needs Python 3.10: {found}"
+
+
 def test_the_graph_sees_every_kind_of_import(tmp_path):
     """The parser behind these tests finds imports at module level, in functions, relative
     ones and import_module strings (absolute and relative to __name__)."""

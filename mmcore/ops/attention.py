@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from types import ModuleType
+from typing import Optional
 
 import numpy as np
 
@@ -106,11 +108,13 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
     return_lse = check_bool("return_lse", return_lse, op=_OP)
     # (1) the backend and its array module
     name = _backend.resolve_backend(_OP, (q, k, v), backend)
+    dev: Optional[ModuleType]       # the CUDA glue, None on the host
     if name == "cuda":
-        from ..kernels.cuda import attention as dev
-        xp = dev.cupy_module(_OP)
-        q, k, v, bf16 = dev.read_qkv(xp, _OP, q, k, v)      # same device; bfloat16 as uint16
-        where = dev.on_device(xp, q)
+        from ..kernels.cuda import attention as cuda_glue
+        dev = cuda_glue
+        xp = cuda_glue.cupy_module(_OP)
+        q, k, v, bf16 = cuda_glue.read_qkv(xp, _OP, q, k, v)  # same device; bfloat16 as uint16
+        where = cuda_glue.on_device(xp, q)
     else:
         dev, xp, bf16 = None, np, (False, False, False)
         q, k, v = (as_host_array(_OP, n, a) for n, a in (("q", q), ("k", k), ("v", v)))
@@ -145,9 +149,9 @@ def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, te
                 bb, bb_bf16 = as_host_array(_OP, "bias", bias), False
             else:
                 bb, bb_bf16 = dev.read_float(xp, _OP, "bias", bias, q)
-            if bb_bf16:
-                bb = dev.bf16_to_float32(xp, bb)
-            elif np.dtype(bb.dtype) not in FLOAT_INPUT_DTYPES:
+                if bb_bf16:
+                    bb = dev.bf16_to_float32(xp, bb)
+            if not bb_bf16 and np.dtype(bb.dtype) not in FLOAT_INPUT_DTYPES:
                 raise ShapeError(f"[{_OP}] bias has dtype {bb.dtype}, expected a float dtype")
             bb = bb.astype(xp.float32, copy=False)
             # NaN and +inf both fail `x < inf`: one reduction (one flag read back on a device)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -117,10 +117,10 @@ def _mel_args(op, sr, n_fft, n_mels, fmin, fmax, htk, norm):
 
 
 class _Signal(NamedTuple):
-    x: object            # float32 C-contiguous (N, T), NumPy or CuPy
-    batch: tuple         # leading batch shape
+    x: Any                   # float32 C-contiguous (N, T), NumPy or CuPy
+    batch: tuple[int, ...]   # leading batch shape
     T: int
-    xp: object           # numpy or cupy
+    xp: Any                  # numpy or cupy
 
 
 
@@ -236,11 +236,11 @@ def _stft_framing(op, T, n_fft, hop, win_length, center, pad_mode) -> _Framing:
     return _Framing(n_fft, hop, win_length, (n_fft - win_length) // 2, pad, pad_mode, n_frames)
 
 
-_NO_MEL = SparseMel(None, None, None, None)
+_NO_MEL = (None, None, None, None)     # the kernels' mel arguments when kind != "mel"
 
 
 def _run_spectral(op: str, backend_name: str, sig: _Signal, out, window: np.ndarray,
-                  fr: _Framing, mel: SparseMel = _NO_MEL, *, kind: str, power: float = 2.0,
+                  fr: _Framing, mel: Optional[SparseMel] = None, *, kind: str, power: float = 2.0,
                   dither: float = 0.0, seed: int = 0, remove_dc: bool = False,
                   preemph: float = 0.0, log_mode: str = "none", log_floor: float = 1e-10,
                   whisper_norm: bool = False):
@@ -253,7 +253,8 @@ def _run_spectral(op: str, backend_name: str, sig: _Signal, out, window: np.ndar
               remove_dc=bool(remove_dc), preemph=float(preemph), kind=kind, power=float(power),
               log_mode=log_mode, log_floor=float(log_floor), whisper_norm=bool(whisper_norm))
     # the cuda launcher copies the small tables (window, mel filters) to the device
-    launcher(op, backend_name, "spectral", "spectral")(sig.x, out, window, *mel, **kw)
+    mel_args = _NO_MEL if mel is None else mel
+    launcher(op, backend_name, "spectral", "spectral")(sig.x, out, window, *mel_args, **kw)
     return out
 
 

@@ -205,7 +205,7 @@ def encoder_layer(x, *, num_heads: int, in_proj_weight, out_proj_weight, linear1
             raise ShapeError(f"[{_OP}] key_lengths must lie in [0, L = {L}], got values in "
                              f"[{int(kl.min())}, {int(kl.max())}]")
         kl = np.ascontiguousarray(kl, dtype=np.int64)
-    weights = (w_in, w_out, w1, w2)
+    weights: Tuple[WeightRef, ...] = (w_in, w_out, w1, w2)
     if name == "numba":
         weights = tuple(_dequantized(w) for w in weights)
     out = np.empty((B, L, E), np.float32)

@@ -238,7 +238,7 @@ def _embeddings(op: str, embeddings, xp) -> _Embeddings:
         if len(embeddings) == 0:
             raise ShapeError(f"[{op}] embeddings is empty, expected at least one modality "
                              "(M >= 1)")
-        items = []
+        items: list = []
         for i, e in enumerate(embeddings):
             where = f"embeddings[{i}]"
             a = _array(op, where, e, xp)
@@ -464,6 +464,7 @@ def _fuse_results(strategy: str, out, w_out, return_weights: bool):
 
 def _concat_sequence(emb: _Embeddings, pres, xp, out=None):
     """concat of a sequence of (B, D_m) arrays: one concatenation, absent slices zeroed."""
+    assert emb.items is not None    # called for sequence inputs only
     items = [a.astype(xp.float32, copy=False) for a in emb.items]
     if out is not None:
         out = _out_array("fuse", out, (emb.B, sum(emb.widths)), xp,

@@ -24,7 +24,7 @@ sizes and patch sizes are ints (NumPy integers included, ``bool`` refused) in ``
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -173,9 +173,9 @@ def _readable(a, xp):
 class _Images(NamedTuple):
     items: list          # (H, W, C) arrays the kernels can read
     kind: str            # "image" (H, W, C), "gray" (H, W), "batch" (N, H, W, C), "list"
-    xp: object           # numpy or cupy
+    xp: Any              # numpy or cupy
     backend: str
-    batch: object = None  # the (N, H, W, C) array of a batch (N may be 0)
+    batch: Any = None    # the (N, H, W, C) array of a batch (N may be 0)
 
 
 def _image_dtype(op: str, name: str, a, xp, *, floats: bool):
@@ -204,7 +204,7 @@ def _images(op: str, img, backend, *, floats: bool) -> _Images:
     if isinstance(img, (list, tuple)):
         name = _backend.resolve_backend(op, list(img), backend)
         xp = cupy_module(op) if name == "cuda" else np
-        items = []
+        items: list = []
         for i, x in enumerate(img):
             where = f"img[{i}]"
             a = _array(op, where, x, xp)
@@ -489,6 +489,7 @@ def _pipeline(op, preset, size, crop_size, resize_mode, filter, mean, std, scale
     if resize_mode is not None:
         check_choice("resize_mode", resize_mode, RESIZE_MODES, op=op)
     pair = not (isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)))
+    target: Tuple[int, ...]
     if pair:
         h, w = _pair_arg(op, "size", size, allow_int=False)
         if resize_mode == "shortest_edge":
@@ -521,7 +522,7 @@ def _pipeline(op, preset, size, crop_size, resize_mode, filter, mean, std, scale
 
 def _resized_size(H: int, W: int, pl: _Pipeline) -> Tuple[int, int]:
     if pl.mode == "squash":
-        return pl.target
+        return pl.target[0], pl.target[1]
     edge = pl.target[0]
     # Hugging Face's get_resize_output_image_size(default_to_square=False)
     if W <= H:

@@ -115,7 +115,7 @@ def kernel_inputs(cp, q, k, v, bf16):
     if not any(bf16) and q.dtype == k.dtype == v.dtype == cp.float16:
         return tuple(cp.ascontiguousarray(a) for a in (q, k, v))
     return tuple(bf16_to_float32(cp, a) if bf else cp.ascontiguousarray(a, dtype=cp.float32)
-                 for a, bf in zip((q, k, v), bf16, strict=True))
+                 for a, bf in zip((q, k, v), bf16))
 
 
 def _ptr(x) -> int:

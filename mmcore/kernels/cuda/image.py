@@ -175,8 +175,8 @@ def resize_cuda(srcs, dsts, *, filter, antialias):
     dtype = src_list[0].dtype
     if dtype.name not in _DTYPES:
         raise ShapeError(f"[{op}] srcs[0] has dtype {dtype}, expected uint8 or float32")
-    groups = {}  # channel count -> [(src, dst), ...]
-    for i, (s, d) in enumerate(zip(src_list, dst_list, strict=True)):
+    groups: dict[int, list] = {}  # channel count -> [(src, dst), ...]
+    for i, (s, d) in enumerate(zip(src_list, dst_list)):
         _same_device(op, f"srcs[{i}]", s, device)
         _same_device(op, f"dsts[{i}]", d, device)
         if s.dtype != dtype:
@@ -415,6 +415,7 @@ def preprocess_image_cuda(srcs, out, geoms, mean, std, *, crop_h, crop_w, filter
     g = _host_geoms(cp, op, geoms, n)
     if n == 0:
         return out
+    assert C is not None    # set by the first of the n > 0 images
     if C == 0:
         raise ShapeError(f"[{op}] images need at least one channel")
     want = (n, C, ch, cw) if p == 0 else (n, (ch // p) * (cw // p), C * p * p)
@@ -426,7 +427,7 @@ def preprocess_image_cuda(srcs, out, geoms, mean, std, *, crop_h, crop_w, filter
     if not o.flags.c_contiguous:
         raise ShapeError(f"[{op}] out must be C-contiguous")
     shapes = [(int(a.shape[0]), int(a.shape[1]), _row_stride(a), int(r[0]), int(r[1]), int(r[2]),
-               int(r[3])) for a, r in zip(images, g, strict=True)]
+               int(r[3])) for a, r in zip(images, g)]
     with cp.cuda.Device(device):
         m = _channel_table(cp, op, "mean", mean, C, device)
         s = _channel_table(cp, op, "std", std, C, device)

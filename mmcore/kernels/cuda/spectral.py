@@ -201,7 +201,7 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
     n_bins = n_fft // 2 + 1
     with cp.cuda.Device(device):
         # ---- mel tables
-        tables = (0, 0, 0, 0)
+        tables: tuple[int, ...] = (0, 0, 0, 0)
         n_mels = 0
         keep = []
         if kind_i == 2:
@@ -213,13 +213,13 @@ def spectral_cuda(x, out, window, mel_start, mel_len, mel_offset, mel_weights, *
                     raise ShapeError(f"[{_OP}] {name} is required for kind 'mel'")
                 arrs.append(_table(cp, name, a, device, k))
             n_mels = int(arrs[0].shape[0])
-            for name, a in zip(("mel_len", "mel_offset"), arrs[1:3], strict=True):
+            for name, a in zip(("mel_len", "mel_offset"), arrs[1:3]):
                 if int(a.shape[0]) != n_mels:
                     raise ShapeError(f"[{_OP}] {name} has shape {tuple(a.shape)}, expected "
                                      f"({n_mels},) like mel_start")
             if any(isinstance(a, cp.ndarray) for a in arrs):
                 arrs = [a if isinstance(a, cp.ndarray) else cp.asarray(a) for a in arrs]
-            _check_mel(cp, *arrs, n_bins)
+            _check_mel(cp, arrs[0], arrs[1], arrs[2], arrs[3], n_bins)
             keep = [_to_device(cp, arrs[0], np.int32), _to_device(cp, arrs[1], np.int32),
                     _to_device(cp, arrs[2], np.int64), _to_device(cp, arrs[3], np.float32)]
             tables = tuple(0 if a.size == 0 else int(a.data.ptr) for a in keep)

@@ -333,11 +333,14 @@ def resize_numba(srcs, dsts, filter, antialias):
     """Resize every ``srcs[i]`` (H, W, C) into ``dsts[i]`` (OH, OW, C) of the same dtype
     (uint8 or float32); see the module docstring for the arithmetic."""
     fid = FILTER_IDS[filter]
-    for src, dst in zip(srcs, dsts, strict=True):
+    if len(srcs) != len(dsts):
+        from ...errors import ShapeError
+        raise ShapeError(f"[resize] srcs has {len(srcs)} images but dsts has {len(dsts)}")
+    for src, dst in zip(srcs, dsts):
         check_scratch("resize", src.shape[0], src.shape[1], dst.shape[0], dst.shape[1],
                       dst.shape[0], dst.shape[1], fid, bool(antialias))
     with _launch_lock:
-        for src, dst in zip(srcs, dsts, strict=True):
+        for src, dst in zip(srcs, dsts):
             _resize_one(src, dst, fid, bool(antialias))
 
 
