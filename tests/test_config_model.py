@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import pickle
@@ -12,11 +13,26 @@ import numpy as np
 import pytest
 
 import mmcore
-from mmcore.config import (AttentionFusion, CacheConfig, CachePolicy, CrossModalAttentionConfig,
-                           CustomFusion, EarlyFusion, EncoderConfig, FusionStrategy, LateFusion,
-                           MiddleFusion, ModalityConfig, ModalityMap, MultiModalConfig,
-                           PreprocessingConfig, get_fusion, register_fusion,
-                           registered_fusions, unregister_fusion)
+from mmcore.config import (
+    AttentionFusion,
+    CacheConfig,
+    CachePolicy,
+    CrossModalAttentionConfig,
+    CustomFusion,
+    EarlyFusion,
+    EncoderConfig,
+    FusionStrategy,
+    LateFusion,
+    MiddleFusion,
+    ModalityConfig,
+    ModalityMap,
+    MultiModalConfig,
+    PreprocessingConfig,
+    get_fusion,
+    register_fusion,
+    registered_fusions,
+    unregister_fusion,
+)
 from mmcore.errors import ConfigError, MMCoreError, ModalityError
 from mmcore.modality import Modality
 
@@ -125,7 +141,7 @@ def test_ordering_is_deterministic():
     assert TEXT < IMAGE <= IMAGE < Modality.custom(0) and VIDEO > AUDIO >= AUDIO
     assert max(ms) == Modality.custom("b") and min(ms) == TEXT
     with pytest.raises(TypeError):
-        TEXT < "image"  # type: ignore[operator]
+        _ = TEXT < "image"  # type: ignore[operator]
 
 
 def test_modality_is_immutable_and_pickles_to_singletons():
@@ -451,13 +467,13 @@ def test_quantization_choices(q):
 
 def test_configs_are_frozen_and_replace_revalidates():
     mc = ModalityConfig("text")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         mc.embed_dim = 3  # type: ignore[misc]
     assert mc.replace(embed_dim=256).embed_dim == 256
     with pytest.raises(ConfigError, match=r"ModalityConfig\.embed_dim"):
         mc.replace(embed_dim=0)
     cfg = MultiModalConfig(_mods())
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.fused_dim = 3  # type: ignore[misc]
     with pytest.raises(TypeError):
         cfg.modalities[TEXT] = mc  # type: ignore[index]
