@@ -35,10 +35,18 @@ True
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Sequence, Tuple, Union
+
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from mmcore.errors import ShapeError
+
+if TYPE_CHECKING:     # names of the annotations only
+    import os
+
+    from matplotlib.axes import Axes
 
 __all__ = [
     "colormap",
@@ -49,6 +57,11 @@ __all__ = [
     "attention_summary",
     "plot_attention",
 ]
+
+#: The names :func:`colormap` knows.
+ColormapName = Literal["viridis", "magma", "gray"]
+#: Where an image is saved.
+ImagePath = Union[str, "os.PathLike[str]"]
 
 # --------------------------------------------------------------------------------------------
 # colour science: sRGB <-> OKLab (Bjoern Ottosson's published matrices)
@@ -214,7 +227,8 @@ def _norm_axis(axis, ndim, name="axis"):
 # colormap
 # --------------------------------------------------------------------------------------------
 
-def colormap(values, *, name="viridis", vmin=None, vmax=None):
+def colormap(values: npt.ArrayLike, *, name: ColormapName = "viridis",
+             vmin: Optional[float] = None, vmax: Optional[float] = None) -> np.ndarray:
     """Map values to 8-bit RGB colours.
 
     Parameters
@@ -290,8 +304,12 @@ def _fmt(x):
     return f"{x:.3g}"
 
 
-def attention_heatmap(weights, *, query_labels=None, key_labels=None, cell=8, heads="mean",
-                      cmap="viridis", vmin=0.0, vmax=None, legend=True, path=None, title=None):
+def attention_heatmap(weights: npt.ArrayLike, *, query_labels: Optional[Sequence[str]] = None,
+                      key_labels: Optional[Sequence[str]] = None, cell: int = 8,
+                      heads: Literal["mean", "tile"] = "mean", cmap: ColormapName = "viridis",
+                      vmin: float = 0.0, vmax: Optional[float] = None, legend: bool = True,
+                      path: Optional[ImagePath] = None,
+                      title: Optional[str] = None) -> Image.Image:
     """Render attention weights as an image, one square cell per weight.
 
     Parameters
@@ -309,7 +327,8 @@ def attention_heatmap(weights, *, query_labels=None, key_labels=None, cell=8, he
         2-pixel gap), left to right in head order.
     cmap : str
         A :func:`colormap` name.
-    vmin, vmax : float
+    vmin : float, default 0.0
+    vmax : float, optional
         Colour range; ``vmax`` defaults to the largest weight (1 if all are 0).
     legend : bool
         Draw a thin vertical colour bar right of the grid (high values on top) with the
@@ -440,8 +459,10 @@ def attention_heatmap(weights, *, query_labels=None, key_labels=None, cell=8, he
     return canvas
 
 
-def spectrogram_image(features, *, path=None, cmap="magma", height=None, vmin=None, vmax=None,
-                      percentiles=(2.0, 98.0)):
+def spectrogram_image(features: npt.ArrayLike, *, path: Optional[ImagePath] = None,
+                      cmap: ColormapName = "magma", height: Optional[int] = None,
+                      vmin: Optional[float] = None, vmax: Optional[float] = None,
+                      percentiles: Tuple[float, float] = (2.0, 98.0)) -> Image.Image:
     """Render a (log-)mel spectrogram or any ``(n_mels, frames)`` feature map.
 
     Parameters
@@ -515,7 +536,8 @@ def spectrogram_image(features, *, path=None, cmap="magma", height=None, vmin=No
 # analysis
 # --------------------------------------------------------------------------------------------
 
-def attention_entropy(weights, *, axis=-1, normalize=False):
+def attention_entropy(weights: npt.ArrayLike, *, axis: int = -1,
+                      normalize: bool = False) -> np.ndarray:
     """Shannon entropy (nats) of attention distributions along ``axis``.
 
     Each slice along ``axis`` is divided by its sum first, so unnormalised non-negative scores
@@ -556,7 +578,8 @@ def attention_entropy(weights, *, axis=-1, normalize=False):
     return h
 
 
-def top_k_attention(weights, k, *, axis=-1):
+def top_k_attention(weights: npt.ArrayLike, k: int, *,
+                    axis: int = -1) -> Tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest weights along ``axis``, largest first.
 
     Ties are broken by the lower index, so the result is deterministic.
@@ -600,7 +623,7 @@ def top_k_attention(weights, k, *, axis=-1):
     return idx, values
 
 
-def attention_summary(weights):
+def attention_summary(weights: npt.ArrayLike) -> Dict[str, Any]:
     """A few numbers that describe an attention map.
 
     Parameters
@@ -655,12 +678,28 @@ def attention_summary(weights):
 # optional matplotlib helper
 # --------------------------------------------------------------------------------------------
 
-def plot_attention(weights, *, ax=None, query_labels=None, key_labels=None, cmap="viridis",
-                   title=None, colorbar=True):
+def plot_attention(weights: npt.ArrayLike, *, ax: Optional[Axes] = None,
+                   query_labels: Optional[Sequence[str]] = None,
+                   key_labels: Optional[Sequence[str]] = None, cmap: ColormapName = "viridis",
+                   title: Optional[str] = None, colorbar: bool = True) -> Axes:
     """Draw ``(Lq, Lk)`` or ``(H, Lq, Lk)`` (head-averaged) weights on a matplotlib axes.
 
     Needs matplotlib; raises ImportError with a hint when it is missing. Uses this module's
     colour tables so the colours match :func:`attention_heatmap`.
+
+    Parameters
+    ----------
+    weights : array_like
+        ``(Lq, Lk)`` or ``(H, Lq, Lk)`` non-negative, finite weights.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default a new figure's axes (``plt.subplots()``).
+    query_labels, key_labels : sequence of str, optional
+        Tick labels of the rows (queries) and of the columns (keys, rotated).
+    cmap : {"viridis", "magma", "gray"}
+        A :func:`colormap` name.
+    title : str, optional
+    colorbar : bool
+        Add a colour bar next to the axes.
 
     Returns
     -------

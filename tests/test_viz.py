@@ -276,7 +276,7 @@ def test_module_imports_only_numpy_pillow_and_errors():
             top.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
             top.add(node.module)
-    assert top <= {"numpy", "PIL", "mmcore.errors"}, top
+    assert top <= {"numpy", "PIL", "mmcore.errors", "typing"}, top
 
 
 def test_works_without_matplotlib():

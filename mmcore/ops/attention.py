@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from types import ModuleType
-from typing import Optional
+from typing import Literal, Optional, Tuple, Union, overload
 
 import numpy as np
 
@@ -21,14 +21,51 @@ from ._checks import (
     check_qkv_shapes,
     dropout_threshold,
 )
+from ._types import Array, Backend
 
 __all__ = ["attention", "dropout_threshold"]
 
 _OP = "attention"
 
 
-def attention(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None, temperature=1.0,
-              dropout_p=0.0, seed=None, return_weights=False, return_lse=False, backend=None):
+# The result is ``out`` alone or a tuple, as return_weights / return_lse ask: one overload each.
+@overload
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
+              scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
+              seed: Optional[int] = None, return_weights: Literal[False] = False,
+              return_lse: Literal[False] = False, backend: Optional[Backend] = None) -> Array: ...
+@overload
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
+              scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
+              seed: Optional[int] = None, return_weights: Literal[True],
+              return_lse: Literal[False] = False,
+              backend: Optional[Backend] = None) -> Tuple[Array, Array]: ...
+@overload
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
+              scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
+              seed: Optional[int] = None, return_weights: Literal[False] = False,
+              return_lse: Literal[True],
+              backend: Optional[Backend] = None) -> Tuple[Array, Array]: ...
+@overload
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
+              scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
+              seed: Optional[int] = None, return_weights: Literal[True], return_lse: Literal[True],
+              backend: Optional[Backend] = None) -> Tuple[Array, Array, Array]: ...
+@overload
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
+              scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
+              seed: Optional[int] = None, return_weights: bool = False, return_lse: bool = False,
+              backend: Optional[Backend] = None) -> Union[Array, Tuple[Array, ...]]: ...
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
+              scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
+              seed: Optional[int] = None, return_weights: bool = False, return_lse: bool = False,
+              backend: Optional[Backend] = None) -> Union[Array, Tuple[Array, ...]]:
     """Scaled dot-product attention from queries of one modality to keys/values of another.
 
     ``scores = (q @ k^T) * scale / temperature + bias``, masked where ``mask`` is False or the

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional, TypeVar, Union, cast
 
 import numpy as np
 
@@ -57,6 +57,7 @@ from ._checks import (
     finite_float,
     optional_seed,
 )
+from ._types import Array, Backend
 
 __all__ = ["stft", "mel_filterbank", "mel_spectrogram", "log_mel_spectrogram", "fbank"]
 
@@ -138,20 +139,29 @@ def _device_array(op: str, x):
         raise ShapeError(f"[{op}] x cannot be read as a CUDA array: {exc}") from None
 
 
-def _on_device_of_x(fn):
+_Op = TypeVar("_Op", bound=Callable[..., Any])
+
+#: The windows of :func:`stft` and friends, by name (an array of samples is also accepted).
+StftWindow = Literal["hann", "hamming", "blackman", "povey", "rectangular", "ones"]
+#: Kaldi's windows (:func:`fbank`).
+KaldiWindow = Literal["povey", "hann", "hanning", "hamming", "blackman", "rectangular",
+                      "ones"]
+
+
+def _on_device_of_x(fn: _Op) -> _Op:
     """Run the op with the device of a CUDA ``x`` current, so that every array it allocates
     (outputs, casts, padding) lives next to ``x``; host inputs run as they are."""
     op = fn.__name__
 
     @functools.wraps(fn)
-    def wrapper(x, *args, **kwargs):
+    def wrapper(x: Any, *args: Any, **kwargs: Any) -> Any:
         if x is not None and _backend.is_cuda_array(x):
             xd = _device_array(op, x)
             with cupy_module(op).cuda.Device(xd.device.id):
                 return fn(xd, *args, **kwargs)
         return fn(x, *args, **kwargs)
 
-    return wrapper
+    return cast(_Op, wrapper)
 
 
 def _signal(op: str, x, backend_name: str, *, scale_int16: bool = True) -> _Signal:
@@ -267,8 +277,10 @@ def _resolve(op: str, x, backend) -> str:
 
 
 @_on_device_of_x
-def stft(x, *, n_fft, hop_length=None, win_length=None, window="hann", center=True,
-         pad_mode="reflect", backend=None):
+def stft(x: Array, *, n_fft: int, hop_length: Optional[int] = None,
+         win_length: Optional[int] = None, window: Union[StftWindow, Array] = "hann",
+         center: bool = True, pad_mode: Literal["reflect", "constant"] = "reflect",
+         backend: Optional[Backend] = None) -> Array:
     """Short-time Fourier transform of real signals, ``torch.stft`` / ``librosa.stft`` style.
 
     Frame ``f`` holds ``n_fft`` samples starting at ``f * hop_length`` of the (padded) signal;
@@ -327,15 +339,17 @@ def stft(x, *, n_fft, hop_length=None, win_length=None, window="hann", center=Tr
         raise ArgumentError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
     w = _window_arg(op, window, win_length)
     center = check_bool("center", center, op=op)
-    pad_mode = check_choice("pad_mode", pad_mode, op=op, choices=("reflect", "constant"))
+    mode = check_choice("pad_mode", pad_mode, op=op, choices=("reflect", "constant"))
     sig = _signal(op, x, name)
-    fr = _stft_framing(op, sig.T, n_fft, hop, win_length, center, pad_mode)
+    fr = _stft_framing(op, sig.T, n_fft, hop, win_length, center, mode)
     out = sig.xp.empty((sig.x.shape[0], n_fft // 2 + 1, fr.n_frames), sig.xp.complex64)
     _run_spectral(op, name, sig, out, w, fr, kind="complex")
     return out.reshape(sig.batch + out.shape[1:])
 
 
-def mel_filterbank(*, sr, n_fft, n_mels=128, fmin=0.0, fmax=None, htk=False, norm="slaney"):
+def mel_filterbank(*, sr: float, n_fft: int, n_mels: int = 128, fmin: float = 0.0,
+                   fmax: Optional[float] = None, htk: bool = False,
+                   norm: Optional[Literal["slaney"]] = "slaney") -> np.ndarray:
     """Triangular mel filters: the matrix that maps a power spectrum to mel bands.
 
     Equal to ``librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax,
@@ -381,9 +395,13 @@ def mel_filterbank(*, sr, n_fft, n_mels=128, fmin=0.0, fmax=None, htk=False, nor
 
 
 @_on_device_of_x
-def mel_spectrogram(x, *, sr=16000, n_fft=400, hop_length=160, win_length=None, window="hann",
-                    n_mels=80, fmin=0.0, fmax=None, center=True, pad_mode="reflect", power=2.0,
-                    htk=False, norm="slaney", backend=None):
+def mel_spectrogram(x: Array, *, sr: float = 16000, n_fft: int = 400, hop_length: int = 160,
+                    win_length: Optional[int] = None, window: Union[StftWindow, Array] = "hann",
+                    n_mels: int = 80, fmin: float = 0.0, fmax: Optional[float] = None,
+                    center: bool = True, pad_mode: Literal["reflect", "constant"] = "reflect",
+                    power: float = 2.0, htk: bool = False,
+                    norm: Optional[Literal["slaney"]] = "slaney",
+                    backend: Optional[Backend] = None) -> Array:
     """Mel spectrogram: ``mel_filterbank(...) @ |stft(x)|**power``, fused in one pass.
 
     The framing is that of :func:`stft`, the filters those of :func:`mel_filterbank`; with
@@ -437,10 +455,10 @@ def mel_spectrogram(x, *, sr=16000, n_fft=400, hop_length=160, win_length=None, 
         raise ArgumentError(f"[{op}] win_length = {win_length} is larger than n_fft = {n_fft}")
     w = _window_arg(op, window, win_length)
     center = check_bool("center", center, op=op)
-    pad_mode = check_choice("pad_mode", pad_mode, op=op, choices=("reflect", "constant"))
+    mode = check_choice("pad_mode", pad_mode, op=op, choices=("reflect", "constant"))
     power = _power(op, power)
     sig = _signal(op, x, name)
-    fr = _stft_framing(op, sig.T, n_fft, hop, win_length, center, pad_mode)
+    fr = _stft_framing(op, sig.T, n_fft, hop, win_length, center, mode)
     mel = mel_filters_sparse(sr, n_fft, n_mels, fmin, fmax, htk, norm)
     out = sig.xp.empty((sig.x.shape[0], n_mels, fr.n_frames), sig.xp.float32)
     _run_spectral(op, name, sig, out, w, fr, mel, kind="mel", power=power)
@@ -448,7 +466,9 @@ def mel_spectrogram(x, *, sr=16000, n_fft=400, hop_length=160, win_length=None, 
 
 
 @_on_device_of_x
-def log_mel_spectrogram(x, *, n_mels=80, preset="whisper", padding=0, backend=None):
+def log_mel_spectrogram(x: Array, *, n_mels: int = 80,
+                        preset: Literal["whisper"] = "whisper", padding: int = 0,
+                        backend: Optional[Backend] = None) -> Array:
     """Log-mel features as a model's front end expects them.
 
     ``preset="whisper"`` reproduces openai-whisper's ``log_mel_spectrogram``: 16 kHz input,
@@ -524,10 +544,12 @@ def _kaldi_samples(sr: float, ms: float) -> int:
 
 
 @_on_device_of_x
-def fbank(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10.0, dither=0.0,
-          seed=None, preemphasis=0.97, remove_dc_offset=True, window="povey",
-          round_to_power_of_two=True, snip_edges=True, low_freq=20.0, high_freq=0.0,
-          use_log=True, use_power=True, backend=None):
+def fbank(x: Array, *, sr: float = 16000, n_mels: int = 80, frame_length_ms: float = 25.0,
+          frame_shift_ms: float = 10.0, dither: float = 0.0, seed: Optional[int] = None,
+          preemphasis: float = 0.97, remove_dc_offset: bool = True, window: KaldiWindow = "povey",
+          round_to_power_of_two: bool = True, snip_edges: bool = True, low_freq: float = 20.0,
+          high_freq: float = 0.0, use_log: bool = True, use_power: bool = True,
+          backend: Optional[Backend] = None) -> Array:
     """Kaldi-compatible log mel filterbank features (``compute-fbank-feats``).
 
     The defaults and the input convention are those of ``torchaudio.compliance.kaldi.fbank``
@@ -566,9 +588,10 @@ def fbank(x, *, sr=16000, n_mels=80, frame_length_ms=25.0, frame_shift_ms=10.0, 
     preemphasis : float, default 0.97
         Pre-emphasis coefficient in [0, 1]; 0 turns it off.
     remove_dc_offset : bool, default True
-    window : {"povey", "hann", "hanning", "hamming", "blackman", "rectangular"}, default "povey"
-        Kaldi's *symmetric* windows (denominator ``L - 1``), unlike :func:`stft`'s periodic
-        ones; "povey" is ``hann**0.85``; "blackman" uses Kaldi's coefficient 0.42.
+    window : str, default "povey"
+        "povey", "hann", "hanning", "hamming", "blackman", "rectangular" or "ones": Kaldi's
+        *symmetric* windows (denominator ``L - 1``), unlike :func:`stft`'s periodic ones;
+        "povey" is ``hann**0.85``; "blackman" uses Kaldi's coefficient 0.42.
     round_to_power_of_two : bool, default True
         ``n_fft`` = next power of two >= L; otherwise ``n_fft = L``, which must then be even.
     snip_edges : bool, default True

@@ -18,9 +18,10 @@ Python between the steps). The ``numba`` backend is that composition of the numb
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _backend
 from ..errors import ArgumentError, BackendError, ShapeError
@@ -34,6 +35,7 @@ from ._checks import (
     check_rank,
     float32_contiguous,
 )
+from ._types import HostBackend
 from .linear import _KINDS, ACTIVATIONS, QuantizedTensor
 
 __all__ = ["encoder_layer"]
@@ -88,12 +90,23 @@ def _kind_name(code: int) -> str:
     return next(name for name, c in _KINDS.items() if c == code)
 
 
-def encoder_layer(x, *, num_heads: int, in_proj_weight, out_proj_weight, linear1_weight,
-                  linear2_weight, in_proj_bias=None, out_proj_bias=None, linear1_bias=None,
-                  linear2_bias=None, norm1_weight=None, norm1_bias=None, norm2_weight=None,
-                  norm2_bias=None, key_lengths=None, activation: Optional[str] = "gelu",
+#: A weight matrix as :func:`encoder_layer` takes it: float, or kept quantized.
+Weight = Union[npt.ArrayLike, QuantizedTensor]
+
+
+def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
+                  out_proj_weight: Weight, linear1_weight: Weight, linear2_weight: Weight,
+                  in_proj_bias: Optional[npt.ArrayLike] = None,
+                  out_proj_bias: Optional[npt.ArrayLike] = None,
+                  linear1_bias: Optional[npt.ArrayLike] = None,
+                  linear2_bias: Optional[npt.ArrayLike] = None,
+                  norm1_weight: Optional[npt.ArrayLike] = None,
+                  norm1_bias: Optional[npt.ArrayLike] = None,
+                  norm2_weight: Optional[npt.ArrayLike] = None,
+                  norm2_bias: Optional[npt.ArrayLike] = None,
+                  key_lengths: Optional[npt.ArrayLike] = None, activation: Optional[str] = "gelu",
                   eps1: float = 1e-5, eps2: float = 1e-5, scale: Optional[float] = None,
-                  temperature: float = 1.0, backend: Optional[str] = None) -> np.ndarray:
+                  temperature: float = 1.0, backend: Optional[HostBackend] = None) -> np.ndarray:
     """A pre-norm transformer encoder block over ``x`` (B, L, E): self-attention, then an MLP,
     each with a residual (see the module docstring for the exact composition).
 

@@ -15,7 +15,7 @@ arrays run on ``cuda`` and give CuPy results on the same device.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from ..errors import ArgumentError, ShapeError
 from ..kernels import launcher
 from ..kernels.cuda.common import cupy_module, device_array
 from ._checks import FLOAT_INPUT_DTYPES, check_bool, check_choice, check_rank
+from ._types import Array, Backend
 
 __all__ = ["masked_mean", "masked_max", "fuse", "FUSE_STRATEGIES"]
 
@@ -138,7 +139,8 @@ def _masked_reduce(op: str, x, mask, backend, out=None):
     return res
 
 
-def masked_mean(x, mask=None, *, out=None, backend=None):
+def masked_mean(x: Array, mask: Optional[Array] = None, *, out: Optional[Array] = None,
+                backend: Optional[Backend] = None) -> Array:
     """Mean of token embeddings over the real tokens of each row (masked mean pooling).
 
     ``out[b] = sum_l mask[b, l] * x[b, l] / sum_l mask[b, l]``, computed in float32 without ever
@@ -181,7 +183,8 @@ def masked_mean(x, mask=None, *, out=None, backend=None):
     return _masked_reduce("masked_mean", x, mask, backend, out)
 
 
-def masked_max(x, mask=None, *, out=None, backend=None):
+def masked_max(x: Array, mask: Optional[Array] = None, *, out: Optional[Array] = None,
+               backend: Optional[Backend] = None) -> Array:
     """Elementwise max of token embeddings over the real tokens of each row (max pooling).
 
     ``out[b, d] = max over l with mask[b, l] of x[b, l, d]``, never reading padding tokens. A
@@ -288,8 +291,35 @@ def _per_row(op: str, name: str, value, xp, B: int, n: int, dims: str, *, option
     return a
 
 
-def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return_weights=False,
-         out=None, backend=None):
+# ``fused`` alone, or ``(fused, weights)`` for "attention" and for "weighted" with
+# return_weights=True: one overload each, and one for a strategy known only at run time.
+@overload
+def fuse(embeddings: Union[Array, Sequence[Array]], *,
+         strategy: Literal["concat", "mean", "sum", "max", "weighted"],
+         weights: Optional[Array] = None, query: Optional[Array] = None,
+         present: Optional[Array] = None, return_weights: Literal[False] = False,
+         out: Optional[Array] = None, backend: Optional[Backend] = None) -> Array: ...
+@overload
+def fuse(embeddings: Union[Array, Sequence[Array]], *, strategy: Literal["weighted"],
+         weights: Optional[Array] = None, query: Optional[Array] = None,
+         present: Optional[Array] = None, return_weights: Literal[True],
+         out: Optional[Array] = None, backend: Optional[Backend] = None) -> Tuple[Array, Array]: ...
+@overload
+def fuse(embeddings: Union[Array, Sequence[Array]], *, strategy: Literal["attention"],
+         weights: Optional[Array] = None, query: Optional[Array] = None,
+         present: Optional[Array] = None, return_weights: bool = False,
+         out: Optional[Array] = None, backend: Optional[Backend] = None) -> Tuple[Array, Array]: ...
+@overload
+def fuse(embeddings: Union[Array, Sequence[Array]], *, strategy: str,
+         weights: Optional[Array] = None, query: Optional[Array] = None,
+         present: Optional[Array] = None, return_weights: bool = False,
+         out: Optional[Array] = None,
+         backend: Optional[Backend] = None) -> Union[Array, Tuple[Array, Array]]: ...
+def fuse(embeddings: Union[Array, Sequence[Array]], *, strategy: str,
+         weights: Optional[Array] = None, query: Optional[Array] = None,
+         present: Optional[Array] = None, return_weights: bool = False,
+         out: Optional[Array] = None,
+         backend: Optional[Backend] = None) -> Union[Array, Tuple[Array, Array]]:
     """Fuse the embeddings of M modalities into one vector per row.
 
     Each strategy runs over the modalities a row has (``present``); absent modalities are never
@@ -318,12 +348,12 @@ def fuse(embeddings, *, strategy, weights=None, query=None, present=None, return
         equal widths ``D``.
     strategy : {"concat", "mean", "sum", "max", "weighted", "attention"}
         Keyword-only and required.
-    weights : array (M,) or (B, M)
+    weights : array (M,) or (B, M), optional
         Required by (and only allowed with) "weighted": finite, non-negative modality weights,
         shared by all rows (M,) or per row (B, M). They need not sum to 1: they are divided by
         their sum over the present modalities of each row; a row whose present weights sum to 0
         gives zeros.
-    query : array (D,) or (B, D)
+    query : array (D,) or (B, D), optional
         Required by (and only allowed with) "attention": finite, shared (D,) or per row (B, D).
     present : array (B, M) or (M,), optional
         True / 1 = the row has this modality, False / 0 = missing; bool or integer 0/1.

@@ -24,7 +24,7 @@ sizes and patch sizes are ints (NumPy integers included, ``bool`` refused) in ``
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from ..errors import ArgumentError, ShapeError
 from ..kernels import launcher
 from ..kernels.cuda.common import cupy_module, device_array
 from ._checks import as_host_array, check_bool, check_choice, check_int, finite_float
+from ._types import Array, Backend
 
 __all__ = ["resize", "normalize", "patchify", "preprocess_image", "FILTERS", "RESIZE_MODES",
            "PRESETS", "ImagePreset"]
@@ -40,6 +41,13 @@ __all__ = ["resize", "normalize", "patchify", "preprocess_image", "FILTERS", "RE
 FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
 RESIZE_MODES = ("shortest_edge", "squash")
 LAYOUTS = ("chw", "hwc")
+
+#: The names of :data:`FILTERS`, :data:`RESIZE_MODES` and :data:`PRESETS`, for the signatures.
+Filter = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+ResizeMode = Literal["shortest_edge", "squash"]
+PresetName = Literal["clip", "siglip", "imagenet"]
+#: ``mean`` / ``std``: one value for every channel, or one per channel.
+ChannelValues = Union[float, Sequence[float], np.ndarray]
 
 _FLOAT_CAST = (np.dtype(np.float16), np.dtype(np.float64))
 _U8_CHANNELS = (1, 3, 4)
@@ -242,7 +250,17 @@ def _images(op: str, img, backend, *, floats: bool) -> _Images:
 # resize
 
 
-def resize(img, size, *, filter="bicubic", antialias=True, backend=None):
+# A list or tuple of images gives a list; an array gives an array.
+@overload
+def resize(img: Union[List[Array], Tuple[Array, ...]], size: Sequence[int], *,
+           filter: Filter = "bicubic", antialias: bool = True,
+           backend: Optional[Backend] = None) -> List[Array]: ...
+@overload
+def resize(img: Array, size: Sequence[int], *, filter: Filter = "bicubic",
+           antialias: bool = True, backend: Optional[Backend] = None) -> Array: ...
+def resize(img: Union[Array, List[Array], Tuple[Array, ...]], size: Sequence[int], *,
+           filter: Filter = "bicubic", antialias: bool = True,
+           backend: Optional[Backend] = None) -> Union[Array, List[Array]]:
     """Resize images with Pillow's resampling filters.
 
     A separable filter: a horizontal pass, then a vertical one. Output pixel ``i`` of an axis
@@ -330,7 +348,8 @@ def resize(img, size, *, filter="bicubic", antialias=True, backend=None):
 # normalize
 
 
-def normalize(img, *, mean, std, scale=1.0 / 255.0, layout="chw", backend=None):
+def normalize(img: Array, *, mean: ChannelValues, std: ChannelValues, scale: float = 1.0 / 255.0,
+              layout: Literal["chw", "hwc"] = "chw", backend: Optional[Backend] = None) -> Array:
     """Rescale and normalize per channel, moving channels first: ``(x * scale - mean) / std``.
 
     The arithmetic is float32, rounded after each operation: ``v = float32(x)``,
@@ -392,7 +411,8 @@ def normalize(img, *, mean, std, scale=1.0 / 255.0, layout="chw", backend=None):
 # patchify
 
 
-def patchify(x, patch_size, *, temporal_patch=1, backend=None):
+def patchify(x: Array, patch_size: int, *, temporal_patch: int = 1,
+             backend: Optional[Backend] = None) -> Array:
     """Cut images (or clips) into non-overlapping patches, each flattened channel-major.
 
     For ``x (..., C, H, W)`` and ``p = patch_size`` the result is ``(..., (H/p) * (W/p),
@@ -542,9 +562,14 @@ def _as_rgb(op: str, where: str, a, xp):
     raise ShapeError(f"[{op}] {where} has {C} channels, expected 3 (RGB), 1 (gray) or 4 (RGBA)")
 
 
-def preprocess_image(img, *, preset="clip", size=224, crop_size=None, resize_mode=None,
-                     filter=None, mean=None, std=None, scale=1.0 / 255.0, patch_size=None,
-                     backend=None):
+def preprocess_image(img: Union[Array, List[Array], Tuple[Array, ...]], *,
+                     preset: Optional[PresetName] = "clip",
+                     size: Union[int, Sequence[int]] = 224,
+                     crop_size: Union[int, Sequence[int], None] = None,
+                     resize_mode: Optional[ResizeMode] = None, filter: Optional[Filter] = None,
+                     mean: Optional[ChannelValues] = None, std: Optional[ChannelValues] = None,
+                     scale: float = 1.0 / 255.0, patch_size: Optional[int] = None,
+                     backend: Optional[Backend] = None) -> Array:
     """Resize, center-crop, rescale and normalize images [and cut them into patches] in one pass.
 
     The model-input pipeline of CLIP-style image processors, fused: only the resized pixels

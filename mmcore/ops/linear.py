@@ -13,13 +13,16 @@ in increasing order (fused multiply-adds where the CPU has them).
 from __future__ import annotations
 
 import math
+from typing import Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _backend
 from ..errors import ArgumentError, BackendError, ShapeError
 from ..kernels import launcher
 from ._checks import FLOAT_INPUT_DTYPES, check_float
+from ._types import HostBackend
 
 __all__ = ["linear", "layer_norm", "ACTIVATIONS", "QuantizedTensor"]
 
@@ -170,7 +173,9 @@ def _rows(a: np.ndarray, K: int) -> np.ndarray:
     return a
 
 
-def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray:
+def linear(x: npt.ArrayLike, weight: Union[npt.ArrayLike, QuantizedTensor],
+           bias: Optional[npt.ArrayLike] = None, *, activation: Optional[str] = None,
+           backend: Optional[HostBackend] = None) -> np.ndarray:
     """``act(x @ weight.T + bias)`` over the last axis of ``x``.
 
     Parameters
@@ -222,7 +227,7 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
     xa = _float32("x", x)
     qw = weight if isinstance(weight, QuantizedTensor) else None
     if qw is not None and name != "native":
-        qw, weight = None, weight.dequantize()
+        weight, qw = qw.dequantize(), None        # qw is weight
     w = qw.data if qw is not None else _float32("weight", weight)
     if xa.ndim < 1:
         raise ShapeError("[linear] x must have at least 1 dim (..., in_features)")
@@ -258,7 +263,9 @@ def linear(x, weight, bias=None, *, activation=None, backend=None) -> np.ndarray
     return out.reshape(*lead, N)
 
 
-def layer_norm(x, weight=None, bias=None, *, eps: float = 1e-5, backend=None) -> np.ndarray:
+def layer_norm(x: npt.ArrayLike, weight: Optional[npt.ArrayLike] = None,
+               bias: Optional[npt.ArrayLike] = None, *, eps: float = 1e-5,
+               backend: Optional[HostBackend] = None) -> np.ndarray:
     """Layer normalisation over the last axis, as ``torch.nn.functional.layer_norm(x, (D,),
     weight, bias, eps)``.
 

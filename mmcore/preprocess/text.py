@@ -16,12 +16,15 @@ and ``default_add_eos``.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ..config import PreprocessingConfig
 from ..errors import ArgumentError, ConfigError, ModelFormatError, ShapeError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "TextPreprocessor", "load_tokenizer"]
 
@@ -274,7 +277,7 @@ class HFTokenizer:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         """The underlying ``tokenizers.Tokenizer``."""
         return self._tok
 

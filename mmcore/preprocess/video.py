@@ -23,7 +23,19 @@ import bisect
 import math
 import os
 from fractions import Fraction
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    overload,
+)
 
 import numpy as np
 
@@ -574,11 +586,35 @@ def video_info(path: Any) -> Dict[str, Any]:
                 "keyframes": list(r.known_keyframes) if r.index_complete else None}
 
 
+# ``(frames, timestamps)``, or with return_indices=True ``(frames, timestamps, indices)``.
+@overload
+def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = None,
+               strategy: Optional[str] = None, min_frames: int = 4, max_frames: int = 768,
+               temporal_patch: int = 2, indices: Optional[Sequence[int]] = None,
+               max_threads: int = 2, return_indices: Literal[False] = False,
+               max_pixels: Optional[float] = None,
+               max_bytes: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]: ...
+@overload
+def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = None,
+               strategy: Optional[str] = None, min_frames: int = 4, max_frames: int = 768,
+               temporal_patch: int = 2, indices: Optional[Sequence[int]] = None,
+               max_threads: int = 2, return_indices: Literal[True],
+               max_pixels: Optional[float] = None,
+               max_bytes: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+@overload
 def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = None,
                strategy: Optional[str] = None, min_frames: int = 4, max_frames: int = 768,
                temporal_patch: int = 2, indices: Optional[Sequence[int]] = None,
                max_threads: int = 2, return_indices: bool = False,
-               max_pixels: Optional[float] = None, max_bytes: Optional[float] = None):
+               max_pixels: Optional[float] = None, max_bytes: Optional[float] = None
+               ) -> Union[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    ...
+def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = None,
+               strategy: Optional[str] = None, min_frames: int = 4, max_frames: int = 768,
+               temporal_patch: int = 2, indices: Optional[Sequence[int]] = None,
+               max_threads: int = 2, return_indices: bool = False,
+               max_pixels: Optional[float] = None, max_bytes: Optional[float] = None
+               ) -> Union[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Decode the sampled frames of a video file with PyAV.
 
     Parameters
