@@ -813,7 +813,7 @@ class CacheManager:
         self.fusion = self._make(self.FUSION, fusion_policy or self.config.default)
 
     @classmethod
-    def from_multimodal_config(cls, mm_config: Any, **kwargs) -> "CacheManager":
+    def from_multimodal_config(cls, mm_config: Any, **kwargs: Any) -> "CacheManager":
         """A manager for a :class:`~mmcore.config.MultiModalConfig`: its ``cache`` config and
         each modality's :meth:`~mmcore.config.MultiModalConfig.cache_policy`."""
         policies = {m: mm_config.cache_policy(m) for m in mm_config.modalities}

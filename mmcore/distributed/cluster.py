@@ -181,7 +181,7 @@ class LocalCluster:
                 return line[len(READY_PREFIX):].strip()
             seen.append(line)
 
-    def config(self, **kwargs) -> DistributedConfig:
+    def config(self, **kwargs: Any) -> DistributedConfig:
         """A :class:`DistributedConfig` for these nodes (keyword arguments override fields)."""
         kwargs.setdefault("token", self.token)
         return DistributedConfig(

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,11 @@ from .payload import pack_input
 from .protocol import ConnectionClosed, FrameLimits, MsgType, recv_frame, send_frame
 
 __all__ = ["Coordinator", "RemoteEncoder", "NodeClient", "RemoteError"]
+
+_T = TypeVar("_T")
+#: ``(tokens float32 (B, L, D), mask bool (B, L), pooled float32 (B, D))`` of one modality,
+#: or None when no node answered and ``drop_unavailable`` is set.
+Encoded = Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 log = logging.getLogger("mmcore.coordinator")
 
@@ -245,7 +250,8 @@ class Coordinator:
     def _pick(self, m: Modality, tried: set) -> Optional[NodeClient]:
         return pick_least_outstanding(self._lock, self.nodes[m], tried)
 
-    def encode(self, m: Modality, header: Dict[str, Any], arrays: List[np.ndarray]):
+    def encode(self, m: Modality, header: Dict[str, Any], arrays: List[np.ndarray]
+               ) -> Encoded:
         """Run one ENCODE request on a node of ``m`` with retries (see the module docstring)."""
         m = Modality(m)
         nodes = self.nodes.get(m)
@@ -303,7 +309,8 @@ class Coordinator:
             f"[coordinator] no node of modality {str(m)!r} could serve the request "
             f"({len(tried)} tried: {'; '.join(errors_seen) or 'none available'})")
 
-    def submit(self, fn, *args):
+    def submit(self, fn: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
+        """Run ``fn(*args)`` on the request threads."""
         return self._pool.submit(fn, *args)
 
     def close(self) -> None:
@@ -315,10 +322,10 @@ class Coordinator:
                 n.close()
         self._heartbeat.join(timeout=5)
 
-    def __enter__(self):
+    def __enter__(self) -> "Coordinator":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
 
@@ -331,7 +338,9 @@ class RemoteEncoder:
         self.modality = Modality(modality)
         self.kind = kind
 
-    def submit(self, value: Any, *, is_raw: bool = True, attention_mask: Any = None):
+    def submit(self, value: Any, *, is_raw: bool = True, attention_mask: Any = None
+               ) -> concurrent.futures.Future[Encoded]:
+        """Encode ``value`` on a node (or actor) of the modality, in the background."""
         desc, arrays = pack_input(self.kind, value, attention_mask=attention_mask)
         return self.backend.submit(self.backend.encode, self.modality, {"input": desc}, arrays)
 

@@ -24,13 +24,18 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, TypeVar
 
 from ..errors import ConfigError, MMCoreError, NodeUnavailableError
 from ..modality import Modality
 from .config import DistributedConfig
 
+if TYPE_CHECKING:
+    from .coordinator import Encoded
+
 __all__ = ["RayBackend"]
+
+_T = TypeVar("_T")
 
 
 def _import_ray():
@@ -138,7 +143,7 @@ class RayBackend:
         from .coordinator import pick_least_outstanding
         return pick_least_outstanding(self._lock, self.actors.get(m, []), tried)
 
-    def encode(self, m: Modality, header: Dict[str, Any], arrays: List[Any]):
+    def encode(self, m: Modality, header: Dict[str, Any], arrays: List[Any]) -> Encoded:
         """Encode one request on an actor of ``m`` (retried on another actor on failure)."""
         ray = self._ray
         m = Modality(m)
@@ -173,7 +178,8 @@ class RayBackend:
         raise NodeUnavailableError(f"[RayBackend] no actor of modality {str(m)!r} could serve "
                                    f"the request ({'; '.join(seen) or 'none available'})")
 
-    def submit(self, fn, *args):
+    def submit(self, fn: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
+        """Run ``fn(*args)`` on the request threads."""
         return self._pool.submit(fn, *args)
 
     def close(self) -> None:

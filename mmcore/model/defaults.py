@@ -58,7 +58,7 @@ def default_config(*, embed_dim: int = 64, num_layers: int = 2, num_heads: int =
     return MultiModalConfig(mods, fusion=fusion, cross_attention=cross, name="mmcore-default")
 
 
-def default_model(seed: int = 0, *, cache: Any = None, **kwargs) -> MultiModalModel:
+def default_model(seed: int = 0, *, cache: Any = None, **kwargs: Any) -> MultiModalModel:
     """A small, deterministic, **untrained** model with all four built-in modalities.
 
     Its weights are random (drawn from ``seed``): the outputs have the right shapes and are

@@ -38,16 +38,19 @@ Examples
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from ..config import ModalityConfig
 from ..errors import ConfigError, ShapeError
 from ..modality import Modality
 from ..ops import masked_max, masked_mean, patchify
 from .layers import TransformerEncoderLayer
 from .nn import (
     NO_INIT,
+    ActivationLike,
     LayerNorm,
     Linear,
     Module,
@@ -133,7 +136,7 @@ class ModuleList(Module):
     (2, '1.bias')
     """
 
-    def __init__(self, modules=()):
+    def __init__(self, modules: Iterable[Module] = ()):
         super().__init__()
         for m in modules:
             self.append(m)
@@ -188,7 +191,8 @@ class TokenEmbedder(Module):
         self.register_parameter("position_embedding",
                                 normal_init(gen, (self.max_positions, self.dim), _POS_STD))
 
-    def __call__(self, input_ids, *, attention_mask=None) -> Tuple[np.ndarray, np.ndarray]:
+    def __call__(self, input_ids: ArrayLike, *, attention_mask: Optional[ArrayLike] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
         """``input_ids`` int (B, L) -> ``(tokens (B, L, dim), mask (B, L))``."""
         owner = type(self).__name__
         ids = np.asarray(input_ids)
@@ -234,7 +238,8 @@ class FeatureEmbedder(Module):
         self.register_parameter("position_embedding",
                                 normal_init(gen, (self.max_positions, self.dim), _POS_STD))
 
-    def __call__(self, features, *, attention_mask=None):
+    def __call__(self, features: ArrayLike, *, attention_mask: Optional[ArrayLike] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
         owner = type(self).__name__
         x = as_float_input(owner, "features", features, ndim=3, dims="(B, L, in_features)",
                            last=self.in_features, last_name="in_features")
@@ -277,7 +282,8 @@ class PatchEmbedder(Module):
         self.register_parameter("position_embedding",
                                 normal_init(gen, (self.max_patches, self.dim), _POS_STD))
 
-    def __call__(self, pixel_values, *, attention_mask=None):
+    def __call__(self, pixel_values: ArrayLike, *, attention_mask: Optional[ArrayLike] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
         """``(B, C, H, W)`` or patches ``(B, N, C*p*p)`` -> ``(tokens (B, N, dim), mask)``."""
         owner = type(self).__name__
         x = as_float_input(owner, "pixel_values", pixel_values)
@@ -336,7 +342,8 @@ class MelFrameEmbedder(Module):
         self.register_parameter("position_embedding",
                                 normal_init(gen, (self.max_frames, self.dim), _POS_STD))
 
-    def __call__(self, features, *, attention_mask=None):
+    def __call__(self, features: ArrayLike, *, attention_mask: Optional[ArrayLike] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
         """``features (B, n_mels, frames)``, ``attention_mask (B, frames)`` -> tokens, mask."""
         owner = type(self).__name__
         x = as_float_input(owner, "features", features, ndim=3, dims="(B, n_mels, frames)")
@@ -433,7 +440,8 @@ class VideoEmbedder(Module):
         self.register_parameter("temporal_position",
                                 normal_init(gen, (self.max_temporal, self.dim), _POS_STD))
 
-    def __call__(self, frames, *, attention_mask=None):
+    def __call__(self, frames: ArrayLike, *, attention_mask: Optional[ArrayLike] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
         owner = type(self).__name__
         x = as_float_input(owner, "frames", frames, ndim=5, dims="(B, T, C, H, W)")
         B, T, C, H, W = x.shape
@@ -512,7 +520,7 @@ class TransformerEncoder(Module):
     """
 
     def __init__(self, dim: int, num_layers: int, num_heads: int, *, mlp_ratio: float = 4.0,
-                 dim_feedforward: Optional[int] = None, activation="gelu",
+                 dim_feedforward: Optional[int] = None, activation: ActivationLike = "gelu",
                  norm_first: bool = True, layer_norm_eps: float = 1e-5, final_norm: bool = True,
                  rng: RngLike = None):
         super().__init__()
@@ -543,8 +551,9 @@ class TransformerEncoder(Module):
         if self.final_norm:
             self.add_module("norm", LayerNorm(self.dim, eps=layer_norm_eps))
 
-    def __call__(self, x, *, attention_mask=None, start_layer: int = 0,
-                 end_layer: Optional[int] = None, apply_norm: Optional[bool] = None):
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 start_layer: int = 0, end_layer: Optional[int] = None,
+                 apply_norm: Optional[bool] = None) -> np.ndarray:
         """Run blocks ``start_layer .. end_layer - 1`` on ``x`` (B, L, dim).
 
         The final norm runs when ``end_layer`` is the last block (``apply_norm=None``), so
@@ -552,7 +561,7 @@ class TransformerEncoder(Module):
         positions are finite and meaningless.
         """
         owner = type(self).__name__
-        x = as_float_input(owner, "x", x, ndim=3, dims="(B, L, dim)", last=self.dim,
+        h = as_float_input(owner, "x", x, ndim=3, dims="(B, L, dim)", last=self.dim,
                            last_name="dim")
         n = self.num_layers
         end = n if end_layer is None else int(end_layer)
@@ -561,15 +570,15 @@ class TransformerEncoder(Module):
             raise ConfigError(f"[{owner}] need 0 <= start_layer <= end_layer <= num_layers={n}, "
                               f"got start_layer={start_layer}, end_layer={end_layer}")
         if attention_mask is not None:
-            attention_mask = _check_mask(owner, attention_mask, x.shape[0], x.shape[1])
+            attention_mask = _check_mask(owner, attention_mask, h.shape[0], h.shape[1])
             if attention_mask.all():
                 attention_mask = None
         for i in range(start, end):
-            x = self.layers[i](x, attention_mask=attention_mask)
+            h = self.layers[i](h, attention_mask=attention_mask)
         norm = (end == n) if apply_norm is None else bool(apply_norm)
         if norm and self.final_norm:
-            x = self.norm(x)
-        return x
+            h = self.norm(h)
+        return h
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_layers={self.num_layers}, num_heads={self.num_heads}, "
@@ -647,7 +656,7 @@ class ModalityEncoder(Module):
         return self.encoder.num_layers
 
     @classmethod
-    def from_config(cls, mcfg, *, rng: RngLike = None) -> "ModalityEncoder":
+    def from_config(cls, mcfg: ModalityConfig, *, rng: RngLike = None) -> "ModalityEncoder":
         """Build the built-in encoder of a :class:`~mmcore.config.ModalityConfig`.
 
         Sizes come from ``mcfg.encoder_config`` and ``mcfg.preprocessing``:
@@ -671,7 +680,8 @@ class ModalityEncoder(Module):
         width = ec.hidden_dim if ec.hidden_dim is not None else mcfg.embed_dim
         gen = as_generator(rng)
         sub = sub_rng(gen)
-        pre = mcfg.preprocessing
+        # not None in the branches that read it (kind is None without preprocessing)
+        pre: Any = mcfg.preprocessing
         kind = pre.modality if pre is not None else None
         emb: Module
         if ec.vocab_size is not None or kind == "text" or m == Modality.TEXT:
@@ -713,7 +723,8 @@ class ModalityEncoder(Module):
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def embed(self, inputs, *, attention_mask=None) -> Tuple[np.ndarray, np.ndarray]:
+    def embed(self, inputs: ArrayLike, *, attention_mask: Optional[ArrayLike] = None
+              ) -> Tuple[np.ndarray, np.ndarray]:
         """Embedder (+ class token): ``(tokens (B, L, hidden_dim), mask (B, L))``."""
         x, mask = self.embedder(inputs, attention_mask=attention_mask)
         if self.cls_token is not None:
@@ -723,19 +734,20 @@ class ModalityEncoder(Module):
             mask = np.concatenate([np.ones((B, 1), np.bool_), mask], axis=1)
         return x, mask
 
-    def encode(self, x, mask, *, start_layer: int = 0, end_layer: Optional[int] = None
-               ) -> np.ndarray:
+    def encode(self, x: ArrayLike, mask: Optional[ArrayLike], *, start_layer: int = 0,
+               end_layer: Optional[int] = None) -> np.ndarray:
         """Blocks ``start_layer .. end_layer - 1`` (final norm at the end)."""
         return self.encoder(x, attention_mask=mask, start_layer=start_layer, end_layer=end_layer)
 
-    def finish(self, x, mask) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def finish(self, x: ArrayLike, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Projection to ``embed_dim`` and pooling of encoded tokens."""
         if "proj" in self._modules:
             x = self.proj(x)
         x = np.ascontiguousarray(x, dtype=np.float32)
         return x, mask, _pool(self.pooling, x, mask)
 
-    def __call__(self, inputs, *, attention_mask=None):
+    def __call__(self, inputs: ArrayLike, *, attention_mask: Optional[ArrayLike] = None
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``inputs`` -> ``(tokens (B, L, embed_dim), mask (B, L), pooled (B, embed_dim))``."""
         x, mask = self.embed(inputs, attention_mask=attention_mask)
         return self.finish(self.encode(x, mask), mask)

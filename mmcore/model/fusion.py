@@ -374,7 +374,9 @@ class FusionLayer(Module):
                                         {m: w[:, i] for i, m in enumerate(self.modalities)})
         return out
 
-    def cross_attend(self, embeddings: Mapping, *, return_weights: bool = False):
+    def cross_attend(self, embeddings: Mapping, *, return_weights: bool = False
+                     ) -> Tuple[Dict[Modality, Tuple[np.ndarray, np.ndarray]],
+                                Dict[Tuple[Modality, Modality], np.ndarray]]:
         """Apply the configured cross-modal attention (residual) between present modalities.
 
         Returns ``({Modality: (tokens, mask)}, {(query, context): weights})``. Each pair reads
@@ -383,7 +385,7 @@ class FusionLayer(Module):
         items = self._check(embeddings, tokens=True)
         toks = {m: (t, mask) for _, m, t, mask, _ in items}
         new = {m: t for m, (t, _) in toks.items()}
-        weights = {}
+        weights: Dict[Tuple[Modality, Modality], Any] = {}
         cross = self._modules.get("cross_attn")
         if cross is not None:
             for key, layer in cross.named_children():

@@ -31,9 +31,10 @@ Examples
 
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union, overload
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..errors import BackendError, ConfigError, ModelFormatError, ShapeError
 from ..ops import attention
@@ -41,6 +42,7 @@ from ..ops import encoder_layer as _ops_encoder_layer
 from ..ops import linear as _ops_linear
 from .nn import (
     NO_INIT,
+    ActivationLike,
     LayerNorm,
     Linear,
     Module,
@@ -62,12 +64,16 @@ __all__ = ["CrossModalAttention", "MultiHeadSelfAttention", "TransformerEncoderL
            "padding_mask_to_attention"]
 
 
+#: ``(out, weights)``: what the layers return when ``return_weights=True``.
+_WithWeights = Tuple[np.ndarray, np.ndarray]
+
+
 # ----------------------------------------------------------------------------------------------
 # masks
 
 
-def padding_mask_to_attention(mask, batch: int, length: int, *, owner: str = "attention",
-                              name: str = "mask"
+def padding_mask_to_attention(mask: Optional[ArrayLike], batch: int, length: int, *,
+                              owner: str = "attention", name: str = "mask"
                               ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """Turn a Hugging Face padding mask into arguments of :func:`mmcore.ops.attention`.
 
@@ -421,8 +427,24 @@ class CrossModalAttention(_MultiheadAttention):
                   dropout=dropout, rng=NO_INIT)
         return mod.load_state_dict(sd, strict=strict)
 
-    def __call__(self, query, context, *, value=None, context_mask=None, attn_bias=None,
-                 return_weights: bool = False, average_weights: bool = True):
+    @overload
+    def __call__(self, query: ArrayLike, context: ArrayLike, *, value: Optional[ArrayLike] = None,
+                 context_mask: Optional[ArrayLike] = None, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: Literal[False] = False,
+                 average_weights: bool = True) -> np.ndarray: ...
+    @overload
+    def __call__(self, query: ArrayLike, context: ArrayLike, *, value: Optional[ArrayLike] = None,
+                 context_mask: Optional[ArrayLike] = None, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: Literal[True], average_weights: bool = True) -> _WithWeights: ...
+    @overload
+    def __call__(self, query: ArrayLike, context: ArrayLike, *, value: Optional[ArrayLike] = None,
+                 context_mask: Optional[ArrayLike] = None, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: bool = False,
+                 average_weights: bool = True) -> Union[np.ndarray, _WithWeights]: ...
+    def __call__(self, query: ArrayLike, context: ArrayLike, *, value: Optional[ArrayLike] = None,
+                 context_mask: Optional[ArrayLike] = None, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: bool = False,
+                 average_weights: bool = True) -> Union[np.ndarray, _WithWeights]:
         """Attend from ``query`` to ``context``.
 
         Parameters
@@ -526,8 +548,24 @@ class MultiHeadSelfAttention(_MultiheadAttention):
         mod = cls(E, num_heads, bias=bias, temperature=temperature, dropout=dropout, rng=NO_INIT)
         return mod.load_state_dict(sd, strict=strict)
 
-    def __call__(self, x, *, attention_mask=None, is_causal: bool = False, attn_bias=None,
-                 return_weights: bool = False, average_weights: bool = True):
+    @overload
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: Literal[False] = False,
+                 average_weights: bool = True) -> np.ndarray: ...
+    @overload
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: Literal[True], average_weights: bool = True) -> _WithWeights: ...
+    @overload
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: bool = False,
+                 average_weights: bool = True) -> Union[np.ndarray, _WithWeights]: ...
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: bool = False,
+                 average_weights: bool = True) -> Union[np.ndarray, _WithWeights]:
         """Self-attention over ``x`` (B, L, embed_dim).
 
         Parameters
@@ -620,7 +658,8 @@ class TransformerEncoderLayer(Module):
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, *,
-                 dropout: float = 0.0, activation="gelu", layer_norm_eps: float = 1e-5,
+                 dropout: float = 0.0, activation: ActivationLike = "gelu",
+                 layer_norm_eps: float = 1e-5,
                  norm_first: bool = True, bias: bool = True, temperature: float = 1.0,
                  rng: RngLike = None):
         super().__init__()
@@ -647,7 +686,7 @@ class TransformerEncoderLayer(Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping, *, nhead: int, prefix: str = "",
-                        strict: bool = True, **kwargs) -> "TransformerEncoderLayer":
+                        strict: bool = True, **kwargs: Any) -> "TransformerEncoderLayer":
         """Build from a ``torch.nn.TransformerEncoderLayer`` state dict (NumPy arrays).
 
         ``d_model``, ``dim_feedforward`` and ``bias`` are inferred from
@@ -746,8 +785,24 @@ class TransformerEncoderLayer(Module):
             h = np.asarray(self._act(h), dtype=np.float32)
         return linear(h, self.linear2.weight, self.linear2.bias)
 
-    def __call__(self, x, *, attention_mask=None, is_causal: bool = False, attn_bias=None,
-                 return_weights: bool = False, average_weights: bool = True):
+    @overload
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: Literal[False] = False,
+                 average_weights: bool = True) -> np.ndarray: ...
+    @overload
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: Literal[True], average_weights: bool = True) -> _WithWeights: ...
+    @overload
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: bool = False,
+                 average_weights: bool = True) -> Union[np.ndarray, _WithWeights]: ...
+    def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,
+                 is_causal: bool = False, attn_bias: Optional[ArrayLike] = None,
+                 return_weights: bool = False,
+                 average_weights: bool = True) -> Union[np.ndarray, _WithWeights]:
         """Run the block on ``x`` (B, L, d_model).
 
         Parameters
@@ -766,25 +821,26 @@ class TransformerEncoderLayer(Module):
         float32 (B, L, d_model), or ``(out, weights)``
         """
         owner = type(self).__name__
-        x = as_float_input(owner, "x", x, ndim=3, dims="(B, L, d_model)", last=self.d_model,
+        h = as_float_input(owner, "x", x, ndim=3, dims="(B, L, d_model)", last=self.d_model,
                            last_name="d_model")
         if self.norm_first and not (is_causal or return_weights or attn_bias is not None):
-            y = self._native_block(x, attention_mask)
+            y = self._native_block(h, attention_mask)
             if y is not None:
                 return y
         kw = dict(attention_mask=attention_mask, is_causal=is_causal, attn_bias=attn_bias,
                   return_weights=return_weights, average_weights=average_weights)
+        w: Any                          # the weights when return_weights, else None
         if self.norm_first:
-            res = self.self_attn(self.norm1(x), **kw)
+            res = self.self_attn(self.norm1(h), **kw)
             a, w = res if return_weights else (res, None)
-            x = x + a
-            x = x + self._mlp(self.norm2(x))
+            h = h + a
+            h = h + self._mlp(self.norm2(h))
         else:
-            res = self.self_attn(x, **kw)
+            res = self.self_attn(h, **kw)
             a, w = res if return_weights else (res, None)
-            x = self.norm1(x + a)
-            x = self.norm2(x + self._mlp(x))
-        return (x, w) if return_weights else x
+            h = self.norm1(h + a)
+            h = self.norm2(h + self._mlp(h))
+        return (h, w) if return_weights else h
 
     def extra_repr(self) -> str:
         act = self.activation if isinstance(self.activation, str) else getattr(

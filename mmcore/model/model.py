@@ -76,9 +76,10 @@ import threading
 import time
 import types
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, TypeVar, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..cache import CacheManager
 from ..config import (
@@ -105,12 +106,15 @@ from .inputs import (
     resolve_audio_pairs,
     stack_clips,
 )
+from .io import PathLike
 from .item_cache import ItemCache
 from .nn import Module, RngLike, as_generator
 from .stats import LatencyStats, prometheus_collector
 
 __all__ = ["MultiModalInput", "MultiModalOutput", "MultiModalModel", "LatencyStats",  # noqa: F822
            "default_model"]  # default_model: through __getattr__, from mmcore.model.defaults
+
+_MM = TypeVar("_MM", bound="MultiModalModel")
 
 
 
@@ -362,7 +366,7 @@ class MultiModalModel(Module):
     def output_dim(self) -> int:
         return self._config.output_dim
 
-    def encoder(self, modality) -> Any:
+    def encoder(self, modality: Union[Modality, str]) -> Any:
         """The encoder of ``modality`` (ModalityError if not configured)."""
         m = self._config.modality_config(modality).modality
         if m in self._external:
@@ -375,7 +379,7 @@ class MultiModalModel(Module):
         modality (read-only view)."""
         return types.MappingProxyType(self._external)
 
-    def set_enabled(self, modality, enabled: bool = True) -> None:
+    def set_enabled(self, modality: Union[Modality, str], enabled: bool = True) -> None:
         """Switch ``modality`` on or off (thread-safe; see :meth:`MultiModalConfig.with_enabled`).
 
         Raises
@@ -388,11 +392,11 @@ class MultiModalModel(Module):
         with self._lock:
             self._config = self._config.with_enabled(modality, bool(enabled))
 
-    def enable(self, modality) -> None:
+    def enable(self, modality: Union[Modality, str]) -> None:
         """Switch ``modality`` on."""
         self.set_enabled(modality, True)
 
-    def disable(self, modality) -> None:
+    def disable(self, modality: Union[Modality, str]) -> None:
         """Switch ``modality`` off; inputs for it then raise ModalityError."""
         self.set_enabled(modality, False)
 
@@ -457,7 +461,7 @@ class MultiModalModel(Module):
     def reset_stats(self) -> None:
         self._stats.reset()
 
-    def prometheus_collector(self, *, prefix: str = "mmcore_model"):
+    def prometheus_collector(self, *, prefix: str = "mmcore_model") -> Any:
         """A ``prometheus_client`` collector exposing :meth:`stats` (needs prometheus_client).
 
         Register it with ``prometheus_client.REGISTRY.register(model.prometheus_collector())``.
@@ -510,7 +514,8 @@ class MultiModalModel(Module):
         <mmcore.model.item_cache.ItemCache.identity_and_version>`)."""
         return self._items.identity_and_version(self, self._external)
 
-    def load_state_dict(self, state_dict, *, prefix: str = "", strict: bool = True):
+    def load_state_dict(self: _MM, state_dict: Mapping[str, object], *, prefix: str = "",
+                        strict: bool = True) -> _MM:
         out = super().load_state_dict(state_dict, prefix=prefix, strict=strict)
         self._identity_and_version()            # recompute now rather than on the next call
         return out
@@ -609,8 +614,10 @@ class MultiModalModel(Module):
         timings[f"encode:{m}"] = time.perf_counter() - t0
         return tokens, tmask, np.asarray(pool, np.float32)
 
-    def encode_modality(self, modality, value, *, attention_mask=None,
-                        timings: Optional[Dict[str, float]] = None):
+    def encode_modality(self, modality: Union[Modality, str], value: Any, *,
+                        attention_mask: Optional[ArrayLike] = None,
+                        timings: Optional[Dict[str, float]] = None
+                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Preprocess (when raw) and encode the input of one modality, without fusion.
 
         This is what a shard node runs for the modalities it serves (see
@@ -666,7 +673,8 @@ class MultiModalModel(Module):
         :meth:`ItemCache.config_key <mmcore.model.item_cache.ItemCache.config_key>`)."""
         return self._items.config_key(cfg)
 
-    def infer(self, inputs, *, return_weights: bool = False) -> MultiModalOutput:
+    def infer(self, inputs: Union[MultiModalInput, Mapping[Any, Any]], *,
+              return_weights: bool = False) -> MultiModalOutput:
         """Preprocess, encode and fuse one request.
 
         Parameters
@@ -754,7 +762,7 @@ class MultiModalModel(Module):
                                                      mods[m].preprocessing, value)
                     futures[m] = (time.perf_counter(), remote[m].submit(
                         value, is_raw=inputs.raw[m],
-                        attention_mask=inputs.attention_masks.get(m)))
+                        attention_mask=(inputs.attention_masks or {}).get(m)))
         staged = {}
         done = {}
         item_keys: Dict[Modality, list] = {}
@@ -770,7 +778,7 @@ class MultiModalModel(Module):
                 continue
             t0 = time.perf_counter()
             x, mask = self._prepare(m, mods[m], inputs.modality_inputs[m], inputs.raw[m],
-                                    inputs.attention_masks.get(m))
+                                    (inputs.attention_masks or {}).get(m))
             timings[f"preprocess:{m}"] = time.perf_counter() - t0
             B = _check_batch(owner, m, int(np.shape(x)[0]), B)
             staged[m] = (x, mask)
@@ -837,8 +845,8 @@ class MultiModalModel(Module):
 
     # -- files ----------------------------------------------------------------------------------
 
-    def save(self, path, *, name: Optional[str] = None, version: Optional[str] = None,
-             tokenizer=None) -> Dict[str, Any]:
+    def save(self, path: PathLike, *, name: Optional[str] = None, version: Optional[str] = None,
+             tokenizer: Optional[PathLike] = None) -> Dict[str, Any]:
         """Write this model to a model directory (see :mod:`mmcore.model.io`).
 
         Each modality's :attr:`ModalityConfig.quantization` applies (weight-only) to its
@@ -867,7 +875,7 @@ class MultiModalModel(Module):
         return save_model(self, path, name=name, version=version, tokenizer=tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path, *, verify: bool = True,
+    def from_pretrained(cls, path: PathLike, *, verify: bool = True,
                         encoders: Optional[Mapping[Any, Any]] = None,
                         modalities: Optional[Any] = None,
                         distributed: Any = None) -> "MultiModalModel":

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Callable, Dict, Iterator, Literal, Mapping, Optional, Tuple, TypeVar, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..errors import ConfigError, ModelFormatError, ShapeError
 from ..ops.linear import QuantizedTensor
@@ -67,6 +68,10 @@ _NO_INIT = NO_INIT  # the former private name
 #: What an ``rng`` argument takes: None (fresh entropy), an int seed, a Generator, or
 #: :data:`NO_INIT`.
 RngLike = Union[None, int, np.random.Generator, _NoInit]
+
+#: What an ``activation`` argument takes: a name of :data:`ACTIVATIONS` or a function of a
+#: float32 array.
+ActivationLike = Union[str, Callable[[np.ndarray], np.ndarray]]
 
 _M = TypeVar("_M", bound="Module")
 
@@ -500,7 +505,7 @@ class Module:
         self._after_load()
         return self
 
-    def set_parameter(self: _M, name: str, value) -> _M:
+    def set_parameter(self: _M, name: str, value: Union[ArrayLike, QuantizedTensor]) -> _M:
         """Replace one parameter, by its dotted state-dict name, validated as
         :meth:`load_state_dict` validates an entry.
 
@@ -687,7 +692,7 @@ class Linear(Module):
         mod = cls(int(w.shape[1]), int(w.shape[0]), bias="bias" in sd, rng=NO_INIT)
         return mod.load_state_dict(sd, strict=strict)
 
-    def __call__(self, x) -> np.ndarray:
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         x = as_float_input("Linear", "x", x, last=self.in_features, last_name="in_features")
         return linear(x, self.weight, self.bias)
 
@@ -745,7 +750,7 @@ class LayerNorm(Module):
         mod = cls(int(w.shape[0]), eps=eps, bias="bias" in sd)
         return mod.load_state_dict(sd, strict=strict)
 
-    def __call__(self, x) -> np.ndarray:
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         x = as_float_input("LayerNorm", "x", x, last=self.normalized_shape,
                            last_name="normalized_shape")
         return _ops_layer_norm(x, self.weight, self.bias, eps=self.eps)
@@ -808,7 +813,7 @@ _SQRT_HALF = np.float32(1.0 / math.sqrt(2.0))
 _SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 
 
-def gelu(x, *, approximate: str = "none") -> np.ndarray:
+def gelu(x: ArrayLike, *, approximate: Literal["none", "tanh"] = "none") -> np.ndarray:
     """Gaussian error linear unit, as ``torch.nn.functional.gelu``.
 
     Parameters
@@ -844,7 +849,7 @@ def gelu(x, *, approximate: str = "none") -> np.ndarray:
     raise ConfigError(f"[gelu] approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def quick_gelu(x) -> np.ndarray:
+def quick_gelu(x: ArrayLike) -> np.ndarray:
     """``x * sigmoid(1.702 x)`` (OpenAI CLIP's activation), overflow-free.
 
     Examples
@@ -859,7 +864,7 @@ def quick_gelu(x) -> np.ndarray:
     return x * (np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.851) * x)))
 
 
-def relu(x) -> np.ndarray:
+def relu(x: ArrayLike) -> np.ndarray:
     """``max(x, 0)`` in float32.
 
     Examples
@@ -896,7 +901,7 @@ def fused_activation(fn: Callable) -> Optional[str]:
     return None
 
 
-def get_activation(activation) -> Callable[[np.ndarray], np.ndarray]:
+def get_activation(activation: ActivationLike) -> Callable[[np.ndarray], np.ndarray]:
     """An activation by name (see :data:`ACTIVATIONS`, Hugging Face names) or a callable as is.
 
     Examples
