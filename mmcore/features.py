@@ -165,7 +165,9 @@ def _base_config(name: str, model: Any) -> PreprocessingConfig:
     else:
         if isinstance(model, (str, bytes, os.PathLike)):
             where = f"model {os.fsdecode(model)!r}"
-            model = MultiModalModel.from_pretrained(model)
+            # from_pretrained takes str paths (a bytes path fails in os.path.join)
+            model = MultiModalModel.from_pretrained(
+                os.fsdecode(model) if isinstance(model, bytes) else model)
         elif isinstance(model, MultiModalModel):
             where = "model"
         else:

@@ -201,6 +201,10 @@ def test_model_directory_preprocessing(workdir, image_files, tmp_path):
         np.testing.assert_array_equal(rep.features[key], pre(str(path))["pixel_values"][0])
     rep2 = extract_features("image", good[:1], None, model=model, progress=False)
     np.testing.assert_array_equal(rep2.features["0000_x.png"], rep.features["0000_x.png"])
+    # a bytes path names the model directory as well
+    rep3 = extract_features("image", good[:1], None, model=os.fsencode(tmp_path / "m"),
+                            progress=False)
+    np.testing.assert_array_equal(rep3.features["0000_x.png"], rep.features["0000_x.png"])
 
 
 def test_same_basename_twice_gets_unique_keys(workdir, image_files):
