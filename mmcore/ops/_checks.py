@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import NamedTuple, Optional, Sequence
+from fractions import Fraction
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -309,3 +310,19 @@ def attention_results(out, weights, lse):
     if weights is None and lse is None:
         return out
     return tuple(x for x in (out, weights, lse) if x is not None)
+
+
+def check_rate(op: str, name: str, value: Any, *, optional: bool = False) -> Optional[float]:
+    """A frame or sample rate: a positive finite number (a :class:`fractions.Fraction` too), as a
+    float64; None passes when ``optional``.
+
+    Raises
+    ------
+    ArgumentError
+        Not a positive finite real number (or None when not ``optional``).
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, Fraction):
+        value = float(value)
+    return check_float(name, value, op=op, lo=0.0, lo_open=True, float32=False)

@@ -36,7 +36,7 @@ from ._checks import (
     float32_contiguous,
 )
 from ._types import HostBackend
-from .linear import _KINDS, ACTIVATIONS, QuantizedTensor
+from .linear import ACTIVATIONS, WEIGHT_KIND_CODES, QuantizedTensor
 
 __all__ = ["encoder_layer"]
 
@@ -73,7 +73,7 @@ def _weight(name: str, value, rows: Optional[int], cols: int, dims: str) -> Weig
         raise ShapeError(f"[{_OP}] {name} has shape {shape}, expected "
                          f"({'at least 1' if rows is None else rows}, {cols}) = {dims}")
     if isinstance(value, QuantizedTensor):
-        return (np.ascontiguousarray(value.data), _KINDS[value.kind], value.scale)
+        return (np.ascontiguousarray(value.data), WEIGHT_KIND_CODES[value.kind], value.scale)
     return (float32_contiguous(_OP, name, a), 0, None)
 
 
@@ -87,7 +87,7 @@ def _dequantized(w: WeightRef) -> WeightRef:
 
 
 def _kind_name(code: int) -> str:
-    return next(name for name, c in _KINDS.items() if c == code)
+    return next(name for name, c in WEIGHT_KIND_CODES.items() if c == code)
 
 
 #: A weight matrix as :func:`encoder_layer` takes it: float, or kept quantized.

@@ -26,7 +26,8 @@ from ._types import HostBackend
 
 __all__ = ["linear", "layer_norm", "ACTIVATIONS", "QuantizedTensor"]
 
-_KINDS = {"float16": 1, "bfloat16": 2, "int8": 3}
+#: Codes of the quantized weight kinds, as the kernels number them.
+WEIGHT_KIND_CODES = {"float16": 1, "bfloat16": 2, "int8": 3}
 
 
 class QuantizedTensor:
@@ -57,8 +58,9 @@ class QuantizedTensor:
     __array_priority__ = 1.0
 
     def __init__(self, data, kind: str, scale=None):
-        if not isinstance(kind, str) or kind not in _KINDS:
-            raise ArgumentError(f"[QuantizedTensor] kind must be one of {sorted(_KINDS)}, got "
+        if not isinstance(kind, str) or kind not in WEIGHT_KIND_CODES:
+            raise ArgumentError("[QuantizedTensor] kind must be one of "
+                                f"{sorted(WEIGHT_KIND_CODES)}, got "
                                 f"{kind!r}")
         data = np.asarray(data)
         if data.ndim != 2:
@@ -257,7 +259,8 @@ def linear(x: npt.ArrayLike, weight: Union[npt.ArrayLike, QuantizedTensor],
     out = np.empty((x2.shape[0], N), np.float32)
     launch = launcher(op, name, "linear", "linear")
     if qw is not None:              # native only: the numba backend got the dequantized weight
-        launch(x2, w, b, out, activation=act, weight_kind=_KINDS[qw.kind], weight_scale=qw.scale)
+        launch(x2, w, b, out, activation=act, weight_kind=WEIGHT_KIND_CODES[qw.kind],
+               weight_scale=qw.scale)
     else:
         launch(x2, w, b, out, activation=act)
     return out.reshape(*lead, N)

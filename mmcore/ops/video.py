@@ -7,13 +7,12 @@ Pure index arithmetic on NumPy: which frames of a video a model sees. Decoding l
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Any, Optional
 
 import numpy as np
 
 from ..errors import ArgumentError
-from ._checks import check_float, check_int, check_optional_int
+from ._checks import check_int, check_optional_int, check_rate
 
 __all__ = ["sample_frame_indices", "temporal_windows"]
 
@@ -30,14 +29,6 @@ MAX_NUM_FRAMES = (1 << 31) - 1
 MAX_COUNT = 1 << 24
 #: The most indices :func:`temporal_windows` returns (num_windows x window): 2**27, 1 GiB.
 MAX_WINDOW_INDICES = 1 << 27
-
-
-def _rate_arg(op: str, name: str, value: Any, *, optional: bool = False) -> Optional[float]:
-    if value is None and optional:
-        return None
-    if isinstance(value, Fraction):
-        value = float(value)
-    return check_float(name, value, op=op, lo=0.0, lo_open=True, float32=False)
 
 
 def _strategy_arg(op: str, strategy: Any, n: Optional[int], fps: Optional[float]) -> str:
@@ -120,8 +111,8 @@ def sample_frame_indices(num_frames: int, *, n: Optional[int] = None,
     op = "sample_frame_indices"
     num_frames = check_int("num_frames", num_frames, op=op, lo=1, hi=MAX_NUM_FRAMES)
     n = check_optional_int("n", n, op=op, lo=1, hi=MAX_COUNT)
-    fps = _rate_arg(op, "fps", fps, optional=True)
-    video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
+    fps = check_rate(op, "fps", fps, optional=True)
+    video_fps = check_rate(op, "video_fps", video_fps, optional=True)
     strategy = _strategy_arg(op, strategy, n, fps)
     min_frames = check_int("min_frames", min_frames, op=op, lo=1, hi=MAX_COUNT)
     max_frames = check_int("max_frames", max_frames, op=op, lo=1, hi=MAX_COUNT)

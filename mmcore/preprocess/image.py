@@ -295,7 +295,9 @@ def preprocess_image_op():
     return fn
 
 
-def _as_config(config: Any, modality: str, owner: str) -> PreprocessingConfig:
+def as_preprocessing_config(config: Any, modality: str, owner: str) -> PreprocessingConfig:
+    """``config`` (a PreprocessingConfig, a mapping or None) as the preprocessing config of
+    ``modality``; ConfigError naming ``owner`` otherwise."""
     if config is None:
         config = PreprocessingConfig(modality=modality)
     elif isinstance(config, Mapping):
@@ -352,7 +354,7 @@ class ImagePreprocessor:
 
     def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None, *,
                  max_pixels: Optional[float] = None):
-        self.config = _as_config(config, "image", "ImagePreprocessor")
+        self.config = as_preprocessing_config(config, "image", "ImagePreprocessor")
         self.max_pixels = max_pixels
 
     def __repr__(self) -> str:

@@ -43,8 +43,8 @@ from .. import ops
 from .._files import check_regular
 from ..config import PreprocessingConfig
 from ..errors import ArgumentError, ConfigError, ShapeError, VideoDecodeError
-from ..ops._checks import check_int, check_limit
-from .image import _as_config, config_image_kwargs, preprocess_image_op
+from ..ops._checks import check_int, check_limit, check_rate
+from .image import as_preprocessing_config, config_image_kwargs, preprocess_image_op
 
 __all__ = ["sample_frame_indices", "temporal_windows", "load_video", "sample_video_array",
            "video_info", "VideoPreprocessor"]
@@ -76,7 +76,7 @@ DEMUXERS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,mpegvideo,flv
             "h264,hevc,m4v,ivf,yuv4mpegpipe,gif,mjpeg,nut,dv,mxf,rawvideo")
 
 
-from ..ops.video import STRATEGIES, _rate_arg, sample_frame_indices, temporal_windows  # noqa: E402,F401
+from ..ops.video import STRATEGIES, sample_frame_indices, temporal_windows  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------------
 # arrays
@@ -131,7 +131,7 @@ def sample_video_array(frames: Any, *, n: Optional[int] = None, fps: Optional[fl
     """
     op = "sample_video_array"
     arr = _check_frames(frames, op)
-    video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
+    video_fps = check_rate(op, "video_fps", video_fps, optional=True)
     idx = _indices_for(op, arr.shape[0], n, fps, video_fps, strategy, min_frames, max_frames,
                        temporal_patch)
     out = np.ascontiguousarray(arr[idx])
@@ -771,7 +771,7 @@ class VideoPreprocessor:
     def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None, *,
                  max_threads: int = 2, max_pixels: Optional[float] = None,
                  max_bytes: Optional[float] = None):
-        self.config = _as_config(config, "video", "VideoPreprocessor")
+        self.config = as_preprocessing_config(config, "video", "VideoPreprocessor")
         self.max_threads = check_int("max_threads", max_threads, op="VideoPreprocessor", lo=1,
                                      hi=MAX_DECODER_THREADS)
         check_limit("max_pixels", max_pixels, op="VideoPreprocessor",
@@ -802,7 +802,7 @@ class VideoPreprocessor:
     def __call__(self, video: Any, *, video_fps: Optional[float] = None) -> Dict[str, Any]:
         """``{"pixel_values", "frame_indices", "timestamps"}`` (see the class docstring)."""
         op = "VideoPreprocessor"
-        video_fps = _rate_arg(op, "video_fps", video_fps, optional=True)
+        video_fps = check_rate(op, "video_fps", video_fps, optional=True)
         fn = preprocess_image_op()
         times: Optional[np.ndarray]
         if isinstance(video, (str, bytes, os.PathLike)) or hasattr(video, "read"):
