@@ -324,8 +324,12 @@ def test_bad_path_type():
 def test_image_config_defaults():
     cfg = PreprocessingConfig(modality="image")
     assert cfg.preset == "clip" and cfg.size == 224 and cfg.crop_size is None
-    assert cfg.padding == "none" and cfg.chunk_length_s is None
-    assert cfg.num_frames is None and cfg.tokenizer is None and cfg.max_length is None
+    assert type(cfg).__name__ == "ImagePreprocessingConfig"
+    # fields of the other modalities read as their old neutral values, with a warning
+    with pytest.warns(DeprecationWarning, match="not a field of 'image' configs"):
+        assert cfg.padding == "none" and cfg.chunk_length_s is None
+    with pytest.warns(DeprecationWarning, match="not a field of 'image' configs"):
+        assert cfg.num_frames is None and cfg.tokenizer is None and cfg.max_length is None
     for name in ("resize_mode", "filter", "mean", "std", "patch_size"):
         assert getattr(cfg, name) is None
 
@@ -392,7 +396,9 @@ def test_audio_config_rejects_image_fields():
         PreprocessingConfig(size=224)
     # the neutral values are fine and the audio defaults are unchanged
     cfg = PreprocessingConfig(size=None, mean=None)
-    assert cfg.preset == "whisper" and cfg.size is None
+    assert cfg.preset == "whisper" and "size" not in cfg.to_dict()
+    with pytest.warns(DeprecationWarning, match="'size' is not a field of 'audio' configs"):
+        assert cfg.size is None
 
 
 def test_image_config_from_toml(tmp_path):

@@ -202,7 +202,8 @@ def test_text_config_fields_and_from_config():
     cfg = PreprocessingConfig(modality="text")
     assert (cfg.tokenizer, cfg.max_length, cfg.padding, cfg.truncation, cfg.padding_side,
             cfg.add_eos) == ("byte", None, "longest", True, "right", None)
-    assert cfg.preset is None and cfg.size is None and cfg.chunk_length_s is None
+    with pytest.warns(DeprecationWarning, match="not a field of 'text' configs"):
+        assert cfg.preset is None and cfg.size is None and cfg.chunk_length_s is None
     cfg = PreprocessingConfig(modality="text", tokenizer="BYTE", max_length=8,
                               padding="Max_Length", padding_side="LEFT", add_eos=False)
     assert (cfg.tokenizer, cfg.padding, cfg.padding_side) == ("byte", "max_length", "left")

@@ -525,7 +525,9 @@ def test_video_config_defaults_and_inference():
     cfg = PreprocessingConfig(modality="video")
     assert (cfg.sampling, cfg.num_frames, cfg.fps) == ("uniform", 8, None)
     assert (cfg.min_frames, cfg.max_frames, cfg.temporal_patch) == (4, 768, 2)
-    assert cfg.preset == "clip" and cfg.size == 224 and cfg.padding == "none"
+    assert cfg.preset == "clip" and cfg.size == 224
+    with pytest.warns(DeprecationWarning, match="'padding' is not a field of 'video' configs"):
+        assert cfg.padding == "none"
     cfg = PreprocessingConfig(modality="video", fps=2)
     assert (cfg.sampling, cfg.num_frames, cfg.fps) == ("fps", None, 2.0)
     d = cfg.to_dict()
