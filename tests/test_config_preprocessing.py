@@ -261,3 +261,82 @@ def test_modality_config_checks_use_the_right_class():
         warnings.simplefilter("error")
         ModalityConfig("audio", encoder_config={"patch_size": 16})
         ModalityConfig("custom:spec", preprocessing={"modality": "audio"})
+
+
+# -- compatibility with the former single class ------------------------------------------------
+
+def _old_state(modality, **fields):
+    """The ``__dict__`` a pickle of the former single class held: every field of every
+    modality, the other modalities' at their neutral values."""
+    state = {"modality": modality, "preset": None, "sample_rate": 16000, "n_mels": 80,
+             "n_fft": 400, "hop_length": 160, "chunk_length_s": None, "padding": "none",
+             "max_length_s": None, "truncation": True, "mono": True, "extra": {}, "size": None,
+             "crop_size": None, "resize_mode": None, "filter": None, "mean": None, "std": None,
+             "patch_size": None, "num_frames": None, "fps": None, "sampling": None,
+             "min_frames": None, "max_frames": None, "temporal_patch": None,
+             "tokenizer": None, "max_length": None, "padding_side": None, "add_eos": None}
+    state.update(fields)
+    return state
+
+
+class _OldPickle:
+    """Pickles as the former single class did: ``copyreg.__newobj__(PreprocessingConfig)``
+    then the instance dict."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        import copyreg
+        return copyreg.__newobj__, (PreprocessingConfig,), self.state
+
+
+@pytest.mark.parametrize("modality, fields, expected", [
+    ("image", {"preset": "clip", "size": 256}, {"modality": "image", "size": 256}),
+    ("video", {"preset": "clip", "size": 224, "num_frames": 8, "sampling": "uniform",
+               "min_frames": 4, "max_frames": 768, "temporal_patch": 2},
+     {"modality": "video"}),
+    ("text", {"tokenizer": "byte", "padding": "longest", "padding_side": "right"},
+     {"modality": "text"}),
+    ("audio", {"preset": "whisper", "chunk_length_s": 30.0, "padding": "max_length"},
+     {"modality": "audio"}),
+])
+def test_pickles_of_the_former_single_class_load_as_their_modality(modality, fields, expected):
+    import pickle
+    # protocol 1 writes the call out (protocol 2+ refuses a stand-in for the class); loading
+    # runs the same PreprocessingConfig.__new__(PreprocessingConfig) as an old NEWOBJ pickle
+    old = pickle.loads(pickle.dumps(_OldPickle(_old_state(modality, **fields)), protocol=1))
+    new = PreprocessingConfig(**expected)
+    assert type(old) is type(new) and old == new and hash(old) == hash(new)
+    assert old.to_dict() == new.to_dict() and old.digest() == new.digest()
+
+
+def test_positional_fields_follow_the_former_order_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="by position") as rec:
+        cfg = PreprocessingConfig("image", "siglip", 16000, 80, 400, 160, None, None, None,
+                                  True, True, {}, 384)
+    assert rec[0].filename == __file__                 # the warning names the caller's line
+    assert type(cfg).__name__ == "ImagePreprocessingConfig"
+    assert (cfg.preset, cfg.size) == ("siglip", 384)
+    with pytest.warns(DeprecationWarning):
+        assert PreprocessingConfig("text", None).tokenizer == "byte"   # None: the old preset
+    with pytest.raises(ConfigError, match="'preset' by position and by name"), \
+            pytest.warns(DeprecationWarning):
+        PreprocessingConfig("image", "clip", preset="clip")
+
+
+def test_dropped_field_warnings_name_the_callers_line():
+    with pytest.warns(DeprecationWarning, match="sample_rate=8000 is ignored") as rec:
+        PreprocessingConfig(modality="image", sample_rate=8000)
+    assert rec[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="sample_rate=8000 is ignored") as rec:
+        PreprocessingConfig.from_dict({"modality": "image", "sample_rate": 8000})
+    assert rec[0].filename == __file__
+
+
+def test_names_importable_from_their_former_modules():
+    from mmcore.config import ConfigError as E1  # noqa: F401
+    from mmcore.model.io import MAX_HEADER_BYTES
+    from mmcore.model.model import AttentionFusion, EncoderConfig  # noqa: F401
+    from mmcore.model.tensor_io import MAX_HEADER_BYTES as current
+    assert MAX_HEADER_BYTES == current and E1 is ConfigError

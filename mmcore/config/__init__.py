@@ -49,6 +49,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from ..errors import ConfigError as ConfigError  # noqa: F401  (importable from here before)
+from ..errors import ModalityError as ModalityError  # noqa: F401
+from ..modality import Modality as Modality  # noqa: F401
 from . import base, checks, fusion, serialization
 from . import cache as cache  # noqa: F401  (submodules, importable as attributes)
 from . import mapping as mapping  # noqa: F401

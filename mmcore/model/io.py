@@ -79,6 +79,7 @@ from .tensor_io import (
     read_safetensors_header,
     state_nbytes,
 )
+from .tensor_io import MAX_HEADER_BYTES as MAX_HEADER_BYTES  # noqa: F401  (former home)
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "QUANTIZATIONS",
            "MAX_JSON_DEPTH", "MAX_CONFIG_BYTES", "save_model_dir", "load_model_dir",

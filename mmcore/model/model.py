@@ -82,6 +82,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..cache import CacheManager
+from ..config import AttentionFusion as AttentionFusion  # noqa: F401  (importable from here before)
+from ..config import CrossModalAttentionConfig as CrossModalAttentionConfig  # noqa: F401
 from ..config import (
     EarlyFusion,
     MiddleFusion,
@@ -89,7 +91,9 @@ from ..config import (
     MultiModalConfig,
     PreprocessingConfig,
 )
+from ..config import EncoderConfig as EncoderConfig  # noqa: F401
 from ..errors import ConfigError, ModalityError, ShapeError
+from ..errors import ModelFormatError as ModelFormatError  # noqa: F401
 from ..modality import Modality
 from ..ops import masked_mean
 from .directory import load_pretrained, save_model

@@ -1,5 +1,5 @@
 // Counter-based Gaussian noise for dithering: a pure function of (seed, signal, frame, t), so
-// every backend adds the same noise. Keep in sync with mmcore/_numba/spectral.py and
+// every backend adds the same noise. Keep in sync with mmcore/kernels/numba/spectral.py and
 // tests/reference.py.
 #pragma once
 #include <cmath>

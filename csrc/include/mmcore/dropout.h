@@ -1,6 +1,6 @@
 // The dropout mask is a pure function of (seed, b, h, i, j) so that every backend (C++, CUDA,
 // Numba, the NumPy reference) draws the same mask. Keep this in sync with
-// mmcore/_numba/dropout.py and tests/reference.py.
+// mmcore/kernels/numba/dropout.py and tests/reference.py.
 #pragma once
 #include <cstdint>
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, FrozenSet, Mapping, Optional, Tuple, Type, TypeVar
@@ -95,6 +97,27 @@ def _field_owners(registered: Tuple[str, ...]) -> Dict[str, Tuple[str, ...]]:
             if f.name != "modality":
                 owners[f.name] = owners.get(f.name, ()) + (tag,)
     return owners
+
+
+#: The field order of the former single class, which positional arguments still follow.
+_LEGACY_ORDER = (
+    "modality", "preset", "sample_rate", "n_mels", "n_fft", "hop_length", "chunk_length_s",
+    "padding", "max_length_s", "truncation", "mono", "extra", "size", "crop_size", "resize_mode",
+    "filter", "mean", "std", "patch_size", "num_frames", "fps", "sampling", "min_frames",
+    "max_frames", "temporal_patch", "tokenizer", "max_length", "padding_side", "add_eos")
+
+_CONFIG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at
+    the first frame outside the :mod:`mmcore.config` package (the user's line)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_CONFIG_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 def _owners() -> Dict[str, Tuple[str, ...]]:
@@ -258,7 +281,7 @@ class PreprocessingConfig(ConfigBase):
                 warnings.warn(f"[PreprocessingConfig] {name}={value!r} is ignored by "
                               f"{cls.MODALITY!r} configs (it belongs to "
                               f"{' | '.join(map(repr, owners[name]))}); passing it is "
-                              "deprecated", DeprecationWarning, stacklevel=4)
+                              "deprecated", DeprecationWarning, stacklevel=_user_stacklevel())
                 continue
             neutral = _NEUTRAL.get(name)
             if (value is MODALITY_DEFAULT or value is None
@@ -268,6 +291,22 @@ class PreprocessingConfig(ConfigBase):
             raise fail(cls._owner(), name, f"applies to modality {shown} only (this config is "
                        f"{cls.MODALITY!r})", value)
         return out
+
+    def __setstate__(self, state: Any) -> None:
+        # Unpickling builds the object with ``cls.__new__(cls)``: for a pickle of the former
+        # single class that is the audio config, whatever modality the state holds. Move the
+        # object to the class of its modality and keep that class's fields (the others must
+        # be neutral, as on construction).
+        if not isinstance(state, dict):
+            raise ConfigError(f"{self._owner()}: cannot restore a config from "
+                              f"{type(state).__name__} state")
+        sub = PreprocessingConfig.subclass(state.get("modality", type(self).MODALITY or "audio"))
+        if type(self) is not sub:
+            object.__setattr__(self, "__class__", sub)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            kept = sub._drop_other_fields(state)
+        self.__dict__.update(kept)
 
     def __getattr__(self, name: str) -> Any:
         # only reached for names that are not attributes: the fields of other modalities
@@ -352,6 +391,20 @@ def preprocessing_dataclass(cls: Any) -> Any:
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) > 1:
+            # positional fields after ``modality`` follow the order of the former single class
+            warnings.warn("[PreprocessingConfig] fields given by position after 'modality' are "
+                          "deprecated (they follow the former field order); pass them by name",
+                          DeprecationWarning, stacklevel=_user_stacklevel())
+            if len(args) > len(_LEGACY_ORDER):
+                raise ConfigError(f"PreprocessingConfig takes at most {len(_LEGACY_ORDER)} "
+                                  f"positional arguments, got {len(args)}")
+            for name, value in zip(_LEGACY_ORDER, args):
+                if name in kwargs:
+                    raise ConfigError(f"PreprocessingConfig got {name!r} by position and by "
+                                      "name")
+                kwargs[name] = value
+            args = ()
         init(self, *args, **type(self)._drop_other_fields(kwargs))
 
     cls.__init__ = __init__
