@@ -127,7 +127,8 @@ def run_case(case: Case, args, torch, rng, tkw) -> Row:
     out_np = run_np()
     diff_np = float(np.max(np.abs(out_mm - out_np))) if out_mm.size else 0.0
 
-    th = diff_th = None
+    fns = {"mm": run_mm, "np": run_np}
+    diff_th = None
     if torch is not None:
         F = torch.nn.functional
         tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
@@ -139,11 +140,10 @@ def run_case(case: Case, args, torch, rng, tkw) -> Row:
 
         out_th = run_th().numpy()
         diff_th = float(np.max(np.abs(out_mm - out_th))) if out_mm.size else 0.0
-        th = T.timeit(run_th, **tkw)
+        fns["th"] = run_th
 
-    mm = T.timeit(run_mm, **tkw)
-    npy = T.timeit(run_np, **tkw)
-    return Row(case, mm, th, npy, diff_th, diff_np)
+    t = T.interleaved(fns, **tkw)
+    return Row(case, t["mm"], t.get("th"), t["np"], diff_th, diff_np)
 
 
 def main(argv=None) -> int:
@@ -158,7 +158,8 @@ def main(argv=None) -> int:
            else dict(warmup=2, repeat=9, min_time=0.5, max_repeat=200))
     T.print_header("mmcore.ops.attention vs torch SDPA vs NumPy (float32, CPU)",
                    threads_info=threads, torch=torch, backend=args.backend,
-                   extra={"timing": f"median of >= {tkw['repeat']} calls after {tkw['warmup']} "
+                   extra={"timing": f"median of >= {tkw['repeat']} interleaved rounds (mmcore, "
+                                    f"torch, numpy) after {tkw['warmup']} "
                                     f"warm-up(s), >= {tkw['min_time']} s per measurement"
                                     + (" (--quick)" if args.quick else "")})
     ceil = T.machine_ceilings(repeat=3 if args.quick else 5)
@@ -234,9 +235,10 @@ def main(argv=None) -> int:
     if failed:
         print(f"  CORRECTNESS CHECK FAILED (max abs diff > {ATOL:g}) on: "
               + ", ".join(c.label for c in failed))
-        return 1
-    print(f"  correctness spot check: all shapes within max abs diff {ATOL:g}")
-    return 0
+    else:
+        print(f"  correctness spot check: all shapes within max abs diff {ATOL:g}")
+    T.print_footer()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
