@@ -232,15 +232,15 @@ def run_whisper_case(case: Case, x: np.ndarray, torch, librosa, tkw) -> Row:
 
     out = run_mm()
     anchors = build_anchors(x, case.n_mels, torch, librosa)
-    times: Dict[str, Optional[T.Timing]] = {}
+    fns = {"mmcore": run_mm}
     diffs: Dict[str, Optional[float]] = {}
     for name, fn in anchors._asdict().items():
-        if fn is None:
-            times[name] = diffs[name] = None
-            continue
-        diffs[name] = max_abs_diff(out, fn())
-        times[name] = T.timeit(fn, **tkw)
-    mm = T.timeit(run_mm, **tkw)
+        diffs[name] = None if fn is None else max_abs_diff(out, fn())
+        if fn is not None:
+            fns[name] = fn
+    t = T.interleaved(fns, **tkw)
+    mm = t.pop("mmcore")
+    times: Dict[str, Optional[T.Timing]] = {name: t.get(name) for name in anchors._fields}
     n_clips = max(1, case.batch)
     return Row(case, n_clips * CLIP_S, mm, times, diffs)
 
@@ -261,7 +261,7 @@ def run_fbank_case(x: np.ndarray, knf, tkw) -> Row:
         return fbank(xs, sr=SR, n_mels=80)
 
     out = run_mm()
-    times: Dict[str, Optional[T.Timing]] = {"kaldi": None}
+    fns = {"mmcore": run_mm}
     diffs: Dict[str, Optional[float]] = {"kaldi": None}
     if knf is not None:
         opts = kaldi_opts(knf, 80)
@@ -273,9 +273,10 @@ def run_fbank_case(x: np.ndarray, knf, tkw) -> Row:
             return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])
 
         diffs["kaldi"] = max_abs_diff(out, run_knf())
-        times["kaldi"] = T.timeit(run_knf, **tkw)
-    mm = T.timeit(run_mm, **tkw)
-    return Row(case, CLIP_S, mm, times, diffs)
+        fns["kaldi"] = run_knf
+    t = T.interleaved(fns, **tkw)
+    times: Dict[str, Optional[T.Timing]] = {"kaldi": t.get("kaldi")}
+    return Row(case, CLIP_S, t["mmcore"], times, diffs)
 
 
 def _ratio(anchor: Optional[T.Timing], mm: T.Timing) -> Optional[float]:
@@ -319,7 +320,8 @@ def main(argv=None) -> int:
     T.print_header("mmcore audio features vs torch (Whisper formula) / librosa / NumPy / Kaldi "
                    "(float32, CPU)", threads_info=threads, torch=torch, backend=args.backend,
                    extra={"anchors": versions,
-                          "timing": f"median of >= {tkw['repeat']} calls after {tkw['warmup']} "
+                          "timing": f"median of >= {tkw['repeat']} interleaved rounds (mmcore and "
+                                    f"its anchors) after {tkw['warmup']} "
                                     f"warm-up(s), >= {tkw['min_time']} s per measurement"
                                     + (" (--quick)" if args.quick else "")})
     ceil = T.machine_ceilings(repeat=3 if args.quick else 5)
@@ -338,6 +340,7 @@ def main(argv=None) -> int:
             fb_row = run_fbank_case(base, knf, tkw)
     except mmcore.errors.BackendError as exc:
         print(f"backend {args.backend!r} cannot run the audio ops: {exc}")
+        T.print_footer()
         return 2
 
     headers = ["case", "mmcore ms", "x realtime", "torch ms", "librosa ms", "numpy ms",
@@ -403,9 +406,10 @@ def main(argv=None) -> int:
     if failed:
         print(f"  CORRECTNESS CHECK FAILED (max abs diff > {FAIL_TOL:g} vs {check_name}) on: "
               + ", ".join(failed))
-        return 1
-    print(f"  correctness check: every case within {FAIL_TOL:g} of the {check_name} formula")
-    return 0
+    else:
+        print(f"  correctness check: every case within {FAIL_TOL:g} of the {check_name} formula")
+    T.print_footer()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
