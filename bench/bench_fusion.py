@@ -308,16 +308,17 @@ def run_case(case: Case, args, torch, rng, tkw) -> Row:
     run_np = numpy_impl(case, x, mask, kw)
     out_mm = run_mm()                      # also compiles the numba backend before it is timed
     diff_np = _rel_diff(out_mm, run_np(), scale)
-    th = diff_th = None
+    fns = {"mm": run_mm, "np": run_np}
+    diff_th = None
     if torch is not None:
         run_th = torch_impl(torch, case, x, mask, kw)
         diff_th = _rel_diff(out_mm, run_th().numpy(), scale)
-        th = T.timeit(run_th, **tkw)
-    mm = T.timeit(run_mm, **tkw)
-    npy = T.timeit(run_np, **tkw)
-    kernel = None
+        fns["th"] = run_th
     if args.backend == "native":
-        kernel = T.timeit(kernel_impl(case, x, mask, kw), **tkw)
+        fns["kernel"] = kernel_impl(case, x, mask, kw)
+    t = T.interleaved(fns, **tkw)
+    mm, npy, th, kernel = t["mm"], t["np"], t.get("th"), t.get("kernel")
+    del fns, t
     nbytes = traffic_bytes(case, x, mask, kw)
     del x, mask, kw, out_mm
     gc.collect()
@@ -336,7 +337,8 @@ def main(argv=None) -> int:
            else dict(warmup=2, repeat=7, min_time=1.0, max_repeat=50))
     T.print_header("mmcore fusion reductions vs memory bandwidth, NumPy and torch (float32, CPU)",
                    threads_info=threads, torch=torch, backend=args.backend,
-                   extra={"timing": f"median of >= {tkw['repeat']} calls after {tkw['warmup']} "
+                   extra={"timing": f"median of >= {tkw['repeat']} interleaved rounds (mmcore, "
+                                    f"kernel, numpy, torch) after {tkw['warmup']} "
                                     f"warm-up(s), >= {tkw['min_time']} s per measurement"
                                     + (" (--quick)" if args.quick else "")})
     ceil = T.machine_ceilings(repeat=3 if args.quick else 7)
@@ -416,9 +418,10 @@ def main(argv=None) -> int:
     if failed:
         print(f"  CORRECTNESS CHECK FAILED (rel max abs diff > {RTOL:g}) on: "
               + ", ".join(c.label for c in failed))
-        return 1
-    print(f"  correctness spot check: all cases within rel max abs diff {RTOL:g}")
-    return 0
+    else:
+        print(f"  correctness spot check: all cases within rel max abs diff {RTOL:g}")
+    T.print_footer()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
