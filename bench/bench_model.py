@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import os
 import pstats
 import sys
@@ -56,6 +57,7 @@ except ImportError as _exc:  # pragma: no cover - not installed
                      "pip install --no-build-isolation -Cbuild-dir=build -e .") from _exc
 
 BATCHES = (1, 8)
+VARIANTS = ("raw", "pre")  # with preprocessing / preprocessed up front
 SEED = 0
 _OPS_DIR = os.path.join(os.path.dirname(os.path.abspath(mmcore.__file__)), "ops") + os.sep
 _BACKEND_FILE = os.path.join(os.path.dirname(os.path.abspath(mmcore.__file__)), "_backend.py")
@@ -119,24 +121,31 @@ class Result(NamedTuple):
     shares: Dict[str, float]      # category -> seconds (profiled)
 
 
-def run_case(batch: int, variant: str, args, tkw, profile_calls: int) -> Result:
-    # every call computes (the cache is measured by bench_cache.py)
-    model = default_model(seed=SEED, cache=False, embed_dim=args.embed_dim,
-                          num_layers=args.layers, num_heads=args.heads)
+def run_batch(batch: int, args, tkw, profile_calls: int) -> List[Result]:
+    """Both variants of one batch size, timed interleaved (raw, pre, raw, pre, ...)."""
     raw = demo_inputs(batch, seed=SEED)
-    inputs = raw if variant == "raw" else preprocess_inputs(model, raw)
+    models, calls = {}, {}
+    for variant in VARIANTS:
+        # every call computes (the cache is measured by bench_cache.py); one model per variant
+        # keeps each variant's per-stage statistics apart
+        model = default_model(seed=SEED, cache=False, embed_dim=args.embed_dim,
+                              num_layers=args.layers, num_heads=args.heads)
+        inputs = raw if variant == "raw" else preprocess_inputs(model, raw)
+        models[variant] = model
+        calls[variant] = functools.partial(model.infer, inputs)
     with mmcore.use_backend(args.backend):
-        def call():
-            return model.infer(inputs)
-
-        for _ in range(tkw["warmup"]):
-            call()
-        model.reset_stats()
-        wall = T.timeit(call, **dict(tkw, warmup=0))
-        snap = model.stats()
-        shares = profile_shares(call, profile_calls)
-    stages = {k: v["p50_s"] for k, v in snap.items()}
-    return Result(batch, variant, stages, wall, shares)
+        for variant in VARIANTS:
+            for _ in range(tkw["warmup"]):
+                calls[variant]()
+            models[variant].reset_stats()
+        walls = T.interleaved(calls, **dict(tkw, warmup=0))
+        results = []
+        for variant in VARIANTS:
+            snap = models[variant].stats()
+            shares = profile_shares(calls[variant], profile_calls)
+            stages = {k: v["p50_s"] for k, v in snap.items()}
+            results.append(Result(batch, variant, stages, walls[variant], shares))
+    return results
 
 
 def stage_order(results: List[Result]) -> List[str]:
@@ -171,7 +180,8 @@ def main(argv=None) -> int:
                    f"{args.layers} layers, {args.heads} heads): per-stage latency (float32, CPU)",
                    threads_info=threads, backend=args.backend,
                    extra={"timing": f"p50 of >= {tkw['repeat']} calls after {tkw['warmup']} "
-                                    f"warm-up(s), >= {tkw['min_time']} s per measurement; "
+                                    "warm-up(s), raw and pre interleaved per batch; "
+                                    f">= {tkw['min_time']} s per measurement; "
                                     f"shares from {profile_calls} cProfile'd calls"
                                     + (" (--quick)" if args.quick else ""),
                           "inputs": "text + uint8 480x640x3 image + 2 s 16 kHz chirp + "
@@ -182,9 +192,8 @@ def main(argv=None) -> int:
 
     results: List[Result] = []
     for batch in BATCHES:
-        for variant in ("raw", "pre"):
-            print(f"  measuring batch {batch} {variant}", file=sys.stderr, flush=True)
-            results.append(run_case(batch, variant, args, tkw, profile_calls))
+        print(f"  measuring batch {batch} {' and '.join(VARIANTS)}", file=sys.stderr, flush=True)
+        results.extend(run_batch(batch, args, tkw, profile_calls))
 
     print("per-stage p50 (ms)")
     stages = stage_order(results)
@@ -228,6 +237,7 @@ def main(argv=None) -> int:
             print(f"  preprocessing share of the raw total at batch {r.batch}: "
                   f"{100.0 * pre_s / r.stages['total']:.1f}% (sum of per-stage p50s)")
     print(f"  machine: float32 GEMM {ceil.gemm_gflops:.1f} GFLOP/s")
+    T.print_footer()
     return 0
 
 
