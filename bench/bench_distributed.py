@@ -72,8 +72,8 @@ def _transfer(nbytes: int, repeat: int):
                 got += conn.recv_into(view[got:], nbytes - got)
             t.join()
 
-        tf = T.timeit(framed, warmup=1, repeat=repeat)
-        tp = T.timeit(plain, warmup=1, repeat=repeat)
+        t = T.interleaved({"framed": framed, "plain": plain}, warmup=1, repeat=repeat)
+        tf, tp = t["framed"], t["plain"]
     finally:
         cli.close()
         conn.close()
@@ -137,9 +137,10 @@ def bench_round_trip(model_dir: str, quick: bool) -> None:
                 def run_remote_fresh(enc=enc, it=it):
                     return enc.submit(next(it), is_raw=True, attention_mask=None).result()
 
-                tl = T.timeit(run_local, warmup=2, repeat=rep)
-                tr = T.timeit(run_remote_fresh, warmup=2, repeat=rep)
-                th = T.timeit(health, warmup=2, repeat=rep)
+                # exactly rep rounds (no min_time): run_remote_fresh has rep + 4 inputs
+                t = T.interleaved({"local": run_local, "remote": run_remote_fresh,
+                                   "health": health}, warmup=2, repeat=rep)
+                tl, tr, th = t["local"], t["remote"], t["health"]
                 rows.append([label, mod, T.fmt(tl.median * 1e3), T.fmt(tr.median * 1e3),
                              T.fmt((tr.median - tl.median) * 1e3),
                              T.fmt(th.median * 1e3, ".3f")])
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
         bench_scaling(model_dir, args.quick)
     print(f"\ntarget: framed transfer >= {TRANSFER_TARGET_GBPS} GB/s for arrays >= 64 MB: "
           f"{'MET' if ok else 'NOT MET'}")
+    T.print_footer()
     return 0
 
 
