@@ -85,7 +85,7 @@ def bench_transfer(quick: bool, ceil) -> bool:
     sizes = [4, 64] if quick else [4, 64, 256]
     rows, ok = [], True
     for mb in sizes:
-        framed, plain = _transfer(mb << 20, 3 if quick else 5)
+        framed, plain = _transfer(mb << 20, 3 if quick else 7)
         rows.append([f"{mb} MB", T.fmt(framed), T.fmt(plain), f"{100 * framed / plain:.0f}%",
                      T.fmt(ceil.copy_gbps / 2)])
         if mb >= 64:

@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     tkw = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
            else dict(warmup=2, repeat=9, min_time=0.5, max_repeat=300))
     tkw_batch = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
-                 else dict(warmup=1, repeat=5, min_time=1.0, max_repeat=50))
+                 else dict(warmup=1, repeat=7, min_time=1.0, max_repeat=50))
     versions = []
     for name in ("PIL", "cv2", "torchvision", "transformers", "av"):
         mod = sys.modules.get(name)
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
             print()
         else:
             vkw = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
-                   else dict(warmup=1, repeat=5, min_time=1.0, max_repeat=30))
+                   else dict(warmup=1, repeat=7, min_time=1.0, max_repeat=30))
             for gop in args.gop:
                 run_video(av, vkw, gop)
 
