@@ -251,50 +251,41 @@ mmcore::ImageView<T> image_view(const char* op, const char* name, py::handle obj
   return v;
 }
 
+// The views of one resize call, checked pairwise, and the kernel call for element type T.
+template <typename T, typename Kernel>
+void resize_views(py::list srcs, py::list dsts, mmcore::ResizeFilter f, bool antialias, int num_threads,
+                  Kernel kernel) {
+  const char* op = "resize";
+  const size_t n = srcs.size();
+  std::vector<mmcore::ImageView<const T>> s(n);
+  std::vector<mmcore::ImageView<T>> d(n);
+  for (size_t i = 0; i < n; ++i) {
+    s[i] = image_view<const T>(op, "srcs", srcs[i], false);
+    d[i] = image_view<T>(op, "dsts", dsts[i], true);
+    if (s[i].C != d[i].C) throw py::value_error("[resize] source and destination channels differ");
+    if (s[i].H == 0 || s[i].W == 0) throw py::value_error("[resize] empty source image");
+  }
+  mmcore::ResizeParams<T> p;
+  p.srcs = s.data();
+  p.dsts = d.data();
+  p.n = static_cast<int64_t>(n);
+  p.filter = f;
+  p.antialias = antialias;
+  p.num_threads = std::max(num_threads, 1);
+  run_kernel(op, [&] { kernel(p); });
+}
+
 void resize(py::list srcs, py::list dsts, const std::string& filter, bool antialias, int num_threads) {
   const char* op = "resize";
   const auto f = parse_enum(op, "filter", filter, mmcore::bindings::kResizeFilters);
   if (srcs.size() != dsts.size()) throw py::value_error("[resize] srcs and dsts differ in length");
-  const size_t n = srcs.size();
-  if (n == 0) return;
-  const bool is_u8 = same_dtype(py::reinterpret_borrow<py::array>(srcs[0]).dtype(), py::dtype::of<uint8_t>());
-  auto check_pair = [&](int64_t C, int64_t dC, int64_t H, int64_t W) {
-    if (C != dC) throw py::value_error("[resize] source and destination channels differ");
-    if (H == 0 || W == 0) throw py::value_error("[resize] empty source image");
-  };
-  if (is_u8) {
-    std::vector<mmcore::ImageView<const uint8_t>> s(n);
-    std::vector<mmcore::ImageView<uint8_t>> d(n);
-    for (size_t i = 0; i < n; ++i) {
-      s[i] = image_view<const uint8_t>(op, "srcs", srcs[i], false);
-      d[i] = image_view<uint8_t>(op, "dsts", dsts[i], true);
-      check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
-    }
-    mmcore::ResizeParams<uint8_t> p;
-    p.srcs = s.data();
-    p.dsts = d.data();
-    p.n = static_cast<int64_t>(n);
-    p.filter = f;
-    p.antialias = antialias;
-    p.num_threads = std::max(num_threads, 1);
-    run_kernel(op, [&] { mmcore::resize_u8_cpu(p); });
-  } else {
-    std::vector<mmcore::ImageView<const float>> s(n);
-    std::vector<mmcore::ImageView<float>> d(n);
-    for (size_t i = 0; i < n; ++i) {
-      s[i] = image_view<const float>(op, "srcs", srcs[i], false);
-      d[i] = image_view<float>(op, "dsts", dsts[i], true);
-      check_pair(s[i].C, d[i].C, s[i].H, s[i].W);
-    }
-    mmcore::ResizeParams<float> p;
-    p.srcs = s.data();
-    p.dsts = d.data();
-    p.n = static_cast<int64_t>(n);
-    p.filter = f;
-    p.antialias = antialias;
-    p.num_threads = std::max(num_threads, 1);
-    run_kernel(op, [&] { mmcore::resize_f32_cpu(p); });
-  }
+  if (srcs.size() == 0) return;
+  if (same_dtype(py::reinterpret_borrow<py::array>(srcs[0]).dtype(), py::dtype::of<uint8_t>()))
+    resize_views<uint8_t>(srcs, dsts, f, antialias, num_threads,
+                          [](const mmcore::ResizeParams<uint8_t>& p) { mmcore::resize_u8_cpu(p); });
+  else
+    resize_views<float>(srcs, dsts, f, antialias, num_threads,
+                        [](const mmcore::ResizeParams<float>& p) { mmcore::resize_f32_cpu(p); });
 }
 
 // layout "chw" gives planes (N, C, H, W), "hwc" keeps (N, H, W, C).

@@ -547,38 +547,39 @@ void resize_rgba_aware(const ImageView<const uint8_t>& src, const ImageView<uint
 
 }  // namespace
 
-void resize_u8(const ResizeParams<uint8_t>& p) {
+namespace {
+
+// One resize call over a batch: every image's scratch is checked first, then images run in
+// parallel (one thread each) when there are enough of them, else one at a time on all threads.
+// `one` resizes one image: uint8 images go through the RGBA-aware path, float ones directly.
+template <typename T, typename One>
+void resize_batch(const ResizeParams<T>& p, bool is_u8, One one) {
   const auto* srcs = p.srcs;
   const auto* dsts = p.dsts;
   const int64_t n = p.n;
-  const ResizeFilter f = p.filter;
-  const bool antialias = p.antialias;
   const int num_threads = p.num_threads;
   for (int64_t i = 0; i < n; ++i)
-    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, dsts[i].H, dsts[i].W, dsts[i].H, dsts[i].W, f, antialias,
-                         true);
+    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, dsts[i].H, dsts[i].W, dsts[i].H, dsts[i].W, p.filter,
+                         p.antialias, is_u8);
   if (n >= num_threads && n > 1) {
-    parallel_for(n, num_threads, [&](int64_t i, int) { resize_rgba_aware(srcs[i], dsts[i], f, antialias, 1); });
+    parallel_for(n, num_threads, [&](int64_t i, int) { one(srcs[i], dsts[i], p.filter, p.antialias, 1); });
   } else {
-    for (int64_t i = 0; i < n; ++i) resize_rgba_aware(srcs[i], dsts[i], f, antialias, num_threads);
+    for (int64_t i = 0; i < n; ++i) one(srcs[i], dsts[i], p.filter, p.antialias, num_threads);
   }
 }
 
+}  // namespace
+
+void resize_u8(const ResizeParams<uint8_t>& p) {
+  resize_batch(p, true, [](const auto& src, const auto& dst, ResizeFilter f, bool aa, int threads) {
+    resize_rgba_aware(src, dst, f, aa, threads);
+  });
+}
+
 void resize_f32(const ResizeParams<float>& p) {
-  const auto* srcs = p.srcs;
-  const auto* dsts = p.dsts;
-  const int64_t n = p.n;
-  const ResizeFilter f = p.filter;
-  const bool antialias = p.antialias;
-  const int num_threads = p.num_threads;
-  for (int64_t i = 0; i < n; ++i)
-    check_resize_scratch(srcs[i].H, srcs[i].W, srcs[i].C, dsts[i].H, dsts[i].W, dsts[i].H, dsts[i].W, f, antialias,
-                         false);
-  if (n >= num_threads && n > 1) {
-    parallel_for(n, num_threads, [&](int64_t i, int) { resize_one(srcs[i], dsts[i], f, antialias, 1); });
-  } else {
-    for (int64_t i = 0; i < n; ++i) resize_one(srcs[i], dsts[i], f, antialias, num_threads);
-  }
+  resize_batch(p, false, [](const auto& src, const auto& dst, ResizeFilter f, bool aa, int threads) {
+    resize_one(src, dst, f, aa, threads);
+  });
 }
 
 void preprocess_u8(const PreprocessParams& p) {
