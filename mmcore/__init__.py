@@ -10,6 +10,7 @@ Examples
 
 from . import config, errors, ops, preprocess
 from ._backend import backends, get_num_threads, set_num_threads, use_backend
+from ._precision import get_matmul_precision, matmul_precision, set_matmul_precision
 from ._version import __version__
 from .cache import TensorCache
 from .config import (
@@ -31,7 +32,8 @@ from .config import (
 from .modality import Modality
 
 __all__ = ["__version__", "errors", "ops", "config", "preprocess", "backends", "use_backend",
-           "set_num_threads", "get_num_threads", "Modality", "TensorCache", "MultiModalConfig",
+           "set_num_threads", "get_num_threads", "set_matmul_precision", "get_matmul_precision",
+           "matmul_precision", "Modality", "TensorCache", "MultiModalConfig",
            "ModalityConfig", "PreprocessingConfig", "EncoderConfig", "CrossModalAttentionConfig",
            "CacheConfig", "CachePolicy", "FusionStrategy", "EarlyFusion", "MiddleFusion",
            "LateFusion", "AttentionFusion", "CustomFusion", "register_fusion", "MultiModalModel",

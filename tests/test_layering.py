@@ -21,7 +21,8 @@ from _structure import PACKAGE_DIR, import_graph, module_files, module_sizes
 LAYERS = [
     {"mmcore._C", "mmcore._cuda"},                   # the native modules (no Python imports)
     {"mmcore.errors"},
-    {"mmcore.modality", "mmcore._files", "mmcore._backend", "mmcore._version"},
+    {"mmcore.modality", "mmcore._files", "mmcore._backend", "mmcore._precision",
+     "mmcore._version"},
     {"mmcore.kernels"},
     {"mmcore.config", "mmcore.ops"},
     {"mmcore.preprocess", "mmcore.cache", "mmcore.viz"},
