@@ -27,7 +27,8 @@ from .. import _backend
 from ..errors import BackendError
 
 __all__ = ["native", "attention", "masked_mean", "masked_max", "fuse", "spectral", "resize",
-           "normalize", "patchify", "preprocess_image", "linear", "layer_norm", "encoder_layer"]
+           "normalize", "patchify", "preprocess_image", "linear", "pack_weight", "layer_norm",
+           "encoder_layer", "PACKED"]
 
 Array = np.ndarray
 
@@ -36,6 +37,14 @@ Array = np.ndarray
 # activation, 0 (float32) and mmcore.ops.linear's kind codes for a weight.
 _ACTIVATION_NAMES = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu")
 _WEIGHT_KIND_NAMES = ("float32", "float16", "bfloat16", "int8")
+
+#: The kind code of a weight given as a ``mmcore._C.PackedWeight`` (see :func:`pack_weight`).
+PACKED = -1
+
+
+def _precision_kw(precision: str) -> dict:
+    """The ``precision`` keyword of a native call ("highest" is the native default)."""
+    return {} if precision == "highest" else {"precision": precision}
 
 
 def native(op: str, kernel: str) -> Any:
@@ -54,11 +63,12 @@ def _threads() -> int:
 def attention(q: Array, k: Array, v: Array, out: Array, weights: Optional[Array],
               lse: Optional[Array], mask: Optional[Array], bias: Optional[Array],
               key_lengths: Optional[Array], scale: float, dropout: bool, seed: int,
-              threshold: int, dropout_scale: float) -> None:
+              threshold: int, dropout_scale: float, *, precision: str = "highest") -> None:
     """:func:`mmcore.ops.attention` (fills ``out``, ``weights`` and ``lse``)."""
     native("attention", "attention").attention(
         q, k, v, out, weights, lse, mask, bias, key_lengths, scale=scale, dropout=dropout,
-        seed=seed, threshold=threshold, dropout_scale=dropout_scale, num_threads=_threads())
+        seed=seed, threshold=threshold, dropout_scale=dropout_scale, **_precision_kw(precision),
+        num_threads=_threads())
 
 
 def masked_mean(x: Array, mask: Optional[Array], out: Array) -> Array:
@@ -117,14 +127,29 @@ def preprocess_image(srcs: list, out: Array, geoms: Array, mean: Array, std: Arr
         antialias=antialias, scale=scale, patch=patch, num_threads=_threads())
 
 
-def linear(x: Array, weight: Array, bias: Optional[Array], out: Array, *, activation: int,
-           weight_kind: int = 0, weight_scale: Optional[Array] = None) -> None:
-    """:func:`mmcore.ops.linear` of (M, K) rows; ``weight_kind`` / ``weight_scale`` describe a
-    quantized weight (see :class:`mmcore.ops.linear.QuantizedTensor`)."""
+def linear(x: Array, weight: Any, bias: Optional[Array], out: Array, *, activation: int,
+           weight_kind: int = 0, weight_scale: Optional[Array] = None,
+           precision: str = "highest") -> None:
+    """:func:`mmcore.ops.linear` of (M, K) rows under ``precision``; ``weight_kind`` /
+    ``weight_scale`` describe a quantized weight (see :class:`mmcore.ops.linear.QuantizedTensor`),
+    and ``weight_kind`` :data:`PACKED` a ``mmcore._C.PackedWeight`` packed for ``precision``."""
     C = native("linear", "linear")
+    if weight_kind == PACKED:
+        C.linear(x, weight, bias, out, activation=_ACTIVATION_NAMES[activation],
+                 **_precision_kw(precision), num_threads=_threads())
+        return
     C.linear(x, weight, bias, out, activation=_ACTIVATION_NAMES[activation],
              weight_kind=_WEIGHT_KIND_NAMES[weight_kind], weight_scale=weight_scale,
-             num_threads=_threads())
+             **_precision_kw(precision), num_threads=_threads())
+
+
+def pack_weight(weight: Array, weight_scale: Optional[Array], *, weight_kind: int,
+                precision: str) -> Any:
+    """A ``mmcore._C.PackedWeight``: the (N, K) ``weight`` (of kind ``weight_kind``, see
+    :func:`linear`) packed once for the products of ``precision``."""
+    C = native("pack_weight", "pack_weight")
+    return C.pack_weight(weight, weight_scale, weight_kind=_WEIGHT_KIND_NAMES[weight_kind],
+                         precision=precision, num_threads=_threads())
 
 
 def layer_norm(x: Array, weight: Optional[Array], bias: Optional[Array], out: Array, *,
@@ -136,10 +161,12 @@ def layer_norm(x: Array, weight: Optional[Array], bias: Optional[Array], out: Ar
 
 def encoder_layer(x: Array, out: Array, key_lengths: Optional[Array], *, num_heads: int,
                   weights: tuple, biases: tuple, norms: tuple, eps1: float, eps2: float,
-                  activation: int, scale: float) -> None:
-    """:func:`mmcore.ops.encoder_layer`: the pre-norm block in one native call."""
-    weights = tuple((w, _WEIGHT_KIND_NAMES[kind], s) for w, kind, s in weights)
+                  activation: int, scale: float, precision: str = "highest") -> None:
+    """:func:`mmcore.ops.encoder_layer`: the pre-norm block in one native call; each weight is
+    ``(array, kind code, scale)`` as for :func:`linear`, or ``(PackedWeight, PACKED, None)``."""
+    weights = tuple((w, None, None) if kind == PACKED else (w, _WEIGHT_KIND_NAMES[kind], s)
+                    for w, kind, s in weights)
     native("encoder_layer", "encoder_layer").encoder_layer(
         x, out, key_lengths, num_heads=num_heads, weights=weights, biases=biases, norms=norms,
         eps1=eps1, eps2=eps2, activation=_ACTIVATION_NAMES[activation], scale=scale,
-        num_threads=_threads())
+        **_precision_kw(precision), num_threads=_threads())

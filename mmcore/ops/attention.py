@@ -9,6 +9,7 @@ from typing import Literal, Optional, Tuple, Union, overload
 import numpy as np
 
 from .. import _backend
+from .._precision import resolve_precision
 from ..errors import ShapeError
 from ..kernels import launcher
 from ._checks import (
@@ -34,37 +35,41 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
               key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
               scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
               seed: Optional[int] = None, return_weights: Literal[False] = False,
-              return_lse: Literal[False] = False, backend: Optional[Backend] = None) -> Array: ...
+              return_lse: Literal[False] = False, precision: Optional[str] = None,
+              backend: Optional[Backend] = None) -> Array: ...
 @overload
 def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
               key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
               scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
               seed: Optional[int] = None, return_weights: Literal[True],
-              return_lse: Literal[False] = False,
+              return_lse: Literal[False] = False, precision: Optional[str] = None,
               backend: Optional[Backend] = None) -> Tuple[Array, Array]: ...
 @overload
 def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
               key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
               scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
               seed: Optional[int] = None, return_weights: Literal[False] = False,
-              return_lse: Literal[True],
+              return_lse: Literal[True], precision: Optional[str] = None,
               backend: Optional[Backend] = None) -> Tuple[Array, Array]: ...
 @overload
 def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
               key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
               scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
               seed: Optional[int] = None, return_weights: Literal[True], return_lse: Literal[True],
+              precision: Optional[str] = None,
               backend: Optional[Backend] = None) -> Tuple[Array, Array, Array]: ...
 @overload
 def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
               key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
               scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
               seed: Optional[int] = None, return_weights: bool = False, return_lse: bool = False,
+              precision: Optional[str] = None,
               backend: Optional[Backend] = None) -> Union[Array, Tuple[Array, ...]]: ...
 def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
               key_lengths: Optional[Array] = None, bias: Optional[Array] = None,
               scale: Optional[float] = None, temperature: float = 1.0, dropout_p: float = 0.0,
               seed: Optional[int] = None, return_weights: bool = False, return_lse: bool = False,
+              precision: Optional[str] = None,
               backend: Optional[Backend] = None) -> Union[Array, Tuple[Array, ...]]:
     """Scaled dot-product attention from queries of one modality to keys/values of another.
 
@@ -75,9 +80,11 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     Parameters
     ----------
     q : array (B, H, Lq, D)
-        Queries, float32 or float16 (float64 is cast to float32); on the cuda backend also
-        bfloat16 (CuPy, or a DLPack / ``__cuda_array_interface__`` array such as a torch
-        tensor), read in place; float16 / bfloat16 use tensor cores on sm_80 and newer.
+        Queries, float32, float16 or bfloat16 (float64 is cast to float32). On the host a
+        bfloat16 array (``ml_dtypes.bfloat16`` NumPy arrays, torch ``bfloat16`` tensors) is
+        widened to float32, which is exact, so it computes with exactly the values given. On
+        the cuda backend (CuPy, or a DLPack / ``__cuda_array_interface__`` array such as a torch
+        tensor) float16 / bfloat16 are read in place and use tensor cores on sm_80 and newer.
     k : array (B, H, Lk, D)
         Keys. ``Lk`` may differ from ``Lq``.
     v : array (B, H, Lk, Dv)
@@ -88,6 +95,7 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
         Keys at index ``>= key_lengths[b]`` are ignored: the fast path for padded keys.
     bias : float array broadcastable to (B, H, Lq, Lk), optional
         Added to the scores; ``-inf`` entries act as a mask. NaN and ``+inf`` are rejected.
+        bfloat16 is accepted as for ``q``.
     scale : float, optional
         Multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``. Must be finite in float32, as must
         ``scale / temperature`` (the factor the kernels apply).
@@ -105,13 +113,22 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     return_lse : bool, default False
         Also return the log-sum-exp of the (masked) scores per query row (B, H, Lq), before
         dropout; ``-inf`` for rows with no key to attend to.
+    precision : {"highest", "bf16", "int8"}, optional
+        The arithmetic of the two products (:mod:`mmcore._precision`); default: the current
+        one, :func:`mmcore.get_matmul_precision`. ``"highest"``: float32, exact as ever.
+        ``"bf16"``: ``q``, ``k`` and ``v`` rounded to bfloat16; the native kernel also rounds
+        the softmax numerators ``P`` to bfloat16 before ``P @ v`` (the numba kernel does not);
+        scores, softmax statistics and sums stay float32. ``"int8"``: as ``"highest"``
+        (attention has no int8 arithmetic; only weight products are quantized). The cuda
+        backend computes as ``"highest"`` whatever the precision.
     backend : {"native", "numba", "cuda"}, optional
         Override the backend (see :mod:`mmcore._backend`).
 
     Returns
     -------
     out : float32 array (B, H, Lq, Dv), or a tuple ``(out[, weights][, lse])``
-        A query row with no key to attend to gives zeros (and ``lse = -inf``), never NaN.
+        float32 whatever the input dtypes (bfloat16 inputs included). A query row with no key
+        to attend to gives zeros (and ``lse = -inf``), never NaN.
 
     Raises
     ------
@@ -119,7 +136,8 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
         An array of the wrong rank, shape or dtype (or ``bias`` with NaN / ``+inf``).
     ArgumentError
         A scalar option of the wrong type or out of range (``scale``, ``temperature``,
-        ``dropout_p``, ``seed``, ``return_weights``, ``return_lse``); the message names it.
+        ``dropout_p``, ``seed``, ``return_weights``, ``return_lse``, ``precision``); the
+        message names it.
 
     Notes
     -----
@@ -140,9 +158,13 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     >>> out, w = attention(q, k, v, key_lengths=np.array([500]), return_weights=True)
     >>> out.shape, w.shape, bool(np.allclose(w.sum(-1), 1, atol=1e-5)), float(w[..., 500:].max())
     ((1, 8, 77, 32), (1, 8, 77, 577), True, 0.0)
+    >>> fast = attention(q, k, v, key_lengths=np.array([500]), precision="bf16")
+    >>> bool(np.abs(fast - out).max() < 2 ** -6)
+    True
     """
     return_weights = check_bool("return_weights", return_weights, op=_OP)
     return_lse = check_bool("return_lse", return_lse, op=_OP)
+    prec = resolve_precision(_OP, precision)
     # (1) the backend and its array module
     name = _backend.resolve_backend(_OP, (q, k, v), backend)
     dev: Optional[ModuleType]       # the CUDA glue, None on the host
@@ -154,16 +176,15 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
         where = cuda_glue.on_device(xp, q)
     else:
         dev, xp, bf16 = None, np, (False, False, False)
-        q, k, v = (as_host_array(_OP, n, a) for n, a in (("q", q), ("k", k), ("v", v)))
+        q, k, v = (_host_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
         where = contextlib.nullcontext()
 
     # (2) the arguments, once, against xp
     B, H, Lq, Lk, D, Dv = check_qkv_shapes(_OP, q, k, v)
     for n, a, is_bf16 in (("q", q, bf16[0]), ("k", k, bf16[1]), ("v", v, bf16[2])):
         if not is_bf16 and np.dtype(a.dtype) not in FLOAT_INPUT_DTYPES:
-            accepted = "float32, float16 or bfloat16" if dev else "float32 or float16"
-            raise ShapeError(f"[{_OP}] {n} has dtype {a.dtype}, expected {accepted} (float64 is "
-                             "cast)")
+            raise ShapeError(f"[{_OP}] {n} has dtype {a.dtype}, expected float32, float16 or "
+                             "bfloat16 (float64 is cast)")
     sc = attention_scalars(_OP, D, scale, temperature, dropout_p, seed)
 
     full = (B, H, Lq, Lk)
@@ -183,7 +204,7 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
         bias_v = None
         if bias is not None:
             if dev is None:
-                bb, bb_bf16 = as_host_array(_OP, "bias", bias), False
+                bb, bb_bf16 = _host_array("bias", bias), False
             else:
                 bb, bb_bf16 = dev.read_float(xp, _OP, "bias", bias, q)
                 if bb_bf16:
@@ -219,13 +240,27 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
 
         # (3) the kernel
         launch = launcher(_OP, name, "attention", "attention")
+        # the host kernels take the precision; the cuda one computes float32 as "highest"
+        host = {} if dev is not None else {"precision": prec}
         launch(q, k, v, out, weights, lse, mask_v, bias_v, kl, sc.eff_scale, sc.use_dropout,
-               sc.seed, sc.threshold, sc.drop_scale)
+               sc.seed, sc.threshold, sc.drop_scale, **host)
     return attention_results(out, weights, lse)
+
+
+def _host_array(name: str, x) -> np.ndarray:
+    """``x`` as a NumPy array; bfloat16 (an ``ml_dtypes.bfloat16`` array, a torch ``bfloat16``
+    tensor) widened to float32, which is exact."""
+    if type(x).__module__.partition(".")[0] == "torch" and str(getattr(x, "dtype", "")) == \
+            "torch.bfloat16":
+        x = x.detach().float().numpy()
+    a = as_host_array(_OP, name, x)
+    if a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    return a
 
 
 def _array(dev, xp, name: str, x, q):
     """``x`` as an array of ``xp``; on a device, on the device of ``q``."""
     if dev is None:
-        return as_host_array(_OP, name, x)
+        return _host_array(name, x)
     return dev.device_input(xp, _OP, name, x, q)

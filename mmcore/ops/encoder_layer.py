@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _backend
+from .._precision import resolve_precision
 from ..errors import ArgumentError, BackendError, ShapeError
 from ..kernels import launcher
 from ._checks import (
@@ -36,15 +37,19 @@ from ._checks import (
     float32_contiguous,
 )
 from ._types import HostBackend
-from .linear import ACTIVATIONS, WEIGHT_KIND_CODES, QuantizedTensor
+from .linear import (
+    ACTIVATIONS,
+    PackedWeight,
+    QuantizedTensor,
+    Weight,
+    WeightOperand,
+    check_int8_features,
+    weight_operand,
+)
 
 __all__ = ["encoder_layer"]
 
 _OP = "encoder_layer"
-
-#: (array, kind code, scale or None): a weight as the kernels read it (see QuantizedTensor)
-WeightRef = Tuple[np.ndarray, int, Optional[np.ndarray]]
-
 
 def _vector(name: str, value, n: int, dims: str) -> Optional[np.ndarray]:
     """An optional float vector of ``n`` values as float32 C-contiguous (ShapeError else)."""
@@ -56,10 +61,11 @@ def _vector(name: str, value, n: int, dims: str) -> Optional[np.ndarray]:
     return float32_contiguous(_OP, name, a)
 
 
-def _weight(name: str, value, rows: Optional[int], cols: int, dims: str) -> WeightRef:
-    """A float (rows, cols) matrix or a :class:`QuantizedTensor` of that shape; ``rows=None``
-    takes any row count >= 1."""
-    if isinstance(value, QuantizedTensor):
+def _weight(name: str, value, rows: Optional[int], cols: int,
+            dims: str) -> Union[np.ndarray, QuantizedTensor, PackedWeight]:
+    """A float (rows, cols) matrix (float32, C-contiguous), a :class:`QuantizedTensor` or a
+    :class:`PackedWeight` of that shape; ``rows=None`` takes any row count >= 1."""
+    if isinstance(value, (QuantizedTensor, PackedWeight)):
         shape = tuple(int(n) for n in value.shape)
     else:
         a = as_host_array(_OP, name, value)
@@ -72,26 +78,9 @@ def _weight(name: str, value, rows: Optional[int], cols: int, dims: str) -> Weig
     if shape != (want_rows, cols) or want_rows < 1:
         raise ShapeError(f"[{_OP}] {name} has shape {shape}, expected "
                          f"({'at least 1' if rows is None else rows}, {cols}) = {dims}")
-    if isinstance(value, QuantizedTensor):
-        return (np.ascontiguousarray(value.data), WEIGHT_KIND_CODES[value.kind], value.scale)
-    return (float32_contiguous(_OP, name, a), 0, None)
-
-
-def _dequantized(w: WeightRef) -> WeightRef:
-    """The float32 matrix of a weight (the numba kernels read float32 only)."""
-    data, kind, scale = w
-    if kind == 0:
-        return w
-    return (np.ascontiguousarray(QuantizedTensor(data, _kind_name(kind), scale).dequantize(),
-                                 dtype=np.float32), 0, None)
-
-
-def _kind_name(code: int) -> str:
-    return next(name for name, c in WEIGHT_KIND_CODES.items() if c == code)
-
-
-#: A weight matrix as :func:`encoder_layer` takes it: float, or kept quantized.
-Weight = Union[npt.ArrayLike, QuantizedTensor]
+    if isinstance(value, (QuantizedTensor, PackedWeight)):
+        return value
+    return float32_contiguous(_OP, name, a)
 
 
 def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
@@ -106,7 +95,8 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
                   norm2_bias: Optional[npt.ArrayLike] = None,
                   key_lengths: Optional[npt.ArrayLike] = None, activation: Optional[str] = "gelu",
                   eps1: float = 1e-5, eps2: float = 1e-5, scale: Optional[float] = None,
-                  temperature: float = 1.0, backend: Optional[HostBackend] = None) -> np.ndarray:
+                  temperature: float = 1.0, precision: Optional[str] = None,
+                  backend: Optional[HostBackend] = None) -> np.ndarray:
     """A pre-norm transformer encoder block over ``x`` (B, L, E): self-attention, then an MLP,
     each with a residual (see the module docstring for the exact composition).
 
@@ -116,12 +106,14 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
         float32 (float16 / float64 are cast); ``B`` and ``L`` may be 0, ``E >= 1``.
     num_heads : int
         Attention heads ``H``, keyword-only like every option; must divide ``E``.
-    in_proj_weight : array (3E, E) or QuantizedTensor
-        The packed q, k, v projections (PyTorch's ``self_attn.in_proj_weight``).
-    out_proj_weight : array (E, E) or QuantizedTensor
-    linear1_weight : array (F, E) or QuantizedTensor
+    in_proj_weight : array (3E, E), QuantizedTensor or PackedWeight
+        The stacked q, k, v projections (PyTorch's ``self_attn.in_proj_weight``). Every
+        weight may be a :class:`~mmcore.ops.linear.QuantizedTensor` or a
+        :class:`~mmcore.ops.PackedWeight`, read as :func:`~mmcore.ops.linear` reads them.
+    out_proj_weight : array (E, E), QuantizedTensor or PackedWeight
+    linear1_weight : array (F, E), QuantizedTensor or PackedWeight
         ``F`` (the feed-forward width) is its row count, ``F >= 1``.
-    linear2_weight : array (E, F) or QuantizedTensor
+    linear2_weight : array (E, F), QuantizedTensor or PackedWeight
     in_proj_bias, out_proj_bias, linear1_bias, linear2_bias : array, optional
         Shapes (3E,), (E,), (F,) and (E,).
     norm1_weight, norm1_bias, norm2_weight, norm2_bias : array (E,), optional
@@ -137,6 +129,12 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
         Multiplies ``q @ k^T``; default ``1 / sqrt(E / H)``.
     temperature : float, default 1.0
         Divides the scaled scores (``scale / temperature`` must be finite in float32).
+    precision : {"highest", "bf16", "int8"}, optional
+        The arithmetic of the four linear maps and of the attention, as in
+        :func:`~mmcore.ops.linear` and :func:`~mmcore.ops.attention` (:mod:`mmcore._precision`);
+        default: the current one, :func:`mmcore.get_matmul_precision`. ``"highest"`` is exact
+        float32; under ``"int8"`` E and F are at most 65536 and the attention computes as
+        under ``"highest"``. Layer norms, softmax and residual sums are float32 under each.
     backend : {"native", "numba"}, optional
         Override the backend (see :mod:`mmcore._backend`); there is no cuda kernel.
 
@@ -152,7 +150,8 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
         message names the argument.
     ArgumentError
         A scalar option of the wrong type or out of range (``num_heads``, ``activation``,
-        ``eps1``, ``eps2``, ``scale``, ``temperature``), or a norm bias without its weight.
+        ``eps1``, ``eps2``, ``scale``, ``temperature``, ``precision``), or a norm bias without
+        its weight.
     BackendError
         ``backend="cuda"`` or CUDA arrays.
 
@@ -169,6 +168,10 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
     ...                   key_lengths=np.array([5, 3]))
     >>> y.shape, y.dtype
     ((2, 5, 8), dtype('float32'))
+    >>> y8 = encoder_layer(x, num_heads=2, in_proj_weight=w(3 * E, E), out_proj_weight=w(E, E),
+    ...                    linear1_weight=w(F, E), linear2_weight=w(E, F), precision="int8")
+    >>> y8.shape
+    (2, 5, 8)
     """
     # (1) the backend
     name = _backend.resolve_backend(_OP, (x,), backend)
@@ -176,6 +179,7 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
         raise BackendError(f"[{_OP}] backend {name!r} is not available for encoder_layer "
                            "(native or numba)")
     # (2) the arguments, once
+    prec = resolve_precision(_OP, precision)
     if not (activation is None or isinstance(activation, str)) or activation not in ACTIVATIONS:
         raise ArgumentError(f"[{_OP}] activation must be one of "
                             f"{', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
@@ -191,7 +195,7 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
     w_in = _weight("in_proj_weight", in_proj_weight, 3 * E, E, "(3E, E)")
     w_out = _weight("out_proj_weight", out_proj_weight, E, E, "(E, E)")
     w1 = _weight("linear1_weight", linear1_weight, None, E, "(F, E)")
-    F = int(w1[0].shape[0])
+    F = int(w1.shape[0])
     w2 = _weight("linear2_weight", linear2_weight, E, F, "(E, F)")
     biases = (_vector("in_proj_bias", in_proj_bias, 3 * E, "(3E,)"),
               _vector("out_proj_bias", out_proj_bias, E, "(E,)"),
@@ -218,14 +222,14 @@ def encoder_layer(x: npt.ArrayLike, *, num_heads: int, in_proj_weight: Weight,
             raise ShapeError(f"[{_OP}] key_lengths must lie in [0, L = {L}], got values in "
                              f"[{int(kl.min())}, {int(kl.max())}]")
         kl = np.ascontiguousarray(kl, dtype=np.int64)
-    weights: Tuple[WeightRef, ...] = (w_in, w_out, w1, w2)
-    if name == "numba":
-        weights = tuple(_dequantized(w) for w in weights)
+    check_int8_features(_OP, max(E, F), prec)
     out = np.empty((B, L, E), np.float32)
     if B * L == 0:
         return out
+    weights: Tuple[WeightOperand, ...] = tuple(weight_operand(w, name, prec)
+                                               for w in (w_in, w_out, w1, w2))
     # (3) the kernel
     launcher(_OP, name, "encoder_layer", "encoder_layer")(
         xa, out, kl, num_heads=H, weights=weights, biases=biases, norms=norms, eps1=eps[0],
-        eps2=eps[1], activation=ACTIVATIONS[activation], scale=eff_scale)
+        eps2=eps[1], activation=ACTIVATIONS[activation], scale=eff_scale, precision=prec)
     return out

@@ -19,6 +19,10 @@ Semantics, per query row ``(b, h, i)``:
   ``j < key_lengths[b]``: a NaN or Inf in ``v`` there reaches every non-empty row of that
   ``(b, h)``, even where its weight is 0 (masked or dropped), as in PyTorch's SDPA. Keys past
   ``key_lengths`` are never read, and a masked key's ``k`` never matters.
+
+Under the matmul precision ``"bf16"`` (:mod:`mmcore._precision`) ``q``, ``k`` and ``v`` are
+rounded to bfloat16 before the kernel runs; the softmax numerators are not rounded here (only
+the native kernel rounds them before ``P @ v``). ``"int8"`` computes as ``"highest"``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 from numba import njit, prange, types
 
 from .dropout import dropout_bits
+from .precision import bf16_round
 
 __all__ = ["attention_numba"]
 
@@ -167,7 +172,7 @@ _DUMMY_I64_1 = np.zeros(1, np.int64)
 
 
 def attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
-                    use_dropout, seed_i, threshold, drop_scale):
+                    use_dropout, seed_i, threshold, drop_scale, *, precision="highest"):
     """Fill ``out`` (and ``weights``, ``lse`` when given) with attention of ``q`` over ``k, v``.
 
     Parameters
@@ -184,9 +189,12 @@ def attention_numba(q, k, v, out, weights, lse, mask_v, bias_v, kl, eff_scale,
     seed_i : int, dropout seed (taken modulo ``2**64``)
     threshold : int, 24-bit keep threshold (see :func:`mmcore.ops.attention.dropout_threshold`)
     drop_scale : float, factor for kept weights, ``1 / (1 - p)``
+    precision : {"highest", "bf16", "int8"}, keyword-only; "bf16" rounds q, k and v to bfloat16
 
     The arguments are expected to be validated by :func:`mmcore.ops.attention`.
     """
+    if precision == "bf16":
+        q, k, v = bf16_round(q), bf16_round(k), bf16_round(v)
     has_weights = weights is not None
     has_lse = lse is not None
     has_mask = mask_v is not None
