@@ -60,5 +60,8 @@ inline constexpr EnumName<WeightKind> kWeightKinds[] = {{"float32", WeightKind::
                                                         {"bfloat16", WeightKind::bf16},
                                                         {"int8", WeightKind::i8}};
 
+inline constexpr EnumName<Precision> kPrecisions[] = {
+    {"highest", Precision::highest}, {"bf16", Precision::bf16}, {"int8", Precision::int8}};
+
 }  // namespace bindings
 }  // namespace mmcore

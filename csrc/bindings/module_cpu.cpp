@@ -106,7 +106,7 @@ T* checked(const char* op, const char* name, py::object obj, const Shape& shape,
 
 void attention(py::object q, py::object k, py::object v, py::object out, py::object weights, py::object lse,
                py::object mask, py::object bias, py::object key_lengths, double scale, bool dropout, uint64_t seed,
-               uint32_t threshold, double dropout_scale, int num_threads) {
+               uint32_t threshold, double dropout_scale, const std::string& precision, int num_threads) {
   const char* op = "attention";
   if (!py::isinstance<py::array>(q) || !py::isinstance<py::array>(k) || !py::isinstance<py::array>(v))
     throw py::type_error("[attention] q, k and v must be numpy arrays");
@@ -141,6 +141,7 @@ void attention(py::object q, py::object k, py::object v, py::object out, py::obj
   p.seed = seed;
   p.dropout_threshold = threshold;
   p.dropout_scale = static_cast<float>(dropout_scale);
+  p.bf16 = parse_enum(op, "precision", precision, mmcore::bindings::kPrecisions) == mmcore::Precision::bf16;
   p.num_threads = num_threads < 1 ? 1 : num_threads;
   py::gil_scoped_release release;
   mmcore::attention_cpu(p);
@@ -463,35 +464,95 @@ void fuse(py::object emb, py::object present, py::object weights, py::object que
   mmcore::fuse_cpu(p);
 }
 
+using PackedPtr = std::shared_ptr<mmcore::PackedWeight>;
+
+// The weight operand of a linear map, as an array of the named kind (with the int8 scales); fills
+// p.w, p.w_kind, p.w_scale, p.ldw for a (rows, cols) matrix.
+void weight_operand(const char* op, const char* name, py::object w, const std::string& kind, py::object scale,
+                    int64_t rows, int64_t cols, mmcore::LinearParams& p) {
+  int64_t st[2];
+  const ArrayOpts strided{.contiguous = false, .strides = st};
+  p.w_kind = parse_enum(op, "weight_kind", kind, mmcore::bindings::kWeightKinds);
+  switch (p.w_kind) {
+    case mmcore::WeightKind::f32: p.w = checked<float>(op, name, w, {rows, cols}, strided); break;
+    case mmcore::WeightKind::f16:
+    case mmcore::WeightKind::bf16: p.w = checked<uint16_t>(op, name, w, {rows, cols}, strided); break;
+    case mmcore::WeightKind::i8:
+      p.w = checked<int8_t>(op, name, w, {rows, cols}, strided);
+      p.w_scale = checked<float>(op, "weight_scale", scale, {rows});
+      if (!p.w_scale) throw py::value_error(std::string("[") + op + "] int8 " + name + " needs weight_scale");
+      break;
+  }
+  if (!p.w) throw py::value_error(std::string("[") + op + "] " + name + " is required");
+  if ((cols > 1 && st[1] != 1) || (rows > 1 && st[0] < cols))
+    throw py::value_error(std::string("[") + op + "] " + name +
+                          " needs unit stride along its last axis and non-overlapping rows");
+  p.ldw = rows > 1 ? st[0] : cols;
+}
+
+void check_int8_k(const char* op, mmcore::Precision precision, int64_t K) {
+  if (precision == mmcore::Precision::int8 && K > mmcore::kInt8MaxK)
+    throw py::value_error(std::string("[") + op + "] precision 'int8' supports in_features <= " +
+                          std::to_string(mmcore::kInt8MaxK) + ", got " + std::to_string(K));
+}
+
+// A PackedWeight argument must have been packed for the call's precision and shape.
+const mmcore::PackedWeight* packed_operand(const char* op, const char* name, py::object w, mmcore::Precision precision,
+                                           int64_t rows, int64_t cols) {
+  const mmcore::PackedWeight& pw = *w.cast<PackedPtr>();
+  if (pw.precision != precision)
+    throw py::value_error(std::string("[") + op + "] " + name + " was packed for another precision");
+  if (pw.N != rows || pw.K != cols)
+    throw py::value_error(std::string("[") + op + "] " + name + " is packed with shape (" + std::to_string(pw.N) +
+                          ", " + std::to_string(pw.K) + "), expected (" + std::to_string(rows) + ", " +
+                          std::to_string(cols) + ")");
+  return &pw;
+}
+
+PackedPtr pack_weight(py::object w, py::object weight_scale, const std::string& weight_kind,
+                      const std::string& precision, int num_threads) {
+  const char* op = "pack_weight";
+  if (!py::isinstance<py::array>(w)) throw py::type_error("[pack_weight] weight must be a numpy array");
+  py::array wa = w.cast<py::array>();
+  if (wa.ndim() != 2) throw py::value_error("[pack_weight] weight must have 2 dims");
+  mmcore::LinearParams p;
+  p.N = wa.shape(0);
+  p.K = wa.shape(1);
+  p.precision = parse_enum(op, "precision", precision, mmcore::bindings::kPrecisions);
+  check_int8_k(op, p.precision, p.K);
+  weight_operand(op, "weight", w, weight_kind, weight_scale, p.N, p.K, p);
+  p.num_threads = std::max(num_threads, 1);
+  auto out = std::make_shared<mmcore::PackedWeight>();
+  run_kernel(op, [&] { mmcore::pack_weight(p, *out); });
+  return out;
+}
+
 void linear(py::object x, py::object w, py::object bias, py::object y, const std::string& activation,
-            const std::string& weight_kind, py::object weight_scale, int num_threads) {
+            const std::string& weight_kind, py::object weight_scale, const std::string& precision, int num_threads) {
   const char* op = "linear";
-  if (!py::isinstance<py::array>(x) || !py::isinstance<py::array>(w))
-    throw py::type_error("[linear] x and weight must be numpy arrays");
-  py::array xa = x.cast<py::array>(), wa = w.cast<py::array>();
-  if (xa.ndim() != 2 || wa.ndim() != 2) throw py::value_error("[linear] x and weight must have 2 dims");
+  const bool packed = py::isinstance<mmcore::PackedWeight>(w);
+  if (!py::isinstance<py::array>(x) || (!packed && !py::isinstance<py::array>(w)))
+    throw py::type_error("[linear] x must be a numpy array and weight a numpy array or a PackedWeight");
+  py::array xa = x.cast<py::array>();
+  if (xa.ndim() != 2 || (!packed && w.cast<py::array>().ndim() != 2))
+    throw py::value_error("[linear] x and weight must have 2 dims");
   mmcore::LinearParams p;
   p.M = xa.shape(0);
   p.K = xa.shape(1);
-  p.N = wa.shape(0);
-  int64_t xs[2], ws[2];
+  p.precision = parse_enum(op, "precision", precision, mmcore::bindings::kPrecisions);
+  int64_t xs[2];
   p.x = checked<float>(op, "x", x, {p.M, p.K}, {.contiguous = false, .strides = xs});
-  p.w_kind = parse_enum(op, "weight_kind", weight_kind, mmcore::bindings::kWeightKinds);
-  const ArrayOpts strided{.contiguous = false, .strides = ws};
-  switch (p.w_kind) {
-    case mmcore::WeightKind::f32: p.w = checked<float>(op, "weight", w, {p.N, p.K}, strided); break;
-    case mmcore::WeightKind::f16:
-    case mmcore::WeightKind::bf16: p.w = checked<uint16_t>(op, "weight", w, {p.N, p.K}, strided); break;
-    case mmcore::WeightKind::i8:
-      p.w = checked<int8_t>(op, "weight", w, {p.N, p.K}, strided);
-      p.w_scale = checked<float>(op, "weight_scale", weight_scale, {p.N});
-      if (!p.w_scale) throw py::value_error("[linear] int8 weights need weight_scale");
-      break;
+  if (packed) {
+    p.N = w.cast<PackedPtr>()->N;
+    p.packed = packed_operand(op, "weight", w, p.precision, p.N, p.K);
+  } else {
+    p.N = w.cast<py::array>().shape(0);
+    weight_operand(op, "weight", w, weight_kind, weight_scale, p.N, p.K, p);
   }
-  if ((p.K > 1 && (xs[1] != 1 || ws[1] != 1)) || (p.M > 1 && xs[0] < p.K) || (p.N > 1 && ws[0] < p.K))
+  check_int8_k(op, p.precision, p.K);
+  if ((p.K > 1 && xs[1] != 1) || (p.M > 1 && xs[0] < p.K))
     throw py::value_error("[linear] x and weight need unit stride along the last axis and non-overlapping rows");
   p.ldx = p.M > 1 ? xs[0] : p.K;
-  p.ldw = p.N > 1 ? ws[0] : p.K;
   p.bias = checked<float>(op, "bias", bias, {p.N});
   p.y = checked<float>(op, "out", y, {p.M, p.N}, {.writable = true});
   if (!p.y) throw py::value_error("[linear] out is required");
@@ -501,33 +562,26 @@ void linear(py::object x, py::object w, py::object bias, py::object y, const std
   run_kernel(op, [&] { mmcore::linear_cpu(p); });
 }
 
-mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, const std::string& kind, py::object scale,
-                             int64_t rows, int64_t cols) {
+mmcore::WeightRef weight_ref(const char* op, const char* name, py::object w, py::object kind, py::object scale,
+                             int64_t rows, int64_t cols, mmcore::Precision precision) {
   mmcore::WeightRef r;
-  int64_t st[2];
-  const ArrayOpts strided{.contiguous = false, .strides = st};
-  r.kind = parse_enum(op, "weight kind", kind, mmcore::bindings::kWeightKinds);
-  switch (r.kind) {
-    case mmcore::WeightKind::f32: r.data = checked<float>(op, name, w, {rows, cols}, strided); break;
-    case mmcore::WeightKind::f16:
-    case mmcore::WeightKind::bf16: r.data = checked<uint16_t>(op, name, w, {rows, cols}, strided); break;
-    case mmcore::WeightKind::i8:
-      r.data = checked<int8_t>(op, name, w, {rows, cols}, strided);
-      r.scale = checked<float>(op, "weight_scale", scale, {rows});
-      if (!r.scale) throw py::value_error(std::string("[") + op + "] int8 " + name + " needs a scale");
-      break;
+  if (py::isinstance<mmcore::PackedWeight>(w)) {
+    r.packed = packed_operand(op, name, w, precision, rows, cols);
+    return r;
   }
-  if (!r.data) throw py::value_error(std::string("[") + op + "] " + name + " is required");
-  if ((cols > 1 && st[1] != 1) || (rows > 1 && st[0] < cols))
-    throw py::value_error(std::string("[") + op + "] " + name + " needs unit stride along its last axis");
-  r.ld = rows > 1 ? st[0] : cols;
+  mmcore::LinearParams p;
+  weight_operand(op, name, w, kind.cast<std::string>(), scale, rows, cols, p);
+  r.data = p.w;
+  r.kind = p.w_kind;
+  r.scale = p.w_scale;
+  r.ld = p.ldw;
   return r;
 }
 
 // weights: a tuple (w_in, w_out, w1, w2), each (array, kind name, scale or None)
 void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t num_heads, py::tuple weights,
                    py::tuple biases, py::tuple norms, double eps1, double eps2, const std::string& activation,
-                   double scale, int num_threads) {
+                   double scale, const std::string& precision, int num_threads) {
   const char* op = "encoder_layer";
   if (!py::isinstance<py::array>(x)) throw py::type_error("[encoder_layer] x must be a numpy array");
   py::array xa = x.cast<py::array>();
@@ -548,14 +602,16 @@ void encoder_layer(py::object x, py::object y, py::object key_lengths, int64_t n
         throw py::value_error("[encoder_layer] key_lengths must lie in [0, L]");
   if (weights.size() != 4 || biases.size() != 4 || norms.size() != 4)
     throw py::value_error("[encoder_layer] weights, biases and norms must hold 4 entries");
+  p.precision = parse_enum(op, "precision", precision, mmcore::bindings::kPrecisions);
   auto wt = [&](int i) { return weights[i].cast<py::tuple>(); };
-  py::array w1a = wt(2)[0].cast<py::array>();
-  p.F = w1a.shape(0);
+  p.F = py::isinstance<mmcore::PackedWeight>(wt(2)[0]) ? wt(2)[0].cast<PackedPtr>()->N
+                                                       : wt(2)[0].cast<py::array>().shape(0);
   const char* wnames[4] = {"w_in", "w_out", "w1", "w2"};
   const int64_t rows[4] = {mul_dims(op, {3, p.E}), p.E, p.F, p.E}, cols[4] = {p.E, p.E, p.E, p.F};
   mmcore::WeightRef* refs[4] = {&p.w_in, &p.w_out, &p.w1, &p.w2};
   for (int i = 0; i < 4; ++i)
-    *refs[i] = weight_ref(op, wnames[i], wt(i)[0], wt(i)[1].cast<std::string>(), wt(i)[2], rows[i], cols[i]);
+    *refs[i] = weight_ref(op, wnames[i], wt(i)[0], wt(i)[1], wt(i)[2], rows[i], cols[i], p.precision);
+  check_int8_k(op, p.precision, std::max(p.E, p.F));
   const float** bs[4] = {&p.b_in, &p.b_out, &p.b1, &p.b2};
   const char* bnames[4] = {"b_in", "b_out", "b1", "b2"};
   for (int i = 0; i < 4; ++i) *bs[i] = checked<float>(op, bnames[i], biases[i], {rows[i]});
@@ -629,7 +685,8 @@ PYBIND11_MODULE(_C, m) {
         "Cap the instruction-set level (tests, benchmarks); returns False if not available.");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("weights"),
         py::arg("lse"), py::arg("mask"), py::arg("bias"), py::arg("key_lengths"), py::kw_only(), py::arg("scale"),
-        py::arg("dropout"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_scale"), py::arg("num_threads"));
+        py::arg("dropout"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_scale"),
+        py::arg("precision") = "highest", py::arg("num_threads"));
   m.def("spectral", &spectral, py::arg("x"), py::arg("out"), py::arg("window"), py::arg("mel_start"),
         py::arg("mel_len"), py::arg("mel_offset"), py::arg("mel_weights"), py::kw_only(), py::arg("n_fft"),
         py::arg("hop"), py::arg("frame_length"), py::arg("frame_offset"), py::arg("pad_left"), py::arg("pad_mode"),
@@ -650,10 +707,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("mask"), py::arg("out"), py::kw_only(), py::arg("num_threads"));
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
         py::arg("activation") = "none", py::arg("weight_kind") = "float32", py::arg("weight_scale") = py::none(),
-        py::arg("num_threads"));
+        py::arg("precision") = "highest", py::arg("num_threads"));
+  py::class_<mmcore::PackedWeight, PackedPtr>(m, "PackedWeight",
+                                              "A (N, K) linear weight packed for one precision (pack_weight).")
+      .def_property_readonly("shape", [](const mmcore::PackedWeight& w) { return py::make_tuple(w.N, w.K); })
+      .def_property_readonly("precision",
+                             [](const mmcore::PackedWeight& w) {
+                               for (const auto& e : mmcore::bindings::kPrecisions)
+                                 if (e.value == w.precision) return std::string(e.name);
+                               return std::string("highest");
+                             })
+      .def_property_readonly("nbytes", [](const mmcore::PackedWeight& w) { return w.nbytes(); })
+      .def("__repr__", [](const mmcore::PackedWeight& w) {
+        return "PackedWeight(shape=(" + std::to_string(w.N) + ", " + std::to_string(w.K) + "))";
+      });
+  m.def("pack_weight", &pack_weight, py::arg("weight"), py::arg("weight_scale") = py::none(), py::kw_only(),
+        py::arg("weight_kind") = "float32", py::arg("precision") = "highest", py::arg("num_threads") = 1);
   m.def("encoder_layer", &encoder_layer, py::arg("x"), py::arg("out"), py::arg("key_lengths"), py::kw_only(),
         py::arg("num_heads"), py::arg("weights"), py::arg("biases"), py::arg("norms"), py::arg("eps1"), py::arg("eps2"),
-        py::arg("activation"), py::arg("scale"), py::arg("num_threads"));
+        py::arg("activation"), py::arg("scale"), py::arg("precision") = "highest", py::arg("num_threads"));
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::kw_only(),
         py::arg("eps"), py::arg("num_threads"));
   m.def("fuse", &fuse, py::arg("emb"), py::arg("present"), py::arg("weights"), py::arg("query"), py::arg("out"),

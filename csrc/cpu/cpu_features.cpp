@@ -4,12 +4,18 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace mmcore {
 namespace {
 
 struct Features {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
+  // Arithmetic extensions reported for information (no kernel requires them yet).
+  bool avx512_bf16 = false, avx512_vnni = false, avx_vnni = false, amx_tile = false;
 };
 
 Features detect() {
@@ -23,6 +29,15 @@ Features detect() {
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512dq = __builtin_cpu_supports("avx512dq");
   f.avx512vl = __builtin_cpu_supports("avx512vl");
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    f.avx512_vnni = f.avx512f && (c >> 11) & 1u;
+    f.amx_tile = (d >> 24) & 1u;
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+    f.avx512_bf16 = f.avx512f && (a >> 5) & 1u;
+    f.avx_vnni = f.avx2 && (a >> 4) & 1u;
+  }
 #endif
   return f;
 }
@@ -129,6 +144,10 @@ std::vector<std::string> cpu_feature_list() {
   if (f.avx512bw) out.emplace_back("avx512bw");
   if (f.avx512dq) out.emplace_back("avx512dq");
   if (f.avx512vl) out.emplace_back("avx512vl");
+  if (f.avx512_bf16) out.emplace_back("avx512_bf16");
+  if (f.avx512_vnni) out.emplace_back("avx512_vnni");
+  if (f.avx_vnni) out.emplace_back("avx_vnni");
+  if (f.amx_tile) out.emplace_back("amx_tile");
   return out;
 }
 

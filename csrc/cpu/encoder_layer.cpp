@@ -15,7 +15,7 @@ namespace mmcore {
 namespace {
 
 void run_linear(const float* x, int64_t M, int64_t K, const WeightRef& w, int64_t N, const float* bias, float* y,
-                Activation act, int threads) {
+                Activation act, Precision precision, int threads) {
   LinearParams lp;
   lp.x = x;
   lp.M = M;
@@ -30,6 +30,8 @@ void run_linear(const float* x, int64_t M, int64_t K, const WeightRef& w, int64_
   lp.y = y;
   lp.ldy = N;
   lp.activation = act;
+  lp.precision = precision;
+  lp.packed = w.packed;
   lp.num_threads = threads;
   linear_cpu(lp);
 }
@@ -73,7 +75,7 @@ void encoder_layer_cpu(const EncoderLayerParams& p) {
 
   // attention half: h = LN1(x); qkv = h W_in^T + b_in; split heads
   run_norm(p.x, T, E, p.ln1_w, p.ln1_b, p.eps1, buf.h.data(), th);
-  run_linear(buf.h.data(), T, E, p.w_in, 3 * E, p.b_in, buf.qkv.data(), Activation::none, th);
+  run_linear(buf.h.data(), T, E, p.w_in, 3 * E, p.b_in, buf.qkv.data(), Activation::none, p.precision, th);
   float* dst[3] = {buf.q.data(), buf.k.data(), buf.v.data()};
   for (int64_t b = 0; b < B; ++b)
     for (int64_t l = 0; l < L; ++l) {
@@ -96,6 +98,7 @@ void encoder_layer_cpu(const EncoderLayerParams& p) {
   ap.D = hd;
   ap.Dv = hd;
   ap.scale = p.scale;
+  ap.bf16 = p.precision == Precision::bf16;
   ap.num_threads = th;
   attention_cpu(ap);
   for (int64_t b = 0; b < B; ++b)
@@ -103,7 +106,7 @@ void encoder_layer_cpu(const EncoderLayerParams& p) {
       for (int64_t l = 0; l < L; ++l)
         std::memcpy(buf.merged.data() + (b * L + l) * E + h * hd, buf.o.data() + ((b * H + h) * L + l) * hd,
                     static_cast<size_t>(hd) * sizeof(float));
-  run_linear(buf.merged.data(), T, E, p.w_out, E, p.b_out, buf.a.data(), Activation::none, th);
+  run_linear(buf.merged.data(), T, E, p.w_out, E, p.b_out, buf.a.data(), Activation::none, p.precision, th);
   if (p.key_lengths)
     for (int64_t b = 0; b < B; ++b)
       if (p.key_lengths[b] == 0) std::memset(buf.a.data() + b * L * E, 0, static_cast<size_t>(L * E) * sizeof(float));
@@ -112,8 +115,8 @@ void encoder_layer_cpu(const EncoderLayerParams& p) {
 
   // MLP half: y += W2 act(W1 LN2(y) + b1) + b2
   run_norm(p.y, T, E, p.ln2_w, p.ln2_b, p.eps2, buf.h.data(), th);
-  run_linear(buf.h.data(), T, E, p.w1, F, p.b1, buf.m.data(), p.activation, th);
-  run_linear(buf.m.data(), T, F, p.w2, E, p.b2, buf.a.data(), Activation::none, th);
+  run_linear(buf.h.data(), T, E, p.w1, F, p.b1, buf.m.data(), p.activation, p.precision, th);
+  run_linear(buf.m.data(), T, F, p.w2, E, p.b2, buf.a.data(), Activation::none, p.precision, th);
   for (int64_t i = 0; i < T * E; ++i) p.y[i] += buf.a[static_cast<size_t>(i)];
 }
 

@@ -4,12 +4,17 @@
 // This file is compiled once per instruction-set target (baseline, AVX2, AVX-512) with
 // MMCORE_TARGET naming the namespace; dispatch.cpp picks one at run time.
 //
-// One task = (a chunk of at most kRowChunk rows, a block of kCols output columns). The task
-// packs its block of W transposed (K x kCols, columns along the vector lanes) into thread-local
-// scratch, then walks its rows in register tiles of MR rows x NV vectors (gemm_tile.h):
-//   acc[r][c] = b[cols] + sum_k x[r, k] * Wt[k, cols]
-// Each output element is one sum over k in increasing order, accumulated in float32 (with
-// fused multiply-adds where the target has them), then the optional activation.
+// W is read from its packed form (PackedWeight, linear.h): packed once per weight by the caller
+// (mmcore.ops.PackedWeight, the model's layers) or, for a plain weight, once per call before the
+// products start. One task = (a chunk of at most kRowChunk rows, a block of kCols output
+// columns inside one 64-column panel); it walks its rows in register tiles of MR rows x NV
+// vectors (gemm_tile.h):
+//   highest, bf16  acc[r][c] = b[cols] + sum_k x[r, k] * Wt[k, cols]   (float32, k increasing)
+//   int8           acc[r][c] = sum_k a[r, k] * q[cols, k]              (int32, exact), then
+//                  y = float(acc) * (sx[r] * sw[cols]) + b[cols]
+// then the optional activation. Under "bf16" the rows of x are rounded to bfloat16 once per call
+// (the weights were rounded while packing); under "int8" they are quantized per row once per
+// call (the rule is in linear.h).
 //
 // Also here: layer normalisation over rows (the other per-token step of a transformer block).
 
@@ -17,8 +22,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#include "mmcore/float_bits.h"
 #include "mmcore/gemm_tile.h"
 #include "mmcore/linear.h"
 #include "mmcore/parallel.h"
@@ -39,23 +46,11 @@ namespace {
 
 constexpr int MR = gemm::kTileRows;
 constexpr int NV = gemm::kTileVecs;
-constexpr int kCols = kWidth * NV;        // output columns per task block
+constexpr int kCols = kWidth * NV;  // output columns per task block
+constexpr int64_t kPanel = PackedWeight::kPanel;
+static_assert(kPanel % kCols == 0, "a task block must lie inside one panel");
 constexpr int64_t kRowChunk = 192;        // rows per task at most
 constexpr int64_t kSerialWork = 1 << 18;  // multiply-adds below which one thread does it all
-
-// R rows x nvec vectors of columns (R <= MR, nvec <= NV):
-// out[r, c] = bias[c] + sum_k x[r, k] * wt[k, c].
-void rows_block(int R, int nvec, const float* x, int64_t ldx, const float* wt, const float* bias, int64_t K, float* out,
-                int64_t ldo) {
-  gemm::with_count<MR>(R, [&](auto rows) {
-    gemm::with_count<NV>(nvec, [&](auto vecs) {
-      gemm::Tile<decltype(rows)::value, decltype(vecs)::value> t;
-      t.broadcast_row(bias);
-      t.multiply_add(x, ldx, 1, wt, kCols, K);
-      t.store(out, ldo);
-    });
-  });
-}
 
 // The activation on n floats in place (scalar libm: exact to float rounding, as PyTorch's
 // CPU kernels; the GEMM before it dominates).
@@ -81,102 +76,98 @@ void activate(float* y, int64_t n, Activation act) {
 }
 
 struct Scratch {
-  std::vector<float> wt, bias, out;
+  std::vector<float> bias, scale, out;
   static Scratch& get() {
     thread_local Scratch sc;
     return sc;
   }
 };
 
-// IEEE binary16 bits -> float (exact: normals, subnormals, zeros, inf, NaN).
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t man = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0x1fu) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalize
-    int e = -1;
-    do {
-      ++e;
-      man <<= 1;
-    } while ((man & 0x400u) == 0);
-    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3ffu) << 13);
+// The operands of one call: the packed weight and x as the tiles read it.
+struct Operands {
+  const PackedWeight* w = nullptr;
+  const float* x = nullptr;  // highest, bf16 (bf16: rounded copy)
+  int64_t ldx = 0;
+  const int32_t* a = nullptr;  // int8: quantized rows, int16 pairs (kpairs per row)
+  const float* sx = nullptr;   // int8: row scales
+};
+
+// Quantizes row x (K values) into KP int16 pairs; returns its scale (linear.h).
+float quantize_row(const float* x, int64_t K, int64_t KP, int32_t* a) {
+  float lo = 0.0f, hi = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = x[k];
+    finite = finite && std::fabs(v) <= std::numeric_limits<float>::max();
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
   }
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-template <class Load>
-void pack(const LinearParams& p, int64_t col0, int64_t ncols, int64_t padded, float* wt, Load load) {
-  for (int64_t k = 0; k < p.K; ++k) {
-    float* dst = wt + k * kCols;
-    for (int64_t j = 0; j < ncols; ++j) dst[j] = load(p.w, (col0 + j) * p.ldw + k);
-    for (int64_t j = ncols; j < padded; ++j) dst[j] = 0.0f;
+  if (!finite) {
+    std::memset(a, 0, static_cast<size_t>(KP) * sizeof(int32_t));
+    return std::numeric_limits<float>::quiet_NaN();
   }
+  float s = (hi - lo) / 255.0f;
+  if (s == 0.0f) s = 1.0f;
+  const float inv = 1.0f / s;
+  const float zp = std::min(255.0f, std::max(0.0f, __builtin_rintf(-lo * inv)));
+  auto q = [&](int64_t k) -> uint32_t {
+    if (k >= K) return 0;
+    const float v = std::min(255.0f, std::max(0.0f, __builtin_rintf(x[k] * inv) + zp)) - zp;
+    return static_cast<uint16_t>(static_cast<int16_t>(v));
+  };
+  for (int64_t kp = 0; kp < KP; ++kp) a[kp] = static_cast<int32_t>(q(2 * kp) | (q(2 * kp + 1) << 16));
+  return s;
 }
 
-void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
+void run_task(const LinearParams& p, const Operands& ops, int64_t row0, int64_t rows, int64_t col0) {
   const int64_t ncols = std::min<int64_t>(kCols, p.N - col0);
   const int nvec = static_cast<int>((ncols + kWidth - 1) / kWidth);
   const int64_t padded = static_cast<int64_t>(nvec) * kWidth;
+  const int64_t panel = col0 / kPanel, off = col0 % kPanel;
+  const PackedWeight& w = *ops.w;
+  const bool int8 = w.precision == Precision::int8;
   Scratch& sc = Scratch::get();
-  if (sc.wt.size() < static_cast<size_t>(p.K * kCols)) sc.wt.resize(static_cast<size_t>(p.K * kCols));
-  float* wt = sc.wt.data();
-  // pack W[col0 : col0 + ncols, :] transposed, widened to float32; padding columns are zero
-  switch (p.w_kind) {
-    case WeightKind::f16:
-      pack(p, col0, ncols, padded, wt,
-           [](const void* w, int64_t i) { return half_to_float(static_cast<const uint16_t*>(w)[i]); });
-      break;
-    case WeightKind::bf16:
-      pack(p, col0, ncols, padded, wt,
-           [](const void* w, int64_t i) { return bf16_to_float(static_cast<const uint16_t*>(w)[i]); });
-      break;
-    case WeightKind::i8: {
-      const float* sc = p.w_scale;
-      for (int64_t k = 0; k < p.K; ++k) {
-        float* dst = wt + k * kCols;
-        const int8_t* q = static_cast<const int8_t*>(p.w);
-        for (int64_t j = 0; j < ncols; ++j) dst[j] = static_cast<float>(q[(col0 + j) * p.ldw + k]) * sc[col0 + j];
-        for (int64_t j = ncols; j < padded; ++j) dst[j] = 0.0f;
-      }
-      break;
-    }
-    default: pack(p, col0, ncols, padded, wt, [](const void* w, int64_t i) { return static_cast<const float*>(w)[i]; });
-  }
   const float* bias = nullptr;
   if (p.bias) {
     sc.bias.assign(static_cast<size_t>(padded), 0.0f);
     std::memcpy(sc.bias.data(), p.bias + col0, static_cast<size_t>(ncols) * sizeof(float));
     bias = sc.bias.data();
   }
+  const float* cscale = nullptr;
+  if (int8) {
+    sc.scale.assign(static_cast<size_t>(padded), 0.0f);
+    std::memcpy(sc.scale.data(), w.scale.data() + col0, static_cast<size_t>(ncols) * sizeof(float));
+    cscale = sc.scale.data();
+  }
   const bool direct = ncols == padded;  // whole vectors: store straight into y
   if (!direct && sc.out.size() < static_cast<size_t>(MR * padded)) sc.out.resize(static_cast<size_t>(MR * padded));
+  const int64_t KP = w.kpairs();
+  const float* wf = int8 ? nullptr : w.f.get() + panel * p.K * kPanel + off;
+  const int16_t* wq = int8 ? w.q.get() + (panel * KP * kPanel + off) * 2 : nullptr;
   for (int64_t r = 0; r < rows; r += MR) {
     const int R = static_cast<int>(std::min<int64_t>(MR, rows - r));
-    const float* xr = p.x + (row0 + r) * p.ldx;
     float* yr = p.y + (row0 + r) * p.ldy + col0;
-    if (direct) {
-      rows_block(R, nvec, xr, p.ldx, wt, bias, p.K, yr, p.ldy);
-    } else {
-      rows_block(R, nvec, xr, p.ldx, wt, bias, p.K, sc.out.data(), padded);
+    float* dst = direct ? yr : sc.out.data();
+    const int64_t ldd = direct ? p.ldy : padded;
+    gemm::with_count<MR>(R, [&](auto nr) {
+      gemm::with_count<NV>(nvec, [&](auto nv) {
+        constexpr int kR = decltype(nr)::value, kV = decltype(nv)::value;
+        if (int8) {
+          gemm::TileI<kR, kV> t;
+          t.zero();
+          t.multiply_add(ops.a + (row0 + r) * KP, KP, wq, kPanel * 2, KP);
+          t.store_scaled(dst, ldd, ops.sx + row0 + r, cscale, bias);
+        } else {
+          gemm::Tile<kR, kV> t;
+          t.broadcast_row(bias);
+          t.multiply_add(ops.x + (row0 + r) * ops.ldx, ops.ldx, 1, wf, kPanel, p.K);
+          t.store(dst, ldd);
+        }
+      });
+    });
+    if (!direct)
       for (int i = 0; i < R; ++i)
         std::memcpy(yr + i * p.ldy, sc.out.data() + i * padded, static_cast<size_t>(ncols) * sizeof(float));
-    }
     if (p.activation != Activation::none)
       for (int i = 0; i < R; ++i) activate(yr + i * p.ldy, ncols, p.activation);
   }
@@ -186,17 +177,48 @@ void run_task(const LinearParams& p, int64_t row0, int64_t rows, int64_t col0) {
 
 void linear_f32(const LinearParams& p) {
   if (p.M <= 0 || p.N <= 0) return;
-  {
-    // Each thread packs a (K, kCols) float32 panel of W; a K beyond the budget raises SizeError.
-    constexpr double kMaxPanelBytes = 2.0 * 1024.0 * 1024.0 * 1024.0;
-    const double bytes = static_cast<double>(p.K) * kCols * sizeof(float);
-    if (bytes > kMaxPanelBytes)
-      throw SizeError("K = " + std::to_string(p.K) + " needs " + bytes_str(bytes) +
-                      " of packed weights per thread (limit " + bytes_str(kMaxPanelBytes) + ")");
+  const int64_t work = p.M * p.N * std::max<int64_t>(p.K, 1);
+  const int threads = work < kSerialWork ? 1 : p.num_threads;
+  PackedWeight local;
+  Operands ops;
+  ops.w = p.packed;
+  if (!ops.w) {
+    LinearParams pp = p;
+    pp.num_threads = threads;
+    pack_weight(pp, local);
+    ops.w = &local;
+  }
+  const PackedWeight& w = *ops.w;
+  if (w.N != p.N || w.K != p.K || w.precision != p.precision)
+    throw std::invalid_argument("the packed weight does not match the call (shape or precision)");
+  std::vector<float> xr, sx;
+  std::vector<int32_t> a;
+  const int64_t row_tasks = std::max<int64_t>(1, std::min<int64_t>(p.M, 4 * threads));
+  const int64_t rows_per = (p.M + row_tasks - 1) / row_tasks;
+  if (p.precision == Precision::int8) {
+    const int64_t KP = w.kpairs();
+    a.resize(static_cast<size_t>(p.M * KP));
+    sx.resize(static_cast<size_t>(p.M));
+    parallel_for(row_tasks, threads, [&](int64_t t, int) {
+      for (int64_t m = t * rows_per; m < std::min(p.M, (t + 1) * rows_per); ++m)
+        sx[static_cast<size_t>(m)] = quantize_row(p.x + m * p.ldx, p.K, KP, a.data() + m * KP);
+    });
+    ops.a = a.data();
+    ops.sx = sx.data();
+  } else if (p.precision == Precision::bf16) {
+    xr.resize(static_cast<size_t>(p.M * p.K));
+    parallel_for(row_tasks, threads, [&](int64_t t, int) {
+      for (int64_t m = t * rows_per; m < std::min(p.M, (t + 1) * rows_per); ++m)
+        for (int64_t k = 0; k < p.K; ++k) xr[static_cast<size_t>(m * p.K + k)] = round_bf16(p.x[m * p.ldx + k]);
+    });
+    ops.x = xr.data();
+    ops.ldx = p.K;
+  } else {
+    ops.x = p.x;
+    ops.ldx = p.ldx;
   }
   const int64_t col_blocks = (p.N + kCols - 1) / kCols;
   const int64_t row_chunks = (p.M + kRowChunk - 1) / kRowChunk;
-  const int64_t work = p.M * p.N * std::max<int64_t>(p.K, 1);
   // split rows finer when there are few tasks, so that every thread gets some
   int64_t chunk = kRowChunk;
   if (p.num_threads > 1 && row_chunks * col_blocks < 2 * p.num_threads) {
@@ -205,11 +227,10 @@ void linear_f32(const LinearParams& p) {
     chunk = (chunk + MR - 1) / MR * MR;
   }
   const int64_t nchunks = (p.M + chunk - 1) / chunk;
-  const int threads = work < kSerialWork ? 1 : p.num_threads;
   parallel_for(nchunks * col_blocks, threads, [&](int64_t t, int) {
     const int64_t ci = t / col_blocks, bi = t % col_blocks;
     const int64_t row0 = ci * chunk;
-    run_task(p, row0, std::min(chunk, p.M - row0), bi * kCols);
+    run_task(p, ops, row0, std::min(chunk, p.M - row0), bi * kCols);
   });
 }
 

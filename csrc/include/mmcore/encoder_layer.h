@@ -10,8 +10,9 @@ namespace mmcore {
 struct WeightRef {
   const void* data = nullptr;
   WeightKind kind = WeightKind::f32;
-  const float* scale = nullptr;  // int8 only
-  int64_t ld = 0;                // row stride in elements
+  const float* scale = nullptr;          // int8 only
+  int64_t ld = 0;                        // row stride in elements
+  const PackedWeight* packed = nullptr;  // when set, used instead (packed for the call's precision)
 };
 
 // y = x + out_proj(MHA(LN1(x)));  y = y + W2 act(W1 LN2(y) + b1) + b2
@@ -31,6 +32,7 @@ struct EncoderLayerParams {
   const float *b_in = nullptr, *b_out = nullptr, *b1 = nullptr, *b2 = nullptr;
   Activation activation = Activation::gelu;
   float scale = 1.0f;
+  Precision precision = Precision::highest;  // of the four linears and the attention
   int num_threads = 1;
 };
 

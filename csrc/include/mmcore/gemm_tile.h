@@ -90,6 +90,52 @@ struct Tile {
   }
 };
 
+// The integer twin of Tile for the int8 products: R x NC vectors of int32 accumulators, each
+// lane one output column, updated two k at a time from int16 pairs (madd16):
+//   acc[r][c] += a[r * lda + kp] (two int16: k = 2kp, 2kp + 1) . b[kp * ldb + c * 2 kWidth]
+// where b holds, per lane, the two weights of that column at the same k pair. Exact in int32.
+template <int R, int NC>
+struct TileI {
+  static_assert(R >= 1 && R <= kTileRows && NC >= 1 && NC <= kTileVecs, "tile beyond the target's registers");
+  simd::vi acc[R][NC];
+
+  MMCORE_TILE_INLINE void zero() {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] = simd::vi{};
+  }
+
+  MMCORE_TILE_INLINE void multiply_add(const int32_t* __restrict a, int64_t lda, const int16_t* __restrict b,
+                                       int64_t ldb, int64_t KP) {
+    for (int64_t kp = 0; kp < KP; ++kp) {
+      simd::vi bv[NC];
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) bv[c] = simd::loadi(b + kp * ldb + c * 2 * kWidth);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const simd::vi av = simd::splati(a[r * lda + kp]);
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; ++c) acc[r][c] += simd::madd16(av, bv[c]);
+      }
+    }
+  }
+
+  // dst[r, c] = float(acc[r][c]) * (rs[r] * cs[c]) + bias[c] (bias null: 0).
+  MMCORE_TILE_INLINE void store_scaled(float* __restrict dst, int64_t ld, const float* __restrict rs,
+                                       const float* __restrict cs, const float* __restrict bias) const {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf s = simd::splat(rs[r]);
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) {
+        const vf y = __builtin_convertvector(acc[r][c], vf) * (s * simd::load(cs + c * kWidth));
+        simd::store(dst + r * ld + c * kWidth, bias ? y + simd::load(bias + c * kWidth) : y);
+      }
+    }
+  }
+};
+
 #undef MMCORE_TILE_INLINE
 
 // Calls f(std::integral_constant<int, n>{}) for a run-time n in [1, N]; other n do nothing.

@@ -8,6 +8,10 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #ifndef MMCORE_TARGET
 #error "simd.h is for the per-target kernel files (MMCORE_TARGET must be defined)"
 #endif
@@ -34,6 +38,33 @@ inline vf load(const float* p) {
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) { return x - vf{}; }  // x - 0 is exact, so this folds to a broadcast
+inline vi loadi(const void* p) {
+  vi v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vi splati(int32_t x) { return x - vi{}; }
+
+// Every int32 lane of a and b read as two int16 halves: lo(a) * lo(b) + hi(a) * hi(b), exact
+// in int32 (pmaddwd).
+inline vi madd16(vi a, vi b) {
+#if defined(__AVX512BW__)
+  return (vi)_mm512_madd_epi16((__m512i)a, (__m512i)b);
+#elif defined(__AVX2__)
+  return (vi)_mm256_madd_epi16((__m256i)a, (__m256i)b);
+#elif defined(__SSE2__)
+  return (vi)_mm_madd_epi16((__m128i)a, (__m128i)b);
+#else
+  vi r;
+  for (int i = 0; i < kWidth; ++i) {
+    const int32_t x = a[i], y = b[i];
+    r[i] = static_cast<int16_t>(x & 0xffff) * static_cast<int16_t>(y & 0xffff) +
+           static_cast<int16_t>(static_cast<uint32_t>(x) >> 16) * static_cast<int16_t>(static_cast<uint32_t>(y) >> 16);
+  }
+  return r;
+#endif
+}
+
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 
