@@ -32,8 +32,9 @@ struct AttentionParams {
   uint32_t dropout_threshold = 0;
   float dropout_scale = 1.0f;
   // Matmul precision "bf16": q, k and v are rounded to bfloat16 (round to nearest even) as they
-  // are read, and the softmax numerators P are rounded to bfloat16 before P . V; scores, the
-  // softmax statistics and all sums stay float32.
+  // are read, and the softmax numerators P are rounded to bfloat16 before P . V (after dropout
+  // scaled them; P is relative to the running maximum of the online softmax); scores, the
+  // softmax statistics (the row sums take the unrounded P), the weights and all sums stay float32.
   bool bf16 = false;
   int num_threads = 1;
 };
