@@ -941,3 +941,154 @@ def test_huge_finite_bias_is_not_an_empty_row(backend):
     assert_close(w, np.full((1, 1, 2, 3), 1 / 3))
     assert_close(out, np.broadcast_to(v.mean(axis=2, keepdims=True), out.shape), atol=1e-6)
     assert np.isfinite(lse).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the native kernel at every instruction-set level: precision "bf16", the query split and the
+# bit-identity of the float32 path across thread counts
+
+
+@pytest.fixture(params=["baseline", "avx2", "avx512"])
+def isa(request):
+    from mmcore import _C
+    before = _C.isa_level()
+    if request.param not in _C.compiled_isas() or not _C.set_isa_cap(request.param):
+        _C.set_isa_cap(before)
+        pytest.skip(f"{request.param} not available here")
+    yield request.param
+    _C.set_isa_cap(before)
+
+
+def _with_threads(n, fn):
+    old = mmcore.get_num_threads()
+    try:
+        mmcore.set_num_threads(n)
+        return fn()
+    finally:
+        mmcore.set_num_threads(old)
+
+
+def _bf16_dropout_ref(q, k, v, *, seed, dropout_p, **kw):
+    """attention_bf16_ref with dropout: the kept numerators, scaled by 1 / (1 - p), are what is
+    rounded to bfloat16 before P @ v (the native kernel's order)."""
+    from reference import bf16_round
+    q, k, v = bf16_round(q), bf16_round(k), bf16_round(v)
+    _, w, lse = attention_ref(q, k, v, **kw)          # softmax of the rounded operands
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    bb, hh, ii, jj = np.meshgrid(np.arange(B), np.arange(H), np.arange(Lq), np.arange(Lk),
+                                 indexing="ij", sparse=True)
+    keep = dropout_bits_np(seed, bb, hh, ii, jj) >= dropout_threshold_ref(dropout_p)
+    # P = exp(s - max s) = w * sum P, and the largest weight is 1 / sum P
+    with np.errstate(divide="ignore"):
+        total = 1.0 / w.max(axis=-1, keepdims=True)  # inf for a row without keys
+    p = np.where(np.isfinite(total), w * total, 0.0)
+    pd = bf16_round(np.where(keep, p * np.float64(np.float32(1.0 / (1.0 - dropout_p))), 0.0))
+    out = np.matmul(pd, v) / np.where(np.isfinite(total), total, 1.0)
+    return np.where(np.isfinite(lse)[..., None], out, 0.0)
+
+
+# (B, H, Lq, Lk, D, Dv): Lq and Lk at 1, primes and around the register tiles (8, 16), the key
+# block (128) and the query chunk (256); Dv != D
+BF16_SHAPES = [(1, 1, 1, 1, 1, 1), (2, 1, 1, 128, 64, 64), (1, 2, 7, 1, 3, 5),
+               (1, 1, 8, 9, 16, 16), (2, 2, 15, 127, 31, 8), (1, 2, 16, 128, 64, 40),
+               (2, 1, 17, 129, 65, 17), (1, 1, 31, 255, 80, 64), (1, 1, 127, 256, 64, 1),
+               (1, 1, 129, 257, 8, 33), (1, 1, 255, 61, 16, 16), (1, 1, 257, 300, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_native_bf16_every_isa(isa, shape):
+    from reference import attention_bf16_ref, bf16_round
+    B, H, Lq, Lk, D, Dv = shape
+    rng = np.random.default_rng(sum(shape))
+    q, k, v, _ = make_case(rng, B, H, Lq, Lk, D, Dv)
+    mask = rng.random((1, 1, Lq, Lk)) < 0.8
+    kl = rng.integers(0, Lk + 1, B)
+    kl[0] = Lk
+    bias = (0.5 * rng.standard_normal((1, H, 1, Lk))).astype(np.float32)
+    for kw in ({}, {"mask": mask, "key_lengths": kl}, {"bias": bias, "scale": 0.3}):
+        out, w, lse = attention(q, k, v, precision="bf16", return_weights=True, return_lse=True,
+                                backend="native", **kw)
+        r_out, r_w, r_lse = attention_bf16_ref(q, k, v, **kw)
+        # the weights and lse are those of the rounded q and k, to float32 accuracy
+        assert_close(w, r_w, what="weights")
+        assert_close(lse, r_lse, what="lse")
+        # out: P is rounded relative to the running maximum, so within two bfloat16 roundings
+        # of P (2**-8 relative) of the reference, weighted by |v|
+        mag = np.matmul(r_w, np.abs(bf16_round(v)))
+        err = np.abs(out - r_out)
+        assert np.all(err <= 2.0 ** -8 * mag + 2e-5 * (1 + mag)), float(np.max(err))
+        if Lk <= 128 and out.size >= 64:
+            # one key block: the kernel's P is the reference's P to float32 accuracy, so the
+            # same bfloat16 values almost everywhere (without rounding P, or rounding it
+            # elsewhere, the typical error would be about 1e-4)
+            assert np.median(err) <= 2e-6, float(np.median(err))
+        # every row as a batch of one gives the same bits (batch invariance)
+        i = Lq // 2
+        kw1 = dict(kw)
+        if "mask" in kw1:
+            kw1["mask"] = mask[:, :, i:i + 1]
+        one = attention(q[:, :, i:i + 1], k, v, precision="bf16", backend="native", **kw1)
+        np.testing.assert_array_equal(one, out[:, :, i:i + 1])
+
+
+def test_native_bf16_dropout(isa):
+    """Dropout under "bf16": the kept numerators scaled by 1 / (1 - p) are rounded to bfloat16."""
+    rng = np.random.default_rng(31)
+    q, k, v, _ = make_case(rng, 2, 2, 40, 100, 32, 24)
+    kw = dict(dropout_p=0.3, seed=12345)
+    out = attention(q, k, v, precision="bf16", backend="native", **kw)
+    ref = _bf16_dropout_ref(q, k, v, **kw)
+    err = np.abs(out - ref)
+    assert np.all(err <= 2.0 ** -8 * 1.5 * np.abs(v).max() + 2e-5)
+    assert np.median(err) <= 2e-6, float(np.median(err))
+    # and the same mask as float32
+    _, w32 = attention(q, k, v, backend="native", return_weights=True, **kw)
+    _, wbf = attention(q, k, v, precision="bf16", backend="native", return_weights=True, **kw)
+    np.testing.assert_array_equal(w32 == 0, wbf == 0)
+
+
+def test_native_bf16_nan_and_overflow(isa):
+    """NaN stays NaN; a finite float32 beyond the bfloat16 range rounds to infinity."""
+    rng = np.random.default_rng(32)
+    q, k, v, _ = make_case(rng, 1, 1, 5, 20, 8, 4)
+    q[0, 0, 1, 3] = np.nan
+    v[0, 0, 7, 2] = np.float32(3.4e38)                # rounds to inf in bfloat16
+    out = attention(q, k, v, precision="bf16", backend="native")
+    out32 = attention(q, k, v, backend="native")
+    assert np.isnan(out[0, 0, 1]).all() and np.isnan(out32[0, 0, 1]).all()
+    others = [0, 2, 3, 4]
+    assert np.isposinf(out[0, 0, others, 2]).all()
+    assert np.isfinite(out32[0, 0, others, 2]).all()
+    assert np.isfinite(out[0, 0, others][:, [0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("precision", ["highest", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1, 300, 200, 64, 64), (1, 2, 77, 577, 64, 48),
+                                   (3, 1, 33, 129, 16, 7), (1, 1, 1, 1500, 64, 64),
+                                   (2, 1, 513, 3, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_native_bits_do_not_depend_on_thread_count(isa, precision, shape):
+    """The query split changes with the thread count (down to one query group per task for few
+    heads); every row is computed in the same order whatever the split, so the bits agree,
+    also with the row computed alone, and the results match the reference."""
+    B, H, Lq, Lk, D, Dv = shape
+    rng = np.random.default_rng(Lq + Lk)
+    q, k, v, kw = make_case(rng, B, H, Lq, Lk, D, Dv, mask_kind="B11Lk", kl_kind="random",
+                            bias_kind="1H1Lk")
+    results = [_with_threads(n, lambda: run(q, k, v, "native", precision=precision, **kw))
+               for n in (1, 2, 3)]
+    for res in results[1:]:
+        for x, y in zip(res, results[0]):
+            np.testing.assert_array_equal(x, y)
+    rows = sorted({0, Lq // 3, Lq - 1})
+    alone = _with_threads(3, lambda: [attention(q[:, :, i:i + 1], k, v, precision=precision,
+                                                backend="native", **kw) for i in rows])
+    for i, one in zip(rows, alone):
+        np.testing.assert_array_equal(one, results[0][0][:, :, i:i + 1])
+    if precision == "highest":
+        assert_matches_reference(results[0], _ref(q, k, v, kw))
+    else:
+        from reference import attention_bf16_ref
+        r_out, r_w, _ = attention_bf16_ref(q, k, v, **kw)
+        assert_close(results[0][1], r_w, what="weights")
+        assert np.all(np.abs(results[0][0] - r_out) <= 2.0 ** -8 * np.abs(v).max() + 2e-5)
