@@ -768,3 +768,147 @@ def encoder_layer_ref(x, *, num_heads, in_proj_weight, out_proj_weight, linear1_
     h = layer_norm_ref(y, norm2_weight, norm2_bias, eps2)
     f = activation_ref(linear_ref(h, linear1_weight, linear1_bias), activation)
     return y + linear_ref(f, linear2_weight, linear2_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# matmul precisions ("bf16", "int8"): the operand rules, then the products on the rounded or
+# quantized operands in float64. The quantization rules are stated in float32 arithmetic, so
+# they are restated here with float32 scalars, one row at a time.
+
+__all__ += ["bf16_round", "quantize_rows_u8", "quantize_weight_s8", "linear_bf16_ref",
+            "linear_int8_ref", "attention_bf16_ref"]
+
+_BF16_MAX_EXP = 128        # bfloat16 has the exponent range of float32: |v| >= 2**128 is inf
+_BF16_MIN_EXP = -125       # frexp exponent of the smallest normal, 2**-126 = 0.5 * 2**-125
+
+
+def bf16_round(x):
+    """float32 values rounded to bfloat16 (8 significant bits, nearest, ties to even; subnormal
+    spacing 2**-133), as float64; NaN stays NaN, values rounding to 2**128 or more are inf."""
+    with np.errstate(invalid="ignore"):             # signalling NaNs widen to quiet ones
+        x = np.asarray(x, np.float32).astype(np.float64)
+    out = x.copy()
+    fin = np.isfinite(x) & (x != 0)
+    v = x[fin]
+    _, e = np.frexp(v)                                  # v = m 2**e, 0.5 <= |m| < 1
+    ulp = np.ldexp(1.0, np.maximum(e, _BF16_MIN_EXP) - 8)
+    r = np.rint(v / ulp) * ulp                          # v / ulp is exact; rint: ties to even
+    out[fin] = np.where(np.abs(r) >= 2.0 ** _BF16_MAX_EXP, np.copysign(np.inf, r), r)
+    return out
+
+
+def quantize_rows_u8(x):
+    """The "int8" rule for activations, per row of ``x`` (M, K) in float32 arithmetic:
+    ``(a, sx)`` with ``a`` int64 in [-255, 255] and ``sx`` float32 (NaN for a row holding inf or
+    NaN, whose ``a`` is 0)."""
+    f32 = np.float32
+    x = np.asarray(x, np.float32)
+    M, K = x.shape
+    a = np.zeros((M, K), np.int64)
+    sx = np.zeros(M, np.float32)
+    for m in range(M):
+        row = x[m]
+        if not np.all(np.isfinite(row)):
+            sx[m] = np.nan
+            continue
+        lo = min(f32(0), row.min()) if K else f32(0)
+        hi = max(f32(0), row.max()) if K else f32(0)
+        s = f32(f32(hi - lo) / f32(255))
+        if s == 0:
+            s = f32(1)
+        inv = f32(f32(1) / s)
+        zp = min(max(np.rint(f32(-lo * inv)), 0), 255)
+        for k in range(K):
+            t = np.rint(f32(row[k] * inv)) + zp
+            a[m, k] = int(min(max(t, 0), 255) - zp)
+        sx[m] = s
+    return a, sx
+
+
+def quantize_weight_s8(w):
+    """The "int8" rule for a float weight (N, K), per row in float32 arithmetic: ``(q, sw)``
+    with ``q`` int64 in [-127, 127] and ``sw`` float32 (NaN for a row holding inf or NaN, whose
+    ``q`` is 0)."""
+    f32 = np.float32
+    w = np.asarray(w, np.float32)
+    N, K = w.shape
+    q = np.zeros((N, K), np.int64)
+    sw = np.zeros(N, np.float32)
+    for n in range(N):
+        row = w[n]
+        if not np.all(np.isfinite(row)):
+            sw[n] = np.nan
+            continue
+        amax = np.abs(row).max() if K else f32(0)
+        s = f32(amax / f32(127))
+        if s == 0:
+            s = f32(1)
+        inv = f32(f32(1) / s)
+        for k in range(K):
+            q[n, k] = int(min(max(np.rint(f32(row[k] * inv)), -127), 127))
+        sw[n] = s
+    return q, sw
+
+
+def linear_bf16_ref(x, w, b=None):
+    """The "bf16" linear map in float64: ``bf16(x) @ bf16(w).T + b`` over the last axis."""
+    y = bf16_round(x) @ bf16_round(w).T
+    if b is not None:
+        y = y + np.asarray(b, np.float64)
+    return y
+
+
+def linear_int8_ref(x, w=None, b=None, *, q=None, scale=None):
+    """The "int8" linear map of ``x`` (..., K): the integer products exactly, then
+    ``acc * (sx * sw) + b`` in float64 (the kernels do this epilogue in float32).
+
+    The weight is a float ``w`` (N, K), quantized by :func:`quantize_weight_s8`, or an int8
+    weight given as stored, ``q`` (N, K) with ``scale`` (N,).
+    """
+    x = np.asarray(x, np.float32)
+    lead, K = x.shape[:-1], x.shape[-1]
+    a, sx = quantize_rows_u8(x.reshape(-1, K))
+    if q is None:
+        q, sw = quantize_weight_s8(w)
+    else:
+        q, sw = np.asarray(q).astype(np.int64), np.asarray(scale, np.float32)
+    acc = a @ np.asarray(q, np.int64).T                             # exact integers
+    with np.errstate(invalid="ignore"):
+        y = acc.astype(np.float64) * (sx.astype(np.float64)[:, None] * sw.astype(np.float64))
+    if b is not None:
+        y = y + np.asarray(b, np.float64)
+    return y.reshape(*lead, q.shape[0])
+
+
+def attention_bf16_ref(q, k, v, *, mask=None, key_lengths=None, bias=None, scale=None,
+                       temperature=1.0):
+    """The "bf16" attention in float64: ``q``, ``k``, ``v`` rounded to bfloat16; the softmax
+    numerators ``P = exp(s - max s)`` rounded to bfloat16 before ``P @ v``, divided by the sum
+    of the unrounded ``P``. Returns ``(out, weights, lse)``, the weights and lse unrounded
+    (``P / sum P``); rows without a key to attend to give zeros and ``lse = -inf``."""
+    q, k, v = bf16_round(q), bf16_round(k), bf16_round(v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    full = (B, H, Lq, Lk)
+    eff = (1.0 / math.sqrt(D) if scale is None else float(scale)) / float(temperature)
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * eff
+    if bias is not None:
+        s = s + np.broadcast_to(np.asarray(bias, np.float64), full)
+    allowed = ~np.isneginf(s)
+    if mask is not None:
+        allowed &= np.broadcast_to(np.asarray(mask, bool), full)
+    if key_lengths is not None:
+        allowed &= np.arange(Lk) < np.asarray(key_lengths).reshape(B, 1, 1, 1)
+    s = np.where(allowed, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True) if Lk else np.full(full[:3] + (1,), -np.inf)
+    empty = np.isneginf(m)
+    p = np.where(allowed, np.exp(s - np.where(empty, 0.0, m)), 0.0)
+    total = np.where(empty, 1.0, p.sum(axis=-1, keepdims=True))
+    w = p / total
+    lse = np.where(empty, -np.inf, np.where(empty, 0.0, m) + np.log(total))[..., 0]
+    v_used = v
+    if key_lengths is not None:
+        v_used = np.where(np.arange(Lk).reshape(1, 1, Lk, 1)
+                          < np.asarray(key_lengths).reshape(B, 1, 1, 1), v, 0.0)
+    out = np.where(empty, 0.0, np.matmul(bf16_round(p), v_used) / total)
+    return out, w, lse

@@ -38,18 +38,6 @@ WEIGHT_KIND_CODES = {"float16": 1, "bfloat16": 2, "int8": 3}
 INT8_MAX_IN_FEATURES = 65536
 
 
-def _immutable(a: Any) -> bool:
-    """Whether the memory of array ``a`` cannot change any more: read-only down to an array
-    that owns its memory, or to a ``bytes`` object."""
-    while isinstance(a, np.ndarray):
-        if a.flags.writeable:
-            return False
-        if a.base is None:
-            return True
-        a = a.base
-    return isinstance(a, bytes)
-
-
 def _frozen_copy(a: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of ``a`` in memory that can never be written (over ``bytes``)."""
     c = np.ascontiguousarray(a)
@@ -99,11 +87,11 @@ class QuantizedTensor:
     matrix it stands for: ``numpy.asarray`` dequantizes, ``copy()`` returns a float32 copy, and
     row slices (``w[a:b]``) stay quantized.
 
-    It is immutable: its arrays must not change after it is made (a model marks them
-    read-only). Under the ``"bf16"`` and ``"int8"`` precisions the native :func:`linear` packs
-    it once per precision and keeps the pack (:meth:`packed`); it does so only when its arrays
-    are read-only down to memory they own, and packs it on every call otherwise, so a pack is
-    never stale. Under ``"highest"`` it is read in place, as always.
+    It is immutable: its arrays must not change after it is made. Under the ``"bf16"`` and
+    ``"int8"`` precisions the native :func:`linear` packs it once per precision and keeps the
+    pack (:meth:`packed`) when it is :attr:`frozen`, its arrays marked read-only (as a model
+    marks its weights); otherwise it packs it in every call, so that a change through its
+    arrays is never missed. Under ``"highest"`` it is read in place, as always.
 
     Parameters
     ----------
@@ -164,9 +152,10 @@ class QuantizedTensor:
 
     @property
     def frozen(self) -> bool:
-        """Whether its arrays can no longer change (read-only down to memory they own): then
-        its native packs are cached."""
-        return _immutable(self.data) and (self.scale is None or _immutable(self.scale))
+        """Whether its arrays are marked read-only: then its native packs are kept (the
+        memory they view must not change either, as for any QuantizedTensor)."""
+        return not self.data.flags.writeable and (self.scale is None
+                                                  or not self.scale.flags.writeable)
 
     def packed(self, precision: Optional[str] = None) -> Any:
         """The ``mmcore._C.PackedWeight`` of this weight for ``precision`` (default: the
@@ -247,6 +236,14 @@ class QuantizedTensor:
         return f"QuantizedTensor({self.kind}, shape={self.shape})"
 
 
+def _frozen_source(w: Union[np.ndarray, QuantizedTensor]) -> Union[np.ndarray, QuantizedTensor]:
+    """A copy of ``w`` in memory that can never be written (a frozen QuantizedTensor)."""
+    if isinstance(w, QuantizedTensor):
+        return QuantizedTensor(_frozen_copy(w.data), w.kind,
+                               None if w.scale is None else _frozen_copy(w.scale))
+    return _frozen_copy(w)
+
+
 class PackedWeight:
     """A linear weight (out_features, in_features) that the native :func:`linear` reads packed:
     packed once per precision, on first use, instead of on every call.
@@ -292,27 +289,24 @@ class PackedWeight:
 
     def __init__(self, weight: Union[npt.ArrayLike, QuantizedTensor, "PackedWeight"]):
         op = "PackedWeight"
-        source: Union[np.ndarray, QuantizedTensor]
         if isinstance(weight, PackedWeight):
-            source = weight.source                       # immutable already: shared
+            self._source = weight.source                 # immutable already: shared
         elif isinstance(weight, QuantizedTensor):
-            source = QuantizedTensor(_frozen_copy(weight.data), weight.kind,
-                                     None if weight.scale is None
-                                     else _frozen_copy(weight.scale))
+            self._source = _frozen_source(weight)
         else:
             a = _float32("weight", weight, op)
             if a.ndim != 2:
                 raise ShapeError(f"[{op}] weight has {a.ndim} dims, expected 2 "
                                  "(out_features, in_features)")
-            source = _frozen_copy(a)
-        self._source = source
+            self._source = _frozen_source(a)
         self._packs = _PackCache()
 
     def __getstate__(self) -> Dict[str, Any]:
         return {"source": self._source}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        self._source = state["source"]
+        # unpickled arrays are writable: copied into unwritable memory again
+        self._source = _frozen_source(state["source"])
         self._packs = _PackCache()
 
     @property
@@ -432,6 +426,7 @@ def pack_weight(weight: Union[npt.ArrayLike, QuantizedTensor], *,
     """
     prec = resolve_precision("pack_weight", precision)
     pw = PackedWeight(weight)
+    check_int8_features("pack_weight", pw.shape[1], prec)
     pw.packed(prec)
     return pw
 
