@@ -50,6 +50,7 @@ constexpr int kCols = kWidth * NV;  // output columns per task block
 constexpr int64_t kPanel = PackedWeight::kPanel;
 static_assert(kPanel % kCols == 0, "a task block must lie inside one panel");
 constexpr int64_t kRowChunk = 192;        // rows per task at most
+constexpr int64_t kKBlock = 384;          // k per pass over a task's rows (float32)
 constexpr int64_t kSerialWork = 1 << 18;  // multiply-adds below which one thread does it all
 
 // The activation on n floats in place (scalar libm: exact to float rounding, as PyTorch's
@@ -77,6 +78,7 @@ void activate(float* y, int64_t n, Activation act) {
 
 struct Scratch {
   std::vector<float> bias, scale, out;
+  std::vector<int32_t> iacc;
   static Scratch& get() {
     thread_local Scratch sc;
     return sc;
@@ -139,37 +141,63 @@ void run_task(const LinearParams& p, const Operands& ops, int64_t row0, int64_t 
     std::memcpy(sc.scale.data(), w.scale.data() + col0, static_cast<size_t>(ncols) * sizeof(float));
     cscale = sc.scale.data();
   }
-  const bool direct = ncols == padded;  // whole vectors: store straight into y
-  if (!direct && sc.out.size() < static_cast<size_t>(MR * padded)) sc.out.resize(static_cast<size_t>(MR * padded));
+  // whole vectors: sums go straight into y; else into scratch rows of `padded` columns
+  const bool direct = ncols == padded;
+  if (!direct && sc.out.size() < static_cast<size_t>(rows * padded)) sc.out.resize(static_cast<size_t>(rows * padded));
   const int64_t KP = w.kpairs();
   const float* wf = int8 ? nullptr : w.f.get() + panel * p.K * kPanel + off;
   const int16_t* wq = int8 ? w.q.get() + (panel * KP * kPanel + off) * 2 : nullptr;
-  for (int64_t r = 0; r < rows; r += MR) {
-    const int R = static_cast<int>(std::min<int64_t>(MR, rows - r));
-    float* yr = p.y + (row0 + r) * p.ldy + col0;
-    float* dst = direct ? yr : sc.out.data();
-    const int64_t ldd = direct ? p.ldy : padded;
-    gemm::with_count<MR>(R, [&](auto nr) {
-      gemm::with_count<NV>(nvec, [&](auto nv) {
-        constexpr int kR = decltype(nr)::value, kV = decltype(nv)::value;
-        if (int8) {
-          gemm::TileI<kR, kV> t;
-          t.zero();
-          t.multiply_add(ops.a + (row0 + r) * KP, KP, wq, kPanel * 2, KP);
-          t.store_scaled(dst, ldd, ops.sx + row0 + r, cscale, bias);
-        } else {
-          gemm::Tile<kR, kV> t;
-          t.broadcast_row(bias);
-          t.multiply_add(ops.x + (row0 + r) * ops.ldx, ops.ldx, 1, wf, kPanel, p.K);
-          t.store(dst, ldd);
-        }
+  // k in blocks (kKBlock values, kKBlock / 2 int8 pairs), so that the block of the weight panel
+  // stays in L1 while every row tile of the task passes over it; float32 partial sums wait in y
+  // (exact: float32 stores), int32 ones in scratch.
+  const int64_t kdepth = int8 ? KP : p.K;
+  const int64_t kstep = int8 ? kKBlock / 2 : kKBlock;
+  const int64_t kblock = kdepth <= kstep + kstep / 3 ? std::max<int64_t>(kdepth, 1) : kstep;
+  int32_t* iacc = nullptr;
+  if (int8 && kblock < kdepth) {
+    if (sc.iacc.size() < static_cast<size_t>(rows * padded)) sc.iacc.resize(static_cast<size_t>(rows * padded));
+    iacc = sc.iacc.data();
+  }
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(kdepth, 1); k0 += kblock) {
+    const int64_t kl = std::min(kblock, kdepth - k0);
+    const bool first = k0 == 0, last = k0 + kblock >= kdepth;
+    for (int64_t r = 0; r < rows; r += MR) {
+      const int R = static_cast<int>(std::min<int64_t>(MR, rows - r));
+      float* yr = p.y + (row0 + r) * p.ldy + col0;
+      float* dst = direct ? yr : sc.out.data() + r * padded;
+      const int64_t ldd = direct ? p.ldy : padded;
+      gemm::with_count<MR>(R, [&](auto nr) {
+        gemm::with_count<NV>(nvec, [&](auto nv) {
+          constexpr int kR = decltype(nr)::value, kV = decltype(nv)::value;
+          if (int8) {
+            gemm::TileI<kR, kV> t;
+            if (first)
+              t.zero();
+            else
+              t.load(iacc + r * padded, padded);
+            t.multiply_add(ops.a + (row0 + r) * KP + k0, KP, wq + k0 * kPanel * 2, kPanel * 2, kl);
+            if (last)
+              t.store_scaled(dst, ldd, ops.sx + row0 + r, cscale, bias);
+            else
+              t.store(iacc + r * padded, padded);
+          } else {
+            gemm::Tile<kR, kV> t;
+            if (first)
+              t.broadcast_row(bias);
+            else
+              t.load(dst, ldd);
+            t.multiply_add(ops.x + (row0 + r) * ops.ldx + k0, ops.ldx, 1, wf + k0 * kPanel, kPanel, kl);
+            t.store(dst, ldd);
+          }
+        });
       });
-    });
-    if (!direct)
-      for (int i = 0; i < R; ++i)
-        std::memcpy(yr + i * p.ldy, sc.out.data() + i * padded, static_cast<size_t>(ncols) * sizeof(float));
-    if (p.activation != Activation::none)
-      for (int i = 0; i < R; ++i) activate(yr + i * p.ldy, ncols, p.activation);
+      if (!last) continue;
+      if (!direct)
+        for (int i = 0; i < R; ++i)
+          std::memcpy(yr + i * p.ldy, dst + i * padded, static_cast<size_t>(ncols) * sizeof(float));
+      if (p.activation != Activation::none)
+        for (int i = 0; i < R; ++i) activate(yr + i * p.ldy, ncols, p.activation);
+    }
   }
 }
 

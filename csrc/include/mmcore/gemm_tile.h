@@ -8,6 +8,7 @@
 // row-major (a_k = 1) or transposed (a_row = 1). For per-target kernel files only.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "mmcore/simd.h"
@@ -54,6 +55,14 @@ struct Tile {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r][c] = b;
     }
+  }
+
+  // acc[r][c] = src[r * ld + c * kWidth] (resuming a sum stored earlier).
+  MMCORE_TILE_INLINE void load(const float* __restrict src, int64_t ld) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] = simd::load(src + r * ld + c * kWidth);
   }
 
   // acc[r][c] = src[r * ld + c * kWidth] * scale[r] (rescaling a running sum).
@@ -104,6 +113,20 @@ struct TileI {
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < NC; ++c) acc[r][c] = simd::vi{};
+  }
+
+  // Partial sums kept between passes over k (int32, exact).
+  MMCORE_TILE_INLINE void load(const int32_t* __restrict src, int64_t ld) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) acc[r][c] = simd::loadi(src + r * ld + c * kWidth);
+  }
+  MMCORE_TILE_INLINE void store(int32_t* __restrict dst, int64_t ld) const {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) std::memcpy(dst + r * ld + c * kWidth, &acc[r][c], sizeof(simd::vi));
   }
 
   MMCORE_TILE_INLINE void multiply_add(const int32_t* __restrict a, int64_t lda, const int16_t* __restrict b,
