@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import mmcore
 from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
 from mmcore import _C
-from mmcore.errors import ArgumentError, ShapeError
+from mmcore.errors import ArgumentError, BackendError, ShapeError
 from mmcore.ops import PackedWeight, attention, encoder_layer, linear, pack_weight
 from mmcore.ops.linear import QuantizedTensor
 from reference import (
@@ -502,6 +502,34 @@ def test_packed_weights_give_the_bits_of_plain_ones(precision):
                 assert qt.packed_nbytes > 0
 
 
+def test_a_build_without_precision_says_so(monkeypatch):
+    """A native module older than the precisions still runs "highest" and names the op for
+    the others (a BackendError, so that callers can fall back)."""
+    import types
+
+    from mmcore import _backend
+    calls = []
+
+    def old_linear(x, weight, bias, out, *, activation="none", weight_kind="float32",
+                   weight_scale=None, num_threads):
+        """linear(x, weight, bias, out, *, activation, weight_kind, weight_scale, num_threads)"""
+        calls.append(activation)
+
+    monkeypatch.setattr(_backend, "native_module", lambda: types.SimpleNamespace(
+        linear=old_linear))
+    x, w = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
+    linear(x, w, backend="native")
+    assert calls == ["none"]
+    for p in ("bf16", "int8"):
+        with pytest.raises(BackendError, match=rf"\[linear\] this build of mmcore._C has no "
+                                               rf"precision '{p}' in its linear kernel"):
+            linear(x, w, precision=p, backend="native")
+    with pytest.raises(BackendError, match=r"\[PackedWeight.packed\] this build of mmcore._C "
+                                           "has no pack_weight kernel"):
+        PackedWeight(w).packed("highest")
+    assert calls == ["none"]
+
+
 # ----------------------------------------------------------------------------------------------
 # PackedWeight and the pack caches
 
@@ -524,6 +552,13 @@ def test_packed_weight_copies_its_source():
     qt.data[:] = 0
     assert pq.kind == "int8" and pq.source.frozen and int(pq.source.data.sum()) == 6 * 127
     assert PackedWeight(pq).source is pq.source          # already immutable: shared
+    # an array that can never be written (over bytes, as a model's frozen parameters) is shared;
+    # a read-only array that owns its memory can be made writable again, so it is copied
+    frozen = np.frombuffer(np.ones(6, np.float32).tobytes(), np.float32).reshape(2, 3)
+    assert np.shares_memory(PackedWeight(frozen).source, frozen)
+    owned = np.ones((2, 3), np.float32)
+    owned.flags.writeable = False
+    assert not np.shares_memory(PackedWeight(owned).source, owned)
 
 
 def test_packed_weight_bad_input():

@@ -19,7 +19,7 @@ array([[1., 1., 1.]], dtype=float32)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -42,9 +42,26 @@ _WEIGHT_KIND_NAMES = ("float32", "float16", "bfloat16", "int8")
 PACKED = -1
 
 
-def _precision_kw(precision: str) -> dict:
-    """The ``precision`` keyword of a native call ("highest" is the native default)."""
-    return {} if precision == "highest" else {"precision": precision}
+# (id of the module, kernel) -> whether that kernel of the native module takes ``precision``
+_takes_precision: Dict[Tuple[int, str], bool] = {}
+
+
+def _precision_kw(C: Any, op: str, kernel: str, precision: str) -> dict:
+    """The ``precision`` keyword of a native call: none for "highest" (the kernels' default,
+    so that a build older than the precisions still runs it), else ``precision``, or a
+    BackendError naming ``op`` when this build's kernel does not take it."""
+    if precision == "highest":
+        return {}
+    key = (id(C), kernel)
+    takes = _takes_precision.get(key)
+    if takes is None:
+        takes = "precision" in (getattr(getattr(C, kernel), "__doc__", None) or "")
+        _takes_precision[key] = takes
+    if not takes:
+        raise BackendError(f"[{op}] this build of mmcore._C has no precision {precision!r} "
+                           f"in its {kernel} kernel: rebuild mmcore (`pip install .`) or use "
+                           "backend='numba'")
+    return {"precision": precision}
 
 
 def native(op: str, kernel: str) -> Any:
@@ -65,10 +82,10 @@ def attention(q: Array, k: Array, v: Array, out: Array, weights: Optional[Array]
               key_lengths: Optional[Array], scale: float, dropout: bool, seed: int,
               threshold: int, dropout_scale: float, *, precision: str = "highest") -> None:
     """:func:`mmcore.ops.attention` (fills ``out``, ``weights`` and ``lse``)."""
-    native("attention", "attention").attention(
-        q, k, v, out, weights, lse, mask, bias, key_lengths, scale=scale, dropout=dropout,
-        seed=seed, threshold=threshold, dropout_scale=dropout_scale, **_precision_kw(precision),
-        num_threads=_threads())
+    C = native("attention", "attention")
+    C.attention(q, k, v, out, weights, lse, mask, bias, key_lengths, scale=scale,
+                dropout=dropout, seed=seed, threshold=threshold, dropout_scale=dropout_scale,
+                **_precision_kw(C, "attention", "attention", precision), num_threads=_threads())
 
 
 def masked_mean(x: Array, mask: Optional[Array], out: Array) -> Array:
@@ -134,13 +151,14 @@ def linear(x: Array, weight: Any, bias: Optional[Array], out: Array, *, activati
     ``weight_scale`` describe a quantized weight (see :class:`mmcore.ops.linear.QuantizedTensor`),
     and ``weight_kind`` :data:`PACKED` a ``mmcore._C.PackedWeight`` packed for ``precision``."""
     C = native("linear", "linear")
+    kw = _precision_kw(C, "linear", "linear", precision)
     if weight_kind == PACKED:
-        C.linear(x, weight, bias, out, activation=_ACTIVATION_NAMES[activation],
-                 **_precision_kw(precision), num_threads=_threads())
+        C.linear(x, weight, bias, out, activation=_ACTIVATION_NAMES[activation], **kw,
+                 num_threads=_threads())
         return
     C.linear(x, weight, bias, out, activation=_ACTIVATION_NAMES[activation],
-             weight_kind=_WEIGHT_KIND_NAMES[weight_kind], weight_scale=weight_scale,
-             **_precision_kw(precision), num_threads=_threads())
+             weight_kind=_WEIGHT_KIND_NAMES[weight_kind], weight_scale=weight_scale, **kw,
+             num_threads=_threads())
 
 
 def pack_weight(weight: Array, weight_scale: Optional[Array], *, weight_kind: int,
@@ -166,7 +184,8 @@ def encoder_layer(x: Array, out: Array, key_lengths: Optional[Array], *, num_hea
     ``(array, kind code, scale)`` as for :func:`linear`, or ``(PackedWeight, PACKED, None)``."""
     weights = tuple((w, None, None) if kind == PACKED else (w, _WEIGHT_KIND_NAMES[kind], s)
                     for w, kind, s in weights)
-    native("encoder_layer", "encoder_layer").encoder_layer(
-        x, out, key_lengths, num_heads=num_heads, weights=weights, biases=biases, norms=norms,
-        eps1=eps1, eps2=eps2, activation=_ACTIVATION_NAMES[activation], scale=scale,
-        **_precision_kw(precision), num_threads=_threads())
+    C = native("encoder_layer", "encoder_layer")
+    C.encoder_layer(x, out, key_lengths, num_heads=num_heads, weights=weights, biases=biases,
+                    norms=norms, eps1=eps1, eps2=eps2, activation=_ACTIVATION_NAMES[activation],
+                    scale=scale, **_precision_kw(C, "encoder_layer", "encoder_layer", precision),
+                    num_threads=_threads())

@@ -38,8 +38,22 @@ WEIGHT_KIND_CODES = {"float16": 1, "bfloat16": 2, "int8": 3}
 INT8_MAX_IN_FEATURES = 65536
 
 
+def _unwritable(a: np.ndarray) -> bool:
+    """Whether no one can ever write the memory of ``a``: read-only arrays down to a ``bytes``
+    object (``numpy.frombuffer`` of bytes, as :func:`mmcore.model.nn.frozen_array` makes)."""
+    base: Any = a
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return isinstance(base, bytes)
+
+
 def _frozen_copy(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of ``a`` in memory that can never be written (over ``bytes``)."""
+    """``a`` C-contiguous in memory that can never be written (over ``bytes``): ``a`` itself
+    when it already is, else a copy."""
+    if a.flags.c_contiguous and _unwritable(a):
+        return a
     c = np.ascontiguousarray(a)
     return np.frombuffer(c.tobytes(), dtype=c.dtype).reshape(c.shape)
 
@@ -237,7 +251,8 @@ class QuantizedTensor:
 
 
 def _frozen_source(w: Union[np.ndarray, QuantizedTensor]) -> Union[np.ndarray, QuantizedTensor]:
-    """A copy of ``w`` in memory that can never be written (a frozen QuantizedTensor)."""
+    """``w`` in memory that can never be written (a frozen QuantizedTensor): copied unless it
+    already is."""
     if isinstance(w, QuantizedTensor):
         return QuantizedTensor(_frozen_copy(w.data), w.kind,
                                None if w.scale is None else _frozen_copy(w.scale))
@@ -257,7 +272,9 @@ class PackedWeight:
 
     It copies its source when made, into memory that cannot be written: a change to the array
     it was made from does not reach it, so a cached pack is never stale (make a new
-    ``PackedWeight`` for new values). The numba backend reads the source.
+    ``PackedWeight`` for new values). Only an array that can never be written already (read-only
+    over a ``bytes`` object, as a model's frozen parameters) is shared instead of copied. The
+    numba backend reads the source.
 
     Parameters
     ----------
