@@ -465,6 +465,94 @@ def test_quantization_choices(q):
     assert ModalityConfig("audio", quantization=q, encoder="remote").quantization == q
 
 
+# the digests and the JSON of configs without matmul_precision, as written before the field
+# existed (the field is left out of to_dict while None, so they are unchanged)
+_DIGEST_TEXT = "7fb8fa4d817ca83eb1cd4d334360cf0f926737239fd24e28330ff35e68fb9946"
+_DIGEST_IMAGE_INT8 = "e408936ab95619f8d59cde176aa026bc4c356e876a68f470fbbf8053769f737c"
+
+
+@pytest.mark.parametrize("p", [None, "highest", "bf16", "int8"])
+def test_matmul_precision_choices(p):
+    for enc in ("builtin", "external", "remote"):
+        mc = ModalityConfig("audio", encoder=enc, matmul_precision=p)
+        assert mc.matmul_precision == p
+    assert ModalityConfig("text", matmul_precision=p.upper() if p else p).matmul_precision == p
+    assert ModalityConfig.MATMUL_PRECISIONS == mmcore._precision.PRECISIONS
+
+
+@pytest.mark.parametrize("bad", ["fp16", "float32", "", "int4", 8, True, ["int8"], b"int8"])
+def test_matmul_precision_rejects_other_values(bad):
+    with pytest.raises(ConfigError, match=r"^ModalityConfig\.matmul_precision must be one of "
+                       r"'highest' \| 'bf16' \| 'int8' \| None, got "):
+        ModalityConfig("text", matmul_precision=bad)
+    with pytest.raises(ConfigError, match=r"ModalityConfig\.matmul_precision"):
+        MultiModalConfig({"text": {"matmul_precision": bad}})
+    with pytest.raises(ConfigError, match=r"ModalityConfig\.matmul_precision"):
+        ModalityConfig("text").replace(matmul_precision=bad)
+
+
+def test_matmul_precision_not_for_onnx_encoders():
+    with pytest.raises(ConfigError, match=r"ModalityConfig\.matmul_precision applies to "
+                       r"'builtin', 'external' and 'remote' encoders, not encoder='onnx'"):
+        ModalityConfig("image", encoder="onnx", matmul_precision="bf16")
+    assert ModalityConfig("image", encoder="onnx").matmul_precision is None
+
+
+def test_matmul_precision_keeps_old_files_and_digests(tmp_path):
+    plain = ModalityConfig("text")
+    assert plain.matmul_precision is None and "matmul_precision" not in plain.to_dict()
+    assert plain.digest() == _DIGEST_TEXT
+    assert ModalityConfig("image", embed_dim=768, quantization="int8").digest() == \
+        _DIGEST_IMAGE_INT8
+    # a file written before the field existed loads, with the field None
+    old = {k: v for k, v in plain.to_dict().items()}
+    (tmp_path / "old.json").write_text(json.dumps(old), encoding="utf-8")
+    assert ModalityConfig.from_json(tmp_path / "old.json") == plain
+    cfg = MultiModalConfig([plain, ModalityConfig("image")])
+    assert all("matmul_precision" not in v for v in cfg.to_dict()["modalities"].values())
+
+
+@pytest.mark.parametrize("p", ["highest", "bf16", "int8"])
+def test_matmul_precision_round_trips_and_changes_the_digest(p, tmp_path):
+    mc = ModalityConfig("text", matmul_precision=p)
+    assert mc.to_dict()["matmul_precision"] == p
+    assert ModalityConfig.from_dict(mc.to_dict()) == mc
+    assert mc.digest() != _DIGEST_TEXT and mc != ModalityConfig("text")
+    assert hash(mc) != hash(ModalityConfig("text"))
+    others = {ModalityConfig("text", matmul_precision=q).digest() for q in ("highest", "bf16",
+                                                                            "int8")}
+    assert len(others) == 3
+    mc.to_json(tmp_path / "m.json")
+    assert ModalityConfig.from_json(tmp_path / "m.json") == mc
+    cfg = MultiModalConfig([mc, ModalityConfig("image")])
+    assert MultiModalConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert cfg.digest() != MultiModalConfig([ModalityConfig("text"),
+                                             ModalityConfig("image")]).digest()
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    # with_enabled keeps it
+    assert cfg.with_enabled("image", False).modality_config("text").matmul_precision == p
+    if _toml_available():
+        cfg.to_toml(tmp_path / "m.toml")
+        assert MultiModalConfig.from_toml(tmp_path / "m.toml") == cfg
+        mc.to_toml(tmp_path / "one.toml")
+        assert ModalityConfig.from_toml(tmp_path / "one.toml") == mc
+
+
+@toml_only
+def test_matmul_precision_in_hand_written_toml(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('''
+[modalities.text]
+matmul_precision = "INT8"
+[modalities.image]
+matmul_precision = "none"
+[modalities.audio]
+''', encoding="utf-8")
+    cfg = MultiModalConfig.from_toml(path)
+    assert [cfg.modality_config(m).matmul_precision for m in ("text", "image", "audio")] == [
+        "int8", None, None]
+
+
 def test_configs_are_frozen_and_replace_revalidates():
     mc = ModalityConfig("text")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -759,12 +847,13 @@ def _full_config():
                         encoder_config={"vocab_size": 259, "max_positions": 1024,
                                         "activation": "gelu_tanh", "pooling": "cls"},
                         preprocessing={"max_length": 64, "padding": "max_length"},
-                        extra={"a": [1, {"b": "x"}], "quote": 'say "hi"\n\ttab \\ \x7f é'}),
+                        extra={"a": [1, {"b": "x"}], "quote": 'say "hi"\n\ttab \\ \x7f é'},
+                        matmul_precision="int8"),
          ModalityConfig(Modality.custom("ecg"), embed_dim=128, encoder="external",
                         preprocessing={"modality": "audio", "preset": None, "n_mels": 64}),
          ModalityConfig(Modality.custom(3), embed_dim=256, enabled=False, encoder="remote",
                         preprocessing=None, quantization="float16"),
-         ModalityConfig(AUDIO, embed_dim=256, quantization="bfloat16",
+         ModalityConfig(AUDIO, embed_dim=256, quantization="bfloat16", matmul_precision="bf16",
                         preprocessing={"preset": "fbank", "max_length_s": 12.5})],
         fusion=LateFusion(reduce="weighted", weights={"text": 2, "video": 1, "custom:ecg": 0.5}),
         cross_attention=CrossModalAttentionConfig(num_heads=4, pairs=["text->video",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from .._precision import PRECISIONS
 from ..errors import ConfigError, ModalityError
 from ..modality import Modality
 from .base import ConfigBase, config_dataclass
@@ -166,12 +167,26 @@ class ModalityConfig(ConfigBase):
         precision; "int8" is weight-only (per-output-channel scales, activations stay
         float32). On disk and, for the matrices of the linear layers and attention
         projections, in memory too (read in place by :func:`mmcore.ops.linear`); compute is
-        float32. Not for ``encoder="external"`` (a callable mmcore does not own).
+        float32 unless ``matmul_precision`` says otherwise. Not for ``encoder="external"`` (a
+        callable mmcore does not own).
     cache : CachePolicy, mapping or None, default None
         This modality's cache entry; None: :attr:`CacheConfig.per_modality` or
         :attr:`CacheConfig.default` decides (see :meth:`MultiModalConfig.cache_policy`).
     extra : dict, default {}
         Free-form, JSON-friendly options.
+    matmul_precision : {None, "highest", "bf16", "int8"}, default None
+        The arithmetic of the matrix products while the model encodes this modality (see
+        :func:`mmcore.set_matmul_precision`): ``"highest"`` is exact float32 (quantized
+        weights give the bits of their float32 values); ``"bf16"`` rounds both operands to
+        bfloat16 and accumulates in float32; ``"int8"`` quantizes the activations per row
+        (dynamic, as ONNX Runtime) and the weights per output row (int8 weights as stored) and
+        accumulates exactly in int32. None: whatever the thread or the process has set (by
+        default ``"highest"``). The model encodes the modality under
+        ``mmcore.matmul_precision(...)`` when it is set, and its per-item cache keys carry the
+        precision in effect, so results of one precision are never served for another. Not
+        for ``encoder="onnx"`` (the ONNX runtime decides its own arithmetic). Left out of
+        :meth:`to_dict` (so of files and :meth:`digest`) while None: configs without it keep
+        the files and digests they had.
 
     Examples
     --------
@@ -187,6 +202,15 @@ class ModalityConfig(ConfigBase):
     Traceback (most recent call last):
     ...
     mmcore.errors.ConfigError: ModalityConfig.quantization must be one of 'float16' | 'bfloat16' | 'int8' | None, got 'int4'
+    >>> fast = ModalityConfig("text", matmul_precision="INT8")
+    >>> fast.matmul_precision, fast.to_dict()["matmul_precision"]
+    ('int8', 'int8')
+    >>> "matmul_precision" in ModalityConfig("text").to_dict()
+    False
+    >>> ModalityConfig("text", matmul_precision="fp16")
+    Traceback (most recent call last):
+    ...
+    mmcore.errors.ConfigError: ModalityConfig.matmul_precision must be one of 'highest' | 'bf16' | 'int8' | None, got 'fp16'
     """  # noqa: E501
 
     modality: Modality
@@ -200,10 +224,15 @@ class ModalityConfig(ConfigBase):
     quantization: Optional[str] = None
     cache: Optional[CachePolicy] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    matmul_precision: Optional[str] = None
 
     ENCODERS: ClassVar[Tuple[str, ...]] = ("builtin", "external", "onnx", "remote")
     QUANTIZATIONS: ClassVar[Tuple[str, ...]] = ("float16", "bfloat16", "int8")
-    _OPTIONAL_FIELDS: ClassVar[Tuple[str, ...]] = ("preprocessing", "quantization", "cache")
+    MATMUL_PRECISIONS: ClassVar[Tuple[str, ...]] = PRECISIONS
+    _OPTIONAL_FIELDS: ClassVar[Tuple[str, ...]] = ("preprocessing", "quantization", "cache",
+                                                   "matmul_precision")
+    # left out of to_dict while None (the files and digests of configs without them are kept)
+    _OMIT_WHEN_NONE: ClassVar[Tuple[str, ...]] = ("matmul_precision",)
     _NESTED: ClassVar[Dict[str, Tuple[str, Any]]] = {
         "preprocessing": ("one", PreprocessingConfig), "encoder_config": ("one", EncoderConfig),
         "cache": ("one", CachePolicy)}
@@ -229,6 +258,13 @@ class ModalityConfig(ConfigBase):
                        "encoders, not encoder='external'", self.quantization)
         self._set("cache", check_nested(owner, "cache", self.cache, CachePolicy, optional=True))
         self._set("extra", check_extra(owner, "extra", self.extra))
+        self._set("matmul_precision", check_choice(owner, "matmul_precision",
+                                                   self.matmul_precision,
+                                                   self.MATMUL_PRECISIONS + (None,)))
+        if self.matmul_precision is not None and self.encoder == "onnx":
+            raise fail(owner, "matmul_precision", "applies to 'builtin', 'external' and "
+                       "'remote' encoders, not encoder='onnx' (the ONNX runtime decides its "
+                       "own arithmetic)", self.matmul_precision)
         self._validate_preprocessing(m)
 
         ec = self.encoder_config
@@ -267,6 +303,15 @@ class ModalityConfig(ConfigBase):
                        f"{pre.modality!r}", pre.modality)
         self._set("preprocessing", pre)
 
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain, JSON-serializable dictionary of the fields (nested configs as dicts);
+        ``matmul_precision`` only when set, so configs without it keep their files and
+        digests."""
+        out = super().to_dict()
+        for name in self._OMIT_WHEN_NONE:
+            if out.get(name, 0) is None:
+                del out[name]
+        return out
 
 
 

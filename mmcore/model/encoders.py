@@ -673,6 +673,10 @@ class ModalityEncoder(Module):
           is the patches per frame; temporal groups from ``max_frames``.
         * custom without preprocessing: :class:`FeatureEmbedder` with
           ``encoder_config.extra["in_features"]``.
+
+        ``mcfg.matmul_precision`` is applied by :class:`~mmcore.model.MultiModalModel` when it
+        encodes the modality; called on its own, the encoder computes under the calling
+        thread's precision (wrap the call in :class:`mmcore.matmul_precision` to choose it).
         """
         owner = cls.__name__
         m = Modality(mcfg.modality)

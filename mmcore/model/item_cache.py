@@ -9,11 +9,13 @@ nothing about the model class: the model hands it the callables that preprocess,
 fuse, and its own weights.
 
 Keys: an item's key is :func:`~mmcore.cache.content_key` of its data (raw input bytes --
-file bytes for paths -- or its preprocessed row and mask), the modality's config key and the
-model identity; a fused vector's key is :meth:`~mmcore.cache.CacheManager.fusion_key` of the
-item keys of its modalities, the fusion config key and the model identity. Results computed
-while the weights changed (another thread replacing a parameter) are returned but never
-stored.
+file bytes for paths -- or its preprocessed row and mask), the modality's config key, the
+matmul precision the modality is encoded under (:func:`modality_precision`) and the model
+identity; a fused vector's key is :meth:`~mmcore.cache.CacheManager.fusion_key` of the item
+keys of its modalities, the fusion config key, the matmul precision of the fusion (the
+caller's, :func:`mmcore.get_matmul_precision`) and the model identity. So a result computed
+under one precision is never served for another. Results computed while the weights changed
+(another thread replacing a parameter) are returned but never stored.
 
 Examples
 --------
@@ -30,11 +32,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .._precision import get_matmul_precision, matmul_precision
 from ..cache import CacheManager, content_key, hash_field, new_hasher
 from ..config import CacheConfig, ModalityConfig, MultiModalConfig, config_digest
 from ..errors import ConfigError, ShapeError
@@ -42,7 +46,8 @@ from ..modality import Modality
 from .inputs import MultiModalInput, item_data, kind_of, raw_items, raw_subset
 from .nn import Module, weights_clock
 
-__all__ = ["ItemCache", "make_cache_manager", "KEYS_VERSIONS"]
+__all__ = ["ItemCache", "make_cache_manager", "KEYS_VERSIONS", "modality_precision",
+           "precision_block"]
 
 #: Where ``item_keys`` (the per-request record of item cache keys that :meth:`ItemCache.encoded`
 #: fills and :meth:`ItemCache.fused` reads) notes the weights versions the keys were computed at.
@@ -79,6 +84,38 @@ def make_cache_manager(config: MultiModalConfig, cache: Any, owner: str
         raise ConfigError(f"[{owner}] cache must be None, a bool, a CacheConfig or a "
                           f"CacheManager, got {type(cache).__name__}")
     return mgr if mgr.config.enabled else None
+
+
+def modality_precision(mc: ModalityConfig) -> str:
+    """The matmul precision modality ``mc`` is encoded under in the calling thread: its
+    :attr:`~mmcore.config.ModalityConfig.matmul_precision` when set, else the thread's or the
+    process's (:func:`mmcore.get_matmul_precision`).
+
+    Examples
+    --------
+    >>> import mmcore
+    >>> from mmcore.config import ModalityConfig
+    >>> from mmcore.model.item_cache import modality_precision
+    >>> with mmcore.matmul_precision("bf16"):
+    ...     modality_precision(ModalityConfig("text")), modality_precision(
+    ...         ModalityConfig("text", matmul_precision="int8"))
+    ('bf16', 'int8')
+    """
+    return mc.matmul_precision if mc.matmul_precision is not None else get_matmul_precision()
+
+
+def precision_block(mc: ModalityConfig) -> ContextManager[Any]:
+    """The ``with`` block that encodes modality ``mc``: ``mmcore.matmul_precision(p)`` when its
+    config sets ``matmul_precision`` to ``p``, else a block that changes nothing (the thread's
+    or process's precision applies)."""
+    if mc.matmul_precision is None:
+        return contextlib.nullcontext()
+    return matmul_precision(mc.matmul_precision)
+
+
+def _with_precision(key: str, precision: str) -> str:
+    """A config key extended with the matmul precision of the values it keys."""
+    return f"{key};matmul_precision={precision}"
 
 
 def _real_length(row: np.ndarray) -> Optional[int]:
@@ -172,7 +209,11 @@ class ItemCache:
     def config_key(self, cfg: Any) -> str:
         """A digest of what, in a ModalityConfig (preprocessing and encoder) or a
         MultiModalConfig (fusion and cross-attention), decides the cached values; computed
-        once per config object (configs are replaced, never changed, by enable / disable)."""
+        once per config object (configs are replaced, never changed, by enable / disable).
+
+        The matmul precision is not part of it: the keys of :meth:`encoded` and :meth:`fused`
+        add the precision in effect (which a ``ModalityConfig.matmul_precision`` of None
+        leaves to the thread or the process)."""
         memo = self._config_keys
         hit = memo.get(id(cfg))
         if hit is not None and hit[0] is cfg:
@@ -203,8 +244,9 @@ class ItemCache:
         cannot be cached item by item (the caller then takes the uncached path).
 
         Only the items not found are preprocessed (``prepare``) and encoded
-        (``encoder(m)(x, attention_mask=mask)``), as one sub-batch; the batch is then put
-        back together with the padding the uncached path gives. ``weights`` gives the
+        (``encoder(m)(x, attention_mask=mask)``, inside :func:`precision_block` of ``mc``), as
+        one sub-batch; the batch is then put back together with the padding the uncached path
+        gives. The keys carry :func:`modality_precision` of ``mc``. ``weights`` gives the
         model's ``(identity, weights_version)``. ``timings`` receives
         ``preprocess:<m>`` / ``encode:<m>``; ``item_keys`` (when given) receives the items'
         keys under ``m`` and the weights version under :data:`KEYS_VERSIONS`.
@@ -242,7 +284,7 @@ class ItemCache:
                      for i in range(n_items)]
             fixed = True
         identity, wversion = weights()
-        cfg = self.config_key(mc)
+        cfg = _with_precision(self.config_key(mc), modality_precision(mc))
         keys = [content_key(d, modality=m, config=cfg, model=identity) for d in datas]
         t_pre += time.perf_counter() - t0
 
@@ -274,7 +316,8 @@ class ItemCache:
                                  f"{int(np.shape(xs)[0])} after preprocessing, expected "
                                  f"{len(missing)}")
             t0 = time.perf_counter()
-            tokens, tmask, pool = encoder(m)(xs, attention_mask=ms)
+            with precision_block(mc):
+                tokens, tmask, pool = encoder(m)(xs, attention_mask=ms)
             tokens = np.asarray(tokens, np.float32)
             tmask = np.asarray(tmask).astype(np.bool_)
             pool = np.asarray(pool, np.float32)
@@ -321,12 +364,13 @@ class ItemCache:
         row is fused on its own), or None when that cache is off.
 
         Only the rows not found are fused (``fuse(sub_batch)["fused"]``), with the batch's
-        padding; ``item_keys`` is what :meth:`encoded` recorded for ``present``.
+        padding; ``item_keys`` is what :meth:`encoded` recorded for ``present``. The fusion
+        runs under the caller's matmul precision, which the keys carry.
         """
         cache = self.manager
         if cache is None or not cache.enabled_for(CacheManager.FUSION):
             return None
-        strategy = self.config_key(config)
+        strategy = _with_precision(self.config_key(config), get_matmul_precision())
         identity, wversion = weights()
         keys = [CacheManager.fusion_key({m: item_keys[m][i] for m in present},
                                         strategy=strategy, model=identity)

@@ -1,9 +1,17 @@
 """Attention layers and the transformer encoder block (``mmcore.model.layers``).
 
-The layers hold float32 NumPy weights in the PyTorch layout and names, project with NumPy matrix
-products and attend with :func:`mmcore.ops.attention` (the fused kernel, no (Lq, Lk) matrix
-unless weights are asked for). All of them are inference-only: ``dropout`` arguments are kept so
-that training-time configurations load unchanged, but no dropout is ever applied.
+The layers hold float32 NumPy weights in the PyTorch layout and names, project with
+:func:`mmcore.ops.linear` and attend with :func:`mmcore.ops.attention` (the fused kernel, no
+(Lq, Lk) matrix unless weights are asked for). All of them are inference-only: ``dropout``
+arguments are kept so that training-time configurations load unchanged, but no dropout is ever
+applied.
+
+Every product and the attention run under the current matmul precision
+(:func:`mmcore.get_matmul_precision`: a :class:`mmcore.matmul_precision` block of the calling
+thread, else :func:`mmcore.set_matmul_precision`, else ``"highest"``, exact float32). The
+projection weights are read packed, once per precision
+(:meth:`~mmcore.model.nn.Module.packed_weight`), and the packs are dropped whenever a weight is
+replaced.
 
 Masks follow the Hugging Face convention: a ``(B, L)`` boolean (or 0/1 integer) array with
 True/1 = real token, False/0 = padding. A prefix mask (every row is ``[1, ..., 1, 0, ..., 0]``,
@@ -188,6 +196,17 @@ class _MultiheadAttention(Module):
             return w[:E], w[E:2 * E], w[2 * E:]
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
+    def _packed_projections(self) -> Tuple[Any, Any, Any]:
+        """:meth:`projection_weights` as the products read them (see
+        :meth:`~mmcore.model.nn.Module.packed_weight`): packed once per precision."""
+        E = self.embed_dim
+        if self.packed:
+            return (self.packed_weight("in_proj_weight", (0, E)),
+                    self.packed_weight("in_proj_weight", (E, 2 * E)),
+                    self.packed_weight("in_proj_weight", (2 * E, 3 * E)))
+        return (self.packed_weight("q_proj_weight"), self.packed_weight("k_proj_weight"),
+                self.packed_weight("v_proj_weight"))
+
     def projection_biases(self):
         """``(bq, bk, bv)``, each (E,), or ``(None, None, None)`` without biases."""
         b = self.in_proj_bias
@@ -266,17 +285,17 @@ class _MultiheadAttention(Module):
         B, Lq, _ = query.shape
         Lk = key.shape[1]
         E, H, hd = self.embed_dim, self.num_heads, self.head_dim
-        wq, wk, wv = self.projection_weights()
         bq, bk, bv = self.projection_biases()
 
         if same_input and self.packed:
-            qkv = linear(query, self.in_proj_weight, self.in_proj_bias)        # (B, L, 3E)
+            qkv = linear(query, self.packed_weight("in_proj_weight"), self.in_proj_bias)
             qkv = qkv.reshape(B, Lq, 3, H, hd).transpose(2, 0, 3, 1, 4)         # (3, B, H, L, hd)
             q, k, v = qkv[0], qkv[1], qkv[2]
         else:
+            wq, wk, wv = self._packed_projections()
             q = linear(query, wq, bq).reshape(B, Lq, H, hd).transpose(0, 2, 1, 3)
             if value is key and self.packed:
-                kv = linear(key, self.in_proj_weight[E:],
+                kv = linear(key, self.packed_weight("in_proj_weight", (E, 3 * E)),
                             None if self.in_proj_bias is None else self.in_proj_bias[E:])
                 kv = kv.reshape(B, Lk, 2, H, hd).transpose(2, 0, 3, 1, 4)
                 k, v = kv[0], kv[1]
@@ -725,16 +744,27 @@ class TransformerEncoderLayer(Module):
                   **kwargs)
         return mod.load_state_dict(sd, strict=strict)
 
+    #: the argument cache of the fused block is derived from the parameters too
+    _TRANSIENT = Module._TRANSIENT + ("_native_args",)
+
+    def _after_load(self) -> None:
+        # weights were replaced somewhere below: let go of the arguments (and packs) of the
+        # older ones now rather than on the next call
+        self.__dict__.pop("_native_args", None)
+        super()._after_load()
+
     def _native_block(self, x: np.ndarray, attention_mask) -> Optional[np.ndarray]:
         """The whole pre-norm block in one call of :func:`mmcore.ops.encoder_layer` on the
         native backend (the same kernels as the step-by-step path, so the same results), or
         None when it does not apply: another backend, an activation the kernel does not fuse, a
-        padding mask that is not right-padded, or a build without the fused kernel."""
+        padding mask that is not right-padded, or a build without the fused kernel. The four
+        weight matrices go in packed (:meth:`~mmcore.model.nn.Module.packed_weight`); the
+        precision is the current one (:func:`mmcore.get_matmul_precision`)."""
         from .. import _backend
         attn = self.self_attn
         # the call's arguments are kept while the objects they come from are the same ones
         # (enough: parameter arrays are read-only, and every change of a weight replaces the
-        # array, see mmcore.model.nn)
+        # array, see mmcore.model.nn; the packed weights follow the same parameters)
         sig = (attn, attn.out_proj, self.linear1, self.linear2, self.norm1, self.norm2,
                attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
                self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
@@ -753,10 +783,14 @@ class TransformerEncoderLayer(Module):
             else:
                 args = dict(
                     num_heads=attn.num_heads,
-                    in_proj_weight=attn.in_proj_weight, in_proj_bias=attn.in_proj_bias,
-                    out_proj_weight=attn.out_proj.weight, out_proj_bias=attn.out_proj.bias,
-                    linear1_weight=self.linear1.weight, linear1_bias=self.linear1.bias,
-                    linear2_weight=self.linear2.weight, linear2_bias=self.linear2.bias,
+                    in_proj_weight=attn.packed_weight("in_proj_weight"),
+                    in_proj_bias=attn.in_proj_bias,
+                    out_proj_weight=attn.out_proj.packed_weight("weight"),
+                    out_proj_bias=attn.out_proj.bias,
+                    linear1_weight=self.linear1.packed_weight("weight"),
+                    linear1_bias=self.linear1.bias,
+                    linear2_weight=self.linear2.packed_weight("weight"),
+                    linear2_bias=self.linear2.bias,
                     norm1_weight=self.norm1.weight, norm1_bias=self.norm1.bias,
                     norm2_weight=self.norm2.weight, norm2_bias=self.norm2.bias,
                     eps1=float(self.norm1.eps), eps2=float(self.norm2.eps), activation=act,
@@ -772,18 +806,23 @@ class TransformerEncoderLayer(Module):
             return None
         try:
             return _ops_encoder_layer(x, key_lengths=key_lengths, backend="native", **args)
-        except BackendError:            # a build of mmcore._C without the fused kernel
-            self.__dict__["_native_args"] = (sig, scalars, False)
+        except BackendError:
+            if not hasattr(_backend.native_module(), "encoder_layer"):
+                # a build of mmcore._C without the fused kernel: never again
+                self.__dict__["_native_args"] = (sig, scalars, False)
+            # else the fused kernel refused this call (a precision it does not have in this
+            # build, say): the step-by-step path computes the same, or says why it cannot
             return None
 
     def _mlp(self, x: np.ndarray) -> np.ndarray:
         fused = fused_activation(self._act)
+        w1 = self.linear1.packed_weight("weight")
         if fused is not None:           # the activation runs inside the first product
-            h = _ops_linear(x, self.linear1.weight, self.linear1.bias, activation=fused)
+            h = _ops_linear(x, w1, self.linear1.bias, activation=fused)
         else:
-            h = linear(x, self.linear1.weight, self.linear1.bias)
+            h = linear(x, w1, self.linear1.bias)
             h = np.asarray(self._act(h), dtype=np.float32)
-        return linear(h, self.linear2.weight, self.linear2.bias)
+        return linear(h, self.linear2.packed_weight("weight"), self.linear2.bias)
 
     @overload
     def __call__(self, x: ArrayLike, *, attention_mask: Optional[ArrayLike] = None,

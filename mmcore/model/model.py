@@ -111,7 +111,7 @@ from .inputs import (
     stack_clips,
 )
 from .io import PathLike
-from .item_cache import ItemCache
+from .item_cache import ItemCache, precision_block
 from .nn import Module, RngLike, as_generator
 from .stats import LatencyStats, prometheus_collector
 
@@ -245,12 +245,23 @@ class MultiModalModel(Module):
         False switches it off); False: no cache; a :class:`~mmcore.config.CacheConfig` or a
         :class:`~mmcore.cache.CacheManager`: used instead of ``config.cache``.
 
+    Precision: the matrix products of a modality's encoder run under its
+    :attr:`ModalityConfig.matmul_precision <mmcore.config.ModalityConfig.matmul_precision>`
+    when that is set (``"highest"``, ``"bf16"`` or ``"int8"``, inside
+    :class:`mmcore.matmul_precision` for the encoding only), else under the calling thread's
+    precision (a :class:`mmcore.matmul_precision` block around :meth:`infer`, else
+    :func:`mmcore.set_matmul_precision`, else ``"highest"``); cross-modal attention and the
+    fusion always run under the calling thread's. The layers pack each weight once per
+    precision (:meth:`~mmcore.model.nn.Module.packed_weight`). Under the default
+    ``"highest"`` the results are exact float32, as always.
+
     Caching: with late, attention or custom fusion, :meth:`infer` keys every batch item of
     every modality by :func:`~mmcore.cache.content_key` of its data (raw input bytes -- file
-    bytes for paths -- or its preprocessed row and mask), the modality's config and the model
-    identity (:attr:`identity`, a digest of the weights, recomputed whenever a parameter is
-    replaced; parameter arrays are read-only, so they cannot change in place), and stores
-    the item's encoder outputs (tokens trimmed to its real length, mask, pooled). Only the
+    bytes for paths -- or its preprocessed row and mask), the modality's config, the matmul
+    precision it is encoded under and the model identity (:attr:`identity`, a digest of the
+    weights, recomputed whenever a parameter is replaced; parameter arrays are read-only, so
+    they cannot change in place), and stores the item's encoder outputs (tokens trimmed to
+    its real length, mask, pooled). Only the
     items not found are preprocessed and encoded, as one sub-batch; the batch is then put
     back together with the padding the uncached path gives. Token embeddings at padding
     positions are zero (with or without cache). The encoders treat batch items
@@ -264,8 +275,9 @@ class MultiModalModel(Module):
     fusion (joint encoders) are not cached. Inputs whose masks are not right-padded (e.g.
     text with ``padding_side="left"``) are not cached either. With late and attention fusion
     the fused vector of every batch item is cached too (the cache manager's ``fusion``
-    cache), keyed by the item keys of its modalities, the fusion config and the model
-    identity, so a request whose items were all seen runs neither encoders nor fusion;
+    cache), keyed by the item keys of its modalities, the fusion config, the fusion's matmul
+    precision and the model identity, so a request whose items were all seen runs neither
+    encoders nor fusion;
     ``return_weights=True`` always runs the fusion.
 
     Every configured modality gets a preprocessor and an encoder, enabled or not, so that
@@ -611,7 +623,8 @@ class MultiModalModel(Module):
                                 (inputs.attention_masks or {}).get(m))
         timings[f"preprocess:{m}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tokens, tmask, pool = self.encoder(m)(x, attention_mask=mask)
+        with precision_block(mc):
+            tokens, tmask, pool = self.encoder(m)(x, attention_mask=mask)
         tokens = np.asarray(tokens, np.float32)
         tmask = np.asarray(tmask).astype(np.bool_)
         tokens = _zero_padding(tokens, tmask)
@@ -814,9 +827,10 @@ class MultiModalModel(Module):
             x, mask = staged[m]
             t0 = time.perf_counter()
             enc = self.encoder(m)
-            h, hm = enc.embed(x, attention_mask=mask)
-            if kind == "middle":
-                h = enc.encode(h, hm, end_layer=self.fusion.strategy.fusion_layer)
+            with precision_block(mods[m]):
+                h, hm = enc.embed(x, attention_mask=mask)
+                if kind == "middle":
+                    h = enc.encode(h, hm, end_layer=self.fusion.strategy.fusion_layer)
             fusion_in[m] = (h, hm)
             timings[f"encode:{m}"] = time.perf_counter() - t0
 

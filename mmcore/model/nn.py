@@ -19,6 +19,10 @@ array and advances :attr:`Module.weights_version`; caches of results (the per-it
 :class:`~mmcore.model.MultiModalModel`, the argument cache of the native encoder block) key
 on that, so they never serve results of older weights.
 
+Packed weights: the layers read their weight matrices through :meth:`Module.packed_weight`,
+packed once per precision and dropped whenever a parameter is replaced (see
+:mod:`mmcore.model.packing`).
+
 Examples
 --------
 >>> import numpy as np
@@ -42,9 +46,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..errors import ConfigError, ModelFormatError, ShapeError
-from ..ops.linear import QuantizedTensor
+from ..ops.linear import PackedWeight, QuantizedTensor
 from ..ops.linear import layer_norm as _ops_layer_norm
 from ..ops.linear import linear as _ops_linear
+from . import packing as _packing
+from .packing import freeze_quantized as _freeze_quantized
 
 __all__ = ["Module", "Linear", "LayerNorm", "gelu", "quick_gelu", "relu", "get_activation",
            "ACTIVATIONS", "as_generator", "xavier_uniform", "check_features", "frozen_array",
@@ -235,15 +241,6 @@ def frozen_array(value) -> np.ndarray:
     return np.frombuffer(a.tobytes(), dtype=np.float32).reshape(a.shape)
 
 
-def _freeze_quantized(q: QuantizedTensor) -> QuantizedTensor:
-    """Mark the arrays of a quantized weight read-only, in place (no copy: quantized weights
-    are kept to save memory)."""
-    q.data.flags.writeable = False
-    if q.scale is not None:
-        q.scale.flags.writeable = False
-    return q
-
-
 # ----------------------------------------------------------------------------------------------
 # the module base
 
@@ -303,10 +300,22 @@ class Module:
     #: dict gives them quantized (weights only :func:`mmcore.ops.linear` reads).
     _QUANTIZABLE: Tuple[str, ...] = ()
 
+    #: Entries of ``__dict__`` that are caches derived from the parameters: left out of copies
+    #: and pickles (made again on first use) and dropped when a parameter is replaced.
+    _TRANSIENT: Tuple[str, ...] = ("_packs",)
+
     def __init__(self):
         self.__dict__["_params"] = {}
         self.__dict__["_modules"] = {}
         self.__dict__["_stamp"] = _tick()
+
+    def _replaced(self) -> None:
+        """Note that a parameter or child of this module was registered or replaced: a new
+        stamp, and the caches derived from the parameters dropped."""
+        d = self.__dict__
+        for name in self._TRANSIENT:
+            d.pop(name, None)
+        d["_stamp"] = _tick()
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -323,19 +332,27 @@ class Module:
         elif value is not None:
             value = frozen_array(value)
         self._params[name] = value
-        self.__dict__["_stamp"] = _tick()
+        self._replaced()
 
     def add_module(self, name: str, module: "Module") -> None:
         """Register child ``module`` under ``name`` (its keys get the prefix ``name.``)."""
         if not isinstance(module, Module):
             raise TypeError(f"{name} must be a Module, got {type(module).__name__}")
         self._modules[name] = module
-        self.__dict__["_stamp"] = _tick()
+        self._replaced()
+
+    def __getstate__(self):
+        # the caches derived from the parameters (native packs cannot be pickled) stay behind
+        state = dict(self.__dict__)
+        for name in self._TRANSIENT:
+            state.pop(name, None)
+        return state
 
     def __setstate__(self, state):
         # a copied or unpickled module gets read-only parameters again, its own containers
         # (a shallow copy must not share them: a change through one would bypass the other's
         # version) and a new stamp
+        state = {k: v for k, v in state.items() if k not in self._TRANSIENT}
         self.__dict__.update(state)
         params = dict(self.__dict__.get("_params", {}))
         for name, value in params.items():
@@ -345,7 +362,7 @@ class Module:
                 params[name] = frozen_array(value)
         self.__dict__["_params"] = params
         self.__dict__["_modules"] = dict(self.__dict__.get("_modules", {}))
-        self.__dict__["_stamp"] = _tick()
+        self._replaced()
 
     @property
     def weights_version(self) -> int:
@@ -369,6 +386,45 @@ class Module:
             if w > v:
                 v = w
         return v
+
+    def packed_weight(self, name: str, rows: Optional[Tuple[int, int]] = None
+                      ) -> Union[PackedWeight, QuantizedTensor]:
+        """Parameter ``name`` (a present 2-D parameter of this module, not a dotted path; its
+        rows ``start:stop`` when ``rows`` is given) as the matrix products read it, packed once
+        per precision (see :mod:`mmcore.model.packing`): an :class:`mmcore.ops.PackedWeight` of
+        a float32 matrix, or the :class:`~mmcore.ops.linear.QuantizedTensor` itself. Kept while
+        the parameter stays the same object; registering or replacing any parameter of this
+        module drops every kept one. Raises ModelFormatError for an absent parameter.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mmcore.model import Linear
+        >>> lin = Linear(4, 6, rng=0)
+        >>> pw = lin.packed_weight("weight")
+        >>> pw.shape, pw is lin.packed_weight("weight"), lin.packed_weight("weight", (2, 5)).shape
+        ((6, 4), True, (3, 4))
+        >>> _ = lin.set_parameter("weight", np.zeros((6, 4)))
+        >>> lin.packed_weight("weight") is pw, float(np.abs(lin.packed_weight("weight")).max())
+        (False, 0.0)
+        """
+        return _packing.packed_weight(self, name, rows)
+
+    def packed_nbytes(self) -> int:
+        """Bytes held by the packed weights of this module tree (:meth:`packed_weight`): copies
+        and native packs of float32 matrices, packs kept by quantized weights.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mmcore.model import Linear
+        >>> lin = Linear(4, 6, rng=0)
+        >>> before = lin.packed_nbytes()
+        >>> _ = lin(np.ones((1, 4), np.float32))
+        >>> before, lin.packed_nbytes() >= lin.weight.nbytes
+        (0, True)
+        """
+        return _packing.packed_nbytes(self)
 
     def __getattr__(self, name):
         d = self.__dict__
@@ -501,7 +557,7 @@ class Module:
         for module, local, a in staged:
             module._params[local] = a
         for module in {id(m): m for m, _, _ in staged}.values():
-            module.__dict__["_stamp"] = _tick()
+            module._replaced()
         self._after_load()
         return self
 
@@ -547,7 +603,7 @@ class Module:
         for full, module, local, current in self._parameter_slots():
             if full == name:
                 module._params[local] = _checked_value(owner, name, value, current, module, local)
-                module.__dict__["_stamp"] = _tick()
+                module._replaced()
                 self._after_load()
                 return self
         raise ModelFormatError(f"[{owner}] no parameter {name!r} (parameters: "
@@ -636,14 +692,20 @@ _state_entry = state_entry
 # Linear and LayerNorm
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
+def linear(x: np.ndarray, weight: Union[np.ndarray, QuantizedTensor, PackedWeight],
+           bias: Optional[np.ndarray]) -> np.ndarray:
     """``x @ weight.T + bias`` over the last axis of float32 ``x`` (:func:`mmcore.ops.linear`:
-    the library's kernel on its own thread pool, not NumPy's BLAS)."""
+    the library's kernel on its own thread pool, not NumPy's BLAS), under the current matmul
+    precision (:func:`mmcore.get_matmul_precision`)."""
     return _ops_linear(x, weight, bias)
 
 
 class Linear(Module):
     """Affine map ``y = x @ weight.T + bias`` over the last axis, as ``torch.nn.Linear``.
+
+    The product is :func:`mmcore.ops.linear` under the current matmul precision
+    (:func:`mmcore.get_matmul_precision`), with the weight packed once per precision
+    (:meth:`~Module.packed_weight`); under ``"highest"`` it is exact float32.
 
     Parameters
     ----------
@@ -666,6 +728,12 @@ class Linear(Module):
     (3, 2)
     >>> bool(np.array_equal(lin(np.zeros((1, 8), np.float32))[0], lin.bias))
     True
+    >>> import mmcore
+    >>> x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
+    >>> with mmcore.matmul_precision("int8"):
+    ...     y8 = lin(x)
+    >>> bool(np.abs(y8 - lin(x)).max() < 0.02), bool(np.array_equal(y8, lin(x)))
+    (True, False)
     """
 
     _QUANTIZABLE = ("weight",)
@@ -694,7 +762,7 @@ class Linear(Module):
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         x = as_float_input("Linear", "x", x, last=self.in_features, last_name="in_features")
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.packed_weight("weight"), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
