@@ -207,20 +207,28 @@ void linear_f32(const LinearParams& p) {
   if (p.M <= 0 || p.N <= 0) return;
   const int64_t work = p.M * p.N * std::max<int64_t>(p.K, 1);
   const int threads = work < kSerialWork ? 1 : p.num_threads;
-  PackedWeight local;
+  // Per calling thread, kept between calls: the packed form of a plain weight and the prepared
+  // rows of x (fresh allocations of this size would cost a page fault per 4 KiB every call).
+  struct CallScratch {
+    PackedWeight w;
+    std::vector<float> xr, sx;
+    std::vector<int32_t> a;
+  };
+  thread_local CallScratch cs;
   Operands ops;
   ops.w = p.packed;
   if (!ops.w) {
     LinearParams pp = p;
     pp.num_threads = threads;
-    pack_weight(pp, local);
-    ops.w = &local;
+    pack_weight(pp, cs.w);
+    ops.w = &cs.w;
   }
   const PackedWeight& w = *ops.w;
   if (w.N != p.N || w.K != p.K || w.precision != p.precision)
     throw std::invalid_argument("the packed weight does not match the call (shape or precision)");
-  std::vector<float> xr, sx;
-  std::vector<int32_t> a;
+  std::vector<float>& xr = cs.xr;
+  std::vector<float>& sx = cs.sx;
+  std::vector<int32_t>& a = cs.a;
   const int64_t row_tasks = std::max<int64_t>(1, std::min<int64_t>(p.M, 4 * threads));
   const int64_t rows_per = (p.M + row_tasks - 1) / row_tasks;
   if (p.precision == Precision::int8) {
@@ -260,6 +268,8 @@ void linear_f32(const LinearParams& p) {
     const int64_t row0 = ci * chunk;
     run_task(p, ops, row0, std::min(chunk, p.M - row0), bi * kCols);
   });
+  // a thread keeps at most 64 MiB of packed weight between calls
+  if (cs.w.f_capacity * sizeof(float) + cs.w.q_capacity * sizeof(int16_t) > (size_t{64} << 20)) cs.w = PackedWeight();
 }
 
 void layer_norm_f32(const LayerNormParams& p) {

@@ -80,12 +80,17 @@ float row_int8(const LinearParams& p, int64_t n, std::vector<float>& vals, int8_
   return s;
 }
 
+// Makes buf hold at least count elements (64-byte aligned), keeping it when it already does.
 template <class T>
-std::unique_ptr<T[], PackedWeight::Free> alloc(size_t count) {
-  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(T) + 63) / 64 * 64;
+void reserve(std::unique_ptr<T[], PackedWeight::Free>& buf, size_t& capacity, size_t count) {
+  count = std::max<size_t>(count, 1);
+  if (buf && capacity >= count) return;
+  buf.reset();
+  const size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
   void* ptr = std::aligned_alloc(64, bytes);
   if (!ptr) throw std::bad_alloc();
-  return std::unique_ptr<T[], PackedWeight::Free>(static_cast<T*>(ptr));
+  buf.reset(static_cast<T*>(ptr));
+  capacity = count;
 }
 
 }  // namespace
@@ -106,7 +111,7 @@ void pack_weight(const LinearParams& p, PackedWeight& out) {
   const int threads = static_cast<double>(p.N) * p.K < (1 << 16) ? 1 : p.num_threads;
   if (int8) {
     const int64_t KP = out.kpairs();
-    out.q = alloc<int16_t>(static_cast<size_t>(panels * KP * P * 2));
+    reserve(out.q, out.q_capacity, static_cast<size_t>(panels * KP * P * 2));
     out.scale.assign(static_cast<size_t>(p.N), 0.0f);
     int16_t* q = out.q.get();
     float* scale = out.scale.data();
@@ -126,22 +131,30 @@ void pack_weight(const LinearParams& p, PackedWeight& out) {
     });
     return;
   }
-  out.f = alloc<float>(static_cast<size_t>(panels * p.K * P));
+  reserve(out.f, out.f_capacity, static_cast<size_t>(panels * p.K * P));
   float* f = out.f.get();
   const bool bf16 = p.precision == Precision::bf16;
   parallel_for(panels, threads, [&](int64_t pi, int) {
-    std::vector<float> vals(static_cast<size_t>(p.K));
+    // the panel's rows, row-major, then transposed 16 k at a time (the 4 KiB being written
+    // stay in L1)
+    const int64_t nrows = std::min<int64_t>(P, p.N - pi * P);
+    std::vector<float> rows(static_cast<size_t>(nrows * p.K));
+    for (int64_t j = 0; j < nrows; ++j) {
+      float* row = rows.data() + j * p.K;
+      row_values(p, pi * P + j, row);
+      if (bf16)
+        for (int64_t k = 0; k < p.K; ++k) row[k] = round_bf16(row[k]);
+    }
     float* dst = f + pi * p.K * P;
-    for (int64_t j = 0; j < P; ++j) {
-      const int64_t n = pi * P + j;
-      if (n < p.N) {
-        row_values(p, n, vals.data());
-        if (bf16)
-          for (float& v : vals) v = round_bf16(v);
-        for (int64_t k = 0; k < p.K; ++k) dst[k * P + j] = vals[static_cast<size_t>(k)];
-      } else {
-        for (int64_t k = 0; k < p.K; ++k) dst[k * P + j] = 0.0f;
+    constexpr int64_t kb = 16;
+    for (int64_t k0 = 0; k0 < p.K; k0 += kb) {
+      const int64_t k1 = std::min(p.K, k0 + kb);
+      for (int64_t j = 0; j < nrows; ++j) {
+        const float* src = rows.data() + j * p.K;
+        for (int64_t k = k0; k < k1; ++k) dst[k * P + j] = src[k];
       }
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t j = nrows; j < P; ++j) dst[k * P + j] = 0.0f;
     }
   });
 }

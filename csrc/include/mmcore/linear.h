@@ -50,6 +50,7 @@ struct PackedWeight {
   };
   std::unique_ptr<float[], Free> f;
   std::unique_ptr<int16_t[], Free> q;
+  size_t f_capacity = 0, q_capacity = 0;  // elements allocated (packing again reuses them)
   std::vector<float> scale;
 
   int64_t panels() const { return (N + kPanel - 1) / kPanel; }
@@ -75,7 +76,8 @@ struct LinearParams {
   int num_threads = 1;
 };
 
-// Packs p.w (p.w_kind, p.w_scale, p.ldw; N, K) for p.precision on p.num_threads threads.
+// Packs p.w (p.w_kind, p.w_scale, p.ldw; N, K) for p.precision on p.num_threads threads,
+// reusing the buffers of `out` when they are large enough.
 // Throws SizeError when the packed form would exceed 16 GiB.
 void pack_weight(const LinearParams& p, PackedWeight& out);
 
