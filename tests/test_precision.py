@@ -670,7 +670,7 @@ def _check_attention_bf16(res, q, k, v, **kw):
     eff = 1 / math.sqrt(D) if kw.get("scale") is None else kw["scale"]
     finite_lse = np.where(np.isfinite(r_lse), np.abs(r_lse), 0.0)[..., None]
     ds = ((D + 2) * 1.2e-7 * eff * np.matmul(np.abs(qr), np.swapaxes(np.abs(kr), -1, -2))
-          ).max(axis=-1, keepdims=True) + 2e-7 * (1 + finite_lse)
+          ).max(axis=-1, keepdims=True, initial=0.0) + 2e-7 * (1 + finite_lse)
     assert np.all(np.abs(w - r_w) <= r_w * (np.expm1(2 * ds) + U_BF16) + 1e-7), "weights"
     mag = np.matmul(r_w, np.abs(vr))
     out_tol = (2 * U_BF16 + np.expm1(2 * ds)) * mag + 4e-7 * (1 + mag)
@@ -681,14 +681,15 @@ def _check_attention_bf16(res, q, k, v, **kw):
     # (2 u + u**2) eff |q| . |k|, the values by u |v|, P by u
     e_w, exact, _ = attention_ref(q, k, v, **kw)
     d_exact = ((2 * U_BF16 + U_BF16 ** 2) * eff
-               * np.matmul(np.abs(q), np.swapaxes(np.abs(k), -1, -2))).max(axis=-1,
+               * np.matmul(np.abs(q), np.swapaxes(np.abs(k), -1, -2))).max(axis=-1, initial=0.0,
                                                                            keepdims=True)
     bound = (np.expm1(2 * (d_exact + ds)) + 3 * U_BF16) * np.matmul(exact, np.abs(v))
     assert np.all(np.abs(out - e_w) <= bound + 1e-6), "out vs the exact attention"
 
 
 ATTN_SHAPES = [(1, 1, 1, 1, 1, 1), (1, 2, 7, 13, 16, 5), (2, 1, 63, 64, 17, 3),
-               (1, 3, 65, 97, 1, 16), (2, 2, 16, 65, 15, 17), (1, 1, 97, 1, 8, 8)]
+               (1, 3, 65, 97, 1, 16), (2, 2, 16, 65, 15, 17), (1, 1, 97, 1, 8, 8),
+               (1, 1, 0, 5, 4, 4), (1, 2, 3, 0, 4, 4), (0, 1, 3, 5, 4, 4)]
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -706,6 +707,14 @@ def test_attention_bf16_matches_reference(backend):
             res = attention(q, k, v, precision="bf16", return_weights=True, return_lse=True,
                             backend=backend, **kw)
             _check_attention_bf16(res, q, k, v, **kw)
+    # non-contiguous q, k and v give the bits of their contiguous copies
+    q, k, v = _attention_case(rng, 2, 2, 14, 26, 16, 10)
+    views = (q[:, :, ::2], k[:, :, ::2, :], v[:, :, ::2, ::-1])
+    res = attention(*views, precision="bf16", backend=backend)
+    np.testing.assert_array_equal(res, attention(*(np.ascontiguousarray(a) for a in views),
+                                                 precision="bf16", backend=backend))
+    _check_attention_bf16(attention(*views, precision="bf16", return_weights=True,
+                                    return_lse=True, backend=backend), *views)
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -884,6 +893,21 @@ def test_encoder_layer_within_the_precision_bound(backend, precision):
                 # the precision is applied (the results are not the float32 ones)
                 assert not np.array_equal(y, encoder_layer(
                     x, num_heads=H, key_lengths=kl, activation=act, backend=backend, **p))
+    # empty batches and a non-contiguous x
+    E, F = 8, 13
+    p = _encoder_params(rng, E, F)
+    for shape in [(0, 3, E), (2, 0, E)]:
+        y = encoder_layer(np.zeros(shape, np.float32), num_heads=2, precision=precision,
+                          backend=backend, **p)
+        assert y.shape == shape and y.dtype == np.float32
+    big = _data(rng, (2, 14, E))
+    x = big[:, ::2]
+    y = encoder_layer(x, num_heads=2, precision=precision, backend=backend, **p)
+    np.testing.assert_array_equal(y, encoder_layer(np.ascontiguousarray(x), num_heads=2,
+                                                   precision=precision, backend=backend, **p))
+    ref = encoder_layer_ref(x, num_heads=2, **p)
+    tol = 2 * _encoder_bound(x, p, precision, None, 2, "gelu") + 1e-5 * (1 + np.abs(ref))
+    assert np.all(np.abs(y - ref) <= tol)
 
 
 @native_precision
