@@ -54,11 +54,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-constexpr int MR = gemm::kTileRows;   // rows of a register tile (keys in S^T, value columns in O^T)
-constexpr int NV = gemm::kTileVecs;   // vectors per register tile row
-constexpr int kGroup = kWidth * NV;   // queries per group (the lanes of one register tile row)
-constexpr int kKeyBlock = 128;        // keys per block (fixes the order of the float32 sums)
-constexpr int64_t kQueryChunk = 256;  // query rows per task at most
+constexpr int MR = gemm::kTileRows;    // rows of a register tile (keys in S^T, value columns in O^T)
+constexpr int NV = gemm::kTileVecs;    // vectors per register tile row
+constexpr int kGroup = kWidth * NV;    // queries per group (the lanes of one register tile row)
+constexpr int kKeyBlock = 128;         // keys per block (fixes the order of the float32 sums)
+constexpr int64_t kQueryChunk = 256;   // query rows per task at most
+constexpr int kTasksPerThread = 8;     // tasks per thread wanted (smaller chunks down to one group)
+constexpr int64_t kMinChunkBf16 = 64;  // query rows per task at least under "bf16" (see below)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -84,6 +86,11 @@ void round_bf16_row(const float* src, int64_t n, float* dst) {
   }
 }
 
+// Rows of the next register tile when rem rows are left: MR, but the last two tiles split what
+// is left evenly (7 = 4 + 3 rather than 6 + 1: a tile of few rows waits on the multiply-add
+// latency).
+inline int tile_rows(int rem) { return rem <= MR ? rem : rem < 2 * MR ? (rem + 1) / 2 : MR; }
+
 // score_block and pv_group are kept out of line: inlined into run_task, GCC kept loop
 // invariants of the softmax in vector registers and spilled a tile accumulator to the stack
 // inside the multiply-add loop, which halved their speed.
@@ -99,8 +106,9 @@ __attribute__((noinline)) void score_block(const float* k, int64_t ldk, int64_t 
     vf mx[kV];
     if constexpr (kMax)
       for (int c = 0; c < kV; ++c) mx[c] = simd::splat(kNegInf);
-    for (int j = 0; j < nkeys; j += MR) {
-      gemm::with_count<MR>(std::min(MR, nkeys - j), [&](auto rows) {
+    for (int j = 0, R; j < nkeys; j += R) {
+      R = tile_rows(nkeys - j);
+      gemm::with_count<MR>(R, [&](auto rows) {
         constexpr int kR = decltype(rows)::value;
         gemm::Tile<kR, kV> t;
         t.zero();
@@ -128,8 +136,9 @@ __attribute__((noinline)) void pv_group(const float* p, int nq, const float* alp
     constexpr int kV = decltype(vecs)::value;
     vf a[kV];
     for (int c = 0; c < kV; ++c) a[c] = simd::load(alpha + c * kWidth);
-    for (int64_t c0 = 0; c0 < Dv; c0 += MR) {
-      gemm::with_count<MR>(static_cast<int>(std::min<int64_t>(MR, Dv - c0)), [&](auto rows) {
+    for (int64_t c0 = 0, R; c0 < Dv; c0 += R) {
+      R = tile_rows(static_cast<int>(std::min<int64_t>(2 * MR, Dv - c0)));
+      gemm::with_count<MR>(static_cast<int>(R), [&](auto rows) {
         constexpr int kR = decltype(rows)::value;
         gemm::Tile<kR, kV> t;
         float* o = og + c0 * kGroup;
@@ -362,12 +371,17 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
 void attention_f32(const AttentionParams& p) {
   if (p.B == 0 || p.H == 0 || p.Lq == 0) return;
   // Split the query rows of each head into chunks of whole query groups, at most kQueryChunk
-  // rows, and into smaller chunks (down to one group) while there are fewer than two tasks per
-  // thread. Results do not depend on the split (see the top of this file).
+  // rows, and into smaller chunks (down to one group) while there are fewer than
+  // kTasksPerThread tasks per thread, so that a thread that starts late or is descheduled leaves
+  // little work to the others. Smaller chunks cost next to nothing in float32 (the keys are read
+  // per query group anyway); under "bf16" every task rounds the keys and values it reads, so its
+  // chunks keep at least kMinChunkBf16 rows. Results do not depend on the split (see the top of
+  // this file).
   const int64_t bh = p.B * p.H;
   const int64_t groups = (p.Lq + kGroup - 1) / kGroup;
+  const int64_t max_chunks = p.bf16 ? std::max<int64_t>(1, p.Lq / kMinChunkBf16) : groups;
   int64_t nchunks = (groups + kQueryChunk / kGroup - 1) / (kQueryChunk / kGroup);
-  while (bh * nchunks < 2 * p.num_threads && nchunks < groups) ++nchunks;
+  while (bh * nchunks < kTasksPerThread * p.num_threads && nchunks < max_chunks) ++nchunks;
   const int64_t chunk_groups = (groups + nchunks - 1) / nchunks;
   const int64_t chunk_rows = chunk_groups * kGroup;
   nchunks = (p.Lq + chunk_rows - 1) / chunk_rows;
