@@ -62,7 +62,9 @@ void encoder_layer_cpu(const EncoderLayerParams& p) {
   if (T == 0 || E == 0) return;
   const int64_t hd = E / H;
   const int th = p.num_threads;
-  Buffers buf;
+  // Kept per calling thread between calls (a stack of layers reuses them; fresh buffers of this
+  // size cost a page fault per 4 KiB every call); released when they grew beyond 256 MiB.
+  thread_local Buffers buf;
   buf.h.resize(static_cast<size_t>(T * E));
   buf.qkv.resize(static_cast<size_t>(T * 3 * E));
   buf.q.resize(static_cast<size_t>(T * E));
@@ -118,6 +120,7 @@ void encoder_layer_cpu(const EncoderLayerParams& p) {
   run_linear(buf.h.data(), T, E, p.w1, F, p.b1, buf.m.data(), p.activation, p.precision, th);
   run_linear(buf.m.data(), T, F, p.w2, E, p.b2, buf.a.data(), Activation::none, p.precision, th);
   for (int64_t i = 0; i < T * E; ++i) p.y[i] += buf.a[static_cast<size_t>(i)];
+  if ((10 * T * E + T * F) * sizeof(float) > (size_t{256} << 20)) buf = Buffers();
 }
 
 }  // namespace mmcore
