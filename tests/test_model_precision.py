@@ -330,7 +330,8 @@ def test_packs_are_dropped_with_the_weights_and_left_out_of_copies():
     with mmcore.matmul_precision("int8"):
         lin(x)
     pw = lin.packed_weight("weight")
-    assert lin.packed_nbytes() > 0 and pw.cached_precisions == ("int8",)
+    assert pw.cached_precisions == ("int8",) and np.shares_memory(pw.source, lin.weight)
+    assert lin.packed_nbytes() == pw.packed("int8").nbytes > 0    # the packs, not the weight
     lin.set_parameter("bias", np.zeros(6, np.float32))          # any replacement drops them
     assert lin.packed_nbytes() == 0 and lin.packed_weight("weight") is not pw
     lin(x)

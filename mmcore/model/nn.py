@@ -411,8 +411,8 @@ class Module:
         return _packing.packed_weight(self, name, rows)
 
     def packed_nbytes(self) -> int:
-        """Bytes held by the packed weights of this module tree (:meth:`packed_weight`): copies
-        and native packs of float32 matrices, packs kept by quantized weights.
+        """Bytes held by the packed weights of this module tree (:meth:`packed_weight`) beyond
+        the parameters: the native packs of float32 matrices and of quantized weights.
 
         Examples
         --------

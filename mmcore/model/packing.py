@@ -6,8 +6,9 @@ packs the weight into that layout on every call. The layers of :mod:`mmcore.mode
 :meth:`Module.packed_weight <mmcore.model.nn.Module.packed_weight>` instead, which keeps, per
 parameter (and per row slice of one, such as the query rows of a packed in-projection):
 
-* for a float32 matrix, an :class:`mmcore.ops.PackedWeight`: a read-only copy of it with one
-  native pack per precision, made on first use;
+* for a float32 matrix, an :class:`mmcore.ops.PackedWeight` over it (it shares the
+  parameter's memory, which can never be written) with one native pack per precision, made on
+  first use;
 * for a :class:`~mmcore.ops.linear.QuantizedTensor`, the tensor itself (or its row slice): the
   native kernel reads it in place under ``"highest"`` and keeps one pack per precision under
   ``"bf16"`` and ``"int8"`` (it must be frozen for that: :func:`freeze_quantized`).
@@ -118,15 +119,26 @@ def _walk(module: Any) -> Iterator[Any]:
         yield from _walk(child)
 
 
+def _extra_nbytes(param: Any, made: Packed) -> int:
+    """Bytes ``made`` holds beyond the parameter ``param`` it was made from."""
+    if isinstance(made, QuantizedTensor):
+        return int(made.packed_nbytes)
+    src = made.source
+    if isinstance(src, np.ndarray) and isinstance(param, np.ndarray) and \
+            np.shares_memory(src, param):
+        return int(made.nbytes) - int(src.nbytes)       # the source is the parameter's memory
+    return int(made.nbytes)
+
+
 def packed_nbytes(module: Any) -> int:
-    """Bytes held by the packed weights of ``module`` and its children: the copies and native
-    packs of float32 matrices, and the packs that quantized weights keep (each object once)."""
+    """Bytes held by the packed weights of ``module`` and its children beyond the parameters:
+    the native packs (and any copy a :class:`~mmcore.ops.PackedWeight` made of its source), each
+    object once."""
     total = 0
     seen = set()
     for mod in _walk(module):
-        for _, made in list(mod.__dict__.get("_packs", {}).values()):
+        for param, made in list(mod.__dict__.get("_packs", {}).values()):
             if id(made) not in seen:
                 seen.add(id(made))
-                total += int(made.nbytes if isinstance(made, PackedWeight)
-                             else made.packed_nbytes)
+                total += _extra_nbytes(param, made)
     return total
