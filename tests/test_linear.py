@@ -16,7 +16,14 @@ from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
 from mmcore import _C
 from mmcore.errors import ArgumentError, ShapeError
 from mmcore.ops import layer_norm, linear
-from reference import activation_ref, layer_norm_ref, linear_ref
+from reference import (
+    activation_ref,
+    bf16_round,
+    layer_norm_ref,
+    linear_bf16_ref,
+    linear_int8_ref,
+    linear_ref,
+)
 
 # sizes around the register tiles (4/6 rows; 4/8/16-lane vectors, 2-4 vectors per block)
 SIZES = [1, 2, 3, 5, 6, 7, 8, 13, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 97, 128, 129]
@@ -331,3 +338,101 @@ def test_quantized_tensor_errors():
     qw = QuantizedTensor(np.zeros((4, 3), np.uint16), "bfloat16")
     with pytest.raises(ShapeError, match=r"\[linear\] x has 5 features"):
         linear(np.ones((2, 5), np.float32), qw)
+
+
+# --- precisions at every ISA level, and packed weights across levels --------------------------
+
+_PRECISION_SHAPES = [(1, 1, 1), (7, 13, 17), (6, 16, 16), (5, 15, 65), (200, 96, 130),
+                     (13, 777, 67), (9, 1031, 33), (2, 2, 64)]
+
+
+def _precision_check(y, x, w, b, precision):
+    if precision == "int8":
+        ref = linear_int8_ref(x, w, b)
+        tol = 1e-5 * (np.abs(ref).max() + 1.0)       # integer part exact: float32 epilogue only
+    else:
+        ref = linear_bf16_ref(x, w, b)
+        tol = 2e-6 * np.sqrt(x.shape[-1]) * (np.abs(bf16_round(x)) @ np.abs(bf16_round(w)).T
+                                             ).max() + 1e-6
+    np.testing.assert_allclose(y, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_precisions_at_every_isa_level(isa, precision):
+    before = _C.isa_level()
+    if isa not in _C.compiled_isas() or not _C.set_isa_cap(isa):
+        _C.set_isa_cap(before)
+        pytest.skip(f"{isa} not available here")
+    try:
+        rng = np.random.default_rng(5)
+        for M, K, N in _PRECISION_SHAPES:
+            x, w, b = _case(rng, (M,), K, N)
+            y = np.empty((M, N), np.float32)
+            _C.linear(x, w, b, y, precision=precision, num_threads=3)
+            _precision_check(y, x, w, b, precision)
+            # the same weight packed once gives the same bits
+            packed = _C.pack_weight(w, precision=precision)
+            y2 = np.empty_like(y)
+            _C.linear(x, packed, b, y2, precision=precision, num_threads=1)
+            np.testing.assert_array_equal(y2, y)
+    finally:
+        _C.set_isa_cap(before)
+
+
+@pytest.mark.parametrize("precision", ["highest", "bf16", "int8"])
+def test_packed_weight_serves_every_isa_level(precision):
+    """The packed layout is the same for every target: a weight packed at one level gives the
+    results of the plain weight at every other level."""
+    before = _C.isa_level()
+    levels = [i for i in _C.compiled_isas() if _C.set_isa_cap(i)]
+    _C.set_isa_cap(before)
+    rng = np.random.default_rng(6)
+    x, w, b = _case(rng, (37,), 777, 131)
+    try:
+        for pack_at in levels:
+            _C.set_isa_cap(pack_at)
+            packed = _C.pack_weight(w, precision=precision)
+            for run_at in levels:
+                _C.set_isa_cap(run_at)
+                y = np.empty((37, 131), np.float32)
+                y_plain = np.empty_like(y)
+                _C.linear(x, packed, b, y, precision=precision, num_threads=2)
+                _C.linear(x, w, b, y_plain, precision=precision, num_threads=2)
+                np.testing.assert_array_equal(y, y_plain)
+    finally:
+        _C.set_isa_cap(before)
+
+
+def test_int8_weights_as_stored_and_quantized_once():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((11, 70)).astype(np.float32)
+    q = rng.integers(-128, 128, (19, 70)).astype(np.int8)
+    s = (rng.random(19) * 0.1 + 0.01).astype(np.float32)
+    y = np.empty((11, 19), np.float32)
+    _C.linear(x, q, None, y, weight_kind="int8", weight_scale=s, precision="int8", num_threads=2)
+    ref = linear_int8_ref(x, q=q, scale=s)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # a row of x holding a NaN or an infinity gives NaN outputs in that row only
+    x[3, 5] = np.nan
+    x[4, 0] = np.inf
+    _C.linear(x, q, None, y, weight_kind="int8", weight_scale=s, precision="int8", num_threads=2)
+    assert np.isnan(y[3]).all() and np.isnan(y[4]).all()
+    assert np.isfinite(np.delete(y, [3, 4], axis=0)).all()
+
+
+def test_packed_weight_mismatch_and_int8_depth_are_refused():
+    w = np.ones((4, 3), np.float32)
+    x = np.ones((2, 3), np.float32)
+    y = np.empty((2, 4), np.float32)
+    packed = _C.pack_weight(w, precision="int8")
+    assert packed.shape == (4, 3) and packed.precision == "int8" and packed.nbytes > 0
+    with pytest.raises(ValueError, match=r"\[linear\] weight was packed for another precision"):
+        _C.linear(x, packed, None, y, precision="bf16", num_threads=1)
+    with pytest.raises(ValueError, match=r"\[linear\] weight is packed with shape \(4, 3\)"):
+        _C.linear(np.ones((2, 5), np.float32), packed, None, y, precision="int8", num_threads=1)
+    with pytest.raises(ValueError, match=r"\[linear\] precision must be one of"):
+        _C.linear(x, w, None, y, precision="fp8", num_threads=1)
+    big = np.zeros((1, 65537), np.float32)
+    with pytest.raises(ValueError, match=r"\[pack_weight\] precision 'int8' supports in_features"):
+        _C.pack_weight(big, precision="int8")
