@@ -806,12 +806,8 @@ class TransformerEncoderLayer(Module):
             return None
         try:
             return _ops_encoder_layer(x, key_lengths=key_lengths, backend="native", **args)
-        except BackendError:
-            if not hasattr(_backend.native_module(), "encoder_layer"):
-                # a build of mmcore._C without the fused kernel: never again
-                self.__dict__["_native_args"] = (sig, scalars, False)
-            # else the fused kernel refused this call (a precision it does not have in this
-            # build, say): the step-by-step path computes the same, or says why it cannot
+        except BackendError:            # a build of mmcore._C without the fused kernel
+            self.__dict__["_native_args"] = (sig, scalars, False)
             return None
 
     def _mlp(self, x: np.ndarray) -> np.ndarray:
