@@ -1092,3 +1092,25 @@ def test_native_bits_do_not_depend_on_thread_count(isa, precision, shape):
         r_out, r_w, _ = attention_bf16_ref(q, k, v, **kw)
         assert_close(results[0][1], r_w, what="weights")
         assert np.all(np.abs(results[0][0] - r_out) <= 2.0 ** -8 * np.abs(v).max() + 2e-5)
+
+
+def test_native_bf16_rounds_values_like_the_reference(isa):
+    """One key with P = 1: out is bf16(v) itself, for random float32 bit patterns (NaN,
+    infinities, subnormals, ties, values that round to infinity); zeros compare by value (the
+    multiply-add gives +0 for -0)."""
+    from reference import bf16_round
+    bits = np.random.default_rng(33).integers(0, 2**32, size=50000, dtype=np.uint64)
+    special = [0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001,
+               0x7FBFFFFF, 0x00000001, 0x80008000, 0x00018000, 0x00008000, 0x3F808000,
+               0x3F818000, 0x3F80FFFF, 0x7F800000, 0xFF800000]
+    v = np.concatenate([bits.astype(np.uint32), np.array(special, np.uint32)]).view(np.float32)
+    one = np.ones((1, 1, 1, 1), np.float32)
+    with np.errstate(all="ignore"):
+        out = attention(one, one, v.reshape(1, 1, 1, -1), precision="bf16", backend="native")
+        want = bf16_round(v).astype(np.float32)
+    out = out.ravel()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(out[finite], want[finite])
+    nonzero = finite & (want != 0)
+    np.testing.assert_array_equal(out[nonzero].view(np.uint32), want[nonzero].view(np.uint32))

@@ -69,9 +69,17 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline vf round_bf16(vf x) {
   typedef uint32_t vu __attribute__((vector_size(kWidth * 4)));
   const vu bits = (vu)x;
-  const vi nan = (vi)(bits & 0x7fffffffu) > 0x7f800000;
-  const vu rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
-  return (vf)((nan ? (vi)(bits | 0x00400000u) : (vi)rounded) & (vi)(vu{} + 0xffff0000u));
+  const vu r = x != x ? bits | 0x00400000u : bits + 0x7fffu + ((bits >> 16) & 1u);
+  return (vf)(r & 0xffff0000u);
+}
+
+// round_bf16 for the softmax numerators P (in [0, 1], or scaled by dropout): without the NaN
+// case, which can turn a NaN into a number; a NaN P only occurs in a row whose sum l is NaN,
+// and the output of that row is NaN whatever P . V holds.
+inline vf round_bf16_p(vf x) {
+  typedef uint32_t vu __attribute__((vector_size(kWidth * 4)));
+  const vu bits = (vu)x;
+  return (vf)((bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u);
 }
 
 // dst[0, n) = bf16(src[0, n)).
@@ -216,7 +224,7 @@ void softmax_update(float* col, int nkeys, vf vmx, float* m, float* l, float* al
   vf sum = vf{};
   for (int j = 0; j < nkeys; ++j) {
     const vf e = simd::exp2(simd::load(col + j * kGroup) - msafe);
-    simd::store(col + j * kGroup, kRound ? round_bf16(e) : e);
+    simd::store(col + j * kGroup, kRound ? round_bf16_p(e) : e);
     sum += e;
   }
   simd::store(l, simd::load(l) * a + sum);
@@ -325,7 +333,7 @@ void run_task(const AttentionParams& p, int64_t task, int64_t nchunks, int64_t c
             x[r] = keep ? x[r] * p.dropout_scale : 0.0f;
           }
           if (p.bf16)
-            for (int c = 0; c < nq; ++c) simd::store(x + c * kWidth, round_bf16(simd::load(x + c * kWidth)));
+            for (int c = 0; c < nq; ++c) simd::store(x + c * kWidth, round_bf16_p(simd::load(x + c * kWidth)));
         }
       }
       pv_group(st, nq, alpha, vblk, Dv, nkeys, o + g0 * Dv, Dv);
