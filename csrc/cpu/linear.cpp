@@ -96,13 +96,23 @@ struct Operands {
 
 // Quantizes row x (K values) into KP int16 pairs; returns its scale (linear.h).
 float quantize_row(const float* x, int64_t K, int64_t KP, int32_t* a) {
-  float lo = 0.0f, hi = 0.0f;
+  constexpr float kMax = std::numeric_limits<float>::max();
+  vf vlo = vf{}, vhi = vf{};
+  simd::vi bad = simd::vi{};
+  int64_t k = 0;
+  for (; k + kWidth <= K; k += kWidth) {
+    const vf v = simd::load(x + k);
+    vlo = simd::vmin(vlo, v);
+    vhi = simd::vmax(vhi, v);
+    bad |= !((v < vf{} ? -v : v) <= simd::splat(kMax));
+  }
+  float lo = -simd::hmax(-vlo), hi = simd::hmax(vhi);
   bool finite = true;
-  for (int64_t k = 0; k < K; ++k) {
-    const float v = x[k];
-    finite = finite && std::fabs(v) <= std::numeric_limits<float>::max();
-    lo = std::min(lo, v);
-    hi = std::max(hi, v);
+  for (int i = 0; i < kWidth; ++i) finite = finite && bad[i] == 0;
+  for (; k < K; ++k) {
+    finite = finite && std::fabs(x[k]) <= kMax;
+    lo = std::min(lo, x[k]);
+    hi = std::max(hi, x[k]);
   }
   if (!finite) {
     std::memset(a, 0, static_cast<size_t>(KP) * sizeof(int32_t));
@@ -112,12 +122,20 @@ float quantize_row(const float* x, int64_t K, int64_t KP, int32_t* a) {
   if (s == 0.0f) s = 1.0f;
   const float inv = 1.0f / s;
   const float zp = std::min(255.0f, std::max(0.0f, __builtin_rintf(-lo * inv)));
-  auto q = [&](int64_t k) -> uint32_t {
-    if (k >= K) return 0;
-    const float v = std::min(255.0f, std::max(0.0f, __builtin_rintf(x[k] * inv) + zp)) - zp;
-    return static_cast<uint16_t>(static_cast<int16_t>(v));
-  };
-  for (int64_t kp = 0; kp < KP; ++kp) a[kp] = static_cast<int32_t>(q(2 * kp) | (q(2 * kp + 1) << 16));
+  // a[k] = clamp(rint(x[k] * inv) + zp, 0, 255) - zp, written as int16 (pairs of k)
+  typedef int16_t vs __attribute__((vector_size(kWidth * 2)));
+  char* out = reinterpret_cast<char*>(a);
+  if (K % 2) a[KP - 1] = 0;
+  const vf vinv = simd::splat(inv), vzp = simd::splat(zp), v255 = simd::splat(255.0f);
+  for (k = 0; k + kWidth <= K; k += kWidth) {
+    const vf r = simd::vmin(simd::vmax(simd::rint(simd::load(x + k) * vinv) + vzp, vf{}), v255) - vzp;
+    const vs q = __builtin_convertvector(__builtin_convertvector(r, simd::vi), vs);
+    std::memcpy(out + 2 * k, &q, sizeof(q));
+  }
+  for (; k < K; ++k) {
+    const int16_t q = static_cast<int16_t>(std::min(255.0f, std::max(0.0f, __builtin_rintf(x[k] * inv) + zp)) - zp);
+    std::memcpy(out + 2 * k, &q, sizeof(q));
+  }
   return s;
 }
 

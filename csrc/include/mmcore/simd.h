@@ -65,6 +65,19 @@ inline vi madd16(vi a, vi b) {
 #endif
 }
 
+// Round to the nearest integer, ties to even (as rintf in the default rounding mode).
+inline vf rint(vf x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_mask_roundscale_ps((__m512)x, 0xffff, (__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__AVX__)
+  return (vf)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  vf r;
+  for (int i = 0; i < kWidth; ++i) r[i] = __builtin_rintf(x[i]);
+  return r;
+#endif
+}
+
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 
