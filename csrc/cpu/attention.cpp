@@ -170,10 +170,14 @@ struct Scratch {
   }
 };
 
-template <class T>
-T* grow(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
+// n floats of v, grown on demand, starting on a 64-byte boundary (the register tiles load whole
+// vectors from the packed queries, the S^T tile and O^T; a vector split across two cache lines
+// costs a second access).
+float* grow(std::vector<float>& v, size_t n) {
+  constexpr size_t kAlign = 64 / sizeof(float);
+  if (v.size() < n + kAlign) v.resize(n + kAlign);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(v.data());
+  return v.data() + (kAlign - addr / sizeof(float) % kAlign) % kAlign;
 }
 
 // Adds the bias and applies the mask of query row i to column c of an S^T tile.
