@@ -362,6 +362,8 @@ def run_vit(args, torch, quick: bool, ceil_gemm: float) -> int:
             q = dict(p)
             for k in WEIGHT_KEYS:
                 bits = bf16_bits(p[k]) if kind == "bfloat16" else p[k].astype(np.float16)
+                # read-only, as a model keeps its quantized weights: packed once, then cached
+                bits.flags.writeable = False
                 q[k] = QuantizedTensor(bits, kind)
             out.append(q)
         return out

@@ -101,11 +101,12 @@ class QuantizedTensor:
     matrix it stands for: ``numpy.asarray`` dequantizes, ``copy()`` returns a float32 copy, and
     row slices (``w[a:b]``) stay quantized.
 
-    It is immutable: its arrays must not change after it is made. Under the ``"bf16"`` and
-    ``"int8"`` precisions the native :func:`linear` packs it once per precision and keeps the
-    pack (:meth:`packed`) when it is :attr:`frozen`, its arrays marked read-only (as a model
-    marks its weights); otherwise it packs it in every call, so that a change through its
-    arrays is never missed. Under ``"highest"`` it is read in place, as always.
+    It is immutable: its arrays must not change after it is made. The native :func:`linear`
+    packs it once per precision and keeps the pack (:meth:`packed`) when it is :attr:`frozen`,
+    its arrays marked read-only (as a model marks its weights), so that float16 and bfloat16
+    weights are widened once and run as fast as float32 ones (the ``"highest"`` pack holds
+    float32 values: twice the bytes of a float16 matrix); otherwise it packs it in every call,
+    so that a change through its arrays is never missed.
 
     Parameters
     ----------
@@ -498,10 +499,11 @@ def weight_operand(value: Union[np.ndarray, QuantizedTensor, PackedWeight], back
     """The launcher arguments of a checked weight on ``backend`` under ``precision``.
 
     ``native``: the cached pack of a :class:`PackedWeight`, or of a frozen
-    :class:`QuantizedTensor` under ``"bf16"`` / ``"int8"`` (kind :data:`~mmcore.kernels.cpu.
-    PACKED`); otherwise the arrays themselves (float32 with kind 0, or the quantized data with
-    its kind code and scale), which the kernels read in place. ``numba``: always the arrays (of
-    a PackedWeight, its source).
+    :class:`QuantizedTensor` (kind :data:`~mmcore.kernels.cpu.PACKED`; under ``"highest"`` too,
+    so that float16 / bfloat16 / int8 weights are widened once, never per call, at the memory
+    cost of a float32 pack); otherwise the arrays themselves (float32 with kind 0, or the
+    quantized data with its kind code and scale), which the kernels read in place. ``numba``:
+    always the arrays (of a PackedWeight, its source).
     """
     if isinstance(value, PackedWeight):
         if backend == "native":
@@ -509,7 +511,7 @@ def weight_operand(value: Union[np.ndarray, QuantizedTensor, PackedWeight], back
         data, kind, scale = value.operand()
         return data, kind, scale
     if isinstance(value, QuantizedTensor):
-        if backend == "native" and precision != "highest" and value.frozen:
+        if backend == "native" and value.frozen:
             return value.packed(precision), PACKED, None
         return _rows(value.data, int(value.shape[1])), WEIGHT_KIND_CODES[value.kind], value.scale
     return value, 0, None
