@@ -22,7 +22,9 @@
 // number of query rows in the chunk or the group; so a query row gives the same bits alone, in a
 // longer padded batch or split across any number of threads (a separate dot-product path for
 // short chunks, which summed in another order, made results depend on the padding). The key axis
-// is never split between tasks.
+// is never split between tasks: merging partial (max, sum, O) states of key ranges would round
+// differently from one pass over the keys, so only the query rows are split (down to one query
+// group per task when there are few heads).
 
 #include <algorithm>
 #include <cmath>
