@@ -543,8 +543,8 @@ def linear(x: npt.ArrayLike, weight: Weight, bias: Optional[npt.ArrayLike] = Non
         Applied to the result in the same pass: GELU (the erf form, PyTorch's default), its tanh
         approximation, CLIP's ``x * sigmoid(1.702 x)``, or ReLU. The native kernel evaluates
         them with vector code as PyTorch's CPU kernels do (erf of Abramowitz & Stegun 7.1.26,
-        exp through a degree-6 polynomial): within 5e-7 absolute and 2e-7 relative of the
-        exact functions, not bit-identical to libm.
+        exp through a degree-6 polynomial): within 1e-6 absolute of the exact functions, as
+        close as PyTorch's, not bit-identical to libm.
     precision : {"highest", "bf16", "int8"}, optional, keyword-only
         The arithmetic of the product (:mod:`mmcore._precision`); default: the current one,
         :func:`mmcore.get_matmul_precision` (``"highest"`` unless changed). ``"highest"``:
