@@ -304,8 +304,9 @@ void linear_f32(const LinearParams& p) {
   }
   const int64_t col_blocks = (p.N + kCols - 1) / kCols;
   const int64_t row_chunks = (p.M + kRowChunk - 1) / kRowChunk;
-  // split rows finer when there are few tasks, so that every thread gets some
-  int64_t chunk = kRowChunk;
+  // rows split evenly into chunks of at most kRowChunk (197 rows: 102 + 95, not 192 + 5), and
+  // finer when there are few tasks, so that every thread gets some
+  int64_t chunk = ((p.M + row_chunks - 1) / row_chunks + MR - 1) / MR * MR;
   if (p.num_threads > 1 && row_chunks * col_blocks < 2 * p.num_threads) {
     const int64_t want = (2 * p.num_threads + col_blocks - 1) / col_blocks;
     chunk = std::max<int64_t>(MR, (p.M + want - 1) / want);
