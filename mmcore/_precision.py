@@ -18,18 +18,19 @@ calling thread, else the process-wide value of :func:`set_matmul_precision`, els
     Attention rounds q, k and v as it reads them, and the native kernel also rounds the softmax
     numerators P before ``P @ v``; scores, softmax statistics and sums stay float32.
 ``"int8"``
-    Dynamic quantization, as ONNX Runtime and oneDNN do it. Each row of the activations ``x``
-    is quantized to uint8 with a zero point, in float32 arithmetic: ``lo = min(0, min x)``,
-    ``hi = max(0, max x)``, ``sx = (hi - lo) / 255`` (1 when that is 0),
-    ``zp = clamp(rint(-lo / sx), 0, 255)`` and ``a = clamp(rint(x / sx) + zp, 0, 255) - zp``,
-    an integer in [-255, 255] (``rint`` rounds half to even; the divisions are products with
-    ``1 / sx``). Each row ``n`` of the weight is int8 with one scale: an int8 weight
+    Dynamic quantization, as ONNX Runtime and oneDNN do it. Each row of the activations ``x`` is
+    quantized to uint8 with a zero point, in float32 arithmetic: ``lo = min(0, min x)``, ``hi =
+    max(0, max x)``, ``sx = (hi - lo) / 255`` (1 when that is 0 or 1 / sx overflows), ``zp =
+    clamp(rint(-lo / sx), 0, 255)`` and ``a = clamp(rint(x / sx) + zp, 0, 255) - zp``, an integer in
+    [-255, 255] (``rint`` rounds half to even; the divisions are products with ``1 / sx``). Each row
+    ``n`` of the weight is int8 with one scale: an int8 weight
     (:class:`~mmcore.ops.linear.QuantizedTensor` of kind ``"int8"``) as it is stored, any other
-    weight quantized once, ``sw = max |w| / 127`` (1 when 0) and ``q = clamp(rint(w / sw), -127,
-    127)``. The products are summed exactly in integers and ``y = float32(sum a q) * (sx * sw) +
-    bias`` in float32, then the activation. A row holding inf or NaN (of ``x`` or of the weight)
-    gives NaN outputs. ``in_features`` is at most 65536. Attention has no int8 arithmetic: under
-    ``"int8"`` it computes as under ``"highest"`` (only the weight products are quantized).
+    weight quantized once, ``sw = max |w| / 127`` (1 when 0 or 1 / sw overflows) and ``q =
+    clamp(rint(w / sw), -127, 127)``. The products are summed exactly in integers and ``y =
+    float32(sum a q) * (sx * sw) + bias`` in float32, then the activation. A row holding inf or NaN
+    (of ``x`` or of the weight) gives NaN outputs. ``in_features`` is at most 65536. Attention has
+    no int8 arithmetic: under ``"int8"`` it computes as under ``"highest"`` (only the weight
+    products are quantized).
 
 ``"highest"`` is the default and the only exact one; ``"bf16"`` and ``"int8"`` trade accuracy
 (about 2**-8 of the summed magnitudes for ``"bf16"``, about one quantization step of each
@@ -51,8 +52,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import threading
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Optional, Tuple, TypeVar
 
 from .errors import ArgumentError
 
@@ -174,9 +176,11 @@ class matmul_precision:
 
     def __init__(self, precision: str):
         self._precision = _check("matmul_precision", precision)
-        # the tokens of the blocks this object has open, per thread (one object may be entered
-        # again inside its own block, or from several threads)
-        self._local = threading.local()
+        # the tokens of the blocks this object has open, per context (one object may be entered
+        # again inside its own block, from several threads or from several asyncio tasks, each
+        # of which runs in a context of its own)
+        self._tokens: contextvars.ContextVar[Tuple[contextvars.Token, ...]]
+        self._tokens = contextvars.ContextVar("mmcore_matmul_precision_tokens", default=())
 
     @property
     def precision(self) -> str:
@@ -184,15 +188,27 @@ class matmul_precision:
         return self._precision
 
     def __enter__(self) -> "matmul_precision":
-        tokens: List[contextvars.Token] = self._local.__dict__.setdefault("tokens", [])
-        tokens.append(_current.set(self._precision))
+        token = _current.set(self._precision)
+        self._tokens.set(self._tokens.get() + (token,))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _current.reset(self._local.tokens.pop())
+        tokens = self._tokens.get()
+        self._tokens.set(tokens[:-1])
+        _current.reset(tokens[-1])
 
     def __call__(self, func: _F) -> _F:
         precision = self._precision
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def run(*args: Any, **kwargs: Any) -> Any:
+                token = _current.set(precision)
+                try:
+                    return await func(*args, **kwargs)
+                finally:
+                    _current.reset(token)
+
+            return run  # type: ignore[return-value]
 
         @functools.wraps(func)
         def inner(*args: Any, **kwargs: Any) -> Any:

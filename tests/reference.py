@@ -814,8 +814,9 @@ def quantize_rows_u8(x):
         lo = min(f32(0), row.min()) if K else f32(0)
         hi = max(f32(0), row.max()) if K else f32(0)
         s = f32(f32(hi - lo) / f32(255))
-        if s == 0:
-            s = f32(1)
+        with np.errstate(over="ignore"):
+            if s == 0 or not np.isfinite(f32(1) / s):       # 0, or a range so small 1/s overflows
+                s = f32(1)
         inv = f32(f32(1) / s)
         zp = min(max(np.rint(f32(-lo * inv)), 0), 255)
         for k in range(K):
@@ -841,8 +842,9 @@ def quantize_weight_s8(w):
             continue
         amax = np.abs(row).max() if K else f32(0)
         s = f32(amax / f32(127))
-        if s == 0:
-            s = f32(1)
+        with np.errstate(over="ignore"):
+            if s == 0 or not np.isfinite(f32(1) / s):
+                s = f32(1)
         inv = f32(f32(1) / s)
         for k in range(K):
             q[n, k] = int(min(max(np.rint(f32(row[k] * inv)), -127), 127))
@@ -867,7 +869,7 @@ def linear_int8_ref(x, w=None, b=None, *, q=None, scale=None):
     """
     x = np.asarray(x, np.float32)
     lead, K = x.shape[:-1], x.shape[-1]
-    a, sx = quantize_rows_u8(x.reshape(-1, K))
+    a, sx = quantize_rows_u8(x.reshape(int(np.prod(lead)), K))
     if q is None:
         q, sw = quantize_weight_s8(w)
     else:

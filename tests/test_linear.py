@@ -436,3 +436,17 @@ def test_packed_weight_mismatch_and_int8_depth_are_refused():
     big = np.zeros((1, 65537), np.float32)
     with pytest.raises(ValueError, match=r"\[pack_weight\] precision 'int8' supports in_features"):
         _C.pack_weight(big, precision="int8")
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_int8_rows_of_tiny_range_quantize_to_zero(backend):
+    """A row whose range is so small that 1 / scale overflows takes scale 1 (so its values
+    quantize to 0), in the kernels, the numba fallback and the reference alike."""
+    need_backend(backend)
+    x = np.array([[1e-38, 0, -1e-38, 5e-39], [1.0, 2.0, -1.0, 0.5]], np.float32)
+    w = np.array([[1e-38, 0, 0, 0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    y = linear(x, w, precision="int8", backend=backend)
+    ref = linear_int8_ref(x, w)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-30)
+    assert y[0, 1] == 0.0 and y[1, 0] == 0.0

@@ -24,6 +24,7 @@ from mmcore.model import (
     default_model,
 )
 from mmcore.model.io import quantize_int8
+from mmcore.model.packing import freeze_quantized
 from mmcore.ops import PackedWeight, linear
 from mmcore.ops.linear import QuantizedTensor
 
@@ -371,7 +372,12 @@ def test_quantized_weights_are_used_in_place_and_frozen():
     for p in PRECISIONS:
         with mmcore.matmul_precision(p):
             assert _same(lin(x), linear(x, qt, lin.bias, precision=p))
-    assert set(qt._packs.packs) == set(PRECISIONS)               # each packed once, then kept
+    assert set(qt._packs.packs) == {"bf16", "int8"}              # "highest" reads int8 in place
+    h = QuantizedTensor(w.astype(np.float16), "float16")
+    lin.set_parameter("weight", h)
+    with mmcore.matmul_precision("highest"):
+        assert _same(lin(x), linear(x, h.dequantize(), lin.bias))
+    assert set(lin.weight._packs.packs) == {"highest"}          # float16: widened once
     # float16 bits viewed as uint16: the base array becomes read-only too, so it is frozen
     h = w.astype(np.float16)
     lin.set_parameter("weight", QuantizedTensor(h, "float16"))
@@ -427,3 +433,23 @@ def test_thread_precisions_do_not_leak_between_concurrent_encodings():
                 assert _same(out.embeddings[m], want[t].embeddings[m]), (t, m)
             assert _same(out.fused, want[t].fused)
     assert mmcore.get_matmul_precision() == "highest"
+
+
+def test_freeze_copies_quantized_data_over_a_writable_buffer():
+    """Data viewing a buffer that others can still write (a bytearray) is copied when frozen,
+    so a later write to the buffer cannot reach the kept packs."""
+    buf = bytearray(np.ones((2, 4), np.float16).tobytes())
+    q = QuantizedTensor(np.frombuffer(buf, np.uint16).reshape(2, 4), "float16")
+    frozen = freeze_quantized(q)
+    assert frozen.frozen and frozen is not q
+    x = np.ones((1, 4), np.float32)
+    with mmcore.matmul_precision("bf16"):
+        before = linear(x, frozen)
+        buf[:] = np.full((2, 4), 2, np.float16).tobytes()
+        after = linear(x, frozen)
+    np.testing.assert_array_equal(before, after)
+    np.testing.assert_array_equal(after, np.full((1, 2), 4, np.float32))
+    # an array owning its memory is only marked read-only, not copied
+    h = np.ones((2, 4), np.float16)
+    q2 = freeze_quantized(QuantizedTensor(h, "float16"))
+    assert np.shares_memory(q2.data, h)

@@ -150,7 +150,7 @@ float quantize_row(const float* x, int64_t K, int64_t KP, int32_t* a) {
     return std::numeric_limits<float>::quiet_NaN();
   }
   float s = (hi - lo) / 255.0f;
-  if (s == 0.0f) s = 1.0f;
+  if (s == 0.0f || !std::isfinite(1.0f / s)) s = 1.0f;  // 0, or a range so small 1 / s overflows
   const float inv = 1.0f / s;
   const float zp = std::min(255.0f, std::max(0.0f, __builtin_rintf(-lo * inv)));
   // a[k] = clamp(rint(x[k] * inv) + zp, 0, 255) - zp, written as int16 (pairs of k)
@@ -318,8 +318,14 @@ void linear_f32(const LinearParams& p) {
     const int64_t row0 = ci * chunk;
     run_task(p, ops, row0, std::min(chunk, p.M - row0), bi * kCols);
   });
-  // a thread keeps at most 64 MiB of packed weight between calls
-  if (cs.w.f_capacity * sizeof(float) + cs.w.q_capacity * sizeof(int16_t) > (size_t{64} << 20)) cs.w = PackedWeight();
+  // a thread keeps at most 64 MiB of packed weight and 64 MiB of prepared rows between calls
+  constexpr size_t kKeep = size_t{64} << 20;
+  if (cs.w.f_capacity * sizeof(float) + cs.w.q_capacity * sizeof(int16_t) > kKeep) cs.w = PackedWeight();
+  if ((cs.xr.capacity() + cs.sx.capacity()) * sizeof(float) + cs.a.capacity() * sizeof(int32_t) > kKeep) {
+    cs.xr = std::vector<float>();
+    cs.sx = std::vector<float>();
+    cs.a = std::vector<int32_t>();
+  }
 }
 
 void layer_norm_f32(const LayerNormParams& p) {

@@ -46,7 +46,8 @@ void row_values(const LinearParams& p, int64_t n, float* out) {
       for (int64_t k = 0; k < p.K; ++k) out[k] = static_cast<float>(w[k]) * s;
       break;
     }
-    default: std::memcpy(out, static_cast<const float*>(p.w) + off, static_cast<size_t>(p.K) * sizeof(float));
+    default:
+      if (p.K) std::memcpy(out, static_cast<const float*>(p.w) + off, static_cast<size_t>(p.K) * sizeof(float));
   }
 }
 
@@ -54,7 +55,7 @@ void row_values(const LinearParams& p, int64_t n, float* out) {
 // symmetrically (linear.h).
 float row_int8(const LinearParams& p, int64_t n, std::vector<float>& vals, int8_t* q) {
   if (p.w_kind == WeightKind::i8) {
-    std::memcpy(q, static_cast<const int8_t*>(p.w) + n * p.ldw, static_cast<size_t>(p.K));
+    if (p.K) std::memcpy(q, static_cast<const int8_t*>(p.w) + n * p.ldw, static_cast<size_t>(p.K));
     return p.w_scale[n];
   }
   vals.resize(static_cast<size_t>(p.K));
@@ -71,7 +72,7 @@ float row_int8(const LinearParams& p, int64_t n, std::vector<float>& vals, int8_
     return std::numeric_limits<float>::quiet_NaN();
   }
   float s = amax / 127.0f;
-  if (s == 0.0f) s = 1.0f;
+  if (s == 0.0f || !std::isfinite(1.0f / s)) s = 1.0f;  // 0, or 1 / s overflows
   const float inv = 1.0f / s;
   for (int64_t k = 0; k < p.K; ++k) {
     const float r = std::nearbyint(vals[static_cast<size_t>(k)] * inv);

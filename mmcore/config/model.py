@@ -166,8 +166,10 @@ class ModalityConfig(ConfigBase):
         Storage of the encoder weights: None keeps float32; "float16"/"bfloat16" store half
         precision; "int8" is weight-only (per-output-channel scales, activations stay
         float32). On disk and, for the matrices of the linear layers and attention
-        projections, in memory too (read in place by :func:`mmcore.ops.linear`); compute is
-        float32 unless ``matmul_precision`` says otherwise. Not for ``encoder="external"`` (a
+        projections, in memory too; compute is float32 unless ``matmul_precision`` says
+        otherwise. Packed forms come on top, once used: float16 / bfloat16 matrices are widened
+        to a float32 pack once (so they are as fast as float32 ones), int8 ones are read in
+        place under "highest" (small, widened per call) and packed for "bf16" / "int8". Not for ``encoder="external"`` (a
         callable mmcore does not own).
     cache : CachePolicy, mapping or None, default None
         This modality's cache entry; None: :attr:`CacheConfig.per_modality` or

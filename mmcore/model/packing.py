@@ -10,8 +10,8 @@ parameter (and per row slice of one, such as the query rows of a packed in-proje
   parameter's memory, which can never be written) with one native pack per precision, made on
   first use;
 * for a :class:`~mmcore.ops.linear.QuantizedTensor`, the tensor itself (or its row slice): the
-  native kernel reads it in place under ``"highest"`` and keeps one pack per precision under
-  ``"bf16"`` and ``"int8"`` (it must be frozen for that: :func:`freeze_quantized`).
+  native kernel keeps one pack per precision (it must be frozen for that:
+  :func:`freeze_quantized`), except for int8 weights under ``"highest"``, read in place.
 
 So a weight is packed once per precision, not on every call, and the results are those of the
 parameter itself under the same precision. The kept objects live in the owning module's
@@ -48,11 +48,17 @@ __all__ = ["freeze_quantized", "packed_weight", "packed_nbytes"]
 Packed = Union[PackedWeight, QuantizedTensor]
 
 
-def _read_only_chain(a: Optional[np.ndarray]) -> None:
-    """Mark ``a`` and the arrays whose memory it views read-only."""
-    while isinstance(a, np.ndarray):
-        a.flags.writeable = False
-        a = a.base
+def _read_only_chain(a: Optional[np.ndarray]) -> bool:
+    """Mark ``a`` and the arrays whose memory it views read-only; whether the memory then
+    belongs to an array (or an immutable ``bytes``), rather than to a buffer that others may
+    still write (a ``bytearray``, a ``memoryview``, an ``mmap``...)."""
+    base: object = a
+    while isinstance(base, np.ndarray):
+        base.flags.writeable = False
+        if base.base is None:
+            return True
+        base = base.base
+    return base is None or isinstance(base, bytes)
 
 
 def _frozen_bytes(a: np.ndarray) -> np.ndarray:
@@ -79,9 +85,9 @@ def freeze_quantized(q: QuantizedTensor) -> QuantizedTensor:
     >>> q.frozen, h.flags.writeable
     (True, False)
     """
-    _read_only_chain(q.data)
-    _read_only_chain(q.scale)
-    if q.frozen:
+    owned = _read_only_chain(q.data)
+    owned = _read_only_chain(q.scale) and owned
+    if owned and q.frozen:
         return q
     return QuantizedTensor(_frozen_bytes(q.data), q.kind,
                            None if q.scale is None else _frozen_bytes(q.scale))

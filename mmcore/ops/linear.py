@@ -103,10 +103,11 @@ class QuantizedTensor:
 
     It is immutable: its arrays must not change after it is made. The native :func:`linear`
     packs it once per precision and keeps the pack (:meth:`packed`) when it is :attr:`frozen`,
-    its arrays marked read-only (as a model marks its weights), so that float16 and bfloat16
-    weights are widened once and run as fast as float32 ones (the ``"highest"`` pack holds
-    float32 values: twice the bytes of a float16 matrix); otherwise it packs it in every call,
-    so that a change through its arrays is never missed.
+    its arrays marked read-only (as a model marks its weights); otherwise it packs it in every
+    call, so that a change through its arrays is never missed. Under ``"highest"`` a float16 /
+    bfloat16 weight is widened once, so that it runs as fast as a float32 one (its pack holds
+    float32 values: twice the bytes of the float16 matrix), while an int8 weight is read in
+    place (widened in every call) so that it stays small in memory.
 
     Parameters
     ----------
@@ -499,9 +500,9 @@ def weight_operand(value: Union[np.ndarray, QuantizedTensor, PackedWeight], back
     """The launcher arguments of a checked weight on ``backend`` under ``precision``.
 
     ``native``: the cached pack of a :class:`PackedWeight`, or of a frozen
-    :class:`QuantizedTensor` (kind :data:`~mmcore.kernels.cpu.PACKED`; under ``"highest"`` too,
-    so that float16 / bfloat16 / int8 weights are widened once, never per call, at the memory
-    cost of a float32 pack); otherwise the arrays themselves (float32 with kind 0, or the
+    :class:`QuantizedTensor` (kind :data:`~mmcore.kernels.cpu.PACKED`; float16 / bfloat16 ones
+    under ``"highest"`` too, widened once at the memory cost of a float32 pack, int8 ones under
+    ``"bf16"`` / ``"int8"`` only); otherwise the arrays themselves (float32 with kind 0, or the
     quantized data with its kind code and scale), which the kernels read in place. ``numba``:
     always the arrays (of a PackedWeight, its source).
     """
@@ -511,7 +512,10 @@ def weight_operand(value: Union[np.ndarray, QuantizedTensor, PackedWeight], back
         data, kind, scale = value.operand()
         return data, kind, scale
     if isinstance(value, QuantizedTensor):
-        if backend == "native" and value.frozen:
+        # int8 weights stay int8 in memory under "highest" (widened per call); float16 and
+        # bfloat16 ones are widened once, so they are never slower than float32 ones
+        widen_once = precision != "highest" or value.kind != "int8"
+        if backend == "native" and value.frozen and widen_once:
             return value.packed(precision), PACKED, None
         return _rows(value.data, int(value.shape[1])), WEIGHT_KIND_CODES[value.kind], value.scale
     return value, 0, None

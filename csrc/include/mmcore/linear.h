@@ -15,11 +15,13 @@ namespace mmcore {
 //   int8     activations quantized per row to uint8 with a zero point (dynamic), weights int8
 //            with one scale per output row, products summed exactly in int32, then
 //            y = float(acc) * (sx[m] * sw[n]) + bias[n]. Rule for the activations of row m:
-//              lo = min(0, min x), hi = max(0, max x), sx = (hi - lo) / 255 (1 when 0),
+//              lo = min(0, min x), hi = max(0, max x), sx = (hi - lo) / 255 (1 when 0 or
+//              when 1 / sx overflows),
 //              zp = clamp(rint(-lo / sx), 0, 255), a = clamp(rint(x / sx) + zp, 0, 255) - zp
 //            (the divisions are products with 1 / sx in float32; a row holding inf or NaN gives
 //            NaN outputs). Weights that are not int8 are quantized once: sw = max|w| / 127 (1 when
-//            0), q = clamp(rint(w / sw), -127, 127). K is at most kInt8MaxK, so sums never overflow.
+//            0 or when 1 / sw overflows), q = clamp(rint(w / sw), -127, 127). K is at most kInt8MaxK, so sums never
+//            overflow.
 enum class Precision : int { highest = 0, bf16 = 1, int8 = 2 };
 constexpr int64_t kInt8MaxK = 65536;
 

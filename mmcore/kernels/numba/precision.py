@@ -63,9 +63,9 @@ def quantize_rows_u8(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """The activations of the ``"int8"`` precision: ``(a, sx)`` with ``x[m] ~ a[m] * sx[m]``.
 
     Per row, in float32: ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``sx = (hi - lo) /
-    255`` (1 when 0), ``inv = 1 / sx``, ``zp = clamp(rint(-lo * inv), 0, 255)``, ``a =
-    clamp(rint(x * inv) + zp, 0, 255) - zp`` (int32 in [-255, 255]); a row holding inf or NaN
-    gets ``a = 0`` and ``sx = NaN``.
+    255`` (1 when 0 or 1 / sx overflows), ``inv = 1 / sx``, ``zp = clamp(rint(-lo * inv), 0,
+    255)``, ``a = clamp(rint(x * inv) + zp, 0, 255) - zp`` (int32 in [-255, 255]); a row
+    holding inf or NaN gets ``a = 0`` and ``sx = NaN``.
     """
     x = np.asarray(x, dtype=_F32)
     M, K = x.shape
@@ -76,7 +76,9 @@ def quantize_rows_u8(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     hi = np.maximum(zero, xs.max(axis=1) if K else zero)
     with np.errstate(over="ignore"):
         sx = (hi - lo) / _F32(255)
-    sx = np.where(sx == 0, _F32(1), sx).astype(_F32)
+    with np.errstate(over="ignore", divide="ignore"):
+        tiny = (sx == 0) | ~np.isfinite(_F32(1) / sx)        # 0, or 1 / sx overflows
+    sx = np.where(tiny, _F32(1), sx).astype(_F32)
     inv = (_F32(1) / sx).astype(_F32)
     with np.errstate(invalid="ignore", over="ignore"):
         zp = np.clip(np.rint(-lo * inv), 0, 255).astype(_F32)
@@ -87,8 +89,9 @@ def quantize_rows_u8(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def quantize_weight_s8(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """A float weight (N, K) quantized for the ``"int8"`` precision: ``(q, sw)``, int8 ``q``
-    with ``w[n] ~ q[n] * sw[n]``: ``sw = max |w[n]| / 127`` (1 when 0), ``q = clamp(rint(w *
-    (1 / sw)), -127, 127)``, in float32; a row holding inf or NaN gets ``q = 0``, ``sw = NaN``.
+    with ``w[n] ~ q[n] * sw[n]``: ``sw = max |w[n]| / 127`` (1 when 0 or 1 / sw overflows),
+    ``q = clamp(rint(w * (1 / sw)), -127, 127)``, in float32; a row holding inf or NaN gets
+    ``q = 0``, ``sw = NaN``.
     """
     w = np.asarray(w, dtype=_F32)
     N, K = w.shape
@@ -96,7 +99,9 @@ def quantize_weight_s8(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     ws = np.where(bad[:, None], _F32(0), w)
     amax = np.abs(ws).max(axis=1) if K else np.zeros(N, _F32)
     sw = (amax / _F32(127)).astype(_F32)
-    sw = np.where(sw == 0, _F32(1), sw).astype(_F32)
+    with np.errstate(over="ignore", divide="ignore"):
+        tiny = (sw == 0) | ~np.isfinite(_F32(1) / sw)
+    sw = np.where(tiny, _F32(1), sw).astype(_F32)
     inv = (_F32(1) / sw).astype(_F32)
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.clip(np.rint(ws * inv[:, None]), -127, 127)
