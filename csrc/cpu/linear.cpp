@@ -7,8 +7,8 @@
 // W is read from its packed form (PackedWeight, linear.h): packed once per weight by the caller
 // (mmcore.ops.PackedWeight, the model's layers) or, for a plain weight, once per call before the
 // products start. One task = (a chunk of at most kRowChunk rows, a block of kCols output
-// columns inside one 64-column panel); it walks its rows in register tiles of MR rows x NV
-// vectors (gemm_tile.h):
+// columns inside one 64-column panel, read from the 16-column strips of the packed form); it walks its rows in register
+// tiles of MR rows x NV vectors (gemm_tile.h):
 //   highest, bf16  acc[r][c] = b[cols] + sum_k x[r, k] * Wt[k, cols]   (float32, k increasing)
 //   int8           acc[r][c] = sum_k a[r, k] * q[cols, k]              (int32, exact), then
 //                  y = float(acc) * (sx[r] * sw[cols]) + b[cols]
@@ -48,7 +48,13 @@ constexpr int MR = gemm::kTileRows;
 constexpr int NV = gemm::kTileVecs;
 constexpr int kCols = kWidth * NV;  // output columns per task block
 constexpr int64_t kPanel = PackedWeight::kPanel;
+constexpr int64_t kSub = PackedWeight::kSub;
 static_assert(kPanel % kCols == 0, "a task block must lie inside one panel");
+static_assert(kWidth == kSub || (kCols <= kSub && kSub % kCols == 0),
+              "a vector spans one strip, or a block fits in one");
+// The step between the vectors of a tile in the packed weight: the next strip when a vector is a
+// whole strip (AVX-512), else the next kWidth columns of the same strip.
+constexpr bool kVectorPerStrip = kWidth == kSub;
 constexpr int64_t kRowChunk = 192;        // rows per task at most
 constexpr int64_t kKBlock = 384;          // k per pass over a task's rows (float32)
 constexpr int64_t kSerialWork = 1 << 18;  // multiply-adds below which one thread does it all
@@ -174,7 +180,7 @@ void run_task(const LinearParams& p, const Operands& ops, int64_t row0, int64_t 
   const int64_t ncols = std::min<int64_t>(kCols, p.N - col0);
   const int nvec = static_cast<int>((ncols + kWidth - 1) / kWidth);
   const int64_t padded = static_cast<int64_t>(nvec) * kWidth;
-  const int64_t panel = col0 / kPanel, off = col0 % kPanel;
+  const int64_t strip = col0 / kSub, off = col0 % kSub;
   const PackedWeight& w = *ops.w;
   const bool int8 = w.precision == Precision::int8;
   Scratch& sc = Scratch::get();
@@ -194,8 +200,10 @@ void run_task(const LinearParams& p, const Operands& ops, int64_t row0, int64_t 
   const bool direct = ncols == padded;
   if (!direct && sc.out.size() < static_cast<size_t>(rows * padded)) sc.out.resize(static_cast<size_t>(rows * padded));
   const int64_t KP = w.kpairs();
-  const float* wf = int8 ? nullptr : w.f.get() + panel * p.K * kPanel + off;
-  const int16_t* wq = int8 ? w.q.get() + (panel * KP * kPanel + off) * 2 : nullptr;
+  const float* wf = int8 ? nullptr : w.f.get() + strip * p.K * kSub + off;
+  const int16_t* wq = int8 ? w.q.get() + (strip * KP * kSub + off) * 2 : nullptr;
+  const int64_t fstride = kVectorPerStrip ? p.K * kSub : kWidth;
+  const int64_t qstride = kVectorPerStrip ? KP * kSub * 2 : 2 * kWidth;
   // k in blocks (kKBlock values, kKBlock / 2 int8 pairs), so that the block of the weight panel
   // stays in L1 while every row tile of the task passes over it; float32 partial sums wait in y
   // (exact: float32 stores), int32 ones in scratch.
@@ -224,7 +232,7 @@ void run_task(const LinearParams& p, const Operands& ops, int64_t row0, int64_t 
               t.zero();
             else
               t.load(iacc + r * padded, padded);
-            t.multiply_add(ops.a + (row0 + r) * KP + k0, KP, wq + k0 * kPanel * 2, kPanel * 2, kl);
+            t.multiply_add(ops.a + (row0 + r) * KP + k0, KP, wq + k0 * kSub * 2, kSub * 2, kl, qstride);
             if (last)
               t.store_scaled(dst, ldd, ops.sx + row0 + r, cscale, bias);
             else
@@ -235,7 +243,7 @@ void run_task(const LinearParams& p, const Operands& ops, int64_t row0, int64_t 
               t.broadcast_row(bias);
             else
               t.load(dst, ldd);
-            t.multiply_add(ops.x + (row0 + r) * ops.ldx + k0, ops.ldx, 1, wf + k0 * kPanel, kPanel, kl);
+            t.multiply_add(ops.x + (row0 + r) * ops.ldx + k0, ops.ldx, 1, wf + k0 * kSub, kSub, kl, fstride);
             t.store(dst, ldd);
           }
         });

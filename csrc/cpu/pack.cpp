@@ -119,14 +119,15 @@ void pack_weight(const LinearParams& p, PackedWeight& out) {
     parallel_for(panels, threads, [&](int64_t pi, int) {
       std::vector<float> vals;
       std::vector<int8_t> row(static_cast<size_t>(p.K));
-      int16_t* dst = q + pi * KP * P * 2;
+      constexpr int64_t S = PackedWeight::kSub;
       for (int64_t j = 0; j < P; ++j) {
         const int64_t n = pi * P + j;
+        int16_t* dst = q + ((pi * (P / S) + j / S) * KP * S + j % S) * 2;  // strip of column n
         if (n < p.N) {
           scale[n] = row_int8(p, n, vals, row.data());
-          for (int64_t k = 0; k < 2 * KP; ++k) dst[((k >> 1) * P + j) * 2 + (k & 1)] = k < p.K ? row[k] : 0;
+          for (int64_t k = 0; k < 2 * KP; ++k) dst[(k >> 1) * S * 2 + (k & 1)] = k < p.K ? row[k] : 0;
         } else {
-          for (int64_t k = 0; k < 2 * KP; ++k) dst[((k >> 1) * P + j) * 2 + (k & 1)] = 0;
+          for (int64_t k = 0; k < 2 * KP; ++k) dst[(k >> 1) * S * 2 + (k & 1)] = 0;
         }
       }
     });
@@ -136,8 +137,8 @@ void pack_weight(const LinearParams& p, PackedWeight& out) {
   float* f = out.f.get();
   const bool bf16 = p.precision == Precision::bf16;
   parallel_for(panels, threads, [&](int64_t pi, int) {
-    // the panel's rows, row-major, then transposed 16 k at a time (the 4 KiB being written
-    // stay in L1)
+    // the panel's rows, row-major, then transposed strip by strip, 16 k at a time (the 1 KiB
+    // being written stays in L1)
     const int64_t nrows = std::min<int64_t>(P, p.N - pi * P);
     std::vector<float> rows(static_cast<size_t>(nrows * p.K));
     for (int64_t j = 0; j < nrows; ++j) {
@@ -146,16 +147,21 @@ void pack_weight(const LinearParams& p, PackedWeight& out) {
       if (bf16)
         for (int64_t k = 0; k < p.K; ++k) row[k] = round_bf16(row[k]);
     }
-    float* dst = f + pi * p.K * P;
+    constexpr int64_t S = PackedWeight::kSub;
     constexpr int64_t kb = 16;
-    for (int64_t k0 = 0; k0 < p.K; k0 += kb) {
-      const int64_t k1 = std::min(p.K, k0 + kb);
-      for (int64_t j = 0; j < nrows; ++j) {
-        const float* src = rows.data() + j * p.K;
-        for (int64_t k = k0; k < k1; ++k) dst[k * P + j] = src[k];
+    for (int64_t s0 = 0; s0 < P; s0 += S) {
+      float* dst = f + (pi * P + s0) * p.K;  // strip of columns pi * P + s0 ...
+      for (int64_t k0 = 0; k0 < p.K; k0 += kb) {
+        const int64_t k1 = std::min(p.K, k0 + kb);
+        for (int64_t j = s0; j < s0 + S; ++j) {
+          if (j < nrows) {
+            const float* src = rows.data() + j * p.K;
+            for (int64_t k = k0; k < k1; ++k) dst[k * S + (j - s0)] = src[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) dst[k * S + (j - s0)] = 0.0f;
+          }
+        }
       }
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t j = nrows; j < P; ++j) dst[k * P + j] = 0.0f;
     }
   });
 }

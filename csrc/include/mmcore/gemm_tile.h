@@ -75,13 +75,14 @@ struct Tile {
     }
   }
 
-  // The K rank-1 updates described at the top of this file.
+  // The K rank-1 updates described at the top of this file; vector c of row k of b is read at
+  // b + k * ldb + c * vstride (vstride = kWidth: the NC vectors side by side).
   MMCORE_TILE_INLINE void multiply_add(const float* __restrict a, int64_t a_row, int64_t a_k, const float* __restrict b,
-                                       int64_t ldb, int64_t K) {
+                                       int64_t ldb, int64_t K, int64_t vstride = kWidth) {
     for (int64_t k = 0; k < K; ++k) {
       vf bv[NC];
 #pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c) bv[c] = simd::load(b + k * ldb + c * kWidth);
+      for (int c = 0; c < NC; ++c) bv[c] = simd::load(b + k * ldb + c * vstride);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const vf av = simd::splat(a[r * a_row + k * a_k]);
@@ -101,7 +102,7 @@ struct Tile {
 
 // The integer twin of Tile for the int8 products: R x NC vectors of int32 accumulators, each
 // lane one output column, updated two k at a time from int16 pairs (madd16):
-//   acc[r][c] += a[r * lda + kp] (two int16: k = 2kp, 2kp + 1) . b[kp * ldb + c * 2 kWidth]
+//   acc[r][c] += a[r * lda + kp] (two int16: k = 2kp, 2kp + 1) . b[kp * ldb + c * vstride]
 // where b holds, per lane, the two weights of that column at the same k pair. Exact in int32.
 template <int R, int NC>
 struct TileI {
@@ -129,12 +130,13 @@ struct TileI {
       for (int c = 0; c < NC; ++c) std::memcpy(dst + r * ld + c * kWidth, &acc[r][c], sizeof(simd::vi));
   }
 
+  // Vector c of pair row kp of b is read at b + kp * ldb + c * vstride (int16 elements).
   MMCORE_TILE_INLINE void multiply_add(const int32_t* __restrict a, int64_t lda, const int16_t* __restrict b,
-                                       int64_t ldb, int64_t KP) {
+                                       int64_t ldb, int64_t KP, int64_t vstride) {
     for (int64_t kp = 0; kp < KP; ++kp) {
       simd::vi bv[NC];
 #pragma GCC unroll 8
-      for (int c = 0; c < NC; ++c) bv[c] = simd::loadi(b + kp * ldb + c * 2 * kWidth);
+      for (int c = 0; c < NC; ++c) bv[c] = simd::loadi(b + kp * ldb + c * vstride);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const simd::vi av = simd::splati(a[r * lda + kp]);

@@ -37,14 +37,18 @@ enum class Activation : int { none = 0, gelu = 1, gelu_tanh = 2, quick_gelu = 3,
 // while packing it, so low-precision weights cost no float32 copy in memory.
 enum class WeightKind : int { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
 
-// W (N, K) packed once into the panels that the matrix-product micro-kernels of every
+// W (N, K) packed once into the layout that the matrix-product micro-kernels of every
 // instruction-set target read, so that a packed weight stays valid when the target changes:
-//   float form (highest, bf16): f[p][k][kPanel] = W[p * kPanel + j, k] as float32 (bf16: rounded
-//     to bfloat16); columns past N are zero
-//   int form (int8): q[p][k / 2][kPanel][2] = the int8 weights of columns p * kPanel + j at k and
+// strips of kSub = 16 output columns (one AVX-512 vector, two AVX2 ones), each stored whole, so
+// that the rows of a strip lie side by side in memory (a wider stride would crowd a few L1
+// sets); N padded to a multiple of kPanel = 64 columns (the widest task block):
+//   float form (highest, bf16): f[s][k][kSub] = W[s * kSub + j, k] as float32 (bf16: rounded to
+//     bfloat16); columns past N are zero
+//   int form (int8): q[s][k / 2][kSub][2] = the int8 weights of column s * kSub + j at k and
 //     k + 1 as int16 pairs (zero past K and N), and scale[n] per output column
 struct PackedWeight {
   static constexpr int kPanel = 64;
+  static constexpr int kSub = 16;
   int64_t N = 0, K = 0;
   Precision precision = Precision::highest;
   struct Free {
