@@ -80,3 +80,20 @@ def serving_node(model_dir, modalities, **kwargs):
 def node_address(node) -> str:
     """``"host:port"`` of a node, as shard configs name it."""
     return f"{node.address[0]}:{node.address[1]}"
+
+
+@contextlib.contextmanager
+def at_isa(isa: str):
+    """Run the block with the native kernels capped at instruction-set level ``isa``; skips
+    the test when this build or CPU cannot run that level. The level in force before is
+    restored afterwards."""
+    from mmcore import _C
+
+    before = _C.isa_level()
+    if isa not in _C.compiled_isas() or not _C.set_isa_cap(isa):
+        _C.set_isa_cap(before)
+        pytest.skip(f"{isa} not available here")
+    try:
+        yield
+    finally:
+        _C.set_isa_cap(before)

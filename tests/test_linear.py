@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, at_isa, examples, need_backend
 from mmcore import _C
 from mmcore.errors import ArgumentError, ShapeError
 from mmcore.ops import layer_norm, linear
@@ -61,11 +61,7 @@ def test_matches_reference(backend, M, K, N, bias, seed):
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_every_isa_level(isa):
-    before = _C.isa_level()
-    if isa not in _C.compiled_isas() or not _C.set_isa_cap(isa):
-        _C.set_isa_cap(before)
-        pytest.skip(f"{isa} not available here")
-    try:
+    with at_isa(isa):
         rng = np.random.default_rng(1)
         for M, K, N in [(1, 1, 1), (7, 13, 17), (64, 64, 64), (13, 129, 200), (300, 48, 65)]:
             x, w, b = _case(rng, (M,), K, N)
@@ -76,8 +72,6 @@ def test_every_isa_level(isa):
             g = rng.standard_normal(N).astype(np.float32)
             np.testing.assert_allclose(layer_norm(y, g, b), layer_norm_ref(y, g, b),
                                        rtol=1e-5, atol=1e-5)
-    finally:
-        _C.set_isa_cap(before)
 
 
 def test_native_and_numba_agree_and_leading_axes():
@@ -360,11 +354,7 @@ def _precision_check(y, x, w, b, precision):
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_precisions_at_every_isa_level(isa, precision):
-    before = _C.isa_level()
-    if isa not in _C.compiled_isas() or not _C.set_isa_cap(isa):
-        _C.set_isa_cap(before)
-        pytest.skip(f"{isa} not available here")
-    try:
+    with at_isa(isa):
         rng = np.random.default_rng(5)
         for M, K, N in _PRECISION_SHAPES:
             x, w, b = _case(rng, (M,), K, N)
@@ -376,8 +366,6 @@ def test_precisions_at_every_isa_level(isa, precision):
             y2 = np.empty_like(y)
             _C.linear(x, packed, b, y2, precision=precision, num_threads=1)
             np.testing.assert_array_equal(y2, y)
-    finally:
-        _C.set_isa_cap(before)
 
 
 @pytest.mark.parametrize("precision", ["highest", "bf16", "int8"])
