@@ -31,6 +31,10 @@ struct Job {
   std::atomic<int64_t> done{0};
   std::mutex error_mutex;
   std::exception_ptr error;
+  // The caller sleeps on done_cv once its bounded spin is over; the thread that finishes the
+  // last task wakes it.
+  std::mutex done_mutex;
+  std::condition_variable done_cv;
 
   // Runs tasks until none is left; returns after the last task this thread took has finished.
   void work(int tid) {
@@ -43,9 +47,28 @@ struct Job {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
       }
-      done.fetch_add(1, std::memory_order_acq_rel);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+        std::lock_guard<std::mutex> lock(done_mutex);
+        done_cv.notify_all();
+      }
     }
   }
+
+  // Returns once every task has finished: a short spin (tasks still running on other threads
+  // usually end within microseconds), then sleep, so that a waiting caller never takes a core
+  // from another runtime's threads (PyTorch's OpenMP team, a server's workers) for long.
+  void wait_all() {
+    for (int spins = 0; spins < kSpins; ++spins) {
+      if (done.load(std::memory_order_acquire) >= n) return;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    std::unique_lock<std::mutex> lock(done_mutex);
+    done_cv.wait(lock, [&] { return done.load(std::memory_order_acquire) >= n; });
+  }
+
+  static constexpr int kSpins = 2000;  // pause instructions, some microseconds
 };
 
 class Pool {
@@ -61,17 +84,7 @@ class Pool {
     }
     cv_.notify_all();
     job.work(0);
-    // Wait for tasks still running on other threads: spin briefly, then yield.
-    int spins = 0;
-    while (job.done.load(std::memory_order_acquire) < job.n) {
-      if (++spins < 2000) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    job.wait_all();  // tasks still running on other threads
     {
       // Detach the job so that a late worker cannot touch it after we return.
       std::unique_lock<std::mutex> lock(mutex_);
