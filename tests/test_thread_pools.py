@@ -115,17 +115,21 @@ def test_numba_ops_from_four_threads():
     code = textwrap.dedent("""
         import threading
         import numpy as np
-        from mmcore.ops import attention
+        from mmcore.ops import attention, masked_mean
         rng = np.random.default_rng(0)
         q = rng.standard_normal((2, 3, 13, 16), dtype=np.float32)
         k = rng.standard_normal((2, 3, 29, 16), dtype=np.float32)
+        x = rng.standard_normal((7, 5, 3), dtype=np.float32)
         ref = attention(q, k, k, backend='numba')
+        ref_mean = masked_mean(x, backend='numba')
         errors = []
 
         def work():
             try:
-                for _ in range(50):
-                    np.testing.assert_array_equal(attention(q, k, k, backend='numba'), ref)
+                for i in range(2000):
+                    np.testing.assert_array_equal(masked_mean(x, backend='numba'), ref_mean)
+                    if i % 40 == 0:
+                        np.testing.assert_array_equal(attention(q, k, k, backend='numba'), ref)
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 

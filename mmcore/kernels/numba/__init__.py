@@ -21,7 +21,9 @@ mmcore sets ``numba.config.THREADING_LAYER = "workqueue"``. That layer parks its
 condition variable between calls instead of spinning, and it is fork-safe. It is not thread-safe,
 so calls of mmcore's parallel numba kernels are serialized by one process-wide lock while the
 layer in use is ``workqueue`` (or not yet known); ops called from several Python threads then take
-turns in the numba kernels (the native backend has no such lock).
+turns in the numba kernels (the native backend has no such lock). The layer is the process's:
+``parallel=True`` functions of your own then run on ``workqueue`` too, and calling them from
+several threads at once aborts the process; choose ``"tbb"`` (or ``"omp"``) for them yourself.
 
 To choose another layer, set ``NUMBA_THREADING_LAYER`` (or ``numba.config.THREADING_LAYER``)
 before the first numba call; mmcore then leaves it alone. ``"tbb"`` (needs the ``tbb`` package)
