@@ -73,4 +73,7 @@ def launcher(op: str, backend: str, family: str, kernel: str) -> Callable:
     fn = getattr(mod, f"{kernel}_{backend}", None)
     if fn is None:
         raise BackendError(f"[{op}] the {backend} backend has no {kernel} kernel")
+    if backend == "numba":              # parallel numba kernels take turns under "workqueue"
+        from .numba import serialized
+        return serialized(fn)
     return fn

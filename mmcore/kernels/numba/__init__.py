@@ -38,14 +38,12 @@ True
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 import threading
-import types
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numba
-from numba.core.registry import CPUDispatcher
 
 __all__ = ["threading_layer_choice"]
 
@@ -105,31 +103,25 @@ def _needs_lock() -> bool:
     return _serialize
 
 
-class _SerializedDispatcher(CPUDispatcher):
-    """A parallel kernel whose Python-level calls hold the package lock under ``workqueue``."""
+def serialized(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a launcher of this package) holding the package lock while it runs, when the
+    threading layer in use is ``workqueue`` (or not started yet); made once per launcher."""
+    known = _serialized.get(fn)
+    if known is not None:
+        return known
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
         if not _needs_lock():
-            return super().__call__(*args, **kwargs)
+            return fn(*args, **kwargs)
         with _lock:
-            return super().__call__(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+    _serialized[fn] = wrapped
+    return wrapped
 
 
-def _serialize_parallel_kernels(module: types.ModuleType) -> None:
-    for value in list(vars(module).values()):
-        if (type(value) is CPUDispatcher
-                and value.targetoptions.get("parallel")):
-            value.__class__ = _SerializedDispatcher
-
-
-class _Package(types.ModuleType):
-    """This package's module type: every submodule bound to it gets its kernels serialized."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (isinstance(value, types.ModuleType)
-                and getattr(value, "__name__", "") == f"{__name__}.{name}"):
-            _serialize_parallel_kernels(value)
-        super().__setattr__(name, value)
+_serialized: Dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
 def _reinit_lock() -> None:
@@ -140,5 +132,3 @@ def _reinit_lock() -> None:
 _choice = _configure()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_lock)
-
-sys.modules[__name__].__class__ = _Package
