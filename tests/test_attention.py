@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, at_isa, examples
 from _helpers import need_backend as _need_backend
 from mmcore.errors import ArgumentError, BackendError, MMCoreError, ShapeError
 from mmcore.ops import attention
@@ -950,13 +950,8 @@ def test_huge_finite_bias_is_not_an_empty_row(backend):
 
 @pytest.fixture(params=["baseline", "avx2", "avx512"])
 def isa(request):
-    from mmcore import _C
-    before = _C.isa_level()
-    if request.param not in _C.compiled_isas() or not _C.set_isa_cap(request.param):
-        _C.set_isa_cap(before)
-        pytest.skip(f"{request.param} not available here")
-    yield request.param
-    _C.set_isa_cap(before)
+    with at_isa(request.param):
+        yield request.param
 
 
 def _with_threads(n, fn):

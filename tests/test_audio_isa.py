@@ -5,19 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmcore import _C
+from _helpers import at_isa
 from mmcore.ops import fbank, log_mel_spectrogram, mel_spectrogram, stft
 from reference import fbank_ref, mel_spectrogram_ref, stft_ref, whisper_log_mel_ref
 
 
 @pytest.fixture(params=["baseline", "avx2", "avx512"])
 def isa(request):
-    before = _C.isa_level()
-    if request.param not in _C.compiled_isas() or not _C.set_isa_cap(request.param):
-        _C.set_isa_cap(before)
-        pytest.skip(f"{request.param} not available here")
-    yield request.param
-    _C.set_isa_cap(before)
+    with at_isa(request.param):
+        yield request.param
 
 
 def _signal(n, seed=0):
