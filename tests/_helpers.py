@@ -97,3 +97,22 @@ def at_isa(isa: str):
         yield
     finally:
         _C.set_isa_cap(before)
+
+
+def encoder_layer_params(rng, E, F, *, bias=True, norms=True):
+    """Random weights of one encoder block (keyword arguments of ``mmcore.ops.encoder_layer``),
+    scaled like trained ones: matrices N(0, 1 / fan_in), small biases, norms near identity."""
+    import numpy as np
+
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+
+    p = dict(in_proj_weight=w(3 * E, E), out_proj_weight=w(E, E), linear1_weight=w(F, E),
+             linear2_weight=w(E, F))
+    if bias:
+        p.update(in_proj_bias=w(3 * E) * 0.3, out_proj_bias=w(E) * 0.3, linear1_bias=w(F) * 0.3,
+                 linear2_bias=w(E) * 0.3)
+    if norms:
+        p.update(norm1_weight=1 + 0.2 * w(E), norm1_bias=0.2 * w(E),
+                 norm2_weight=1 + 0.2 * w(E), norm2_bias=0.2 * w(E))
+    return p

@@ -9,28 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, encoder_layer_params, examples, need_backend
 from mmcore.errors import ArgumentError, BackendError, ShapeError
 from mmcore.ops import encoder_layer
 from mmcore.ops.linear import QuantizedTensor
 from reference import encoder_layer_ref
 
 ACTS = ["gelu", "gelu_tanh", "quick_gelu", "relu", None]
-
-
-def _params(rng, E, F, *, bias=True, norms=True):
-    def w(*shape):
-        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-
-    p = dict(in_proj_weight=w(3 * E, E), out_proj_weight=w(E, E), linear1_weight=w(F, E),
-             linear2_weight=w(E, F))
-    if bias:
-        p.update(in_proj_bias=w(3 * E) * 0.3, out_proj_bias=w(E) * 0.3, linear1_bias=w(F) * 0.3,
-                 linear2_bias=w(E) * 0.3)
-    if norms:
-        p.update(norm1_weight=1 + 0.2 * w(E), norm1_bias=0.2 * w(E),
-                 norm2_weight=1 + 0.2 * w(E), norm2_bias=0.2 * w(E))
-    return p
 
 
 def _assert_close(y, ref, what=""):
@@ -52,7 +37,7 @@ def test_matches_reference(backend, B, L, H, hd, F, act, bias, norms, padded, la
     need_backend(backend)
     rng = np.random.default_rng(seed)
     E = H * hd
-    p = _params(rng, E, F, bias=bias, norms=norms)
+    p = encoder_layer_params(rng, E, F, bias=bias, norms=norms)
     x = rng.standard_normal((B, L, E)).astype(np.float32)
     if layout == "strided":       # every other row of a bigger array: not contiguous
         big = np.zeros((B, 2 * L, E), np.float32)
@@ -74,7 +59,7 @@ def test_matches_reference(backend, B, L, H, hd, F, act, bias, norms, padded, la
 def test_native_and_numba_agree(E, H, F, L):
     need_backend("numba")
     rng = np.random.default_rng(E * 100 + L)
-    p = _params(rng, E, F)
+    p = encoder_layer_params(rng, E, F)
     x = rng.standard_normal((3, L, E)).astype(np.float32)
     kl = np.array([L, 0, max(1, L // 2)])
     a = encoder_layer(x, num_heads=H, key_lengths=kl, backend="native", **p)
@@ -87,7 +72,7 @@ def test_native_and_numba_agree(E, H, F, L):
 def test_zero_key_lengths_row_is_x_plus_mlp():
     rng = np.random.default_rng(1)
     E, F = 8, 16
-    p = _params(rng, E, F)
+    p = encoder_layer_params(rng, E, F)
     x = rng.standard_normal((2, 4, E)).astype(np.float32)
     y0 = encoder_layer(x, num_heads=2, key_lengths=np.array([0, 4]), **p)
     # with no key to attend to, the attention half adds exactly nothing (no NaN, no out bias)
@@ -102,7 +87,7 @@ def test_quantized_weights(backend, kind):
     need_backend(backend)
     rng = np.random.default_rng(2)
     E, F = 16, 24
-    p = _params(rng, E, F)
+    p = encoder_layer_params(rng, E, F)
     q = {}
     for name in ("in_proj_weight", "out_proj_weight", "linear1_weight", "linear2_weight"):
         w = p[name]
@@ -123,7 +108,7 @@ def test_quantized_weights(backend, kind):
 def test_scale_and_temperature():
     rng = np.random.default_rng(3)
     E, F = 8, 8
-    p = _params(rng, E, F)
+    p = encoder_layer_params(rng, E, F)
     x = rng.standard_normal((1, 6, E)).astype(np.float32)
     y = encoder_layer(x, num_heads=2, scale=0.3, temperature=2.0, **p)
     _assert_close(y, encoder_layer_ref(x, num_heads=2, scale=0.3, temperature=2.0, **p))
@@ -154,7 +139,7 @@ def test_matches_the_layer():
 
 
 def _good(E=8, F=16):
-    return _params(np.random.default_rng(5), E, F)
+    return encoder_layer_params(np.random.default_rng(5), E, F)
 
 
 @pytest.mark.parametrize("change,err,msg", [

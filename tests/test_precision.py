@@ -17,8 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmcore
-from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, examples, need_backend
-from mmcore import _C
+from _helpers import HOST_BACKENDS, PROPERTY_SETTINGS, encoder_layer_params, examples, need_backend
 from mmcore.errors import ArgumentError, BackendError, ShapeError
 from mmcore.ops import PackedWeight, attention, encoder_layer, linear, pack_weight
 from mmcore.ops.linear import QuantizedTensor
@@ -39,26 +38,6 @@ from reference import (
 PRECISIONS = ["highest", "bf16", "int8"]
 EPS32 = 2.0 ** -24          # float32 unit roundoff
 U_BF16 = 2.0 ** -8          # bfloat16 unit roundoff (8 significant bits)
-
-
-def _native_takes_precision() -> bool:
-    """True: every build of mmcore._C has the precision kernels (the ``precision`` keyword of
-    linear and pack_weight); a build without them is stale and fails here rather than skipping
-    the tests that need them."""
-    assert "precision" in (getattr(_C.linear, "__doc__", "") or ""), "mmcore._C is stale: rebuild"
-    assert hasattr(_C, "pack_weight"), "mmcore._C is stale: rebuild"
-    return True
-
-
-native_precision = pytest.mark.skipif(not _native_takes_precision(),
-                                      reason="this build of mmcore._C has no precision argument")
-
-
-def _backends(precision: str) -> list:
-    """The host backends that can run ``precision`` in this build."""
-    if precision == "highest" or _native_takes_precision():
-        return HOST_BACKENDS
-    return [b for b in HOST_BACKENDS if b != "native"]
 
 
 @pytest.fixture(autouse=True)
@@ -187,7 +166,7 @@ def test_bad_values_name_precision(bad):
         attention(q, q, q, precision=bad)
     with pytest.raises(ArgumentError, match=r"\[encoder_layer\] precision must be one of"):
         encoder_layer(np.ones((1, 2, 4), np.float32), num_heads=1, precision=bad,
-                      **_encoder_params(np.random.default_rng(0), 4, 3))
+                      **encoder_layer_params(np.random.default_rng(0), 4, 3))
     with pytest.raises(ArgumentError, match=r"\[pack_weight\] precision must be one of"):
         pack_weight(w, precision=bad)
 
@@ -295,8 +274,6 @@ def _data(rng, shape, scale=1.0):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_linear_matches_reference(backend, precision, kind):
-    if backend not in _backends(precision):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     rng = np.random.default_rng(zlib.crc32(f"{precision}/{kind}".encode()))
     for M, K, N in SHAPES:
@@ -312,8 +289,6 @@ def test_linear_matches_reference(backend, precision, kind):
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_linear_activations(backend, precision, activation):
-    if backend not in _backends(precision):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     rng = np.random.default_rng(7)
     for M, K, N in [(1, 1, 1), (13, 17, 65), (64, 63, 16)]:
@@ -326,8 +301,6 @@ def test_linear_activations(backend, precision, activation):
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_linear_layouts_and_empty(backend, precision):
     """Non-contiguous and broadcast x, leading axes, a transposed weight, empty sizes."""
-    if backend not in _backends(precision):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     rng = np.random.default_rng(11)
     x, w, b = _data(rng, (20, 24)), _data(rng, (40, 24), 0.2), _data(rng, 40)
@@ -349,8 +322,6 @@ def test_linear_layouts_and_empty(backend, precision):
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_bf16_rounds_the_operands(backend):
-    if backend not in _backends("bf16"):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     # 1 + 2**-10 keeps 8 significant bits as 1; 1 + 3 * 2**-8 ties and goes to even (1 + 2**-6)
     x = np.array([[1 + 2.0 ** -10, 1 + 3 * 2.0 ** -8, 0.0]], np.float32)
@@ -370,8 +341,6 @@ def test_bf16_rounds_the_operands(backend):
 def test_int8_quantization_steps(backend):
     """A row of x takes steps of (max(0, max x) - min(0, min x)) / 255 with a zero point; a
     weight row steps of max |w| / 127."""
-    if backend not in _backends("int8"):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     x = np.array([[-1.0, 0.5, 2.0], [0.0, 0.0, 0.0], [3.0, 1.0, 0.25]], np.float32)
     y = linear(x, np.eye(3, dtype=np.float32), precision="int8", backend=backend)
@@ -392,8 +361,6 @@ def test_int8_quantization_steps(backend):
 def test_non_finite_values(backend, precision):
     """NaN and inf never vanish: under "int8" a row of x (or of the weight) holding one gives
     NaN outputs, the other rows stay exact."""
-    if backend not in _backends(precision):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     rng = np.random.default_rng(5)
     x, w = _data(rng, (4, 9)), _data(rng, (5, 9))
@@ -419,7 +386,7 @@ def test_int8_in_features_limit():
         with pytest.raises(ShapeError, match=r"\[linear\] in_features = 65537: precision 'int8' "
                                              r"takes at most 65536"):
             linear(x, w, precision="int8", backend=backend)
-        assert linear(x, w, precision="bf16" if _native_takes_precision() else "highest",
+        assert linear(x, w, precision="bf16",
                       backend=backend).shape == (1, 1)
     with pytest.raises(ShapeError, match=r"\[pack_weight\] in_features = 65537"):
         pack_weight(w, precision="int8")
@@ -450,7 +417,7 @@ def test_highest_is_bit_identical_to_no_precision(backend):
         np.testing.assert_array_equal(
             attention(q, k, v, key_lengths=np.array([29, 11]), precision=p, backend=backend),
             plain_a)
-    params = _encoder_params(rng, 8, 16)
+    params = encoder_layer_params(rng, 8, 16)
     xe = _data(rng, (2, 5, 8))
     plain_e = encoder_layer(xe, num_heads=2, backend=backend, **params)
     np.testing.assert_array_equal(encoder_layer(xe, num_heads=2, precision="highest",
@@ -461,8 +428,6 @@ def test_highest_is_bit_identical_to_no_precision(backend):
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_the_knob_reaches_the_ops(backend, precision):
     """A call without precision= uses the thread's current precision; an explicit one wins."""
-    if backend not in _backends(precision):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     rng = np.random.default_rng(4)
     x, w = _data(rng, (9, 33)), _data(rng, (17, 33))
@@ -481,7 +446,6 @@ def test_the_knob_reaches_the_ops(backend, precision):
         assert not np.array_equal(linear(x, w, backend=backend), want)
 
 
-@native_precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_packed_weights_give_the_bits_of_plain_ones(precision):
     """The native kernel gives the same bits from a PackedWeight, from a frozen QuantizedTensor
@@ -573,7 +537,6 @@ def test_packed_weight_bad_input():
         linear(np.ones((1, 4), np.float32), PackedWeight(np.ones((2, 3), np.float32)))
 
 
-@native_precision
 def test_pack_cache_one_pack_per_precision():
     pw = PackedWeight(np.ones((5, 7), np.float32))
     assert pw.cached_precisions == () and pw.nbytes == 5 * 7 * 4
@@ -594,7 +557,6 @@ def test_pack_cache_one_pack_per_precision():
         assert fresh.cached_precisions == ()
 
 
-@native_precision
 def test_pack_cache_is_thread_safe(monkeypatch):
     """Threads asking for the same precision at once share one pack, made once."""
     linear_mod = importlib.import_module("mmcore.ops.linear")
@@ -622,7 +584,6 @@ def test_pack_cache_is_thread_safe(monkeypatch):
     assert made == ["int8"] and len(got) == 8 and all(p is got[0] for p in got)
 
 
-@native_precision
 def test_quantized_tensor_caches_only_when_frozen():
     w = np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32)
     qt = _int8_weight(w)
@@ -638,7 +599,6 @@ def test_quantized_tensor_caches_only_when_frozen():
     assert qt[1:3].frozen and qt[1:3].packed_nbytes == 0
 
 
-@native_precision
 def test_pickle_drops_the_packs():
     pw = pack_weight(np.eye(4, dtype=np.float32), precision="bf16")
     qt = _freeze(_int8_weight(np.eye(4, dtype=np.float32)))
@@ -697,8 +657,6 @@ ATTN_SHAPES = [(1, 1, 1, 1, 1, 1), (1, 2, 7, 13, 16, 5), (2, 1, 63, 64, 17, 3),
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_attention_bf16_matches_reference(backend):
-    if backend not in _backends("bf16"):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     rng = np.random.default_rng(8)
     for B, H, Lq, Lk, D, Dv in ATTN_SHAPES:
@@ -723,8 +681,6 @@ def test_attention_bf16_matches_reference(backend):
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_attention_bf16_rounds_q_k_v(backend):
     """One key: out is that key's value, rounded to bfloat16 under "bf16" only."""
-    if backend not in _backends("bf16"):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     v = np.full((1, 1, 1, 4), 1 + 2.0 ** -10, np.float32)
     q = k = np.ones((1, 1, 3, 4), np.float32)[:, :, :1]
@@ -733,7 +689,6 @@ def test_attention_bf16_rounds_q_k_v(backend):
         assert np.all(attention(q, k, v, precision=p, backend=backend) == 1 + 2.0 ** -10)
 
 
-@native_precision
 def test_native_attention_bf16_rounds_the_softmax_numerators():
     """Two keys with scores 0 and -d: P = (1, exp(-d)); the native kernel rounds exp(-d) to
     bfloat16 before P @ v and divides by the unrounded sum."""
@@ -769,21 +724,6 @@ def test_attention_takes_bfloat16_inputs():
 
 # ----------------------------------------------------------------------------------------------
 # encoder_layer
-
-
-def _encoder_params(rng, E, F, *, bias=True, norms=True):
-    def w(*shape):
-        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-
-    p = dict(in_proj_weight=w(3 * E, E), out_proj_weight=w(E, E), linear1_weight=w(F, E),
-             linear2_weight=w(E, F))
-    if bias:
-        p.update(in_proj_bias=w(3 * E) * 0.3, out_proj_bias=w(E) * 0.3, linear1_bias=w(F) * 0.3,
-                 linear2_bias=w(E) * 0.3)
-    if norms:
-        p.update(norm1_weight=1 + 0.2 * w(E), norm1_bias=0.2 * w(E),
-                 norm2_weight=1 + 0.2 * w(E), norm2_bias=0.2 * w(E))
-    return p
 
 
 def _linear_bound(X, eX, W, b, precision):
@@ -875,13 +815,11 @@ ENC_CASES = [(1, 1, 1, 1, 1), (2, 7, 2, 8, 13), (1, 13, 3, 5, 17), (2, 17, 4, 16
 def test_encoder_layer_within_the_precision_bound(backend, precision):
     """Against the float64 block, within the error bound propagated from each step's
     arithmetic; native and numba within twice that of each other."""
-    if backend not in _backends(precision):
-        pytest.skip("this build of mmcore._C has no precision argument")
     need_backend(backend)
     rng = np.random.default_rng(12)
     for B, L, H, hd, F in ENC_CASES:
         E = H * hd
-        p = _encoder_params(rng, E, F)
+        p = encoder_layer_params(rng, E, F)
         x = _data(rng, (B, L, E))
         kl = rng.integers(1, L + 1, B)
         for act in ("gelu", "relu"):
@@ -898,7 +836,7 @@ def test_encoder_layer_within_the_precision_bound(backend, precision):
                     x, num_heads=H, key_lengths=kl, activation=act, backend=backend, **p))
     # empty batches and a non-contiguous x
     E, F = 8, 13
-    p = _encoder_params(rng, E, F)
+    p = encoder_layer_params(rng, E, F)
     for shape in [(0, 3, E), (2, 0, E)]:
         y = encoder_layer(np.zeros(shape, np.float32), num_heads=2, precision=precision,
                           backend=backend, **p)
@@ -913,7 +851,6 @@ def test_encoder_layer_within_the_precision_bound(backend, precision):
     assert np.all(np.abs(y - ref) <= tol)
 
 
-@native_precision
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_encoder_layer_weight_kinds(precision):
     """PackedWeight and QuantizedTensor weights: packed ones give the bits of plain ones; int8
@@ -921,7 +858,7 @@ def test_encoder_layer_weight_kinds(precision):
     rng = np.random.default_rng(13)
     B, L, H, hd, F = 2, 9, 2, 8, 24
     E = H * hd
-    p = _encoder_params(rng, E, F)
+    p = encoder_layer_params(rng, E, F)
     x = _data(rng, (B, L, E))
     names = ("in_proj_weight", "out_proj_weight", "linear1_weight", "linear2_weight")
     plain = encoder_layer(x, num_heads=H, precision=precision, **p)
@@ -955,7 +892,7 @@ def test_encoder_layer_weight_kinds(precision):
 
 def test_encoder_layer_int8_width_limit():
     rng = np.random.default_rng(0)
-    p = _encoder_params(rng, 2, 65537, bias=False, norms=False)
+    p = encoder_layer_params(rng, 2, 65537, bias=False, norms=False)
     with pytest.raises(ShapeError, match=r"\[encoder_layer\] in_features = 65537"):
         encoder_layer(np.ones((1, 1, 2), np.float32), num_heads=1, precision="int8", **p)
 
@@ -971,8 +908,6 @@ def test_encoder_layer_int8_width_limit():
        bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]), zero_rows=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_linear_property(backend, M, K, N, precision, kind, bias, scale, zero_rows, seed):
-    if backend not in _backends(precision):
-        return
     need_backend(backend)
     rng = np.random.default_rng(seed)
     x = _data(rng, (M, K), scale)
