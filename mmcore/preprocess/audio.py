@@ -1,19 +1,22 @@
 """Audio decoding, resampling and batched feature extraction.
 
 ``load_audio`` / ``load_audio_with_rate``
-    Decode a file with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, MP3, ... whatever the
-    installed libsndfile supports), mix to mono, resample with soxr.
+    Decode a file, a binary file object or encoded audio bytes with soundfile (libsndfile:
+    WAV, FLAC, OGG/Vorbis, MP3, ... whatever the installed libsndfile supports), mix to mono,
+    resample with soxr.
 ``resample``
     soxr resampling of float32 audio, (T,) or (channels, T).
 ``AudioPreprocessor``
-    Waveforms or files -> padded batch -> one call of the feature op chosen by a
-    :class:`~mmcore.config.PreprocessingConfig` -> ``{"input_features", "attention_mask"}``.
+    Waveforms, files or encoded audio bytes -> padded batch -> one call of the feature op
+    chosen by a :class:`~mmcore.config.PreprocessingConfig` -> ``{"input_features",
+    "attention_mask"}``.
 
 soundfile and soxr are imported on first use, so ``import mmcore`` does not need them.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -41,7 +44,19 @@ from ..ops._checks import check_limit
 
 __all__ = ["load_audio", "load_audio_with_rate", "resample", "AudioPreprocessor"]
 
-PathLike = Union[str, bytes, "os.PathLike[str]"]
+#: What :func:`load_audio` reads: a path (``str`` / ``os.PathLike``), encoded audio data
+#: (``bytes`` / ``bytearray`` / ``memoryview``) or a binary file object.
+AudioSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
+#: Former name of :data:`AudioSource`.
+PathLike = AudioSource
+#: Types taken as the encoded bytes of an audio file (WAV, FLAC, OGG, ...), never as a file name.
+AUDIO_BYTES_TYPES = (bytes, bytearray, memoryview)
+#: Types taken as a file name.
+AUDIO_PATH_TYPES = (str, os.PathLike)
+# A path or encoded bytes: one item of a batch, decoded by load_audio.
+_SOURCE_TYPES = AUDIO_PATH_TYPES + AUDIO_BYTES_TYPES
+# Encoded inputs up to this size that read as text get a hint that bytes are no longer a path.
+_PATH_HINT_MAX_BYTES = 4096
 
 #: soxr quality used by :func:`resample` and :func:`load_audio` ("HQ": 20-bit precision,
 #: 91% passband; the quality librosa and torchaudio use for their soxr paths).
@@ -110,9 +125,9 @@ def _check_rate(op: str, name: str, value: Any, *, optional: bool) -> Optional[i
     return int(value)
 
 
-def _wav_truncation(f: BinaryIO) -> Optional[str]:
-    """For a RIFF/WAVE file open in ``f``, say how it is truncated (None: complete or not a
-    RIFF file). Leaves ``f`` at offset 0.
+def _wav_truncation(f: BinaryIO, size: Optional[int] = None) -> Optional[str]:
+    """For a RIFF/WAVE file open in ``f`` (``size`` bytes long; None: its ``fstat`` size), say
+    how it is truncated (None: complete or not a RIFF file). Leaves ``f`` at offset 0.
 
     libsndfile reads a WAV file whose ``data`` chunk is shorter than its header declares
     without complaint, returning the samples that are there; this reads the chunk headers to
@@ -120,7 +135,8 @@ def _wav_truncation(f: BinaryIO) -> Optional[str]:
     2**32) are not flagged.
     """
     try:
-        size = os.fstat(f.fileno()).st_size
+        if size is None:
+            size = os.fstat(f.fileno()).st_size
         f.seek(0)
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -159,13 +175,13 @@ class _Limits:
     """The size limits of one :func:`load_audio` call, checked against a file's header and
     while decoding."""
 
-    def __init__(self, op: str, shown: str, *, sr: Optional[int], mono: bool,
+    def __init__(self, op: str, label: str, *, sr: Optional[int], mono: bool,
                  max_duration_s: float, max_samples: float):
-        self.op, self.shown, self.sr, self.mono = op, shown, sr, mono
+        self.op, self.label, self.sr, self.mono = op, label, sr, mono
         self.max_duration_s, self.max_samples = max_duration_s, max_samples
 
     def _fail(self, msg: str) -> AudioDecodeError:
-        return AudioDecodeError(f"[{self.op}] audio file {self.shown} {msg}")
+        return AudioDecodeError(f"[{self.op}] {self.label} {msg}")
 
     def kept(self, channels: int) -> int:
         return 1 if self.mono else channels
@@ -256,32 +272,69 @@ def _unpositioned_reader(f, channels: int):
     return read
 
 
+def _byte_view(data: Any) -> memoryview:
+    """``data`` (bytes, bytearray, memoryview) as a flat unsigned-byte memoryview."""
+    mv = memoryview(data)
+    if mv.ndim == 1 and mv.format == "B":
+        return mv
+    if mv.c_contiguous:
+        return mv.cast("B")
+    return memoryview(mv.tobytes())      # a strided view: copied into one run of bytes
+
+
+def _text_hint(mv: memoryview) -> str:
+    """A hint for encoded data that failed to decode and reads like a file name."""
+    if len(mv) > _PATH_HINT_MAX_BYTES or b"\0" in mv:
+        return ""
+    try:
+        bytes(mv).decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    return ("; bytes are encoded audio data, not a file name (they were a file name before): "
+            "pass a file name as a str or os.PathLike")
+
+
 def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s: float,
-            max_samples: float) -> Tuple[np.ndarray, int]:
-    """Decode ``path`` to float32 (frames, channels kept) and its sample rate, refusing files
-    whose header exceeds the limits before decoding them."""
+            max_samples: float, name: str = "path") -> Tuple[np.ndarray, int]:
+    """Decode ``path`` (a file name, encoded bytes or a binary file object; ``name`` is the
+    argument's name in messages) to float32 (frames, channels kept) and its sample rate,
+    refusing inputs whose header exceeds the limits before decoding them."""
     sf = _import_soundfile()
     fh: Optional[BinaryIO] = None
-    if isinstance(path, (str, bytes, os.PathLike)):
-        fname = os.fsdecode(path)
-        shown = repr(fname)
+    text_hint = ""
+    if isinstance(path, AUDIO_PATH_TYPES):
+        fname = os.fsdecode(path)   # an os.PathLike may give bytes: still a file name
+        label = f"audio file {fname!r}"
         # regular files only: a FIFO or a device would block or never end
         fh = open_regular(fname, what="audio file", error=AudioDecodeError, op=op)
         problem = _wav_truncation(fh)
         if problem is not None:
             fh.close()
-            raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: {problem}")
+            raise AudioDecodeError(f"[{op}] cannot decode {label}: {problem}")
         source: Any = fh.fileno()
         # libsndfile reads the descriptor from its offset (the buffered seek above may not
         # have moved it)
         os.lseek(source, 0, os.SEEK_SET)
+    elif isinstance(path, AUDIO_BYTES_TYPES):
+        mv = _byte_view(path)
+        label = f"{name} (encoded audio, {type(path).__name__} of {len(mv)} bytes)"
+        if len(mv) == 0:
+            raise AudioDecodeError(f"[{op}] cannot decode {label}: it is empty; expected the "
+                                   "bytes of an audio file (WAV, FLAC, OGG, ...)")
+        # a bytes object is shared by BytesIO, not copied
+        source = io.BytesIO(path if isinstance(path, bytes) else mv)
+        problem = _wav_truncation(source, len(mv))
+        if problem is not None:
+            raise AudioDecodeError(f"[{op}] cannot decode {label}: {problem}")
+        text_hint = _text_hint(mv)
     elif hasattr(path, "read"):
         source = path
-        shown = repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
+        label = "audio file " + repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
     else:
-        raise ArgumentError(f"[{op}] path must be a str, os.PathLike or a binary file object, "
+        raise ArgumentError(f"[{op}] {name} must be a str or os.PathLike (a file name), bytes, "
+                            f"bytearray or memoryview (encoded audio) or a binary file object, "
                             f"got {type(path).__name__}")
-    limits = _Limits(op, shown, sr=sr, mono=mono, max_duration_s=max_duration_s,
+    limits = _Limits(op, label, sr=sr, mono=mono, max_duration_s=max_duration_s,
                      max_samples=max_samples)
     try:
         try:
@@ -289,7 +342,7 @@ def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s
                 rate = int(f.samplerate)
                 channels = int(f.channels)
                 if rate < 1 or channels < 1:
-                    raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: its header "
+                    raise AudioDecodeError(f"[{op}] cannot decode {label}: its header "
                                            f"declares {rate} Hz and {channels} channel(s)")
                 # MP3 frame counts can be estimates (VBR without a seek table): checked against
                 # the limits, not for truncation. A length the header leaves unknown (a FLAC
@@ -310,16 +363,16 @@ def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s
             if "not recognised" in msg.lower() or "unsupported" in msg.lower():
                 hint = ("; the installed libsndfile reads: "
                         + ", ".join(sorted(sf.available_formats())))
-            raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: {msg}{hint}"
+            raise AudioDecodeError(f"[{op}] cannot decode {label}: {msg}{hint}{text_hint}"
                                    ) from exc
     finally:
         if fh is not None:
             fh.close()
     if declared >= 0 and data.shape[0] < declared:
-        raise AudioDecodeError(f"[{op}] cannot decode audio file {shown}: truncated, "
+        raise AudioDecodeError(f"[{op}] cannot decode {label}: truncated, "
                                f"{data.shape[0]} of the {declared} frames it declares are present")
     if data.size and not np.isfinite(data).all():
-        raise AudioDecodeError(f"[{op}] audio file {shown} holds NaN or infinite samples")
+        raise AudioDecodeError(f"[{op}] {label} holds NaN or infinite samples")
     return data, rate
 
 
@@ -365,25 +418,37 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int, *,
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
-def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True,
+def load_audio_with_rate(path: AudioSource, *, sr: Optional[int] = 16000, mono: bool = True,
                          max_duration_s: Optional[float] = None,
                          max_samples: Optional[float] = None) -> Tuple[np.ndarray, int]:
     """Like :func:`load_audio`, but also return the sample rate of the result.
 
-    With ``sr=None`` the file is not resampled and the rate returned is the file's own; with an
-    int, the rate returned is ``sr``.
+    With ``sr=None`` the audio is not resampled and the rate returned is the file's own; with
+    an int, the rate returned is ``sr``. ``path`` is read as by :func:`load_audio`: ``bytes``,
+    ``bytearray`` and ``memoryview`` are encoded audio data (bytes were a file name before).
 
     Examples
     --------
-    >>> import os, tempfile, numpy as np, soundfile
+    >>> import io, os, tempfile, numpy as np, soundfile
     >>> from mmcore.preprocess import load_audio_with_rate
     >>> path = os.path.join(tempfile.mkdtemp(), "tone.wav")
     >>> soundfile.write(path, np.zeros(22050, np.float32), 22050)
     >>> audio, rate = load_audio_with_rate(path, sr=None)
     >>> audio.shape, rate
     ((22050,), 22050)
+    >>> buf = io.BytesIO()
+    >>> soundfile.write(buf, np.zeros(8000, np.float32), 8000, format="FLAC")
+    >>> audio, rate = load_audio_with_rate(buf.getvalue(), sr=None)   # encoded bytes
+    >>> audio.shape, rate
+    ((8000,), 8000)
     """
-    op = "load_audio"
+    return _load_with_rate(path, op="load_audio", name="path", sr=sr, mono=mono,
+                           max_duration_s=max_duration_s, max_samples=max_samples)
+
+
+def _load_with_rate(path: Any, *, op: str, name: str, sr: Optional[int], mono: Any,
+                    max_duration_s: Optional[float], max_samples: Optional[float]
+                    ) -> Tuple[np.ndarray, int]:
     sr = _check_rate(op, "sr", sr, optional=True)
     if not isinstance(mono, (bool, np.bool_)):
         raise ArgumentError(f"[{op}] mono must be True or False, got {mono!r}")
@@ -391,7 +456,7 @@ def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: boo
                                  default=MAX_AUDIO_DURATION_S, lo=0.0)
     max_samples = check_limit("max_samples", max_samples, op=op, default=MAX_AUDIO_SAMPLES)
     data, rate = _decode(path, op, sr=sr, mono=bool(mono), max_duration_s=max_duration_s,
-                         max_samples=max_samples)   # (frames, channels kept)
+                         max_samples=max_samples, name=name)   # (frames, channels kept)
     audio = data[:, 0] if mono else data.T          # (frames,) or (channels, frames)
     if sr is not None and sr != rate:
         audio = resample(audio, rate, sr)
@@ -399,18 +464,23 @@ def load_audio_with_rate(path: PathLike, *, sr: Optional[int] = 16000, mono: boo
     return np.ascontiguousarray(audio, dtype=np.float32), rate
 
 
-def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True,
+def load_audio(path: AudioSource, *, sr: Optional[int] = 16000, mono: bool = True,
                max_duration_s: Optional[float] = None,
                max_samples: Optional[float] = None) -> np.ndarray:
-    """Decode an audio file to float32 samples in [-1, 1], resampled to ``sr``.
+    """Decode an audio file, or its encoded bytes, to float32 samples in [-1, 1], resampled
+    to ``sr``.
 
     Parameters
     ----------
-    path : str, os.PathLike or binary file object
+    path : str, os.PathLike, bytes, bytearray, memoryview or binary file object
         Any format the installed libsndfile decodes (``soundfile.available_formats()``: WAV,
-        FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1, ...). A path must name a regular file:
-        FIFOs, devices (``/dev/zero``, ``/dev/stdin``) and directories are refused without
-        being read.
+        FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1, ...). A ``str`` or ``os.PathLike`` is a
+        file name and must name a regular file: FIFOs, devices (``/dev/zero``,
+        ``/dev/stdin``) and directories are refused without being read. ``bytes``,
+        ``bytearray`` and ``memoryview`` are the encoded contents of an audio file (e.g. an
+        HTTP body), decoded from memory with the same limits and checks as a file (bytes were
+        a file name before: pass ``os.fsdecode(name)`` for a file name held in bytes). A
+        binary file object (``open(name, "rb")``, ``io.BytesIO``) is read from its start.
     sr : int or None, default 16000
         Target sample rate in Hz; the audio is resampled with soxr (quality "HQ") when the
         file's rate differs. None keeps the file's rate (use :func:`load_audio_with_rate` to
@@ -441,10 +511,11 @@ def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True,
         If the file is missing, not a regular file (a directory, FIFO or device), unreadable,
         corrupt, truncated (detected exactly for WAV from its header; for compressed formats
         when the decoder notices), in a format libsndfile does not support, holds NaN/inf
-        samples, or is longer or larger than ``max_duration_s`` / ``max_samples``. The
-        message names the file (and the limit, with how to raise it).
+        samples, or is longer or larger than ``max_duration_s`` / ``max_samples``. Also for
+        empty or undecodable bytes. The message names the file or, for bytes, the argument
+        and its size (and the limit, with how to raise it).
     ArgumentError
-        For a bad ``max_duration_s`` or ``max_samples``.
+        For a bad ``max_duration_s`` or ``max_samples``, or a ``path`` of another type.
 
     Examples
     --------
@@ -456,6 +527,10 @@ def load_audio(path: PathLike, *, sr: Optional[int] = 16000, mono: bool = True,
     (16000,)
     >>> load_audio(path, sr=None, mono=False).shape
     (2, 44100)
+    >>> with open(path, "rb") as fh:
+    ...     data = fh.read()
+    >>> load_audio(data).shape                 # the file's bytes: the same audio
+    (16000,)
     """
     return load_audio_with_rate(path, sr=sr, mono=mono, max_duration_s=max_duration_s,
                                 max_samples=max_samples)[0]
@@ -507,15 +582,19 @@ def split_audio_pair(value: Any, *, op: str = "AudioPreprocessor", where: str = 
     ------
     ArgumentError
         The rate is not a whole number in [MIN_ITEM_SAMPLE_RATE, MAX_ITEM_SAMPLE_RATE], or
-        the first element is a file path (files carry their own rate).
+        the first element is a file path or encoded audio bytes (files carry their own rate).
     """
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not _is_scalar_number(value[1]) or _is_scalar_number(value[0])):
         return None
     wave, rate = value
-    if isinstance(wave, (str, bytes, os.PathLike)):
+    if isinstance(wave, AUDIO_PATH_TYPES):
         raise ArgumentError(f"[{op}] {where} pairs the file {os.fsdecode(wave)!r} with a sample "
                             "rate; files carry their own rate: pass the path alone")
+    if isinstance(wave, AUDIO_BYTES_TYPES):
+        raise ArgumentError(f"[{op}] {where} pairs encoded audio ({type(wave).__name__}) with a "
+                            "sample rate; encoded audio carries its own rate: pass the bytes "
+                            "alone (raw PCM: a float array in a (waveform, rate) pair)")
     r = rate.item() if isinstance(rate, np.ndarray) else rate
     if (isinstance(r, (float, np.floating)) and not float(r).is_integer()) or not (
             MIN_ITEM_SAMPLE_RATE <= float(r) <= MAX_ITEM_SAMPLE_RATE):
@@ -583,9 +662,11 @@ def check_clip_batch(shape: Tuple[int, ...], *, op: str = "AudioPreprocessor",
 def audio_batch_size(audio: Any, *, op: str = "AudioPreprocessor", where: str = "audio") -> int:
     """The number of clips in a raw audio input, after checking its layout (not its values).
 
-    Accepted (see :class:`AudioPreprocessor`): a path; a 1-D float waveform ``(T,)`` (or a
-    list of numbers); a ``(waveform, sample_rate)`` pair; a 2-D float batch ``(B, T)`` (see
-    :func:`check_clip_batch`); a list/tuple of paths, 1-D waveforms and pairs.
+    Accepted (see :class:`AudioPreprocessor`): a path (``str`` / ``os.PathLike``); encoded
+    audio (``bytes`` / ``bytearray`` / ``memoryview``: one clip, not an array of bytes); a
+    1-D float waveform ``(T,)`` (or a list of numbers); a ``(waveform, sample_rate)`` pair; a
+    2-D float batch ``(B, T)`` (see :func:`check_clip_batch`); a list/tuple of paths, encoded
+    audio, 1-D waveforms and pairs.
 
     Raises
     ------
@@ -594,7 +675,7 @@ def audio_batch_size(audio: Any, *, op: str = "AudioPreprocessor", where: str = 
     ArgumentError
         A pair with an invalid rate (see :func:`split_audio_pair`).
     """
-    if isinstance(audio, (str, bytes, os.PathLike)):
+    if isinstance(audio, _SOURCE_TYPES):
         return 1
     pair = split_audio_pair(audio, op=op, where=where)
     if pair is not None:
@@ -606,7 +687,7 @@ def audio_batch_size(audio: Any, *, op: str = "AudioPreprocessor", where: str = 
         if all(_is_scalar_number(a) for a in audio):
             return 1                                        # one waveform as a list
         for i, a in enumerate(audio):
-            if isinstance(a, (str, bytes, os.PathLike)):
+            if isinstance(a, _SOURCE_TYPES):
                 continue
             p = split_audio_pair(a, op=op, where=f"{where} item {i}")
             _check_clip(op, f"{where} item {i}" if p is None
@@ -619,7 +700,8 @@ def audio_batch_size(audio: Any, *, op: str = "AudioPreprocessor", where: str = 
     if arr.dtype == object or arr.ndim == 0:
         raise ShapeError(f"[{op}] {where} has shape {arr.shape} and dtype {arr.dtype}, "
                          "expected a 1-D float waveform (T,), a (B, T) batch, a "
-                         "(waveform, sample_rate) pair, a path, or a list of those")
+                         "(waveform, sample_rate) pair, a path, encoded audio bytes, or a "
+                         "list of those")
     if arr.dtype.kind != "f":
         raise _float_dtype_error(op, where, arr)
     if arr.ndim == 1:
@@ -648,9 +730,11 @@ class AudioPreprocessor:
     * a ``(waveform, sample_rate)`` pair (a 2-element tuple or list): one 1-D waveform and
       its rate in Hz (an int in [1000, 768000]);
     * a 2-D float array ``(B, T)``: a batch of ``B`` equal-length waveforms, one per row;
-    * a list/tuple of 1-D arrays of different lengths, ``(waveform, sample_rate)`` pairs
-      and/or file paths;
-    * a file path (str or os.PathLike).
+    * a list/tuple of 1-D arrays of different lengths, ``(waveform, sample_rate)`` pairs,
+      file paths and/or encoded audio;
+    * a file path (str or os.PathLike);
+    * encoded audio: the bytes of an audio file (``bytes``, ``bytearray`` or ``memoryview``;
+      WAV, FLAC, OGG, ... as :func:`load_audio` reads them; bytes were a file name before).
 
     Channels: a 2-D array is always a batch of clips, never channels. soundfile returns
     multichannel audio as ``(T, C)``; such an array (``T <= 8``, fewer than 64 samples per
@@ -659,13 +743,13 @@ class AudioPreprocessor:
     mono yourself (``x.mean(axis=1)``), or pass ``x.T`` to encode one clip per channel.
     Files are mixed to mono by the decoder (``config.mono``).
 
-    Files are decoded with :func:`load_audio` at ``config.sample_rate`` (mixed to mono when
-    ``config.mono``). A pair's waveform is at the pair's rate; other arrays are taken to be
-    at ``sampling_rate`` Hz (default ``config.sample_rate``; like a pair's rate it must lie in
-    [1000, 768000] Hz, so that no rate can multiply a clip's length). Either is resampled to
-    ``config.sample_rate`` with :func:`resample` (soxr "HQ", as :func:`load_audio` does) when
-    it differs. Arrays must be floating point (float16/32/64, computed in float32) and finite;
-    integer PCM must be scaled first (int16: divide by 32768).
+    Files and encoded audio are decoded with :func:`load_audio` at ``config.sample_rate``
+    (mixed to mono when ``config.mono``). A pair's waveform is at the pair's rate; other
+    arrays are taken to be at ``sampling_rate`` Hz (default ``config.sample_rate``; like a
+    pair's rate it must lie in [1000, 768000] Hz, so that no rate can multiply a clip's
+    length). Either is resampled to ``config.sample_rate`` with :func:`resample` (soxr "HQ",
+    as :func:`load_audio` does) when it differs. Arrays must be floating point (float16/32/64,
+    computed in float32) and finite; integer PCM must be scaled first (int16: divide by 32768).
 
     Lengths: an item longer than ``config.max_length_s`` is cut to it (raises ShapeError with
     ``truncation=False``). Then ``padding="max_length"`` zero-pads or cuts every item to
@@ -728,7 +812,7 @@ class AudioPreprocessor:
     # -- inputs ---------------------------------------------------------------------------------
     def _items(self, audio: Any, sampling_rate: Optional[int]) -> List[np.ndarray]:
         cfg = self.config
-        if isinstance(audio, (str, bytes, os.PathLike)):
+        if isinstance(audio, _SOURCE_TYPES):
             return [self._load(audio, 0)]
         audio_batch_size(audio)                          # layout checks (ShapeError)
         pair = split_audio_pair(audio)
@@ -739,7 +823,7 @@ class AudioPreprocessor:
                 return [self._array(audio, 0, sampling_rate)]  # one waveform as a list
             items = []
             for i, a in enumerate(audio):
-                if isinstance(a, (str, bytes, os.PathLike)):
+                if isinstance(a, _SOURCE_TYPES):
                     items.append(self._load(a, i))
                     continue
                 p = split_audio_pair(a, where=f"audio item {i}")
@@ -754,15 +838,19 @@ class AudioPreprocessor:
                 arr = resample(arr, sampling_rate, cfg.sample_rate)
             return list(arr)
         raise ShapeError(f"[AudioPreprocessor] audio has {arr.ndim} dims, expected 1 (T,) or "
-                         "2 (B, T), a list of waveforms or file paths")
+                         "2 (B, T), a list of waveforms, file paths or encoded audio")
 
     def _load(self, path: Any, i: int) -> np.ndarray:
         cfg = self.config
-        x = load_audio(path, sr=cfg.sample_rate, mono=cfg.mono)
+        x, _ = _load_with_rate(path, op="load_audio", name=f"audio item {i}",
+                               sr=cfg.sample_rate, mono=cfg.mono, max_duration_s=None,
+                               max_samples=None)
         if x.ndim != 1:
             if x.shape[0] == 1:
                 return x[0]
-            raise ShapeError(f"[AudioPreprocessor] item {i} ({os.fsdecode(path)!r}) has "
+            shown = (repr(os.fsdecode(path)) if isinstance(path, AUDIO_PATH_TYPES)
+                     else f"encoded audio, {type(path).__name__}")
+            raise ShapeError(f"[AudioPreprocessor] item {i} ({shown}) has "
                              f"{x.shape[0]} channels; features are computed per 1-D waveform: "
                              "use mono=True to average them")
         return x
