@@ -275,7 +275,7 @@ def _unpositioned_reader(f, channels: int):
 def _byte_view(data: Any) -> memoryview:
     """``data`` (bytes, bytearray, memoryview) as a flat unsigned-byte memoryview."""
     mv = memoryview(data)
-    if mv.ndim == 1 and mv.format == "B":
+    if mv.ndim == 1 and mv.format == "B" and mv.c_contiguous:
         return mv
     if mv.c_contiguous:
         return mv.cast("B")
