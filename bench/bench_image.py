@@ -1,5 +1,6 @@
 """Benchmark mmcore's CLIP image preprocessing against Pillow, OpenCV, torchvision and Hugging
-Face, and load_video's seeking against decoding every frame with PyAV.
+Face, load_video's seeking against decoding every frame with PyAV, and CLIP preprocessing from
+encoded JPEG bytes against Pillow, OpenCV and simplejpeg.
 
 Image cases (a decoded 640 x 480 RGB photo-like image: smooth shading, edges, texture and sensor
 noise, JPEG-encoded and decoded with ``mmcore.preprocess.load_image``):
@@ -30,23 +31,49 @@ frames sampled uniformly (``sample_frame_indices``) are read with ``mmcore.prepr
 load_video`` (seeking) and by decoding every frame with PyAV and keeping the needed ones
 (converted to RGB the same way), with 2 decoder threads each.
 
+From encoded bytes (section ``decode``): the photos shipped with scikit-image (astronaut,
+chelsea, coffee; three ``photo_like`` images without it) cropped to the aspect ratio and scaled
+with Lanczos to 640 x 480, 1920 x 1080 and 4000 x 3000, mirrored every other round, with
+Gaussian noise (sigma 3 levels), saved in memory as JPEG quality 90 4:2:0 with an EXIF block
+saying "upright"; batch 1 and batch 32 (batch 8 at 4000 x 3000). Every path turns the list of
+bytes into CLIP ``pixel_values`` (N, 3, 224, 224):
+
+* ``ImagePreprocessor(PreprocessingConfig(modality="image"))(list_of_bytes)`` (exact decode),
+  and the same with ``decode_scale="auto"`` (reduced-size JPEG decode), with its max and mean
+  difference from the exact path in uint8 levels;
+* Pillow: ``Image.open`` + ``ImageOps.exif_transpose`` + ``convert("RGB")`` per image, then one
+  ``mmcore.ops.preprocess_image(list, preset="clip")`` call, and the share of its time spent
+  decoding;
+* OpenCV: ``cv2.imdecode`` + ``cvtColor`` BGR->RGB + ``resize`` INTER_AREA (shortest edge 224)
+  + center crop + NumPy normalization per image (``cv2.setNumThreads(2)``);
+* simplejpeg (libjpeg-turbo) ``decode_jpeg`` per image + one ``preprocess_image`` call.
+
+Before timing it checks, on every image, that ``load_image(bytes)`` equals Pillow's decode and
+that mmcore's exact path equals Pillow decode + mmcore's kernels bit for bit (exit status 1
+otherwise).
+
 Usage::
 
     python bench/bench_image.py [--quick] [--threads N] [--backend native|numba]
                                 [--gop G [G ...]] [--no-video]
+                                [--sections all|arrays|video|decode [...]]
 
-Any anchor that is not installed prints ``n/a`` and the rest still runs.
+``--sections decode`` runs the from-bytes table alone. Any anchor that is not installed prints
+``n/a`` and the rest still runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import shutil
+import statistics
 import sys
 import tempfile
-from typing import Callable, Dict, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -73,6 +100,7 @@ TARGET_OPENCV = 1.5
 FAIL_LEVELS = 1.0 + 1e-3   # resize matches Pillow within one uint8 level; exit status 1 beyond
 DEFAULT_THREADS = 2
 SEED = 7
+SECTIONS = ("all", "arrays", "video", "decode")
 
 VIDEO_W, VIDEO_H, VIDEO_FPS, VIDEO_S = 854, 480, 30, 10
 VIDEO_SAMPLES = (8, 32)
@@ -305,6 +333,264 @@ def run_video(av, tkw, gop: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# from encoded bytes: JPEG decode + CLIP preprocessing
+
+DECODE_CASES = ((640, 480, 32), (1920, 1080, 32), (4000, 3000, 8))   # width, height, batch
+JPEG_QUALITY = 90
+NOISE_SIGMA = 3.0          # sensor-like noise added to the upscaled photos, in uint8 levels
+OPENCV_THREADS = 2
+PHOTOS = ("astronaut", "chelsea", "coffee")
+
+BytesPath = Callable[[Sequence[bytes]], np.ndarray]
+
+
+def photo_sources() -> List[np.ndarray]:
+    """The photos shipped with scikit-image, else three :func:`photo_like` images."""
+    data = T.optional_import("skimage.data", purpose="photo source")
+    if data is None:
+        rng = np.random.default_rng(SEED)
+        return [photo_like(rng) for _ in PHOTOS]
+    return [np.ascontiguousarray(getattr(data, n)()[..., :3]) for n in PHOTOS]
+
+
+def encode_photos(sources: Sequence[np.ndarray], w: int, h: int, n: int,
+                  rng: np.random.Generator) -> List[bytes]:
+    """``n`` JPEG files (quality 90, 4:2:0, an EXIF block saying "upright" as cameras write) of
+    ``w x h``: the sources cropped to the aspect ratio and scaled with Lanczos, every other
+    round mirrored, each with its own Gaussian noise."""
+    from PIL import Image, ImageOps
+    bases = [np.asarray(ImageOps.fit(Image.fromarray(s), (w, h), Image.Resampling.LANCZOS))
+             for s in sources]
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    out = []
+    for i in range(n):
+        a = bases[i % len(bases)]
+        if (i // len(bases)) % 2:
+            a = a[:, ::-1]
+        noisy = a + rng.standard_normal(a.shape, dtype=np.float32) * np.float32(NOISE_SIGMA)
+        u8 = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(u8).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling="4:2:0",
+                                 exif=exif)
+        out.append(buf.getvalue())
+    return out
+
+
+def pillow_decoder(Image, ImageOps) -> Callable[[bytes], np.ndarray]:
+    """What most Python code does: ``Image.open`` + ``exif_transpose`` + ``convert("RGB")``."""
+    def decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    return decode
+
+
+def simplejpeg_decoder(sj) -> Callable[[bytes], np.ndarray]:
+    """libjpeg-turbo through simplejpeg (no EXIF orientation: the test files are upright)."""
+    def decode(data: bytes) -> np.ndarray:
+        return sj.decode_jpeg(data, colorspace="RGB")
+    return decode
+
+
+def with_mmcore_kernels(decode: Callable[[bytes], np.ndarray], shares: List[float]) -> BytesPath:
+    """Decode every image, then one ``preprocess_image`` call on the list; appends the decode
+    share of each call's time to ``shares``."""
+    def run(batch: Sequence[bytes]) -> np.ndarray:
+        t0 = time.perf_counter()
+        imgs = [decode(b) for b in batch]
+        t1 = time.perf_counter()
+        out = preprocess_image(imgs, preset="clip")
+        shares.append((t1 - t0) / (time.perf_counter() - t0))
+        return out
+    return run
+
+
+def opencv_from_bytes(cv2) -> BytesPath:
+    """``imdecode`` + BGR->RGB + INTER_AREA to shortest edge 224 + center crop + NumPy normalize,
+    looping over the batch."""
+    def one(data: bytes) -> np.ndarray:
+        a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        a = cv2.cvtColor(a, cv2.COLOR_BGR2RGB)
+        h, w = a.shape[:2]
+        nw, nh = (int(SIZE * w / h), SIZE) if h <= w else (SIZE, int(SIZE * h / w))
+        r = cv2.resize(a, (nw, nh), interpolation=cv2.INTER_AREA)
+        top, left = (nh - SIZE) // 2, (nw - SIZE) // 2
+        return _normalize_hwc(r[top:top + SIZE, left:left + SIZE])
+
+    def run(batch: Sequence[bytes]) -> np.ndarray:
+        return np.stack([one(b) for b in batch])
+    return run
+
+
+def mmcore_from_bytes(decode_scale: str) -> Optional[BytesPath]:
+    """``ImagePreprocessor(PreprocessingConfig(modality="image"), decode_scale=...)`` on the
+    list of bytes, or None (printed) when this mmcore cannot take it."""
+    from mmcore.config import PreprocessingConfig
+    from mmcore.preprocess import ImagePreprocessor
+    try:
+        pre = ImagePreprocessor(PreprocessingConfig(modality="image"), decode_scale=decode_scale)
+    except TypeError as exc:
+        print(f"[skip] mmcore ImagePreprocessor(decode_scale={decode_scale!r}): {exc}")
+        return None
+
+    def run(batch: Sequence[bytes]) -> np.ndarray:
+        return pre(list(batch))["pixel_values"]
+    return run
+
+
+def level_diff(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Tuple[float, float]:
+    """(max, mean) abs difference of two CLIP-normalized (N, 3, h, w) outputs in uint8 levels
+    (the difference times ``255 * std`` of its channel); nan when one is missing."""
+    if a is None or b is None:
+        return float("nan"), float("nan")
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    d *= (255.0 * CLIP_STD.astype(np.float64))[:, None, None]
+    return float(d.max()), float(d.mean())
+
+
+def _same(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[bool]:
+    if a is None or b is None:
+        return None
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
+
+
+def _yes(flags: Sequence[Optional[bool]]) -> str:
+    if any(f is None for f in flags):
+        return "n/a"
+    return "identical" if all(flags) else f"DIFFERS ({sum(not f for f in flags)}/{len(flags)})"
+
+
+def run_decode(args, quick: bool) -> int:
+    """The "from encoded bytes" table; returns 1 when mmcore's exact path is not bit-identical
+    to Pillow decode + mmcore's kernels."""
+    pil = T.optional_import("PIL.Image")
+    if pil is None:
+        print("from encoded bytes: n/a (Pillow is not installed)")
+        return 0
+    from PIL import Image, ImageOps
+    cv2 = T.optional_import("cv2")
+    if cv2 is not None:
+        cv2.setNumThreads(OPENCV_THREADS)
+    sj = T.optional_import("simplejpeg")
+    tkw1: Dict[str, Any] = (dict(warmup=1, repeat=3, min_time=0.0) if quick
+                            else dict(warmup=2, repeat=9, min_time=0.5, max_repeat=200))
+    tkwb: Dict[str, Any] = (dict(warmup=1, repeat=3, min_time=0.0) if quick
+                            else dict(warmup=1, repeat=7, min_time=1.0, max_repeat=30))
+
+    pil_decode = pillow_decoder(Image, ImageOps)
+    shares: Dict[str, List[float]] = {"pillow": [], "simplejpeg": []}
+    paths: Dict[str, Optional[BytesPath]] = {
+        "exact": mmcore_from_bytes("exact"),
+        "auto": mmcore_from_bytes("auto"),
+        "pillow": with_mmcore_kernels(pil_decode, shares["pillow"]),
+        "opencv": opencv_from_bytes(cv2) if cv2 is not None else None,
+        "simplejpeg": (with_mmcore_kernels(simplejpeg_decoder(sj), shares["simplejpeg"])
+                       if sj is not None else None),
+    }
+    live = {k: v for k, v in paths.items() if v is not None}
+
+    sources = photo_sources()
+    rng = np.random.default_rng(SEED)
+    cols: List[str] = []
+    kb: List[str] = []
+    auto_size: List[str] = []
+    sizes: List[str] = []
+    checks: Dict[str, List[str]] = {k: [] for k in ("load", "exact", "sj", "auto", "cv")}
+    times: Dict[str, List[Optional[T.Timing]]] = {k: [] for k in paths}
+    share_cells: Dict[str, List[str]] = {k: [] for k in shares}
+    batches: List[int] = []
+    status = 0
+    for w, h, nb in DECODE_CASES:
+        print(f"  encoding {nb} {w}x{h} JPEGs", file=sys.stderr, flush=True)
+        files = encode_photos(sources, w, h, nb, rng)
+        sizes.append(f"{w}x{h}")
+        kb.append(T.fmt(float(np.mean([len(f) for f in files])) / 1024, ".0f"))
+
+        # correctness, before timing: every image of the batch
+        ref_dec = [pil_decode(f) for f in files]
+        try:
+            mm_dec: List[Optional[np.ndarray]] = [load_image(f) for f in files]
+            shape = load_image(files[0], draft=2 * SIZE).shape
+            auto_size.append(f"{shape[1]}x{shape[0]}")
+        except Exception as exc:  # an mmcore without load_image(bytes) / draft
+            print(f"[skip] mmcore load_image(bytes): {type(exc).__name__}: {exc}")
+            mm_dec = [None] * len(files)
+            auto_size.append("n/a")
+        checks["load"].append(_yes([_same(m, r) for m, r in zip(mm_dec, ref_dec)]))
+        if sj is not None:
+            sj_flags = [_same(simplejpeg_decoder(sj)(f), r) for f, r in zip(files, ref_dec)]
+            checks["sj"].append(_yes(sj_flags))
+        else:
+            checks["sj"].append("n/a")
+        outs = {k: (None if fn is None else np.asarray(fn(files))) for k, fn in paths.items()}
+        same = _same(outs["exact"], outs["pillow"])
+        if same is False:
+            status = 1
+        checks["exact"].append(_yes([same]))
+        for key, other in (("auto", "auto"), ("cv", "opencv")):
+            mx, mean = level_diff(outs[other], outs["exact"] if key == "auto" else outs["pillow"])
+            checks[key].append(f"{T.fmt(mx, '.2f')} / {T.fmt(mean, '.3f')}")
+
+        for batch in (1, nb):
+            data = files[:batch]
+            cols.append(f"{w}x{h} b{batch}")
+            batches.append(batch)
+            for v in shares.values():
+                v.clear()
+            print(f"  measuring {w}x{h}, batch {batch}: {', '.join(live)}", file=sys.stderr,
+                  flush=True)
+            t = T.interleaved({k: functools.partial(fn, data) for k, fn in live.items()},
+                              **(tkw1 if batch == 1 else tkwb))
+            for k in paths:
+                times[k].append(t.get(k))
+            for k, v in shares.items():
+                share_cells[k].append(T.fmt(100.0 * statistics.median(v), ".0f") + "%"
+                                      if v else "n/a")
+
+    def twice(cells: List[str]) -> List[str]:
+        return [c for c in cells for _ in (0, 1)]
+
+    def ms_row(label: str, key: str) -> List[str]:
+        return [label] + [_ms(tm, b) for tm, b in zip(times[key], batches)]
+
+    def ratio_row(label: str, num: str, den: str) -> List[str]:
+        return [label] + [_x(None if a is None or b is None else a.median / b.median)
+                          for a, b in zip(times[num], times[den])]
+
+    rows = [
+        ["JPEG size (KB, mean)"] + twice(kb),
+        ms_row("mmcore ImagePreprocessor from bytes (exact)", "exact"),
+        ms_row('mmcore decode_scale="auto" (approximate)', "auto"),
+        ["  auto: decoded at (draft=448)"] + twice(auto_size),
+        ["  auto vs exact: max / mean |d| (uint8 levels)"] + twice(checks["auto"]),
+        ms_row("Pillow decode + mmcore.ops.preprocess_image", "pillow"),
+        ["  share of it spent decoding"] + share_cells["pillow"],
+        ms_row(f"OpenCV imdecode + INTER_AREA + NumPy ({OPENCV_THREADS} thr)", "opencv"),
+        ms_row("simplejpeg decode + mmcore.ops.preprocess_image", "simplejpeg"),
+        ["  share of it spent decoding"] + share_cells["simplejpeg"],
+        ratio_row("Pillow path / mmcore exact", "pillow", "exact"),
+        ratio_row("OpenCV path / mmcore exact", "opencv", "exact"),
+        ratio_row("simplejpeg path / mmcore exact", "simplejpeg", "exact"),
+        ratio_row("mmcore exact / mmcore auto", "exact", "auto"),
+    ]
+    print("correctness (before timing, every image of each batch)")
+    T.print_table(["check"] + sizes, [
+        ["load_image(bytes) == Pillow open+exif_transpose+RGB"] + checks["load"],
+        ["mmcore exact == Pillow decode + mmcore kernels"] + checks["exact"],
+        ["simplejpeg decode == Pillow decode"] + checks["sj"],
+        ["OpenCV vs Pillow path: max / mean |d| levels"] + checks["cv"],
+    ])
+    print()
+    print(f"path (CLIP preprocessing from JPEG, quality {JPEG_QUALITY}), ms per image (median "
+          f"call time / batch); ratios > 1: mmcore faster; mmcore with {args.threads} thread(s)")
+    T.print_table(["path"] + cols, rows)
+    print()
+    return status
+
+
+# --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -315,10 +601,20 @@ def main(argv=None) -> int:
                         help="key-frame interval(s) of the test video, one clip each "
                              "(default: %(default)s)")
     parser.add_argument("--no-video", action="store_true", help="skip the load_video part")
+    parser.add_argument("--sections", choices=SECTIONS, nargs="+", default=["all"],
+                        help="arrays = preprocess_image on decoded arrays (and thread scaling), "
+                             "video = load_video, decode = from encoded JPEG bytes "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
+    sections = set(SECTIONS[1:]) if "all" in args.sections else set(args.sections)
+    if args.no_video:
+        sections.discard("video")
 
-    anchors = load_anchors()
-    av = None if args.no_video else T.optional_import("av")
+    anchors = load_anchors() if "arrays" in sections else {}
+    av = T.optional_import("av") if "video" in sections else None
+    if "decode" in sections:
+        for name in ("PIL", "cv2", "simplejpeg", "skimage"):
+            T.optional_import(name, purpose="decode anchor or photo source")
     torch = sys.modules.get("torch")
     threads = T.configure_threads(args.threads, torch)
     tkw = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
@@ -326,19 +622,55 @@ def main(argv=None) -> int:
     tkw_batch = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
                  else dict(warmup=1, repeat=7, min_time=1.0, max_repeat=50))
     versions = []
-    for name in ("PIL", "cv2", "torchvision", "transformers", "av"):
+    for name in ("PIL", "cv2", "simplejpeg", "torchvision", "transformers", "av"):
         mod = sys.modules.get(name)
-        versions.append(f"{name} {getattr(mod, '__version__', '?') if mod else 'n/a'}")
-    T.print_header("mmcore CLIP image preprocessing vs Pillow / OpenCV / torchvision / Hugging "
-                   "Face, and load_video vs PyAV (CPU)", threads_info=threads, torch=torch,
-                   backend=args.backend,
-                   extra={"anchors": "; ".join(versions),
-                          "timing": f"median of >= {tkw['repeat']} interleaved rounds (mmcore and "
-                                    f"its anchors) after {tkw['warmup']} warm-up(s)"
-                                    + (" (--quick)" if args.quick else "")})
+        if mod is not None or name in ("PIL", "cv2"):
+            versions.append(f"{name} {getattr(mod, '__version__', '?') if mod else 'n/a'}")
+    parts = {"arrays": "mmcore CLIP image preprocessing vs Pillow / OpenCV / torchvision / "
+                       "Hugging Face",
+             "video": "load_video vs PyAV",
+             "decode": "CLIP preprocessing from encoded JPEG bytes vs Pillow / OpenCV / "
+                       "simplejpeg"}
+    extra = {"anchors": "; ".join(versions),
+             "timing": f"median of >= {tkw['repeat']} interleaved rounds (mmcore and its "
+                       f"anchors) after {tkw['warmup']} warm-up(s); batches >= "
+                       f"{tkw_batch['repeat']} rounds" + (" (--quick)" if args.quick else "")}
+    if "decode" in sections:
+        extra["decode"] = (
+            f"JPEG quality {JPEG_QUALITY} 4:2:0 in memory: skimage.data "
+            f"{'/'.join(PHOTOS)} cropped and scaled (Lanczos) to each size, mirrored every "
+            f"other round, + noise sigma {NOISE_SIGMA:g}; batches "
+            + ", ".join(f"{b} at {w}x{h}" for w, h, b in DECODE_CASES)
+            + " (4000x3000: batch 8, not 32, to bound memory and run time); "
+            f"OpenCV {OPENCV_THREADS} threads, Pillow / simplejpeg decode on one thread")
+    T.print_header(" and ".join(parts[s] for s in SECTIONS[1:] if s in sections) + " (CPU)",
+                   threads_info=threads, torch=torch, backend=args.backend, extra=extra)
     T.machine_ceilings(repeat=3 if args.quick else 5)
     print()
 
+    status = 0
+    if "arrays" in sections:
+        status |= run_arrays(args, anchors, tkw, tkw_batch)
+    if "video" in sections:
+        if av is None:
+            print("load_video: n/a (PyAV is not installed)")
+            print()
+        else:
+            vkw = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
+                   else dict(warmup=1, repeat=7, min_time=1.0, max_repeat=30))
+            for gop in args.gop:
+                run_video(av, vkw, gop)
+    if "decode" in sections:
+        with mmcore.use_backend(args.backend):
+            status |= run_decode(args, args.quick)
+    T.print_footer()
+    return status
+
+
+def run_arrays(args, anchors: Dict[str, Optional[Callable[[np.ndarray], np.ndarray]]],
+               tkw, tkw_batch) -> int:
+    """The tables of ``preprocess_image`` on decoded arrays; 1 when mmcore differs from the
+    Pillow pipeline by more than one uint8 level."""
     rng = np.random.default_rng(SEED)
     img = photo_like(rng)
     batch = np.stack([img] + [photo_like(rng) for _ in range(BATCH - 1)])
@@ -393,7 +725,7 @@ def main(argv=None) -> int:
             mmcore.set_num_threads(args.threads)
     except mmcore.errors.BackendError as exc:
         print(f"backend {args.backend!r} cannot run preprocess_image: {exc}")
-        T.print_footer()
+        print()
         return 2
 
     mm1 = t_single[args.threads]
@@ -442,16 +774,6 @@ def main(argv=None) -> int:
               f"{t_single[1].median / t_single[2].median:.2f}x")
     print()
 
-    if not args.no_video:
-        if av is None:
-            print("load_video: n/a (PyAV is not installed)")
-            print()
-        else:
-            vkw = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
-                   else dict(warmup=1, repeat=7, min_time=1.0, max_repeat=30))
-            for gop in args.gop:
-                run_video(av, vkw, gop)
-
     status = 0
     if pil1 is not None:
         _, l1 = diffs_vs(pil1, out1)
@@ -470,7 +792,7 @@ def main(argv=None) -> int:
             continue
         ok = "met" if min(r1, rb) >= target else "NOT met"
         print(f"  vs {name:<8}: {r1:.2f}x single, {rb:.2f}x batch (target >= {target:g}x: {ok})")
-    T.print_footer()
+    print()
     return status
 
 
