@@ -643,7 +643,7 @@ def main(argv=None) -> int:
             + ", ".join(f"{b} at {w}x{h}" for w, h, b in DECODE_CASES)
             + " (4000x3000: batch 8, not 32, to bound memory and run time); "
             f"OpenCV {OPENCV_THREADS} threads, Pillow / simplejpeg decode on one thread")
-    T.print_header(" and ".join(parts[s] for s in SECTIONS[1:] if s in sections) + " (CPU)",
+    T.print_header("; ".join(parts[s] for s in SECTIONS[1:] if s in sections) + " (CPU)",
                    threads_info=threads, torch=torch, backend=args.backend, extra=extra)
     T.machine_ceilings(repeat=3 if args.quick else 5)
     print()
