@@ -777,8 +777,9 @@ def test_attach_and_coordinator_reject_bad_configs(monkeypatch):
 
 
 def test_payload_refused_forms_do_not_depend_on_the_value(tmp_path):
-    """strings=False refuses str / bytes (a path for image, audio, video preprocessors)
-    and files=False refuses files, with one message whatever the value names."""
+    """strings=False refuses str (a path for image, audio, video preprocessors), with
+    files=False also bytes (no decoder), and files=False refuses files, with one message
+    whatever the value names."""
     real = tmp_path / "real.png"
     real.write_bytes(b"\x89PNG")
     messages = set()
@@ -794,7 +795,11 @@ def test_payload_refused_forms_do_not_depend_on_the_value(tmp_path):
         with pytest.raises(ProtocolError, match="'bytes' is refused"):
             unpack_input({"value": {"form": "bytes", "index": 0}},
                          [np.frombuffer(value.encode(), np.uint8)], tmpdir=str(tmp_path),
-                         strings=False)
+                         strings=False, files=False)
+        # an image / audio / video modality takes bytes as encoded data
+        assert unpack_input({"value": {"form": "bytes", "index": 0}},
+                            [np.frombuffer(value.encode(), np.uint8)], tmpdir=str(tmp_path),
+                            strings=False) == value.encode()
     assert len(messages) == 1 and str(tmp_path) not in messages.pop()
     with pytest.raises(ProtocolError, match="'file' is refused.*text"):
         unpack_input({"value": {"form": "file", "index": 0, "name": "a.txt"}},

@@ -119,6 +119,9 @@ def test_cache_keys_a_large_file_in_bounded_memory(tmp_path):
 @pytest.mark.parametrize("cache", CACHE)
 def test_bytes_paths_and_devices(models, cache, tmp_path):
     with pytest.raises(ImageDecodeError, match="does not exist"):
+        models[cache].infer({"image": str(tmp_path / "none.png")})
+    # bytes are an encoded image, never a file name
+    with pytest.raises(ImageDecodeError, match="encoded bytes"):
         models[cache].infer({"image": os.fsencode(tmp_path / "none.png")})
     exc = call_bounded(lambda: models[cache].infer({"audio": ["/dev/zero"]}))
     assert isinstance(exc, AudioDecodeError) and "character device" in str(exc)

@@ -1,13 +1,15 @@
 """Model inputs as protocol payloads: a JSON description plus arrays.
 
-Raw inputs are carried as they are: strings as JSON (encoded text as bytes), arrays as arrays,
-files by their bytes (read by the sender; the node writes them to a private temporary
+Raw inputs are carried as they are: strings as JSON, encoded data (``bytes``, ``bytearray``,
+``memoryview``: encoded text, or an encoded image, audio or video file) as bytes, arrays as
+arrays, files by their bytes (read by the sender; the node writes them to a private temporary
 directory, keeping the file name's suffix so decoders can sniff it, and removes them after the
 request). Lists of these and preprocessed dicts of arrays are carried one level deep.
 
 Remote inputs are data: a node unpacks with ``strings=False`` for a modality whose
-preprocessor would open a string or bytes as a path (image, audio, video), so a client can
-never name a file on the node, and each array backs one item only.
+preprocessor would open a string as a path (image, audio, video), so a client can never name
+a file on the node; bytes are decoded as data there, never opened. Each array backs one item
+only.
 
 Examples
 --------
@@ -31,14 +33,16 @@ __all__ = ["pack_input", "unpack_input", "accepted_forms", "safe_suffix", "MEDIA
            "MAX_ITEMS"]
 
 MAX_ITEMS = 65536
-_PATH_TYPES = (str, bytes, os.PathLike)
+_PATH_TYPES = (str, os.PathLike)
+_ENCODED_TYPES = (bytes, bytearray, memoryview)
 
 
 def _pack_one(kind: Optional[str], value: Any, arrays: List[np.ndarray], depth: int) -> dict:
     if isinstance(value, str) and kind == "text":
         return {"form": "str", "value": value}
-    if isinstance(value, bytes) and kind == "text":     # encoded text, not a file name
-        arrays.append(np.frombuffer(value, np.uint8))
+    if isinstance(value, _ENCODED_TYPES):   # encoded text / image / audio / video, not a name
+        arrays.append(np.frombuffer(value, np.uint8).copy() if isinstance(value, memoryview)
+                      and not value.c_contiguous else np.frombuffer(value, np.uint8))
         return {"form": "bytes", "index": len(arrays) - 1}
     if isinstance(value, os.PathLike) and kind == "text":
         raise ShapeError("[distributed] text input must be str or bytes, got a path "
@@ -186,6 +190,19 @@ def accepted_forms(model: Any, modality: Any) -> dict:
     return {"strings": kind == "text", "files": kind not in (None, "text")}
 
 
+def _refusals(strings: bool, files: bool, what: str) -> Dict[str, str]:
+    refuse = {}
+    if not strings:
+        refuse["str"] = (f"{what} takes arrays, encoded bytes or files sent as their bytes "
+                         "(form 'file'), never a string, which its preprocessor would open "
+                         "as a path on the node")
+        if not files:
+            refuse["bytes"] = f"{what} takes arrays only (it has no decoder for bytes)"
+    if not files:
+        refuse["file"] = f"{what} takes text (forms 'str' and 'bytes') or arrays, not files"
+    return refuse
+
+
 def unpack_input(desc: Any, arrays: List[np.ndarray], *, tmpdir: Optional[str],
                  with_mask: bool = False, strings: bool = True, files: bool = True,
                  what: str = "this input"):
@@ -201,12 +218,14 @@ def unpack_input(desc: Any, arrays: List[np.ndarray], *, tmpdir: Optional[str],
         Where "file" inputs are written (under names chosen here); None refuses them.
     with_mask : bool, default False, keyword-only
     strings : bool, default True, keyword-only
-        False refuses the "str" and "bytes" forms (for a modality whose preprocessor would
-        take a string or bytes as a path to open: a node never opens a path named by a
-        client; files travel as their bytes).
+        False refuses the "str" form (for a modality whose preprocessor would take a string
+        as a path to open: a node never opens a path named by a client; files travel as
+        their bytes).
     files : bool, default True, keyword-only
         False refuses the "file" form (for a text modality, which would take the temporary
-        file's name as text).
+        file's name as text). With ``strings`` also False (a modality without a decoder),
+        the "bytes" form is refused too; otherwise bytes are encoded text, or an encoded
+        image / audio / video that the preprocessor decodes as data.
     what : str, keyword-only
         How refusals name the input (e.g. "modality 'image'").
 
@@ -217,13 +236,7 @@ def unpack_input(desc: Any, arrays: List[np.ndarray], *, tmpdir: Optional[str],
         nesting too deep), or a form refused by ``strings`` / ``files``: the same error
         whatever the value holds.
     """
-    refuse = {}
-    if not strings:
-        why = (f"{what} takes arrays or files sent as their bytes (form 'file'), never a "
-               "string or bytes, which its preprocessor would open as a path on the node")
-        refuse = {"str": why, "bytes": why}
-    if not files:
-        refuse["file"] = f"{what} takes text (forms 'str' and 'bytes') or arrays, not files"
+    refuse = _refusals(strings, files, what)
     if not isinstance(desc, dict) or "value" not in desc:
         raise ProtocolError("[distributed] request has no input description")
     used: set = set()

@@ -20,26 +20,33 @@ from ..errors import ModalityError, ShapeError
 from ..modality import Modality
 from .encoders import ModalityEncoder
 
-__all__ = ["MultiModalInput", "MultiModalOutput", "ACCEPTED_INPUTS", "PATH_TYPES", "kind_of",
+__all__ = ["MultiModalInput", "MultiModalOutput", "ACCEPTED_INPUTS", "PATH_TYPES", "ENCODED_TYPES",
+           "kind_of",
            "classify", "batch_size", "decode_error", "check_files", "check_preprocessed",
            "resolve_audio_pairs", "stack_clips", "raw_items", "raw_subset", "item_data"]
 
-#: What counts as a path among the inputs.
-PATH_TYPES = (str, bytes, os.PathLike)
+#: What counts as a path among the inputs (image, audio and video files).
+PATH_TYPES = (str, os.PathLike)
+
+#: Encoded data among the inputs: an encoded image, audio or video file held in memory (and
+#: encoded text for the text modality). Binary file objects are read into bytes on entry.
+ENCODED_TYPES = (bytes, bytearray, memoryview)
 
 #: What each modality accepts, raw (through the preprocessor) and preprocessed (straight to
 #: the encoder); quoted by the input errors.
 ACCEPTED_INPUTS = {
     "text": ("raw: a str or a list of str; preprocessed: integer input_ids (B, L)"),
     "image": ("raw (decoded, resized and normalized by the model): uint8 RGB (H, W, 3) or "
-              "(N, H, W, 3), a path, or a list of paths / uint8 (H, W, 3) images; "
+              "(N, H, W, 3), a path, an encoded image (bytes, bytearray, memoryview, binary "
+              "file object), or a list of paths / encoded images / uint8 (H, W, 3) images; "
               "preprocessed (straight to the encoder): float pixel_values (B, 3, S, S) or "
               "patches (B, N, 3*p*p)"),
     "audio": ("raw: a float waveform (T,) in [-1, 1], a (B, T) batch of equal-length clips, "
-              "a (waveform, sample_rate) pair, a path, or a list of paths / 1-D waveforms / "
-              "pairs; preprocessed: float input_features (B, n_mels, frames)"),
-    "video": ("raw: a uint8 RGB clip (T, H, W, 3) or a batch (B, T, H, W, 3), a path, or a "
-              "list of paths / uint8 clips; preprocessed: float pixel_values (B, T, 3, S, S)"),
+              "a (waveform, sample_rate) pair, a path, encoded audio (bytes, bytearray, "
+              "memoryview, binary file object), or a list of those / 1-D waveforms / pairs; preprocessed: float input_features (B, n_mels, frames)"),
+    "video": ("raw: a uint8 RGB clip (T, H, W, 3) or a batch (B, T, H, W, 3), a path, an "
+              "encoded video (bytes, bytearray, memoryview, binary file object), or a list of "
+              "those / uint8 clips; preprocessed: float pixel_values (B, T, 3, S, S)"),
 }
 
 
@@ -157,7 +164,7 @@ def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool,
     if kind == "audio" and not (isinstance(value, np.ndarray) and value.ndim == 3):
         from ..preprocess.audio import audio_batch_size
         return True, audio_batch_size(value, op="MultiModalInput", where=where)
-    if isinstance(value, PATH_TYPES):
+    if isinstance(value, PATH_TYPES + ENCODED_TYPES):
         if kind == "text" and isinstance(value, (str, bytes)):
             return True, 1
         if kind in ("image", "audio", "video", "text"):
@@ -205,6 +212,38 @@ def _classify_layout(kind: Optional[str], value: Any, where: str) -> Tuple[bool,
     if kind == "video":
         return _classify_video(a, where)
     return False, a.shape[0]
+
+
+def _is_file_object(value: Any) -> bool:
+    return hasattr(value, "read") and not isinstance(value, (np.ndarray, str, bytes))
+
+
+def read_file_objects(kind: Optional[str], value: Any, where: str) -> Any:
+    """``value`` with its binary file objects (image, audio and video inputs) read into
+    bytes, so that the cache keys, the decoders and remote nodes all see the same data."""
+    if kind not in ("image", "audio", "video"):
+        return value
+
+    def read(f: Any, at: str) -> bytes:
+        try:
+            data = f.read()
+        except (OSError, ValueError) as exc:
+            raise decode_error(kind)(f"[MultiModalInput] {at}: cannot read the file object: "
+                                     f"{exc}") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise ShapeError(f"[MultiModalInput] {at} is a file object whose read() gave "
+                             f"{type(data).__name__}, not bytes (open it in binary mode)")
+        return bytes(data)
+
+    if _is_file_object(value):
+        return read(value, where)
+    if isinstance(value, list) and any(_is_file_object(v) for v in value):
+        return [read(v, f"{where}[{i}]") if _is_file_object(v) else v
+                for i, v in enumerate(value)]
+    if isinstance(value, tuple) and any(_is_file_object(v) for v in value):
+        return tuple(read(v, f"{where}[{i}]") if _is_file_object(v) else v
+                     for i, v in enumerate(value))
+    return value
 
 
 def decode_error(kind: Optional[str]):
@@ -369,7 +408,7 @@ def item_data(kind: Optional[str], item: Any, owner: str = "MultiModalModel") ->
     """What a raw item's key is made of (a digest of the file's bytes for a path, read in
     chunks so that memory stays bounded; a pair's waveform and rate). A path that is not a
     readable regular file raises the modality's decode error."""
-    if isinstance(item, PATH_TYPES) and not (kind == "text" and isinstance(item, (str, bytes))):
+    if isinstance(item, PATH_TYPES) and not (kind == "text" and isinstance(item, str)):
         from .._files import open_regular
         from ..cache import digest_file
         with open_regular(os.fsdecode(item), what=f"{kind or 'input'} file",
@@ -377,8 +416,8 @@ def item_data(kind: Optional[str], item: Any, owner: str = "MultiModalModel") ->
             return ("file-digest", digest_file(fh))
     if isinstance(item, str):
         return ("str", item)
-    if isinstance(item, bytes):
-        return ("bytes", item)
+    if isinstance(item, ENCODED_TYPES):
+        return ("bytes", bytes(item))
     if kind == "audio":
         from ..preprocess.audio import split_audio_pair
         pair = split_audio_pair(item, op=owner)
@@ -438,7 +477,7 @@ class MultiModalInput:
             if m in inputs:
                 raise ModalityError(f"[{owner}] modality {str(m)!r} is given twice")
             if value is not None:
-                inputs[m] = value
+                inputs[m] = read_file_objects(kind_of(m), value, f"modality_inputs[{str(m)!r}]")
         masks: Dict[Modality, np.ndarray] = {}
         for key, value in (self.attention_masks or {}).items():
             m = Modality(key)

@@ -101,6 +101,7 @@ from .encoders import ModalityEncoder
 from .fusion import FusionLayer
 from .inputs import (
     ACCEPTED_INPUTS,  # noqa: F401  (re-exported)
+    ENCODED_TYPES,
     PATH_TYPES,
     MultiModalInput,
     MultiModalOutput,
@@ -600,7 +601,7 @@ class MultiModalModel(Module):
         if kind == "video":
             if isinstance(value, (list, tuple)):
                 clips = list(value)
-            elif isinstance(value, PATH_TYPES):
+            elif isinstance(value, PATH_TYPES + ENCODED_TYPES):
                 clips = [value]
             else:
                 arr = np.asarray(value)
