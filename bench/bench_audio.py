@@ -19,6 +19,16 @@ And Kaldi fbank (30 s, 80 mels): ``mmcore.ops.fbank`` against kaldi-native-fbank
 (``OnlineFbank(opts)``, ``accept_waveform``, ``input_finished``, ``get_frame(i)`` for every
 frame; dither 0, Kaldi's other defaults), both on samples scaled to the int16 range.
 
+Scaling table: 1 s, 30 s and 10 min of 16 kHz speech-like audio (one clip), Whisper log-mel
+(80 mels, no 30 s padding: ``len // 160`` frames) and Kaldi fbank (80 bins, Kaldi's povey
+window, and the Hamming window of SenseVoice's front end), mmcore against torch (the Whisper
+formula above), librosa (as above), asrfront (``asrfront.whisper.log_mel(x, 80,
+pad_or_trim=False)``; ``asrfront.sensevoice.fbank_raw(x, n_mels=80)``, Hamming window only)
+and kaldi-native-fbank (as below, with the same window). Each anchor's output is compared
+with mmcore's before timing (max abs difference printed); the timings are medians of >= 7
+interleaved rounds (>= 7 also with ``--quick``), per call, and the ratios are anchor ms /
+mmcore ms.
+
 Printed per case: the time (ms) of mmcore and each anchor, the speedup (anchor ms / mmcore ms),
 mmcore's real-time factor (seconds of audio per second), and the max abs difference of mmcore
 against each anchor's output (the Whisper features lie in about [-1.5, 1.5]; target <= 1e-4
@@ -33,6 +43,7 @@ data-loader worker); librosa's FFT runs single-threaded inside NumPy whatever th
 Usage::
 
     python bench/bench_audio.py [--quick] [--threads N] [--backend native|numba]
+                                [--only main|scaling]
 
 Any anchor that is not installed prints ``n/a`` and the rest still runs.
 """
@@ -40,9 +51,10 @@ Any anchor that is not installed prints ``n/a`` and the rest still runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -279,6 +291,127 @@ def run_fbank_case(x: np.ndarray, knf, tkw) -> Row:
     return Row(case, CLIP_S, t["mmcore"], times, diffs)
 
 
+# --------------------------------------------------------------------------------------------
+# scaling: 1 s / 30 s / 10 min, one clip
+
+SCALING_SECONDS = (1, 30, 600)
+SCALING_ANCHORS = ("torch", "librosa", "asrfront", "kaldi")
+# (feature, window): Whisper log-mel, then Kaldi fbank with Kaldi's default window and with the
+# Hamming window of SenseVoice's front end (the one asrfront computes)
+SCALING_FEATURES = (("whisper log-mel", None), ("fbank povey", "povey"),
+                    ("fbank hamming", "hamming"))
+
+
+class ScaleRow(NamedTuple):
+    feature: str
+    seconds: int
+    mm: T.Timing
+    times: Dict[str, Optional[T.Timing]]
+    diffs: Dict[str, Optional[float]]
+
+
+def asrfront_modules() -> Tuple[Any, Any]:
+    """``(asrfront.whisper, asrfront.sensevoice)``, None for each that cannot be imported."""
+    if T.optional_import("asrfront") is None:
+        return None, None
+    mods = []
+    for name in ("asrfront.whisper", "asrfront.sensevoice"):
+        try:
+            mods.append(importlib.import_module(name))
+        except Exception as exc:
+            print(f"[skip] anchor {name!r} is unavailable ({type(exc).__name__}: {exc})")
+            mods.append(None)
+    return mods[0], mods[1]
+
+
+def scaling_fns(feature: str, window: Optional[str], x: np.ndarray, torch, librosa, asr_w,
+                asr_sv, knf) -> Tuple[Callable[[], np.ndarray],
+                                      Dict[str, Optional[Callable[[], np.ndarray]]]]:
+    """mmcore's function and each anchor's (None: not installed or not applicable)."""
+    fns: Dict[str, Optional[Callable[[], np.ndarray]]] = dict.fromkeys(SCALING_ANCHORS)
+    if window is None:
+        anchors = build_anchors(x, 80, torch, librosa)
+        fns["torch"], fns["librosa"] = anchors.torch, anchors.librosa
+        if asr_w is not None:
+            fns["asrfront"] = lambda: asr_w.log_mel(x, 80, pad_or_trim=False)
+        return (lambda: log_mel_spectrogram(x, n_mels=80)), fns
+    xs = np.ascontiguousarray(x * np.float32(32768.0))
+    if knf is not None:
+        opts = kaldi_opts(knf, 80)
+        opts.frame_opts.window_type = window
+
+        def run_knf():
+            fb = knf.OnlineFbank(opts)
+            fb.accept_waveform(SR, xs)
+            fb.input_finished()
+            return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])
+
+        fns["kaldi"] = run_knf
+    if asr_sv is not None and window == "hamming":
+        # torchaudio's kaldi.fbank(x * 32768, window_type="hamming"): scales [-1, 1] itself
+        fns["asrfront"] = lambda: asr_sv.fbank_raw(x, n_mels=80)
+    return (lambda: fbank(xs, sr=SR, n_mels=80, window=window)), fns
+
+
+def scaling_timing(seconds: int, quick: bool) -> Dict[str, Any]:
+    """At least 7 rounds everywhere (--quick only drops warm-up calls and the minimum time);
+    the 10 min case takes no minimum time, so its slowest anchor sets the length of the run."""
+    if seconds >= 600:
+        return dict(warmup=1, repeat=7, min_time=0.0)
+    return dict(warmup=1 if quick else 2, repeat=7 if quick else 9,
+                min_time=0.0 if quick else 0.5, max_repeat=200)
+
+
+def run_scaling(torch, librosa, asr_w, asr_sv, knf, quick: bool) -> List[ScaleRow]:
+    rows: List[ScaleRow] = []
+    for seconds in SCALING_SECONDS:
+        x = speech_like(SR * seconds, np.random.default_rng(SEED + seconds))
+        for feature, window in SCALING_FEATURES:
+            print(f"  measuring scaling {feature} {seconds} s", file=sys.stderr, flush=True)
+            run_mm, anchors = scaling_fns(feature, window, x, torch, librosa, asr_w, asr_sv, knf)
+            out = run_mm()
+            # correctness first: every anchor against mmcore on this input
+            diffs = {name: None if fn is None else max_abs_diff(out, fn())
+                     for name, fn in anchors.items()}
+            del out
+            timed = {"mmcore": run_mm}
+            timed.update({name: fn for name, fn in anchors.items() if fn is not None})
+            t = T.interleaved(timed, **scaling_timing(seconds, quick))
+            rows.append(ScaleRow(feature, seconds, t.pop("mmcore"),
+                                 {name: t.get(name) for name in SCALING_ANCHORS}, diffs))
+    return rows
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+
+
+def print_scaling(rows: List[ScaleRow]) -> None:
+    names = {"torch": "torch", "librosa": "librosa", "asrfront": "asrfront", "kaldi": "knf"}
+    headers = (["feature", "audio", "mmcore ms", "x realtime", "rounds"]
+               + [f"{names[a]} ms" for a in SCALING_ANCHORS]
+               + [f"vs {names[a]}" for a in SCALING_ANCHORS])
+    table = []
+    for r in rows:
+        runs = min([r.mm.runs] + [t.runs for t in r.times.values() if t is not None])
+        table.append([r.feature, _duration(r.seconds), _ms(r.mm),
+                      T.fmt(r.seconds / r.mm.median, ".0f"), runs]
+                     + [_ms(r.times[a]) for a in SCALING_ANCHORS]
+                     + [_x(_ratio(r.times[a], r.mm)) for a in SCALING_ANCHORS])
+    print("Scaling: one clip of 16 kHz speech-like audio, 80 mels / bins; per-call medians")
+    T.print_table(headers, table)
+    print()
+    print("Correctness before timing: max abs difference of each anchor's output from mmcore's "
+          f"('!' marks > {TARGET_TOL:g} for Whisper)")
+    T.print_table(["feature", "audio", "frames"] + [f"max|d| {names[a]}" for a in SCALING_ANCHORS],
+                  [[r.feature, _duration(r.seconds),
+                    (r.seconds * SR) // HOP if r.feature.startswith("whisper")
+                    else 1 + (r.seconds * SR - N_FFT) // HOP]
+                   + [_d(r.diffs[a], TARGET_TOL if r.feature.startswith("whisper") else None)
+                      for a in SCALING_ANCHORS] for r in rows])
+    print()
+
+
 def _ratio(anchor: Optional[T.Timing], mm: T.Timing) -> Optional[float]:
     return None if anchor is None else anchor.median / mm.median
 
@@ -298,51 +431,9 @@ def _d(v: Optional[float], tol: Optional[float] = None) -> str:
     return s
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    T.add_common_args(parser)
-    parser.set_defaults(threads=DEFAULT_THREADS)
-    for action in parser._actions:
-        if action.dest == "threads":
-            action.help = ("threads for mmcore, torch and (with threadpoolctl) numpy's BLAS "
-                           f"(default: {DEFAULT_THREADS}, a data-loader worker)")
-    args = parser.parse_args(argv)
-
-    torch = T.optional_import("torch")
-    librosa = T.optional_import("librosa")
-    knf = T.optional_import("kaldi_native_fbank")
-    threads = T.configure_threads(args.threads, torch)
-    tkw = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
-           else dict(warmup=2, repeat=9, min_time=0.5, max_repeat=200))
-    versions = "; ".join(f"{name} {getattr(mod, '__version__', '?') if mod else 'not installed'}"
-                         for name, mod in (("librosa", librosa), ("kaldi-native-fbank", knf)))
-    T.print_header("mmcore audio features vs torch (Whisper formula) / librosa / NumPy / Kaldi "
-                   "(float32, CPU)", threads_info=threads, torch=torch, backend=args.backend,
-                   extra={"anchors": versions,
-                          "timing": f"median of >= {tkw['repeat']} interleaved rounds (mmcore and "
-                                    f"its anchors) after {tkw['warmup']} "
-                                    f"warm-up(s), >= {tkw['min_time']} s per measurement"
-                                    + (" (--quick)" if args.quick else "")})
-    ceil = T.machine_ceilings(repeat=3 if args.quick else 5)
-    print()
-
-    rng = np.random.default_rng(SEED)
-    base = speech_like(CLIP, rng)
-    rows: List[Row] = []
-    try:
-        with mmcore.use_backend(args.backend):
-            for case in CASES:
-                print(f"  measuring {case.label:<22} {case.note}", file=sys.stderr, flush=True)
-                rows.append(run_whisper_case(case, make_input(case, base, rng), torch, librosa,
-                                             tkw))
-            print("  measuring fbank vs kaldi-native-fbank", file=sys.stderr, flush=True)
-            fb_row = run_fbank_case(base, knf, tkw)
-    except mmcore.errors.BackendError as exc:
-        print(f"backend {args.backend!r} cannot run the audio ops: {exc}")
-        T.print_footer()
-        return 2
-
+def print_main(rows: List[Row], fb_row: Row, ceil: T.Ceilings, torch) -> List[str]:
+    """Print the Whisper and fbank tables and the summary; the cases failing the correctness
+    check."""
     headers = ["case", "mmcore ms", "x realtime", "torch ms", "librosa ms", "numpy ms",
                "vs torch", "vs librosa", "vs numpy", "max|d| torch", "max|d| librosa",
                "max|d| numpy"]
@@ -408,6 +499,75 @@ def main(argv=None) -> int:
               + ", ".join(failed))
     else:
         print(f"  correctness check: every case within {FAIL_TOL:g} of the {check_name} formula")
+    print()
+    return failed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    T.add_common_args(parser)
+    parser.set_defaults(threads=DEFAULT_THREADS)
+    for action in parser._actions:
+        if action.dest == "threads":
+            action.help = ("threads for mmcore, torch and (with threadpoolctl) numpy's BLAS "
+                           f"(default: {DEFAULT_THREADS}, a data-loader worker)")
+    parser.add_argument("--only", choices=("main", "scaling"), default=None,
+                        help="run only the 30 s tables (main) or only the scaling table")
+    args = parser.parse_args(argv)
+
+    torch = T.optional_import("torch")
+    librosa = T.optional_import("librosa")
+    knf = T.optional_import("kaldi_native_fbank")
+    asr_w, asr_sv = asrfront_modules() if args.only != "main" else (None, None)
+    asrfront = sys.modules.get("asrfront") if asr_w or asr_sv else None
+    threads = T.configure_threads(args.threads, torch)
+    tkw = (dict(warmup=1, repeat=3, min_time=0.0) if args.quick
+           else dict(warmup=2, repeat=9, min_time=0.5, max_repeat=200))
+    versions = "; ".join(f"{name} {getattr(mod, '__version__', '?') if mod else 'not installed'}"
+                         for name, mod in (("librosa", librosa), ("kaldi-native-fbank", knf),
+                                           ("asrfront", asrfront)))
+    T.print_header("mmcore audio features vs torch (Whisper formula) / librosa / NumPy / Kaldi "
+                   "/ asrfront (float32, CPU)", threads_info=threads, torch=torch,
+                   backend=args.backend,
+                   extra={"anchors": versions,
+                          "timing": f"main tables: median of >= {tkw['repeat']} interleaved "
+                                    f"rounds (mmcore and its anchors) after {tkw['warmup']} "
+                                    f"warm-up(s), >= {tkw['min_time']} s per measurement"
+                                    + (" (--quick)" if args.quick else "")
+                                    + "; scaling table: median of >= 7 rounds"})
+    ceil = T.machine_ceilings(repeat=3 if args.quick else 5)
+    print()
+
+    failed: List[str] = []
+    try:
+        with mmcore.use_backend(args.backend):
+            if args.only != "scaling":
+                rng = np.random.default_rng(SEED)
+                base = speech_like(CLIP, rng)
+                rows: List[Row] = []
+                for case in CASES:
+                    print(f"  measuring {case.label:<22} {case.note}", file=sys.stderr,
+                          flush=True)
+                    rows.append(run_whisper_case(case, make_input(case, base, rng), torch,
+                                                 librosa, tkw))
+                print("  measuring fbank vs kaldi-native-fbank", file=sys.stderr, flush=True)
+                fb_row = run_fbank_case(base, knf, tkw)
+                failed += print_main(rows, fb_row, ceil, torch)
+            if args.only != "main":
+                srows = run_scaling(torch, librosa, asr_w, asr_sv, knf, args.quick)
+                print_scaling(srows)
+                for r in srows:
+                    d = r.diffs["torch"]
+                    if r.feature.startswith("whisper") and d is not None and not d <= FAIL_TOL:
+                        failed.append(f"scaling {r.feature} {_duration(r.seconds)}")
+    except mmcore.errors.BackendError as exc:
+        print(f"backend {args.backend!r} cannot run the audio ops: {exc}")
+        T.print_footer()
+        return 2
+    if failed:
+        print(f"CORRECTNESS CHECK FAILED (max abs diff > {FAIL_TOL:g} vs the Whisper formula) "
+              "on: " + ", ".join(failed))
     T.print_footer()
     return 1 if failed else 0
 
