@@ -33,7 +33,7 @@ import stat
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -55,7 +55,7 @@ _OP = "extract_features"
 _ITEM_ERRORS = (MMCoreError, OSError, ValueError, EOFError)
 _OUTPUT_KEY = {"audio": "input_features", "image": "pixel_values", "video": "pixel_values"}
 
-PathLike = Union[str, bytes, "os.PathLike[str]"]
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclasses.dataclass
@@ -227,20 +227,51 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_ENCODED = (bytes, bytearray, memoryview)
+
+
+def _is_input(x: Any) -> bool:
+    """A path, encoded data (bytes-like) or a binary file object."""
+    return isinstance(x, (str, os.PathLike) + _ENCODED) or hasattr(x, "read")
+
+
+def _source(x: Any) -> str:
+    """How reports and metadata name an input: its path, or what the data was."""
+    if isinstance(x, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(x))
+    if isinstance(x, _ENCODED):
+        return f"<{memoryview(x).nbytes} encoded bytes>"
+    name = getattr(x, "name", None)
+    return os.fsdecode(name) if isinstance(name, (str, bytes)) else f"<{type(x).__name__}>"
+
+
+def _read_file_object(x: Any) -> Any:
+    """A file object's bytes (read once: decoders may need them more than once)."""
+    if isinstance(x, (str, os.PathLike) + _ENCODED):
+        return x
+    data = x.read()
+    if not isinstance(data, (bytes, bytearray)):
+        raise ConfigError(f"[{_OP}] {_source(x)}: read() gave {type(data).__name__}, not "
+                          "bytes (open the file in binary mode)")
+    return bytes(data)
+
+
 def _check_paths(paths: Any) -> List[Any]:
-    if isinstance(paths, (str, bytes, os.PathLike)):
+    if _is_input(paths):
         return [paths]
     try:
         items = list(paths)
     except TypeError:
-        raise ConfigError(f"[{_OP}] paths must be a path or a sequence of paths, got "
-                          f"{type(paths).__name__}") from None
+        raise ConfigError(f"[{_OP}] paths must be a path, encoded bytes or a sequence of "
+                          f"them, got {type(paths).__name__}") from None
     if not items:
         raise ConfigError(f"[{_OP}] paths is empty; give at least one file")
     for i, p in enumerate(items):
-        if not isinstance(p, (str, bytes, os.PathLike)):
-            raise ConfigError(f"[{_OP}] paths[{i}] must be a path, got {type(p).__name__}")
-    return items
+        if not _is_input(p):
+            raise ConfigError(f"[{_OP}] paths[{i}] must be a path (str, os.PathLike), encoded "
+                              "bytes (bytes, bytearray, memoryview) or a binary file object, "
+                              f"got {type(p).__name__}")
+    return [_read_file_object(p) for p in items]
 
 
 def _check_output(output: Any) -> Optional[str]:
@@ -268,6 +299,8 @@ def _check_output(output: Any) -> Optional[str]:
 
 
 def _key(i: int, path: Any, width: int) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        return f"{i:0{width}d}_bytes"
     base = os.path.basename(os.fsdecode(os.fspath(path)).rstrip("/\\")) or "input"
     return f"{i:0{width}d}_{base}"
 
@@ -291,7 +324,7 @@ class _Runner:
             x = P.load_audio(path, sr=self.config.sample_rate, mono=self.config.mono)
             if x.ndim == 2:
                 if x.shape[0] != 1:
-                    raise ShapeError(f"[{_OP}] {os.fsdecode(os.fspath(path))!r} has "
+                    raise ShapeError(f"[{_OP}] {_source(path)!r} has "
                                      f"{x.shape[0]} channels and the preprocessing has "
                                      "mono=False; features are computed per 1-D waveform")
                 x = x[0]
@@ -299,8 +332,9 @@ class _Runner:
         if self.name == "image":
             return P.load_image(path, max_pixels=self.pre.max_pixels)
         # video decodes in compute; fail early here (a FIFO or device: without reading it)
-        check_regular(os.fsdecode(os.fspath(path)), what="video file", error=VideoDecodeError,
-                      op=_OP)
+        if isinstance(path, (str, os.PathLike)):
+            check_regular(os.fsdecode(os.fspath(path)), what="video file",
+                          error=VideoDecodeError, op=_OP)
         return path
 
     def compute(self, items: List[Any]) -> List[Tuple[np.ndarray, Dict[str, Any]]]:
@@ -322,7 +356,7 @@ class _Runner:
         return res
 
 
-def extract_features(modality: Any, paths: Sequence[PathLike], output: Optional[PathLike], *,
+def extract_features(modality: Any, paths: Any, output: Optional[PathLike], *,
                      model: Any = None, preprocessing: Any = None, batch_size: int = 16,
                      progress: Union[bool, Any] = True) -> FeatureReport:
     """Preprocess many files of one modality and save one tensor per file.
@@ -330,8 +364,12 @@ def extract_features(modality: Any, paths: Sequence[PathLike], output: Optional[
     Parameters
     ----------
     modality : {"audio", "image", "video"} or Modality
-    paths : path or sequence of paths
-        The input files (a single path is one input). The same file may appear twice.
+    paths : path, encoded input or sequence of them
+        The inputs: file names (``str`` / ``os.PathLike``), encoded files held in memory
+        (``bytes`` / ``bytearray`` / ``memoryview``, e.g. a JPEG received by a server) or
+        binary file objects (read once); a single one is one input. The same file may
+        appear twice. Encoded inputs are keyed ``"<index>_bytes"`` and reported as
+        ``"<N encoded bytes>"``. (Up to mmcore 0.1.0, ``bytes`` were a file name.)
     output : path or None
         The safetensors file to write (atomically: a partial file never replaces it). None: do
         not write; the tensors are returned in :attr:`FeatureReport.features`.
@@ -453,20 +491,20 @@ def extract_features(modality: Any, paths: Sequence[PathLike], output: Optional[
             if i in results:
                 k = _key(i, items[i], width)
                 tensors[k], infos[k] = results[i]
-                keys[k] = os.fsdecode(os.fspath(items[i]))
+                keys[k] = _source(items[i])
         if bar is not None:
             bar.update(min(start + step, len(items)), len(failures))
 
     order = sorted(keys)  # names sort in input order
     keys = {k: keys[k] for k in order}
-    failed = [(os.fsdecode(os.fspath(items[i])), failures[i]) for i in sorted(failures)]
+    failed = [(_source(items[i]), failures[i]) for i in sorted(failures)]
     if out_path is not None:
         meta = {
             "format": METADATA_FORMAT,
             "version": __version__,
             "modality": name,
             "preprocessing": json.dumps(pre.to_dict(), default=str),
-            "sources": json.dumps([os.fsdecode(os.fspath(p)) for p in items]),
+            "sources": json.dumps([_source(p) for p in items]),
             "items": json.dumps([dict({"key": k, "source": keys[k],
                                        "shape": list(tensors[k].shape)}, **infos[k])
                                  for k in order]),

@@ -179,6 +179,25 @@ def test_images(workdir, image_files):
         assert tensors[key].shape == (3, 64, 64)
 
 
+def test_encoded_inputs(workdir, image_files, audio_files):
+    good, corrupt, _ = image_files
+    datas = [good[0].read_bytes(), bytearray(good[1].read_bytes()),
+             io.BytesIO(good[2].read_bytes()), b"not an image"]
+    rep = extract_features("image", [good[0], *datas], None, progress=False)
+    assert list(rep.keys) == ["0000_x.png", "0001_bytes", "0002_bytes", "0003_bytes"]
+    assert rep.failed[0][0] == "<12 encoded bytes>" and "ImageDecodeError" in rep.failed[0][1]
+    pre = ImagePreprocessor(_pre("image"))
+    for key, path in zip(list(rep.keys)[1:], good):
+        np.testing.assert_array_equal(rep.features[key], pre(str(path))["pixel_values"][0])
+    np.testing.assert_array_equal(rep.features["0000_x.png"], rep.features["0001_bytes"])
+    good_audio = audio_files[0][0]
+    rep = extract_features("audio", [good_audio.read_bytes()], None, progress=False)
+    ref = AudioPreprocessor(_pre("audio"))(str(good_audio))["input_features"][0]
+    np.testing.assert_array_equal(rep.features["0000_bytes"], ref)
+    with pytest.raises(ConfigError, match=r"paths\[0\] must be a path"):
+        extract_features("image", [123], None, progress=False)
+
+
 def test_image_size_override(workdir, image_files):
     rep = extract_features("image", image_files[0][:1], None, preprocessing={"size": 32},
                            progress=False)

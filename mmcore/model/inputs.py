@@ -43,7 +43,8 @@ ACCEPTED_INPUTS = {
               "patches (B, N, 3*p*p)"),
     "audio": ("raw: a float waveform (T,) in [-1, 1], a (B, T) batch of equal-length clips, "
               "a (waveform, sample_rate) pair, a path, encoded audio (bytes, bytearray, "
-              "memoryview, binary file object), or a list of those / 1-D waveforms / pairs; preprocessed: float input_features (B, n_mels, frames)"),
+              "memoryview, binary file object), or a list of those / 1-D waveforms / pairs; "
+              "preprocessed: float input_features (B, n_mels, frames)"),
     "video": ("raw: a uint8 RGB clip (T, H, W, 3) or a batch (B, T, H, W, 3), a path, an "
               "encoded video (bytes, bytearray, memoryview, binary file object), or a list of "
               "those / uint8 clips; preprocessed: float pixel_values (B, T, 3, S, S)"),
