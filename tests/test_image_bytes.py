@@ -275,6 +275,14 @@ def test_decode_scale_auto_close_to_exact(size):
     assert d.max() > 0          # reduced decoding is not the exact path
 
 
+def test_decode_scale_from_the_config_extra():
+    assert ImagePreprocessor({"extra": {"decode_scale": "auto"}})._draft == 448
+    assert ImagePreprocessor({"extra": {"decode_scale": "auto"}},
+                             decode_scale="exact")._draft is None
+    with pytest.raises(ArgumentError, match="decode_scale"):
+        ImagePreprocessor({"extra": {"decode_scale": "bogus"}})
+
+
 def test_decode_scale_auto_target():
     from mmcore.config import PreprocessingConfig
     from mmcore.preprocess.image import draft_for
@@ -374,3 +382,15 @@ def test_single_encoded_image_and_arrays_unchanged():
                                                               preset="clip"))
     np.testing.assert_array_equal(pre([img, img])["pixel_values"],
                                   mmcore.ops.preprocess_image([img, img], preset="clip"))
+
+
+def test_model_image_path_takes_encoded_images():
+    from mmcore.model import default_model
+    model = default_model()
+    datas = [encode(photo(60 + 9 * i, 80, seed=i), quality=90) for i in range(3)]
+    decoded = [pillow_ref(d) for d in datas]
+    got = model.infer({"image": [datas[0], bytearray(datas[1]), io.BytesIO(datas[2])]})
+    ref = model.infer({"image": decoded})
+    np.testing.assert_allclose(got.fused, ref.fused, rtol=0, atol=1e-6)
+    one = model.infer({"image": memoryview(datas[0])})
+    np.testing.assert_allclose(one.fused, model.infer({"image": decoded[0]}).fused, atol=1e-6)

@@ -401,8 +401,9 @@ class ImagePreprocessor:
         defaults, 224 x 224).
     max_pixels : int, math.inf or None, default None
         Passed to :func:`load_image` for files and encoded images.
-    decode_scale : {"exact", "auto"}, default "exact"
-        ``"exact"`` decodes every image at full size (bit-identical to Pillow). ``"auto"``
+    decode_scale : {"exact", "auto"} or None, default None
+        None: the config's ``extra["decode_scale"]`` (``"exact"`` when it has none; a model
+        directory opts in that way, without a schema change). ``"exact"`` decodes every image at full size (bit-identical to Pillow). ``"auto"``
         (opt-in, approximate) decodes JPEGs at a reduced DCT scale that keeps both edges
         ``>= 2x`` the resize target (``load_image(..., draft=2 * target)``): for a photo much
         larger than the model input most of the decode is skipped, and the result differs
@@ -443,9 +444,11 @@ class ImagePreprocessor:
     """
 
     def __init__(self, config: Union[PreprocessingConfig, Mapping[str, Any], None] = None, *,
-                 max_pixels: Optional[float] = None, decode_scale: str = "exact"):
+                 max_pixels: Optional[float] = None, decode_scale: Optional[str] = None):
         self.config = as_preprocessing_config(config, "image", "ImagePreprocessor")
         self.max_pixels = max_pixels
+        if decode_scale is None:
+            decode_scale = (self.config.extra or {}).get("decode_scale", "exact")
         if decode_scale not in ("exact", "auto"):
             raise ArgumentError(f"[ImagePreprocessor] decode_scale must be 'exact' or 'auto', "
                                 f"got {decode_scale!r}")
