@@ -403,11 +403,12 @@ class ImagePreprocessor:
         Passed to :func:`load_image` for files and encoded images.
     decode_scale : {"exact", "auto"} or None, default None
         None: the config's ``extra["decode_scale"]`` (``"exact"`` when it has none; a model
-        directory opts in that way, without a schema change). ``"exact"`` decodes every image at full size (bit-identical to Pillow). ``"auto"``
-        (opt-in, approximate) decodes JPEGs at a reduced DCT scale that keeps both edges
-        ``>= 2x`` the resize target (``load_image(..., draft=2 * target)``): for a photo much
-        larger than the model input most of the decode is skipped, and the result differs
-        from the exact path by a few uint8 levels (see :func:`load_image`).
+        directory opts in that way, without a schema change). ``"exact"`` decodes every
+        image at full size (bit-identical to Pillow). ``"auto"`` (opt-in, approximate)
+        decodes JPEGs at a reduced DCT scale that keeps both edges ``>= 2x`` the resize
+        target (``load_image(..., draft=2 * target)``): for a photo much larger than the
+        model input most of the decode is skipped, and the result differs from the exact
+        path by a few uint8 levels (see :func:`load_image`).
 
     Call
     ----
