@@ -8,7 +8,10 @@ prints per-stage latencies and output shapes, and writes attention heatmaps and 
 spectrogram as PNG files (see :mod:`mmcore.demo`).
 
 ``mmcore run`` runs a saved model (``--model DIR``) or the default model on files given on the
-command line; ``mmcore init-model DIR`` saves the default model to a directory.
+command line (each of ``--text``, ``--image``, ``--audio``, ``--video`` may be repeated: item i
+of every option is example i of one batch); ``mmcore init-model DIR`` saves the default model
+to a directory (one that is not empty only with ``--force``). ``mmcore --version`` prints the
+version.
 
 ``mmcore features {audio,image,video} INPUTS... -o OUT.safetensors`` preprocesses many files
 into one safetensors file, skipping and listing the files it cannot read (exit status 1 when
@@ -141,13 +144,22 @@ def _truncation_notes(model, inputs: dict) -> List[str]:
     length limit), one line each naming the input, its length and the limit; the model cuts
     silently, so ``mmcore run`` says so on stderr. Inputs that cannot be measured (a file
     that does not decode) are left to :meth:`~mmcore.model.MultiModalModel.infer` to report."""
-    from .modality import Modality
 
     notes: List[str] = []
     mods = model.config.modalities
-    text = inputs.get("text")
+    for text in inputs.get("text") or []:
+        notes += _text_note(model, mods, text)
+    for path in inputs.get("audio") or []:
+        notes += _audio_note(mods, path)
+    return notes
+
+
+def _text_note(model, mods, text: str) -> List[str]:
+    from .modality import Modality
+
+    notes: List[str] = []
     m = Modality("text")
-    if text is not None and m in mods and mods[m].enabled:
+    if m in mods and mods[m].enabled:
         pre = model.preprocessors.get(m)
         limit = getattr(pre, "max_length", None)
         if limit is not None and getattr(pre, "truncation", False):
@@ -159,9 +171,15 @@ def _truncation_notes(model, inputs: dict) -> List[str]:
                 notes.append(f"--text has {n} tokens ({len(text)} characters), more than the "
                              f"model's text limit of {limit} tokens (max_length={limit}): it "
                              f"is cut to its first {limit} tokens")
-    path = inputs.get("audio")
+    return notes
+
+
+def _audio_note(mods, path: str) -> List[str]:
+    from .modality import Modality
+
+    notes: List[str] = []
     m = Modality("audio")
-    if path is not None and m in mods and mods[m].enabled and mods[m].preprocessing:
+    if m in mods and mods[m].enabled and mods[m].preprocessing:
         pc = mods[m].preprocessing
         limits = []
         if pc.truncation and pc.max_samples is not None:
@@ -188,19 +206,26 @@ def _run(args) -> int:
     from ._files import check_regular
     from .errors import MMCoreError
 
-    inputs = {}
+    inputs: dict = {}
     if args.text is not None:
-        inputs["text"] = args.text
+        inputs["text"] = list(args.text)
     for name in ("image", "audio", "video"):
-        path = getattr(args, name)
-        if path is not None:
+        paths = getattr(args, name)
+        if paths is None:
+            continue
+        for path in paths:
             if not os.path.exists(path):
                 return _fail(f"--{name} {path!r}: no such file")
             try:                    # a directory, FIFO or device: refused without blocking
                 check_regular(path, what="file", error=MMCoreError, op=f"--{name}")
             except MMCoreError as exc:
                 return _fail(str(exc))
-            inputs[name] = os.fspath(path)
+        inputs[name] = [os.fspath(p) for p in paths]
+    counts = {name: len(v) for name, v in inputs.items()}
+    if len(set(counts.values())) > 1:
+        given = ", ".join(f"{n} --{name}" for name, n in counts.items())
+        return _fail(f"each input option makes one batch, so they must be repeated the same "
+                     f"number of times (item i of every option is one example); got {given}")
     if args.threads is not None:
         set_num_threads(args.threads)
     try:
@@ -214,7 +239,8 @@ def _run(args) -> int:
         return _fail(f"{type(exc).__name__}: {exc}")
     stats = _vector_stats(out.fused)
     model_desc = "model " + args.model if args.model else "default_model(seed=%d)" % args.seed
-    print(f"mmcore run: {model_desc}, inputs: {', '.join(inputs)}")
+    print(f"mmcore run: {model_desc}, inputs: {', '.join(inputs)} "
+          f"(batch {out.fused.shape[0]})")
     print(f"  fused  {tuple(out.fused.shape)}  mean {stats['mean']:+.4f}  std {stats['std']:.4f}  "
           f"min {stats['min']:+.4f}  max {stats['max']:+.4f}  "
           f"L2 {', '.join(f'{v:.4f}' for v in stats['l2_norm_per_row'])}")
@@ -239,6 +265,12 @@ def _run(args) -> int:
 def _init_model(args) -> int:
     from .model import default_model
 
+    target = args.dir
+    if os.path.exists(target) and not os.path.isdir(target):
+        return _fail(f"{target!r} exists and is not a directory")
+    if os.path.isdir(target) and os.listdir(target) and not args.force:
+        return _fail(f"{target!r} is not empty; pass --force to replace the model directory "
+                     "there (a directory holding anything but a model is never replaced)")
     model = default_model(seed=args.seed)
     save = getattr(model, "save", None)
     if save is None:
@@ -317,6 +349,7 @@ def _positive_int(text: str) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``mmcore`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="mmcore", description="mmcore command line")
+    parser.add_argument("--version", action="version", version=f"mmcore {__version__}")
     sub = parser.add_subparsers(dest="command")
     p_info = sub.add_parser("info", help="version, backends, ISA, threads, CUDA devices")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -339,11 +372,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_run = sub.add_parser("run", help="run a model on a text, image, audio and/or video file")
     p_run.add_argument("--model", default=None, metavar="DIR",
                        help="a saved model directory (default: the built-in default model)")
-    p_run.add_argument("--text", default=None, help="input text")
-    p_run.add_argument("--image", default=None, metavar="PATH", help="image file")
-    p_run.add_argument("--audio", default=None, metavar="PATH", help="audio file")
-    p_run.add_argument("--video", default=None, metavar="PATH",
-                       help="video file (needs the 'video' extra)")
+    p_run.add_argument("--text", action="append", default=None,
+                       help="input text (repeat for a batch)")
+    p_run.add_argument("--image", action="append", default=None, metavar="PATH",
+                       help="image file (repeat for a batch)")
+    p_run.add_argument("--audio", action="append", default=None, metavar="PATH",
+                       help="audio file (repeat for a batch)")
+    p_run.add_argument("--video", action="append", default=None, metavar="PATH",
+                       help="video file, needs the 'video' extra (repeat for a batch)")
     p_run.add_argument("--seed", type=int, default=0, help="seed of the default model")
     p_run.add_argument("--threads", type=_positive_int, default=None,
                        help="thread count for the native kernels")
@@ -353,6 +389,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_init = sub.add_parser("init-model", help="save the default model to a directory")
     p_init.add_argument("dir", metavar="DIR")
     p_init.add_argument("--seed", type=int, default=0, help="model seed (default: 0)")
+    p_init.add_argument("--force", action="store_true",
+                        help="replace the model directory already at DIR")
 
     p_feat = sub.add_parser("features", help="preprocess many audio, image or video files into "
                                              "one safetensors file")

@@ -193,3 +193,54 @@ def test_demo_without_optional_dependencies(workdir):
     rep = json.loads(r.stdout)
     assert sorted(p.name for p in (workdir / "bare").iterdir()) == sorted(DEMO_PNGS)
     assert rep["shapes"]["fused"] == [1, 64]
+
+
+def test_version(workdir):
+    import mmcore
+    r = mmcore_cli("--version", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"mmcore {mmcore.__version__}"
+
+
+def test_repeated_inputs_run_as_one_batch(workdir, media):
+    wav, png = media
+    png2 = workdir / "second.png"
+    Image.fromarray(np.full((50, 70, 3), 90, np.uint8)).save(png2)
+    r = mmcore_cli("run", "--text", "first", "--text", "second", "--image", png, "--image", png2,
+                   "--audio", wav, "--audio", wav, "--json", "batch.json", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "fused  (2, 64)" in r.stdout and "(batch 2)" in r.stdout
+    fused = np.asarray(json.loads((workdir / "batch.json").read_text())["fused"])
+    from mmcore.model import default_model
+    ref = default_model(seed=0).infer({"text": ["first", "second"],
+                                       "image": [str(png), str(png2)],
+                                       "audio": [str(wav), str(wav)]}).fused
+    np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fused[0], fused[1])
+    # counts that differ are refused, naming each option's count
+    r = mmcore_cli("run", "--text", "a", "--text", "b", "--image", png, cwd=workdir)
+    assert r.returncode == 1 and "2 --text, 1 --image" in r.stderr
+
+
+def test_init_model_refuses_a_non_empty_directory_without_force(workdir):
+    target = workdir / "saved"
+    r = mmcore_cli("init-model", target, "--seed", "1", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+    r = mmcore_cli("init-model", target, "--seed", "2", cwd=workdir)
+    assert r.returncode == 1 and "not empty" in r.stderr and "--force" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
+    r = mmcore_cli("init-model", target, "--seed", "2", "--force", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "seed=2" in r.stdout
+    # a directory that holds something else is never replaced, even with --force
+    busy = workdir / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    for extra in ([], ["--force"]):
+        r = mmcore_cli("init-model", busy, *extra, cwd=workdir)
+        assert r.returncode == 1, r.stdout
+        assert sorted(os.listdir(busy)) == ["notes.txt"]
+    (workdir / "plain").write_text("x")
+    r = mmcore_cli("init-model", workdir / "plain", cwd=workdir)
+    assert r.returncode == 1 and "not a directory" in r.stderr
