@@ -32,9 +32,16 @@ max, weighted and attention, and concat of (16384, 4, 1024). About 2 GB at most 
 at once (the 1 GB input, the anchors' temporaries and the outputs). ``--quick`` divides the
 batch sizes by 16.
 
+Small inputs (``--small``, and after the bandwidth table of every run): the per-call time
+(us) of ``fuse`` at batch 1, 2 and 8 on small shapes (2 to 4 modalities of 64 to 768 values)
+against the NumPy one-liner of the same result (``x.mean(1)``, ``x.max(1)``,
+``x.reshape(B, M * D).copy()``, and ``np.stack(items, 1).mean(1)`` for a list of per-modality
+arrays). Here the fixed cost of a call (argument checks, backend choice, the binding) is
+what is measured, not bandwidth: the data fit in L1.
+
 Usage::
 
-    python bench/bench_fusion.py [--quick] [--threads N] [--backend native|numba]
+    python bench/bench_fusion.py [--quick] [--small] [--threads N] [--backend native|numba]
 
 Missing torch: its columns print ``n/a`` and the rest still runs.
 """
@@ -279,6 +286,74 @@ def mmcore_impl(case: Case, x, mask, kw, backend) -> Callable[[], np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
+# small inputs: the fixed cost of one call
+
+
+class SmallCase(NamedTuple):
+    strategy: str      # "mean", "max" or "concat"
+    B: int
+    M: int
+    D: int
+    items: bool        # a list of M (B, D) arrays instead of one (B, M, D) array
+
+    @property
+    def label(self) -> str:
+        if self.items:
+            return f"fuse:{self.strategy} [{self.M} x ({self.B}, {self.D})]"
+        kind = f"({self.B}, {self.M}, {self.D})"
+        return f"fuse:{self.strategy} {kind}"
+
+
+SMALL_BATCHES = (1, 2, 8)
+SMALL_SHAPES = ((2, 64), (3, 512), (4, 768))     # (M, D)
+
+
+def small_cases() -> List[SmallCase]:
+    """The per-call cases: mean at every shape, max and concat at (3, 512), the list input."""
+    cases: List[SmallCase] = []
+    for B in SMALL_BATCHES:
+        for M, D in SMALL_SHAPES:
+            cases.append(SmallCase("mean", B, M, D, False))
+        cases.append(SmallCase("max", B, 3, 512, False))
+        cases.append(SmallCase("concat", B, 3, 512, False))
+        cases.append(SmallCase("mean", B, 3, 512, True))
+    return cases
+
+
+def small_impls(case: SmallCase, rng, backend: str):
+    """(mmcore call, NumPy call) of one small case; both return a new array."""
+    x = rng.standard_normal((case.B, case.M, case.D), dtype=np.float32)
+    if case.items:
+        items = [np.ascontiguousarray(x[:, m]) for m in range(case.M)]
+        return (lambda: fuse(items, strategy=case.strategy, backend=backend),
+                lambda: np.stack(items, 1).mean(1))
+    numpy_fn = {"mean": lambda: x.mean(1), "max": lambda: x.max(1),
+                "concat": lambda: x.reshape(case.B, case.M * case.D).copy()}[case.strategy]
+    return lambda: fuse(x, strategy=case.strategy, backend=backend), numpy_fn
+
+
+def small_rows(backend: str, tkw: dict, *, seed: int = SEED) -> List[Tuple[SmallCase, T.Timing,
+                                                                            T.Timing]]:
+    """Per-call timings ``(case, mmcore, numpy)`` of :func:`small_cases`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for case in small_cases():
+        run_mm, run_np = small_impls(case, rng, backend)
+        t = T.interleaved({"mm": run_mm, "np": run_np}, number=200, **tkw)
+        rows.append((case, t["mm"], t["np"]))
+    return rows
+
+
+def print_small_table(rows) -> None:
+    """The per-call table of :func:`small_rows` (microseconds, median)."""
+    table = [[c.label, T.fmt(mm.median * 1e6, ".2f"), T.fmt(npy.median * 1e6, ".2f"),
+              T.fmt(npy.median / mm.median, ".2f") + "x"] for c, mm, npy in rows]
+    T.print_table(["small input (B, M, D)", "mmcore us", "numpy us", "vs numpy"], table)
+    print("us = median per-call time of a fresh result (200 calls per sample); vs numpy = numpy us "
+          "/ mmcore us (> 1: mmcore faster).")
+
+
+# ----------------------------------------------------------------------------------------------
 # measurement
 
 
@@ -329,6 +404,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     T.add_common_args(parser)
+    parser.add_argument("--small", action="store_true",
+                        help="only the small-input per-call table (no large inputs)")
     args = parser.parse_args(argv)
 
     torch = T.optional_import("torch")
@@ -343,6 +420,11 @@ def main(argv=None) -> int:
                                     + (" (--quick)" if args.quick else "")})
     ceil = T.machine_ceilings(repeat=3 if args.quick else 7)
     print()
+    small_tkw = dict(tkw, min_time=0.0 if args.quick else 0.2)
+    if args.small:
+        print_small_table(small_rows(args.backend, small_tkw))
+        T.print_footer()
+        return 0
 
     cases = CASES
     if args.quick:
@@ -420,6 +502,8 @@ def main(argv=None) -> int:
               + ", ".join(c.label for c in failed))
     else:
         print(f"  correctness spot check: all cases within rel max abs diff {RTOL:g}")
+    print()
+    print_small_table(small_rows(args.backend, small_tkw))
     T.print_footer()
     return 1 if failed else 0
 

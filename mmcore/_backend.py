@@ -24,7 +24,7 @@ import contextvars
 import importlib
 import os
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
@@ -145,6 +145,9 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Return the number of threads the native kernels use (see :func:`set_num_threads`)."""
     global _num_threads
+    n = _num_threads          # set once, then only replaced whole: no lock needed to read it
+    if n is not None:
+        return n
     with _lock:
         if _num_threads is None:
             _num_threads = _default_threads()
@@ -284,6 +287,50 @@ def backends() -> Dict[str, Dict[str, Any]]:
     return {"native": native, "cuda": dict(cuda_status()), "numba": dict(numba_status())}
 
 
+def _environ_reader(name: str) -> Callable[[], Optional[str]]:
+    """A function returning ``os.environ.get(name)``, read on every call.
+
+    ``os.environ.get`` encodes the key and goes through the ``Mapping`` machinery, a few
+    microseconds: more than a small kernel call. On CPython the mapping keeps its encoded
+    entries in a dict (``os.environ._data``, updated by every assignment to ``os.environ``,
+    ``monkeypatch.setenv`` included), which is read directly; anywhere else, or once
+    ``os.environ`` has been replaced by another object, the reader falls back to
+    ``os.environ.get``.
+    """
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    encodekey = getattr(environ, "encodekey", None)
+    decodevalue = getattr(environ, "decodevalue", None)
+    if not isinstance(data, dict) or encodekey is None or decodevalue is None:
+        return lambda: os.environ.get(name)
+    try:
+        key = encodekey(name)
+    except Exception:  # pragma: no cover - an unusual platform encoding
+        return lambda: os.environ.get(name)
+
+    def read() -> Optional[str]:
+        if os.environ is not environ:
+            return os.environ.get(name)
+        value = data.get(key)
+        return None if value is None else decodevalue(value)
+
+    return read
+
+
+#: ``os.environ.get("MMCORE_BACKEND")``, read on every call (see :func:`_environ_reader`).
+_env_backend = _environ_reader("MMCORE_BACKEND")
+
+
+def default_host_backend() -> str:
+    """The backend of a host call without ``backend=``: :func:`use_backend`, else
+    ``MMCORE_BACKEND``, else ``"native"`` (not checked: :func:`resolve_backend` does that)."""
+    name = _current.get()
+    if name is None:
+        env = _env_backend()
+        name = env if env else "native"
+    return name
+
+
 def resolve_backend(op: str, arrays, backend: Optional[str] = None) -> str:
     """Pick the backend for one call of ``op`` on ``arrays`` (see module docstring)."""
     on_cuda = [is_cuda_array(a) for a in arrays if a is not None]
@@ -299,12 +346,9 @@ def resolve_backend(op: str, arrays, backend: Optional[str] = None) -> str:
                 f"[{op}] CUDA arrays given but the cuda backend is absent: {status.get('reason')}"
             )
         return "cuda"
-    name = backend
-    if name is None:
-        name = _current.get()
-    if name is None:
-        env = os.environ.get("MMCORE_BACKEND")
-        name = env if env else "native"
+    name = default_host_backend() if backend is None else backend
+    if name == "native" and type(name) is str:
+        return name
     _check_name(name, op)
     if name == "cuda":
         raise BackendError(f"[{op}] backend 'cuda' needs arrays on a CUDA device (CuPy); "

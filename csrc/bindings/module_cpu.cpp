@@ -15,10 +15,12 @@
 #include <algorithm>
 #include <complex>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "enum_args.h"
 #include "mmcore/cpu_features.h"
@@ -224,6 +226,153 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   p.num_threads = num_threads < 1 ? 1 : num_threads;
   run_kernel(op, [&] { mmcore::spectral_cpu(p); });
 }
+
+// True when no value of x[0, n) is NaN or infinite (all exponent bits set). Blocks of a few
+// thousand values, each an exit check, so that the loop stays a plain vectorized OR.
+bool all_finite(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 2048;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = std::min(n, i0 + kBlock);
+    uint32_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, sizeof bits);
+      bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    if (bad) return false;
+  }
+  return true;
+}
+
+// One spectral configuration with everything but the signal fixed, for the calls that repeat
+// it (mmcore.ops keeps a bounded cache of plans): the scalar options are checked, the enums
+// parsed and the window and mel tables copied once, so a call only checks the signal, allocates
+// the output and runs spectral_cpu. Immutable after construction; run() may be called from
+// several threads at once.
+class SpectralPlan {
+ public:
+  SpectralPlan(py::object window, py::object mel_start, py::object mel_len, py::object mel_offset,
+               py::object mel_weights, int64_t n_fft, int64_t hop, int64_t frame_length, int64_t frame_offset,
+               int64_t pad_left, const std::string& pad_mode, double dither, uint64_t seed, bool remove_dc,
+               double preemph, const std::string& kind, double power, const std::string& log_mode, double log_floor,
+               bool whisper_norm) {
+    const char* op = "spectral";
+    if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
+    if (n_fft > (int64_t{1} << 40))
+      throw py::value_error("[spectral] n_fft must be <= 2^40, got " + std::to_string(n_fft));
+    if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
+    if (frame_length < 1 || frame_offset < 0 || frame_length > n_fft || frame_offset > n_fft - frame_length)
+      throw py::value_error("[spectral] the frame must lie inside the FFT buffer");
+    constexpr int64_t kMaxIndex = int64_t{1} << 62;
+    if (pad_left > kMaxIndex || pad_left < -kMaxIndex)
+      throw py::value_error("[spectral] n_fft, hop, pad_left or n_frames is too large (sample indices overflow)");
+    mmcore::SpectralParams& p = params_;
+    p.n_fft = n_fft;
+    p.hop = hop;
+    p.frame_length = frame_length;
+    p.frame_offset = frame_offset;
+    p.pad_left = pad_left;
+    p.pad_mode = parse_enum(op, "pad_mode", pad_mode, mmcore::bindings::kPadModes);
+    const float* w = checked<float>(op, "window", window, {frame_length});
+    if (!w) throw py::value_error("[spectral] window is required");
+    window_.assign(w, w + frame_length);
+    p.dither = static_cast<float>(dither);
+    p.seed = seed;
+    p.remove_dc = remove_dc;
+    p.preemph = static_cast<float>(preemph);
+    p.power = static_cast<float>(power);
+    if (!(p.power > 0.0f)) throw py::value_error("[spectral] power must be > 0");
+    p.log_mode = parse_enum(op, "log_mode", log_mode, mmcore::bindings::kLogModes);
+    p.log_floor = static_cast<float>(log_floor);
+    if (p.log_mode != mmcore::LogMode::none && !(p.log_floor > 0.0f))
+      throw py::value_error("[spectral] log_floor must be > 0");
+    p.whisper_norm = whisper_norm;
+    const int64_t n_bins = n_fft / 2 + 1;
+    p.kind = parse_enum(op, "kind", kind, mmcore::bindings::kSpectralKinds);
+    rows_ = n_bins;
+    if (p.kind == mmcore::SpectralKind::mel) {
+      if (mel_start.is_none()) throw py::value_error("[spectral] kind 'mel' needs the mel filters");
+      if (!py::isinstance<py::array>(mel_start)) throw py::type_error("[spectral] mel_start must be a numpy array");
+      p.n_mels = mel_start.cast<py::array>().shape(0);
+      const int32_t* ms = checked<int32_t>(op, "mel_start", mel_start, {p.n_mels});
+      const int32_t* ml = checked<int32_t>(op, "mel_len", mel_len, {p.n_mels});
+      const int64_t* mo = checked<int64_t>(op, "mel_offset", mel_offset, {p.n_mels});
+      if (!py::isinstance<py::array>(mel_weights)) throw py::type_error("[spectral] mel_weights must be an array");
+      const int64_t nw = mel_weights.cast<py::array>().size();
+      const float* mw = checked<float>(op, "mel_weights", mel_weights, {nw});
+      if (!ms || !ml || !mo) throw py::value_error("[spectral] mel filters are incomplete");
+      for (int64_t m = 0; m < p.n_mels; ++m)
+        if (ms[m] < 0 || ml[m] < 0 || ms[m] + ml[m] > n_bins || mo[m] < 0 || mo[m] + ml[m] > nw)
+          throw py::value_error("[spectral] mel filter " + std::to_string(m) + " is out of bounds");
+      mel_start_.assign(ms, ms + p.n_mels);
+      mel_len_.assign(ml, ml + p.n_mels);
+      mel_offset_.assign(mo, mo + p.n_mels);
+      mel_weights_.assign(mw, mw + nw);
+      p.mel_start = mel_start_.data();
+      p.mel_len = mel_len_.data();
+      p.mel_offset = mel_offset_.data();
+      p.mel_weights = mel_weights_.data();
+      rows_ = p.n_mels;
+    }
+    if (whisper_norm && (p.kind != mmcore::SpectralKind::mel || p.log_mode != mmcore::LogMode::log10))
+      throw py::value_error("[spectral] whisper_norm needs kind 'mel' and log_mode 'log10'");
+    p.window = window_.data();
+  }
+  SpectralPlan(const SpectralPlan&) = delete;
+  SpectralPlan& operator=(const SpectralPlan&) = delete;
+
+  // The spectra of the signals x (..., T), float32 and C-contiguous, as a new array
+  // (..., rows, n_frames) (complex64 for kind 'complex_stft'); None, without running the kernel,
+  // when check_finite is set and x holds a NaN or an infinity.
+  py::object run(py::object x, int64_t n_frames, int num_threads, bool check_finite) const {
+    const char* op = "spectral";
+    if (!py::isinstance<py::array>(x)) throw py::type_error("[spectral] x must be a numpy array");
+    py::array xa = x.cast<py::array>();
+    if (!same_dtype(xa.dtype(), py::dtype::of<float>()))
+      throw py::type_error("[spectral] x has dtype " + std::string(py::str(xa.dtype())) + ", expected float32");
+    if (!(xa.flags() & py::array::c_style)) throw py::value_error("[spectral] x must be C-contiguous");
+    const py::ssize_t nd = xa.ndim();
+    if (nd < 1) throw py::value_error("[spectral] x must have at least 1 dim (..., T)");
+    if (n_frames < 0) throw py::value_error("[spectral] n_frames must be >= 0");
+    constexpr int64_t kMaxIndex = int64_t{1} << 62;
+    if (n_frames > 1 && params_.hop > kMaxIndex / (n_frames - 1))
+      throw py::value_error("[spectral] n_fft, hop, pad_left or n_frames is too large (sample indices overflow)");
+    mmcore::SpectralParams p = params_;
+    std::vector<py::ssize_t> shape(xa.shape(), xa.shape() + nd);
+    p.T = shape.back();
+    p.n_signals = 1;
+    for (py::ssize_t d = 0; d + 1 < nd; ++d) p.n_signals = mul_dims(op, {p.n_signals, shape[d]});
+    p.x = static_cast<const float*>(xa.data());
+    p.n_frames = n_frames;
+    shape.back() = rows_;
+    shape.push_back(n_frames);
+    mul_dims(op, {p.n_signals, rows_, n_frames, p.kind == mmcore::SpectralKind::complex_stft ? 8 : 4});
+    py::array out = p.kind == mmcore::SpectralKind::complex_stft
+                        ? py::array(py::dtype::of<std::complex<float>>(), shape)
+                        : py::array(py::dtype::of<float>(), shape);
+    p.out = static_cast<float*>(out.mutable_data());
+    p.num_threads = num_threads < 1 ? 1 : num_threads;
+    bool finite = true;
+    run_kernel(op, [&] {
+      if (check_finite && !all_finite(p.x, p.n_signals * p.T)) {
+        finite = false;
+        return;
+      }
+      mmcore::spectral_cpu(p);
+    });
+    if (!finite) return py::none();
+    return out;
+  }
+
+  int64_t rows() const { return rows_; }
+
+ private:
+  mmcore::SpectralParams params_;  // everything but the signal, its output and the threads
+  std::vector<float> window_, mel_weights_;
+  std::vector<int32_t> mel_start_, mel_len_;
+  std::vector<int64_t> mel_offset_;
+  int64_t rows_ = 0;  // n_fft / 2 + 1 bins, or n_mels
+};
 
 // An (H, W, C) image whose rows may be strided but whose (W, C) part is contiguous.
 template <class T>
@@ -693,6 +842,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_frames"), py::arg("dither"), py::arg("seed"), py::arg("remove_dc"), py::arg("preemph"),
         py::arg("kind"), py::arg("power"), py::arg("log_mode"), py::arg("log_floor"), py::arg("whisper_norm"),
         py::arg("num_threads"));
+  py::class_<SpectralPlan>(m, "SpectralPlan",
+                           "A spectral configuration checked once; run(x, ...) computes a new output.")
+      .def(py::init<py::object, py::object, py::object, py::object, py::object, int64_t, int64_t, int64_t, int64_t,
+                    int64_t, const std::string&, double, uint64_t, bool, double, const std::string&, double,
+                    const std::string&, double, bool>(),
+           py::arg("window"), py::arg("mel_start"), py::arg("mel_len"), py::arg("mel_offset"), py::arg("mel_weights"),
+           py::kw_only(), py::arg("n_fft"), py::arg("hop"), py::arg("frame_length"), py::arg("frame_offset"),
+           py::arg("pad_left"), py::arg("pad_mode"), py::arg("dither"), py::arg("seed"), py::arg("remove_dc"),
+           py::arg("preemph"), py::arg("kind"), py::arg("power"), py::arg("log_mode"), py::arg("log_floor"),
+           py::arg("whisper_norm"))
+      .def("run", &SpectralPlan::run, py::arg("x"), py::kw_only(), py::arg("n_frames"), py::arg("num_threads"),
+           py::arg("check_finite") = true)
+      .def_property_readonly("rows", &SpectralPlan::rows);
   m.def(
       "masked_mean",
       [](py::object x, py::object mask, py::object out, int num_threads) {

@@ -366,9 +366,13 @@ void spectral_f32(const SpectralParams& p) {
   });
   if (whisper) {
     // Second pass, parallel over (signal, group of mel rows), once every maximum is known.
+    // A few operations per value: below kInlineValues values one thread does it all, since
+    // waking the pool would cost more than it saves (the values are the same either way).
     constexpr int64_t kRows = 16;
+    constexpr int64_t kInlineValues = int64_t{1} << 16;
     const int64_t groups = (p.n_mels + kRows - 1) / kRows;
-    parallel_for(p.n_signals * groups, p.num_threads, [&](int64_t task, int) {
+    const int threads = p.n_signals * p.n_mels * p.n_frames < kInlineValues ? 1 : p.num_threads;
+    parallel_for(p.n_signals * groups, threads, [&](int64_t task, int) {
       const int64_t sig = task / groups, g = task % groups;
       const float* tm = task_max.data() + sig * tasks_per_signal;
       const float mx = *std::max_element(tm, tm + tasks_per_signal);

@@ -25,11 +25,12 @@ imported only when a call selects them, so neither numba nor CuPy is imported by
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import threading
+from typing import Any, Callable, Dict, Hashable
 
 from ..errors import BackendError
 
-__all__ = ["launcher"]
+__all__ = ["launcher", "PlanCache"]
 
 
 def launcher(op: str, backend: str, family: str, kernel: str) -> Callable:
@@ -77,3 +78,56 @@ def launcher(op: str, backend: str, family: str, kernel: str) -> Callable:
         from .numba import serialized
         return serialized(fn)
     return fn
+
+
+class PlanCache:
+    """A bounded, thread-safe cache of plans: objects built once per parameter set (the checked
+    options and tables of a native kernel, see ``mmcore._C.SpectralPlan``) and reused by every
+    call with the same parameters.
+
+    Reads take no lock (one dict lookup); a miss builds the plan outside the lock and inserts
+    it under the lock, the first insertion winning a race (plans of equal keys are equal). Past
+    ``maxsize`` entries the oldest is dropped.
+
+    Examples
+    --------
+    >>> from mmcore.kernels import PlanCache
+    >>> cache = PlanCache(maxsize=2)
+    >>> a = cache.get_or_build(("x", 1), lambda: object())
+    >>> cache.get_or_build(("x", 1), lambda: object()) is a, len(cache)
+    (True, 1)
+    >>> for k in range(3):
+    ...     _ = cache.get_or_build(("y", k), lambda: object())
+    >>> len(cache), ("x", 1) in cache
+    (2, False)
+    """
+
+    def __init__(self, maxsize: int = 32):
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.maxsize = maxsize
+        self._entries: Dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+
+    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The plan of ``key``, built by ``build()`` on the first call."""
+        plan = self._entries.get(key)
+        if plan is not None:
+            return plan
+        plan = build()
+        with self._lock:
+            plan = self._entries.setdefault(key, plan)
+            while len(self._entries) > self.maxsize:
+                del self._entries[next(iter(self._entries))]
+        return plan
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Drop every plan."""
+        with self._lock:
+            self._entries.clear()

@@ -26,9 +26,9 @@ import numpy as np
 from .. import _backend
 from ..errors import BackendError
 
-__all__ = ["native", "attention", "masked_mean", "masked_max", "fuse", "spectral", "resize",
-           "normalize", "patchify", "preprocess_image", "linear", "pack_weight", "layer_norm",
-           "encoder_layer", "PACKED"]
+__all__ = ["native", "attention", "masked_mean", "masked_max", "fuse", "spectral", "spectral_plan",
+           "resize", "normalize", "patchify", "preprocess_image", "linear", "pack_weight",
+           "layer_norm", "encoder_layer", "PACKED"]
 
 Array = np.ndarray
 
@@ -64,12 +64,20 @@ def _precision_kw(C: Any, op: str, kernel: str, precision: str) -> dict:
     return {"precision": precision}
 
 
+# kernel -> the native module found to have it (checked again whenever the module object
+# differs, as when a test swaps it).
+_present: Dict[str, Any] = {}
+
+
 def native(op: str, kernel: str) -> Any:
     """``mmcore._C``, checked to have ``kernel`` (a BackendError naming ``op`` otherwise)."""
     C = _backend.native_module()
+    if _present.get(kernel) is C:
+        return C
     if not hasattr(C, kernel):
         raise BackendError(f"[{op}] this build of mmcore._C has no {kernel} kernel: rebuild "
                            "mmcore (`pip install .`) or use backend='numba'")
+    _present[kernel] = C
     return C
 
 
@@ -114,6 +122,17 @@ def spectral(x: Array, out: Array, window: Array, mel_start: Optional[Array],
     """The framing + FFT + (mel) + (log) kernel of the audio ops."""
     native("spectral", "spectral").spectral(x, out, window, mel_start, mel_len, mel_offset,
                                             mel_weights, num_threads=_threads(), **options)
+
+
+def spectral_plan(window: Array, mel_start: Optional[Array], mel_len: Optional[Array],
+                  mel_offset: Optional[Array], mel_weights: Optional[Array],
+                  **options: Any) -> Any:
+    """A ``mmcore._C.SpectralPlan``: the options of :func:`spectral` (all but ``n_frames``) and
+    its tables checked and copied once; ``plan.run(x, n_frames=, num_threads=,
+    check_finite=)`` then returns a new output, or None when ``check_finite`` finds a NaN or an
+    infinity in ``x``."""
+    C = native("spectral", "SpectralPlan")
+    return C.SpectralPlan(window, mel_start, mel_len, mel_offset, mel_weights, **options)
 
 
 def resize(srcs: list, dsts: list, *, filter: str, antialias: bool) -> None:

@@ -34,8 +34,9 @@ from typing import Any, Callable, Literal, NamedTuple, Optional, TypeVar, Union,
 import numpy as np
 
 from .. import _backend
-from ..errors import ArgumentError, ShapeError
-from ..kernels import launcher
+from ..errors import ArgumentError, BackendError, ShapeError
+from ..kernels import PlanCache, launcher
+from ..kernels import cpu as _cpu
 from ..kernels.cuda.common import cupy_module
 from ._audio_filters import (
     KALDI_WINDOWS,
@@ -71,6 +72,7 @@ WHISPER_N_MELS = (80, 128)
 KALDI_LOG_FLOOR = float(np.finfo(np.float32).eps)
 
 _INT16_SCALE = np.float32(1.0 / 32768.0)
+_FLOAT32 = np.dtype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +152,9 @@ KaldiWindow = Literal["povey", "hann", "hanning", "hamming", "blackman", "rectan
 
 def _on_device_of_x(fn: _Op) -> _Op:
     """Run the op with the device of a CUDA ``x`` current, so that every array it allocates
-    (outputs, casts, padding) lives next to ``x``; host inputs run as they are."""
-    op = fn.__name__
+    (outputs, casts, padding) lives next to ``x``; host inputs run as they are. ``op`` is the
+    function's name without a leading underscore (the public op of a private general path)."""
+    op = fn.__name__.lstrip("_")
 
     @functools.wraps(fn)
     def wrapper(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -270,6 +273,35 @@ def _run_spectral(op: str, backend_name: str, sig: _Signal, out, window: np.ndar
 
 def _resolve(op: str, x, backend) -> str:
     return _backend.resolve_backend(op, (x,), backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# native plans: the repeated configurations checked once (see mmcore._C.SpectralPlan)
+
+#: Native spectral plans by parameters (and native module), bounded.
+_PLANS = PlanCache(maxsize=32)
+
+
+def _whisper_plan(n_mels: int):
+    """The native plan of Whisper's log-mel features with ``n_mels`` (80 or 128) mel bands: the
+    framing, window, filters and options of :func:`log_mel_spectrogram`, cached; None when the
+    native module has no plans (the general path then runs, and names the op in its error)."""
+    C = _backend.native_module()
+
+    def build():
+        return _cpu.spectral_plan(
+            window_function("hann", WHISPER_N_FFT),
+            *mel_filters_sparse(float(WHISPER_SAMPLE_RATE), WHISPER_N_FFT, n_mels, 0.0,
+                                WHISPER_SAMPLE_RATE / 2.0, False, "slaney"),
+            n_fft=WHISPER_N_FFT, hop=WHISPER_HOP_LENGTH, frame_length=WHISPER_N_FFT,
+            frame_offset=0, pad_left=WHISPER_N_FFT // 2, pad_mode="reflect", dither=0.0, seed=0,
+            remove_dc=False, preemph=0.0, kind="mel", power=2.0, log_mode="log10",
+            log_floor=1e-10, whisper_norm=True)
+
+    try:
+        return _PLANS.get_or_build((id(C), "whisper", n_mels), build)
+    except BackendError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,7 +497,6 @@ def mel_spectrogram(x: Array, *, sr: float = 16000, n_fft: int = 400, hop_length
     return out.reshape(sig.batch + out.shape[1:])
 
 
-@_on_device_of_x
 def log_mel_spectrogram(x: Array, *, n_mels: int = 80,
                         preset: Literal["whisper"] = "whisper", padding: int = 0,
                         backend: Optional[Backend] = None) -> Array:
@@ -509,6 +540,29 @@ def log_mel_spectrogram(x: Array, *, n_mels: int = 80,
     >>> log_mel_spectrogram(x, n_mels=128, padding=480000 - 32000).shape
     (128, 3000)
     """
+    # The common call -- a C-contiguous float32 NumPy signal on the native backend, default
+    # options -- goes straight to a cached native plan, which checks the samples for NaN / Inf
+    # itself. Anything else, and any input the checks below would refuse, takes the general
+    # path (the same kernel and options: the same bits, and the same errors).
+    if (type(x) is np.ndarray and x.dtype is _FLOAT32 and type(n_mels) is int
+            and (n_mels == 80 or n_mels == 128) and type(padding) is int and padding == 0
+            and type(preset) is str and preset == "whisper"
+            and (_backend.default_host_backend() if backend is None else backend) == "native"
+            and x.ndim and x.flags.c_contiguous):
+        T = x.shape[-1]
+        plan = _whisper_plan(n_mels) if T > WHISPER_N_FFT // 2 else None
+        if plan is not None:
+            out = plan.run(x, n_frames=T // WHISPER_HOP_LENGTH,
+                           num_threads=_backend.get_num_threads())
+            if out is not None:
+                return out
+    return _log_mel_spectrogram(x, n_mels=n_mels, preset=preset, padding=padding,
+                                backend=backend)
+
+
+@_on_device_of_x
+def _log_mel_spectrogram(x, *, n_mels, preset, padding, backend):
+    """:func:`log_mel_spectrogram` for every input: checks, layout, backend choice."""
     op = "log_mel_spectrogram"
     name = _resolve(op, x, backend)
     check_choice("preset", preset, op=op, choices=("whisper",))

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import _backend
 from ..errors import ArgumentError, ShapeError
+from ..kernels import cpu as _cpu
 from ..kernels import launcher
 from ..kernels.cuda.common import cupy_module, device_array
 from ._checks import FLOAT_INPUT_DTYPES, check_bool, check_choice, check_rank
@@ -409,6 +410,63 @@ def fuse(embeddings: Union[Array, Sequence[Array]], *, strategy: str,
     array([[0.018, 0.982],
            [0.018, 0.982]], dtype=float32)
     """
+    # The common call -- float32 C-contiguous NumPy embeddings, a strategy without options, no
+    # mask, no out, the native backend -- goes straight to the kernel (or, for a list with
+    # "concat", to the one concatenation of the general path). Anything else takes the general
+    # path below, which checks everything: same kernel, same bits, same errors.
+    if (weights is None and query is None and present is None and out is None
+            and return_weights is False and type(strategy) is str and strategy in _PLAIN
+            and (_backend.default_host_backend() if backend is None else backend) == "native"):
+        res = _fuse_plain(embeddings, strategy)
+        if res is not None:
+            return res
+    return _fuse(embeddings, strategy=strategy, weights=weights, query=query, present=present,
+                 return_weights=return_weights, out=out, backend=backend)
+
+
+#: The strategies without options (weights, query) that :func:`_fuse_plain` runs.
+_PLAIN = ("mean", "concat", "max", "sum")
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _fuse_plain(embeddings, strategy: str):
+    """:func:`fuse` of float32 C-contiguous NumPy embeddings without mask or options on the
+    native backend, or None when the input is anything else (or empty)."""
+    if type(embeddings) is np.ndarray:
+        e = embeddings
+        if e.dtype is not _FLOAT32 or e.ndim != 3 or not e.flags.c_contiguous:
+            return None
+        B, M, D = e.shape
+        if not (B and M and D):
+            return None
+        res = np.empty((B, M * D if strategy == "concat" else D), np.float32)
+        _cpu.fuse(e, None, None, None, res, None, strategy=strategy)
+        return res
+    if type(embeddings) is not list and type(embeddings) is not tuple or not embeddings:
+        return None
+    first = embeddings[0]
+    if type(first) is not np.ndarray:
+        return None
+    shape = first.shape
+    for a in embeddings:
+        if (type(a) is not np.ndarray or a.dtype is not _FLOAT32 or a.ndim != 2
+                or a.shape != shape):
+            return None             # different widths ("concat") or batches: the general path
+    B, D = shape
+    if not (B and D):
+        return None
+    if strategy == "concat":
+        return np.concatenate(embeddings, axis=1)
+    stacked = np.empty((B, len(embeddings), D), np.float32)
+    for m, a in enumerate(embeddings):
+        stacked[:, m] = a
+    res = np.empty((B, D), np.float32)
+    _cpu.fuse(stacked, None, None, None, res, None, strategy=strategy)
+    return res
+
+
+def _fuse(embeddings, *, strategy, weights, query, present, return_weights, out, backend):
+    """:func:`fuse` for every input: checks, layout, backend choice."""
     op = "fuse"
     check_choice("strategy", strategy, FUSE_STRATEGIES, op=op)
     return_weights = check_bool("return_weights", return_weights, op=op)
