@@ -123,6 +123,12 @@ REMUXED = {
     "mp4-edit-list-cut": ("mp4-h264-bframes", -5.0, None),
     "mkv-remuxed-from-ts-mpeg2": ("ts-mpeg2", 0.0, None),
 }
+CUT = {
+    # name: (source case, bytes dropped from the start: 188-byte TS packets, mid-GOP)
+    "ts-h264-cut-mid-gop": ("ts-h264-bframes", 188 * 75),
+    "ts-h264-open-gop-cut": ("ts-h264-open-gop", 188 * 40),
+    "ts-mpeg2-cut-mid-gop": ("ts-mpeg2", 188 * 120),
+}
 EXT = {"mp4": "mp4", "mkv": "mkv", "webm": "webm", "ts": "ts", "avi": "avi", "h264": "h264"}
 
 
@@ -151,10 +157,15 @@ def files(tmp_path_factory):
             path = root / f"{name}.{EXT[name.split('-')[0]]}"
             remux(out[src], path, shift_frames=shift, fmt=fmt)
             out[name] = path
+    for name, (src, cut) in CUT.items():
+        if src in out:
+            path = root / f"{name}.ts"
+            path.write_bytes(out[src].read_bytes()[cut:])
+            out[name] = path
     return out
 
 
-ALL = list(CASES) + list(REMUXED)
+ALL = list(CASES) + list(REMUXED) + list(CUT)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +188,11 @@ def test_the_test_files_are_what_they_claim(files, reference):
         frames, pts, _ = reference[name]
         n = 40 if name == "h264-raw" else N
         # a plain decode gives back every encoded frame, in order (the numbers survive)
+        if name in CUT:
+            # a stream cut mid-GOP: what a plain decode can decode, up to the last frame
+            nums = frame_numbers(frames)
+            assert nums[-1] == N - 1 and 20 < len(nums) < N - GOP, name
+            continue
         start = 5 if name == "mp4-edit-list-cut" else 0
         np.testing.assert_array_equal(frame_numbers(frames), np.arange(start, n), err_msg=name)
     if "mp4-h264-bframes" in files:
@@ -194,6 +210,11 @@ def test_the_test_files_are_what_they_claim(files, reference):
         assert len(set(d.tolist())) > 3                           # variable frame rate
     if "h264-raw" in files:
         assert all(p[0] is None for p in packets("h264-raw"))    # no timestamps at all
+    for name in CUT:
+        if name in files:
+            pk = packets(name)
+            assert not pk[0][2]                                   # starts with no key frame
+            assert len(pk) > len(reference[name][0])              # packets a decode drops
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -367,3 +388,12 @@ def test_preprocessor_takes_bytes(files):
     frames, ts, idx = load_video(path, fps=2.0, return_indices=True)
     np.testing.assert_array_equal(a["frame_indices"], idx)
     np.testing.assert_array_equal(a["timestamps"], ts)
+
+
+def test_packet_count_limit(files, monkeypatch):
+    import mmcore.preprocess._video_reader as R
+    if "mkv-h264-bframes" not in files:
+        pytest.skip("no libx264")
+    monkeypatch.setattr(R, "MAX_INDEX_PACKETS", 50)
+    with pytest.raises(VideoDecodeError, match=r"mkv-h264-bframes.mkv.*more than 50 packets"):
+        load_video(files["mkv-h264-bframes"], n=2)

@@ -321,21 +321,53 @@ class VideoReader:
             # no timestamps to tell the frames apart: count them by decoding instead
             self._index_by_decoding()
             return
+        kf = np.flatnonzero(fl & _KEY)
+        if len(kf) == 0:
+            # no key frame to seek to: decode from the start, as a plain decode does
+            self._index_by_decoding()
+            return
         fkeys = self._keys[frame_pos]
         order = np.argsort(fkeys, kind="stable")
         self.frame_pts = fkeys[order]            # presentation timestamp of frame i
         self.frame_pos = frame_pos[order]        # decode position of frame i's packet
         self._pkt_order = np.argsort(self._keys, kind="stable")
         self._pkt_sorted = self._keys[self._pkt_order]
-        kf = np.flatnonzero(fl & _KEY)
+        self._kf = kf if kf[0] == 0 else np.concatenate([[0], kf]).astype(np.int64)
+        k1 = int(kf[0])
+        head = (self.frame_pos < k1) | (self.frame_pts < self._keys[k1])
+        if head.any():
+            # frames before the first key frame (a stream cut mid-GOP) or leading it (an open
+            # GOP): a plain decode outputs only those it can decode, so keep those
+            keep = ~head | np.isin(self.frame_pts, self._decodable_head(k1))
+            self.frame_pts, self.frame_pos = self.frame_pts[keep], self.frame_pos[keep]
+            if len(self.frame_pts) == 0:  # pragma: no cover - a key frame makes a frame
+                raise self._error("the video stream has no frames")
         frame_of_pkt = np.full(len(fl), -1, np.int64)
         frame_of_pkt[self.frame_pos] = np.arange(len(self.frame_pos))
         self.keyframes = sorted(int(i) for i in frame_of_pkt[kf] if i >= 0)
-        if len(kf) == 0 or kf[0] != 0:
-            # decoding may always start with the stream's first packet, as a plain decode does
-            kf = np.concatenate([[0], kf]).astype(np.int64)
-        self._kf = kf
         self.num_frames = len(self.frame_pts)
+
+    def _decodable_head(self, k1: int) -> np.ndarray:
+        """Timestamps of the frames a decode from the stream's start outputs before the
+        first frame presented at or after the first key frame (packet ``k1``)."""
+        limit = int(self._keys[k1])
+        seen: List[int] = []
+        run = self._run(0)
+        try:
+            for _, frame in run:
+                key = frame.pts if frame.pts is not None else frame.dts
+                if key is None:
+                    continue
+                if key >= limit or self.next_pos - 1 - k1 > REORDER_LIMIT:
+                    break
+                seen.append(int(key))
+        except Exception as exc:  # av.FFmpegError: corrupt data before the first key frame
+            raise self._error(f"decoding its first frames failed ({describe(exc)})",
+                              exc) from None
+        finally:
+            run.close()
+        self.frames_decoded = self.seeks = 0
+        return np.asarray(seen, np.int64)
 
     def _index_by_decoding(self) -> None:
         """The index of a stream without usable packet timestamps: decode it all once."""
@@ -580,7 +612,8 @@ class VideoReader:
             s = self.start_of(t)
             if run is None or s > self.next_pos + SEEK_COST:
                 run = self._run(s)
-                run_pts = int(self._keys[s])
+                # a run from the stream's first packet is a plain decode: all its frames count
+                run_pts = int(self._keys[s]) if s > 0 else _NO_TS
             own = int(self.frame_pos[t])
             for j, frame in run:
                 if j >= 0 and int(self.frame_pts[j]) >= run_pts:
