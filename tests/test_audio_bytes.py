@@ -156,6 +156,8 @@ def test_garbage_bytes_are_a_decode_error(garbage):
     assert msg.startswith(f"[load_audio] cannot decode path (encoded audio, bytes of "
                           f"{len(garbage)} bytes): "), msg
     assert isinstance(info.value, ValueError)
+    # the hint that bytes are no longer a file name: only for short text without NUL bytes
+    assert ("not a file name" in msg) == (garbage.startswith(b"this is not audio"))
 
 
 def test_truncated_wav_bytes_are_refused():

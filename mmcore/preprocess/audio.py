@@ -284,10 +284,11 @@ def _byte_view(data: Any) -> memoryview:
 
 def _text_hint(mv: memoryview) -> str:
     """A hint for encoded data that failed to decode and reads like a file name."""
-    if len(mv) > _PATH_HINT_MAX_BYTES or b"\0" in mv:
+    data = bytes(mv[:_PATH_HINT_MAX_BYTES + 1])
+    if len(data) > _PATH_HINT_MAX_BYTES or b"\0" in data:
         return ""
     try:
-        bytes(mv).decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError:
         return ""
     return ("; bytes are encoded audio data, not a file name (they were a file name before): "
