@@ -50,6 +50,24 @@ def test_log_mel_fast_path_equals_general_path(T, n_mels):
     _same(log_mel_spectrogram(x, n_mels=n_mels, backend="native"), _general_log_mel(x, n_mels))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.int16])
+def test_log_mel_fast_path_converts_like_the_general_path(dtype):
+    rng = np.random.default_rng(11)
+    if dtype == np.int16:
+        x = rng.integers(-32768, 32768, (2, 1777)).astype(np.int16)
+        x[0, :3] = (-32768, 32767, 0)
+    else:
+        x = 0.1 * rng.standard_normal((2, 1777))
+        x[0, :3] = (1e-30, -3.4e38, 5e-46)          # underflow to 0 and the float32 edge
+    _same(log_mel_spectrogram(x), _general_log_mel(x))
+    _same(log_mel_spectrogram(x[1]), _general_log_mel(x[1]))
+    if dtype == np.float64:
+        x[1, 5] = 1e39                                 # finite, but inf in float32
+        with pytest.raises(ShapeError, match=r"x contains Inf samples \(or values beyond the "
+                                             r"float32 range\)"):
+            log_mel_spectrogram(x)
+
+
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 3), (0,)])
 def test_log_mel_fast_path_batches(lead):
     x = _signal(1601, *lead, seed=len(lead))
@@ -137,8 +155,8 @@ def test_whisper_plans_are_cached_per_parameters():
 
 def test_spectral_plan_checks_its_input():
     plan = audio._whisper_plan(80)
-    with pytest.raises(TypeError, match="float32"):
-        plan.run(np.zeros(1600), n_frames=10, num_threads=1)
+    with pytest.raises(TypeError, match="float32, float64 or int16"):
+        plan.run(np.zeros(1600, np.int32), n_frames=10, num_threads=1)
     with pytest.raises(ValueError, match="C-contiguous"):
         plan.run(np.zeros((1600, 2), np.float32).T, n_frames=10, num_threads=1)
     with pytest.raises(ValueError, match="n_frames"):

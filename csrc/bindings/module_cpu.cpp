@@ -321,15 +321,23 @@ class SpectralPlan {
   SpectralPlan(const SpectralPlan&) = delete;
   SpectralPlan& operator=(const SpectralPlan&) = delete;
 
-  // The spectra of the signals x (..., T), float32 and C-contiguous, as a new array
-  // (..., rows, n_frames) (complex64 for kind 'complex_stft'); None, without running the kernel,
-  // when check_finite is set and x holds a NaN or an infinity.
-  py::object run(py::object x, int64_t n_frames, int num_threads, bool check_finite) const {
+  // The spectra of the signals x (..., T), C-contiguous, as a new array (..., rows, n_frames)
+  // (complex64 for kind 'complex_stft'); None, without running the kernel, when check_finite is
+  // set and x holds a NaN or an infinity (after its conversion to float32). x is float32, or
+  // float64 or int16 converted to float32 first as numpy's astype(float32) does (int16 then
+  // multiplied by 1 / 32768 when scale_int16 is set).
+  py::object run(py::object x, int64_t n_frames, int num_threads, bool check_finite, bool scale_int16) const {
     const char* op = "spectral";
     if (!py::isinstance<py::array>(x)) throw py::type_error("[spectral] x must be a numpy array");
     py::array xa = x.cast<py::array>();
-    if (!same_dtype(xa.dtype(), py::dtype::of<float>()))
-      throw py::type_error("[spectral] x has dtype " + std::string(py::str(xa.dtype())) + ", expected float32");
+    const py::dtype dt = xa.dtype();
+    const int kind = same_dtype(dt, py::dtype::of<float>())     ? 0
+                     : same_dtype(dt, py::dtype::of<double>())  ? 1
+                     : same_dtype(dt, py::dtype::of<int16_t>()) ? 2
+                                                                : -1;
+    if (kind < 0)
+      throw py::type_error("[spectral] x has dtype " + std::string(py::str(dt)) +
+                           ", expected float32, float64 or int16");
     if (!(xa.flags() & py::array::c_style)) throw py::value_error("[spectral] x must be C-contiguous");
     const py::ssize_t nd = xa.ndim();
     if (nd < 1) throw py::value_error("[spectral] x must have at least 1 dim (..., T)");
@@ -342,7 +350,6 @@ class SpectralPlan {
     p.T = shape.back();
     p.n_signals = 1;
     for (py::ssize_t d = 0; d + 1 < nd; ++d) p.n_signals = mul_dims(op, {p.n_signals, shape[d]});
-    p.x = static_cast<const float*>(xa.data());
     p.n_frames = n_frames;
     shape.back() = rows_;
     shape.push_back(n_frames);
@@ -352,9 +359,25 @@ class SpectralPlan {
                         : py::array(py::dtype::of<float>(), shape);
     p.out = static_cast<float*>(out.mutable_data());
     p.num_threads = num_threads < 1 ? 1 : num_threads;
+    const int64_t n = mul_dims(op, {p.n_signals, p.T});
+    std::vector<float> converted;
     bool finite = true;
     run_kernel(op, [&] {
-      if (check_finite && !all_finite(p.x, p.n_signals * p.T)) {
+      if (kind == 0) {
+        p.x = static_cast<const float*>(xa.data());
+      } else {
+        converted.resize(static_cast<size_t>(n));
+        if (kind == 1) {
+          const double* src = static_cast<const double*>(xa.data());
+          for (int64_t i = 0; i < n; ++i) converted[i] = static_cast<float>(src[i]);
+        } else {
+          const int16_t* src = static_cast<const int16_t*>(xa.data());
+          const float scale = scale_int16 ? 1.0f / 32768.0f : 1.0f;
+          for (int64_t i = 0; i < n; ++i) converted[i] = static_cast<float>(src[i]) * scale;
+        }
+        p.x = converted.data();
+      }
+      if (check_finite && kind != 2 && !all_finite(p.x, n)) {
         finite = false;
         return;
       }
@@ -853,7 +876,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("preemph"), py::arg("kind"), py::arg("power"), py::arg("log_mode"), py::arg("log_floor"),
            py::arg("whisper_norm"))
       .def("run", &SpectralPlan::run, py::arg("x"), py::kw_only(), py::arg("n_frames"), py::arg("num_threads"),
-           py::arg("check_finite") = true)
+           py::arg("check_finite") = true, py::arg("scale_int16") = true)
       .def_property_readonly("rows", &SpectralPlan::rows);
   m.def(
       "masked_mean",

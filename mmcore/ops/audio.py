@@ -73,6 +73,8 @@ KALDI_LOG_FLOOR = float(np.finfo(np.float32).eps)
 
 _INT16_SCALE = np.float32(1.0 / 32768.0)
 _FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+_INT16 = np.dtype(np.int16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,11 +542,14 @@ def log_mel_spectrogram(x: Array, *, n_mels: int = 80,
     >>> log_mel_spectrogram(x, n_mels=128, padding=480000 - 32000).shape
     (128, 3000)
     """
-    # The common call -- a C-contiguous float32 NumPy signal on the native backend, default
-    # options -- goes straight to a cached native plan, which checks the samples for NaN / Inf
-    # itself. Anything else, and any input the checks below would refuse, takes the general
-    # path (the same kernel and options: the same bits, and the same errors).
-    if (type(x) is np.ndarray and x.dtype is _FLOAT32 and type(n_mels) is int
+    # The common call -- a C-contiguous float32 (or float64, or int16) NumPy signal on the
+    # native backend, default options -- goes straight to a cached native plan, which converts
+    # the samples as astype(float32) does and checks them for NaN / Inf itself. Anything else,
+    # and any input the general path would refuse, takes the general path (the same kernel and
+    # options: the same bits, and the same errors).
+    dt = getattr(x, "dtype", None)
+    if (type(x) is np.ndarray and (dt is _FLOAT32 or dt is _FLOAT64 or dt is _INT16)
+            and type(n_mels) is int
             and (n_mels == 80 or n_mels == 128) and type(padding) is int and padding == 0
             and type(preset) is str and preset == "whisper"
             and (_backend.default_host_backend() if backend is None else backend) == "native"
