@@ -19,7 +19,7 @@ import mmcore
 from mmcore import _backend
 from mmcore.errors import BackendError, ShapeError
 from mmcore.kernels import PlanCache
-from mmcore.ops import audio, fusion, fuse, log_mel_spectrogram
+from mmcore.ops import audio, fuse, fusion, log_mel_spectrogram
 
 
 def _signal(T, *lead, seed=0):
