@@ -1,0 +1,110 @@
+"""torch in, torch out: the public ops take torch tensors and give torch tensors back.
+
+Every op exported by :mod:`mmcore.ops` is wrapped by :func:`torch_io`. When torch has not been
+imported by anyone the wrapper returns at once (one dictionary lookup); otherwise it looks at the
+arguments, and when one of them (or the first item of a list argument) is a torch tensor:
+
+* CPU tensors are passed as NumPy views of their memory (``Tensor.numpy()`` after ``detach``:
+  no copy, strides kept; a conjugated or negated view is resolved first). bfloat16 tensors
+  become ``ml_dtypes.bfloat16`` views when ``ml_dtypes`` is installed (the ops that take
+  bfloat16 say so).
+* CUDA tensors are passed as they are: the backend dispatch takes them through DLPack /
+  ``__cuda_array_interface__`` into the CUDA backend.
+* The result (arrays, and the arrays inside tuples, lists and dicts) comes back as torch
+  tensors sharing its memory: ``torch.from_numpy`` for host arrays, ``torch.from_dlpack`` for
+  CuPy arrays. Nothing is copied, except a read-only host result (torch tensors are always
+  writable), which is copied once.
+
+torch stays optional: it is never imported here.
+
+Examples
+--------
+>>> import numpy as np
+>>> from mmcore.ops._torch import torch_io
+>>> double = torch_io(lambda x: np.asarray(x) * 2)
+>>> double(np.arange(3))
+array([0, 2, 4])
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+__all__ = ["torch_io", "from_torch", "to_torch"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _is_tensor(x: Any, tensor_type: type) -> bool:
+    if isinstance(x, tensor_type):
+        return True
+    if isinstance(x, (list, tuple)) and x:
+        return isinstance(x[0], tensor_type)
+    return False
+
+
+def from_torch(x: Any, torch: Any) -> Any:
+    """A CPU tensor as a NumPy view of its memory (lists and tuples item by item); anything
+    else unchanged."""
+    if isinstance(x, (list, tuple)):
+        if x and any(isinstance(v, torch.Tensor) for v in x):
+            return type(x)(from_torch(v, torch) for v in x)
+        return x
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return x
+    t = x.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return x            # the op decides (those that take bfloat16 read torch's)
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def to_torch(out: Any, torch: Any) -> Any:
+    """``out`` with its arrays as torch tensors sharing their memory."""
+    if isinstance(out, np.ndarray):
+        if out.dtype.kind not in "biufc":
+            return out
+        if not out.flags.writeable:
+            out = out.copy()
+        return torch.from_numpy(out)
+    if isinstance(out, tuple):
+        items = tuple(to_torch(v, torch) for v in out)
+        return type(out)(*items) if hasattr(out, "_fields") else items
+    if isinstance(out, list):
+        return [to_torch(v, torch) for v in out]
+    if isinstance(out, dict):
+        return {k: to_torch(v, torch) for k, v in out.items()}
+    if type(out).__module__.partition(".")[0] == "cupy":
+        return torch.from_dlpack(out)
+    return out
+
+
+def torch_io(fn: F) -> F:
+    """``fn`` taking torch tensors (see the module docstring) and returning torch tensors
+    when it was given one."""
+
+    @functools.wraps(fn)
+    def op(*args: Any, **kwargs: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return fn(*args, **kwargs)
+        T = getattr(torch, "Tensor", None)
+        if T is None or not (any(_is_tensor(a, T) for a in args)
+                             or any(_is_tensor(v, T) for v in kwargs.values())):
+            return fn(*args, **kwargs)
+        args = tuple(from_torch(a, torch) for a in args)
+        kwargs = {k: from_torch(v, torch) for k, v in kwargs.items()}
+        return to_torch(fn(*args, **kwargs), torch)
+
+    return op  # type: ignore[return-value]
