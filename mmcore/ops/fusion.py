@@ -439,7 +439,9 @@ def _fuse_plain(embeddings, strategy: str):
         B, M, D = e.shape
         if not (B and M and D):
             return None
-        res = np.empty((B, M * D if strategy == "concat" else D), np.float32)
+        if strategy == "concat":        # the kernel copies each row whole: so does NumPy
+            return e.reshape(B, M * D).copy()
+        res = np.empty((B, D), np.float32)
         _cpu.fuse(e, None, None, None, res, None, strategy=strategy)
         return res
     if type(embeddings) is not list and type(embeddings) is not tuple or not embeddings:
