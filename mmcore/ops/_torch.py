@@ -54,14 +54,12 @@ def from_torch(x: Any, torch: Any) -> Any:
         if x and any(isinstance(v, torch.Tensor) for v in x):
             return type(x)(from_torch(v, torch) for v in x)
         return x
-    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+    if not isinstance(x, torch.Tensor) or not x.is_cpu:
         return x
-    t = x.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    if t.dtype == torch.bfloat16:
+    t = x.detach() if x.requires_grad else x
+    if t.is_complex():      # conjugate / negative views exist for complex tensors only
+        t = t.resolve_conj().resolve_neg()
+    elif t.dtype is torch.bfloat16:
         try:
             import ml_dtypes
         except ImportError:
