@@ -339,6 +339,13 @@ def test_video_info(main_video):
     assert info["num_frames"] == N_FRAMES and info["fps"] == pytest.approx(FPS)
     assert (info["width"], info["height"]) == (W, H)
     assert info["duration"] == pytest.approx(N_FRAMES / FPS, abs=0.05)
+    kf = info["keyframes"]
+    assert info["num_frames_exact"] and kf[0] == 0 and max(np.diff(kf)) <= GOP
+    # every decoded key frame is listed, at its index
+    with av.open(str(main_video)) as c:
+        want = [i for i, f in enumerate(c.decode(c.streams.video[0])) if f.key_frame]
+    assert kf == want
+    np.testing.assert_allclose(info["timestamps"], np.arange(N_FRAMES) / FPS, atol=1e-9)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f[0]}-{f[1]}")
@@ -399,7 +406,7 @@ def test_dense_reads_decode_sequentially(main_video):
         assert r.seeks == 1
 
 
-def test_indexless_container_learns_the_gop(videos):
+def test_matroska_reads_seek(videos):
     path = videos.get(("webm", "libvpx-vp9")) or videos.get(("mkv", "libx264"))
     if path is None:
         pytest.skip("no Matroska/WebM test video")

@@ -427,8 +427,8 @@ class VideoReader:
         idx = np.asarray(indices, np.int64)
         if pts is None:
             return idx.astype(np.float64) / self.fps
-        rel = pts[idx] - pts[0]
-        return np.asarray([float(int(r) * self.time_base) for r in rel], np.float64)
+        rel = (pts[idx] - pts[0]) * self.time_base.numerator   # exact in int64 ticks
+        return rel.astype(np.float64) / self.time_base.denominator
 
     def frames_at(self, positions: np.ndarray) -> np.ndarray:
         """The frame on screen at each of ``positions``, given on the nominal frame grid:

@@ -329,8 +329,9 @@ def load_video(path: Any, *, n: Optional[int] = None, fps: Optional[float] = Non
         If the file does not exist, is not a regular file (a directory, FIFO or device), is
         not a video FFmpeg can open (bytes that are not a video), has no video stream, has no
         frames, has frames larger than ``max_pixels`` or would decode to more than
-        ``max_bytes``, or decoding fails (corrupt data, or a frame of the index that the
-        decoder does not output: the message names its index). The message names the file,
+        ``max_bytes``, has more than :data:`MAX_INDEX_PACKETS` (2**23) packets, or decoding
+        fails (corrupt data, or a frame of the index that the decoder does not output: the
+        message names its index). The message names the file,
         or the type and size of the data (and the limit, with how to raise it).
     ArgumentError
         For bad sampling arguments, ``max_threads``, ``max_pixels`` or ``max_bytes`` (naming
