@@ -89,10 +89,11 @@ T* checked(const char* op, const char* name, py::object obj, const Shape& shape,
   if (!same_dtype(a.dtype(), py::dtype::of<T>()))
     throw py::type_error(std::string("[") + op + "] " + name + " has dtype " + std::string(py::str(a.dtype())) +
                          ", expected " + std::string(py::str(py::dtype::of<T>())));
-  Shape got(a.shape(), a.shape() + a.ndim());
-  if (got != shape)
-    throw py::value_error(std::string("[") + op + "] " + name + " has shape " + shape_str(got) + ", expected " +
-                          shape_str(shape));
+  bool same_shape = static_cast<size_t>(a.ndim()) == shape.size();
+  for (size_t d = 0; same_shape && d < shape.size(); ++d) same_shape = a.shape(static_cast<py::ssize_t>(d)) == shape[d];
+  if (!same_shape)
+    throw py::value_error(std::string("[") + op + "] " + name + " has shape " +
+                          shape_str(Shape(a.shape(), a.shape() + a.ndim())) + ", expected " + shape_str(shape));
   if (opts.contiguous && !(a.flags() & py::array::c_style))
     throw py::value_error(std::string("[") + op + "] " + name + " must be C-contiguous");
   if (opts.writable && !a.writeable()) throw py::value_error(std::string("[") + op + "] " + name + " must be writable");

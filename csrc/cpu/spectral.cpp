@@ -215,12 +215,12 @@ inline void store_lanes(float* dst, vf v, int n) {
 
 // Returns the maximum of the block's outputs when they are log-mel values (for whisper_norm;
 // lanes past nlanes hold silence, whose log is the floor, so they never raise the maximum).
-float run_block(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes) {
+// `plan` is fft_plan(csize), looked up once per call rather than once per block.
+float run_block(const SpectralParams& p, const FftPlan& plan, int64_t sig, int64_t frame0, int nlanes) {
   const int64_t n_fft = p.n_fft;
   const bool real_split = n_fft % 2 == 0;
   const int64_t csize = real_split ? n_fft / 2 : n_fft;
   const int64_t n_bins = n_fft / 2 + 1;
-  const FftPlan& plan = fft_plan(csize);
   const int64_t work = plan.conv ? plan.conv : csize;  // Bluestein works in longer buffers
 
   Scratch& sc = Scratch::get();
@@ -351,7 +351,7 @@ void spectral_f32(const SpectralParams& p) {
   const bool whisper = p.whisper_norm && p.kind == SpectralKind::mel;
   std::vector<float> task_max(whisper ? p.n_signals * tasks_per_signal : 0);
   // Plan once before the threads start (the cache is thread-safe either way).
-  fft_plan(p.n_fft % 2 == 0 ? p.n_fft / 2 : p.n_fft);
+  const FftPlan& plan = fft_plan(p.n_fft % 2 == 0 ? p.n_fft / 2 : p.n_fft);
   parallel_for(p.n_signals * tasks_per_signal, p.num_threads, [&](int64_t task, int) {
     const int64_t sig = task / tasks_per_signal;
     const int64_t b0 = (task % tasks_per_signal) * kBlocksPerTask;
@@ -360,7 +360,7 @@ void spectral_f32(const SpectralParams& p) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t frame0 = blk * kWidth;
       const int nlanes = static_cast<int>(std::min<int64_t>(kWidth, p.n_frames - frame0));
-      mx = std::max(mx, run_block(p, sig, frame0, nlanes));
+      mx = std::max(mx, run_block(p, plan, sig, frame0, nlanes));
     }
     if (whisper) task_max[task] = mx;
   });
