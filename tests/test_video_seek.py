@@ -108,6 +108,10 @@ CASES = {
         p, "libx264", options={"x264-params": X264 + ":open-gop=1"})),
     "mkv-h264-open-gop": (["libx264"], lambda p: encode(
         p, "libx264", options={"x264-params": X264 + ":open-gop=1"})),
+    "mkv-hevc-open-gop": (["libx265"], lambda p: encode(p, "libx265", options={
+        "x265-params": "keyint=12:min-keyint=12:bframes=3:open-gop=1:log-level=error"})),
+    "ts-hevc-open-gop": (["libx265"], lambda p: encode(p, "libx265", options={
+        "x265-params": "keyint=12:min-keyint=12:bframes=3:open-gop=1:log-level=error"})),
     "mp4-vfr": (["libx264"], lambda p: encode(p, "libx264", options={"x264-params": X264},
                                                pts=vfr_pts(N, 10), time_base=Fraction(1, 300))),
     "mkv-vfr": (["libx264"], lambda p: encode(p, "libx264", options={"x264-params": X264},
@@ -201,6 +205,12 @@ def test_the_test_files_are_what_they_claim(files, reference):
     for name in ("ts-h264-bframes", "ts-mpeg2"):
         if name in files:
             assert reference[name][1][0] > 0                     # a non-zero start time
+    for name in ("ts-h264-open-gop", "mkv-h264-open-gop", "mkv-hevc-open-gop", "ts-mpeg2"):
+        if name in files:
+            # open GOPs: pictures decoded after a key frame but shown before it
+            pk = packets(name)
+            assert any(q[0] < p[0] for i, p in enumerate(pk) if p[2] and i > 0
+                       for q in pk[i + 1:i + 6]), name
     if "mp4-edit-list-cut" in files:
         assert sum(p[3] for p in packets("mp4-edit-list-cut")) == 5   # an edit list cut
     if "mp4-edit-list-start-offset" in files:
