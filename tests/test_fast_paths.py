@@ -241,6 +241,60 @@ def test_fuse_fast_path_equals_general_path(strategy, B, M, D):
     _same(fuse([a.astype(np.float64) for a in items], strategy=strategy), ref)
 
 
+@pytest.mark.parametrize("strategy", ["mean", "sum", "max", "concat"])
+@pytest.mark.parametrize("B, M, D", [(1, 2, 5), (2, 3, 64), (8, 4, 17)])
+def test_fuse_fast_path_with_present_equals_general_path(strategy, B, M, D):
+    rng = np.random.default_rng(B + M + D)
+    e = rng.standard_normal((B, M, D), dtype=np.float32)
+    present = rng.random((B, M)) < 0.6
+    present[0] = False                                  # a row without any modality
+    items = [np.ascontiguousarray(e[:, m]) for m in range(M)]
+
+    def general(emb, p):
+        return fusion._fuse(emb, strategy=strategy, weights=None, query=None, present=p,
+                            return_weights=False, out=None, backend=None)
+
+    ref = general(e, present)
+    _same(fuse(e, strategy=strategy, present=present), ref)
+    _same(fuse(items, strategy=strategy, present=present), general(items, present))
+    # masks the general path converts: integers, (M,), strided
+    _same(fuse(e, strategy=strategy, present=present.astype(np.int64)), ref)
+    wide = np.zeros((B, 2 * M), bool)
+    wide[:, ::2] = present
+    _same(fuse(e, strategy=strategy, present=wide[:, ::2]), ref)
+    _same(fuse(e, strategy=strategy, present=present[0]), general(e, present[0]))
+
+
+@pytest.mark.parametrize("op", ["masked_mean", "masked_max"])
+@pytest.mark.parametrize("B, L, D", [(1, 1, 1), (1, 7, 64), (2, 3, 513), (8, 33, 17)])
+def test_masked_reduce_fast_path_equals_general_path(op, B, L, D):
+    fn = getattr(mmcore.ops, op)
+    rng = np.random.default_rng(B * L * D)
+    x = rng.standard_normal((B, L, D), dtype=np.float32)
+    mask = rng.random((B, L)) < 0.7
+    mask[0] = False
+    for m in (None, mask):
+        out = np.empty((B, D), np.float32)
+        ref = fn(x, m, out=out)                         # out= takes the general path
+        _same(fn(x, m), ref)
+        _same(fn(x.astype(np.float64), m), ref)
+        _same(fn(np.asfortranarray(x), m), ref)
+    ref = fn(x, mask)
+    _same(fn(x, mask.astype(np.int64)), ref)
+    _same(fn(x, np.asfortranarray(mask)), ref)
+
+
+def test_masked_reduce_fast_path_leaves_the_rest_to_the_general_path(monkeypatch):
+    x = np.ones((2, 3, 4), np.float32)
+    _same(mmcore.ops.masked_mean(np.ones((0, 3, 4), np.float32)), np.zeros((0, 4), np.float32))
+    _same(mmcore.ops.masked_max(np.ones((2, 0, 4), np.float32)), np.zeros((2, 4), np.float32))
+    with pytest.raises(ShapeError, match=r"^\[masked_mean\] mask has shape \(2, 4\)"):
+        mmcore.ops.masked_mean(x, np.ones((2, 4), bool))
+    monkeypatch.setenv("MMCORE_BACKEND", "nonsense")
+    with pytest.raises(BackendError, match="nonsense"):
+        mmcore.ops.masked_max(x)
+
+
 def test_fuse_fast_path_leaves_the_rest_to_the_general_path(monkeypatch):
     e = np.ones((2, 3, 4), np.float32)
     for empty in (np.ones((0, 3, 4), np.float32), np.ones((2, 3, 0), np.float32)):

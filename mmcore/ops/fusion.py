@@ -31,6 +31,9 @@ __all__ = ["masked_mean", "masked_max", "fuse", "FUSE_STRATEGIES"]
 
 FUSE_STRATEGIES = ("concat", "mean", "sum", "max", "weighted", "attention")
 
+_FLOAT32 = np.dtype(np.float32)
+_BOOL = np.dtype(np.bool_)
+
 
 # ----------------------------------------------------------------------------------------------
 # arrays on either side: NumPy for host backends, CuPy for cuda
@@ -118,6 +121,16 @@ def _out_array(op: str, out, shape, xp, name_side: str):
 
 
 def _masked_reduce(op: str, x, mask, backend, out=None):
+    # The common call (float32 C-contiguous NumPy x, no mask or a bool C-contiguous one, no out,
+    # native) goes straight to the kernel; anything else takes the general path below.
+    if (out is None and type(x) is np.ndarray and x.dtype is _FLOAT32 and x.ndim == 3
+            and x.flags.c_contiguous
+            and (_backend.default_host_backend() if backend is None else backend) == "native"):
+        B, L, D = x.shape
+        if B and L and D and _plain_mask(mask, B, L):
+            res = np.empty((B, D), np.float32)
+            (_cpu.masked_mean if op == "masked_mean" else _cpu.masked_max)(x, mask, res)
+            return res
     name = _backend.resolve_backend(op, _dispatch_candidates((x, mask)), backend)
     xp = _xp(op, name)
     a = _array(op, "x", x, xp)
@@ -411,13 +424,14 @@ def fuse(embeddings: Union[Array, Sequence[Array]], *, strategy: str,
            [0.018, 0.982]], dtype=float32)
     """
     # The common call -- float32 C-contiguous NumPy embeddings, a strategy without options, no
-    # mask, no out, the native backend -- goes straight to the kernel (or, for a list with
-    # "concat", to the one concatenation of the general path). Anything else takes the general
-    # path below, which checks everything: same kernel, same bits, same errors.
-    if (weights is None and query is None and present is None and out is None
+    # mask or a C-contiguous bool (B, M) one, no out, the native backend -- goes straight to the
+    # kernel (or, for a list with "concat" and no mask, to the one concatenation of the general
+    # path). Anything else takes the general path below, which checks everything: same kernel,
+    # same bits, same errors.
+    if (weights is None and query is None and out is None
             and return_weights is False and type(strategy) is str and strategy in _PLAIN
             and (_backend.default_host_backend() if backend is None else backend) == "native"):
-        res = _fuse_plain(embeddings, strategy)
+        res = _fuse_plain(embeddings, strategy, present)
         if res is not None:
             return res
     return _fuse(embeddings, strategy=strategy, weights=weights, query=query, present=present,
@@ -426,23 +440,23 @@ def fuse(embeddings: Union[Array, Sequence[Array]], *, strategy: str,
 
 #: The strategies without options (weights, query) that :func:`_fuse_plain` runs.
 _PLAIN = ("mean", "concat", "max", "sum")
-_FLOAT32 = np.dtype(np.float32)
 
 
-def _fuse_plain(embeddings, strategy: str):
-    """:func:`fuse` of float32 C-contiguous NumPy embeddings without mask or options on the
-    native backend, or None when the input is anything else (or empty)."""
+def _fuse_plain(embeddings, strategy: str, present):
+    """:func:`fuse` of float32 C-contiguous NumPy embeddings without options, with no mask or a
+    bool C-contiguous (B, M) one, on the native backend; None when the input is anything else
+    (or empty)."""
     if type(embeddings) is np.ndarray:
         e = embeddings
         if e.dtype is not _FLOAT32 or e.ndim != 3 or not e.flags.c_contiguous:
             return None
         B, M, D = e.shape
-        if not (B and M and D):
+        if not (B and M and D) or not _plain_mask(present, B, M):
             return None
-        if strategy == "concat":        # the kernel copies each row whole: so does NumPy
+        if strategy == "concat" and present is None:   # the kernel copies each row whole
             return e.reshape(B, M * D).copy()
-        res = np.empty((B, D), np.float32)
-        _cpu.fuse(e, None, None, None, res, None, strategy=strategy)
+        res = np.empty((B, M * D if strategy == "concat" else D), np.float32)
+        _cpu.fuse(e, present, None, None, res, None, strategy=strategy)
         return res
     if type(embeddings) is not list and type(embeddings) is not tuple or not embeddings:
         return None
@@ -455,16 +469,24 @@ def _fuse_plain(embeddings, strategy: str):
                 or a.shape != shape):
             return None             # different widths ("concat") or batches: the general path
     B, D = shape
-    if not (B and D):
+    M = len(embeddings)
+    if not (B and D) or not _plain_mask(present, B, M):
         return None
     if strategy == "concat":
-        return np.concatenate(embeddings, axis=1)
-    stacked = np.empty((B, len(embeddings), D), np.float32)
+        return None if present is not None else np.concatenate(embeddings, axis=1)
+    stacked = np.empty((B, M, D), np.float32)
     for m, a in enumerate(embeddings):
         stacked[:, m] = a
     res = np.empty((B, D), np.float32)
-    _cpu.fuse(stacked, None, None, None, res, None, strategy=strategy)
+    _cpu.fuse(stacked, present, None, None, res, None, strategy=strategy)
     return res
+
+
+def _plain_mask(mask, B: int, L: int) -> bool:
+    """True when ``mask`` is None or a bool C-contiguous NumPy array of shape (B, L): what the
+    general path would pass the kernel as it is."""
+    return mask is None or (type(mask) is np.ndarray and mask.dtype is _BOOL
+                            and mask.shape == (B, L) and mask.flags.c_contiguous)
 
 
 def _fuse(embeddings, *, strategy, weights, query, present, return_weights, out, backend):
