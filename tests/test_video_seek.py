@@ -407,3 +407,17 @@ def test_packet_count_limit(files, monkeypatch):
     monkeypatch.setattr(R, "MAX_INDEX_PACKETS", 50)
     with pytest.raises(VideoDecodeError, match=r"mkv-h264-bframes.mkv.*more than 50 packets"):
         load_video(files["mkv-h264-bframes"], n=2)
+
+
+@pytest.mark.parametrize("name", ["ts-h264-bframes", "mp4-h264-bframes", "mkv-vfr",
+                                  "ts-h264-cut-mid-gop"])
+def test_seeks_that_land_late_are_retried_then_read_from_the_start(files, reference, name,
+                                                                    monkeypatch):
+    from mmcore.preprocess._video_reader import VideoReader
+    path, (ref, _, _) = get(files, reference, name)
+    n = len(ref)
+    # every seek goes to the end of the stream: each read falls back to opening it again
+    monkeypatch.setattr(VideoReader, "_seek_ts", lambda self, pos: int(self._keys.max()))
+    idx = [n - 1, 0, n // 2, n // 2]
+    frames, _ = load_video(path, indices=idx)
+    np.testing.assert_array_equal(frames, ref[idx])

@@ -587,15 +587,15 @@ class VideoReader:
     def _run(self, s: int) -> Iterator[Tuple[int, Any]]:
         """Decode from the key frame at decode position ``s``: yields (frame index or -1,
         frame) for the frames the decoder outputs, ending after the decoder is flushed."""
-        cc = self.stream.codec_context
         self.next_pos = s
         for pos, packet in self._packets_from(s):
             if pos >= 0:
                 self.next_pos = pos + 1
-            for frame in cc.decode(packet):
+            # (the stream's, read each time: seeking may have opened the file again)
+            for frame in self.stream.codec_context.decode(packet):
                 self.frames_decoded += 1
                 yield self._frame_of(frame), frame
-        for frame in cc.decode(None):
+        for frame in self.stream.codec_context.decode(None):
             self.frames_decoded += 1
             yield self._frame_of(frame), frame
 
