@@ -316,6 +316,21 @@ class EmbeddingServer:
             service.close()
 
 
+def read_distributed_config(path: Any) -> Dict[str, Any]:
+    """The DistributedConfig arguments in the JSON file ``path``; its relative ``token_file``
+    and ``tls_cafile`` are taken from the file's folder (the replicas run elsewhere)."""
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    if not isinstance(config, dict):
+        raise ValueError(f"{os.fspath(path)}: expected a JSON object of DistributedConfig "
+                         "arguments")
+    here = os.path.dirname(os.path.abspath(path))
+    for key in ("token_file", "tls_cafile"):
+        if isinstance(config.get(key), str):
+            config[key] = os.path.join(here, os.path.expanduser(config[key]))
+    return config
+
+
 def build_app(args: Optional[Mapping[str, Any]] = None) -> Any:
     """The Ray Serve application (also an application builder for ``serve run``).
 
@@ -327,8 +342,7 @@ def build_app(args: Optional[Mapping[str, Any]] = None) -> Any:
     args = dict(args or {})
     distributed = args.get("distributed")
     if isinstance(distributed, (str, os.PathLike)):
-        with open(distributed, encoding="utf-8") as fh:
-            distributed = json.load(fh)
+        distributed = read_distributed_config(distributed)
     model_dir = args.get("model_dir")
     deployment = serve.deployment(
         name="mmcore-embed", num_replicas=int(args.get("num_replicas", 1)),
