@@ -233,7 +233,9 @@ def server_url():
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-        session_dir = ray._private.worker._global_node.get_session_dir_path()
+        node = getattr(getattr(ray, "_private", None), "worker", None)
+        node = getattr(node, "_global_node", None)
+        session_dir = node.get_session_dir_path() if node is not None else ""
         _bounded(lambda: serve.start(http_options={"host": "127.0.0.1", "port": port}),
                  60, "serve.start")
         _bounded(lambda: serve.run(example.build_app({"num_cpus": 1}), name="mmcore",
