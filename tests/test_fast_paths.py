@@ -182,8 +182,9 @@ def test_plan_cache_is_bounded_and_reuses_plans():
             return object()
         return make
 
+    assert cache.get("a") is None
     a = cache.get_or_build("a", build("a"))
-    assert cache.get_or_build("a", build("a")) is a and built == ["a"]
+    assert cache.get_or_build("a", build("a")) is a and built == ["a"] and cache.get("a") is a
     b = cache.get_or_build("b", build("b"))
     assert b is not a
     for k in "cde":

@@ -109,6 +109,10 @@ class PlanCache:
         self._entries: Dict[Hashable, Any] = {}
         self._lock = threading.Lock()
 
+    def get(self, key: Hashable) -> Any:
+        """The plan of ``key``, or None when it has not been built (or was dropped)."""
+        return self._entries.get(key)
+
     def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """The plan of ``key``, built by ``build()`` on the first call."""
         plan = self._entries.get(key)

@@ -288,7 +288,10 @@ def _whisper_plan(n_mels: int):
     """The native plan of Whisper's log-mel features with ``n_mels`` (80 or 128) mel bands: the
     framing, window, filters and options of :func:`log_mel_spectrogram`, cached; None when the
     native module has no plans (the general path then runs, and names the op in its error)."""
-    C = _backend.native_module()
+    key = (id(_backend.native_module()), "whisper", n_mels)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
 
     def build():
         return _cpu.spectral_plan(
@@ -301,7 +304,7 @@ def _whisper_plan(n_mels: int):
             log_floor=1e-10, whisper_norm=True)
 
     try:
-        return _PLANS.get_or_build((id(C), "whisper", n_mels), build)
+        return _PLANS.get_or_build(key, build)
     except BackendError:
         return None
 
@@ -547,8 +550,7 @@ def log_mel_spectrogram(x: Array, *, n_mels: int = 80,
     # the samples as astype(float32) does and checks them for NaN / Inf itself. Anything else,
     # and any input the general path would refuse, takes the general path (the same kernel and
     # options: the same bits, and the same errors).
-    dt = getattr(x, "dtype", None)
-    if (type(x) is np.ndarray and (dt is _FLOAT32 or dt is _FLOAT64 or dt is _INT16)
+    if (type(x) is np.ndarray and ((dt := x.dtype) is _FLOAT32 or dt is _FLOAT64 or dt is _INT16)
             and type(n_mels) is int
             and (n_mels == 80 or n_mels == 128) and type(padding) is int and padding == 0
             and type(preset) is str and preset == "whisper"
