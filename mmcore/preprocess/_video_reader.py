@@ -32,7 +32,7 @@ import math
 import os
 from array import array
 from fractions import Fraction
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Generator, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -584,7 +584,7 @@ class VideoReader:
         raise self._error(f"seeking to its packet {s} failed (the stream's packets differ "
                           "from those read when it was indexed)")
 
-    def _run(self, s: int) -> Iterator[Tuple[int, Any]]:
+    def _run(self, s: int) -> Generator[Tuple[int, Any], None, None]:
         """Decode from the key frame at decode position ``s``: yields (frame index or -1,
         frame) for the frames the decoder outputs, ending after the decoder is flushed."""
         self.next_pos = s

@@ -20,7 +20,6 @@ PyAV (``pip install "mmcore[video]"``) is imported on first use; only decoding f
 
 from __future__ import annotations
 
-import os
 from typing import (
     Any,
     Dict,
@@ -52,10 +51,6 @@ from .image import as_preprocessing_config, config_image_kwargs, preprocess_imag
 
 __all__ = ["sample_frame_indices", "temporal_windows", "load_video", "sample_video_array",
            "video_info", "VideoPreprocessor"]
-
-#: A video to decode: a path (``str`` / ``os.PathLike``), the encoded file as ``bytes`` /
-#: ``bytearray`` / ``memoryview``, or a seekable binary file object.
-VideoSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
 
 #: Default ``max_pixels`` of :func:`load_video`: the largest ``width * height`` of a frame,
 #: 8192 x 4320 (DCI 8K, which also covers 7680 x 4320 UHD 8K).
