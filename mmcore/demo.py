@@ -89,55 +89,86 @@ def demo_inputs(batch: int = 1, *, seed: int = 0) -> Dict[str, Any]:
 
 
 def _byte_labels(text: str, n: int) -> List[str]:
-    """Labels for the first ``n`` tokens of ``text`` under the byte tokenizer (plus eos)."""
+    """Labels for the first ``n`` tokens of ``text`` under the byte tokenizer (plus eos):
+    ``"3: c"``, with a space shown as ``"␣"``."""
     data = text.encode("utf-8")
     labels = []
     for i in range(n):
         if i < len(data):
-            ch = chr(data[i]) if 32 < data[i] < 127 else ("_" if data[i] == 32 else "?")
-            labels.append(ch)
+            ch = chr(data[i]) if 32 < data[i] < 127 else ("␣" if data[i] == 32 else "?")
         else:
-            labels.append("</s>" if i == len(data) else "")
+            ch = "</s>" if i == len(data) else "<pad>"
+        labels.append(f"{i}: {ch}")
     return labels
 
 
-def _weights_pictures(weights: Dict[Any, np.ndarray], text: str, out_dir: str,
-                      cell: int = 12) -> Dict[str, Any]:
-    """Write the cross-attention and fusion pooling weights of batch item 0 as heatmaps."""
+def _model_view(image: np.ndarray, size: int) -> np.ndarray:
+    """The part of ``image`` that the CLIP-style preprocessing keeps (shortest edge resized to
+    ``size``, then the centre ``size`` x ``size`` crop), at the image's own resolution."""
+    H, W = image.shape[:2]
+    rh, rw = (int(size * H / W), size) if W <= H else (size, int(size * W / H))
+    top, left = (rh - size) // 2, (rw - size) // 2
+    y0, y1 = round(top * H / rh), round((top + size) * H / rh)
+    x0, x1 = round(left * W / rw), round((left + size) * W / rw)
+    return image[y0:y1, x0:x1]
+
+
+def _summary(key: str, w: np.ndarray, full_shape: Any, summaries: Dict[str, Any]) -> None:
+    from . import viz
+
+    s = viz.attention_summary(w)
+    summaries[key] = {"shape": list(full_shape),
+                      "mean_normalized_entropy": s["mean_normalized_entropy"],
+                      "max_weight": s["max_weight"]}
+
+
+def _weights_pictures(weights: Dict[Any, np.ndarray], text: str, image: np.ndarray,
+                      image_size: int, out_dir: str, figures: bool) -> Dict[str, Any]:
+    """Write the cross-attention and fusion pooling weights of batch item 0.
+
+    With ``figures`` (matplotlib installed) as labelled figures, otherwise as plain pixel maps.
+    """
     from . import viz
 
     files: List[str] = []
     summaries: Dict[str, Any] = {}
-    pooling = {}
+    n_text = len(text.encode("utf-8")) + 1              # bytes and eos; the rest is padding
+    pooling: Dict[str, np.ndarray] = {}
     for key, w in weights.items():
         w = np.asarray(w, np.float64)
         if isinstance(key, tuple) and len(key) == 2:
             q, c = (str(k) for k in key)
-            m = w[0]                                        # (L_q, L_c)
+            m = w[0][:n_text] if q == "text" else w[0]      # (L_q, L_c)
             qlabels = _byte_labels(text, m.shape[0]) if q == "text" else None
-            name = f"attention_{q}_to_{c}.png"
-            path = os.path.join(out_dir, name)
-            viz.attention_heatmap(m, query_labels=qlabels, cell=cell, path=path,
-                                  title=f"cross-attention {q} -> {c} (mean over heads)")
+            path = os.path.join(out_dir, f"attention_{q}_to_{c}.png")
+            title = f"cross-attention {q} → {c} (mean over heads)"
+            if figures:
+                shown = _model_view(image, image_size) if c == "image" else None
+                viz.attention_overlay_figure(m, shown, query_labels=qlabels, path=path,
+                                             title=title, query_name=f"{q} token",
+                                             key_name=f"{c} patch" if c == "image" else
+                                             f"{c} token")
+            else:
+                viz.attention_heatmap(m, query_labels=[s.split(": ", 1)[1] for s in qlabels]
+                                      if qlabels else None, cell=12, path=path, title=title)
             files.append(path)
-            s = viz.attention_summary(m)
-            summaries[f"{q}->{c}"] = {"shape": list(w.shape),
-                                      "mean_normalized_entropy": s["mean_normalized_entropy"],
-                                      "max_weight": s["max_weight"]}
+            _summary(f"{q}->{c}", m, w.shape, summaries)
         else:
-            pooling[str(key)] = w
+            row = w.reshape(w.shape[0], -1)[0]
+            pooling[str(key)] = row[:n_text] if str(key) == "text" else row
+            summaries[f"pool:{key}"] = {"shape": list(w.shape),
+                                        "max_weight": float(row.max()) if row.size else 0.0}
     if pooling:
-        names = list(pooling)
-        L = max(v.shape[-1] for v in pooling.values())
-        grid = np.zeros((len(names), L))
-        for i, n in enumerate(names):
-            row = pooling[n].reshape(pooling[n].shape[0], -1)[0]
-            grid[i, :row.size] = row
-            summaries[f"pool:{n}"] = {"shape": list(pooling[n].shape),
-                                      "max_weight": float(row.max()) if row.size else 0.0}
         path = os.path.join(out_dir, "fusion_weights.png")
-        viz.attention_heatmap(grid, query_labels=names, cell=cell, path=path,
-                              title="fusion pooling weights per token (padded with 0)")
+        if figures:
+            viz.fusion_weights_figure(pooling, path=path)
+        else:
+            grid = np.zeros((len(pooling), max(v.size for v in pooling.values())))
+            for i, v in enumerate(pooling.values()):
+                grid[i, :v.size] = v
+            viz.attention_heatmap(grid, query_labels=list(pooling), cell=12, path=path,
+                                  title="fusion pooling: one softmax over all tokens (rows: "
+                                        "modalities, padded with 0)")
         files.append(path)
     return {"files": files, "summaries": summaries}
 
@@ -173,10 +204,19 @@ def run_demo(out_dir: str = "mmcore-demo", *, batch: int = 1, seed: int = 0, war
     stages = {k: {"p50_ms": snap[k]["p50_s"] * 1e3, "p95_ms": snap[k]["p95_s"] * 1e3,
                   "mean_ms": snap[k]["mean_s"] * 1e3} for k in order}
 
-    pics = _weights_pictures(out.attention_weights or {}, inputs["text"][0], out_dir)
+    figures = viz.matplotlib_available()
+    image_size = int(getattr(model.config.modalities["image"].preprocessing, "size", 64) or 64)
+    pics = _weights_pictures(out.attention_weights or {}, inputs["text"][0], inputs["image"][0],
+                             image_size, out_dir, figures)
     mel = log_mel_spectrogram(inputs["audio"][0], n_mels=80)
     mel_path = os.path.join(out_dir, "mel_spectrogram.png")
-    viz.spectrogram_image(mel, path=mel_path, height=160)
+    if figures:
+        viz.spectrogram_figure(mel, sample_rate=SAMPLE_RATE, hop_length=160, path=mel_path,
+                               title="log-mel spectrogram of the demo audio: a 200 → 4000 Hz "
+                                     "linear chirp over 2 s",
+                               value_label="log-mel (Whisper scaling)")
+    else:
+        viz.spectrogram_image(mel, path=mel_path, height=160)
     files = pics["files"] + [mel_path]
 
     return {
@@ -194,6 +234,10 @@ def run_demo(out_dir: str = "mmcore-demo", *, batch: int = 1, seed: int = 0, war
         "mel_spectrogram": list(mel.shape),
         "attention": pics["summaries"],
         "files": [os.path.abspath(f) for f in files],
+        "pictures": "figures" if figures else "plain",
+        "pictures_note": None if figures else (
+            "matplotlib is not installed: the PNGs are plain pixel maps without axes or "
+            f"labels; labelled figures need the viz extra: {viz.VIZ_EXTRA}"),
         "out_dir": os.path.abspath(out_dir),
         "wall_s": time.perf_counter() - t_start,
     }
@@ -228,8 +272,11 @@ def format_report(rep: Dict[str, Any]) -> str:
             ent_s = f", normalized entropy {ent:.3f}" if ent is not None else ""
             lines.append(f"  weights {k:<14} {tuple(s['shape'])}, max {s['max_weight']:.3f}{ent_s}")
     lines.append("")
-    lines.append(f"  wrote {len(rep['files'])} PNG files to {rep['out_dir']}:")
+    kind = "figures" if rep.get("pictures", "figures") == "figures" else "plain pixel maps"
+    lines.append(f"  wrote {len(rep['files'])} PNG {kind} to {rep['out_dir']}:")
     for f in rep["files"]:
         lines.append(f"    {os.path.basename(f)}")
+    if rep.get("pictures_note"):
+        lines.append(f"  note: {rep['pictures_note']}")
     lines.append(f"  done in {rep['wall_s']:.2f} s")
     return "\n".join(lines)

@@ -1,26 +1,26 @@
 """Pictures and numbers for looking at attention and audio features.
 
-Everything here needs only NumPy and Pillow. Matplotlib is optional: when it is installed,
-:func:`plot_attention` draws onto a matplotlib axes; the main functions never import it.
+Two kinds of pictures:
 
-Colormaps
----------
-``"viridis"`` and ``"magma"`` are *approximations* of the perceptually uniform colormaps of the
-same names, rebuilt here from a short published-style definition rather than copied tables:
+* **Figures** (need matplotlib, the ``viz`` extra: ``pip install 'mmcore[viz]'``), with axes,
+  labels, titles and colour bars: :func:`spectrogram_figure` (time in s, frequency in Hz on a
+  mel or linear axis), :func:`attention_overlay_figure` (cross-attention tinted over the input
+  image's patch grid, beside the query-by-patch heatmap), :func:`fusion_weights_figure` (the
+  fusion pooling weights as the one softmax over all modalities' tokens they are) and
+  :func:`plot_attention` (a heatmap on an axes of yours). They return
+  :class:`matplotlib.figure.Figure` objects drawn on the Agg canvas without pyplot, so they work
+  headless, from several threads, and leave the user's backend alone; ``path=`` also saves an
+  RGB PNG (:func:`figure_to_image` renders any figure to a Pillow image). Without matplotlib
+  they raise ImportError naming the extra.
+* **Pixel maps** (NumPy and Pillow only): :func:`attention_heatmap` (one square cell per
+  weight) and :func:`spectrogram_image` (one pixel per frame), with no axes or text beyond
+  optional labels.
 
-1. a handful of anchor colours along each map (sRGB hex values listed in ``_ANCHORS``) are
-   converted to the OKLab perceptual colour space;
-2. lightness is replaced by a straight line between the two end anchors, so that lightness rises
-   strictly and evenly along the map (the defining property of both maps);
-3. the two chroma coordinates ``a(t)`` and ``b(t)`` are fitted with low-degree least-squares
-   polynomials in ``t`` (the end points weighted heavily so the ends stay put);
-4. colours that fall outside the sRGB gamut have their chroma reduced at constant lightness;
-5. the smooth curve is sampled at 256 points and converted back to 8-bit sRGB (each entry
-   rounded to the nearest 8-bit colour that keeps lightness strictly increasing), giving a
-   256-entry lookup table built once at import.
-
-The tables look like the familiar maps but are not bit-identical to matplotlib's. ``"gray"`` is a
-linear ramp from black to white.
+:func:`colormap` maps values to 8-bit colours with matplotlib's colormaps; ``"viridis"``,
+``"magma"`` and ``"gray"`` are built in (the same 256 colours as matplotlib's, so the pixel maps
+work without it), every other matplotlib colormap name works when matplotlib is installed.
+:func:`attention_entropy`, :func:`top_k_attention` and :func:`attention_summary` describe
+attention maps with numbers.
 
 Examples
 --------
@@ -35,18 +35,29 @@ True
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from mmcore._viz_figures import (
+    VIZ_EXTRA,
+    ImagePath,
+    _as_real_array,
+    _check_weights,
+    _colormap,
+    _labels,
+    _robust_range,
+    _spectrogram_features,
+    attention_overlay_figure,
+    figure_to_image,
+    fusion_weights_figure,
+    matplotlib_available,
+    plot_attention,
+    spectrogram_figure,
+)
 from mmcore.errors import ShapeError
-
-if TYPE_CHECKING:     # names of the annotations only
-    import os
-
-    from matplotlib.axes import Axes
 
 __all__ = [
     "colormap",
@@ -56,189 +67,102 @@ __all__ = [
     "top_k_attention",
     "attention_summary",
     "plot_attention",
+    "spectrogram_figure",
+    "attention_overlay_figure",
+    "fusion_weights_figure",
+    "figure_to_image",
+    "matplotlib_available",
+    "VIZ_EXTRA",
 ]
 
-#: The names :func:`colormap` knows.
+#: The colormap names that work without matplotlib (any matplotlib name works with it).
 ColormapName = Literal["viridis", "magma", "gray"]
-#: Where an image is saved.
-ImagePath = Union[str, "os.PathLike[str]"]
 
 # --------------------------------------------------------------------------------------------
-# colour science: sRGB <-> OKLab (Bjoern Ottosson's published matrices)
+# colormaps
 # --------------------------------------------------------------------------------------------
 
-_M1 = np.array([[0.4122214708, 0.5363325363, 0.0514459929],
-                [0.2119034982, 0.6806995451, 0.1073969566],
-                [0.0883024619, 0.2817188376, 0.6299787005]])
-_M2 = np.array([[0.2104542553, 0.7936177850, -0.0040720468],
-                [1.9779984951, -2.4285922050, 0.4505937099],
-                [0.0259040371, 0.7827717662, -0.8086757660]])
-_M1_INV = np.linalg.inv(_M1)
-_M2_INV = np.linalg.inv(_M2)
-
-
-def _srgb_to_linear(c):
-    c = np.asarray(c, dtype=np.float64)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def _linear_to_srgb(c):
-    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
-    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * np.power(c, 1.0 / 2.4) - 0.055)
-
-
-def _srgb_to_oklab(rgb):
-    """sRGB in [0, 1], shape (..., 3) -> OKLab (..., 3)."""
-    lms = _srgb_to_linear(rgb) @ _M1.T
-    return np.cbrt(lms) @ _M2.T
-
-
-def _oklab_to_linear(lab):
-    lms = (np.asarray(lab, dtype=np.float64) @ _M2_INV.T) ** 3
-    return lms @ _M1_INV.T
-
-
-def _oklab_to_srgb(lab):
-    """OKLab (..., 3) -> sRGB in [0, 1] (clipped to the gamut)."""
-    return _linear_to_srgb(_oklab_to_linear(lab))
-
-
-def _into_gamut(lab, steps=40):
-    """Pull out-of-gamut OKLab colours towards the grey axis, keeping their lightness."""
-    lab = np.array(lab, dtype=np.float64)
-    lo = np.zeros(lab.shape[:-1])
-    hi = np.ones(lab.shape[:-1])
-    eps = 1e-9
-
-    def inside(scale):
-        trial = lab.copy()
-        trial[..., 1:] *= scale[..., None]
-        rgb = _oklab_to_linear(trial)
-        return np.all((rgb >= -eps) & (rgb <= 1 + eps), axis=-1)
-
-    ok = inside(hi)
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        good = inside(mid)
-        lo = np.where(good, mid, lo)
-        hi = np.where(good, hi, mid)
-    scale = np.where(ok, 1.0, lo)
-    lab[..., 1:] *= scale[..., None]
-    return lab
-
-
-def _hex(code):
-    code = code.lstrip("#")
-    return [int(code[i:i + 2], 16) / 255.0 for i in (0, 2, 4)]
-
-
-# Anchor colours, evenly spaced in t from 0 to 1 (chosen by eye to follow each map's path).
-_ANCHORS = {
-    "viridis": ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"],
-    "magma": ["#000004", "#3b0f70", "#8c2981", "#de4968", "#fe9f6d", "#fcfdbf"],
+# matplotlib's "viridis" and "magma" (by Nathaniel J. Smith, Stefan van der Walt and Eric
+# Firing, released under CC0), sampled at 256 points and rounded to 8 bits: hex RGB triples.
+_HEX = {
+    "viridis": (
+        "44015444025645045745055946075a46085c460a5d460b5e470d60470e61471063471164471365481467481668"
+        "48176948186a481a6c481b6d481c6e481d6f481f70482071482173482374482475482576482677482878482979"
+        "472a7a472c7a472d7b472e7c472f7d46307e46327e46337f463480453581453781453882443983443a83443b84"
+        "433d84433e85423f854240864241864142874144874045884046883f47883f48893e49893e4a893e4c8a3d4d8a"
+        "3d4e8a3c4f8a3c508b3b518b3b528b3a538b3a548c39558c39568c38588c38598c375a8c375b8d365c8d365d8d"
+        "355e8d355f8d34608d34618d33628d33638d32648e32658e31668e31678e31688e30698e306a8e2f6b8e2f6c8e"
+        "2e6d8e2e6e8e2e6f8e2d708e2d718e2c718e2c728e2c738e2b748e2b758e2a768e2a778e2a788e29798e297a8e"
+        "297b8e287c8e287d8e277e8e277f8e27808e26818e26828e26828e25838e25848e25858e24868e24878e23888e"
+        "23898e238a8d228b8d228c8d228d8d218e8d218f8d21908d21918c20928c20928c20938c1f948c1f958b1f968b"
+        "1f978b1f988b1f998a1f9a8a1e9b8a1e9c891e9d891f9e891f9f881fa0881fa1881fa1871fa28720a38620a486"
+        "21a58521a68522a78522a88423a98324aa8325ab8225ac8226ad8127ad8128ae8029af7f2ab07f2cb17e2db27d"
+        "2eb37c2fb47c31b57b32b67a34b67935b77937b87838b9773aba763bbb753dbc743fbc7340bd7242be7144bf70"
+        "46c06f48c16e4ac16d4cc26c4ec36b50c46a52c56954c56856c66758c7655ac8645cc8635ec96260ca6063cb5f"
+        "65cb5e67cc5c69cd5b6ccd5a6ece5870cf5773d05675d05477d1537ad1517cd2507fd34e81d34d84d44b86d549"
+        "89d5488bd6468ed64590d74393d74195d84098d83e9bd93c9dd93ba0da39a2da37a5db36a8db34aadc32addc30"
+        "b0dd2fb2dd2db5de2bb8de29bade28bddf26c0df25c2df23c5e021c8e020cae11fcde11dd0e11cd2e21bd5e21a"
+        "d8e219dae319dde318dfe318e2e418e5e419e7e419eae51aece51befe51cf1e51df4e61ef6e620f8e621fbe723"
+        "fde725"
+    ),
+    "magma": (
+        "00000401000501010601010802010902020b02020d03030f03031204041405041606051806051a07061c08071e"
+        "0907200a08220b09240c09260d0a290e0b2b100b2d110c2f120d31130d34140e36150e38160f3b180f3d19103f"
+        "1a10421c10441d11471e114920114b21114e22115024125325125527125829115a2a115c2c115f2d11612f1163"
+        "31116533106734106936106b38106c390f6e3b0f703d0f713f0f72400f74420f75440f76451077471078491078"
+        "4a10794c117a4e117b4f127b51127c52137c54137d56147d57157e59157e5a167e5c167f5d177f5f187f601880"
+        "621980641a80651a80671b80681c816a1c816b1d816d1d816e1e81701f81721f81732081752181762181782281"
+        "7922827b23827c23827e24828025828125818326818426818627818827818928818b29818c29818e2a81902a81"
+        "912b81932b80942c80962c80982d80992d809b2e7f9c2e7f9e2f7fa02f7fa1307ea3307ea5317ea6317da8327d"
+        "aa337dab337cad347cae347bb0357bb2357bb3367ab5367ab73779b83779ba3878bc3978bd3977bf3a77c03a76"
+        "c23b75c43c75c53c74c73d73c83e73ca3e72cc3f71cd4071cf4070d0416fd2426fd3436ed5446dd6456cd8456c"
+        "d9466bdb476adc4869de4968df4a68e04c67e24d66e34e65e44f64e55064e75263e85362e95462ea5661eb5760"
+        "ec5860ed5a5fee5b5eef5d5ef05f5ef1605df2625df2645cf3655cf4675cf4695cf56b5cf66c5cf66e5cf7705c"
+        "f7725cf8745cf8765cf9785df9795df97b5dfa7d5efa7f5efa815ffb835ffb8560fb8761fc8961fc8a62fc8c63"
+        "fc8e64fc9065fd9266fd9467fd9668fd9869fd9a6afd9b6bfe9d6cfe9f6dfea16efea36ffea571fea772fea973"
+        "feaa74feac76feae77feb078feb27afeb47bfeb67cfeb77efeb97ffebb81febd82febf84fec185fec287fec488"
+        "fec68afec88cfeca8dfecc8ffecd90fecf92fed194fed395fed597fed799fed89afdda9cfddc9efddea0fde0a1"
+        "fde2a3fde3a5fde5a7fde7a9fde9aafdebacfcecaefceeb0fcf0b2fcf2b4fcf4b6fcf6b8fcf7b9fcf9bbfcfbbd"
+        "fcfdbf"
+    ),
 }
-_DEGREE = {"viridis": 4, "magma": 4}
-
-
-def _build_table(name):
-    anchors = np.array([_hex(h) for h in _ANCHORS[name]])
-    lab = _srgb_to_oklab(anchors)
-    t_anchor = np.linspace(0.0, 1.0, len(anchors))
-    weights = np.ones(len(anchors))
-    weights[[0, -1]] = 10.0
-    t = np.linspace(0.0, 1.0, 256)
-    out = np.empty((256, 3))
-    out[:, 0] = lab[0, 0] + (lab[-1, 0] - lab[0, 0]) * t     # lightness: a straight line
-    for ch in (1, 2):
-        coef = np.polyfit(t_anchor, lab[:, ch], _DEGREE[name], w=weights)
-        out[:, ch] = np.polyval(coef, t)
-    target = _into_gamut(out)
-    rgb = _oklab_to_srgb(target) * 255.0
-    # Quantise to 8 bits: per entry, pick the floor/ceil combination nearest to the target in
-    # OKLab among those whose lightness still exceeds the previous entry's (rounding each channel
-    # on its own can make lightness dip by a hair where the curve is flat in one channel).
-    corners = np.array([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=np.float64)
-    table = np.empty((256, 3), dtype=np.uint8)
-    prev_l = -np.inf
-    for i in range(256):
-        cand = np.clip(np.floor(rgb[i]) + corners, 0, 255)
-        cand_lab = _srgb_to_oklab(cand / 255.0)
-        dist = np.sum((cand_lab - target[i]) ** 2, axis=1)
-        dist = np.where(cand_lab[:, 0] > prev_l, dist, dist + 1e6)
-        best = int(np.argmin(dist))
-        table[i] = cand[best]
-        prev_l = cand_lab[best, 0]
-    return table
-
-
-_TABLES = {name: _build_table(name) for name in _ANCHORS}
+_TABLES = {name: np.frombuffer(bytes.fromhex("".join(h)), np.uint8).reshape(256, 3)
+           for name, h in _HEX.items()}
 _TABLES["gray"] = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-for _table in _TABLES.values():
-    _table.setflags(write=False)
+for _entry in _TABLES.values():
+    _entry.setflags(write=False)
 
 
-def _lightness(rgb_uint8):
-    """OKLab lightness of uint8 sRGB colours (used by the tests and for legend text contrast)."""
-    return _srgb_to_oklab(np.asarray(rgb_uint8, dtype=np.float64) / 255.0)[..., 0]
-
-
-# --------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------
-
-def _as_real_array(x, name):
+def _table(name, op):
+    """The 256 x 3 uint8 table of a colormap: built in, or from matplotlib."""
+    if isinstance(name, str) and name in _TABLES:
+        return _TABLES[name]
+    if not isinstance(name, str):
+        raise ShapeError(f"[{op}] name={name!r} is unknown, expected a colormap name")
     try:
-        arr = np.asarray(x)
-    except Exception as exc:  # ragged lists and the like
-        raise ShapeError(f"[viz] {name} could not be converted to an array: {exc}") from None
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.float64)
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ShapeError(f"[viz] {name} has dtype {arr.dtype}, expected a real numeric array")
-    return arr.astype(np.float64, copy=False)
+        cmap = _colormap(op, name)
+    except ImportError:
+        raise ShapeError(f"[{op}] name={name!r} is unknown without matplotlib, expected one of "
+                         f"{sorted(_TABLES)} (other names need {VIZ_EXTRA})") from None
+    except ValueError:
+        raise ShapeError(f"[{op}] name={name!r} is unknown, expected one of {sorted(_TABLES)} "
+                         "or another matplotlib colormap name") from None
+    rgb = cmap(np.linspace(0.0, 1.0, 256))[:, :3]
+    return np.rint(rgb * 255.0).astype(np.uint8)
 
 
-def _check_weights(weights, name="weights", ndims=None):
-    w = _as_real_array(weights, name)
-    if ndims is not None and w.ndim not in ndims:
-        expected = " or ".join(str(n) for n in ndims)
-        raise ShapeError(f"[viz] {name} has {w.ndim} dims, expected {expected}")
-    if w.ndim == 0:
-        raise ShapeError(f"[viz] {name} is a scalar, expected at least 1 dim")
-    if np.isnan(w).any():
-        raise ShapeError(f"[viz] {name} contains NaN")
-    if np.isinf(w).any():
-        raise ShapeError(f"[viz] {name} contains inf")
-    if (w < 0).any():
-        raise ShapeError(f"[viz] {name} contains negative values (min {w.min():.4g}); "
-                         "attention weights must be >= 0")
-    return w
-
-
-def _norm_axis(axis, ndim, name="axis"):
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-        raise ShapeError(f"[viz] {name} must be an int, got {axis!r}")
-    if not -ndim <= axis < ndim:
-        raise ShapeError(f"[viz] {name}={axis} is out of range for an array with {ndim} dims")
-    return int(axis) % ndim
-
-
-# --------------------------------------------------------------------------------------------
-# colormap
-# --------------------------------------------------------------------------------------------
-
-def colormap(values: npt.ArrayLike, *, name: ColormapName = "viridis",
+def colormap(values: npt.ArrayLike, *, name: str = "viridis",
              vmin: Optional[float] = None, vmax: Optional[float] = None) -> np.ndarray:
-    """Map values to 8-bit RGB colours.
+    """Map values to 8-bit RGB colours with a matplotlib colormap.
 
     Parameters
     ----------
     values : array_like
         Real values of any shape. ``+-inf`` are clipped to the ends; NaN is an error.
-    name : {"viridis", "magma", "gray"}
-        ``"viridis"`` and ``"magma"`` approximate the perceptually uniform maps of those names
-        (see the module docstring for how they are derived); their lightness increases
-        monotonically from the first to the last colour. ``"gray"`` is black to white.
+    name : str, default "viridis"
+        ``"viridis"``, ``"magma"`` (perceptually uniform, lightness rising from the first to
+        the last colour) and ``"gray"`` (black to white) work without matplotlib and give
+        matplotlib's colours; any other matplotlib colormap name needs matplotlib.
     vmin, vmax : float, optional
         The values mapped to the first and last colour; default to the minimum and maximum of
         the finite values. When ``vmax == vmin`` everything maps to the first colour.
@@ -246,17 +170,19 @@ def colormap(values: npt.ArrayLike, *, name: ColormapName = "viridis",
     Returns
     -------
     numpy.ndarray
-        ``uint8`` array of shape ``values.shape + (3,)``.
+        ``uint8`` array of shape ``values.shape + (3,)``: entry ``min(floor(t * 256), 255)``
+        of the 256-colour table for ``t = (v - vmin) / (vmax - vmin)`` clipped to [0, 1], as
+        matplotlib indexes its tables.
 
     Examples
     --------
     >>> colormap([0.0, 1.0], name="gray").tolist()
     [[0, 0, 0], [255, 255, 255]]
+    >>> colormap([0.0], name="viridis").tolist()     # matplotlib's first viridis colour
+    [[68, 1, 84]]
     """
-    if name not in _TABLES:
-        raise ShapeError(f"[colormap] name={name!r} is unknown, expected one of "
-                         f"{sorted(_TABLES)}")
-    v = _as_real_array(values, "values")
+    table = _table(name, "colormap")
+    v = _as_real_array(values, "values", "colormap")
     if np.isnan(v).any():
         raise ShapeError("[colormap] values contains NaN")
     finite = v[np.isfinite(v)]
@@ -270,12 +196,12 @@ def colormap(values: npt.ArrayLike, *, name: ColormapName = "viridis",
         t = np.zeros(v.shape)
     else:
         t = np.clip((v - lo) / (hi - lo), 0.0, 1.0)
-    idx = np.rint(t * 255.0).astype(np.intp)
-    return _TABLES[name][idx]
+    idx = np.minimum((t * 256.0).astype(np.intp), 255)
+    return table[idx]
 
 
 # --------------------------------------------------------------------------------------------
-# images
+# pixel maps (NumPy and Pillow only)
 # --------------------------------------------------------------------------------------------
 
 _BACKGROUND = (255, 255, 255)
@@ -291,26 +217,28 @@ def _text_size(draw, text, font):
     return x1 - x0, y1 - y0, x0, y0
 
 
-def _labels(labels, n, name):
-    if labels is None:
-        return None
-    labels = [str(s) for s in labels]
-    if len(labels) != n:
-        raise ShapeError(f"[attention_heatmap] {name} has {len(labels)} entries, expected {n}")
-    return labels
-
-
 def _fmt(x):
     return f"{x:.3g}"
 
 
+def _norm_axis(axis, ndim, name="axis"):
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise ShapeError(f"[viz] {name} must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"[viz] {name}={axis} is out of range for an array with {ndim} dims")
+    return int(axis) % ndim
+
+
 def attention_heatmap(weights: npt.ArrayLike, *, query_labels: Optional[Sequence[str]] = None,
                       key_labels: Optional[Sequence[str]] = None, cell: int = 8,
-                      heads: Literal["mean", "tile"] = "mean", cmap: ColormapName = "viridis",
+                      heads: Literal["mean", "tile"] = "mean", cmap: str = "viridis",
                       vmin: float = 0.0, vmax: Optional[float] = None, legend: bool = True,
                       path: Optional[ImagePath] = None,
                       title: Optional[str] = None) -> Image.Image:
     """Render attention weights as an image, one square cell per weight.
+
+    A pixel map (NumPy and Pillow only); :func:`attention_overlay_figure` and
+    :func:`plot_attention` draw labelled matplotlib figures.
 
     Parameters
     ----------
@@ -460,10 +388,13 @@ def attention_heatmap(weights: npt.ArrayLike, *, query_labels: Optional[Sequence
 
 
 def spectrogram_image(features: npt.ArrayLike, *, path: Optional[ImagePath] = None,
-                      cmap: ColormapName = "magma", height: Optional[int] = None,
+                      cmap: str = "magma", height: Optional[int] = None,
                       vmin: Optional[float] = None, vmax: Optional[float] = None,
                       percentiles: Tuple[float, float] = (2.0, 98.0)) -> Image.Image:
-    """Render a (log-)mel spectrogram or any ``(n_mels, frames)`` feature map.
+    """Render a (log-)mel spectrogram or any ``(n_mels, frames)`` feature map, one pixel per value.
+
+    A plain pixel map without axes (NumPy and Pillow only); :func:`spectrogram_figure` draws
+    the same data with time and frequency axes, a title and a colour bar.
 
     Parameters
     ----------
@@ -495,34 +426,12 @@ def spectrogram_image(features: npt.ArrayLike, *, path: Optional[ImagePath] = No
     >>> spectrogram_image(np.zeros((80, 100)), height=160).size
     (100, 160)
     """
-    f = _as_real_array(features, "features")
-    if f.ndim != 2:
-        raise ShapeError(f"[spectrogram_image] features has {f.ndim} dims, expected 2 "
-                         "(n_mels, frames)")
-    if f.shape[0] == 0 or f.shape[1] == 0:
-        raise ShapeError(f"[spectrogram_image] features is empty: shape {f.shape}")
-    if np.isnan(f).any():
-        raise ShapeError("[spectrogram_image] features contains NaN")
+    op = "spectrogram_image"
+    f = _spectrogram_features(features, op)
     if height is not None and (not isinstance(height, (int, np.integer)) or
                                isinstance(height, bool) or height < 1):
-        raise ShapeError(f"[spectrogram_image] height must be a positive int, got {height!r}")
-    try:
-        p_lo, p_hi = (float(p) for p in percentiles)
-    except (TypeError, ValueError):
-        raise ShapeError(f"[spectrogram_image] percentiles must be two numbers, "
-                         f"got {percentiles!r}") from None
-    if not 0.0 <= p_lo <= p_hi <= 100.0:
-        raise ShapeError(f"[spectrogram_image] percentiles={percentiles!r} must satisfy "
-                         "0 <= low <= high <= 100")
-    finite = f[np.isfinite(f)]
-    if finite.size:
-        lo_d, hi_d = np.percentile(finite, [p_lo, p_hi])
-    else:
-        lo_d, hi_d = 0.0, 1.0
-    lo = float(vmin) if vmin is not None else float(lo_d)
-    hi = float(vmax) if vmax is not None else float(hi_d)
-    if hi < lo:
-        raise ShapeError(f"[spectrogram_image] vmax ({hi}) is smaller than vmin ({lo})")
+        raise ShapeError(f"[{op}] height must be a positive int, got {height!r}")
+    lo, hi = _robust_range(f, vmin, vmax, percentiles, op)
     rgb = colormap(f[::-1], name=cmap, vmin=lo, vmax=hi)   # row 0 of the image = highest band
     img = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
     if height is not None and int(height) != f.shape[0]:
@@ -674,61 +583,3 @@ def attention_summary(weights: npt.ArrayLike) -> Dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------------
-# optional matplotlib helper
-# --------------------------------------------------------------------------------------------
-
-def plot_attention(weights: npt.ArrayLike, *, ax: Optional[Axes] = None,
-                   query_labels: Optional[Sequence[str]] = None,
-                   key_labels: Optional[Sequence[str]] = None, cmap: ColormapName = "viridis",
-                   title: Optional[str] = None, colorbar: bool = True) -> Axes:
-    """Draw ``(Lq, Lk)`` or ``(H, Lq, Lk)`` (head-averaged) weights on a matplotlib axes.
-
-    Needs matplotlib; raises ImportError with a hint when it is missing. Uses this module's
-    colour tables so the colours match :func:`attention_heatmap`.
-
-    Parameters
-    ----------
-    weights : array_like
-        ``(Lq, Lk)`` or ``(H, Lq, Lk)`` non-negative, finite weights.
-    ax : matplotlib.axes.Axes, optional
-        Where to draw; default a new figure's axes (``plt.subplots()``).
-    query_labels, key_labels : sequence of str, optional
-        Tick labels of the rows (queries) and of the columns (keys, rotated).
-    cmap : {"viridis", "magma", "gray"}
-        A :func:`colormap` name.
-    title : str, optional
-    colorbar : bool
-        Add a colour bar next to the axes.
-
-    Returns
-    -------
-    matplotlib.axes.Axes
-    """
-    try:
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_attention needs matplotlib (pip install matplotlib); "
-                          "attention_heatmap works without it") from exc
-    w = _check_weights(weights, "weights", ndims=(2, 3))
-    if w.ndim == 3:
-        w = w.mean(axis=0)
-    if cmap not in _TABLES:
-        raise ShapeError(f"[plot_attention] cmap={cmap!r} is unknown, expected one of "
-                         f"{sorted(_TABLES)}")
-    if ax is None:
-        _, ax = plt.subplots()
-    im = ax.imshow(w, cmap=ListedColormap(_TABLES[cmap] / 255.0, name=f"mmcore_{cmap}"),
-                   aspect="auto", interpolation="nearest", vmin=0.0)
-    if query_labels is not None:
-        ax.set_yticks(range(w.shape[0]), [str(s) for s in _labels(query_labels, w.shape[0],
-                                                                   "query_labels")])
-    if key_labels is not None:
-        ax.set_xticks(range(w.shape[1]), [str(s) for s in _labels(key_labels, w.shape[1],
-                                                                  "key_labels")], rotation=90)
-    if title:
-        ax.set_title(str(title))
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax)
-    return ax

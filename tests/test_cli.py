@@ -67,7 +67,7 @@ def test_demo_writes_pngs_and_prints_table(workdir):
             assert im.format == "PNG" and im.mode == "RGB"
             assert im.size[0] > 10 and im.size[1] > 10
     with Image.open(workdir / "tmp" / "mel_spectrogram.png") as im:
-        assert im.size == (200, 160)          # 2 s at hop 160 -> 200 frames, 80 mels x 2
+        assert im.size == (990, 440)          # a 9 x 4 in figure at 110 dpi, axes and colour bar
 
 
 def test_demo_json_batch(workdir):

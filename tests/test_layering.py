@@ -22,7 +22,7 @@ LAYERS = [
     {"mmcore._C", "mmcore._cuda"},                   # the native modules (no Python imports)
     {"mmcore.errors"},
     {"mmcore.modality", "mmcore._files", "mmcore._backend", "mmcore._precision",
-     "mmcore._version"},
+     "mmcore._version", "mmcore._viz_figures"},
     {"mmcore.kernels"},
     {"mmcore.config", "mmcore.ops"},
     {"mmcore.preprocess", "mmcore.cache", "mmcore.viz"},
