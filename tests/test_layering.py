@@ -28,7 +28,7 @@ LAYERS = [
     {"mmcore.preprocess", "mmcore.cache", "mmcore.viz"},
     {"mmcore.model"},
     {"mmcore"},
-    {"mmcore.distributed", "mmcore.features", "mmcore.demo"},
+    {"mmcore.distributed", "mmcore.features", "mmcore.demo", "mmcore.hf"},
     {"mmcore.cli"},
     {"mmcore.__main__"},
 ]
