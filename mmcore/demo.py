@@ -148,9 +148,11 @@ def _weights_pictures(weights: Dict[Any, np.ndarray], text: str, image: np.ndarr
                                              title=title, query_name=f"{q} token",
                                              key_name=f"{c} patch" if c == "image" else
                                              f"{c} token")
-            else:
-                viz.attention_heatmap(m, query_labels=[s.split(": ", 1)[1] for s in qlabels]
-                                      if qlabels else None, cell=12, path=path, title=title)
+            else:                        # Pillow's default font: ASCII only
+                plain = ([s.split(": ", 1)[1].replace("\u2423", "_") for s in qlabels]
+                         if qlabels else None)
+                viz.attention_heatmap(m, query_labels=plain, cell=12, path=path,
+                                      title=title.replace("\u2192", "->"))
             files.append(path)
             _summary(f"{q}->{c}", m, w.shape, summaries)
         else:

@@ -406,8 +406,10 @@ def test_overlay_shapes_grid_and_options():
     assert "'z'" in one.axes[0].get_title() and "2 x 6" in one.axes[0].get_title()
     square = viz.attention_overlay_figure(np.full((1, 9), 1 / 9), dpi=30, title=None)
     assert "3 x 3" in square.axes[0].get_title()
-    gray_img = viz.attention_overlay_figure(np.full((1, 4), 0.25), np.zeros((8, 8)), dpi=30)
-    assert gray_img.axes[0].get_images()[0].get_array().shape == (8, 8, 3)
+    for image in (np.zeros((8, 8)), np.zeros((8, 8, 1), np.uint8),
+                  np.full((8, 8, 4), 255, np.uint8), np.ones((8, 8, 3), np.float32)):
+        fig = viz.attention_overlay_figure(np.full((1, 4), 0.25), image, dpi=30)
+        assert fig.axes[0].get_images()[0].get_array().shape == (8, 8, 3)
 
 
 def test_overlay_bad_inputs():
