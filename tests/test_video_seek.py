@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import zlib
 from fractions import Fraction
 
 import numpy as np
@@ -19,7 +20,7 @@ from mmcore.preprocess.video import _VideoReader
 av = pytest.importorskip("av")
 
 W, H = 64, 48
-N = 100
+N = 72
 GOP = 12
 X264 = "keyint=12:min-keyint=12:scenecut=0:bframes=3:b-pyramid=normal"
 
@@ -247,9 +248,9 @@ def test_every_frame_equals_a_plain_decode(files, reference, name):
 def test_random_subsets_first_last_and_range(files, reference, name):
     path, (ref, _, _) = get(files, reference, name)
     n = len(ref)
-    rng = np.random.default_rng(abs(hash(name)) % 1000)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     subsets = [[0], [n - 1], [n - 1, 0], [0, n - 1, 0], [n // 2, n // 2 - 1, n // 2 + 1]]
-    subsets += [rng.integers(0, n, int(rng.integers(1, 12))).tolist() for _ in range(12)]
+    subsets += [rng.integers(0, n, int(rng.integers(1, 12))).tolist() for _ in range(8)]
     subsets += [sorted(rng.choice(n, 20, replace=False).tolist())]
     subsets += [list(range(k, n, GOP)) for k in (0, 5, GOP - 1)]
     for idx in subsets:
@@ -334,7 +335,7 @@ def test_a_frame_the_decoder_does_not_produce_raises_naming_it(files, reference)
     path, (ref, _, _) = get(files, reference, "mkv-h264-bframes")
     with _VideoReader(path, max_threads=1, op="test") as r:
         r.frame_pts[7] += 1       # frame 7's timestamp no longer matches any decoded frame
-        with pytest.raises(VideoDecodeError, match=r"frame 7 of 100 could not be decoded"):
+        with pytest.raises(VideoDecodeError, match=rf"frame 7 of {N} could not be decoded"):
             r.read(np.array([2, 7, 9]))
     with _VideoReader(path, max_threads=1, op="test") as r:
         r.frame_pts[-1] += 1
