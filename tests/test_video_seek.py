@@ -331,8 +331,15 @@ def test_dense_reads_decode_once(files, reference):
         assert r.seeks == 1
 
 
-def test_a_frame_the_decoder_does_not_produce_raises_naming_it(files, reference):
+def test_a_frame_the_decoder_does_not_produce_raises_naming_it(files, reference, monkeypatch):
+    import mmcore.preprocess._video_reader as R
     path, (ref, _, _) = get(files, reference, "mkv-h264-bframes")
+    with _VideoReader(path, max_threads=1, op="test") as r:
+        r.frame_pts[7] += 1
+        monkeypatch.setattr(R, "REORDER_LIMIT", 8)
+        with pytest.raises(VideoDecodeError, match=r"frame 7 of .* within 8 packets of its own"):
+            r.read(np.array([7, 9]))
+        monkeypatch.undo()
     with _VideoReader(path, max_threads=1, op="test") as r:
         r.frame_pts[7] += 1       # frame 7's timestamp no longer matches any decoded frame
         with pytest.raises(VideoDecodeError, match=rf"frame 7 of {N} could not be decoded"):
