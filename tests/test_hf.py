@@ -110,7 +110,8 @@ def _inputs(name):
         return _photo("chelsea").astype(np.float32) / 255
     if name == "list":
         ast = _photo("astronaut")
-        return [ast, _photo("chelsea")[:200], _photo("coffee"), ast[:13, :211]]
+        return [ast, _photo("chelsea")[:200], _photo("coffee"), ast[:13, :211],
+                _photo("camera")[:100, :150, None]]
     if name == "NHWC batch":
         return np.stack([_photo("astronaut")[:300, :300], _photo("chelsea")[:300, :300]])
     raise KeyError(name)
@@ -119,7 +120,7 @@ def _inputs(name):
 IMAGE_INPUTS = ["astronaut PIL", "chelsea HWC", "coffee CHW", "odd 97x311", "tiny 7x5", "1x1",
                 "strided view", "gray PIL", "gray HW1", "RGBA PIL", "RGBA array", "LA PIL",
                 "P with transparency", "float in [0, 1]", "list", "NHWC batch"]
-_NEEDS_RGB = ("gray", "RGBA", "LA", "P with")
+_NEEDS_RGB = ("gray", "RGBA", "LA", "P with", "list")   # ViT converts only when asked
 
 
 def _pair(transformers, family, tmp_path, **over):
@@ -269,6 +270,29 @@ def test_transparent_pixels_become_white():
     half[..., 3] = 128                          # 17 * 128/255 + 255 * 127/255 = 135.5 -> 136
     out = proc(half, do_resize=False, do_rescale=False, do_normalize=False)["pixel_values"][0]
     assert out.dtype == np.uint8 and np.all(out == 136)
+
+
+def test_every_alpha_composites_as_pillow_and_load_image():
+    """Every (colour, alpha) pair: the array path (transformers' float formula), the PIL path
+    (Pillow's alpha_composite) and load_image(background=white) give the same pixels."""
+    import io
+
+    from PIL import Image
+
+    from mmcore.hf._images import to_hwc
+    from mmcore.preprocess import load_image
+    v = np.arange(256, dtype=np.uint8)
+    rgba = np.stack(np.broadcast_arrays(v[:, None], v[None, ::-1], v[::-1, None], v[None, :]),
+                    axis=-1).astype(np.uint8)           # (256, 256, 4): every (c, alpha) pair
+    arr = to_hwc("t", "img", rgba, convert_rgb=True, channels_first=False)
+    pil = to_hwc("t", "img", Image.fromarray(rgba, "RGBA"), convert_rgb=True,
+                 channels_first=None)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    loaded = load_image(buf.getvalue(), background=(255, 255, 255))
+    np.testing.assert_array_equal(arr, pil)
+    np.testing.assert_array_equal(loaded, pil)
+    assert pil[0, 0].tolist() == [255, 255, 255] and pil[255, 0, 0] == 255
 
 
 def test_return_tensors_and_batch_feature():
