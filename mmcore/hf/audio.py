@@ -7,7 +7,7 @@ step by step -- truncation and padding (``padding`` "max_length" to ``chunk_leng
 sample, then one per frame) -- and computes the log-mel features with
 :func:`mmcore.ops.log_mel_spectrogram` (``preset="whisper"``). transformers computes them with
 ``torch.stft`` in float32 (NumPy in float64 without torch); mmcore's kernel is openai-whisper's
-transform with float32 partial sums added in float64, so the features agree to about 1e-5.
+transform with float32 partial sums added in float64, so the features agree to a few 1e-5.
 
 The kernel is Whisper's front end: ``sampling_rate`` 16000, ``n_fft`` 400, ``hop_length`` 160,
 ``feature_size`` 80 or 128, ``dither`` 0. A config asking for anything else raises
