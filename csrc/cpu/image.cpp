@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "mmcore/image.h"
+#include "mmcore/image_madd.h"
 #include "mmcore/parallel.h"
 #include "mmcore/resample_filters.h"
 #include "mmcore/simd.h"
@@ -33,6 +34,10 @@ namespace MMCORE_TARGET {
 namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+using namespace image_madd;
+static_assert(image_madd::kPrecisionBits == kPrecisionBits);
+#endif
 
 // Memory budgets of the scratch a resize needs beyond its input and output: the filter tables
 // of one axis (n * ksize weights) and the transposed row segment of the horizontal uint8 pass.
@@ -255,63 +260,7 @@ void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, cons
 }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// The horizontal uint8 pass with AVX2 (kWidth == 8): the same rows-on-lanes scheme as
-// hpass_band_u8, with the multiply-adds on pmaddwd instead of a 32-bit multiply. A value v of
-// the band is held as the int16 pair (v, 128 v) and a weight w as (w & 127, w >> 7); their
-// pmaddwd is v (w & 127) + 128 v (w >> 7) = v w, exactly, when -2^22 <= w < 2^22 (packed_taps
-// checks that). The sums are Pillow's, so the rounding and clamping that follow are too.
-// Band values transposed at once: outputs are taken in groups whose taps span at most this
-// many values of a row (or one output), so the transposed segment stays in the L2 cache.
-constexpr int64_t kMaddSegment = 4096;
-
-// One transposed value: 8 rows (lanes) of v + (v << 23), i.e. the int16 pairs (v, 128 v).
-inline __m256i pair_lanes(__m128i eight_bytes) {
-  const __m256i x = _mm256_cvtepu8_epi32(eight_bytes);
-  return _mm256_add_epi32(x, _mm256_slli_epi32(x, 23));
-}
-
-// Values [i, i + 16) of 8 rows, transposed into B[0 .. 16) (a byte transpose, then widened).
-inline void transpose16_u8(const uint8_t* const* rowp, int64_t i, __m256i* B) {
-  __m128i a[8];
-  for (int l = 0; l < 8; ++l) a[l] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rowp[l] + i));
-  __m128i t[8], u[8];
-  for (int p = 0; p < 4; ++p) {  // 16-bit units m: (row 2p, row 2p + 1) of value m
-    t[2 * p] = _mm_unpacklo_epi8(a[2 * p], a[2 * p + 1]);
-    t[2 * p + 1] = _mm_unpackhi_epi8(a[2 * p], a[2 * p + 1]);
-  }
-  for (int h = 0; h < 2; ++h) {  // 32-bit units m: rows 4h .. 4h + 3 of value m
-    const __m128i* s = t + 4 * h;
-    u[4 * h + 0] = _mm_unpacklo_epi16(s[0], s[2]);  // values 0..3
-    u[4 * h + 1] = _mm_unpackhi_epi16(s[0], s[2]);  // 4..7
-    u[4 * h + 2] = _mm_unpacklo_epi16(s[1], s[3]);  // 8..11
-    u[4 * h + 3] = _mm_unpackhi_epi16(s[1], s[3]);  // 12..15
-  }
-  for (int q = 0; q < 4; ++q) {  // 64-bit units: rows 0 .. 7 of one value
-    const __m128i lo = _mm_unpacklo_epi32(u[q], u[4 + q]), hi = _mm_unpackhi_epi32(u[q], u[4 + q]);
-    B[4 * q + 0] = pair_lanes(lo);
-    B[4 * q + 1] = pair_lanes(_mm_unpackhi_epi64(lo, lo));
-    B[4 * q + 2] = pair_lanes(hi);
-    B[4 * q + 3] = pair_lanes(_mm_unpackhi_epi64(hi, hi));
-  }
-}
-
-// Rows 0..nr-1 of 8 outputs: O[m] holds output m of rows 0..7 (lanes), already shifted; row l
-// gets clamp(O[m][l], 0, 255) for m < 8 at out + l * stride (saturating packs clamp).
-inline void store8_u8(const __m256i* O, int nr, uint8_t* out, int64_t stride) {
-  const __m256i a = _mm256_packs_epi32(O[0], O[1]), b = _mm256_packs_epi32(O[2], O[3]);
-  const __m256i c = _mm256_packs_epi32(O[4], O[5]), d = _mm256_packs_epi32(O[6], O[7]);
-  // Per 128-bit half (rows 0-3, rows 4-7): bytes m * 4 + r -> r * 4 + m.
-  const __m256i perm = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13,
-                                        2, 6, 10, 14, 3, 7, 11, 15);
-  const __m256i e = _mm256_shuffle_epi8(_mm256_packus_epi16(a, b), perm);  // outputs 0..3
-  const __m256i f = _mm256_shuffle_epi8(_mm256_packus_epi16(c, d), perm);  // outputs 4..7
-  const __m256i lo = _mm256_unpacklo_epi32(e, f), hi = _mm256_unpackhi_epi32(e, f);
-  // lo: rows 0, 1 | 4, 5; hi: rows 2, 3 | 6, 7 (8 bytes each).
-  alignas(32) uint8_t rows[8][8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(rows[0]), _mm256_permute2x128_si256(lo, hi, 0x20));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(rows[4]), _mm256_permute2x128_si256(lo, hi, 0x31));
-  for (int l = 0; l < nr; ++l) std::memcpy(out + l * stride, rows[l], 8);
-}
+// The uint8 passes on pmaddwd (image_madd.h): the same sums as hpass_band_u8 and vpass_row_u8.
 
 // Weights of t packed for the pmaddwd pass, (w & 127) | (w >> 7) << 16; false (and wp left
 // empty) when a weight lies outside [-2^22, 2^22) (a tap of weight 1, as the nearest filter
@@ -326,36 +275,6 @@ bool packed_taps(const Taps& t, std::vector<int32_t>* wp) {
     (*wp)[i] = static_cast<int32_t>(static_cast<uint32_t>(w & 127) | (static_cast<uint32_t>(w >> 7) << 16));
   }
   return true;
-}
-
-// The multiply-adds of outputs [j0, j1) over the transposed segment B (which starts at
-// column xlo): O[j * C + c] = the shifted sum of output j, channel c, rows on the lanes.
-template <int kC>
-void madd_outputs(const __m256i* B, int64_t xlo, const Taps& t, const int32_t* wp, int64_t j0, int64_t j1, int64_t C,
-                  __m256i* O) {
-  const int64_t cc = kC > 0 ? kC : C;
-  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
-  for (int64_t j = j0; j < j1; ++j) {
-    const __m256i* s = B + (t.start[j] - xlo) * cc;
-    const int32_t* w = wp + j * t.ksize;
-    const int64_t cnt = t.count[j];
-    if constexpr (kC > 0) {
-      __m256i acc[kC];
-      for (int c = 0; c < kC; ++c) acc[c] = half;
-      for (int64_t k = 0; k < cnt; ++k) {
-        const __m256i wk = _mm256_set1_epi32(w[k]);
-        for (int c = 0; c < kC; ++c) acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(s[k * kC + c], wk));
-      }
-      for (int c = 0; c < kC; ++c) O[j * kC + c] = _mm256_srai_epi32(acc[c], kPrecisionBits);
-    } else {
-      for (int64_t c = 0; c < cc; ++c) {
-        __m256i acc = half;
-        for (int64_t k = 0; k < cnt; ++k)
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s[k * cc + c], _mm256_set1_epi32(w[k])));
-        O[j * cc + c] = _mm256_srai_epi32(acc, kPrecisionBits);
-      }
-    }
-  }
 }
 
 // hpass_band_u8 on pmaddwd: rows y0 .. y0 + nr - 1 of src (nr <= 8) -> out rows 0 .. nr - 1.
@@ -385,10 +304,10 @@ void hpass_band_madd(const ImageView<const uint8_t>& src, int64_t y0, int nr, co
       B[i] = pair_lanes(_mm_load_si128(reinterpret_cast<const __m128i*>(col)));
     }
     switch (C) {
-      case 1: madd_outputs<1>(B, xlo, t, wp, j0, j1, C, O); break;
-      case 3: madd_outputs<3>(B, xlo, t, wp, j0, j1, C, O); break;
-      case 4: madd_outputs<4>(B, xlo, t, wp, j0, j1, C, O); break;
-      default: madd_outputs<0>(B, xlo, t, wp, j0, j1, C, O);
+      case 1: madd_outputs<1>(B, xlo, t.start.data(), t.count.data(), t.ksize, wp, j0, j1, C, O); break;
+      case 3: madd_outputs<3>(B, xlo, t.start.data(), t.count.data(), t.ksize, wp, j0, j1, C, O); break;
+      case 4: madd_outputs<4>(B, xlo, t.start.data(), t.count.data(), t.ksize, wp, j0, j1, C, O); break;
+      default: madd_outputs<0>(B, xlo, t.start.data(), t.count.data(), t.ksize, wp, j0, j1, C, O);
     }
   }
   const int64_t olen = n * C;
@@ -400,6 +319,7 @@ void hpass_band_madd(const ImageView<const uint8_t>& src, int64_t y0, int nr, co
     for (int l = 0; l < nr; ++l) out[l * out_stride + o] = static_cast<uint8_t>(std::clamp(lanes[l], 0, 255));
   }
 }
+
 // Weights of t as pmaddwd pairs of taps (k, k + 1) for the vertical pass: per output,
 // (cnt + 1) / 2 pairs of the high parts w >> 7 into wh and of the low parts w & 127 into wl
 // (a missing second tap weighs 0); false when a weight lies outside [-2^22, 2^22).
@@ -421,47 +341,6 @@ bool paired_taps(const Taps& t, std::vector<int32_t>* wh, std::vector<int32_t>* 
   return true;
 }
 
-// Vertical pass of one output row on pmaddwd: taps in pairs (k, k + 1) with the values of the
-// two rows interleaved as int16 pairs, one sum over the high parts of the weights and one over
-// the low parts: 128 sum(v (w >> 7)) + sum(v (w & 127)) = sum(v w), exactly; then Pillow's
-// rounding and clamping. wh, wl: the (cnt + 1) / 2 pairs of paired_taps; w: the plain weights.
-void vpass_row_madd(const uint8_t* const* rows, const int32_t* wh, const int32_t* wl, const int32_t* w, int64_t cnt,
-                    int64_t len, uint8_t* out) {
-  const int64_t np = (cnt + 1) / 2;
-  const __m256i zero = _mm256_setzero_si256(), half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
-  int64_t i = 0;
-  for (; i + 32 <= len; i += 32) {
-    __m256i h[4], l[4];
-    for (int q = 0; q < 4; ++q) h[q] = l[q] = zero;
-    for (int64_t p = 0; p < np; ++p) {
-      const uint8_t* ra = rows[2 * p];
-      const uint8_t* rb = 2 * p + 1 < cnt ? rows[2 * p + 1] : ra;
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra + i));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + i));
-      const __m256i ab_lo = _mm256_unpacklo_epi8(a, b), ab_hi = _mm256_unpackhi_epi8(a, b);
-      // Values 0-3 | 16-19, 4-7 | 20-23, 8-11 | 24-27, 12-15 | 28-31 (per 128-bit half).
-      const __m256i v[4] = {_mm256_unpacklo_epi8(ab_lo, zero), _mm256_unpackhi_epi8(ab_lo, zero),
-                            _mm256_unpacklo_epi8(ab_hi, zero), _mm256_unpackhi_epi8(ab_hi, zero)};
-      const __m256i ph = _mm256_set1_epi32(wh[p]), pl = _mm256_set1_epi32(wl[p]);
-      for (int q = 0; q < 4; ++q) {
-        h[q] = _mm256_add_epi32(h[q], _mm256_madd_epi16(v[q], ph));
-        l[q] = _mm256_add_epi32(l[q], _mm256_madd_epi16(v[q], pl));
-      }
-    }
-    __m256i r[4];
-    for (int q = 0; q < 4; ++q)
-      r[q] =
-          _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(h[q], 7), l[q]), half), kPrecisionBits);
-    // The packs undo the unpacks' order within each half; saturation is the clamp to 0..255.
-    const __m256i x = _mm256_packs_epi32(r[0], r[1]), y = _mm256_packs_epi32(r[2], r[3]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_packus_epi16(x, y));
-  }
-  for (; i < len; ++i) {
-    int32_t acc = 1 << (kPrecisionBits - 1);
-    for (int64_t k = 0; k < cnt; ++k) acc += static_cast<int32_t>(rows[k][i]) * w[k];
-    out[i] = clip8(acc);
-  }
-}
 #endif
 
 void hpass_row_f32(const float* in, const Taps& t, int64_t n, int64_t C, float* out) {
@@ -523,6 +402,15 @@ struct Scratch {
   }
 };
 
+// True when every output copies one input value (the nearest filter: one tap of weight 1,
+// and Pillow's (v * 2^22 + 2^21) >> 22 is v).
+bool copy_taps(const Taps& t) {
+  if (t.ksize != 1) return false;
+  for (size_t i = 0; i < t.count.size(); ++i)
+    if (t.count[i] != 1 || t.wi[i] != (1 << kPrecisionBits)) return false;
+  return true;
+}
+
 // Horizontal pass of rows [row0, row0 + nrows) of `in` with taps th (columns relative to in),
 // n outputs per row, into out (rows out_stride apart).
 template <class T>
@@ -530,6 +418,18 @@ void hpass_rows(const ImageView<const T>& in, int64_t row0, int64_t nrows, const
                 int64_t out_stride, int threads) {
   if (nrows <= 0) return;
   if constexpr (std::is_same<T, uint8_t>::value) {
+    if (copy_taps(th)) {
+      const int64_t C = in.C, band = std::max<int64_t>(8, nrows / (4 * std::max(threads, 1)) + 1);
+      parallel_for((nrows + band - 1) / band, threads, [&](int64_t b, int) {
+        for (int64_t y = b * band; y < std::min(nrows, (b + 1) * band); ++y) {
+          const uint8_t* r = in.data + (row0 + y) * in.stride;
+          uint8_t* o = out + y * out_stride;
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t c = 0; c < C; ++c) o[j * C + c] = r[th.start[j] * C + c];
+        }
+      });
+      return;
+    }
     std::vector<int32_t> wp;
     [[maybe_unused]] bool madd = false;
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -564,6 +464,13 @@ void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv,
                 T* out, int64_t out_stride, int threads) {
   if (ny <= 0) return;
   const int64_t band = std::max<int64_t>(4, ny / (4 * std::max(threads, 1)) + 1);
+  if (std::is_same<T, uint8_t>::value && copy_taps(tv)) {
+    parallel_for((ny + band - 1) / band, threads, [&](int64_t b, int) {
+      for (int64_t y = b * band; y < std::min(ny, (b + 1) * band); ++y)
+        std::memcpy(out + y * out_stride, in + (tv.start[y] - in_row0) * in_stride + v0, sizeof(T) * len);
+    });
+    return;
+  }
   [[maybe_unused]] bool madd = false;
   std::vector<int32_t> wh, wl;
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -683,8 +590,8 @@ void resize_one(const ImageView<const T>& src, const ImageView<T>& dst, ResizeFi
 
 // The fused preprocess of one image into out (C, crop_h, crop_w) or patches.
 void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, int64_t crop_h, int64_t crop_w,
-                    ResizeFilter f, bool aa, const float* lut, int64_t patch, float* out, int threads) {
-  const int64_t C = src.C;
+                    ResizeFilter f, bool aa, const float* lut, const NormalizeSpec& norm, float* out, int threads) {
+  const int64_t C = src.C, patch = norm.patch;
   const int64_t RH = geom[0], RW = geom[1], top = geom[2], left = geom[3];
   // The part of the crop window that lies inside the resized image.
   const int64_t ya = std::max<int64_t>(top, 0), yb = std::min<int64_t>(top + crop_h, RH);
@@ -716,11 +623,19 @@ void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, in
       const uint8_t* row = px.data() + yy * rowlen;
       const int64_t y = ya + yy - top;
       if (patch == 0) {
+        int64_t x0 = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        if (C == 3) {
+          float* d[3];
+          for (int c = 0; c < 3; ++c) d[c] = out + c * plane + y * crop_w + (xa - left);
+          x0 = normalize_row_rgb(row, nx, norm, d);
+        }
+#endif
         for (int64_t c = 0; c < C; ++c) {
           float* __restrict dstrow = out + c * plane + y * crop_w + (xa - left);
           const float* __restrict l = lut + c * 256;
           const uint8_t* __restrict src = row + c;
-          for (int64_t x = 0; x < nx; ++x) dstrow[x] = l[src[x * C]];
+          for (int64_t x = x0; x < nx; ++x) dstrow[x] = l[src[x * C]];
         }
       } else {
         for (int64_t x = 0; x < nx; ++x)
@@ -841,12 +756,11 @@ void preprocess_u8(const PreprocessParams& p) {
   const int64_t per_image = C * crop_h * crop_w;
   if (n >= num_threads && n > 1) {
     parallel_for(n, num_threads, [&](int64_t i, int) {
-      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch, out + i * per_image,
-                     1);
+      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm, out + i * per_image, 1);
     });
   } else {
     for (int64_t i = 0; i < n; ++i)
-      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm.patch, out + i * per_image,
+      preprocess_one(srcs[i], geoms + 4 * i, crop_h, crop_w, f, antialias, lut.data(), norm, out + i * per_image,
                      num_threads);
   }
 }
