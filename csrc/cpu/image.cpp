@@ -34,7 +34,7 @@ namespace MMCORE_TARGET {
 namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
 using namespace image_madd;
 static_assert(image_madd::kPrecisionBits == kPrecisionBits);
 #endif
@@ -259,7 +259,7 @@ void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, cons
     for (int l = 0; l < nr; ++l) out[l * out_stride + o] = static_cast<uint8_t>(O[o][l]);
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
 // The uint8 passes on pmaddwd (image_madd.h): the same sums as hpass_band_u8 and vpass_row_u8.
 
 // Weights of t packed for the pmaddwd pass, (w & 127) | (w >> 7) << 16; false (and wp left
@@ -430,21 +430,21 @@ void hpass_rows(const ImageView<const T>& in, int64_t row0, int64_t nrows, const
       });
       return;
     }
+#if defined(__AVX2__)
     std::vector<int32_t> wp;
-    [[maybe_unused]] bool madd = false;
-#if defined(__AVX2__) && !defined(__AVX512F__)
-    madd = packed_taps(th, &wp);
+    if (packed_taps(th, &wp)) {  // bands of 8 rows (one AVX2 vector), also for the AVX-512 target
+      parallel_for((nrows + 7) / 8, threads, [&](int64_t b, int) {
+        Scratch& sc = Scratch::get();
+        const int nr = static_cast<int>(std::min<int64_t>(8, nrows - b * 8));
+        hpass_band_madd(in, row0 + b * 8, nr, th, wp.data(), n, out + b * 8 * out_stride, out_stride, sc.band_in,
+                        sc.band_out);
+      });
+      return;
+    }
 #endif
     parallel_for((nrows + kWidth - 1) / kWidth, threads, [&](int64_t b, int) {
       Scratch& sc = Scratch::get();
       const int nr = static_cast<int>(std::min<int64_t>(kWidth, nrows - b * kWidth));
-#if defined(__AVX2__) && !defined(__AVX512F__)
-      if (madd) {
-        hpass_band_madd(in, row0 + b * kWidth, nr, th, wp.data(), n, out + b * kWidth * out_stride, out_stride,
-                        sc.band_in, sc.band_out);
-        return;
-      }
-#endif
       hpass_band_u8(in, row0 + b * kWidth, nr, th, n, out + b * kWidth * out_stride, out_stride, sc.band_in,
                     sc.band_out);
     });
@@ -473,7 +473,7 @@ void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv,
   }
   [[maybe_unused]] bool madd = false;
   std::vector<int32_t> wh, wl;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
   if constexpr (std::is_same<T, uint8_t>::value) madd = paired_taps(tv, &wh, &wl);
 #endif
   parallel_for((ny + band - 1) / band, threads, [&](int64_t b, int) {
@@ -483,7 +483,7 @@ void vpass_rows(const T* in, int64_t in_stride, int64_t in_row0, const Taps& tv,
       const int64_t cnt = tv.count[y];
       for (int64_t k = 0; k < cnt; ++k) rows[k] = in + (tv.start[y] + k - in_row0) * in_stride + v0;
       if constexpr (std::is_same<T, uint8_t>::value) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
         if (madd) {
           const int64_t np = (tv.ksize + 1) / 2;
           vpass_row_madd(rows.data(), wh.data() + y * np, wl.data() + y * np, tv.wi.data() + y * tv.ksize, cnt, len,
@@ -624,7 +624,7 @@ void preprocess_one(const ImageView<const uint8_t>& src, const int64_t* geom, in
       const int64_t y = ya + yy - top;
       if (patch == 0) {
         int64_t x0 = 0;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
         if (C == 3) {
           float* d[3];
           for (int c = 0; c < 3; ++c) d[c] = out + c * plane + y * crop_w + (xa - left);

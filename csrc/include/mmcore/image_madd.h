@@ -1,7 +1,7 @@
 // AVX2 building blocks of the uint8 resize passes and the normalize of the fused preprocess
-// (csrc/cpu/image.cpp), for the AVX2 target only (kWidth == 8). Pillow's fixed-point sums of
-// uint8 values v and 22-bit weights w are computed exactly on pmaddwd, which multiplies int16
-// pairs and adds the two products into an int32 lane:
+// (csrc/cpu/image.cpp), 256 bits wide, used by the AVX2 and the AVX-512 targets. Pillow's
+// fixed-point sums of uint8 values v and 22-bit weights w are computed exactly on pmaddwd, which
+// multiplies int16 pairs and adds the two products into an int32 lane:
 // * horizontal pass, rows on the lanes: a value is held as the pair (v, 128 v), a weight as
 //   (w & 127, w >> 7), and v (w & 127) + 128 v (w >> 7) = v w;
 // * vertical pass, values on the lanes: two taps' values (v_k, v_k+1) against the pairs of
@@ -14,7 +14,7 @@
 #error "image_madd.h is for the per-target kernel files (MMCORE_TARGET must be defined)"
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 
 #include <algorithm>
