@@ -3,6 +3,7 @@
 //
 // Compiled once per instruction-set target (see attention.cpp); the inner loops are written so
 // that the compiler vectorizes them for the target (the vertical pass runs along a whole row).
+// With AVX2 the uint8 passes and the normalize run on the intrinsics of image_madd.h instead.
 //
 // Resize follows Pillow's two-pass scheme: weights per output pixel from the filter, widened by
 // the scale when downscaling with antialiasing and normalized to sum 1; uint8 images go through
@@ -261,12 +262,16 @@ void hpass_band_u8(const ImageView<const uint8_t>& src, int64_t y0, int nr, cons
 
 #if defined(__AVX2__)
 // The uint8 passes on pmaddwd (image_madd.h): the same sums as hpass_band_u8 and vpass_row_u8.
+// Their weight tables add 4 bytes per tap to the budgeted ones; beyond this many taps (64 MB of
+// them) the passes above run instead, so the budget of check_resize_scratch still holds.
+constexpr size_t kMaxMaddTaps = size_t{1} << 24;
 
 // Weights of t packed for the pmaddwd pass, (w & 127) | (w >> 7) << 16; false (and wp left
 // empty) when a weight lies outside [-2^22, 2^22) (a tap of weight 1, as the nearest filter
 // or an upscale landing on a source pixel has).
 bool packed_taps(const Taps& t, std::vector<int32_t>* wp) {
   wp->clear();
+  if (t.wi.size() > kMaxMaddTaps) return false;
   for (const int32_t w : t.wi)
     if (w < -(1 << kPrecisionBits) || w >= (1 << kPrecisionBits)) return false;
   wp->resize(t.wi.size());
@@ -324,6 +329,7 @@ void hpass_band_madd(const ImageView<const uint8_t>& src, int64_t y0, int nr, co
 // (cnt + 1) / 2 pairs of the high parts w >> 7 into wh and of the low parts w & 127 into wl
 // (a missing second tap weighs 0); false when a weight lies outside [-2^22, 2^22).
 bool paired_taps(const Taps& t, std::vector<int32_t>* wh, std::vector<int32_t>* wl) {
+  if (t.wi.size() > kMaxMaddTaps) return false;
   for (const int32_t w : t.wi)
     if (w < -(1 << kPrecisionBits) || w >= (1 << kPrecisionBits)) return false;
   const int64_t n = static_cast<int64_t>(t.count.size()), np = (t.ksize + 1) / 2;
