@@ -68,21 +68,6 @@ inline float sample(const float* x, int64_t T, int64_t i, PadMode mode) {
   return (i >= 0 && i < T) ? x[i] : 0.0f;
 }
 
-// Places frame sample t (already windowed) at FFT-buffer position b of lane `lane`.
-struct LaneWriter {
-  float* re;
-  float* im;
-  bool real_split;  // even positions -> re[b/2], odd -> im[b/2]
-  int lane;
-  void put(int64_t b, float v) const {
-    if (real_split) {
-      (b & 1 ? im : re)[(b >> 1) * kWidth + lane] = v;
-    } else {
-      re[b * kWidth + lane] = v;
-    }
-  }
-};
-
 // Lanes i of the result: base[idx[i]].
 inline vf gather(const float* base, simd::vi idx) {
 #if defined(__AVX512F__)
@@ -144,6 +129,28 @@ bool gather_frames_fast(const SpectralParams& p, int64_t sig, int64_t frame0, in
   return true;
 }
 
+// Writes v[t] * window[t], t < L, at FFT-buffer position offset + t of lane `lane`: with
+// real_split, even positions b go to re[b / 2] and odd ones to im[b / 2] (the real FFT done as a
+// complex one of half the length), else every position to re[b].
+void put_frame(const float* v, const float* window, int64_t L, int64_t offset, bool real_split, float* re, float* im,
+               int lane) {
+  if (!real_split) {
+    for (int64_t t = 0; t < L; ++t) re[(offset + t) * kWidth + lane] = v[t] * window[t];
+    return;
+  }
+  int64_t t = 0;
+  if (offset & 1) {  // position offset is odd: its value goes to im
+    im[(offset >> 1) * kWidth + lane] = v[0] * window[0];
+    t = 1;
+  }
+  for (; t + 1 < L; t += 2) {  // offset + t is even from here on
+    const int64_t b = (offset + t) >> 1;
+    re[b * kWidth + lane] = v[t] * window[t];
+    im[b * kWidth + lane] = v[t + 1] * window[t + 1];
+  }
+  if (t < L) re[((offset + t) >> 1) * kWidth + lane] = v[t] * window[t];
+}
+
 // Gathers the frames frame0 .. frame0 + nlanes - 1 of one signal into the lanes.
 void gather_frames(const SpectralParams& p, int64_t sig, int64_t frame0, int nlanes, bool real_split, int64_t csize,
                    float* re, float* im, float* tmp) {
@@ -155,14 +162,13 @@ void gather_frames(const SpectralParams& p, int64_t sig, int64_t frame0, int nla
   for (int lane = 0; lane < nlanes; ++lane) {
     const int64_t f = frame0 + lane;
     const int64_t base = f * p.hop - p.pad_left + p.frame_offset;
-    const LaneWriter w{re, im, real_split, lane};
     const bool inside = base >= 0 && base + L <= p.T;
     if (!per_frame) {
       if (inside) {
-        const float* src = x + base;
-        for (int64_t t = 0; t < L; ++t) w.put(p.frame_offset + t, src[t] * p.window[t]);
+        put_frame(x + base, p.window, L, p.frame_offset, real_split, re, im, lane);
       } else {
-        for (int64_t t = 0; t < L; ++t) w.put(p.frame_offset + t, sample(x, p.T, base + t, p.pad_mode) * p.window[t]);
+        for (int64_t t = 0; t < L; ++t) tmp[t] = sample(x, p.T, base + t, p.pad_mode);
+        put_frame(tmp, p.window, L, p.frame_offset, real_split, re, im, lane);
       }
       continue;
     }
@@ -185,7 +191,7 @@ void gather_frames(const SpectralParams& p, int64_t sig, int64_t frame0, int nla
       for (int64_t t = L - 1; t > 0; --t) tmp[t] -= p.preemph * tmp[t - 1];
       tmp[0] -= p.preemph * tmp[0];
     }
-    for (int64_t t = 0; t < L; ++t) w.put(p.frame_offset + t, tmp[t] * p.window[t]);
+    put_frame(tmp, p.window, L, p.frame_offset, real_split, re, im, lane);
   }
 }
 
