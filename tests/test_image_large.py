@@ -235,3 +235,23 @@ def test_large_resize_equals_pillow(threads, channels, filt):
             mmcore.set_num_threads(n)
             got = resize(img, (h, w), filter=filt, backend="native")
             np.testing.assert_array_equal(got, want, err_msg=f"C={channels} {(h, w)} threads={n}")
+
+
+@pytest.mark.parametrize("filt", ["bilinear", "bicubic", "lanczos"])
+def test_upscale_with_taps_of_weight_one_equals_pillow(threads, filt):
+    """An exact 3x upscale puts every third output on a source pixel centre: a tap of weight 1
+    (2^22 in fixed point), where the AVX2 passes hand over to the 32-bit-multiply ones."""
+    for channels in (1, 3, 4):
+        img = test_image(37, 53, seed=11, channels=channels)
+        for h, w in [(111, 159), (111, 53), (37, 159), (111, 20)]:
+            _skip_old_pillow_order(37, 53, h, w)
+            want = pil_resize(img, h, w, filt)
+            for n in THREADS:
+                mmcore.set_num_threads(n)
+                got = resize(img, (h, w), filter=filt, backend="native")
+                np.testing.assert_array_equal(got, want, err_msg=f"C={channels} {(h, w)} {n}")
+    big = test_image(301, 4001, seed=12)
+    want = pillow_preprocess(big, size=903, crop=(224, 224), mode="shortest_edge", filt=filt)
+    got = run_preprocess(big, size=903, crop=(224, 224), mode="shortest_edge", filt=filt,
+                         n_threads=2)
+    np.testing.assert_array_equal(got, want)
