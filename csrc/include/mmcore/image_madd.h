@@ -108,7 +108,35 @@ void madd_outputs(const __m256i* B, int64_t xlo, const int64_t* start, const int
     const __m256i* s = B + (start[j] - xlo) * cc;
     const int32_t* w = wp + j * ksize;
     const int64_t cnt = count[j];
-    if constexpr (kC > 0) {
+    if constexpr (kC == 3) {
+      // Written out in assembly: GCC keeps the sums of the intrinsics loop in two registers
+      // each and copies them every step, which costs about a third of this loop's speed.
+      __m256i a0 = half, a1 = half, a2 = half, wv, m;
+      const __m256i* p = s;
+      const int32_t* wk = w;
+      if (cnt > 0) {
+        const __m256i* const end = s + 3 * cnt;
+        __asm__(
+            "1:\n\t"
+            "vpbroadcastd (%[w]), %[wv]\n\t"
+            "vpmaddwd (%[p]), %[wv], %[m]\n\t"
+            "vpaddd %[m], %[a0], %[a0]\n\t"
+            "vpmaddwd 32(%[p]), %[wv], %[m]\n\t"
+            "vpaddd %[m], %[a1], %[a1]\n\t"
+            "vpmaddwd 64(%[p]), %[wv], %[m]\n\t"
+            "vpaddd %[m], %[a2], %[a2]\n\t"
+            "add $4, %[w]\n\t"
+            "add $96, %[p]\n\t"
+            "cmp %[p], %[end]\n\t"
+            "jne 1b"
+            : [p] "+r"(p), [w] "+r"(wk), [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [wv] "=&x"(wv), [m] "=&x"(m)
+            : [end] "r"(end)
+            : "cc", "memory");
+      }
+      O[j * 3 + 0] = _mm256_srai_epi32(a0, kPrecisionBits);
+      O[j * 3 + 1] = _mm256_srai_epi32(a1, kPrecisionBits);
+      O[j * 3 + 2] = _mm256_srai_epi32(a2, kPrecisionBits);
+    } else if constexpr (kC > 0) {
       // Two taps per step into two sets of sums (more independent additions in flight).
       __m256i acc[kC], acc2[kC];
       for (int c = 0; c < kC; ++c) acc[c] = half, acc2[c] = _mm256_setzero_si256();
