@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "mmcore/image.h"
 
@@ -206,6 +207,7 @@ inline void vpass_row_madd(const uint8_t* const* rows, const int32_t* wh, const 
     out[i] = static_cast<uint8_t>(std::clamp(acc >> kPrecisionBits, 0, 255));
   }
 }
+
 // Rescale + normalize of one row of nx RGB pixels into the three planes d[0..2]:
 // (v * scale - mean[c]) / std[c] with the same float32 operations as the table of
 // preprocess_u8, so the same numbers. Returns the pixels done (a multiple of 8).
