@@ -90,6 +90,8 @@ def check_optional_int(name: str, value, *, op: str, lo: Optional[int] = None,
 
 
 def _real(name: str, value, op: str) -> float:
+    if type(value) is float:          # the common case first: no ABC checks (subclasses below)
+        return value
     if isinstance(value, (bool, np.bool_)):
         raise ArgumentError(f"[{op}] {name} must be a real number, got {_shown(value)}")
     if not isinstance(value, numbers.Real) and (hasattr(value, "__array__")
