@@ -483,6 +483,9 @@ class VideoReader:
 
     def _new_store(self, count: int):
         state: Dict[str, Any] = {"out": None, "shape": None}
+        # one converter for all frames: frame.to_ndarray(format=...) makes a new swscale
+        # context per frame, which costs more than decoding a small frame (same bits)
+        rf = self.av.video.reformatter.VideoReformatter()
 
         def store(k: int, frame) -> None:
             shape = state["shape"]
@@ -492,9 +495,10 @@ class VideoReader:
                 self.check_pixels(frame.width, frame.height)
                 self.check_bytes(max(self._count, count), frame.width, frame.height)
             if (frame.height, frame.width) != shape:
-                img = frame.to_ndarray(format="rgb24", width=shape[1], height=shape[0])
+                img = rf.reformat(frame, format="rgb24", width=shape[1],
+                                  height=shape[0]).to_ndarray()
             else:
-                img = frame.to_ndarray(format="rgb24")
+                img = rf.reformat(frame, format="rgb24").to_ndarray()
             if state["out"] is None:
                 state["out"] = np.empty((count,) + img.shape, np.uint8)
             state["out"][k] = img
