@@ -17,7 +17,9 @@ on every call:
 * mmcore: ``load_video(path, indices=idx, max_threads=2)`` (the index made from the packets,
   then seeking to the key frame before each needed frame);
 * PyAV decode-all: decode every frame in order (2 threads) and convert the ones in ``idx`` to
-  RGB; the reference: frame ``i`` is the ``i``-th decoded frame;
+  RGB with ``frame.to_ndarray(format="rgb24")`` (as plain PyAV code does; mmcore keeps one
+  swscale converter per read, same bits); the reference: frame ``i`` is the ``i``-th decoded
+  frame;
 * decord: ``VideoReader(path, num_threads=2).get_batch(idx).asnumpy()``;
 * torchcodec (when installed): ``VideoDecoder(path).get_frames_at(idx)``, as HWC uint8.
 
