@@ -142,6 +142,32 @@ def test_file_object_read_from_its_start_as_pillow():
     np.testing.assert_array_equal(load_image(fh), pillow_ref(data))
 
 
+class _Unseekable(io.RawIOBase):
+    """A stream that reads but cannot seek (a pipe, a socket file)."""
+
+    def __init__(self, data):
+        self._buf = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def readinto(self, b):
+        chunk = self._buf.read(len(b))
+        b[:len(chunk)] = chunk
+        return len(chunk)
+
+    def seek(self, *args):
+        raise io.UnsupportedOperation("seek")
+
+
+def test_unseekable_file_object_decodes_as_pillow():
+    data = encode(photo(20, 30), quality=90)
+    np.testing.assert_array_equal(load_image(_Unseekable(data)), pillow_ref(data))
+
+
 def test_bytes_are_data_not_a_file_name(tmp_path):
     p = tmp_path / "real.png"
     Image.fromarray(photo(8, 8)).save(p)

@@ -278,9 +278,13 @@ def _check_draft(value: Any) -> Optional[int]:
 
 
 def _read_from(source: Any, fail) -> Any:
-    """The encoded bytes of an opened file or file object (from its start, as Pillow)."""
+    """The encoded bytes of an opened file or file object (from its start, as Pillow); None
+    for a stream that cannot seek (Pillow has read it already and decodes it itself)."""
     try:
         source.seek(0)
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
         data = source.read()
     except (OSError, ValueError) as exc:
         raise fail(f"{type(exc).__name__}: {exc}", exc) from None
@@ -319,7 +323,7 @@ def _decode_image(source: Any, data: Any, fail, limit: float,
             if im.format == "JPEG" and _jpeg.available():
                 if data is None:  # Pillow reads a file object from its start, as here
                     data = _read_from(source, fail)
-                fast = _jpeg.decode(data, im, draft=draft)
+                fast = None if data is None else _jpeg.decode(data, im, draft=draft)
                 if fast is not None:
                     return fast
             try:
