@@ -468,6 +468,16 @@ def test_payload_strings_and_bytes(tmp_path):
         assert unpack_input(desc, arrays, tmpdir=str(tmp_path)) == v
 
 
+def test_payload_encoded_memoryviews():
+    raw = np.arange(40, dtype=np.uint8)
+    views = (memoryview(raw)[::2], memoryview(raw.reshape(5, 8)[:, 1:3]),
+             memoryview(raw.reshape(5, 8)), memoryview(bytearray(b"abc")))
+    for v in views:
+        for kind in ("image", "audio", "video"):
+            out = unpack_input(*_through_frame(*pack_input(kind, v)), tmpdir=None)
+            assert out == v.tobytes()
+
+
 def test_payload_arrays_and_numbers(tmp_path):
     img = np.arange(2 * 5 * 6 * 3, dtype=np.uint8).reshape(2, 5, 6, 3)
     wav = [0.1, -0.5, 0.25]

@@ -41,7 +41,8 @@ def _pack_one(kind: Optional[str], value: Any, arrays: List[np.ndarray], depth: 
     if isinstance(value, str) and kind == "text":
         return {"form": "str", "value": value}
     if isinstance(value, _ENCODED_TYPES):   # encoded text / image / audio / video, not a name
-        arrays.append(np.frombuffer(value, np.uint8).copy() if isinstance(value, memoryview)
+        # a non-contiguous memoryview has no flat buffer: its bytes are copied out in order
+        arrays.append(np.frombuffer(value.tobytes(), np.uint8) if isinstance(value, memoryview)
                       and not value.c_contiguous else np.frombuffer(value, np.uint8))
         return {"form": "bytes", "index": len(arrays) - 1}
     if isinstance(value, os.PathLike) and kind == "text":
