@@ -114,6 +114,15 @@ def test_non_contiguous_and_grad_inputs():
     assert not out.requires_grad
 
 
+def test_negative_view_of_a_real_tensor():
+    z = torch.randn(3, 8, dtype=torch.complex64)
+    x = z.conj().imag                           # float32 with the negative bit set
+    assert x.is_neg()
+    ln = (np.ones(8, np.float32), np.zeros(8, np.float32))
+    out = ops.layer_norm(x, *ln)
+    np.testing.assert_array_equal(out.numpy(), ops.layer_norm(-z.imag.numpy(), *ln))
+
+
 def test_bfloat16_tensors():
     pytest.importorskip("ml_dtypes")
     q = torch.randn(1, 2, 5, 16).bfloat16()

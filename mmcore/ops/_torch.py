@@ -49,9 +49,11 @@ def from_torch(x: Any, torch: Any) -> Any:
     if not isinstance(x, torch.Tensor) or not x.is_cpu:
         return x
     t = x.detach() if x.requires_grad else x
-    if t.is_complex():      # conjugate / negative views exist for complex tensors only
+    if t.is_complex():      # conjugate views exist for complex tensors only
         t = t.resolve_conj().resolve_neg()
-    elif t.dtype is torch.bfloat16:
+    elif t.is_neg():        # a real negative view: the imaginary part of a conjugated view
+        t = t.resolve_neg()
+    if t.dtype is torch.bfloat16:
         try:
             import ml_dtypes
         except ImportError:
