@@ -114,6 +114,15 @@ def test_non_contiguous_and_grad_inputs():
     assert not out.requires_grad
 
 
+def test_device_tensors_that_require_grad_are_detached():
+    # a CUDA tensor is passed on as a tensor; DLPack export refuses one that requires grad
+    x = torch.empty(2, 3, device="meta", requires_grad=True)
+    y = from_torch(x, torch)
+    assert isinstance(y, torch.Tensor) and y.device == x.device and not y.requires_grad
+    z = torch.empty(2, 3, device="meta")
+    assert from_torch(z, torch) is z
+
+
 def test_negative_view_of_a_real_tensor():
     z = torch.randn(3, 8, dtype=torch.complex64)
     x = z.conj().imag                           # float32 with the negative bit set

@@ -46,9 +46,11 @@ def from_torch(x: Any, torch: Any) -> Any:
         if x and any(isinstance(v, torch.Tensor) for v in x):
             return type(x)(from_torch(v, torch) for v in x)
         return x
-    if not isinstance(x, torch.Tensor) or not x.is_cpu:
+    if not isinstance(x, torch.Tensor):
         return x
     t = x.detach() if x.requires_grad else x
+    if not t.is_cpu:    # DLPack and __cuda_array_interface__ refuse tensors that require grad
+        return t
     if t.is_complex():      # conjugate views exist for complex tensors only
         t = t.resolve_conj().resolve_neg()
     elif t.is_neg():        # a real negative view: the imaginary part of a conjugated view
