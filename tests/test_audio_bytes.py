@@ -101,6 +101,13 @@ def test_bytes_input_is_not_modified_and_can_be_read_twice():
     assert a.shape == (4000,)
 
 
+def test_file_object_is_read_from_its_start():
+    data = _encode(_wave(4000, 1), "WAV", "PCM_16")
+    fh = io.BytesIO(data)
+    fh.seek(10)
+    np.testing.assert_array_equal(load_audio(fh, sr=None), load_audio(data, sr=None))
+
+
 # --------------------------------------------------------------------------------------------
 # paths stay paths; bytes are never a file name
 

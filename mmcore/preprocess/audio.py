@@ -331,6 +331,10 @@ def _decode(path: Any, op: str, *, sr: Optional[int], mono: bool, max_duration_s
     elif hasattr(path, "read"):
         source = path
         label = "audio file " + repr(getattr(path, "name", None) or f"<{type(path).__name__}>")
+        try:    # read from its start (libsndfile would read from the current position)
+            path.seek(0)
+        except (AttributeError, OSError, ValueError):
+            pass    # a stream that cannot seek: libsndfile reports it
     else:
         raise ArgumentError(f"[{op}] {name} must be a str or os.PathLike (a file name), bytes, "
                             f"bytearray or memoryview (encoded audio) or a binary file object, "
