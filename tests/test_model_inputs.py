@@ -410,3 +410,21 @@ def test_preprocessor_sampling_rate_is_bounded_like_pairs():
         with pytest.raises(ArgumentError, match="sampling_rate"):
             pre(clip, sampling_rate=bad)
     assert pre(clip, sampling_rate=8000)["input_features"].shape[0] == 1
+
+
+def test_image_and_audio_file_objects_are_read_from_their_start():
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, "PNG")
+    wav = io.BytesIO()
+    sf.write(wav, _speech(0.5, 16000, 10), 16000, format="WAV")
+    for kind, fh in (("image", png), ("audio", wav)):
+        fh.seek(7)
+        got = MultiModalInput(modality_inputs={kind: fh}).modality_inputs
+        assert list(got.values()) == [fh.getvalue()]
+        fh.seek(7)
+        got = MultiModalInput(modality_inputs={kind: [fh]}).modality_inputs
+        assert list(got.values()) == [[fh.getvalue()]]

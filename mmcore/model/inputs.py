@@ -226,6 +226,11 @@ def read_file_objects(kind: Optional[str], value: Any, where: str) -> Any:
         return value
 
     def read(f: Any, at: str) -> bytes:
+        if kind != "video":     # as load_image / load_audio: from the start; load_video reads
+            try:                # from the current position
+                f.seek(0)
+            except (AttributeError, OSError, ValueError):
+                pass            # a stream that cannot seek: what is left of it
         try:
             data = f.read()
         except (OSError, ValueError) as exc:
