@@ -245,10 +245,17 @@ def _source(x: Any) -> str:
     return os.fsdecode(name) if isinstance(name, (str, bytes)) else f"<{type(x).__name__}>"
 
 
-def _read_file_object(x: Any) -> Any:
-    """A file object's bytes (read once: decoders may need them more than once)."""
+def _read_file_object(x: Any, name: str) -> Any:
+    """A file object's bytes (read once: decoders may need them more than once), from its
+    start for images and audio (as load_image / load_audio read one), from its current
+    position for video (as load_video)."""
     if isinstance(x, (str, os.PathLike) + _ENCODED):
         return x
+    if name != "video":
+        try:
+            x.seek(0)
+        except (AttributeError, OSError, ValueError):
+            pass    # a stream that cannot seek: what is left of it
     data = x.read()
     if not isinstance(data, (bytes, bytearray)):
         raise ConfigError(f"[{_OP}] {_source(x)}: read() gave {type(data).__name__}, not "
@@ -256,7 +263,7 @@ def _read_file_object(x: Any) -> Any:
     return bytes(data)
 
 
-def _check_paths(paths: Any) -> List[Any]:
+def _check_paths(paths: Any, name: str) -> List[Any]:
     if _is_input(paths):
         return [paths]
     try:
@@ -271,7 +278,7 @@ def _check_paths(paths: Any) -> List[Any]:
             raise ConfigError(f"[{_OP}] paths[{i}] must be a path (str, os.PathLike), encoded "
                               "bytes (bytes, bytearray, memoryview) or a binary file object, "
                               f"got {type(p).__name__}")
-    return [_read_file_object(p) for p in items]
+    return [_read_file_object(p, name) for p in items]
 
 
 def _check_output(output: Any) -> Optional[str]:
@@ -442,7 +449,7 @@ def extract_features(modality: Any, paths: Any, output: Optional[PathLike], *,
     """
     t_start = time.perf_counter()
     name = _modality_name(modality)
-    items = _check_paths(paths)
+    items = _check_paths(paths, name)
     if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
             or batch_size < 1):
         raise ConfigError(f"[{_OP}] batch_size must be an integer >= 1, got {batch_size!r}")

@@ -198,6 +198,19 @@ def test_encoded_inputs(workdir, image_files, audio_files):
         extract_features("image", [123], None, progress=False)
 
 
+def test_file_objects_read_from_their_start_as_single_inputs(workdir, image_files):
+    good = image_files[0]
+    handles = [io.BytesIO(p.read_bytes()) for p in good[:2]]
+    for fh in handles:
+        fh.seek(9)
+    rep = extract_features("image", handles, None, progress=False)
+    assert rep.ok and not rep.failed
+    for fh, key in zip(handles, rep.keys):
+        fh.seek(9)
+        one = extract_features("image", fh, None, progress=False)
+        np.testing.assert_array_equal(rep.features[key], one.features["0000_bytes"])
+
+
 def test_image_size_override(workdir, image_files):
     rep = extract_features("image", image_files[0][:1], None, preprocessing={"size": 32},
                            progress=False)
