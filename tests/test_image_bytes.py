@@ -399,6 +399,18 @@ def test_map_ordered_serial_inside_a_decode_thread():
     assert out == [[11, 12], [21, 22], [31, 32]]
 
 
+def test_a_pool_handed_out_takes_work_after_the_thread_count_changes():
+    before = mmcore.get_num_threads()
+    mmcore.set_num_threads(2)
+    try:
+        first = _pool.decode_pool()
+        mmcore.set_num_threads(3)           # e.g. from another thread, between the two calls
+        assert _pool.decode_pool() is not first
+        assert first.submit(lambda: 7).result() == 7
+    finally:
+        mmcore.set_num_threads(before)
+
+
 def test_single_encoded_image_and_arrays_unchanged():
     img = photo(50, 70)
     data = encode(img, quality=90)

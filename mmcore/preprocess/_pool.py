@@ -47,10 +47,9 @@ def decode_pool() -> Optional[ThreadPoolExecutor]:
         return None
     with _lock:
         if _pool is None or _size != n:
-            old = _pool
+            # the old pool is not shut down: a caller that has just been given it may still
+            # submit to it; its threads end once the last reference to it is dropped
             _pool, _size = ThreadPoolExecutor(max_workers=n, thread_name_prefix=_PREFIX), n
-            if old is not None:
-                old.shutdown(wait=False)
         return _pool
 
 
