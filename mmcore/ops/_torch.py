@@ -42,12 +42,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 def from_torch(x: Any, torch: Any) -> Any:
     """A CPU tensor as a NumPy view of its memory (lists and tuples item by item); anything
     else unchanged."""
-    if isinstance(x, (list, tuple)):
-        if x and any(isinstance(v, torch.Tensor) for v in x):
-            return type(x)(from_torch(v, torch) for v in x)
+    kind = type(x)
+    if kind in _PLAIN:
         return x
+    if kind is list or kind is tuple:
+        return kind([from_torch(v, torch) for v in x]) if x else x
     if not isinstance(x, torch.Tensor):
         return x
+    try:
+        return x.numpy()    # the common case: CPU, no grad, no conj/neg bit, a NumPy dtype
+    except (RuntimeError, TypeError):
+        pass
     t = x.detach() if x.requires_grad else x
     if not t.is_cpu:    # DLPack and __cuda_array_interface__ refuse tensors that require grad
         return t
