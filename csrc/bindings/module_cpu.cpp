@@ -150,6 +150,43 @@ void attention(py::object q, py::object k, py::object v, py::object out, py::obj
   mmcore::attention_cpu(p);
 }
 
+// The checks and scalar fields of SpectralParams that spectral() and SpectralPlan share (the
+// signal, the window, the mel tables, n_frames and the output are set by each).
+void set_spectral_params(const char* op, mmcore::SpectralParams& p, int64_t n_fft, int64_t hop, int64_t frame_length,
+                         int64_t frame_offset, int64_t pad_left, const std::string& pad_mode, double dither,
+                         uint64_t seed, bool remove_dc, double preemph, const std::string& kind, double power,
+                         const std::string& log_mode, double log_floor, bool whisper_norm) {
+  if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
+  // The FFT plan (work and Bluestein lengths, powers of two above 2 n_fft) must stay far from
+  // int64 overflow; 2^40 samples per frame is already beyond any memory.
+  if (n_fft > (int64_t{1} << 40))
+    throw py::value_error("[spectral] n_fft must be <= 2^40, got " + std::to_string(n_fft));
+  if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
+  if (frame_length < 1 || frame_offset < 0 || frame_length > n_fft || frame_offset > n_fft - frame_length)
+    throw py::value_error("[spectral] the frame must lie inside the FFT buffer");
+  constexpr int64_t kMaxIndex = int64_t{1} << 62;
+  if (pad_left > kMaxIndex || pad_left < -kMaxIndex)
+    throw py::value_error("[spectral] n_fft, hop, pad_left or n_frames is too large (sample indices overflow)");
+  p.n_fft = n_fft;
+  p.hop = hop;
+  p.frame_length = frame_length;
+  p.frame_offset = frame_offset;
+  p.pad_left = pad_left;
+  p.pad_mode = parse_enum(op, "pad_mode", pad_mode, mmcore::bindings::kPadModes);
+  p.dither = static_cast<float>(dither);
+  p.seed = seed;
+  p.remove_dc = remove_dc;
+  p.preemph = static_cast<float>(preemph);
+  p.power = static_cast<float>(power);
+  if (!(p.power > 0.0f)) throw py::value_error("[spectral] power must be > 0");
+  p.log_mode = parse_enum(op, "log_mode", log_mode, mmcore::bindings::kLogModes);
+  p.log_floor = static_cast<float>(log_floor);
+  if (p.log_mode != mmcore::LogMode::none && !(p.log_floor > 0.0f))
+    throw py::value_error("[spectral] log_floor must be > 0");
+  p.whisper_norm = whisper_norm;
+  p.kind = parse_enum(op, "kind", kind, mmcore::bindings::kSpectralKinds);
+}
+
 void spectral(py::object x, py::object out, py::object window, py::object mel_start, py::object mel_len,
               py::object mel_offset, py::object mel_weights, int64_t n_fft, int64_t hop, int64_t frame_length,
               int64_t frame_offset, int64_t pad_left, const std::string& pad_mode, int64_t n_frames, double dither,
@@ -163,42 +200,17 @@ void spectral(py::object x, py::object out, py::object window, py::object mel_st
   p.n_signals = xa.shape(0);
   p.T = xa.shape(1);
   p.x = checked<float>(op, "x", x, {p.n_signals, p.T});
-  if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
-  // The FFT plan (work and Bluestein lengths, powers of two above 2 n_fft) must stay far from
-  // int64 overflow; 2^40 samples per frame is already beyond any memory.
-  if (n_fft > (int64_t{1} << 40))
-    throw py::value_error("[spectral] n_fft must be <= 2^40, got " + std::to_string(n_fft));
-  if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
-  if (frame_length < 1 || frame_offset < 0 || frame_length > n_fft || frame_offset > n_fft - frame_length)
-    throw py::value_error("[spectral] the frame must lie inside the FFT buffer");
+  set_spectral_params(op, p, n_fft, hop, frame_length, frame_offset, pad_left, pad_mode, dither, seed, remove_dc,
+                      preemph, kind, power, log_mode, log_floor, whisper_norm);
   if (n_frames < 0) throw py::value_error("[spectral] n_frames must be >= 0");
   // Sample indices f * hop - pad_left + frame_offset + t must stay within int64.
   constexpr int64_t kMaxIndex = int64_t{1} << 62;
-  if (n_fft > kMaxIndex || pad_left > kMaxIndex || pad_left < -kMaxIndex ||
-      (n_frames > 1 && hop > kMaxIndex / (n_frames - 1)))
+  if (n_frames > 1 && hop > kMaxIndex / (n_frames - 1))
     throw py::value_error("[spectral] n_fft, hop, pad_left or n_frames is too large (sample indices overflow)");
-  p.n_fft = n_fft;
-  p.hop = hop;
-  p.frame_length = frame_length;
-  p.frame_offset = frame_offset;
-  p.pad_left = pad_left;
   p.n_frames = n_frames;
-  p.pad_mode = parse_enum(op, "pad_mode", pad_mode, mmcore::bindings::kPadModes);
   p.window = checked<float>(op, "window", window, {frame_length});
   if (!p.window) throw py::value_error("[spectral] window is required");
-  p.dither = static_cast<float>(dither);
-  p.seed = seed;
-  p.remove_dc = remove_dc;
-  p.preemph = static_cast<float>(preemph);
-  p.power = static_cast<float>(power);
-  if (!(p.power > 0.0f)) throw py::value_error("[spectral] power must be > 0");
-  p.log_mode = parse_enum(op, "log_mode", log_mode, mmcore::bindings::kLogModes);
-  p.log_floor = static_cast<float>(log_floor);
-  if (p.log_mode != mmcore::LogMode::none && !(p.log_floor > 0.0f))
-    throw py::value_error("[spectral] log_floor must be > 0");
-  p.whisper_norm = whisper_norm;
   const int64_t n_bins = n_fft / 2 + 1;
-  p.kind = parse_enum(op, "kind", kind, mmcore::bindings::kSpectralKinds);
   if (p.kind == mmcore::SpectralKind::complex_stft) {
     p.out = reinterpret_cast<float*>(
         checked<std::complex<float>>(op, "out", out, {p.n_signals, n_bins, n_frames}, {.writable = true}));
@@ -258,38 +270,13 @@ class SpectralPlan {
                double preemph, const std::string& kind, double power, const std::string& log_mode, double log_floor,
                bool whisper_norm) {
     const char* op = "spectral";
-    if (n_fft < 2) throw py::value_error("[spectral] n_fft must be >= 2");
-    if (n_fft > (int64_t{1} << 40))
-      throw py::value_error("[spectral] n_fft must be <= 2^40, got " + std::to_string(n_fft));
-    if (hop < 1) throw py::value_error("[spectral] hop must be >= 1");
-    if (frame_length < 1 || frame_offset < 0 || frame_length > n_fft || frame_offset > n_fft - frame_length)
-      throw py::value_error("[spectral] the frame must lie inside the FFT buffer");
-    constexpr int64_t kMaxIndex = int64_t{1} << 62;
-    if (pad_left > kMaxIndex || pad_left < -kMaxIndex)
-      throw py::value_error("[spectral] n_fft, hop, pad_left or n_frames is too large (sample indices overflow)");
     mmcore::SpectralParams& p = params_;
-    p.n_fft = n_fft;
-    p.hop = hop;
-    p.frame_length = frame_length;
-    p.frame_offset = frame_offset;
-    p.pad_left = pad_left;
-    p.pad_mode = parse_enum(op, "pad_mode", pad_mode, mmcore::bindings::kPadModes);
+    set_spectral_params(op, p, n_fft, hop, frame_length, frame_offset, pad_left, pad_mode, dither, seed, remove_dc,
+                        preemph, kind, power, log_mode, log_floor, whisper_norm);
     const float* w = checked<float>(op, "window", window, {frame_length});
     if (!w) throw py::value_error("[spectral] window is required");
     window_.assign(w, w + frame_length);
-    p.dither = static_cast<float>(dither);
-    p.seed = seed;
-    p.remove_dc = remove_dc;
-    p.preemph = static_cast<float>(preemph);
-    p.power = static_cast<float>(power);
-    if (!(p.power > 0.0f)) throw py::value_error("[spectral] power must be > 0");
-    p.log_mode = parse_enum(op, "log_mode", log_mode, mmcore::bindings::kLogModes);
-    p.log_floor = static_cast<float>(log_floor);
-    if (p.log_mode != mmcore::LogMode::none && !(p.log_floor > 0.0f))
-      throw py::value_error("[spectral] log_floor must be > 0");
-    p.whisper_norm = whisper_norm;
     const int64_t n_bins = n_fft / 2 + 1;
-    p.kind = parse_enum(op, "kind", kind, mmcore::bindings::kSpectralKinds);
     rows_ = n_bins;
     if (p.kind == mmcore::SpectralKind::mel) {
       if (mel_start.is_none()) throw py::value_error("[spectral] kind 'mel' needs the mel filters");
